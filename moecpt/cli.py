@@ -1,0 +1,60 @@
+"""The single ``moecpt`` command line.
+
+Each area of the package registers its own subcommands (``register(subparsers)`` in ``<area>/cli.py``), so this
+file stays a thin dispatcher. Modules are listed here explicitly: no import-time registry.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from moecpt import __version__
+from moecpt.errors import MoecptError
+
+# Each module defines ``register(subparsers)`` adding parsers whose ``func(args) -> int`` runs the command.
+_COMMAND_MODULES = (
+    "moecpt.model.cli",
+    "moecpt.data.cli",
+    "moecpt.train.cli",
+    "moecpt.analysis.cli",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="moecpt",
+        description="Continual pre-training of Mixture-of-Experts language models and router diagnostics.",
+    )
+    parser.add_argument("--version", action="version", version=f"moecpt {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in _COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:  # an area not built yet must not break the others
+            if exc.name == name:
+                continue
+            raise
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except MoecptError as exc:
+        print(f"moecpt: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("moecpt: interrupted; the last complete checkpoint is kept", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""moecpt.distributed"""
