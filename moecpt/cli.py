@@ -18,6 +18,7 @@ _COMMAND_MODULES = (
     "moecpt.model.cli",
     "moecpt.data.cli",
     "moecpt.train.cli",
+    "moecpt.train.schedule_cli",
     "moecpt.analysis.cli",
 )
 

@@ -1,0 +1,455 @@
+"""Typed, validated configuration: model, data mixture, optimiser, LR schedule, training, distributed.
+
+A *recipe* is a TOML file whose top-level tables map onto :class:`Recipe`. Every section is a pydantic model with
+``extra="forbid"``, so an unknown key is an error naming the key; ``--set section.key=value`` overrides are
+validated exactly like the file. Model presets (``[model] preset = "demo-granular"``) fill in sizes; any key
+given beside the preset overrides it.
+
+Presets follow Thérien et al. 2025 (arXiv 2503.05029, Sec. 3): a Llama-3-style decoder with GEGLU FFN; Switch =
+8 experts of the dense FFN width, top-1; Granular = 31 routed + 1 shared expert of a quarter of the dense width,
+top-3 (+ shared). The CPU-sized ``demo-*`` and ``smoke-*`` presets keep those ratios, so dense and MoE variants of
+one size are FLOP-matched (same active FFN width per token).
+"""
+
+from __future__ import annotations
+
+import copy
+import tomllib
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from moecpt.errors import MoecptError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_enum_values=False)
+
+
+# ----------------------------------------------------------------------------------------------------------- model
+class RouterKind(StrEnum):
+    """Balancing strategy of a router (GUIDE.md, routing rule 1)."""
+
+    PENALTY = "penalty"  # PBTk: softmax top-k + Switch aux loss + z-loss
+    SINKHORN = "sinkhorn"  # SBTk: Sinkhorn-Knopp balanced selection during training
+    BIAS = "bias"  # DeepSeek-V3 auxiliary-loss-free bias balancing
+    NONE = "none"  # plain softmax top-k, no balancing
+
+
+class GateKind(StrEnum):
+    """How the top-k gate values are computed from the router scores."""
+
+    SOFTMAX_TOPK = "softmax"  # softmax over all experts, gather top-k (optionally renormalised)
+    SIGMOID = "sigmoid"  # element-wise sigmoid of the logits (Sinkhorn k=1 reference)
+
+
+class RouterConfig(_Strict):
+    kind: RouterKind = RouterKind.PENALTY
+    aux_loss_weight: float = Field(0.01, ge=0.0)
+    z_loss_weight: float = Field(0.001, ge=0.0)
+    renormalize: bool = Field(
+        False, description="renormalise the top-k softmax gates to sum to one (Mixtral, Qwen3-MoE); OLMoE: False"
+    )
+    sinkhorn_tol: float = Field(0.01, gt=0.0)
+    sinkhorn_max_iter: int = Field(100, ge=1)
+    bias_update_rate: float = Field(1e-3, ge=0.0, description="DeepSeek-V3 gamma: bias step per optimizer step")
+
+
+class MoELayout(StrEnum):
+    EVERY = "every"  # every FFN is an MoE
+    EVERY_NTH = "every_nth"  # layers i with (i + 1) % every_n == 0
+    AFTER_DENSE = "after_dense"  # the first `first_dense` layers dense, the rest MoE
+
+
+class DispatchKind(StrEnum):
+    GROUPED = "grouped"  # sort tokens by expert, grouped matmul (fast path)
+    LOOP = "loop"  # simple loop over experts (reference)
+
+
+class MoEConfig(_Strict):
+    num_experts: int = Field(8, ge=1, description="routed experts")
+    top_k: int = Field(1, ge=1)
+    expert_width: int | None = Field(
+        None, ge=1, description="hidden width of each routed expert; default ffn_width // granularity"
+    )
+    granularity: int = Field(1, ge=1, description="expert width = dense FFN width / granularity")
+    num_shared_experts: int = Field(0, ge=0, description="always-on shared experts, each of expert_width")
+    capacity_factor: float | None = Field(
+        None, gt=0.0, description="Switch capacity factor with token dropping; None = dropless"
+    )
+    layout: MoELayout = MoELayout.EVERY
+    every_n: int = Field(1, ge=1)
+    first_dense: int = Field(0, ge=0)
+    dispatch: DispatchKind = DispatchKind.GROUPED
+    router: RouterConfig = Field(default_factory=RouterConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> "MoEConfig":
+        if self.top_k > self.num_experts:
+            raise ValueError(
+                f"moe.top_k={self.top_k} exceeds moe.num_experts={self.num_experts}; choose top_k <= num_experts"
+            )
+        return self
+
+
+class FFNKind(StrEnum):
+    GEGLU = "geglu"
+    SWIGLU = "swiglu"
+
+
+class ModelConfig(_Strict):
+    """Decoder-only transformer; ``moe=None`` gives the dense model."""
+
+    preset: str | None = Field(None, description="name of a preset that fills the fields not given")
+    vocab_size: int | None = Field(None, ge=2, description="None: taken from the prepared data's tokenizer")
+    d_model: int = Field(128, ge=8)
+    n_layers: int = Field(4, ge=1)
+    n_heads: int = Field(4, ge=1)
+    n_kv_heads: int | None = Field(None, ge=1, description="grouped-query attention; None = n_heads")
+    head_dim: int | None = Field(None, ge=2, description="None = d_model // n_heads")
+    ffn_width: int = Field(352, ge=1, description="dense FFN hidden width")
+    ffn_kind: FFNKind = FFNKind.GEGLU
+    max_seq_len: int = Field(128, ge=1)
+    rope_theta: float = Field(500_000.0, gt=0)
+    rotary_fraction: float = Field(1.0, gt=0.0, le=1.0, description="share of each head's dims that RoPE rotates")
+    qk_norm: bool = Field(False, description="RMSNorm on queries and keys (OLMoE, Qwen3-MoE)")
+    attn_bias: bool = Field(False, description="bias on q/k/v projections (Qwen2-MoE)")
+    tie_embeddings: bool = False
+    norm_eps: float = Field(1e-5, gt=0)
+    init_std: float = Field(0.02, gt=0)
+    moe: MoEConfig | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> "ModelConfig":
+        kv = self.n_kv_heads or self.n_heads
+        if self.n_heads % kv:
+            raise ValueError(f"model.n_heads={self.n_heads} must be a multiple of model.n_kv_heads={kv}")
+        if self.head_dim is None and self.d_model % self.n_heads:
+            raise ValueError(
+                f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}; set head_dim"
+            )
+        rot = int(self.resolved_head_dim * self.rotary_fraction)
+        if rot < 2 or rot % 2:
+            raise ValueError(
+                f"model.rotary_fraction={self.rotary_fraction} gives {rot} rotary dims; it must give an even "
+                f"number >= 2 of the head's {self.resolved_head_dim}"
+            )
+        if self.moe is not None and self.moe.expert_width is None and self.ffn_width % self.moe.granularity:
+            raise ValueError(
+                f"model.moe.granularity={self.moe.granularity} does not divide model.ffn_width={self.ffn_width}; "
+                "choose a divisor or set model.moe.expert_width"
+            )
+        return self
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
+
+    @property
+    def resolved_kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def resolved_expert_width(self) -> int:
+        assert self.moe is not None
+        return self.moe.expert_width or self.ffn_width // self.moe.granularity
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        moe = self.moe
+        if moe is None:
+            return False
+        if moe.layout == MoELayout.EVERY:
+            return True
+        if moe.layout == MoELayout.EVERY_NTH:
+            return (layer_idx + 1) % moe.every_n == 0
+        return layer_idx >= moe.first_dense
+
+
+def _dense(d_model: int, n_layers: int, n_heads: int, ffn: int, seq: int, vocab: int | None) -> dict[str, Any]:
+    return dict(
+        d_model=d_model, n_layers=n_layers, n_heads=n_heads, ffn_width=ffn, max_seq_len=seq, vocab_size=vocab
+    )
+
+
+def _switch(base: dict[str, Any]) -> dict[str, Any]:
+    return {**base, "moe": dict(num_experts=8, top_k=1, granularity=1, num_shared_experts=0)}
+
+
+def _granular(base: dict[str, Any]) -> dict[str, Any]:
+    return {**base, "moe": dict(num_experts=31, top_k=3, granularity=4, num_shared_experts=1)}
+
+
+_PAPER = _dense(1024, 24, 16, 2816, 2048, 128_256)
+_DEMO = _dense(128, 4, 4, 352, 128, None)  # 352 / 128 = 2816 / 1024
+_SMOKE = _dense(64, 2, 2, 176, 64, None)
+
+#: Model presets: name -> ModelConfig fields. ``paper-*`` are the paper's sizes (about 570M dense; about 2.02B
+#: total / 570M active for the MoEs); ``demo-*`` run the bundled study on a laptop CPU; ``smoke-*`` are for tests.
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    "paper-dense": _PAPER,
+    "paper-switch": _switch(_PAPER),
+    "paper-granular": _granular(_PAPER),
+    "demo-dense": _DEMO,
+    "demo-switch": _switch(_DEMO),
+    "demo-granular": _granular(_DEMO),
+    "smoke-dense": _SMOKE,
+    "smoke-switch": _switch(_SMOKE),
+    "smoke-granular": _granular(_SMOKE),
+}
+
+
+def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def expand_model_preset(raw: dict[str, Any]) -> dict[str, Any]:
+    """Merge ``raw`` (the ``[model]`` table) over its preset's fields.
+
+    Raises:
+        MoecptError: unknown preset name (the message lists the allowed ones).
+    """
+    name = raw.get("preset")
+    if name is None:
+        return raw
+    if name not in MODEL_PRESETS:
+        raise MoecptError(f"model.preset={name!r} is unknown; allowed: {', '.join(sorted(MODEL_PRESETS))}")
+    return _deep_merge(MODEL_PRESETS[name], raw)
+
+
+def model_preset(name: str, **overrides: Any) -> ModelConfig:
+    """Build a validated :class:`ModelConfig` from a preset name plus field overrides."""
+    return build_section(ModelConfig, expand_model_preset({"preset": name, **overrides}), "model")
+
+
+# ------------------------------------------------------------------------------------------------------------ data
+class DataConfig(_Strict):
+    """What to train on: a prepared data folder (``moecpt data prepare``) and a mixture of its sources.
+
+    Replay is a mixture weight (Ibrahim et al. 2024, Sec. 5.1): with ``mixture = {code = 0.7, english = 0.3}`` and a
+    fixed token budget, 30% of the CPT tokens are replayed English *instead of* code (compute-equivalent replay).
+    """
+
+    path: str = Field("demo", description="prepared data folder, or 'demo' for the bundled demo data")
+    mixture: dict[str, float] = Field(default_factory=lambda: {"english": 1.0})
+    seq_len: int = Field(128, ge=2, description="tokens per training sequence")
+    allow_repeat: bool = Field(False, description="allow more than one epoch over a source (reported)")
+    eval_sources: list[str] | None = Field(None, description="sources evaluated on held-out data; None = all")
+
+    @model_validator(mode="after")
+    def _check(self) -> "DataConfig":
+        if not self.mixture:
+            raise ValueError("data.mixture is empty; give at least one source with a positive weight")
+        for name, weight in self.mixture.items():
+            if weight < 0:
+                raise ValueError(f"data.mixture.{name}={weight} is negative; weights must be >= 0")
+        if sum(self.mixture.values()) <= 0:
+            raise ValueError("data.mixture weights sum to zero; give at least one positive weight")
+        return self
+
+
+# ------------------------------------------------------------------------------------------------------- optimiser
+class OptimConfig(_Strict):
+    """AdamW (Loshchilov & Hutter); defaults of Thérien et al. 2025 / Ibrahim et al. 2024."""
+
+    lr: float = Field(3e-4, gt=0, description="peak learning rate")
+    min_lr: float = Field(3e-5, ge=0)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.95, ge=0, lt=1)
+    eps: float = Field(1e-8, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+    grad_clip: float | None = Field(1.0, gt=0)
+
+
+class ScheduleKind(StrEnum):
+    CONSTANT = "constant"
+    COSINE = "cosine"  # linear warm-up + cosine to min_lr
+    WSD = "wsd"  # warm-up, stable, decay
+    COSINE_INF = "cosine-inf"  # warm-up, cosine cool-down to const_lr, constant, exponential anneal
+    INVSQRT_INF = "invsqrt-inf"  # same with the inverse-square-root cool-down (Ibrahim et al. 2024)
+
+
+class ScheduleConfig(_Strict):
+    """LR schedule; the LR is a pure function of (this config, optim.lr, optim.min_lr, step).
+
+    Fractions are of the run's total steps. For CPT re-warming set ``warmup_start_lr`` (the LR the warm-up starts
+    from, e.g. the pre-training checkpoint's final LR); for CPT from an infinite schedule's pre-anneal
+    checkpoint use ``cosine-inf`` with ``warmup_fraction = 0`` and ``cooldown_fraction = 0`` (constant, then anneal).
+    """
+
+    kind: ScheduleKind = ScheduleKind.COSINE
+    warmup_fraction: float = Field(0.01, ge=0, le=1)
+    warmup_start_lr: float = Field(0.0, ge=0)
+    decay_fraction: float = Field(0.2, ge=0, le=1, description="wsd: share of steps in the final decay")
+    const_lr: float | None = Field(
+        None, gt=0, description="infinite schedules: the constant LR; None = 0.55 * optim.lr (1.65e-4 / 3e-4)"
+    )
+    cooldown_fraction: float = Field(0.69, ge=0, le=1, description="inf: cool-down ends at warmup+cooldown")
+    constant_fraction: float = Field(0.1, ge=0, le=1, description="inf: constant phase after the cool-down")
+    invsqrt_alpha: float = Field(10.0, gt=0, description="invsqrt-inf: a in h(x) = 1/sqrt(1 + a x) - 1")
+    stop_before_anneal: bool = Field(
+        False, description="inf: end the run at the start of the anneal (keeps the pre-anneal checkpoint)"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> "ScheduleConfig":
+        if self.kind in (ScheduleKind.COSINE_INF, ScheduleKind.INVSQRT_INF):
+            used = self.warmup_fraction + self.cooldown_fraction + self.constant_fraction
+            if used > 1 + 1e-9:
+                raise ValueError(
+                    f"schedule fractions warmup+cooldown+constant = {used:.3f} exceed 1; reduce one of them"
+                )
+        return self
+
+
+# -------------------------------------------------------------------------------------------------------- training
+class TrainConfig(_Strict):
+    steps: int = Field(100, ge=1, description="optimizer steps")
+    batch_size: int = Field(16, ge=1, description="sequences per optimizer step (global, all ranks)")
+    micro_batch_size: int | None = Field(None, ge=1, description="sequences per forward; None = batch_size")
+    seed: int = 0
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps")
+    dtype: str = Field("auto", description="auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16")
+    compile: bool = False
+    log_every: int = Field(1, ge=1)
+    eval_every: int = Field(50, ge=1)
+    eval_batches: int = Field(4, ge=1, description="held-out batches per source per evaluation")
+    checkpoint_every: int = Field(50, ge=1)
+    keep_last: int = Field(2, ge=1, description="recent checkpoints kept (milestones are kept anyway)")
+    extra_checkpoints: list[int] = Field(default_factory=list, description="steps always checkpointed and kept")
+    skip_nonfinite: bool = Field(False, description="skip a batch with NaN/Inf loss instead of stopping")
+    max_skips: int = Field(10, ge=0)
+    tensorboard: bool = False
+    wandb: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        mb = self.micro_batch_size or self.batch_size
+        if self.batch_size % mb:
+            raise ValueError(
+                f"train.batch_size={self.batch_size} is not a multiple of train.micro_batch_size={mb}"
+            )
+        return self
+
+
+class CPTConfig(_Strict):
+    """Continual pre-training from a parent checkpoint (Ibrahim et al. 2024; GUIDE.md CPT rule 2)."""
+
+    load_optimizer: bool = Field(False, description="carry the parent's AdamW moments (never its LR)")
+
+
+class DistributedConfig(_Strict):
+    sync: str = Field("ddp", description="ddp | fsdp | local-sgd | slowmo | diloco")
+    local_steps: int = Field(1, ge=1)
+    outer_optimizer: str = Field("sgd", description="sgd | nesterov | lagg-a | lopt-a")
+    outer_lr: float = Field(0.7, gt=0)
+    outer_momentum: float = Field(0.9, ge=0, lt=1)
+
+
+class Recipe(_Strict):
+    """A whole training recipe (one TOML file)."""
+
+    name: str = "run"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    cpt: CPTConfig = Field(default_factory=CPTConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+
+
+# ------------------------------------------------------------------------------------------------- loading helpers
+def format_validation_error(exc: ValidationError, prefix: str = "") -> str:
+    """One line naming the first offending field and what is allowed."""
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-after"))
+    loc = f"{prefix}.{loc}" if prefix and loc else (prefix or loc)
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        return f"unknown key {loc!r}; remove it or check its spelling"
+    if err["type"] == "enum" and "expected" in err.get("ctx", {}):
+        return f"{loc}={err.get('input')!r} is not allowed; allowed: {err['ctx']['expected']}"
+    return f"{loc}: {msg}" if loc else msg
+
+
+def build_section(cls: type[BaseModel], raw: dict[str, Any], prefix: str = "") -> Any:
+    try:
+        return cls.model_validate(raw)
+    except ValidationError as exc:
+        raise MoecptError(format_validation_error(exc, prefix)) from None
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse ``section.key=value`` (value in TOML syntax, bare words taken as strings)."""
+    if "=" not in text:
+        raise MoecptError(f"--set {text!r} is not of the form section.key=value")
+    key, value = text.split("=", 1)
+    path = [p for p in key.strip().split(".") if p]
+    if not path:
+        raise MoecptError(f"--set {text!r} names no key")
+    try:
+        parsed = tomllib.loads(f"v = {value.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value.strip()
+    return path, parsed
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    out = copy.deepcopy(raw)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = out
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise MoecptError(f"--set {text!r}: {part!r} is not a table")
+        node[path[-1]] = value
+    return out
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise MoecptError(f"recipe {str(p)!r} does not exist; give a path to a .toml file")
+    try:
+        return tomllib.loads(p.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise MoecptError(f"recipe {str(p)!r} is not valid TOML: {exc}") from None
+
+
+def recipe_from_dict(raw: dict[str, Any], overrides: list[str] | None = None) -> Recipe:
+    """Validate a recipe dict (after ``--set`` overrides and preset expansion).
+
+    Raises:
+        MoecptError: one line naming the offending key and the allowed values.
+    """
+    raw = apply_overrides(raw, overrides or [])
+    if isinstance(raw.get("model"), dict):
+        raw = {**raw, "model": expand_model_preset(raw["model"])}
+    return build_section(Recipe, raw)
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read and validate a TOML recipe; see :func:`recipe_from_dict`."""
+    return recipe_from_dict(read_toml(path), overrides)
+
+
+def find_bundled_recipe(name: str) -> Path:
+    """Path of a recipe shipped in ``moecpt/recipes`` (``name`` relative, with or without ``.toml``)."""
+    root = Path(__file__).resolve().parent / "recipes"
+    cand = root / (name if name.endswith(".toml") else f"{name}.toml")
+    if not cand.is_file():
+        raise MoecptError(f"no bundled recipe {name!r}; bundled: {', '.join(sorted(_bundled_names(root)))}")
+    return cand
+
+
+def _bundled_names(root: Path) -> list[str]:
+    return [str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.toml")]
