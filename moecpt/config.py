@@ -76,6 +76,8 @@ class MoEConfig(_Strict):
     )
     granularity: int = Field(1, ge=1, description="expert width = dense FFN width / granularity")
     num_shared_experts: int = Field(0, ge=0, description="always-on shared experts, each of expert_width")
+    shared_expert_width: int | None = Field(None, ge=1, description="total shared FFN width; default n_shared * expert_width")
+    shared_expert_gate: bool = Field(False, description="sigmoid gate on the shared expert output (Qwen2-MoE)")
     capacity_factor: float | None = Field(
         None, gt=0.0, description="Switch capacity factor with token dropping; None = dropless"
     )
@@ -92,6 +94,12 @@ class MoEConfig(_Strict):
                 f"moe.top_k={self.top_k} exceeds moe.num_experts={self.num_experts}; choose top_k <= num_experts"
             )
         return self
+
+
+class QKNorm(StrEnum):
+    NONE = "none"
+    HEAD = "head"  # RMSNorm over each head's dims (Qwen3-MoE)
+    FULL = "full"  # RMSNorm over the whole q / k projection (OLMoE)
 
 
 class FFNKind(StrEnum):
@@ -114,7 +122,7 @@ class ModelConfig(_Strict):
     max_seq_len: int = Field(128, ge=1)
     rope_theta: float = Field(500_000.0, gt=0)
     rotary_fraction: float = Field(1.0, gt=0.0, le=1.0, description="share of each head's dims that RoPE rotates")
-    qk_norm: bool = Field(False, description="RMSNorm on queries and keys (OLMoE, Qwen3-MoE)")
+    qk_norm: QKNorm = Field(QKNorm.NONE, description="RMSNorm on queries/keys: per head (Qwen3-MoE) or full (OLMoE)")
     attn_bias: bool = Field(False, description="bias on q/k/v projections (Qwen2-MoE)")
     tie_embeddings: bool = False
     norm_eps: float = Field(1e-5, gt=0)

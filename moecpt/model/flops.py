@@ -1,0 +1,67 @@
+"""Parameter and FLOP accounting on the meta device (no weights are allocated, so paper-size presets are free).
+
+Conventions (documented so that figures are comparable):
+
+* *total* parameters count every weight once (tied embeddings once).
+* *active* parameters per token count the routed experts a token uses (``top_k`` of ``E``) plus everything else.
+* forward FLOPs per token = ``2 * (active matmul parameters)`` + attention ``4 * L * T * H * Dh`` (scores and
+  weighted values over the full context, as in PaLM's MFU formula, Chowdhery et al. 2022, App. B); the embedding
+  lookup is free, the LM head is a matmul. Training FLOPs per token = 3 x forward.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from moecpt.config import ModelConfig
+from moecpt.model.moe import RoutedExperts
+from moecpt.model.transformer import build_model
+
+
+def _numel(params) -> int:
+    seen, total = set(), 0
+    for p in params:
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total
+
+
+def model_stats(cfg: ModelConfig, seq_len: int | None = None) -> dict[str, float | int]:
+    """Total and active parameters and forward FLOPs per token of ``cfg`` (built on the meta device).
+
+    Args:
+        cfg: model config with ``vocab_size`` set.
+        seq_len: context length for the attention FLOPs; default ``cfg.max_seq_len``.
+
+    Returns:
+        dict with ``total_params``, ``active_params``, ``embedding_params``, ``expert_params``,
+        ``active_matmul_params``, ``forward_flops_per_token``, ``train_flops_per_token``.
+    """
+    model = build_model(cfg, device="meta")
+    T = seq_len or cfg.max_seq_len
+    total = _numel(model.parameters())
+    expert_total = expert_active = 0
+    for m in model.modules():
+        if isinstance(m, RoutedExperts):
+            n = m.w_in.numel() + m.w_out.numel()
+            expert_total += n
+            expert_active += n * cfg.moe.top_k // m.num_experts
+    active = total - expert_total + expert_active
+    emb = model.tok_emb.weight.numel()
+    norms = _numel(p for m in model.modules() if isinstance(m, nn.RMSNorm) for p in m.parameters())
+    # every non-embedding, non-norm parameter multiplies an activation once per token (the LM head included;
+    # with tied embeddings the shared table counts once as the head)
+    matmul_active = active - norms - (0 if cfg.tie_embeddings else emb)
+    attn = 4 * cfg.n_layers * T * cfg.n_heads * cfg.resolved_head_dim
+    fwd = 2 * matmul_active + attn
+    return {
+        "total_params": total,
+        "active_params": active,
+        "embedding_params": emb,
+        "expert_params": expert_total,
+        "active_matmul_params": matmul_active,
+        "forward_flops_per_token": fwd,
+        "train_flops_per_token": 3 * fwd,
+        "seq_len": T,
+    }

@@ -1,0 +1,272 @@
+"""Routers and balancing strategies for MoE layers.
+
+One router = a bias-free linear map ``d_model -> E`` plus a balancing strategy (GUIDE.md routing rule 1):
+
+* ``penalty``  PBTk (Thérien et al. 2025, arXiv 2503.05029, Sec. 3.2): softmax scores, top-k by score,
+  loss += 0.01 * Switch load-balancing loss (Fedus et al. 2022, eq. 4) + 0.001 * router z-loss (Zoph et al. 2022,
+  ST-MoE eq. 5).
+* ``sinkhorn`` SBTk (Clark et al. 2022; Megatron-LM / GPT-NeoX reference): during training only, top-k of the
+  Sinkhorn-Knopp balanced matrix (no gradient); gates from the raw logits (softmax for k > 1, sigmoid for k = 1);
+  plain top-k of the logits in evaluation.
+* ``bias``     DeepSeek-V3 auxiliary-loss-free balancing (Wang et al. 2024, arXiv 2408.15664; DeepSeek-AI 2024,
+  arXiv 2412.19437 Sec. 2.1.2): a per-expert bias added to the scores for *selection only*, updated once per
+  optimizer step by ``gamma * sign(mean_load - load_i)``; a persistent buffer, so CPT carries it.
+* ``none``     plain softmax top-k.
+
+All routing math runs in fp32 (autocast disabled), whatever the model's compute dtype.
+Every router returns one :class:`RouterOutput`; aux losses are named scalars on it, never stored in a global.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moecpt.config import RouterConfig, RouterKind
+
+
+# ------------------------------------------------------------------------------------------------ pure functions
+@torch.no_grad()
+def sinkhorn(logits_TE: torch.Tensor, tol: float = 0.01, max_iter: int = 100) -> torch.Tensor:
+    """Sinkhorn-Knopp balancing of ``exp(logits)`` (Clark et al. 2022, "Unified Scaling Laws for Routed LMs", App. A).
+
+    Alternately rescales rows and columns of ``C = exp(logits)`` so that rows sum to ``1/T`` and columns to ``1/E``
+    (a doubly-stochastic plan between tokens and experts with uniform expert marginals). Iterates until the mean
+    absolute change of the column scaling ``d1`` is below ``tol`` or ``max_iter`` is reached. Initialisation as in
+    the Megatron-LM reference: ``d0 = 1/(T * row sums)`` then ``d1 = 1/(E * column sums)``.
+
+    Args:
+        logits_TE: ``[T, E]`` router logits (any float dtype; computed in fp32).
+        tol: convergence tolerance on ``mean |d1 - d1_prev|`` (paper: 0.01).
+        max_iter: maximum number of row+column sweeps.
+
+    Returns:
+        ``[T, E]`` fp32 balanced matrix ``diag(d0) C diag(d1)``; its column sums are equal (``1/E``) within ``tol``.
+        No gradient flows through it (selection only).
+    """
+    if logits_TE.dim() != 2:
+        raise ValueError(f"sinkhorn expects [T, E] logits, got shape {tuple(logits_TE.shape)}")
+    T, E = logits_TE.shape
+    # Subtracting each row's max is a row rescaling of C, which Sinkhorn's d0 absorbs: it avoids exp overflow.
+    logits = logits_TE.float()
+    cost_TE = torch.exp(logits - logits.max(dim=1, keepdim=True).values)
+    eps = 1e-12
+    d0_T = 1.0 / (T * (cost_TE.sum(dim=1) + eps))
+    d1_E = 1.0 / (E * ((d0_T[:, None] * cost_TE).sum(dim=0) + eps))
+    for _ in range(max_iter):
+        d0_T = 1.0 / (T * ((cost_TE * d1_E[None, :]).sum(dim=1) + eps))
+        d1_new_E = 1.0 / (E * ((d0_T[:, None] * cost_TE).sum(dim=0) + eps))
+        err = (d1_new_E - d1_E).abs().mean()
+        d1_E = d1_new_E
+        if err < tol:
+            break
+    return d0_T[:, None] * cost_TE * d1_E[None, :]
+
+
+def load_balancing_loss(probs_TE: torch.Tensor, topk_idx_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Switch Transformer auxiliary load-balancing loss, normalised so that 1.0 means perfectly balanced.
+
+    ``L = E * sum_i f_i * P_i`` (Fedus et al. 2022, eq. 4) with ``f_i`` the share of the ``T*K`` routed slots
+    assigned to expert ``i`` (a count, no gradient) and ``P_i`` the mean router probability of ``i`` over tokens
+    (carries the gradient to the router). Because ``sum_i f_i = 1`` for any ``k``, uniform routing gives exactly 1.0
+    and total collapse onto one expert with probability 1 gives ``E``.
+
+    Args:
+        probs_TE: ``[T, E]`` router probabilities (softmax of the logits; must not be softmaxed again).
+        topk_idx_TK: ``[T, K]`` chosen experts.
+        num_experts: ``E``.
+
+    Returns:
+        fp32 scalar.
+    """
+    T, K = topk_idx_TK.shape
+    counts_E = torch.bincount(topk_idx_TK.reshape(-1), minlength=num_experts).to(torch.float32)
+    f_E = counts_E / max(T * K, 1)
+    P_E = probs_TE.float().mean(dim=0)
+    return num_experts * torch.sum(f_E * P_E)
+
+
+def router_z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
+    """Router z-loss (Zoph et al. 2022, ST-MoE, eq. 5): mean over tokens of ``logsumexp(logits)^2``.
+
+    Args:
+        logits_TE: ``[T, E]`` raw router logits.
+
+    Returns:
+        fp32 scalar.
+    """
+    return torch.logsumexp(logits_TE.float(), dim=-1).square().mean()
+
+
+# ------------------------------------------------------------------------------------------------------- record
+@dataclass
+class RouterOutput:
+    """What a router returns for one MoE layer and one forward pass.
+
+    Attributes:
+        logits_TE: ``[T, E]`` fp32 raw logits (never probabilities).
+        scores_TE: ``[T, E]`` fp32 scores the gates come from (softmax or sigmoid of the logits).
+        topk_idx_TK: ``[T, K]`` int64 selected experts (before capacity dropping).
+        topk_weight_TK: ``[T, K]`` fp32 gate values (zero where a slot was dropped for capacity).
+        tokens_per_expert_E: ``[E]`` int64 routed slots per expert (before dropping).
+        aux_losses: unweighted named scalars (``load_balancing``, ``z_loss``), always reported.
+        aux_weights: the weight of each aux loss in the training objective (0 = reported only).
+        dropped_fraction: share of the ``T*K`` slots dropped by the capacity factor (0 when dropless).
+    """
+
+    logits_TE: torch.Tensor
+    scores_TE: torch.Tensor
+    topk_idx_TK: torch.Tensor
+    topk_weight_TK: torch.Tensor
+    tokens_per_expert_E: torch.Tensor
+    aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    aux_weights: dict[str, float] = field(default_factory=dict)
+    dropped_fraction: torch.Tensor | None = None
+
+    def weighted_aux_loss(self) -> torch.Tensor:
+        """``sum_name weight * aux_losses[name]`` (fp32 scalar; 0 if none)."""
+        total = self.logits_TE.new_zeros(())
+        for name, value in self.aux_losses.items():
+            w = self.aux_weights.get(name, 0.0)
+            if w:
+                total = total + w * value
+        return total
+
+
+# ------------------------------------------------------------------------------------------------------- router
+class Router(nn.Module):
+    """Top-k router with a pluggable balancing strategy (see module docstring).
+
+    Args:
+        d_model: input width ``D``.
+        num_experts: routed experts ``E``.
+        top_k: experts per token ``K``.
+        cfg: :class:`moecpt.config.RouterConfig`.
+
+    Forward: ``x_TD [T, D] -> RouterOutput``.
+    """
+
+    def __init__(self, d_model: int, num_experts: int, top_k: int, cfg: RouterConfig):
+        super().__init__()
+        if top_k > num_experts:
+            raise ValueError(f"top_k={top_k} exceeds num_experts={num_experts}")
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.cfg = cfg
+        self.weight = nn.Parameter(torch.empty(num_experts, d_model))  # [E, D], bias-free (paper Sec. 3)
+        if cfg.kind == RouterKind.BIAS:
+            # persistent: CPT must carry the learned bias (GUIDE routing rule 6)
+            self.register_buffer("expert_bias", torch.zeros(num_experts), persistent=True)
+            # per-step load, summed over micro-batches; not part of the model state
+            self.register_buffer("step_load", torch.zeros(num_experts), persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self, std: float = 0.02) -> None:
+        nn.init.normal_(self.weight, std=std)
+
+    # -- balancing strategies --------------------------------------------------------------------------------
+    @property
+    def _sigmoid_gates(self) -> bool:
+        return self.cfg.kind == RouterKind.SINKHORN and self.top_k == 1  # Megatron / GPT-NeoX reference for k = 1
+
+    def _gates(self, logits_TE: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(logits_TE) if self._sigmoid_gates else torch.softmax(logits_TE, dim=-1)
+
+    def forward(self, x_TD: torch.Tensor) -> RouterOutput:
+        cfg = self.cfg
+        with torch.autocast(device_type=x_TD.device.type, enabled=False):
+            logits_TE = F.linear(x_TD.float(), self.weight.float())
+            scores_TE = self._gates(logits_TE)
+            if cfg.kind == RouterKind.SINKHORN and self.training:
+                balanced_TE = sinkhorn(logits_TE.detach(), cfg.sinkhorn_tol, cfg.sinkhorn_max_iter)
+                topk_idx_TK = torch.topk(balanced_TE, self.top_k, dim=-1).indices
+            elif cfg.kind == RouterKind.BIAS:
+                # bias enters selection only; gates come from the unbiased scores
+                topk_idx_TK = torch.topk(scores_TE.detach() + self.expert_bias, self.top_k, dim=-1).indices
+            else:  # softmax and sigmoid are monotone: top-k of the scores = top-k of the logits
+                topk_idx_TK = torch.topk(scores_TE.detach(), self.top_k, dim=-1).indices
+            topk_weight_TK = scores_TE.gather(1, topk_idx_TK)
+            if cfg.renormalize and self.top_k > 1:
+                topk_weight_TK = topk_weight_TK / topk_weight_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+            tokens_per_expert_E = torch.bincount(topk_idx_TK.reshape(-1), minlength=self.num_experts)
+            # the balancing diagnostic needs probabilities: the sigmoid gates of Sinkhorn k=1 are not
+            probs_TE = torch.softmax(logits_TE, dim=-1) if self._sigmoid_gates else scores_TE
+            aux = {
+                "load_balancing": load_balancing_loss(probs_TE, topk_idx_TK, self.num_experts),
+                "z_loss": router_z_loss(logits_TE),
+            }
+            weights = {
+                "load_balancing": cfg.aux_loss_weight if cfg.kind == RouterKind.PENALTY else 0.0,
+                "z_loss": cfg.z_loss_weight if cfg.kind == RouterKind.PENALTY else 0.0,
+            }
+        if cfg.kind == RouterKind.BIAS and self.training and torch.is_grad_enabled():
+            # count only in training forwards (not evaluation, not no-grad recomputation): GUIDE routing rule 6
+            self.step_load += tokens_per_expert_E.to(self.step_load.dtype)
+        return RouterOutput(
+            logits_TE=logits_TE,
+            scores_TE=scores_TE,
+            topk_idx_TK=topk_idx_TK,
+            topk_weight_TK=topk_weight_TK,
+            tokens_per_expert_E=tokens_per_expert_E,
+            aux_losses=aux,
+            aux_weights=weights,
+        )
+
+    @torch.no_grad()
+    def update_bias(self, load_E: torch.Tensor | None = None) -> dict[str, float]:
+        """DeepSeek-V3 bias update, once per optimizer step: ``b_i += gamma * sign(mean(load) - load_i)``.
+
+        Args:
+            load_E: ``[E]`` routed-slot counts for the step, summed over micro-batches *and ranks* (the caller
+                all-reduces :attr:`step_load`); default: this router's own ``step_load``.
+
+        Returns:
+            bias statistics (``bias_mean``, ``bias_absmax``, ``bias_std``) for logging. Resets ``step_load``.
+        """
+        if self.cfg.kind != RouterKind.BIAS:
+            return {}
+        load_E = self.step_load if load_E is None else load_E
+        if load_E.sum() > 0:
+            err_E = load_E.float().mean() - load_E.float()
+            self.expert_bias += self.cfg.bias_update_rate * torch.sign(err_E)
+        self.step_load.zero_()
+        b = self.expert_bias
+        return {"bias_mean": b.mean().item(), "bias_absmax": b.abs().max().item(), "bias_std": b.std().item()}
+
+
+def load_imbalance(tokens_per_expert_E: torch.Tensor) -> float:
+    """Max/mean load ratio over experts (1.0 = perfectly balanced); ``tokens_per_expert_E`` is ``[E]`` counts."""
+    t = tokens_per_expert_E.float()
+    mean = t.mean()
+    return float(t.max() / mean) if mean > 0 else float("nan")
+
+
+def mri_from_counts(tokens_per_expert_E: torch.Tensor, num_tokens: int) -> float:
+    """Maximum Routing Imbalance (Thérien et al. 2025, Sec. 4): max_i share of tokens whose top-k contains ``i``.
+
+    ``tokens_per_expert_E`` counts routed slots; since a token picks distinct experts, slot count = token count.
+    Perfect balance gives ``K/E``, collapse onto one expert 1.
+    """
+    return float(tokens_per_expert_E.max().item() / max(num_tokens, 1))
+
+
+def routing_entropy(scores_TE: torch.Tensor) -> float:
+    """Mean per-token entropy of the router distribution, in nats (``scores_TE`` rows renormalised)."""
+    p = scores_TE.float()
+    p = p / p.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+    return float(-(p * torch.log(p.clamp_min(1e-20))).sum(dim=-1).mean())
+
+
+__all__ = [
+    "Router",
+    "RouterOutput",
+    "load_balancing_loss",
+    "load_imbalance",
+    "mri_from_counts",
+    "router_z_loss",
+    "routing_entropy",
+    "sinkhorn",
+]

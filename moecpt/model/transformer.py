@@ -1,0 +1,184 @@
+"""Decoder-only transformer (Llama-3-style backbone of Thérien et al. 2025, Sec. 3): pre-norm RMSNorm, RoPE
+(full or partial rotary fraction), multi-head / grouped-query attention through ``scaled_dot_product_attention``,
+GEGLU or SwiGLU feed-forwards, dense or MoE per layer, tied or untied embeddings.
+
+Initialisation (documented choice, as GPT-2 / OLMo): every linear and embedding weight ~ N(0, init_std); the output
+projections of attention and of every FFN/expert (``wo``, ``w_out``) are further scaled by ``1/sqrt(2 n_layers)``
+so the residual stream's variance does not grow with depth; router weights ~ N(0, init_std); norms start at 1.
+
+Shapes: B batch, T sequence, D d_model, H heads, Hkv key/value heads, Dh head dim, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moecpt.config import ModelConfig, QKNorm
+from moecpt.model.moe import GLUFeedForward, MoELayer, RoutedExperts
+from moecpt.model.routing import Router, RouterOutput
+
+
+def rope_cos_sin(seq_len: int, rot_dim: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE tables (Su et al. 2021) in the half-rotation layout of Llama / GPT-NeoX.
+
+    Returns:
+        ``cos_TR, sin_TR`` fp32 of shape ``[T, rot_dim]`` (frequencies repeated for the two halves).
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, rot_dim, 2, device=device, dtype=torch.float32) / rot_dim))
+    freqs_TR2 = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+    emb_TR = torch.cat([freqs_TR2, freqs_TR2], dim=-1)
+    return emb_TR.cos(), emb_TR.sin()
+
+
+def apply_rope(x_BHTD: torch.Tensor, cos_TR: torch.Tensor, sin_TR: torch.Tensor) -> torch.Tensor:
+    """Rotate the first ``R = cos_TR.shape[-1]`` dims of each head (partial rotary when ``R < Dh``)."""
+    R = cos_TR.shape[-1]
+    x_rot, x_pass = x_BHTD[..., :R], x_BHTD[..., R:]
+    x1, x2 = x_rot.float().chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    out = x_rot.float() * cos_TR + rotated * sin_TR
+    return torch.cat([out.to(x_BHTD.dtype), x_pass], dim=-1)
+
+
+class Attention(nn.Module):
+    """Causal self-attention with RoPE and optional grouped-query heads / q-k norms, via SDPA."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.resolved_kv_heads, cfg.resolved_head_dim
+        D, Dh = cfg.d_model, self.head_dim
+        self.wq = nn.Linear(D, self.n_heads * Dh, bias=cfg.attn_bias)
+        self.wk = nn.Linear(D, self.n_kv_heads * Dh, bias=cfg.attn_bias)
+        self.wv = nn.Linear(D, self.n_kv_heads * Dh, bias=cfg.attn_bias)
+        self.wo = nn.Linear(self.n_heads * Dh, D, bias=False)
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm == QKNorm.HEAD:
+            self.q_norm, self.k_norm = nn.RMSNorm(Dh, eps=cfg.norm_eps), nn.RMSNorm(Dh, eps=cfg.norm_eps)
+        elif cfg.qk_norm == QKNorm.FULL:
+            self.q_norm = nn.RMSNorm(self.n_heads * Dh, eps=cfg.norm_eps)
+            self.k_norm = nn.RMSNorm(self.n_kv_heads * Dh, eps=cfg.norm_eps)
+
+    def forward(self, x_BTD: torch.Tensor, cos_TR: torch.Tensor, sin_TR: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x_BTD.shape
+        q, k, v = self.wq(x_BTD), self.wk(x_BTD), self.wv(x_BTD)
+        if self.qk_norm == QKNorm.FULL:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q_BHTD = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k_BHTD = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v_BHTD = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.qk_norm == QKNorm.HEAD:
+            q_BHTD, k_BHTD = self.q_norm(q_BHTD), self.k_norm(k_BHTD)
+        q_BHTD, k_BHTD = apply_rope(q_BHTD, cos_TR, sin_TR), apply_rope(k_BHTD, cos_TR, sin_TR)
+        if self.n_kv_heads != self.n_heads:
+            rep = self.n_heads // self.n_kv_heads
+            k_BHTD, v_BHTD = k_BHTD.repeat_interleave(rep, dim=1), v_BHTD.repeat_interleave(rep, dim=1)
+        o_BHTD = F.scaled_dot_product_attention(q_BHTD, k_BHTD, v_BHTD, is_causal=True)
+        return self.wo(o_BHTD.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class Block(nn.Module):
+    """Pre-norm decoder block: ``x + attn(norm(x))`` then ``x + ffn(norm(x))``; the FFN is dense or MoE."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.ffn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.is_moe = cfg.is_moe_layer(layer_idx)
+        self.ffn = MoELayer(cfg) if self.is_moe else GLUFeedForward(cfg.d_model, cfg.ffn_width, cfg.ffn_kind)
+
+    def forward(self, x_BTD, cos_TR, sin_TR) -> tuple[torch.Tensor, RouterOutput | None]:
+        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos_TR, sin_TR)
+        h_BTD = self.ffn_norm(x_BTD)
+        if not self.is_moe:
+            return x_BTD + self.ffn(h_BTD), None
+        B, T, D = h_BTD.shape
+        y_TD, routing = self.ffn(h_BTD.reshape(B * T, D))
+        return x_BTD + y_TD.view(B, T, D), routing
+
+
+class Transformer(nn.Module):
+    """The moecpt decoder LM.
+
+    Args:
+        cfg: :class:`moecpt.config.ModelConfig` with ``vocab_size`` resolved (not None).
+
+    ``forward(input_ids_BT)`` returns logits ``[B, T, V]`` (in the autocast dtype, if any);
+    ``forward(input_ids_BT, return_routing=True)`` returns ``(logits_BTV, routing)`` where ``routing`` holds one
+    :class:`RouterOutput` per MoE layer, in layer order (empty for the dense model).
+
+    Raises:
+        ValueError: ``cfg.vocab_size`` is None, or an input is longer than ``max_seq_len``.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.vocab_size is None:
+            raise ValueError("ModelConfig.vocab_size must be set (it is taken from the tokenizer by the trainer)")
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        rot = int(cfg.resolved_head_dim * cfg.rotary_fraction)
+        cos, sin = rope_cos_sin(cfg.max_seq_len, rot, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        std = self.cfg.init_std
+        out_std = std / math.sqrt(2 * self.cfg.n_layers)
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                is_out = name.endswith(("wo", "w_out"))
+                nn.init.normal_(module.weight, std=out_std if is_out else std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=std)
+            elif isinstance(module, RoutedExperts):
+                nn.init.normal_(module.w_in, std=std)
+                nn.init.normal_(module.w_out, std=out_std)
+            elif isinstance(module, Router):
+                module.reset_parameters(std)
+            elif isinstance(module, nn.RMSNorm):
+                nn.init.ones_(module.weight)
+        cos, sin = rope_cos_sin(self.cfg.max_seq_len, self.rope_cos.shape[-1], self.cfg.rope_theta,
+                                device=self.rope_cos.device)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
+
+    def routers(self) -> list[Router]:
+        """The routers of the MoE layers, in layer order."""
+        return [b.ffn.router for b in self.blocks if b.is_moe]
+
+    def moe_layer_indices(self) -> list[int]:
+        return [i for i, b in enumerate(self.blocks) if b.is_moe]
+
+    def forward(self, input_ids_BT: torch.Tensor, *, return_routing: bool = False):
+        B, T = input_ids_BT.shape
+        if T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {T} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}")
+        x_BTD = self.tok_emb(input_ids_BT)
+        cos_TR, sin_TR = self.rope_cos[:T], self.rope_sin[:T]
+        routing: list[RouterOutput] = []
+        for block in self.blocks:
+            x_BTD, r = block(x_BTD, cos_TR, sin_TR)
+            if r is not None:
+                routing.append(r)
+        logits_BTV = self.lm_head(self.norm(x_BTD))
+        return (logits_BTV, routing) if return_routing else logits_BTV
+
+
+def build_model(cfg: ModelConfig, device: str | torch.device = "cpu") -> Transformer:
+    """Instantiate (and initialise) a :class:`Transformer` on ``device`` (``"meta"`` allocates nothing)."""
+    with torch.device(device):
+        return Transformer(cfg)
