@@ -1,0 +1,74 @@
+"""``moecpt pretrain``, ``moecpt cpt`` and ``moecpt generate``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--recipe", required=True, help="recipe TOML (bundled ones: recipes/*.toml)")
+    p.add_argument("--out", required=True, help="run folder (created; re-running the same command resumes)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a recipe key, validated like the file (repeatable)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("pretrain", help="pre-train a model from scratch (resumes an interrupted run)")
+    _add_run_args(p)
+    p.set_defaults(func=run_pretrain)
+
+    p = subparsers.add_parser("cpt", help="continually pre-train from a checkpoint onto a new data mixture")
+    _add_run_args(p)
+    p.add_argument("--from", dest="parent", required=True, help="parent checkpoint folder or run folder")
+    p.set_defaults(func=run_cpt)
+
+    p = subparsers.add_parser("generate", help="sample text from a checkpoint")
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder or run folder")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--seed", type=int, default=None)
+    p.set_defaults(func=run_generate)
+
+
+def _train(args: argparse.Namespace, parent) -> int:
+    from moecpt.config import load_recipe
+    from moecpt.train.trainer import Trainer
+
+    recipe = load_recipe(args.recipe, args.set)
+    summary = Trainer(recipe, args.out, parent=parent, show_progress=not args.no_progress).run()
+    print(json.dumps(summary))
+    return 0
+
+
+def run_pretrain(args: argparse.Namespace) -> int:
+    return _train(args, None)
+
+
+def run_cpt(args: argparse.Namespace) -> int:
+    return _train(args, args.parent)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from tokenizers import Tokenizer
+
+    from moecpt.errors import MoecptError
+    from moecpt.train.checkpoint import load_checkpoint, load_model
+    from moecpt.train.generate import sample
+
+    ck = load_checkpoint(args.checkpoint)
+    tok_path = next((p / "tokenizer.json" for p in (ck.path, ck.path.parent.parent) if (p / "tokenizer.json").is_file()),
+                    None)
+    if tok_path is None:
+        raise MoecptError(f"no tokenizer.json next to {ck.path} or in its run folder; copy the run's tokenizer there")
+    tok = Tokenizer.from_file(str(Path(tok_path)))
+    model = load_model(ck.path)
+    eod = tok.token_to_id("<|endoftext|>")
+    ids = sample(model, tok.encode(args.prompt).ids, args.max_tokens, args.temperature, args.top_p, eod, args.seed)
+    print(args.prompt + tok.decode(ids))
+    return 0

@@ -1,0 +1,380 @@
+"""The training loop for pre-training and continual pre-training (CPT).
+
+One :class:`Trainer` runs a recipe into a run folder::
+
+    RUN/run.json            identity of the run (mode, recipe, parent): a folder holding another run is refused
+    RUN/metrics.jsonl       one JSON object per logged step and per validation (cross-entropy only)
+    RUN/tokenizer.json      the tokenizer the run was trained with
+    RUN/checkpoints/step_N  model (safetensors), optimizer, RNG, data-sampler state, lineage (meta.json)
+
+Restarting the same command resumes from the newest complete checkpoint and reproduces the uninterrupted run's
+per-step losses bit for bit on CPU (the sampler, RNG and optimizer state are restored; the LR is recomputed from
+the schedule, never read back from the optimizer — GUIDE.md CPT rule 3).
+
+CPT (Ibrahim et al. 2024, arXiv 2403.08763; GUIDE.md CPT rule 2) loads the parent's weights (expert biases
+included) and optionally its AdamW moments, then starts its own schedule at step 0 and its own data mixture; the
+parent's step, LR and sampler are not carried. Its lineage is recorded in ``run.json`` and every checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from moecpt.config import Recipe
+from moecpt.errors import MoecptError
+from moecpt.model.transformer import Transformer, build_model
+from moecpt.train.metrics import JsonlSink, RoutingAccumulator
+
+RUN_FILE = "run.json"
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; otherwise the named device (checked to exist)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise MoecptError(f"train.device={name!r} but CUDA is not available here; use train.device='cpu' or 'auto'")
+    return dev
+
+
+def autocast_context(device: torch.device, dtype: str):
+    """bf16 autocast on devices that support it (``auto`` on CUDA, or ``bf16``); fp32 otherwise."""
+    use_bf16 = dtype == "bf16" or (dtype == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+    if dtype not in ("auto", "bf16", "fp32"):
+        raise MoecptError(f"train.dtype={dtype!r} is not allowed; allowed: auto, fp32, bf16")
+    if use_bf16:
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def lm_loss(logits_BTV: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy in nats, computed in fp32. ``logits [B, T, V]``, ``targets [B, T]``."""
+    return F.cross_entropy(logits_BTV.float().flatten(0, 1), targets_BT.flatten())
+
+
+def _fingerprint(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass
+class Parent:
+    """The checkpoint a CPT run starts from."""
+
+    path: Path
+    step: int
+    meta: dict
+
+
+class Trainer:
+    """Runs one recipe (pre-training, or CPT when ``parent`` is given) into ``out_dir``.
+
+    Args:
+        recipe: validated :class:`moecpt.config.Recipe`.
+        out_dir: run folder (created; resumed when it holds this same run).
+        parent: CPT parent checkpoint (folder of a checkpoint or a run folder), or None for pre-training.
+        show_progress: draw a tqdm progress bar.
+
+    Raises:
+        MoecptError: the folder holds another run, the parent is missing/corrupt/incompatible, data problems,
+            or a non-finite loss (naming the step; the last good checkpoint is kept).
+    """
+
+    def __init__(self, recipe: Recipe, out_dir: str | Path, parent: str | Path | None = None,
+                 show_progress: bool = True):
+        from moecpt.data.prepared import PreparedData
+        from moecpt.train.checkpoint import CheckpointManager, load_checkpoint
+
+        self.recipe = recipe
+        self.out_dir = Path(out_dir)
+        self.show_progress = show_progress
+        self.device = resolve_device(recipe.train.device)
+        self.parent: Parent | None = None
+        if parent is not None:
+            if not Path(parent).exists():
+                raise MoecptError(f"--from {str(parent)!r} does not exist; give a checkpoint or run folder")
+            ck = load_checkpoint(parent)
+            self.parent = Parent(path=ck.path.resolve(), step=ck.step, meta=ck.meta)
+            self._parent_ckpt = ck
+        self.data = PreparedData.open(recipe.data.path)
+        self.model_cfg = self._resolve_model_config()
+        self.mode = "cpt" if self.parent else "pretrain"
+        self.identity = {
+            "mode": self.mode,
+            "recipe": recipe.model_dump(mode="json"),
+            "parent": str(self.parent.path) if self.parent else None,
+            "data_tokenizer_sha256": self.data.tokenizer_sha256,
+        }
+        self._claim_run_folder()
+        self.ckpts = CheckpointManager(self.out_dir / "checkpoints", keep_last=recipe.train.keep_last,
+                                       keep_steps=self._milestones())
+
+    # -------------------------------------------------------------------------------------------- set-up helpers
+    def _resolve_model_config(self):
+        cfg = self.recipe.model
+        if self.parent is not None:
+            from moecpt.config import ModelConfig
+
+            parent_cfg = ModelConfig.model_validate(self.parent.meta["model_config"])
+            if self.data.vocab_size != parent_cfg.vocab_size:
+                raise MoecptError(
+                    f"the data's tokenizer has {self.data.vocab_size} tokens but the parent model has "
+                    f"{parent_cfg.vocab_size}; prepare the CPT data with the parent's tokenizer (RUN/tokenizer.json)"
+                )
+            # The architecture comes from the parent; a recipe may change the routing strategy only.
+            if cfg.moe is not None and parent_cfg.moe is not None:
+                parent_cfg = parent_cfg.model_copy(update={"moe": parent_cfg.moe.model_copy(
+                    update={"router": cfg.moe.router, "capacity_factor": cfg.moe.capacity_factor,
+                            "dispatch": cfg.moe.dispatch})})
+            return parent_cfg
+        if cfg.vocab_size is None:
+            cfg = cfg.model_copy(update={"vocab_size": self.data.vocab_size})
+        elif cfg.vocab_size < self.data.vocab_size:
+            raise MoecptError(f"model.vocab_size={cfg.vocab_size} is smaller than the tokenizer's "
+                              f"{self.data.vocab_size}; remove model.vocab_size to take it from the data")
+        if self.recipe.data.seq_len > cfg.max_seq_len:
+            raise MoecptError(f"data.seq_len={self.recipe.data.seq_len} exceeds model.max_seq_len={cfg.max_seq_len}")
+        return cfg
+
+    def _milestones(self) -> list[int]:
+        from moecpt.train.schedules import anneal_start_step
+
+        steps = list(self.recipe.train.extra_checkpoints)
+        a = anneal_start_step(self.recipe.schedule, self.recipe.train.steps)
+        if a is not None:
+            steps.append(a)  # the pre-anneal checkpoint CPT from an infinite schedule starts from
+        return steps
+
+    def _claim_run_folder(self) -> None:
+        from moecpt.train.checkpoint import write_json_atomic
+
+        run_file = self.out_dir / RUN_FILE
+        fp = _fingerprint(self.identity)
+        if run_file.exists():
+            try:
+                existing = json.loads(run_file.read_text(encoding="utf-8"))
+            except (OSError, json.JSONDecodeError):
+                raise MoecptError(f"{run_file} is unreadable; this folder is damaged — choose a new --out") from None
+            if existing.get("fingerprint") != fp:
+                diff = _first_difference(existing.get("identity", {}), self.identity)
+                raise MoecptError(f"--out {str(self.out_dir)!r} holds another run ({diff}); choose a new --out "
+                                  "or delete that folder yourself")
+            return
+        if self.out_dir.exists() and any(self.out_dir.iterdir()):
+            raise MoecptError(f"--out {str(self.out_dir)!r} is not empty and is not a moecpt run; choose a new --out")
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        lineage = None
+        if self.parent is not None:
+            lineage = {"parent_checkpoint": str(self.parent.path), "parent_step": self.parent.step,
+                       "parent_run": self.parent.meta.get("run_name"),
+                       "parent_lineage": self.parent.meta.get("lineage")}
+        write_json_atomic(run_file, {"fingerprint": fp, "identity": self.identity, "lineage": lineage,
+                                     "model_config": self.model_cfg.model_dump(mode="json"),
+                                     "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        (self.out_dir / "tokenizer.json").write_bytes((self.data.path / "tokenizer.json").read_bytes())
+
+    # ---------------------------------------------------------------------------------------------------- run
+    def run(self) -> dict[str, Any]:
+        """Train until the schedule's end (or its pre-anneal stop); returns a summary dict."""
+        from moecpt.data.mixture import MixtureSampler
+        from moecpt.data.prepared import val_batches
+        from moecpt.train.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state
+        from moecpt.train.optim import build_optimizer
+        from moecpt.train.schedules import lr_at, run_end_step
+
+        r, tcfg = self.recipe, self.recipe.train
+        torch.manual_seed(tcfg.seed)
+        model = build_model(self.model_cfg, device=self.device)
+        optimizer = build_optimizer(model, r.optim, self.device)
+        world_size, rank = 1, 0
+        end_step = run_end_step(r.schedule, tcfg.steps)
+        sampler = MixtureSampler(self.data, r.data.mixture, r.data.seq_len, tcfg.batch_size, seed=tcfg.seed,
+                                 rank=rank, world_size=world_size, allow_repeat=r.data.allow_repeat,
+                                 total_steps=end_step)
+        sink = JsonlSink(self.out_dir / "metrics.jsonl")
+        start_step, tokens_done, skips = 0, 0, 0
+        latest = self.ckpts.latest()
+        if latest is not None:  # resume our own run
+            ck = load_checkpoint(latest)
+            model.load_state_dict(ck.model_state(self.device), strict=True)
+            opt_state = ck.optimizer_state()
+            if opt_state is not None:
+                optimizer.load_state_dict(opt_state)
+            sampler.load_state_dict(ck.meta["sampler"])
+            start_step, tokens_done, skips = ck.step, ck.meta["tokens"], ck.meta.get("skipped_steps", 0)
+            rng = ck.rng_state()
+            if rng is not None:
+                restore_rng_state(rng)
+            sink.truncate_after(start_step)
+        elif self.parent is not None:  # CPT: weights (and optionally moments) from the parent, nothing else
+            self._load_parent(model, optimizer)
+        if start_step >= end_step:
+            return self._summary(start_step, tokens_done, skips, resumed=True)
+        compiled = torch.compile(model) if tcfg.compile else model
+        eval_sources = r.data.eval_sources or self.data.source_names
+        evals = {s: val_batches(self.data, s, r.data.seq_len, tcfg.micro_batch_size or tcfg.batch_size,
+                                tcfg.eval_batches) for s in eval_sources}
+        if start_step == 0:
+            self._evaluate(model, evals, 0, tokens_done, sink)
+        micro = tcfg.micro_batch_size or tcfg.batch_size
+        n_micro = (tcfg.batch_size // world_size) // micro
+        progress = self._progress(start_step, end_step)
+        step = start_step
+        try:
+            for step in range(start_step, end_step):
+                t0 = time.perf_counter()
+                lr = lr_at(step, r.schedule, r.optim, tcfg.steps)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                batch = sampler.next_batch().to(self.device, non_blocking=True)
+                model.train()
+                acc = RoutingAccumulator()
+                ce_sum, aux_sum = 0.0, 0.0
+                for mb in batch.split(micro):
+                    with autocast_context(self.device, tcfg.dtype):
+                        logits, routing = compiled(mb[:, :-1], return_routing=True)
+                        ce = lm_loss(logits, mb[:, 1:])
+                        aux = sum((o.weighted_aux_loss() for o in routing), ce.new_zeros(()))
+                        if routing:
+                            aux = aux / len(routing)  # mean over MoE layers (GUIDE routing rule 3)
+                    ((ce + aux) / n_micro).backward()
+                    ce_sum += ce.detach().item()
+                    aux_sum += float(aux)
+                    acc.add(routing)
+                ce_mean, aux_mean = ce_sum / n_micro, aux_sum / n_micro
+                if not math.isfinite(ce_mean + aux_mean):
+                    optimizer.zero_grad(set_to_none=True)
+                    for router in model.routers():
+                        router.step_load.zero_() if hasattr(router, "step_load") else None
+                    if tcfg.skip_nonfinite and skips < tcfg.max_skips:
+                        skips += 1
+                        sink.write({"step": step + 1, "event": "skipped_nonfinite", "loss": ce_mean})
+                        continue
+                    last = self.ckpts.latest()
+                    raise MoecptError(
+                        f"non-finite loss ({ce_mean}) at step {step}; the last good checkpoint is "
+                        f"{last if last else 'none (no checkpoint yet)'}; lower optim.lr or set "
+                        "train.skip_nonfinite = true to skip such batches")
+                grad_norm = None
+                if r.optim.grad_clip is not None:
+                    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), r.optim.grad_clip))
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                bias_stats = self._update_biases(model)
+                tokens_done += batch.shape[0] * (batch.shape[1] - 1) * world_size
+                dt = time.perf_counter() - t0
+                done = step + 1
+                if done % tcfg.log_every == 0 or done == end_step:
+                    rec = {"step": done, "tokens": tokens_done, "lr": lr, "loss": ce_mean, "aux_loss": aux_mean,
+                           "grad_norm": grad_norm, "tokens_per_s": batch.numel() / dt if dt > 0 else None,
+                           "step_time_s": dt, **acc.summary(), **bias_stats}
+                    rec.setdefault("mri_mean", None)
+                    sink.write(rec)
+                if done % tcfg.eval_every == 0 or done == end_step:
+                    self._evaluate(model, evals, done, tokens_done, sink)
+                if done % tcfg.checkpoint_every == 0 or done == end_step or done in self.ckpts.keep_steps:
+                    self.ckpts.save(done, model_state=model.state_dict(), optimizer_state=optimizer.state_dict(),
+                                    rng_state=capture_rng_state(),
+                                    meta=self._meta(done, tokens_done, skips, sampler))
+                if progress is not None:
+                    progress.update(1)
+                    progress.set_postfix(loss=f"{ce_mean:.3f}", lr=f"{lr:.2e}")
+        finally:
+            if progress is not None:
+                progress.close()
+            sink.close()
+        return self._summary(end_step, tokens_done, skips, resumed=start_step > 0)
+
+    # ------------------------------------------------------------------------------------------------- pieces
+    def _load_parent(self, model: Transformer, optimizer: torch.optim.Optimizer) -> None:
+        ck = self._parent_ckpt
+        try:
+            model.load_state_dict(ck.model_state(self.device), strict=True)
+        except RuntimeError as exc:
+            raise MoecptError(f"--from {str(ck.path)!r} does not fit this model ({str(exc).splitlines()[0]}); "
+                              "CPT must keep the parent's architecture") from None
+        if self.recipe.cpt.load_optimizer:
+            state = ck.optimizer_state()
+            if state is None:
+                raise MoecptError(f"{ck.path} has no optimizer state; set cpt.load_optimizer = false")
+            optimizer.load_state_dict(state)
+            # the parent's LR must never survive (GUIDE CPT rule 3): it is overwritten every step from the schedule
+            for group in optimizer.param_groups:
+                group["lr"] = float("nan")
+
+    def _update_biases(self, model: Transformer) -> dict[str, float]:
+        stats: dict[str, list[float]] = {}
+        for router in model.routers():
+            for k, v in router.update_bias().items():
+                stats.setdefault(k, []).append(v)
+        return {f"{k}_layers": v for k, v in stats.items()} | {
+            f"{k}_mean": sum(v) / len(v) for k, v in stats.items()}
+
+    @torch.no_grad()
+    def _evaluate(self, model: Transformer, evals: dict[str, list[torch.Tensor]], step: int, tokens: int,
+                  sink: JsonlSink) -> dict[str, float]:
+        """Held-out cross-entropy per source (never the aux losses) and routing diagnostics on it."""
+        was_training = model.training
+        model.eval()
+        losses = {}
+        for source, batches in evals.items():
+            acc = RoutingAccumulator()
+            total, n = 0.0, 0
+            for b in batches:
+                b = b.to(self.device)
+                with autocast_context(self.device, self.recipe.train.dtype):
+                    logits, routing = model(b[:, :-1], return_routing=True)
+                total += lm_loss(logits, b[:, 1:]).item() * b.shape[0]
+                n += b.shape[0]
+                acc.add(routing)
+            losses[source] = total / n
+            summ = acc.summary()
+            sink.write({"step": step, "tokens": tokens, "split": "val", "source": source, "loss": losses[source],
+                        **{k: v for k, v in summ.items() if k.startswith(("mri", "load_max", "dead", "tokens_per"))}})
+        model.train(was_training)
+        return losses
+
+    def _meta(self, step: int, tokens: int, skips: int, sampler) -> dict[str, Any]:
+        return {
+            "step": step,
+            "tokens": tokens,
+            "skipped_steps": skips,
+            "run_name": self.recipe.name,
+            "mode": self.mode,
+            "model_config": self.model_cfg.model_dump(mode="json"),
+            "recipe": self.recipe.model_dump(mode="json"),
+            "sampler": sampler.state_dict(),
+            "tokens_per_source": sampler.tokens_consumed(),
+            "tokenizer_sha256": self.data.tokenizer_sha256,
+            "lineage": {"parent_checkpoint": str(self.parent.path), "parent_step": self.parent.step}
+            if self.parent else None,
+        }
+
+    def _progress(self, start: int, end: int):
+        if not self.show_progress:
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=end, initial=start, desc=f"{self.mode} {self.recipe.name}", unit="step", leave=False)
+
+    def _summary(self, step: int, tokens: int, skips: int, resumed: bool) -> dict[str, Any]:
+        return {"run_dir": str(self.out_dir), "mode": self.mode, "steps": step, "tokens": tokens,
+                "skipped_steps": skips, "resumed": resumed, "latest_checkpoint": str(self.ckpts.latest())}
+
+
+def _first_difference(a: Any, b: Any, path: str = "") -> str:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b)):
+            if a.get(key) != b.get(key):
+                return _first_difference(a.get(key), b.get(key), f"{path}.{key}" if path else key)
+    return f"{path or 'identity'} differs: {a!r} there, {b!r} now"
