@@ -116,7 +116,7 @@ class Trainer:
             "data_tokenizer_sha256": self.data.tokenizer_sha256,
         }
         self._claim_run_folder()
-        self.ckpts = CheckpointManager(self.out_dir / "checkpoints", keep_last=recipe.train.keep_last,
+        self.ckpts = CheckpointManager(self.out_dir, keep_last=recipe.train.keep_last,
                                        keep_steps=self._milestones())
 
     # -------------------------------------------------------------------------------------------- set-up helpers
@@ -187,7 +187,7 @@ class Trainer:
     def run(self) -> dict[str, Any]:
         """Train until the schedule's end (or its pre-anneal stop); returns a summary dict."""
         from moecpt.data.mixture import MixtureSampler
-        from moecpt.data.prepared import val_batches
+        from moecpt.data.mixture import val_batches
         from moecpt.train.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state
         from moecpt.train.optim import build_optimizer
         from moecpt.train.schedules import lr_at, run_end_step
@@ -249,7 +249,7 @@ class Trainer:
                             aux = aux / len(routing)  # mean over MoE layers (GUIDE routing rule 3)
                     ((ce + aux) / n_micro).backward()
                     ce_sum += ce.detach().item()
-                    aux_sum += float(aux)
+                    aux_sum += float(aux.detach())
                     acc.add(routing)
                 ce_mean, aux_mean = ce_sum / n_micro, aux_sum / n_micro
                 if not math.isfinite(ce_mean + aux_mean):
