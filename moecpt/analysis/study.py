@@ -1,0 +1,395 @@
+"""``moecpt study``: plan, run (resumably, in parallel) and analyse the router-robustness CPT study.
+
+Stages (see :mod:`moecpt.analysis.study_config`) are ordinary training runs in ``DIR/runs/<key>-<hash>``, where
+``hash`` fingerprints the stage's full configuration and its parent's: re-running a study reuses every finished
+stage, an edited recipe reruns only the stages it changed, and an interrupted stage resumes from its own last
+checkpoint (the trainer's exact resume). Independent stages run in parallel worker processes.
+
+After training, every final checkpoint (and every CPT parent checkpoint) is evaluated on each source's held-out
+split; CPT runs are compared with their parent on the old distribution (CRS, CVS); the results go to
+``DIR/study.json`` and the report (``report.md``, ``report.html``, ``plots/``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+from moecpt.analysis.study_config import StudyModel, StudyRecipe
+from moecpt.config import (
+    DataConfig,
+    Recipe,
+    ScheduleConfig,
+    ScheduleKind,
+    recipe_from_dict,
+)
+from moecpt.errors import MoecptError
+
+PLAN_FILE = "study_plan.json"
+DONE_FILE = "STAGE_DONE.json"
+
+
+@dataclass
+class Stage:
+    """One training run of the study."""
+
+    key: str  # e.g. "cpt/granular-pb/code/inf-r0.3"
+    kind: str  # pretrain | cpt | retrain
+    model: str
+    recipe: Recipe
+    parent: "Stage | None" = None
+    parent_point: str | None = None  # "pre_anneal" | "final"
+    shift: str | None = None
+    replay: float | None = None
+    schedule: str | None = None
+    deps: list[str] = field(default_factory=list)
+
+    @property
+    def fingerprint(self) -> str:
+        ident = {"recipe": self.recipe.model_dump(mode="json"), "parent": self.parent.fingerprint if self.parent
+                 else None, "point": self.parent_point}
+        return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:10]
+
+    def run_dir(self, root: Path) -> Path:
+        return root / "runs" / f"{self.key}-{self.fingerprint}"
+
+    def end_step(self) -> int:
+        from moecpt.train.schedules import run_end_step
+
+        return run_end_step(self.recipe.schedule, self.recipe.train.steps)
+
+    def parent_checkpoint(self, root: Path) -> Path | None:
+        if self.parent is None:
+            return None
+        from moecpt.train.checkpoint import checkpoint_dir_name
+        from moecpt.train.schedules import anneal_start_step
+
+        p = self.parent
+        step = p.end_step() if self.parent_point == "final" else anneal_start_step(p.recipe.schedule,
+                                                                                   p.recipe.train.steps)
+        return p.run_dir(root) / "checkpoints" / checkpoint_dir_name(step)
+
+
+# --------------------------------------------------------------------------------------------------------- plan
+def _run_recipe(study: StudyRecipe, m: StudyModel, name: str, mixture: dict[str, float], steps: int,
+                schedule: ScheduleConfig) -> Recipe:
+    train = study.train.model_copy(update={"steps": steps})
+    eval_every = max(1, steps // study.eval_points)
+    train = train.model_copy(update={"eval_every": eval_every,
+                                     "checkpoint_every": min(study.train.checkpoint_every, steps)})
+    raw = {
+        "name": name,
+        "model": m.model_table(),
+        "data": DataConfig(path=study.data.path, mixture=mixture, seq_len=study.data.seq_len,
+                           allow_repeat=study.data.allow_repeat).model_dump(mode="json"),
+        "optim": study.optim.model_dump(mode="json"),
+        "schedule": schedule.model_dump(mode="json"),
+        "train": train.model_dump(mode="json"),
+    }
+    return recipe_from_dict(raw)
+
+
+def plan_stages(study: StudyRecipe) -> list[Stage]:
+    """All stages of ``study`` in dependency order (pre-training and re-training first, then CPT)."""
+    pt, cpt = study.pretrain, study.cpt
+    const_lr = study.const_lr_fraction * study.optim.lr
+    old = {s: 1.0 / len(study.data.old) for s in study.data.old}
+    pt_sched = ScheduleConfig(kind=ScheduleKind.COSINE_INF, warmup_fraction=pt.warmup_fraction, const_lr=const_lr,
+                              cooldown_fraction=max(0.0, 0.7 - pt.warmup_fraction), constant_fraction=0.1)
+    stages: list[Stage] = []
+    pretrain: dict[str, Stage] = {}
+    for m in study.models:
+        st = Stage(key=f"pretrain/{m.name}", kind="pretrain", model=m.name,
+                   recipe=_run_recipe(study, m, f"pretrain-{m.name}", old, pt.steps, pt_sched))
+        pretrain[m.name] = st
+        stages.append(st)
+    by_name = {m.name: m for m in study.models}
+    for name in study.retrain.models:
+        m = by_name[name]
+        total = pt.steps + cpt.steps
+        for shift in study.data.shifts:
+            mix = {s: w * pt.steps / total for s, w in old.items()} | {shift: cpt.steps / total}
+            sched = ScheduleConfig(kind=ScheduleKind.COSINE, warmup_fraction=pt.warmup_fraction)
+            stages.append(Stage(key=f"retrain/{name}/{shift}", kind="retrain", model=name, shift=shift,
+                                recipe=_run_recipe(study, m, f"retrain-{name}-{shift}", mix, total, sched)))
+    for name in cpt.models or [m.name for m in study.models]:
+        m = by_name[name]
+        for shift in study.data.shifts:
+            for schedule in cpt.schedules:
+                for replay in cpt.replay:
+                    mix = {shift: 1.0 - replay} | {s: replay * w for s, w in old.items()}
+                    if schedule == "inf":  # continue at the constant LR, anneal over the last 20%
+                        sched = ScheduleConfig(kind=ScheduleKind.COSINE_INF, warmup_fraction=0.0, const_lr=const_lr,
+                                               cooldown_fraction=0.0, constant_fraction=0.8)
+                        point = "pre_anneal"
+                    else:  # re-warm from the decayed LR to the peak, then cosine re-decay
+                        sched = ScheduleConfig(kind=ScheduleKind.COSINE, warmup_fraction=cpt.rewarm_warmup_fraction,
+                                               warmup_start_lr=study.optim.min_lr)
+                        point = "final"
+                    key = f"cpt/{name}/{shift}/{schedule}-r{replay:g}"
+                    stages.append(Stage(key=key, kind="cpt", model=name, shift=shift, replay=replay,
+                                        schedule=schedule, parent=pretrain[name], parent_point=point,
+                                        deps=[pretrain[name].key],
+                                        recipe=_run_recipe(study, m, key.replace("/", "-"), mix, cpt.steps, sched)))
+    return stages
+
+
+# ---------------------------------------------------------------------------------------------------- execution
+def _run_stage(run_dir: str, recipe_json: dict, parent: str | None, threads: int) -> dict:
+    """Worker entry point: one training run (resumes its own checkpoints)."""
+    import torch
+
+    from moecpt.train.trainer import Trainer
+
+    torch.set_num_threads(threads)
+    recipe = Recipe.model_validate(recipe_json)
+    t0 = time.perf_counter()
+    summary = Trainer(recipe, run_dir, parent=parent, show_progress=False).run()
+    summary["wall_time_s"] = time.perf_counter() - t0
+    return summary
+
+
+def _steps_done(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(max(0, path.stat().st_size - 4096))
+            lines = fh.read().decode("utf-8", "replace").splitlines()
+        for line in reversed(lines):
+            try:
+                return int(json.loads(line).get("step", 0))
+            except (json.JSONDecodeError, ValueError):
+                continue
+    except OSError:
+        pass
+    return 0
+
+
+def _claim_study_dir(root: Path, study: StudyRecipe) -> None:
+    from moecpt.train.checkpoint import write_json_atomic
+
+    plan = root / PLAN_FILE
+    if plan.exists():
+        try:
+            existing = json.loads(plan.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            raise MoecptError(f"{plan} is unreadable; choose a new --out") from None
+        if existing.get("name") != study.name:
+            raise MoecptError(f"--out {str(root)!r} holds a different study ({existing.get('name')!r}, not "
+                              f"{study.name!r}); choose a new --out")
+    elif root.exists() and any(root.iterdir()):
+        raise MoecptError(f"--out {str(root)!r} is not empty and holds no moecpt study; choose a new --out")
+    root.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(plan, {"name": study.name, "recipe": study.model_dump(mode="json")})
+
+
+def run_stages(root: Path, stages: list[Stage], jobs: int, log=print) -> dict[str, dict]:
+    """Run every unfinished stage, ``jobs`` at a time, respecting dependencies; returns summaries by key."""
+    from tqdm import tqdm
+
+    from moecpt.train.checkpoint import write_json_atomic
+
+    threads = max(1, (os.cpu_count() or 1) // max(jobs, 1))
+    summaries: dict[str, dict] = {}
+    pending: list[Stage] = []
+    for st in stages:
+        done = st.run_dir(root) / DONE_FILE
+        if done.exists():
+            summaries[st.key] = json.loads(done.read_text(encoding="utf-8"))
+        else:
+            pending.append(st)
+    total_steps = sum(st.end_step() for st in stages)
+    cached = sum(st.end_step() for st in stages if st.key in summaries)
+    log(f"study: {len(stages)} stages, {len(stages) - len(pending)} cached, {len(pending)} to run "
+        f"({jobs} parallel job(s) x {threads} thread(s))")
+    bar = tqdm(total=total_steps, initial=cached, unit="step", desc="study", leave=True)
+    running: dict[Any, Stage] = {}
+    finished_steps = cached
+    ctx = get_context("spawn")
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+        while pending or running:
+            for st in list(pending):
+                if len(running) >= jobs:
+                    break
+                if all(d in summaries for d in st.deps):
+                    pending.remove(st)
+                    parent = st.parent_checkpoint(root)
+                    fut = pool.submit(_run_stage, str(st.run_dir(root)), st.recipe.model_dump(mode="json"),
+                                      str(parent) if parent else None, threads)
+                    running[fut] = st
+            if not running:
+                raise MoecptError("study stages wait on stages that cannot run; this is a bug in the plan")
+            done, _ = wait(list(running), timeout=1.0, return_when=FIRST_COMPLETED)
+            for fut in done:
+                st = running.pop(fut)
+                summary = fut.result()  # re-raises a stage's MoecptError here, in the main process
+                write_json_atomic(st.run_dir(root) / DONE_FILE, summary)
+                summaries[st.key] = summary
+                finished_steps += st.end_step()
+                bar.write(f"  done {st.key} ({summary.get('wall_time_s', 0):.1f} s)")
+            live = sum(_steps_done(st.run_dir(root)) for st in running.values())
+            bar.n = min(total_steps, finished_steps + live)
+            bar.refresh()
+    bar.close()
+    return summaries
+
+
+# ------------------------------------------------------------------------------------------------------ analysis
+def _read_metrics(run_dir: Path) -> tuple[dict[str, list], list]:
+    val: dict[str, list] = {}
+    train_mri: list = []
+    path = run_dir / "metrics.jsonl"
+    for line in path.read_text(encoding="utf-8").splitlines():
+        rec = json.loads(line)
+        if rec.get("split") == "val":
+            val.setdefault(rec["source"], []).append([rec["step"], rec["tokens"], rec["loss"]])
+        elif rec.get("mri_layers") is not None:
+            train_mri.append([rec["step"], rec["mri_mean"], rec["mri_layers"]])
+    return val, train_mri
+
+
+class _Evaluator:
+    """Evaluates checkpoints on the held-out splits, caching results under ``DIR/evals``."""
+
+    def __init__(self, root: Path, study: StudyRecipe):
+        from moecpt.analysis.evaluate import eval_batches_for
+        from moecpt.data.prepared import PreparedData
+
+        self.root, self.study = root, study
+        self.data = PreparedData.open(study.data.path)
+        self.sources = list(study.data.old) + list(study.data.shifts)
+        self.batches = eval_batches_for(self.data, self.sources, study.data.seq_len, study.eval.batch_size,
+                                        study.eval.batches)
+        self.cache_dir = root / "evals"
+        self.cache_dir.mkdir(exist_ok=True)
+        self._traces: dict[str, dict] = {}
+
+    def _key(self, ckpt: Path, extra: str = "") -> Path:
+        meta_sha = hashlib.sha256((ckpt / "meta.json").read_bytes()).hexdigest()[:12]
+        ident = f"{ckpt.relative_to(self.root)}|{meta_sha}|{self.study.eval.model_dump_json()}|{extra}"
+        return self.cache_dir / (hashlib.sha256(ident.encode()).hexdigest()[:16] + ".json")
+
+    def traces(self, ckpt: Path) -> dict:
+        import torch
+
+        from moecpt.analysis.evaluate import collect
+        from moecpt.train.checkpoint import load_model
+
+        key = str(ckpt)
+        if key not in self._traces:
+            torch.set_num_threads(os.cpu_count() or 1)
+            model = load_model(ckpt)
+            self._traces[key] = {s: collect(model, b) for s, b in self.batches.items()}
+        return self._traces[key]
+
+    def summary(self, ckpt: Path) -> dict:
+        from moecpt.analysis.evaluate import routing_summary
+        from moecpt.train.checkpoint import write_json_atomic
+
+        cache = self._key(ckpt)
+        if cache.exists():
+            return json.loads(cache.read_text(encoding="utf-8"))
+        tokens = self.study.eval.batch_size * self.study.data.seq_len
+        out = {}
+        for s, tr in self.traces(ckpt).items():
+            rs = routing_summary(tr, tokens)
+            out[s] = {"loss": tr.loss, **{k: rs[k] for k in ("mri_mean", "mri_layers") if k in rs}}
+        write_json_atomic(cache, out)
+        return out
+
+    def compare(self, before: Path, after: Path, source: str) -> dict:
+        from moecpt.analysis.evaluate import compare_traces
+        from moecpt.train.checkpoint import write_json_atomic
+
+        cache = self._key(after, f"compare|{before.relative_to(self.root)}|{source}")
+        if cache.exists():
+            return json.loads(cache.read_text(encoding="utf-8"))
+        out = {"source": source, **compare_traces(self.traces(before)[source], self.traces(after)[source])}
+        write_json_atomic(cache, out)
+        return out
+
+
+def collect_results(root: Path, study: StudyRecipe, stages: list[Stage], summaries: dict[str, dict],
+                    wall_time_s: float, log=print) -> dict[str, Any]:
+    """Assemble the ``results`` dict the report is written from (schema: :mod:`moecpt.analysis.report`)."""
+    from moecpt.analysis.forgetting import summarize_losses
+    from moecpt.model.flops import model_stats
+    from moecpt.train.checkpoint import checkpoint_dir_name, load_checkpoint
+    from moecpt.config import ModelConfig
+
+    log("study: evaluating checkpoints on the held-out splits")
+    ev = _Evaluator(root, study)
+    results: dict[str, Any] = {"name": study.name, "wall_time_s": wall_time_s, "old_sources": list(study.data.old),
+                               "shifts": list(study.data.shifts), "models": {}, "runs": {}, "comparisons": {},
+                               "forgetting": {}}
+    for m in study.models:
+        st = next(s for s in stages if s.kind == "pretrain" and s.model == m.name)
+        cfg = ModelConfig.model_validate(load_checkpoint(st.run_dir(root), verify=False).meta["model_config"])
+        stats = model_stats(cfg, study.data.seq_len)
+        results["models"][m.name] = {
+            "preset": m.preset, "arch": m.arch, "is_moe": cfg.moe is not None,
+            "router": (cfg.moe.router.kind.value if cfg.moe is not None else None),
+            "top_k": cfg.moe.top_k if cfg.moe else None, "num_experts": cfg.moe.num_experts if cfg.moe else None,
+            "total_params": stats["total_params"], "active_params": stats["active_params"],
+            "train_flops_per_token": stats["train_flops_per_token"],
+        }
+    for st in stages:
+        run_dir = st.run_dir(root)
+        val, train_mri = _read_metrics(run_dir)
+        final_ckpt = run_dir / "checkpoints" / checkpoint_dir_name(st.end_step())
+        tokens = summaries[st.key]["tokens"]
+        run: dict[str, Any] = {
+            "kind": st.kind, "model": st.model, "shift": st.shift, "replay": st.replay, "schedule": st.schedule,
+            "parent": st.parent.key if st.parent else None, "run_dir": str(run_dir.relative_to(root)),
+            "steps": st.end_step(), "tokens": tokens,
+            "train_flops": tokens * results["models"][st.model]["train_flops_per_token"],
+            "val": val, "train_mri": train_mri, "final": ev.summary(final_ckpt), "start": None,
+            "parent_step": None, "start_tokens": 0,
+        }
+        if st.parent is not None:
+            parent_ckpt = st.parent_checkpoint(root)
+            pmeta = load_checkpoint(parent_ckpt, verify=False).meta
+            run["parent_step"], run["start_tokens"] = pmeta["step"], pmeta["tokens"]
+            run["start"] = ev.summary(parent_ckpt)
+            before = {s: v["loss"] for s, v in run["start"].items()}
+            after = {s: v["loss"] for s, v in run["final"].items()}
+            results["forgetting"][st.key] = summarize_losses(before, after, study.data.old, [st.shift])
+            if results["models"][st.model]["is_moe"]:
+                results["comparisons"][st.key] = ev.compare(parent_ckpt, final_ckpt, study.data.old[0])
+        results["runs"][st.key] = run
+    return results
+
+
+def run_study(study: StudyRecipe, out_dir: str | Path, jobs: int | None = None, log=print) -> dict[str, Any]:
+    """Plan, train, evaluate and report one study into ``out_dir``; returns the results (with findings).
+
+    Raises:
+        MoecptError: the folder holds another study, a source is missing from the data, or a stage failed.
+    """
+    from moecpt.analysis.report import write_report
+    from moecpt.data.prepared import PreparedData
+
+    root = Path(out_dir)
+    data = PreparedData.open(study.data.path)
+    missing = [s for s in list(study.data.old) + list(study.data.shifts) if s not in data.source_names]
+    if missing:
+        raise MoecptError(f"the study names source(s) {missing} that {data.path} lacks; available: "
+                          f"{', '.join(data.source_names)}")
+    _claim_study_dir(root, study)
+    stages = plan_stages(study)
+    t0 = time.perf_counter()
+    jobs = jobs or min(len(stages), max(1, os.cpu_count() or 1))
+    summaries = run_stages(root, stages, jobs, log=log)
+    results = collect_results(root, study, stages, summaries, time.perf_counter() - t0, log=log)
+    write_report(results, root)
+    log(f"study: report written to {root / 'report.md'} (and report.html, study.json)")
+    return results
