@@ -82,7 +82,8 @@ def _run_recipe(study: StudyRecipe, m: StudyModel, name: str, mixture: dict[str,
                 schedule: ScheduleConfig) -> Recipe:
     train = study.train.model_copy(update={"steps": steps})
     eval_every = max(1, steps // study.eval_points)
-    train = train.model_copy(update={"eval_every": eval_every,
+    # keep_last=1: a study holds many runs; the pre-anneal milestone is kept anyway for the inf CPT runs
+    train = train.model_copy(update={"eval_every": eval_every, "keep_last": 1,
                                      "checkpoint_every": min(study.train.checkpoint_every, steps)})
     raw = {
         "name": name,
