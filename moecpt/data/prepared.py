@@ -1,0 +1,134 @@
+"""Reading a prepared data folder (written by ``moecpt data prepare`` / :func:`moecpt.data.shards.prepare`)."""
+
+from __future__ import annotations
+
+import json
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from moecpt.errors import MoecptError
+
+
+class PreparedData:
+    """A prepared folder: tokenizer, per-source train/val token shards (memory-mapped) and their document index.
+
+    Attributes:
+        path: the folder.
+        vocab_size: tokenizer vocabulary size including special tokens.
+        eod_id: end-of-document token id (separates documents inside the shards).
+        tokenizer_sha256: sha256 of the folder's ``tokenizer.json`` bytes.
+        source_names: sources in manifest order.
+        dtype: numpy dtype name of the shards (``uint16`` or ``uint32``).
+    """
+
+    def __init__(self, path: Path, manifest: dict[str, Any]):
+        self.path = path
+        self.manifest = manifest
+        self.vocab_size: int = int(manifest["vocab_size"])
+        self.eod_id: int = int(manifest["eod_id"])
+        self.tokenizer_sha256: str = manifest["tokenizer_sha256"]
+        self.dtype: str = manifest["dtype"]
+        self.source_names: list[str] = list(manifest["sources"])
+        self._arrays: dict[tuple[str, str], Any] = {}
+
+    @classmethod
+    def open(cls, path: str | Path) -> "PreparedData":
+        """Open a prepared folder; ``"demo"`` opens the bundled demo data (unpacked to the cache on first use).
+
+        Raises:
+            MoecptError: the folder does not exist or has no ``manifest.json`` (not prepared or interrupted).
+        """
+        if str(path) == "demo":
+            from moecpt.data.demo import demo_path
+
+            path = demo_path()
+        p = Path(path).expanduser()
+        if not p.is_dir():
+            raise MoecptError(
+                f"prepared data folder {str(path)!r} does not exist; run `moecpt data prepare --out {path} ...` "
+                "or use data.path = 'demo'"
+            )
+        mf = p / "manifest.json"
+        if not mf.is_file():
+            raise MoecptError(
+                f"{p} is not a prepared data folder (no manifest.json; an interrupted prepare?); "
+                "run `moecpt data prepare` again with this --out to finish it"
+            )
+        try:
+            manifest = json.loads(mf.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise MoecptError(f"{mf} is corrupt ({exc}); prepare the data again into a new folder") from None
+        return cls(p, manifest)
+
+    # --------------------------------------------------------------------------------------------- tokenizer
+    @cached_property
+    def tokenizer(self):
+        """The ``tokenizers.Tokenizer`` the shards were made with (loaded on first use)."""
+        from tokenizers import Tokenizer
+
+        return Tokenizer.from_file(str(self.path / self.manifest.get("tokenizer", "tokenizer.json")))
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` (no end-of-document token added)."""
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids) -> str:
+        """Text of ``ids`` (list, numpy array or tensor); special tokens such as eod are dropped."""
+        if hasattr(ids, "tolist"):
+            ids = ids.tolist()
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    # ----------------------------------------------------------------------------------------------- tokens
+    def _check_source(self, name: str) -> None:
+        if name not in self.manifest["sources"]:
+            raise MoecptError(
+                f"unknown data source {name!r}; {self.path} has: {', '.join(self.source_names)}"
+            )
+
+    def _array(self, name: str, split: str, kind: str = ""):
+        import numpy as np
+
+        self._check_source(name)
+        key = (name, split + kind)
+        if key not in self._arrays:
+            f = self.path / name / f"{split}{kind}.npy"
+            if not f.is_file():
+                raise MoecptError(f"{f} is missing; the prepared folder is damaged: prepare it again")
+            try:
+                self._arrays[key] = np.load(f, mmap_mode="r")
+            except ValueError:  # an empty split cannot be memory-mapped
+                self._arrays[key] = np.load(f)
+        return self._arrays[key]
+
+    def train_tokens(self, name: str):
+        """1-D read-only memmap (uint16/uint32) of the train split of ``name``: documents each followed by eod.
+
+        Raises:
+            MoecptError: unknown source (the message lists the available ones).
+        """
+        return self._array(name, "train")
+
+    def val_tokens(self, name: str):
+        """1-D read-only memmap of the held-out split of ``name`` (same format as :meth:`train_tokens`)."""
+        return self._array(name, "val")
+
+    def doc_offsets(self, name: str, split: str = "train"):
+        """int64 [documents + 1]: document ``i`` is ``tokens[off[i]:off[i+1]]`` (its last token is eod)."""
+        return self._array(name, split, "_idx")
+
+    # ----------------------------------------------------------------------------------------------- summary
+    def summary(self) -> dict[str, Any]:
+        """The JSON of ``moecpt data inspect``: vocab, tokenizer hash, eod, dtype, per-source counts."""
+        keys = ("train_tokens", "val_tokens", "train_documents", "val_documents")
+        return {
+            "path": str(self.path),
+            "vocab_size": self.vocab_size,
+            "tokenizer_sha256": self.tokenizer_sha256,
+            "eod_id": self.eod_id,
+            "dtype": self.dtype,
+            "sources": {n: {k: int(s[k]) for k in keys} for n, s in self.manifest["sources"].items()},
+        }
+
+    def __repr__(self) -> str:
+        return f"PreparedData({str(self.path)!r}, sources={self.source_names}, vocab_size={self.vocab_size})"
