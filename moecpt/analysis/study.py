@@ -143,6 +143,20 @@ def plan_stages(study: StudyRecipe) -> list[Stage]:
 
 
 # ---------------------------------------------------------------------------------------------------- execution
+def _worker_init() -> None:
+    """Make a worker die with the study process (Linux): an orphan would keep writing a run that a restarted
+    study resumes. Checkpoints are atomic, so a kill at any moment loses at most the steps since the last one."""
+    import ctypes
+    import signal
+    import sys
+
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
+
+
 def _run_stage(run_dir: str, recipe_json: dict, parent: str | None, threads: int) -> dict:
     """Worker entry point: one training run (resumes its own checkpoints)."""
     import torch
@@ -216,7 +230,8 @@ def run_stages(root: Path, stages: list[Stage], jobs: int, log=print) -> dict[st
     running: dict[Any, Stage] = {}
     finished_steps = cached
     ctx = get_context("spawn")
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_worker_init)
+    try:
         while pending or running:
             for st in list(pending):
                 if len(running) >= jobs:
@@ -240,6 +255,13 @@ def run_stages(root: Path, stages: list[Stage], jobs: int, log=print) -> dict[st
             live = sum(_steps_done(st.run_dir(root)) for st in running.values())
             bar.n = min(total_steps, finished_steps + live)
             bar.refresh()
+    except BaseException:
+        # Ctrl-C or a failed stage: stop the other workers now rather than waiting for their stages to finish
+        for proc in list(getattr(pool, "_processes", {}).values()):
+            proc.terminate()
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
     bar.close()
     return summaries
 
