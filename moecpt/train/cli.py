@@ -35,10 +35,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _train(args: argparse.Namespace, parent) -> int:
+    from pathlib import Path
+
     from moecpt.config import load_recipe
+    from moecpt.errors import MoecptError
+
+    # Validate what needs no torch before importing it: a bad recipe or --from fails in a fraction of a second.
+    recipe = load_recipe(args.recipe, args.set)
+    if parent is not None and not Path(parent).exists():
+        raise MoecptError(f"--from {str(parent)!r} does not exist; give a checkpoint or run folder")
+
     from moecpt.train.trainer import Trainer
 
-    recipe = load_recipe(args.recipe, args.set)
     summary = Trainer(recipe, args.out, parent=parent, show_progress=not args.no_progress).run()
     print(json.dumps(summary))
     return 0

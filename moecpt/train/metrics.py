@@ -39,16 +39,17 @@ class RoutingAccumulator:
         self.n += 1
         for i, r in enumerate(routing):
             c = r.tokens_per_expert_E.detach().to("cpu", torch.float64)
+            lb, z = float(r.aux_losses["load_balancing"].detach()), float(r.aux_losses["z_loss"].detach())
             if len(self.counts) <= i:
                 self.counts.append(c)
                 self.k.append(r.topk_idx_TK.shape[1])
             else:
                 self.counts[i] += c
             vals = {
-                "lb_loss": float(r.aux_losses["load_balancing"]),
-                "lb_loss_weighted": float(r.aux_losses["load_balancing"]) * r.aux_weights.get("load_balancing", 0.0),
-                "z_loss": float(r.aux_losses["z_loss"]),
-                "z_loss_weighted": float(r.aux_losses["z_loss"]) * r.aux_weights.get("z_loss", 0.0),
+                "lb_loss": lb,
+                "lb_loss_weighted": lb * r.aux_weights.get("load_balancing", 0.0),
+                "z_loss": z,
+                "z_loss_weighted": z * r.aux_weights.get("z_loss", 0.0),
                 "routing_entropy": routing_entropy(r.scores_TE.detach()),
                 "dropped_fraction": float(r.dropped_fraction) if r.dropped_fraction is not None else 0.0,
             }
@@ -78,7 +79,8 @@ class JsonlSink:
     """Append-only ``metrics.jsonl``: one JSON object per line, flushed every write.
 
     On resume :meth:`truncate_after` drops entries logged after the checkpoint being resumed from, so the file
-    equals an uninterrupted run's.
+    equals an uninterrupted run's. The trainer writes every record of step ``N`` (train, val) *before* it saves
+    checkpoint ``N``, so records with ``step <= N`` belong to the resumed history and are kept.
     """
 
     def __init__(self, path: Path):
@@ -94,7 +96,7 @@ class JsonlSink:
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line torn by a kill
-            if rec.get("step", -1) < step or (rec.get("split") == "val" and rec.get("step", -1) == step):
+            if rec.get("step", -1) <= step:
                 keep.append(line)
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text("".join(k + "\n" for k in keep), encoding="utf-8")

@@ -58,6 +58,21 @@ def autocast_context(device: torch.device, dtype: str):
     return contextlib.nullcontext()
 
 
+@contextlib.contextmanager
+def deterministic_on_cpu(device: torch.device):
+    """``torch.use_deterministic_algorithms(True, warn_only=True)`` while the block runs on a CPU device; the
+    previous setting is restored on exit (no global state leaks out of the trainer)."""
+    if device.type != "cpu":
+        yield
+        return
+    was, was_warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was, warn_only=was_warn)
+
+
 def lm_loss(logits_BTV: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy in nats, computed in fp32. ``logits [B, T, V]``, ``targets [B, T]``."""
     return F.cross_entropy(logits_BTV.float().flatten(0, 1), targets_BT.flatten())
@@ -112,24 +127,42 @@ class Trainer:
         self.identity = {
             "mode": self.mode,
             "recipe": recipe.model_dump(mode="json"),
-            "parent": str(self.parent.path) if self.parent else None,
+            # the parent by content (step + weights hash), not by path: a study or run tree that is moved or
+            # copied as a whole still resumes; another parent is still refused. run.json's lineage keeps the path.
+            "parent": self._parent_identity(),
             "data_tokenizer_sha256": self.data.tokenizer_sha256,
         }
+        self._check_data()  # before claiming the folder: a recipe that cannot run must not leave a run.json behind
         self._claim_run_folder()
         self.ckpts = CheckpointManager(self.out_dir, keep_last=recipe.train.keep_last,
                                        keep_steps=self._milestones())
 
     # -------------------------------------------------------------------------------------------- set-up helpers
+    def _parent_identity(self) -> dict[str, Any] | None:
+        if self.parent is None:
+            return None
+        files = self._parent_ckpt.manifest.get("files", {})
+        return {"step": self.parent.step, "run_name": self.parent.meta.get("run_name"),
+                "model_sha256": files.get("model.safetensors", {}).get("sha256")}
+
     def _resolve_model_config(self):
         cfg = self.recipe.model
         if self.parent is not None:
-            from moecpt.config import ModelConfig
+            from moecpt.config import ModelConfig, build_section
 
-            parent_cfg = ModelConfig.model_validate(self.parent.meta["model_config"])
-            if self.data.vocab_size != parent_cfg.vocab_size:
+            raw = self.parent.meta.get("model_config")
+            if not isinstance(raw, dict):
+                raise MoecptError(f"--from {str(self.parent.path)!r} has no model_config in its meta.json; "
+                                  "it was not written by moecpt pretrain/cpt")
+            parent_cfg = build_section(ModelConfig, raw, "parent model_config")
+            parent_tok = self.parent.meta.get("tokenizer_sha256")
+            if self.data.vocab_size > parent_cfg.vocab_size or (
+                    parent_tok is not None and parent_tok != self.data.tokenizer_sha256):
                 raise MoecptError(
-                    f"the data's tokenizer has {self.data.vocab_size} tokens but the parent model has "
-                    f"{parent_cfg.vocab_size}; prepare the CPT data with the parent's tokenizer (RUN/tokenizer.json)"
+                    f"the CPT data's tokenizer ({self.data.vocab_size} tokens, sha256 "
+                    f"{self.data.tokenizer_sha256[:12]}) is not the parent's ({parent_cfg.vocab_size} tokens, sha256 "
+                    f"{str(parent_tok)[:12]}); prepare the CPT data with the parent's tokenizer "
+                    "(--tokenizer PARENT_RUN/tokenizer.json)"
                 )
             # The architecture comes from the parent; a recipe may change the routing strategy only.
             if cfg.moe is not None and parent_cfg.moe is not None:
@@ -145,6 +178,29 @@ class Trainer:
         if self.recipe.data.seq_len > cfg.max_seq_len:
             raise MoecptError(f"data.seq_len={self.recipe.data.seq_len} exceeds model.max_seq_len={cfg.max_seq_len}")
         return cfg
+
+    def _check_data(self) -> None:
+        """Build the sampler and held-out batches once, so that data errors (unknown source, too little data)
+        surface before anything is written."""
+        self._make_sampler()
+        self._make_evals()
+
+    def _make_sampler(self):
+        from moecpt.data.mixture import MixtureSampler
+        from moecpt.train.schedules import run_end_step
+
+        r, tcfg = self.recipe, self.recipe.train
+        return MixtureSampler(self.data, r.data.mixture, r.data.seq_len, tcfg.batch_size, seed=tcfg.seed,
+                              rank=0, world_size=1, allow_repeat=r.data.allow_repeat,
+                              total_steps=run_end_step(r.schedule, tcfg.steps))
+
+    def _make_evals(self) -> dict[str, list[torch.Tensor]]:
+        from moecpt.data.mixture import val_batches
+
+        r, tcfg = self.recipe, self.recipe.train
+        eval_sources = r.data.eval_sources or self.data.source_names
+        return {s: val_batches(self.data, s, r.data.seq_len, tcfg.micro_batch_size or tcfg.batch_size,
+                               tcfg.eval_batches) for s in eval_sources}
 
     def _milestones(self) -> list[int]:
         from moecpt.train.schedules import anneal_start_step
@@ -185,9 +241,16 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------------------------- run
     def run(self) -> dict[str, Any]:
-        """Train until the schedule's end (or its pre-anneal stop); returns a summary dict."""
-        from moecpt.data.mixture import MixtureSampler
-        from moecpt.data.mixture import val_batches
+        """Train until the schedule's end (or its pre-anneal stop); returns a summary dict.
+
+        On CPU the run uses PyTorch's deterministic algorithms (restored afterwards): the backward of the MoE's
+        token gather (``index_put_`` with accumulation) otherwise adds rows in a thread-dependent order, and a
+        resumed run would then differ from an uninterrupted one in the last bits.
+        """
+        with deterministic_on_cpu(self.device):
+            return self._run()
+
+    def _run(self) -> dict[str, Any]:
         from moecpt.train.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state
         from moecpt.train.optim import build_optimizer
         from moecpt.train.schedules import lr_at, run_end_step
@@ -196,11 +259,9 @@ class Trainer:
         torch.manual_seed(tcfg.seed)
         model = build_model(self.model_cfg, device=self.device)
         optimizer = build_optimizer(model, r.optim, self.device)
-        world_size, rank = 1, 0
+        world_size = 1
         end_step = run_end_step(r.schedule, tcfg.steps)
-        sampler = MixtureSampler(self.data, r.data.mixture, r.data.seq_len, tcfg.batch_size, seed=tcfg.seed,
-                                 rank=rank, world_size=world_size, allow_repeat=r.data.allow_repeat,
-                                 total_steps=end_step)
+        sampler = self._make_sampler()
         sink = JsonlSink(self.out_dir / "metrics.jsonl")
         start_step, tokens_done, skips = 0, 0, 0
         latest = self.ckpts.latest()
@@ -221,9 +282,7 @@ class Trainer:
         if start_step >= end_step:
             return self._summary(start_step, tokens_done, skips, resumed=True)
         compiled = torch.compile(model) if tcfg.compile else model
-        eval_sources = r.data.eval_sources or self.data.source_names
-        evals = {s: val_batches(self.data, s, r.data.seq_len, tcfg.micro_batch_size or tcfg.batch_size,
-                                tcfg.eval_batches) for s in eval_sources}
+        evals = self._make_evals()
         if start_step == 0:
             self._evaluate(model, evals, 0, tokens_done, sink)
         micro = tcfg.micro_batch_size or tcfg.batch_size
@@ -252,34 +311,49 @@ class Trainer:
                     aux_sum += float(aux.detach())
                     acc.add(routing)
                 ce_mean, aux_mean = ce_sum / n_micro, aux_sum / n_micro
-                if not math.isfinite(ce_mean + aux_mean):
+                done = step + 1  # steps are numbered 1.. in metrics.jsonl, checkpoints and messages
+                grad_norm = None
+                finite = math.isfinite(ce_mean + aux_mean)
+                if finite:
+                    # an overflowing gradient can come with a finite loss: it would write NaN into the weights
+                    # (and the next checkpoint), so it counts as non-finite too
+                    if r.optim.grad_clip is not None:
+                        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), r.optim.grad_clip))
+                    else:
+                        grads = [p.grad.detach().float() for p in model.parameters() if p.grad is not None]
+                        grad_norm = float(torch.linalg.vector_norm(torch.stack(
+                            [torch.linalg.vector_norm(g) for g in grads]))) if grads else 0.0
+                    finite = math.isfinite(grad_norm)
+                step_tokens = batch.shape[0] * (batch.shape[1] - 1) * world_size  # input tokens of this step
+                if not finite:
                     optimizer.zero_grad(set_to_none=True)
                     for router in model.routers():
                         router.step_load.zero_() if hasattr(router, "step_load") else None
-                    if tcfg.skip_nonfinite and skips < tcfg.max_skips:
-                        skips += 1
-                        sink.write({"step": step + 1, "event": "skipped_nonfinite", "loss": ce_mean})
-                        continue
-                    last = self.ckpts.latest()
-                    raise MoecptError(
-                        f"non-finite loss ({ce_mean}) at step {step}; the last good checkpoint is "
-                        f"{last if last else 'none (no checkpoint yet)'}; lower optim.lr or set "
-                        "train.skip_nonfinite = true to skip such batches")
-                grad_norm = None
-                if r.optim.grad_clip is not None:
-                    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), r.optim.grad_clip))
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                bias_stats = self._update_biases(model)
-                tokens_done += batch.shape[0] * (batch.shape[1] - 1) * world_size
-                dt = time.perf_counter() - t0
-                done = step + 1
-                if done % tcfg.log_every == 0 or done == end_step:
-                    rec = {"step": done, "tokens": tokens_done, "lr": lr, "loss": ce_mean, "aux_loss": aux_mean,
-                           "grad_norm": grad_norm, "tokens_per_s": batch.numel() / dt if dt > 0 else None,
-                           "step_time_s": dt, **acc.summary(), **bias_stats}
-                    rec.setdefault("mri_mean", None)
-                    sink.write(rec)
+                    if not (tcfg.skip_nonfinite and skips < tcfg.max_skips):
+                        last = self.ckpts.latest()
+                        raise MoecptError(
+                            f"non-finite loss or gradient (loss {ce_mean}, grad norm {grad_norm}) at step {done}; "
+                            f"the last good checkpoint is {last if last else 'none (no checkpoint yet)'}; lower "
+                            "optim.lr or set train.skip_nonfinite = true to skip such batches")
+                    # skipped: no update, but the batch is consumed and the step's bookkeeping (eval, checkpoint)
+                    # still happens, so the run ends with its final checkpoint as usual
+                    skips += 1
+                    tokens_done += step_tokens
+                    sink.write({"step": done, "tokens": tokens_done, "event": "skipped_nonfinite",
+                                "loss": ce_mean, "aux_loss": aux_mean, "grad_norm": grad_norm,
+                                "skipped_steps": skips})
+                else:
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    bias_stats = self._update_biases(model)
+                    tokens_done += step_tokens
+                    dt = time.perf_counter() - t0
+                    if done % tcfg.log_every == 0 or done == end_step:
+                        rec = {"step": done, "tokens": tokens_done, "lr": lr, "loss": ce_mean, "aux_loss": aux_mean,
+                               "grad_norm": grad_norm, "tokens_per_s": step_tokens / dt if dt > 0 else None,
+                               "step_time_s": dt, **acc.summary(), **bias_stats}
+                        rec.setdefault("mri_mean", None)
+                        sink.write(rec)
                 if done % tcfg.eval_every == 0 or done == end_step:
                     self._evaluate(model, evals, done, tokens_done, sink)
                 if done % tcfg.checkpoint_every == 0 or done == end_step or done in self.ckpts.keep_steps:
@@ -298,8 +372,16 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------- pieces
     def _load_parent(self, model: Transformer, optimizer: torch.optim.Optimizer) -> None:
         ck = self._parent_ckpt
+        state = ck.model_state(self.device)
+        # A CPT recipe may change the routing strategy: a bias router starting from a penalty parent keeps its
+        # fresh zero biases, and a parent's biases are dropped when the CPT router is not bias-balanced.
+        own = model.state_dict()
+        for key in [k for k in state if k.endswith("expert_bias") and k not in own]:
+            del state[key]
+        for key in [k for k in own if k.endswith("expert_bias") and k not in state]:
+            state[key] = own[key]
         try:
-            model.load_state_dict(ck.model_state(self.device), strict=True)
+            model.load_state_dict(state, strict=True)
         except RuntimeError as exc:
             raise MoecptError(f"--from {str(ck.path)!r} does not fit this model ({str(exc).splitlines()[0]}); "
                               "CPT must keep the parent's architecture") from None
@@ -307,10 +389,20 @@ class Trainer:
             state = ck.optimizer_state()
             if state is None:
                 raise MoecptError(f"{ck.path} has no optimizer state; set cpt.load_optimizer = false")
-            optimizer.load_state_dict(state)
-            # the parent's LR must never survive (GUIDE CPT rule 3): it is overwritten every step from the schedule
+            try:
+                optimizer.load_state_dict(state)
+            except (ValueError, KeyError) as exc:
+                raise MoecptError(f"--from {str(ck.path)!r}: its optimizer state does not fit this model "
+                                  f"({str(exc).splitlines()[0]}); set cpt.load_optimizer = false") from None
+            # Only the moments are carried. load_state_dict also restores the parent's hyper-parameters: put this
+            # recipe's back (betas, eps, weight decay), and never let the parent's LR survive (GUIDE CPT rule 3):
+            # it is overwritten every step from the schedule.
+            o = self.recipe.optim
             for group in optimizer.param_groups:
                 group["lr"] = float("nan")
+                group["betas"] = (o.beta1, o.beta2)
+                group["eps"] = o.eps
+                group["weight_decay"] = 0.0 if group.get("name") == "no_decay" else o.weight_decay
 
     def _update_biases(self, model: Transformer) -> dict[str, float]:
         stats: dict[str, list[float]] = {}

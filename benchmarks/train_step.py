@@ -1,0 +1,176 @@
+"""Training-step speed of the demo models: tokens/s, step time, model FLOPs utilisation, MoE / dense ratios.
+
+One full optimizer step exactly as the trainer does it (``moecpt.train.trainer``): forward with routing records,
+fp32 cross-entropy, the layer-averaged weighted aux loss, backward, grad-norm clipping, AdamW (the trainer's
+parameter groups), zero_grad, the bias update hook. Models: ``demo-dense``, ``demo-switch``, ``demo-granular``
+(vocab 4096, seq 128, batch 16, fp32, CPU unless ``--device``), fed with real demo-English batches. Each model gets
+``--warmup`` untimed steps, then ``--steps`` timed ones; the median is reported.
+
+MFU = ``model_stats(cfg, seq_len)["train_flops_per_token"]`` x tokens/s / peak, where the peak is measured in the
+same process with the same thread count: the best of ``--peak-reps`` fp32 ``torch.mm`` of 2048 x 2048 (2 n^3 FLOPs).
+Targets (reported, not enforced): MFU >= 0.5 for dense, MoE step time <= 1.3 x dense.
+
+``--profile`` adds, per model, the top ops by self CPU time over a few profiled steps (``torch.profiler``).
+
+Run: ``.venv/bin/python benchmarks/train_step.py [--steps 20] [--warmup 5] [--profile]``; prints one JSON object.
+Timings on a shared, loaded machine are noisy; ``load_avg`` is printed so a reader can judge.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+from moecpt.config import model_preset, OptimConfig
+from moecpt.model.flops import model_stats
+from moecpt.model.transformer import build_model
+from moecpt.train.optim import build_optimizer
+from moecpt.train.trainer import lm_loss
+
+PRESETS = ("demo-dense", "demo-switch", "demo-granular")
+
+
+def measure_peak(device: torch.device, n: int = 2048, reps: int = 10) -> float:
+    """Best fp32 matmul throughput in FLOP/s for an n x n x n product."""
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    for _ in range(2):
+        a @ b
+    best = float("inf")
+    for _ in range(reps):
+        _sync(device)
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def batches(n: int, batch: int, seq: int) -> list[torch.Tensor]:
+    from moecpt.data.mixture import MixtureSampler
+    from moecpt.data.prepared import PreparedData
+
+    sampler = MixtureSampler(PreparedData.open("demo"), {"english": 1.0}, seq, batch, seed=0, allow_repeat=True)
+    return [sampler.next_batch() for _ in range(n)]
+
+
+def make_step(model, optimizer, grad_clip: float):
+    def step(b: torch.Tensor) -> float:
+        logits, routing = model(b[:, :-1], return_routing=True)
+        ce = lm_loss(logits, b[:, 1:])
+        aux = sum((o.weighted_aux_loss() for o in routing), ce.new_zeros(()))
+        if routing:
+            aux = aux / len(routing)
+        (ce + aux).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        for r in model.routers():
+            r.update_bias()
+        return ce.item()
+
+    return step
+
+
+def bench(preset: str, args, device: torch.device, data: list[torch.Tensor], peak: float) -> dict:
+    cfg = model_preset(preset, vocab_size=4096, max_seq_len=args.seq)
+    torch.manual_seed(0)
+    model = build_model(cfg, device=device).train()
+    optim_cfg = OptimConfig()
+    optimizer = build_optimizer(model, optim_cfg, device)
+    step = make_step(model, optimizer, optim_cfg.grad_clip)
+    for i in range(args.warmup):
+        step(data[i % len(data)].to(device))
+    times = []
+    for i in range(args.steps):
+        b = data[(args.warmup + i) % len(data)].to(device)
+        _sync(device)
+        t0 = time.perf_counter()
+        step(b)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    med = statistics.median(times)
+    tokens = args.batch * args.seq
+    stats = model_stats(cfg, seq_len=args.seq)
+    tps = tokens / med
+    out = {
+        "step_ms_median": round(med * 1e3, 2),
+        "step_ms_min": round(min(times) * 1e3, 2),
+        "step_ms_max": round(max(times) * 1e3, 2),
+        "tokens_per_s": round(tps, 1),
+        "train_flops_per_token": stats["train_flops_per_token"],
+        "achieved_gflops": round(stats["train_flops_per_token"] * tps / 1e9, 2),
+        "mfu": round(stats["train_flops_per_token"] * tps / peak, 4),
+        "active_params": stats["active_params"],
+        "total_params": stats["total_params"],
+    }
+    if args.profile:
+        out["top_ops_self_cpu"] = profile(step, data, device)
+    return out
+
+
+def profile(step, data, device, n: int = 3, top: int = 12) -> list[dict]:
+    from torch.profiler import ProfilerActivity, profile as tprofile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with tprofile(activities=acts) as prof:
+        for i in range(n):
+            step(data[i % len(data)].to(device))
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events) or 1
+    return [{"op": e.key, "calls_per_step": e.count / n, "self_ms_per_step": round(e.self_cpu_time_total / n / 1e3, 2),
+             "share": round(e.self_cpu_time_total / total, 3)} for e in events[:top]]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--steps", type=int, default=20, help="timed steps per model (median reported)")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--peak-reps", type=int, default=10)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--models", nargs="+", default=list(PRESETS), choices=PRESETS)
+    p.add_argument("--profile", action="store_true", help="add the top ops (torch.profiler) per model")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    data = batches(args.warmup + args.steps, args.batch, args.seq)
+    peak = measure_peak(device, reps=args.peak_reps)
+    results = {m: bench(m, args, device, data, peak) for m in args.models}
+    peak_after = measure_peak(device, reps=args.peak_reps)  # the machine may be shared: bracket the runs
+    out = {
+        "benchmark": "train_step",
+        "config": {"batch": args.batch, "seq_len": args.seq, "vocab": 4096, "dtype": "fp32", "device": args.device,
+                   "warmup": args.warmup, "steps": args.steps, "optimizer": "AdamW (trainer groups), clip 1.0"},
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+        "load_avg": [round(x, 2) for x in os.getloadavg()],
+        "peak_fp32_mm_gflops": round(peak / 1e9, 1),
+        "peak_fp32_mm_gflops_after": round(peak_after / 1e9, 1),
+        "models": results,
+    }
+    if "demo-dense" in results:
+        dense = results["demo-dense"]["step_ms_median"]
+        out["step_time_ratio_to_dense"] = {m: round(r["step_ms_median"] / dense, 3)
+                                           for m, r in results.items() if m != "demo-dense"}
+        out["targets"] = {
+            "dense_mfu_ge_0.5": results["demo-dense"]["mfu"] >= 0.5,
+            **{f"{m}_ratio_le_1.3": v <= 1.3 for m, v in out["step_time_ratio_to_dense"].items()},
+        }
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
