@@ -1,0 +1,118 @@
+"""Config validation: every bad input raises MoecptError with one line naming the field; the inspect CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from moecpt.config import load_recipe, model_preset, recipe_from_dict
+from moecpt.errors import MoecptError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def one_line_error(fn, *names: str) -> str:
+    with pytest.raises(MoecptError) as info:
+        fn()
+    msg = str(info.value)
+    assert "\n" not in msg and msg.strip() == msg and msg
+    for name in names:
+        assert name in msg, (name, msg)
+    return msg
+
+
+def test_top_k_exceeds_num_experts():
+    one_line_error(lambda: model_preset("smoke-switch", moe={"top_k": 9}), "top_k", "num_experts")
+
+
+def test_granularity_must_divide_ffn_width():
+    one_line_error(lambda: model_preset("smoke-granular", moe={"granularity": 3}), "granularity", "ffn_width")
+    # an explicit expert width lifts the constraint
+    assert model_preset("smoke-granular", moe={"granularity": 3, "expert_width": 50}).resolved_expert_width == 50
+
+
+def test_unknown_router_kind():
+    msg = one_line_error(lambda: model_preset("smoke-switch", moe={"router": {"kind": "sinkorn"}}),
+                         "model.moe.router.kind", "sinkorn")
+    assert "sinkhorn" in msg  # lists what is allowed
+
+
+def test_unknown_preset():
+    one_line_error(lambda: model_preset("paper-huge"), "model.preset", "paper-huge", "paper-granular")
+
+
+def test_preset_fields_are_overridable():
+    cfg = model_preset("paper-granular", n_layers=2)
+    assert cfg.n_layers == 2 and cfg.d_model == 1024 and cfg.moe.num_experts == 31
+
+
+def test_unknown_toml_key(tmp_path):
+    path = tmp_path / "r.toml"
+    path.write_text('name = "x"\n[model]\npreset = "smoke-switch"\n[model.moe]\ntopk = 2\n', encoding="utf-8")
+    one_line_error(lambda: load_recipe(path), "model.moe.topk", "unknown key")
+    path.write_text('[train]\nsteps = 10\nlr = 0.1\n', encoding="utf-8")
+    one_line_error(lambda: load_recipe(path), "train.lr")
+    path.write_text('[model\npreset = 1\n', encoding="utf-8")
+    one_line_error(lambda: load_recipe(path), str(path), "TOML")
+    one_line_error(lambda: load_recipe(tmp_path / "missing.toml"), "missing.toml")
+
+
+def test_good_toml_with_overrides(tmp_path):
+    path = tmp_path / "r.toml"
+    path.write_text('[model]\npreset = "smoke-granular"\n[model.moe.router]\nkind = "sinkhorn"\n', encoding="utf-8")
+    recipe = load_recipe(path, ["model.moe.top_k=2", "train.steps=7", "model.moe.router.aux_loss_weight=0.0"])
+    assert recipe.model.moe.top_k == 2 and recipe.train.steps == 7
+    assert recipe.model.moe.router.kind == "sinkhorn" and recipe.model.moe.router.aux_loss_weight == 0.0
+    assert recipe.model.moe.num_experts == 31  # from the preset
+
+
+@pytest.mark.parametrize(
+    "override, names",
+    [
+        ("model.d_model", ["model.d_model", "section.key=value"]),
+        ("=3", ["names no key"]),
+        ("model.d_model=abc", ["model.d_model"]),
+        ("model.d_model=4", ["model.d_model"]),
+        ("train.stpes=3", ["train.stpes", "unknown key"]),
+        ("model.moe.router.kind=bogus", ["model.moe.router.kind", "bogus"]),
+        ("model.n_heads.x=1", ["n_heads"]),
+    ],
+)
+def test_bad_set(override, names):
+    one_line_error(lambda: recipe_from_dict({"model": {"preset": "smoke-switch"}}, [override]), *names)
+
+
+def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "moecpt", *args], capture_output=True, text=True, cwd=ROOT,
+                          env=env, timeout=timeout)
+
+
+def test_cli_unknown_preset_exits_2_with_one_line():
+    p = run_cli("inspect", "--preset", "nope")
+    assert p.returncode == 2
+    assert "Traceback" not in p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("moecpt: error:") and "nope" in lines[0]
+    assert p.stdout == ""
+
+
+def test_cli_inspect_paper_granular_json_on_meta_device():
+    t0 = time.monotonic()
+    p = run_cli("inspect", "--preset", "paper-granular", "--json", "--vocab-size", "128256")
+    elapsed = time.monotonic() - t0
+    assert p.returncode == 0, p.stderr
+    stats = json.loads(p.stdout)
+    assert stats["preset"] == "paper-granular"
+    assert stats["total_params"] == 2_025_088_000 and stats["active_params"] == 570_999_808 + 24 * 31 * 1024
+    assert elapsed < 60
+    # 2.0B fp32 parameters would be 8 GB; on the meta device the process stays far below that
+    peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    assert peak_kb < 2_000_000, f"child peak RSS {peak_kb} kB: the model was allocated"

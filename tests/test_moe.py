@@ -1,0 +1,175 @@
+"""MoE layer: dense equivalence, grouped vs loop dispatch (outputs and gradients), capacity dropping, shared
+experts, the grouped-run planner, bf16 autocast."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moecpt.config import ModelConfig
+from moecpt.model import moe as moe_mod
+from moecpt.model.moe import GLUFeedForward, MoELayer, capacity, plan_expert_groups
+
+
+def moe_cfg(E=8, K=2, D=32, F=48, kind="geglu", **moe) -> ModelConfig:
+    return ModelConfig(vocab_size=16, d_model=D, n_heads=4, ffn_width=F, ffn_kind=kind,
+                       moe=dict(num_experts=E, top_k=K, **moe))
+
+
+def init_layer(layer: MoELayer, seed: int = 0, router_std: float = 0.5) -> MoELayer:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+        layer.router.weight.mul_(router_std / 0.2)  # spread logits: uneven loads
+    return layer
+
+
+def run(layer: MoELayer, x: torch.Tensor, g: torch.Tensor):
+    x = x.detach().clone().requires_grad_(True)
+    layer.zero_grad(set_to_none=True)
+    y, r = layer(x)
+    ((y * g).sum() + r.weighted_aux_loss()).backward()
+    grads = {n: p.grad.clone() for n, p in layer.named_parameters()}
+    return y.detach(), x.grad, grads, r
+
+
+@pytest.mark.parametrize("dispatch", ["grouped", "loop"])
+@pytest.mark.parametrize("kind", ["geglu", "swiglu"])
+def test_one_expert_top1_equals_dense_ffn(dispatch, kind):
+    D, F = 32, 40
+    layer = MoELayer(moe_cfg(E=1, K=1, D=D, F=F, kind=kind, dispatch=dispatch))
+    dense = GLUFeedForward(D, F, kind)
+    init_layer(layer)
+    with torch.no_grad():
+        dense.w_in.weight.copy_(layer.experts.w_in[0].T)  # nn.Linear stores [out, in]; experts store [in, out]
+        dense.w_out.weight.copy_(layer.experts.w_out[0].T)
+    x = torch.randn(20, D)
+    y, r = layer(x)
+    assert torch.equal(r.topk_weight_TK, torch.ones(20, 1))  # softmax over one expert
+    torch.testing.assert_close(y, dense(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("K", [1, 2])
+@pytest.mark.parametrize("cf", [None, 0.5])
+@pytest.mark.parametrize("overhead", [0, 128, 10**9])  # per-expert runs, planned runs, one padded bmm
+def test_grouped_and_loop_dispatch_agree(K, cf, overhead):
+    cfg = moe_cfg(E=8, K=K, capacity_factor=cf)
+    grouped = init_layer(MoELayer(cfg), seed=1)
+    grouped.group_overhead_rows = overhead
+    loop = MoELayer(cfg.model_copy(update={"moe": cfg.moe.model_copy(update={"dispatch": "loop"})}))
+    loop.load_state_dict(grouped.state_dict())
+    x, g = torch.randn(50, 32), torch.randn(50, 32)
+    yg, xg, pg, rg = run(grouped, x, g)
+    yl, xl, pl, rl = run(loop, x, g)
+    assert rg.tokens_per_expert_E.max() > rg.tokens_per_expert_E.min() + 3  # uneven load: the runs get padding
+    torch.testing.assert_close(yg, yl, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(xg, xl, rtol=1e-5, atol=1e-6)
+    for name in pg:
+        torch.testing.assert_close(pg[name], pl[name], rtol=1e-4, atol=1e-5)  # fp32 summation order differs
+    torch.testing.assert_close(rg.topk_weight_TK, rl.topk_weight_TK)
+    if cf is None:
+        assert rg.dropped_fraction is None and rl.dropped_fraction is None
+    else:
+        assert rg.dropped_fraction.item() == pytest.approx(rl.dropped_fraction.item())
+        if cf == 0.5:
+            assert rg.dropped_fraction.item() > 0.3
+
+
+def forced_router(layer: MoELayer, expert_of_token: list[int]) -> torch.Tensor:
+    """Input that sends token t to ``expert_of_token[t]`` (router = identity on the first E dims)."""
+    E, D = layer.num_experts, layer.router.weight.shape[1]
+    with torch.no_grad():
+        layer.router.weight.zero_()
+        layer.router.weight[:, :E] = torch.eye(E) * 10
+    x = torch.randn(len(expert_of_token), D) * 0.1
+    x[:, :E] = 0
+    x[torch.arange(len(expert_of_token)), torch.tensor(expert_of_token)] = 1.0
+    return x
+
+
+@pytest.mark.parametrize("dispatch", ["grouped", "loop"])
+def test_capacity_drops_by_token_order(dispatch):
+    layer = init_layer(MoELayer(moe_cfg(E=2, K=1, capacity_factor=1.0, dispatch=dispatch)))
+    experts = [0, 0, 1, 0, 0, 0, 1, 0]  # 6 tokens on expert 0, 2 on expert 1
+    x = forced_router(layer, experts)
+    assert capacity(8, 1, 2, 1.0) == 4
+    y, r = layer(x)
+    assert r.topk_idx_TK[:, 0].tolist() == experts
+    # expert 0 keeps its first 4 tokens in token order (0, 1, 3, 4) and drops tokens 5 and 7: 2 of 8 slots
+    assert r.dropped_fraction.item() == pytest.approx(2 / 8)
+    dropped = [5, 7]
+    assert (r.topk_weight_TK[dropped] == 0).all()
+    kept = [t for t in range(8) if t not in dropped]
+    assert (r.topk_weight_TK[kept] > 0.99).all()
+    assert (y[dropped] == 0).all()
+    assert (y[kept].abs().sum(-1) > 0).all()
+
+
+def test_grouped_dispatch_issues_few_matmuls(monkeypatch):
+    """The CPU grouped path runs a few bmm calls, not one matmul per expert (what the benchmark measures)."""
+    calls = []
+    real = torch.bmm
+    monkeypatch.setattr(moe_mod.torch, "bmm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    layer = init_layer(MoELayer(moe_cfg(E=16, K=2)), router_std=0.02)
+    y, r = layer(torch.randn(512, 32))
+    groups = plan_expert_groups(r.tokens_per_expert_E.tolist(), layer.group_overhead_rows)
+    assert len(calls) == 2 * len(groups) <= 2 * 4
+
+
+def test_plan_expert_groups_layout():
+    counts = [5, 0, 7, 7, 1, 0, 0, 9]
+    for overhead in (0, 3, 10**6):
+        groups = plan_expert_groups(counts, overhead)
+        covered = [e for e0, e1, _, _ in groups for e in range(e0, e1)]
+        assert set(covered) >= {e for e, c in enumerate(counts) if c}
+        r = 0
+        for e0, e1, C, r0 in groups:
+            assert r0 == r and C == max(counts[e0:e1]) > 0
+            r += (e1 - e0) * C
+    assert sum((e1 - e0) * C for e0, e1, C, _ in plan_expert_groups(counts, 0)) == sum(counts)  # no padding
+    assert plan_expert_groups(counts, 10**6) == [(0, 8, 9, 0)]  # one bmm padded to the max
+    assert plan_expert_groups([0, 0, 0], 5) == []
+
+
+def test_shared_expert_is_added():
+    cfg = moe_cfg(E=8, K=2, num_shared_experts=1)
+    layer = init_layer(MoELayer(cfg))
+    assert layer.shared is not None and layer.shared.w_out.in_features == cfg.resolved_expert_width
+    x = torch.randn(12, 32)
+    y, _ = layer(x)
+    shared, layer.shared = layer.shared, None
+    y_routed, _ = layer(x)
+    torch.testing.assert_close(y, y_routed + shared(x))
+    # with the Qwen2-MoE sigmoid gate
+    gated = init_layer(MoELayer(moe_cfg(E=8, K=2, num_shared_experts=1, shared_expert_gate=True)))
+    y, _ = gated(x)
+    sh, gated.shared = gated.shared, None
+    torch.testing.assert_close(y, gated(x)[0] + torch.sigmoid(gated.shared_gate(x)) * sh(x))
+
+
+@pytest.mark.parametrize("dispatch", ["grouped", "loop"])
+def test_bf16_autocast_cpu(dispatch):
+    layer = init_layer(MoELayer(moe_cfg(E=8, K=2, num_shared_experts=1, dispatch=dispatch)))
+    x = torch.randn(24, 32, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, r = layer(x)
+    assert r.logits_TE.dtype == torch.float32 and r.scores_TE.dtype == torch.float32
+    assert r.aux_losses["load_balancing"].dtype == torch.float32
+    assert torch.isfinite(y).all()
+    y_ref, _ = layer(x)
+    assert ((y.float() - y_ref).norm() / y_ref.norm()).item() < 0.03  # bf16 rounding only
+    (y.float().square().sum() + r.weighted_aux_loss()).backward()
+    assert layer.experts.w_in.grad.dtype == torch.float32 and torch.isfinite(layer.experts.w_in.grad).all()
+    assert layer.router.weight.grad.abs().sum() > 0
+
+
+def test_forward_sorted_matches_per_expert_reference():
+    layer = init_layer(MoELayer(moe_cfg(E=5, K=1)))
+    counts = torch.tensor([3, 0, 4, 1, 0])
+    x = torch.randn(int(counts.sum()), 32)
+    y = layer.experts.forward_sorted(x, counts)
+    ref = torch.cat([layer.experts.forward_expert(e, xe) for e, xe in enumerate(x.split(counts.tolist())) if len(xe)])
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
+    y.sum().backward()
+    assert layer.experts.w_in.grad[[1, 4]].abs().sum() == 0 and layer.experts.w_in.grad[0].abs().sum() > 0
