@@ -74,9 +74,10 @@ def run_compare(args: argparse.Namespace) -> int:
     for source in tr_a:
         a, b = rep_a["sources"][source], rep_b["sources"][source]
         entry = {"loss_before": a["loss"], "loss": b["loss"], "loss_change": b["loss"] - a["loss"]}
-        if "mri_mean" in a:
+        if "mri_mean" in a or "mri_mean" in b:
+            change = compare_traces(tr_a[source], tr_b[source])  # refuses dense vs MoE or a shape mismatch
             entry |= {"mri_before": a["mri_mean"], "mri_mean": b["mri_mean"], "mri_layers_before": a["mri_layers"],
-                      "mri_layers": b["mri_layers"], **compare_traces(tr_a[source], tr_b[source])}
+                      "mri_layers": b["mri_layers"], **change}
         out["sources"][source] = entry
     _print(out, args.json)
     return 0

@@ -277,8 +277,10 @@ class Trainer:
             if rng is not None:
                 restore_rng_state(rng)
             sink.truncate_after(start_step)
-        elif self.parent is not None:  # CPT: weights (and optionally moments) from the parent, nothing else
-            self._load_parent(model, optimizer)
+        else:
+            sink.truncate_after(-1)  # killed before its first checkpoint: the run starts over, so does its log
+            if self.parent is not None:  # CPT: weights (and optionally moments) from the parent, nothing else
+                self._load_parent(model, optimizer)
         if start_step >= end_step:
             return self._summary(start_step, tokens_done, skips, resumed=True)
         compiled = torch.compile(model) if tcfg.compile else model
