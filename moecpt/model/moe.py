@@ -325,7 +325,11 @@ class MoELayer(nn.Module):
         row_N = base_E[expert_N] + torch.arange(order_N.numel(), device=dev) - starts_E[expert_N]
         slot_P = torch.full((P,), T * K, dtype=torch.long, device=dev).index_copy_(0, row_N, order_N)
         token_P = slot_P // K
-        h_PD = self.experts.forward_grouped_rows(F.pad(x_TD, (0, 0, 0, 1))[token_P], groups)
+        # Gather through the [T*K] slot copy of x, not x[token_P]: indexing with repeated indices would make the
+        # backward a scatter-add whose summation order depends on threads (runs would not repeat bit for bit);
+        # here every real row is written once and the K copies of a token are summed by expand's backward.
+        x_slots_ND = x_TD[:, None, :].expand(T, K, D).reshape(T * K, D)
+        h_PD = self.experts.forward_grouped_rows(F.pad(x_slots_ND, (0, 0, 0, 1))[slot_P], groups)
         gate_P = F.pad(r.topk_weight_TK.reshape(-1), (0, 1))[slot_P].to(h_PD.dtype)
         # accumulate the K expert outputs of a token in x's dtype (fp32 under autocast)
         y_TD = x_TD.new_zeros(T + 1, D).index_add_(0, token_P, (h_PD * gate_P[:, None]).to(x_TD.dtype))
