@@ -25,7 +25,7 @@ from moecpt.analysis.findings import (  # noqa: E402
     sorted_run_keys, _parent_flops_used,
 )
 
-__all__ = ["plot_val_loss", "plot_mri_shift", "plot_crs_layers", "plot_forgetting_vs_replay", "plot_moe_vs_dense",
+__all__ = ["plot_coactivation", "plot_val_loss", "plot_mri_shift", "plot_crs_layers", "plot_forgetting_vs_replay", "plot_moe_vs_dense",
            "plot_compute", "DPI"]
 
 DPI = 110
@@ -437,4 +437,45 @@ def plot_compute(results: Mapping, path: str | Path) -> Path | None:
     axes[0][-1].legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
     fig.suptitle("CPT vs full re-training: final loss against compute", fontsize=12)
     fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_coactivation(results: Mapping, path: str | Path) -> Path | None:
+    """Expert co-activation ``CA(i, j) = N(i and j chosen) / N(i chosen)`` (k > 1) on the old source's held-out
+    tokens, before and after CPT, for the first and last MoE layer of each MoE model's replay-0 CPT run (infinite
+    schedule when present) (Thérien et al. 2025, Sec. 4, expert co-activation)."""
+    comps = {k: v for k, v in comparisons(results).items() if v.get("coactivation_before_layers")}
+    if not comps:
+        return None
+    runs = _runs(results)
+    chosen: dict[str, str] = {}
+    for k in sorted_run_keys(results, "cpt"):
+        if k not in comps:
+            continue
+        r = runs.get(k, {})
+        m = r.get("model", "?")
+        score = (_replay(r) != 0, r.get("schedule") != "inf")  # prefer replay 0, then the infinite schedule
+        if m not in chosen or score < chosen[m][1]:
+            chosen[m] = (k, score)
+    rows = [(m, k) for m, (k, _) in chosen.items()]
+    fig, axes = _grid(len(rows), 4, w=3.2, h=3.0)
+    for i, (m, k) in enumerate(rows):
+        c = comps[k]
+        layers = c["coactivation_before_layers"]
+        picks = [0, len(layers) - 1] if len(layers) > 1 else [0]
+        cols = [(f"layer {li}, {when}", c[f"coactivation_{when}_layers"][li])
+                for li in picks for when in ("before", "after")]
+        for j in range(4):
+            ax = axes[i][j]
+            if j >= len(cols):
+                ax.axis("off")
+                continue
+            title, mat = cols[j]
+            im = ax.imshow(mat, vmin=0, vmax=1, cmap="viridis")
+            ax.set_title(f"{m}\n{title}", fontsize=9)
+            ax.set_xlabel("expert j")
+            if j == 0:
+                ax.set_ylabel("expert i")
+        fig.colorbar(im, ax=list(axes[i]), shrink=0.8, label="CA(i, j)")
+    fig.suptitle("Expert co-activation on the old source, before and after CPT (replay 0)", fontsize=12)
     return _save(fig, path)

@@ -74,6 +74,9 @@ PLOTS: list[tuple[str, str, str]] = [
      "Forgetting of the old sources and final new-source loss against the replay fraction (finding F3)."),
     ("moe_vs_dense", "plot_moe_vs_dense",
      "MoE vs FLOP-matched dense model through CPT, on each old and new source (finding F1)."),
+    ("coactivation", "plot_coactivation",
+     "Expert co-activation CA(i, j) = N(i and j chosen) / N(i chosen) on the old source's held-out tokens, at the "
+     "CPT start checkpoint and after CPT (replay 0), first and last MoE layer."),
     ("compute", "plot_compute",
      "Final mean loss (old + new) against training FLOPs: CPT runs at their own FLOPs (filled) and including the "
      "parent pre-training (hollow), re-training on the union as stars (finding F4)."),

@@ -336,7 +336,16 @@ class _Evaluator:
         cache = self._key(after, f"compare|{before.relative_to(self.root)}|{source}")
         if cache.exists():
             return json.loads(cache.read_text(encoding="utf-8"))
-        out = {"source": source, **compare_traces(self.traces(before)[source], self.traces(after)[source])}
+        tb, ta = self.traces(before)[source], self.traces(after)[source]
+        out = {"source": source, **compare_traces(tb, ta)}
+        if tb.topk_layers and tb.topk_layers[0].shape[1] > 1:  # co-activation needs k > 1
+            from moecpt.analysis.routing_metrics import coactivation
+
+            def co(trace):
+                return [[[round(v, 4) for v in row] for row in coactivation(t, trace.num_experts).tolist()]
+                        for t in trace.topk_layers]
+
+            out["coactivation_before_layers"], out["coactivation_after_layers"] = co(tb), co(ta)
         write_json_atomic(cache, out)
         return out
 
