@@ -84,7 +84,10 @@ def make_results() -> dict:
                 if moe:
                     comparisons[key] = {"source": OLD, "crs_layers": CRS[rp], "crs_mean": sum(CRS[rp]) / 3,
                                         "cvs_layers": [c - 0.05 for c in CRS[rp]],
-                                        "cvs_mean": sum(CRS[rp]) / 3 - 0.05, "chance_overlap": 3 / 31}
+                                        "cvs_mean": sum(CRS[rp]) / 3 - 0.05, "chance_overlap": 3 / 31,
+                                        # 3 MoE layers of 4 experts: enough for the co-activation heatmaps
+                                        "coactivation_before_layers": [[[1.0, 0.5, 0.0, 0.5]] * 4] * 3,
+                                        "coactivation_after_layers": [[[1.0, 0.0, 0.5, 0.5]] * 4] * 3}
     # Full re-training on the union: 3x the CPT compute, mean final loss 2.185 vs the inf r0.3 CPT run's 2.225
     # (+1.8%, within the 2% tolerance of F4).
     runs["retrain/granular-pb/code"] = {
@@ -223,7 +226,7 @@ def test_write_report_full(tmp_path):
     results = make_results()
     out = write_report(results, tmp_path / "study")
     assert set(out["plots"]) == {"val_loss", "mri_shift", "crs_layers", "forgetting_vs_replay", "moe_vs_dense",
-                                 "compute"}
+                                 "coactivation", "compute"}
     for stem, p in out["plots"].items():
         assert p is not None, stem
         _valid_png(p)
