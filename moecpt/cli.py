@@ -20,6 +20,8 @@ _COMMAND_MODULES = (
     "moecpt.train.cli",
     "moecpt.train.schedule_cli",
     "moecpt.analysis.cli",
+    "moecpt.lopt.cli",
+    "moecpt.interop.cli",
 )
 
 

@@ -1,0 +1,300 @@
+"""Meta-training of the learned outer optimizers with truncated PES (``moecpt lopt meta-train``).
+
+Joseph et al. (arXiv 2312.02204, Sec. 4 / PAPERS.md part B): PES (:mod:`moecpt.lopt.pes`) with 8 antithetic pairs,
+σ = 0.01, truncations of 50 rounds, trajectories of 100-1000 rounds; meta-loss = the workers' mean local training
+loss clipped at 1.5 ln(classes); AdamW meta-optimizer (β = 0.9, 0.999, weight decay 1e-4), linear warm-up over
+the first 5% of meta-iterations to 3e-3 then cosine to 1e-3. The paper runs 5k-10k meta-iterations on GPUs;
+the shipped weights use a few hundred on a CPU (see docs/lopt.md).
+
+Several tasks (a family) may be given: the pairs are split evenly among them and each task's gradient estimate
+is divided by ``ln(classes)`` before averaging, so tasks with larger losses do not dominate.
+
+Run folder ``OUT/``:
+
+* ``meta_state.pt``: everything needed to resume exactly (meta-parameters, AdamW moments, every pair's inner
+  models and optimizer accumulators, ``ξ``, RNG state, history); written atomically every ``save_every``
+  iterations, read with ``torch.load(weights_only=True)``. Re-running the same command resumes.
+* ``config.json``: the settings (a resume with different settings is refused).
+* ``<kind>.safetensors``: the current meta-parameters as a weight file (:mod:`moecpt.lopt.pretrained`).
+* ``history.json`` and ``curve.png``: the meta-training curve (mean clipped meta-loss of the PES particles per
+  iteration, and a periodic evaluation of the unperturbed optimizer against local SGD on the first task); the
+  PNG is redrawn every 5th save and at the end.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from moecpt.errors import MoecptError
+from moecpt.lopt.mlp import LOptSpec, init_meta_params
+from moecpt.lopt.optimizers import init_lopt_state, lopt_step
+from moecpt.lopt.pes import PESConfig, init_pes_state, pes_gradient
+from moecpt.lopt.pretrained import save_weights
+from moecpt.lopt.tasks import Task, get_task, local_round
+from moecpt.train.atomic import write_bytes_atomic, write_json_atomic
+
+STATE_FILE = "meta_state.pt"
+CONFIG_FILE = "config.json"
+HISTORY_FILE = "history.json"
+CURVE_FILE = "curve.png"
+
+
+@dataclass
+class MetaTrainConfig:
+    """Settings of one meta-training run (saved as ``config.json``)."""
+
+    kind: str = "lagg-a"
+    workers: int = 8
+    tasks: tuple[str, ...] = ("digits-mlp32",)
+    iterations: int = 200
+    pairs: int = 8
+    sigma: float = 0.01
+    truncation: int = 50
+    min_length: int = 100
+    max_length: int = 1000
+    local_steps: int = 4
+    lr: float = 3e-3
+    final_lr: float = 1e-3
+    warmup_fraction: float = 0.05
+    weight_decay: float = 1e-4
+    init: str = "sgd-like"
+    sgd_scale: float = 10.0
+    seed: int = 0
+    eval_every: int = 25
+    eval_rounds: int = 200
+    eval_seeds: int = 4
+    save_every: int = 10
+    extra: dict = field(default_factory=dict)
+
+    def spec(self) -> LOptSpec:
+        return LOptSpec(self.kind, self.workers if self.kind.startswith("lagg") else None)
+
+    def pes(self) -> PESConfig:
+        return PESConfig(pairs=self.pairs // len(self.tasks), sigma=self.sigma, truncation=self.truncation,
+                         min_length=self.min_length, max_length=self.max_length, workers=self.workers,
+                         local_steps=self.local_steps)
+
+    def as_json(self) -> dict:
+        d = asdict(self)
+        d["tasks"] = list(self.tasks)
+        return d
+
+
+def meta_lr(step: int, cfg: MetaTrainConfig) -> float:
+    """Meta learning rate at (0-based) meta-iteration ``step``: linear warm-up to ``lr`` then cosine to ``final_lr``."""
+    warm = max(1, int(round(cfg.warmup_fraction * cfg.iterations)))
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    frac = min(1.0, (step - warm) / max(1, cfg.iterations - warm))
+    return cfg.final_lr + (cfg.lr - cfg.final_lr) * 0.5 * (1 + math.cos(math.pi * frac))
+
+
+def adamw_update(phi: Tensor, grad: Tensor, m: Tensor, v: Tensor, step: int, lr: float, wd: float,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> Tensor:
+    """One AdamW step (Loshchilov & Hutter 2019); ``m`` and ``v`` are updated in place, ``step`` is 1-based."""
+    m.mul_(betas[0]).add_(grad, alpha=1 - betas[0])
+    v.mul_(betas[1]).addcmul_(grad, grad, value=1 - betas[1])
+    mhat = m / (1 - betas[0] ** step)
+    vhat = v / (1 - betas[1] ** step)
+    return phi * (1 - lr * wd) - lr * mhat / (vhat.sqrt() + eps)
+
+
+# ------------------------------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def run_outer(task: Task, spec: LOptSpec | None, phi: Tensor | None, rounds: int, seeds: int, workers: int,
+              local_steps: int, gen: torch.Generator, local_lr: float | None = None) -> tuple[list[float], Tensor]:
+    """Train ``seeds`` models for ``rounds`` rounds with a learned optimizer (``spec``, ``phi``) or, if ``spec`` is
+    None, plain local SGD -> (mean worker loss per round, final full train-set loss per seed ``[seeds]``)."""
+    lr = local_lr if local_lr is not None else task.local_lr
+    params = task.init_params(seeds, gen)
+    meta = spec.unflatten(phi) if spec is not None else None
+    opt = init_lopt_state(spec, params) if spec is not None else None
+    curve = []
+    for _ in range(rounds):
+        deltas, loss = local_round(task, params, workers, local_steps, lr, gen)
+        curve.append(float(loss.mean()))
+        if spec is None:
+            params = [p + d.mean(1) for p, d in zip(params, deltas)]
+        else:
+            if not spec.aggregator:
+                deltas = [d.mean(1) for d in deltas]
+            params, opt = lopt_step(spec, meta, params, deltas, opt)
+    return curve, task.eval_loss(params, "train")
+
+
+# ---------------------------------------------------------------------------------------------------- driver
+def _save_state(out: Path, state: dict) -> None:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    write_bytes_atomic(out / STATE_FILE, buf.getvalue())
+
+
+def _load_state(out: Path) -> dict:
+    try:
+        return torch.load(out / STATE_FILE, weights_only=True)
+    except Exception as exc:
+        raise MoecptError(f"{out / STATE_FILE} is damaged ({type(exc).__name__}); delete it to restart "
+                          "meta-training from scratch, or use a new --out") from None
+
+
+def plot_curve(history: dict, path: Path, title: str) -> None:
+    """Meta-loss per iteration (raw and smoothed) and the periodic evaluations, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    ax = axes[0]
+    for name, ys in history["meta_loss"].items():
+        xs = list(range(1, len(ys) + 1))
+        ax.plot(xs, ys, alpha=0.3, lw=0.8)
+        w = max(1, len(ys) // 20)
+        sm = [sum(ys[max(0, i - w + 1): i + 1]) / len(ys[max(0, i - w + 1): i + 1]) for i in range(len(ys))]
+        ax.plot(xs, sm, lw=1.8, label=f"{name} (moving mean)")
+    ax.set_xlabel("meta-iteration")
+    ax.set_ylabel("meta-loss (clipped train loss, nats)")
+    ax.set_title("PES particles' mean meta-loss")
+    ax.legend(fontsize=8)
+    ax = axes[1]
+    ev = history.get("eval", [])
+    if ev:
+        ax.plot([e["iteration"] for e in ev], [e["final_train_loss"] for e in ev], "o-", label="learned (final)")
+        ax.plot([e["iteration"] for e in ev], [e["mean_loss"] for e in ev], "s--", label="learned (mean over run)")
+    ref = history.get("local_sgd")
+    if ref:
+        ax.axhline(ref["final_train_loss"], color="k", ls="-", lw=1, label="local SGD (final)")
+        ax.axhline(ref["mean_loss"], color="k", ls=":", lw=1, label="local SGD (mean over run)")
+    ax.set_yscale("log")
+    ax.set_xlabel("meta-iteration")
+    ax.set_ylabel("train loss (nats, log scale)")
+    ax.set_title(history.get("eval_title", "evaluation"))
+    ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    write_bytes_atomic(path, buf.getvalue())
+
+
+def meta_train(cfg: MetaTrainConfig, out: str | Path, progress: bool = True, max_seconds: float | None = None) -> dict:
+    """Run (or resume) meta-training into folder ``out``; returns a summary dict.
+
+    Args:
+        cfg: settings (tasks must exist; ``pairs`` must be divisible by the number of tasks).
+        out: run folder, created if missing; an existing run with the same settings is resumed.
+        progress: show a tqdm bar.
+        max_seconds: stop cleanly (after saving) once this much wall time has passed; re-run to continue.
+
+    Raises:
+        MoecptError: unknown task or kind, pairs not divisible by the number of tasks, ``out`` holding a run with
+            other settings, or a damaged ``meta_state.pt``.
+    """
+    from tqdm import tqdm
+
+    out = Path(out)
+    spec = cfg.spec()
+    tasks = [get_task(n) for n in cfg.tasks]
+    if cfg.pairs % len(tasks):
+        raise MoecptError(f"--pairs {cfg.pairs} must be divisible by the number of tasks ({len(tasks)})")
+    if cfg.iterations < 1:
+        raise MoecptError("--iterations must be >= 1")
+    pes_cfg = cfg.pes()
+    out.mkdir(parents=True, exist_ok=True)
+    cfg_json = cfg.as_json()
+    if (out / CONFIG_FILE).is_file() and (out / STATE_FILE).is_file():
+        import json
+
+        saved = json.loads((out / CONFIG_FILE).read_text())
+        if saved != cfg_json:
+            diff = sorted(k for k in set(saved) | set(cfg_json) if saved.get(k) != cfg_json.get(k))
+            raise MoecptError(f"{out} holds a meta-training run with other settings ({', '.join(diff)}); "
+                              "use a new --out, or the same settings to resume")
+        st = _load_state(out)
+        gen = torch.Generator()
+        gen.set_state(st["gen_state"])
+        phi, m, v, start = st["phi"], st["adam_m"], st["adam_v"], int(st["iteration"])
+        pes_states, history = st["pes"], st["history"]
+    else:
+        write_json_atomic(out / CONFIG_FILE, cfg_json)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        phi = init_meta_params(spec, gen, cfg.init, cfg.sgd_scale)
+        m, v, start = torch.zeros_like(phi), torch.zeros_like(phi), 0
+        pes_states = [init_pes_state(t, spec, pes_cfg, gen) for t in tasks]
+        history = {"meta_loss": {t.name: [] for t in tasks}, "seconds": [], "eval": [], "lr": []}
+        egen = torch.Generator().manual_seed(10_000 + cfg.seed)
+        curve, final = run_outer(tasks[0], None, None, cfg.eval_rounds, cfg.eval_seeds, cfg.workers,
+                                 cfg.local_steps, egen)
+        history["local_sgd"] = {"final_train_loss": float(final.mean()), "mean_loss": sum(curve) / len(curve)}
+        history["eval_title"] = (f"{tasks[0].name}: {cfg.eval_rounds} rounds, K={cfg.workers}, "
+                                 f"H={cfg.local_steps}, {cfg.eval_seeds} seeds")
+
+    def evaluate(it: int) -> None:
+        egen = torch.Generator().manual_seed(10_000 + cfg.seed)  # same seeds as the local-SGD reference
+        curve, final = run_outer(tasks[0], spec, phi, cfg.eval_rounds, cfg.eval_seeds, cfg.workers,
+                                 cfg.local_steps, egen)
+        history["eval"].append({"iteration": it, "final_train_loss": float(final.mean()),
+                                "mean_loss": sum(curve) / len(curve)})
+
+    def save(it: int, plot: bool) -> None:
+        _save_state(out, {"iteration": torch.tensor(it), "phi": phi, "adam_m": m, "adam_v": v,
+                          "gen_state": gen.get_state(), "pes": pes_states, "history": history})
+        info = {"tasks": ",".join(cfg.tasks), "meta_iterations": it, "local_steps": cfg.local_steps,
+                "pes": f"pairs={cfg.pairs} sigma={cfg.sigma} truncation={cfg.truncation} "
+                       f"lengths={cfg.min_length}-{cfg.max_length}"}
+        save_weights(out / f"{cfg.kind}.safetensors", spec, phi, info)
+        write_json_atomic(out / HISTORY_FILE, history)
+        if plot:
+            plot_curve(history, out / CURVE_FILE, f"meta-training {spec.describe()} on {', '.join(cfg.tasks)}")
+
+    if start == 0 and not history["eval"]:
+        evaluate(0)
+    t0 = time.time()
+    bar = tqdm(total=cfg.iterations, initial=start, disable=not progress, desc=f"meta-train {cfg.kind}",
+               unit="it", dynamic_ncols=True)
+    it = start
+    try:
+        while it < cfg.iterations:
+            ts = time.time()
+            grad = torch.zeros_like(phi)
+            for i, task in enumerate(tasks):
+                g, loss, pes_states[i] = pes_gradient(task, spec, phi, pes_states[i], pes_cfg, gen)
+                grad += g / (math.log(task.num_classes) * len(tasks))
+                history["meta_loss"][task.name].append(loss)
+            lr = meta_lr(it, cfg)
+            phi = adamw_update(phi, grad, m, v, it + 1, lr, cfg.weight_decay)
+            it += 1
+            history["seconds"].append(time.time() - ts)
+            history["lr"].append(lr)
+            if it % cfg.eval_every == 0 or it == cfg.iterations:
+                evaluate(it)
+            bar.update(1)
+            bar.set_postfix(meta_loss=f"{sum(h[-1] for h in history['meta_loss'].values()) / len(tasks):.4f}",
+                            lr=f"{lr:.1e}")
+            stop = max_seconds is not None and time.time() - t0 > max_seconds
+            if it % cfg.save_every == 0 or it == cfg.iterations or stop:
+                save(it, plot=stop or it == cfg.iterations or it % (5 * cfg.save_every) == 0)
+            if stop:
+                break
+    finally:
+        bar.close()
+    ev = history["eval"][-1] if history["eval"] else {}
+    return {
+        "out": str(out),
+        "kind": cfg.kind,
+        "spec": spec.describe(),
+        "iterations_done": it,
+        "iterations": cfg.iterations,
+        "seconds_per_iteration": (sum(history["seconds"]) / len(history["seconds"])) if history["seconds"] else None,
+        "last_eval": ev,
+        "local_sgd_reference": history.get("local_sgd"),
+        "weights": str(out / f"{cfg.kind}.safetensors"),
+    }
