@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from moecpt.errors import MoecptError
+from moecpt.train.atomic import pid_alive, write_bytes_atomic, write_json_atomic
 
 MANIFEST = "manifest.json"
 TOKENIZER_FILE = "tokenizer.json"
@@ -43,40 +44,16 @@ _SPLIT_CHUNK = 1 << 26  # tokens gathered per numpy step when splitting train/va
 
 
 # ----------------------------------------------------------------------------------------------- atomic helpers
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file + ``os.replace`` (readers never see a partial file)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    write_atomic(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode("utf-8"))
-
-
 def token_dtype(vocab_size: int) -> str:
     """``"uint16"`` when every id fits in 16 bits, else ``"uint32"``."""
     return "uint16" if vocab_size <= 1 << 16 else "uint32"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _clean_stale_tmp(out: Path) -> None:
     # Temporary folders of a killed prepare: remove them unless their process still runs.
     for p in out.glob(".tmp-*"):
         m = re.match(r"\.tmp-.*-(\d+)-[0-9a-f]+$", p.name)
-        if m and not _pid_alive(int(m.group(1))):
+        if m and not pid_alive(int(m.group(1))):
             shutil.rmtree(p, ignore_errors=True)
 
 
@@ -127,7 +104,7 @@ def _setup_tokenizer(
     if existing is not None and sha256_bytes(existing) != sha:
         raise MoecptError(other.format(why=f"sha256 {sha256_bytes(existing)[:12]}, not {sha[:12]}"))
     if existing is None:
-        write_atomic(tok_path, data)
+        write_bytes_atomic(tok_path, data)
         write_json_atomic(meta_path, {"spec": spec, "sha256": sha})
     return tok, eod, sha
 

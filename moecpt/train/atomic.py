@@ -19,6 +19,19 @@ def temp_name(name: str) -> str:
     return f"{name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs on this host (a leftover temp file of a live writer must be left alone)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
 def fsync_file(path: str | Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

@@ -44,6 +44,7 @@ from moecpt.train.atomic import (
     dumps_json,
     fsync_dir,
     fsync_file,
+    pid_alive,
     temp_name,
     write_bytes_atomic,
     write_json_atomic,
@@ -518,18 +519,6 @@ def restore_rng_state(state: dict) -> None:
 
 
 # -------------------------------------------------------------------------------------------------------- manager
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True
-    return True
-
-
 class CheckpointManager:
     """Saves ``RUN/checkpoints/step_X`` folders and keeps the ``keep_last`` newest plus every step in
     ``keep_steps`` (milestones, e.g. the pre-anneal checkpoint of an infinite schedule).
@@ -600,7 +589,7 @@ class CheckpointManager:
         removed = []
         for p in self.dir.iterdir():
             m = _TMP_RE.search(p.name)
-            if m and p.is_dir() and not _pid_alive(int(m.group(1))):
+            if m and p.is_dir() and not pid_alive(int(m.group(1))):
                 shutil.rmtree(p, ignore_errors=True)
                 removed.append(p)
         return removed
