@@ -1,0 +1,649 @@
+"""The Hugging Face MoE families moecpt imports and exports: one small mapping per family.
+
+Each family says how its ``config.json`` maps onto :class:`moecpt.config.ModelConfig`, how its tensors are named,
+and which moecpt models it can represent exactly (export). All four are pre-norm RMSNorm decoders with RoPE in the
+half-rotation layout (as moecpt), grouped-query attention and GLU experts ``down(act(gate(x)) * up(x))``:
+
+* **OLMoE** -- Muennighoff et al. 2024, "OLMoE: Open Mixture-of-Experts Language Models" (arXiv 2409.02060);
+  model card ``allenai/OLMoE-1B-7B-0924``. Softmax top-k *without* renormalisation (``norm_topk_prob`` false),
+  RMSNorm over the whole q / k projections (moecpt ``qk_norm = "full"``), every layer MoE, no shared expert.
+* **Mixtral** -- Jiang et al. 2024, "Mixtral of Experts" (arXiv 2401.04088); model card
+  ``mistralai/Mixtral-8x7B-v0.1``. Softmax over the top-k logits, i.e. softmax top-k *renormalised*; no q/k norm;
+  tensors under ``block_sparse_moe`` with experts ``w1`` (gate), ``w3`` (up), ``w2`` (down).
+* **Qwen2-MoE** -- Qwen team 2024, "Qwen1.5-MoE: Matching 7B Model Performance with 1/3 Activated Parameters"
+  (blog) and "Qwen2 Technical Report" (arXiv 2407.10671); model cards ``Qwen/Qwen1.5-MoE-A2.7B``,
+  ``Qwen/Qwen2-57B-A14B``. Fine-grained experts plus one always-on shared expert scaled by ``sigmoid(w . x)``
+  (moecpt ``moe.shared_expert_gate``), biases on q/k/v, ``norm_topk_prob`` from the config; dense layers through
+  ``decoder_sparse_step`` / ``mlp_only_layers``.
+* **Qwen3-MoE** -- Qwen team 2025, "Qwen3 Technical Report" (arXiv 2505.09388); model card
+  ``Qwen/Qwen3-30B-A3B``. As Qwen2-MoE without the shared expert and the q/k/v biases, plus per-head RMSNorm on
+  queries and keys (moecpt ``qk_norm = "head"``); ``norm_topk_prob`` true in the released models.
+
+Router balancing: every family trains with a Switch-style load-balancing loss (``router_aux_loss_coef``), so an
+imported router is a moecpt ``penalty`` router. transformers' loss is ``E * sum_k sum_i f_ki P_i``, which is ``K``
+at perfect balance, while moecpt's is normalised to 1 for any ``K`` (GUIDE routing rule 3): the imported weight
+is ``router_aux_loss_coef * K`` so the training signal keeps its strength (approximately: transformers pools the
+layers before taking the product). The z-loss weight is ``router_z_loss_coef`` where a config has one, else 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from moecpt.config import (
+    FFNKind,
+    ModelConfig,
+    MoELayout,
+    QKNorm,
+    RouterConfig,
+    RouterKind,
+    build_section,
+)
+from moecpt.errors import MoecptError
+
+#: transformers ``hidden_act`` names -> moecpt FFN kind (``gelu_pytorch_tanh`` is moecpt's tanh-GELU GEGLU).
+_ACT_TO_FFN = {"silu": FFNKind.SWIGLU, "swish": FFNKind.SWIGLU, "gelu_pytorch_tanh": FFNKind.GEGLU}
+_FFN_TO_ACT = {FFNKind.SWIGLU: "silu", FFNKind.GEGLU: "gelu_pytorch_tanh"}
+
+
+# ---------------------------------------------------------------------------------------------- tensor pieces
+@dataclass(frozen=True)
+class Piece:
+    """One Hugging Face tensor and where it lives in the moecpt state dict.
+
+    ``op`` says how: ``copy`` (same shape); ``rows`` (``dst[a:b] = src``: gate / up rows of a dense or shared
+    ``w_in``); ``expert_in`` (``dst[e, :, a:b] = src.T``, src ``[F, D]``); ``expert_out`` (``dst[e] = src.T``,
+    src ``[D, F]``); ``fused_in`` / ``fused_out`` (transformers >= 5 stacked experts, ``dst = src.transpose(1, 2)``).
+    """
+
+    hf: str
+    dst: str
+    op: str
+    hf_shape: tuple[int, ...]
+    index: tuple[int, ...] = ()
+
+
+def _shape_of(dst_shape: tuple[int, ...], op: str, index: tuple[int, ...]) -> tuple[int, ...]:
+    if op == "copy":
+        return dst_shape
+    if op == "rows":
+        return (index[1] - index[0], *dst_shape[1:])
+    if op == "expert_in":  # dst [E, D, 2F] -> src [F, D]
+        return (index[2] - index[1], dst_shape[1])
+    if op == "expert_out":  # dst [E, F, D] -> src [D, F]
+        return (dst_shape[2], dst_shape[1])
+    if op in ("fused_in", "fused_out"):
+        return (dst_shape[0], dst_shape[2], dst_shape[1])
+    raise ValueError(op)
+
+
+def place(dst, src, piece: Piece) -> None:
+    """Write HF tensor ``src`` into the moecpt tensor ``dst`` (dtype cast included)."""
+    op, ix = piece.op, piece.index
+    if op == "copy":
+        dst.copy_(src)
+    elif op == "rows":
+        dst[ix[0]:ix[1]].copy_(src)
+    elif op == "expert_in":
+        dst[ix[0], :, ix[1]:ix[2]].copy_(src.t())
+    elif op == "expert_out":
+        dst[ix[0]].copy_(src.t())
+    else:  # fused_in / fused_out
+        dst.copy_(src.transpose(1, 2))
+
+
+def extract(dst, piece: Piece):
+    """The HF tensor of ``piece`` cut out of the moecpt tensor ``dst`` (a contiguous copy or view)."""
+    op, ix = piece.op, piece.index
+    if op == "copy":
+        out = dst
+    elif op == "rows":
+        out = dst[ix[0]:ix[1]]
+    elif op == "expert_in":
+        out = dst[ix[0], :, ix[1]:ix[2]].t()
+    elif op == "expert_out":
+        out = dst[ix[0]].t()
+    else:
+        out = dst.transpose(1, 2)
+    return out.contiguous()
+
+
+# ------------------------------------------------------------------------------------------------------ family
+class Family:
+    """A transformers MoE family (see the module doc). Subclasses set the class attributes and the hooks."""
+
+    name: str = ""
+    model_types: tuple[str, ...] = ()
+    architecture: str = ""
+    reference: str = ""
+    moe_block: str = "mlp"
+    expert_proj: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")  # gate, up, down
+    num_experts_key: str = "num_experts"
+    #: the family config class's defaults, for keys a config.json may leave out
+    defaults: ClassVar[dict[str, Any]] = {}
+    qk_norm: QKNorm = QKNorm.NONE
+    has_shared: bool = False
+    has_dense_layers: bool = False  # decoder_sparse_step / mlp_only_layers
+
+    # -------------------------------------------------------------------------------------------- config
+    def get(self, hf: dict, key: str, default: Any = None) -> Any:
+        if key in hf and hf[key] is not None:
+            return hf[key]
+        return self.defaults.get(key, default)
+
+    def _fail(self, msg: str) -> MoecptError:
+        return MoecptError(f"{self.name} config: {msg}")
+
+    def attn_bias(self, hf: dict) -> bool:
+        """Bias on q/k/v (moecpt has none on the output projection)."""
+        if self.get(hf, "attention_bias", False):
+            raise self._fail("attention_bias = true puts a bias on the output projection too, which moecpt "
+                             "does not have; not supported")
+        return False
+
+    def check(self, hf: dict) -> None:
+        """Refuse configs with features moecpt does not represent (hook)."""
+
+    def renormalize(self, hf: dict) -> bool:
+        return bool(self.get(hf, "norm_topk_prob", False))
+
+    def shared(self, hf: dict) -> tuple[int, bool]:
+        """``(shared FFN width, sigmoid gate)``."""
+        return 0, False
+
+    def num_experts(self, hf: dict) -> int:
+        for key in (self.num_experts_key, "num_experts", "num_local_experts"):
+            if hf.get(key) is not None:
+                return int(hf[key])
+        return int(self.defaults[self.num_experts_key])
+
+    def expert_width(self, hf: dict) -> int:
+        return int(self.get(hf, "moe_intermediate_size") or self.get(hf, "intermediate_size"))
+
+    def moe_layers(self, hf: dict, n_layers: int) -> list[bool]:
+        if not self.has_dense_layers:
+            return [True] * n_layers
+        step = int(self.get(hf, "decoder_sparse_step", 1) or 1)
+        only = set(self.get(hf, "mlp_only_layers", []) or [])
+        return [(i not in only) and (i + 1) % step == 0 for i in range(n_layers)]
+
+    def to_model_config(self, hf: dict) -> tuple[ModelConfig, list[str]]:
+        """The moecpt :class:`ModelConfig` of a family ``config.json`` dict, plus notes on what was dropped.
+
+        Raises:
+            MoecptError: a feature with no moecpt equivalent (one line naming it).
+        """
+        notes: list[str] = []
+        self.check(hf)
+        act = self.get(hf, "hidden_act", "silu")
+        if act not in _ACT_TO_FFN:
+            raise self._fail(f"hidden_act = {act!r} has no moecpt equivalent; supported: {', '.join(_ACT_TO_FFN)}")
+        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type")) if isinstance(rope, dict) else None
+        if rope_type not in (None, "default"):
+            raise self._fail(f"RoPE scaling {rope_type!r} is not supported (moecpt has plain RoPE only)")
+        theta = (rope.get("rope_theta") if isinstance(rope, dict) else None) or self.get(hf, "rope_theta")
+        d_model, n_heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
+        n_kv = int(self.get(hf, "num_key_value_heads") or n_heads)
+        head_dim = self.head_dim(hf, d_model, n_heads)
+        n_layers = int(hf["num_hidden_layers"])
+        max_seq = int(self.get(hf, "max_position_embeddings"))
+        window = self.sliding_window(hf)
+        if window is not None and window < max_seq:
+            notes.append(f"sliding window {window}: max_seq_len set to {window} (attention is then unwindowed)")
+            max_seq = window
+        E, K = self.num_experts(hf), int(self.get(hf, "num_experts_per_tok"))
+        if E < 1:
+            raise self._fail("num_experts = 0: the model has no MoE layers; import MoE models only")
+        renorm = self.renormalize(hf)
+        if renorm and K == 1:
+            raise self._fail("renormalised top-1 gates are always 1.0; moecpt's router leaves top-1 gates "
+                             "unrenormalised, so this model cannot be represented")
+        moe_mask = self.moe_layers(hf, n_layers)
+        layout = _layout_of(moe_mask)
+        if layout is None:
+            raise self._fail(f"MoE layers at {[i for i, m in enumerate(moe_mask) if m]} match no moecpt layout "
+                             "(every, every_nth, after_dense)")
+        shared_width, shared_gate = self.shared(hf)
+        aux = float(self.get(hf, "router_aux_loss_coef", 0.0) or 0.0)
+        z = float(hf.get("router_z_loss_coef") or 0.0)
+        for key in ("router_jitter_noise", "attention_dropout"):
+            if hf.get(key):
+                notes.append(f"{key} = {hf[key]} is training-only and not reproduced")
+        router = RouterConfig(kind=RouterKind.PENALTY, aux_loss_weight=aux * K, z_loss_weight=z,
+                              renormalize=renorm)
+        moe = {"num_experts": E, "top_k": K, "expert_width": self.expert_width(hf), "granularity": 1,
+               "num_shared_experts": 1 if shared_width else 0, "shared_expert_width": shared_width or None,
+               "shared_expert_gate": shared_gate, "capacity_factor": None, "router": router.model_dump(), **layout}
+        raw = {
+            "vocab_size": int(hf["vocab_size"]), "d_model": d_model, "n_layers": n_layers, "n_heads": n_heads,
+            "n_kv_heads": n_kv, "head_dim": head_dim, "ffn_width": int(self.get(hf, "intermediate_size")),
+            "ffn_kind": _ACT_TO_FFN[act].value, "max_seq_len": max_seq, "rope_theta": float(theta),
+            "rotary_fraction": 1.0, "qk_norm": self.qk_norm.value, "attn_bias": self.attn_bias(hf),
+            "tie_embeddings": bool(self.get(hf, "tie_word_embeddings", False)),
+            "norm_eps": float(self.get(hf, "rms_norm_eps")),
+            "init_std": float(self.get(hf, "initializer_range", 0.02)), "moe": moe,
+        }
+        return build_section(ModelConfig, raw, f"{self.name} config"), notes
+
+    def head_dim(self, hf: dict, d_model: int, n_heads: int) -> int:
+        hd = hf.get("head_dim")
+        if hd:
+            return int(hd)
+        if d_model % n_heads:
+            raise self._fail(f"hidden_size {d_model} is not divisible by num_attention_heads {n_heads}")
+        return d_model // n_heads
+
+    def sliding_window(self, hf: dict) -> int | None:
+        return None
+
+    # --------------------------------------------------------------------------------------------- export
+    def why_not(self, cfg: ModelConfig) -> str | None:
+        """Why ``cfg`` cannot be exported to this family exactly, or None (family-specific part)."""
+        return None
+
+    def adapt(self, cfg: ModelConfig) -> tuple[ModelConfig, dict[str, Callable], list[str]]:
+        """The config this family writes, the moecpt tensors to synthesise for it (name -> ``fn(get)`` returning
+        the tensor, where ``get(name)`` reads a tensor of the checkpoint) and notes on what was added.
+        Default: unchanged."""
+        return cfg, {}, []
+
+    def hf_config(self, cfg: ModelConfig) -> dict[str, Any]:
+        """``config.json`` of this family for ``cfg`` (as returned by :meth:`adapt`)."""
+        moe = cfg.moe
+        assert moe is not None
+        out: dict[str, Any] = {
+            "architectures": [self.architecture],
+            "model_type": self.model_types[0],
+            "vocab_size": cfg.vocab_size,
+            "hidden_size": cfg.d_model,
+            "num_hidden_layers": cfg.n_layers,
+            "num_attention_heads": cfg.n_heads,
+            "num_key_value_heads": cfg.resolved_kv_heads,
+            "hidden_act": _FFN_TO_ACT[cfg.ffn_kind],
+            "max_position_embeddings": cfg.max_seq_len,
+            "rms_norm_eps": cfg.norm_eps,
+            "rope_theta": cfg.rope_theta,
+            "tie_word_embeddings": cfg.tie_embeddings,
+            "initializer_range": cfg.init_std,
+            "num_experts_per_tok": moe.top_k,
+            self.num_experts_key: moe.num_experts,
+            "router_aux_loss_coef": (moe.router.aux_loss_weight / moe.top_k
+                                     if moe.router.kind == RouterKind.PENALTY else 0.0),
+            "output_router_logits": False,
+            "attention_dropout": 0.0,
+            "use_cache": True,
+        }
+        out.update(self.hf_config_extra(cfg))
+        return out
+
+    def hf_config_extra(self, cfg: ModelConfig) -> dict[str, Any]:
+        return {}
+
+    # --------------------------------------------------------------------------------------------- tensors
+    def plan(self, cfg: ModelConfig, fused: Callable[[int], bool] = lambda i: False) -> list[Piece]:
+        """Every HF tensor of ``cfg`` and its moecpt destination, in moecpt state-dict order.
+
+        Args:
+            fused: layer index -> the checkpoint stores that layer's experts stacked (transformers >= 5 names
+                ``experts.gate_up_proj`` / ``experts.down_proj``) instead of one tensor per expert.
+        """
+        from moecpt.model.transformer import build_model
+
+        shapes = {k: tuple(v.shape) for k, v in build_model(cfg, "meta").state_dict().items()}
+        pieces: list[Piece] = []
+
+        def add(hf: str, dst: str, op: str = "copy", index: tuple[int, ...] = ()) -> None:
+            pieces.append(Piece(hf, dst, op, _shape_of(shapes[dst], op, index), index))
+
+        add("model.embed_tokens.weight", "tok_emb.weight")
+        g, u, d = self.expert_proj
+        for i in range(cfg.n_layers):
+            L, B = f"model.layers.{i}", f"blocks.{i}"
+            add(f"{L}.input_layernorm.weight", f"{B}.attn_norm.weight")
+            for hf_name, ours in (("q_proj", "wq"), ("k_proj", "wk"), ("v_proj", "wv"), ("o_proj", "wo")):
+                add(f"{L}.self_attn.{hf_name}.weight", f"{B}.attn.{ours}.weight")
+                if cfg.attn_bias and ours != "wo":
+                    add(f"{L}.self_attn.{hf_name}.bias", f"{B}.attn.{ours}.bias")
+            if cfg.qk_norm != QKNorm.NONE:
+                add(f"{L}.self_attn.q_norm.weight", f"{B}.attn.q_norm.weight")
+                add(f"{L}.self_attn.k_norm.weight", f"{B}.attn.k_norm.weight")
+            add(f"{L}.post_attention_layernorm.weight", f"{B}.ffn_norm.weight")
+            if not cfg.is_moe_layer(i):
+                F = cfg.ffn_width
+                add(f"{L}.mlp.gate_proj.weight", f"{B}.ffn.w_in.weight", "rows", (0, F))
+                add(f"{L}.mlp.up_proj.weight", f"{B}.ffn.w_in.weight", "rows", (F, 2 * F))
+                add(f"{L}.mlp.down_proj.weight", f"{B}.ffn.w_out.weight")
+                continue
+            M, moe, F = f"{L}.{self.moe_block}", cfg.moe, cfg.resolved_expert_width
+            add(f"{M}.gate.weight", f"{B}.ffn.router.weight")
+            if fused(i):
+                add(f"{M}.experts.gate_up_proj", f"{B}.ffn.experts.w_in", "fused_in")
+                add(f"{M}.experts.down_proj", f"{B}.ffn.experts.w_out", "fused_out")
+            else:
+                for e in range(moe.num_experts):
+                    X = f"{M}.experts.{e}"
+                    add(f"{X}.{g}.weight", f"{B}.ffn.experts.w_in", "expert_in", (e, 0, F))
+                    add(f"{X}.{u}.weight", f"{B}.ffn.experts.w_in", "expert_in", (e, F, 2 * F))
+                    add(f"{X}.{d}.weight", f"{B}.ffn.experts.w_out", "expert_out", (e,))
+            Fs = moe.shared_expert_width or moe.num_shared_experts * F
+            if Fs:
+                S = f"{M}.shared_expert"
+                add(f"{S}.gate_proj.weight", f"{B}.ffn.shared.w_in.weight", "rows", (0, Fs))
+                add(f"{S}.up_proj.weight", f"{B}.ffn.shared.w_in.weight", "rows", (Fs, 2 * Fs))
+                add(f"{S}.down_proj.weight", f"{B}.ffn.shared.w_out.weight")
+                if moe.shared_expert_gate:
+                    add(f"{M}.shared_expert_gate.weight", f"{B}.ffn.shared_gate.weight")
+        add("model.norm.weight", "norm.weight")
+        if not cfg.tie_embeddings:
+            add("lm_head.weight", "lm_head.weight")
+        return pieces
+
+
+def _layout_of(moe_mask: list[bool]) -> dict[str, Any] | None:
+    """moecpt layout fields that make exactly the layers of ``moe_mask`` MoE, or None."""
+    n = len(moe_mask)
+    if all(moe_mask):
+        return {"layout": MoELayout.EVERY.value}
+    for step in range(2, n + 1):
+        if moe_mask == [(i + 1) % step == 0 for i in range(n)]:
+            return {"layout": MoELayout.EVERY_NTH.value, "every_n": step}
+    first = moe_mask.index(True) if any(moe_mask) else n
+    if first < n and moe_mask == [i >= first for i in range(n)]:
+        return {"layout": MoELayout.AFTER_DENSE.value, "first_dense": first}
+    return None
+
+
+def _common_why_not(cfg: ModelConfig) -> str | None:
+    moe = cfg.moe
+    if moe is None:
+        return "it is a dense model; export-hf writes MoE families only"
+    if moe.capacity_factor is not None:
+        return (f"moe.capacity_factor = {moe.capacity_factor} drops tokens (Switch capacity), which no Hugging Face "
+                "MoE family does")
+    if cfg.rotary_fraction != 1.0:
+        return f"rotary_fraction = {cfg.rotary_fraction} (partial RoPE) is not supported by these families"
+    if moe.router.kind == RouterKind.BIAS:
+        return ("router.kind = 'bias' selects experts with per-expert biases (auxiliary-loss-free balancing), "
+                "which none of these families has; dropping them would change the routing")
+    if moe.router.kind == RouterKind.SINKHORN and moe.top_k == 1:
+        return "Sinkhorn top-1 routers gate with sigmoid(logit); these families gate with a softmax"
+    return None
+
+
+def _renorm(cfg: ModelConfig) -> bool:
+    """Whether moecpt renormalises the top-k gates (it never does for k = 1)."""
+    return bool(cfg.moe and cfg.moe.router.renormalize and cfg.moe.top_k > 1)
+
+
+def _all_moe(cfg: ModelConfig) -> bool:
+    return all(cfg.is_moe_layer(i) for i in range(cfg.n_layers))
+
+
+def _shared_width(cfg: ModelConfig) -> int:
+    moe = cfg.moe
+    return (moe.shared_expert_width or moe.num_shared_experts * cfg.resolved_expert_width) if moe else 0
+
+
+# ----------------------------------------------------------------------------------------------------- OLMoE
+class OLMoE(Family):
+    """OLMoE (Muennighoff et al. 2024, arXiv 2409.02060; ``allenai/OLMoE-1B-7B-0924``)."""
+
+    name = "olmoe"
+    model_types = ("olmoe",)
+    architecture = "OlmoeForCausalLM"
+    reference = "Muennighoff et al. 2024, OLMoE (arXiv 2409.02060); allenai/OLMoE-1B-7B-0924"
+    num_experts_key = "num_experts"
+    defaults: ClassVar[dict[str, Any]] = {"hidden_act": "silu", "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "num_experts": 64, "num_experts_per_tok": 8,
+        "norm_topk_prob": False, "router_aux_loss_coef": 0.01, "tie_word_embeddings": False,
+        "initializer_range": 0.02, "intermediate_size": 1024}
+    qk_norm = QKNorm.FULL
+
+    def check(self, hf: dict) -> None:
+        if hf.get("clip_qkv") is not None:
+            raise self._fail(f"clip_qkv = {hf['clip_qkv']} (clamping q/k/v) is not supported by moecpt")
+
+    def head_dim(self, hf: dict, d_model: int, n_heads: int) -> int:
+        if d_model % n_heads:
+            raise self._fail(f"hidden_size {d_model} is not divisible by num_attention_heads {n_heads}")
+        return d_model // n_heads  # OLMoE ignores head_dim: its q-norm spans hidden_size
+
+    def why_not(self, cfg: ModelConfig) -> str | None:
+        if cfg.qk_norm != QKNorm.FULL:
+            return ("OLMoE always normalises the full q / k projections (qk_norm = 'full'), this model has "
+                    f"{cfg.qk_norm.value!r}")
+        if _shared_width(cfg):
+            return "OLMoE has no shared expert"
+        if cfg.attn_bias:
+            return "OLMoE's attention bias also covers the output projection; moecpt's q/k/v-only bias has no match"
+        if not _all_moe(cfg):
+            return "OLMoE makes every layer MoE; this model has dense layers"
+        if cfg.resolved_head_dim * cfg.n_heads != cfg.d_model:
+            return "OLMoE needs n_heads * head_dim == d_model"
+        return None
+
+    def hf_config_extra(self, cfg: ModelConfig) -> dict[str, Any]:
+        return {"intermediate_size": cfg.resolved_expert_width, "norm_topk_prob": _renorm(cfg),
+                "attention_bias": False, "clip_qkv": None}
+
+
+# --------------------------------------------------------------------------------------------------- Mixtral
+class Mixtral(Family):
+    """Mixtral (Jiang et al. 2024, arXiv 2401.04088; ``mistralai/Mixtral-8x7B-v0.1``)."""
+
+    name = "mixtral"
+    model_types = ("mixtral",)
+    architecture = "MixtralForCausalLM"
+    reference = "Jiang et al. 2024, Mixtral of Experts (arXiv 2401.04088); mistralai/Mixtral-8x7B-v0.1"
+    moe_block = "block_sparse_moe"
+    expert_proj = ("w1", "w3", "w2")
+    num_experts_key = "num_local_experts"
+    defaults: ClassVar[dict[str, Any]] = {"hidden_act": "silu", "max_position_embeddings": 4096 * 32,
+        "rms_norm_eps": 1e-5, "rope_theta": 1e6, "num_local_experts": 8, "num_experts_per_tok": 2,
+        "router_aux_loss_coef": 0.001, "tie_word_embeddings": False, "initializer_range": 0.02,
+        "intermediate_size": 14336}
+
+    def renormalize(self, hf: dict) -> bool:
+        return True  # softmax over the top-k logits == softmax top-k renormalised
+
+    def sliding_window(self, hf: dict) -> int | None:
+        w = hf.get("sliding_window")
+        return int(w) if w else None
+
+    def why_not(self, cfg: ModelConfig) -> str | None:
+        if cfg.qk_norm != QKNorm.NONE:
+            return f"Mixtral has no q/k norm, this model has qk_norm = {cfg.qk_norm.value!r}"
+        if _shared_width(cfg):
+            return "Mixtral has no shared expert"
+        if cfg.attn_bias:
+            return "Mixtral has no attention biases"
+        if not _all_moe(cfg):
+            return "Mixtral makes every layer MoE; this model has dense layers"
+        if not _renorm(cfg):
+            return "Mixtral always renormalises the top-k gates (k > 1); this model does not"
+        return None
+
+    def hf_config_extra(self, cfg: ModelConfig) -> dict[str, Any]:
+        return {"intermediate_size": cfg.resolved_expert_width, "head_dim": cfg.resolved_head_dim,
+                "sliding_window": None, "router_jitter_noise": 0.0}
+
+
+# ------------------------------------------------------------------------------------------------- Qwen2-MoE
+class _Qwen(Family):
+    has_dense_layers = True
+
+    def sliding_window(self, hf: dict) -> int | None:
+        if not hf.get("use_sliding_window"):
+            return None
+        w = hf.get("sliding_window")
+        return int(w) if w else None
+
+    def _layers_extra(self, cfg: ModelConfig) -> dict[str, Any]:
+        return {"intermediate_size": cfg.ffn_width, "moe_intermediate_size": cfg.resolved_expert_width,
+                "decoder_sparse_step": 1, "norm_topk_prob": _renorm(cfg),
+                "mlp_only_layers": [i for i in range(cfg.n_layers) if not cfg.is_moe_layer(i)],
+                "head_dim": cfg.resolved_head_dim, "use_sliding_window": False, "sliding_window": None,
+                "max_window_layers": cfg.n_layers}
+
+
+class Qwen2MoE(_Qwen):
+    """Qwen2-MoE (Qwen1.5-MoE blog 2024; Qwen2 Technical Report, arXiv 2407.10671; ``Qwen/Qwen1.5-MoE-A2.7B``)."""
+
+    name = "qwen2_moe"
+    model_types = ("qwen2_moe",)
+    architecture = "Qwen2MoeForCausalLM"
+    reference = ("Qwen team 2024, Qwen1.5-MoE (blog) and Qwen2 Technical Report (arXiv 2407.10671); "
+                 "Qwen/Qwen1.5-MoE-A2.7B")
+    defaults: ClassVar[dict[str, Any]] = {"hidden_act": "silu", "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "num_experts": 60, "num_experts_per_tok": 4,
+        "norm_topk_prob": False, "router_aux_loss_coef": 0.001, "tie_word_embeddings": False,
+        "initializer_range": 0.02, "intermediate_size": 5632, "moe_intermediate_size": 1408,
+        "shared_expert_intermediate_size": 5632, "decoder_sparse_step": 1, "qkv_bias": True}
+    has_shared = True
+
+    def attn_bias(self, hf: dict) -> bool:
+        return bool(self.get(hf, "qkv_bias", True))  # transformers < 5 hard-codes the q/k/v biases
+
+    def shared(self, hf: dict) -> tuple[int, bool]:
+        width = int(self.get(hf, "shared_expert_intermediate_size") or 0)
+        if width < 1:
+            raise self._fail("shared_expert_intermediate_size must be >= 1 (Qwen2-MoE always has a shared expert)")
+        return width, True
+
+    def why_not(self, cfg: ModelConfig) -> str | None:
+        if cfg.qk_norm != QKNorm.NONE:
+            return f"Qwen2-MoE has no q/k norm, this model has qk_norm = {cfg.qk_norm.value!r}"
+        return None
+
+    def adapt(self, cfg: ModelConfig) -> tuple[ModelConfig, dict[str, Callable], list[str]]:
+        """Qwen2-MoE always has q/k/v biases, a shared expert and its sigmoid gate. What the moecpt model lacks is
+        added so that the function stays exactly the same: zero biases; without a shared expert, a width-1 one
+        whose down projection is zero (it adds exactly 0); without the gate, a zero gate (sigmoid(0) = 1/2) and the
+        shared down projection doubled (both factors are powers of two, so the product is bit-exact)."""
+        import torch
+
+        moe = cfg.moe
+        assert moe is not None
+        synth: dict[str, Callable] = {}
+        notes: list[str] = []
+        D = cfg.d_model
+        update: dict[str, Any] = {}
+        moe_update: dict[str, Any] = {}
+        moe_layers = [i for i in range(cfg.n_layers) if cfg.is_moe_layer(i)]
+        if not cfg.attn_bias:
+            notes.append("zero q/k/v biases added (Qwen2-MoE always has them)")
+            update["attn_bias"] = True
+            kv = cfg.resolved_kv_heads * cfg.resolved_head_dim
+            for i in range(cfg.n_layers):
+                for name, width in (("wq", cfg.n_heads * cfg.resolved_head_dim), ("wk", kv), ("wv", kv)):
+                    synth[f"blocks.{i}.attn.{name}.bias"] = lambda get, w=width: torch.zeros(w)
+        width = _shared_width(cfg)
+        if not width:
+            notes.append("a width-1 shared expert with a zero down projection added (it adds exactly 0)")
+            moe_update.update(num_shared_experts=1, shared_expert_width=1, shared_expert_gate=True)
+            for i in moe_layers:
+                B = f"blocks.{i}.ffn"
+                synth[f"{B}.shared.w_in.weight"] = lambda get: torch.zeros(2, D)
+                synth[f"{B}.shared.w_out.weight"] = lambda get: torch.zeros(D, 1)
+                synth[f"{B}.shared_gate.weight"] = lambda get: torch.zeros(1, D)
+        elif not moe.shared_expert_gate:
+            notes.append("shared-expert gate added: zero weight (sigmoid = 1/2) and the shared down projection x2")
+            moe_update.update(shared_expert_gate=True)
+            for i in moe_layers:
+                B = f"blocks.{i}.ffn"
+                synth[f"{B}.shared_gate.weight"] = lambda get: torch.zeros(1, D)
+                synth[f"{B}.shared.w_out.weight"] = lambda get, n=f"{B}.shared.w_out.weight": get(n) * 2
+        if moe_update:
+            update["moe"] = moe.model_copy(update=moe_update)
+        return (cfg.model_copy(update=update) if update else cfg), synth, notes
+
+    def hf_config_extra(self, cfg: ModelConfig) -> dict[str, Any]:
+        return {**self._layers_extra(cfg), "shared_expert_intermediate_size": _shared_width(cfg), "qkv_bias": True}
+
+
+# ------------------------------------------------------------------------------------------------- Qwen3-MoE
+class Qwen3MoE(_Qwen):
+    """Qwen3-MoE (Qwen3 Technical Report, arXiv 2505.09388; ``Qwen/Qwen3-30B-A3B``)."""
+
+    name = "qwen3_moe"
+    model_types = ("qwen3_moe",)
+    architecture = "Qwen3MoeForCausalLM"
+    reference = "Qwen team 2025, Qwen3 Technical Report (arXiv 2505.09388); Qwen/Qwen3-30B-A3B"
+    defaults: ClassVar[dict[str, Any]] = {"hidden_act": "silu", "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "num_experts": 128, "num_experts_per_tok": 8,
+        "norm_topk_prob": False, "router_aux_loss_coef": 0.001, "tie_word_embeddings": False,
+        "initializer_range": 0.02, "intermediate_size": 6144, "moe_intermediate_size": 768, "decoder_sparse_step": 1}
+    qk_norm = QKNorm.HEAD
+
+    def why_not(self, cfg: ModelConfig) -> str | None:
+        if cfg.qk_norm != QKNorm.HEAD:
+            return ("Qwen3-MoE always normalises q / k per head (qk_norm = 'head'), this model has "
+                    f"{cfg.qk_norm.value!r}")
+        if _shared_width(cfg):
+            return "Qwen3-MoE has no shared expert"
+        if cfg.attn_bias:
+            return "Qwen3-MoE's attention bias also covers the output projection; moecpt's q/k/v-only bias has no match"
+        return None
+
+    def hf_config_extra(self, cfg: ModelConfig) -> dict[str, Any]:
+        return {**self._layers_extra(cfg), "attention_bias": False}
+
+
+#: Supported families by name, in the order ``export-hf --family auto`` tries them.
+FAMILIES: dict[str, Family] = {f.name: f for f in (OLMoE(), Qwen3MoE(), Mixtral(), Qwen2MoE())}
+
+
+def supported() -> str:
+    return ", ".join(f"{f.name} ({f.architecture})" for f in FAMILIES.values())
+
+
+def family_of(hf: dict) -> Family:
+    """The family of a ``config.json`` dict (by ``model_type``).
+
+    Raises:
+        MoecptError: an unsupported family, naming the supported ones.
+    """
+    mt = hf.get("model_type")
+    for fam in FAMILIES.values():
+        if mt in fam.model_types:
+            return fam
+    arch = (hf.get("architectures") or [None])[0]
+    raise MoecptError(f"model_type {mt!r} ({arch}) is not supported; supported families: {supported()}")
+
+
+def why_not(family: Family, cfg: ModelConfig) -> str | None:
+    """Why ``cfg`` cannot be written as ``family`` exactly, or None."""
+    return _common_why_not(cfg) or family.why_not(cfg)
+
+
+def choose_family(cfg: ModelConfig, requested: str = "auto", preferred: str | None = None) -> Family:
+    """The family to export ``cfg`` to: ``requested``, or (``auto``) ``preferred`` (the family the model was
+    imported from) when it fits, else the first of :data:`FAMILIES` that represents it exactly.
+
+    Raises:
+        MoecptError: unknown family name, or no family represents the model (one line with the reason).
+    """
+    if requested != "auto":
+        if requested not in FAMILIES:
+            raise MoecptError(f"--family {requested!r} is unknown; choose auto or one of: {', '.join(FAMILIES)}")
+        fam = FAMILIES[requested]
+        reason = why_not(fam, cfg)
+        if reason:
+            raise MoecptError(f"cannot export to {fam.name}: {reason}")
+        return fam
+    common = _common_why_not(cfg)
+    if common:
+        raise MoecptError(f"cannot export to a Hugging Face family: {common}")
+    order = list(FAMILIES.values())
+    if preferred in FAMILIES:
+        order.insert(0, FAMILIES[preferred])
+    reasons = []
+    for fam in order:
+        reason = fam.why_not(cfg)
+        if reason is None:
+            return fam
+        reasons.append(f"{fam.name}: {reason}")
+    raise MoecptError("no Hugging Face family represents this model exactly (" + "; ".join(reasons[-4:]) + ")")

@@ -1,0 +1,233 @@
+"""``moecpt export-hf``: a moecpt checkpoint -> a Hugging Face folder that ``AutoModelForCausalLM`` loads.
+
+The family is the one the model was imported from when it still fits, else the first of OLMoE, Qwen3-MoE, Mixtral,
+Qwen2-MoE that represents the model *exactly* (:func:`moecpt.interop.families.choose_family`; the mapping is in
+``docs/interop.md``). A feature no family has (Switch capacity dropping, partial RoPE, bias-balanced selection,
+Sinkhorn top-1's sigmoid gates, a dense model) is refused with one line naming it.
+
+Tensors are written in the per-expert layout every transformers version reads (``experts.{e}.gate_proj`` ...;
+transformers >= 5 fuses them on load), streamed from the checkpoint's safetensors one tensor at a time into shards
+of at most ``max_shard_size`` (so memory stays about one shard). ``config.json`` is written as plain JSON in the
+family's established keys, so export needs no transformers install. The folder is assembled in a temp folder next
+to ``--out`` and renamed at the end: a failed export leaves nothing under ``--out``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moecpt.errors import MoecptError
+from moecpt.interop.families import choose_family, extract
+from moecpt.interop.hf_import import (
+    HF_SIDE_DIR,
+    INDEX_FILE,
+    SAFETENSORS_DTYPES,
+    SIDE_FILES,
+    TOKENIZER_FILE,
+    resolve_dtype,
+)
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)?\s*$", re.IGNORECASE)
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str | int) -> int:
+    """``"5GB"`` -> 5e9 bytes, ``"100KiB"`` -> 102400 (decimal and binary units, as transformers)."""
+    if isinstance(text, int):
+        return text
+    m = _SIZE_RE.match(str(text))
+    if not m:
+        raise MoecptError(f"--max-shard-size {text!r} is not a size; write e.g. 5GB, 500MB or 100KiB")
+    size = int(float(m[1]) * _UNITS[(m[2] or "B").upper()])
+    if size < 1:
+        raise MoecptError(f"--max-shard-size {text!r} must be positive")
+    return size
+
+
+def _tokenizer_dir(ck_path: Path) -> Path | None:
+    """The folder holding the checkpoint's ``tokenizer.json``: the checkpoint itself (an import) or its run."""
+    for p in (ck_path, ck_path.parent.parent):
+        if (p / TOKENIZER_FILE).is_file():
+            return p
+    return None
+
+
+def _import_origin(ck) -> tuple[dict, Path | None]:
+    """``(imported_from, hf side-file folder)`` of a checkpoint: its own, or that of the nearest ancestor in its CPT
+    lineage that was imported (so a CPT of an imported model keeps the original token ids and tokenizer files)."""
+    import json
+
+    meta, path = ck.meta, ck.path
+    for _ in range(32):
+        if meta.get("imported_from"):
+            if meta.get("tokenizer_sha256") != ck.meta.get("tokenizer_sha256"):  # another tokenizer since
+                return {"family": meta["imported_from"].get("family")}, None
+            side = path / HF_SIDE_DIR
+            return meta["imported_from"], (side if side.is_dir() else None)
+        parent = (meta.get("lineage") or {}).get("parent_checkpoint")
+        if not parent or not (Path(parent) / "meta.json").is_file():
+            break
+        path = Path(parent)
+        try:
+            meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            break
+    return {}, None
+
+
+def export_hf(ckpt: str | Path, out: str | Path, *, family: str = "auto", dtype: str | None = "auto",
+              max_shard_size: str | int = "5GB") -> dict[str, Any]:
+    """Write checkpoint ``ckpt`` (a checkpoint or run folder) as a Hugging Face folder ``out``.
+
+    Args:
+        family: ``auto`` or one of ``olmoe``, ``mixtral``, ``qwen2_moe``, ``qwen3_moe``.
+        dtype: ``auto`` (as stored), ``fp32``, ``bf16`` or ``fp16``.
+        max_shard_size: largest shard, e.g. ``"5GB"``; one shard gives ``model.safetensors``, more give
+            ``model-0000i-of-0000N.safetensors`` and ``model.safetensors.index.json``.
+
+    Returns:
+        a summary: ``out``, ``family``, ``shards``, ``dtype``, ``notes``.
+
+    Raises:
+        MoecptError: no readable checkpoint, ``out`` exists, a model no family represents, a checkpoint tensor
+            the family has no place for.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from moecpt.config import ModelConfig, build_section
+    from moecpt.train.atomic import dumps_json, fsync_dir, fsync_file, temp_name
+    from moecpt.train.checkpoint import load_checkpoint
+
+    out = Path(out).expanduser()
+    if out.exists():
+        raise MoecptError(f"--out {str(out)!r} exists; export-hf never overwrites: choose a new folder")
+    limit = parse_size(max_shard_size)
+    ck = load_checkpoint(ckpt)
+    raw = ck.meta.get("model_config")
+    if not isinstance(raw, dict):
+        raise MoecptError(f"checkpoint {ck.path} has no model_config in its meta.json; it holds no moecpt model")
+    cfg = build_section(ModelConfig, raw, "model_config")
+    imported, side_dir = _import_origin(ck)
+    fam = choose_family(cfg, family, imported.get("family"))
+    cfg_out, synth, notes = fam.adapt(cfg)
+    pieces = fam.plan(cfg_out)
+
+    src_file = ck.path / "model.safetensors"
+    aliases: dict[str, str] = ck.manifest.get("aliases", {})
+    with safe_open(str(src_file), framework="pt", device="cpu") as f:
+        stored = {name: f.get_slice(name).get_dtype() for name in f.keys()}  # noqa: SIM118
+    used = {aliases.get(pc.dst, pc.dst) for pc in pieces}
+    unused = sorted(set(stored) - used)
+    if unused:
+        raise MoecptError(f"checkpoint tensor {unused[0]} has no place in {fam.name}; refusing to drop it")
+    kinds = {stored[n] for n in used if n in stored}
+    target = resolve_dtype(dtype) or (SAFETENSORS_DTYPES.get(kinds.pop(), torch.float32) if len(kinds) == 1
+                                      else torch.float32)
+    dtype_name = str(target).removeprefix("torch.")
+
+    hf_cfg = fam.hf_config(cfg_out)
+    hf_cfg["torch_dtype"] = dtype_name
+    orig = imported.get("hf_config") or {}
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if key in orig:
+            hf_cfg[key] = orig[key]
+    tok_dir = _tokenizer_dir(ck.path)
+    eod_token = None
+    if tok_dir is not None and "eos_token_id" not in hf_cfg:
+        from tokenizers import Tokenizer
+
+        from moecpt.data.tokenizer import eod_id_of
+
+        tok = Tokenizer.from_file(str(tok_dir / TOKENIZER_FILE))
+        try:
+            eod = eod_id_of(tok)
+            hf_cfg["eos_token_id"] = eod
+            eod_token = tok.id_to_token(eod)
+        except MoecptError:
+            pass
+    if tok_dir is None:
+        notes.append("the checkpoint has no tokenizer.json: the folder has weights and config only")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.with_name(temp_name(out.name))
+    staging.mkdir()
+    try:
+        parts: list[tuple[Path, list[str]]] = []
+        total = 0
+        cache: dict[str, torch.Tensor] = {}
+
+        def get(name: str) -> torch.Tensor:
+            name = aliases.get(name, name)
+            if name not in cache:  # pieces come in state-dict order: keep one source tensor at a time
+                cache.clear()
+                # a fresh mapping per tensor: pages read stay resident only while the file is open
+                with safe_open(str(src_file), framework="pt", device="cpu") as f:
+                    cache[name] = f.get_tensor(name)
+            return cache[name]
+
+        shard: dict[str, torch.Tensor] = {}
+        size = 0
+
+        def flush() -> None:
+            nonlocal shard, size
+            if not shard:
+                return
+            p = staging / f"part-{len(parts):05d}.safetensors"
+            save_file(shard, str(p), metadata={"format": "pt"})
+            fsync_file(p)
+            parts.append((p, list(shard)))
+            shard, size = {}, 0
+
+        for pc in pieces:
+            src = synth[pc.dst](get) if pc.dst in synth else get(pc.dst)
+            t = extract(src, pc).to(dtype=target, copy=True)
+            nbytes = t.numel() * t.element_size()
+            if shard and size + nbytes > limit:
+                flush()
+            shard[pc.hf] = t
+            size += nbytes
+            total += nbytes
+        flush()
+        weight_map: dict[str, str] = {}
+        names: list[str] = []
+        for k, (p, keys) in enumerate(parts):
+            name = "model.safetensors" if len(parts) == 1 else f"model-{k + 1:05d}-of-{len(parts):05d}.safetensors"
+            os.rename(p, staging / name)
+            names.append(name)
+            weight_map.update({key: name for key in keys})
+        if len(parts) > 1:
+            (staging / INDEX_FILE).write_bytes(dumps_json({"metadata": {"total_size": total},
+                                                           "weight_map": weight_map}))
+        (staging / "config.json").write_bytes(dumps_json(hf_cfg))
+        if tok_dir is not None:
+            shutil.copyfile(tok_dir / TOKENIZER_FILE, staging / TOKENIZER_FILE)
+            for n in SIDE_FILES:
+                if side_dir is not None and (side_dir / n).is_file():
+                    shutil.copyfile(side_dir / n, staging / n)
+            if not (staging / "tokenizer_config.json").is_file():
+                tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.max_seq_len,
+                           "clean_up_tokenization_spaces": False}
+                if eod_token is not None:
+                    tok_cfg["eos_token"] = eod_token
+                (staging / "tokenizer_config.json").write_bytes(dumps_json(tok_cfg))
+        for p in staging.iterdir():
+            fsync_file(p)
+        fsync_dir(staging)
+        if out.exists():
+            raise MoecptError(f"--out {str(out)!r} was created by someone else during the export; nothing written")
+        os.rename(staging, out)
+        fsync_dir(out.parent)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return {"out": str(out), "family": fam.name, "architecture": fam.architecture, "shards": names,
+            "dtype": dtype_name, "notes": notes}
+

@@ -1,0 +1,135 @@
+"""Tiny random Hugging Face MoE models for tests and examples (needs ``transformers``; built offline).
+
+:func:`save_tiny_hf` builds a model of a supported family from transformers' own config class (hidden 64, 2-3
+layers, 8 experts, top-2, vocabulary 300), gives every weight a clearly non-trivial random value (so that a
+wrong transpose, a missing norm or a swapped gate/up half shows in the logits), and saves it with
+``save_pretrained`` -- sharded when ``max_shard_size`` is given -- together with a small byte-level BPE tokenizer.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+
+#: vocabulary of the tiny models (the tiny tokenizer has exactly this many tokens; id 0 is <|endoftext|>)
+VOCAB = 300
+
+_COMMON = {"vocab_size": VOCAB, "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
+           "num_experts_per_tok": 2, "max_position_embeddings": 64, "bos_token_id": None, "eos_token_id": 0,
+           "pad_token_id": None, "tie_word_embeddings": False}
+
+#: config-class keyword arguments per family: GQA everywhere; Qwen2-MoE with a dense first layer
+#: (``mlp_only_layers``) and renormalised gates; Qwen3-MoE with a head_dim that is not hidden / heads and a
+#: dense layer every other layer (``decoder_sparse_step``).
+TINY_CONFIGS: dict[str, dict[str, Any]] = {
+    "olmoe": dict(_COMMON, num_hidden_layers=2, intermediate_size=32, num_experts=8),
+    "mixtral": dict(_COMMON, num_hidden_layers=2, intermediate_size=32, num_local_experts=8),
+    "qwen2_moe": dict(_COMMON, num_hidden_layers=3, intermediate_size=96, moe_intermediate_size=32,
+                      shared_expert_intermediate_size=48, num_experts=8, mlp_only_layers=[0], norm_topk_prob=True),
+    "qwen3_moe": dict(_COMMON, num_hidden_layers=2, intermediate_size=96, moe_intermediate_size=32, head_dim=24,
+                      num_experts=8, decoder_sparse_step=2, norm_topk_prob=True),
+}
+
+
+def config_class(family: str):
+    import transformers
+
+    return {"olmoe": transformers.OlmoeConfig, "mixtral": transformers.MixtralConfig,
+            "qwen2_moe": transformers.Qwen2MoeConfig, "qwen3_moe": transformers.Qwen3MoeConfig}[family]
+
+
+def tiny_hf_model(family: str, seed: int = 0, **overrides: Any):
+    """A randomised transformers model of ``family`` (eval mode, fp32): weights ~ N(0, 0.1), norms ~ 1 + N(0, 0.1)."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = config_class(family)(**{**TINY_CONFIGS[family], **overrides})
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg).float().eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            p.copy_(1 + 0.1 * noise if "norm" in name else 0.1 * noise)
+    return model
+
+
+def synthetic_texts(seed: int, n_docs: int, words: int = 60, alphabet: str = "aeioubdgklmnprst") -> list[str]:
+    """Documents of a made-up language: words of 2-3 syllables drawn from ``alphabet`` with a skewed frequency."""
+    rng = random.Random(seed)
+    vowels = [c for c in alphabet if c in "aeiou"] or ["a"]
+    cons = [c for c in alphabet if c not in "aeiou"] or ["k"]
+    lexicon = ["".join(rng.choice(cons) + rng.choice(vowels) for _ in range(rng.randint(1, 3))) for _ in range(80)]
+    weights = [1.0 / (i + 1) for i in range(len(lexicon))]
+    return [" ".join(rng.choices(lexicon, weights, k=words)) + "." for _ in range(n_docs)]
+
+
+def tiny_tokenizer(vocab_size: int = VOCAB, seed: int = 0):
+    """A byte-level BPE (``tokenizers.Tokenizer``) with exactly ``vocab_size`` tokens, ``<|endoftext|>`` = id 0."""
+    from moecpt.data.tokenizer import train_bpe
+
+    texts = synthetic_texts(seed, 200) + synthetic_texts(seed + 1, 200, alphabet="aeiofhjvwxyz")
+    tok = train_bpe(texts, vocab_size)
+    assert tok.get_vocab_size(with_added_tokens=True) == vocab_size
+    return tok
+
+
+def save_tokenizer(tok, folder: str | Path) -> None:
+    """Save ``tok`` the way a Hugging Face repo ships it: ``tokenizer.json`` + ``tokenizer_config.json``."""
+    from transformers import PreTrainedTokenizerFast
+
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>").save_pretrained(str(folder))
+
+
+def save_tiny_hf(family: str, folder: str | Path, seed: int = 0, max_shard_size: str | None = None,
+                 tokenizer: bool = True, **overrides: Any):
+    """Build :func:`tiny_hf_model`, ``save_pretrained`` it into ``folder`` (sharded with ``max_shard_size``) with
+    the tiny tokenizer, and return the model."""
+    model = tiny_hf_model(family, seed, **overrides)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(str(folder), **kwargs)
+    if tokenizer:
+        save_tokenizer(tiny_tokenizer(), folder)
+    return model
+
+
+def write_synthetic_hf(family: str, folder: str | Path, cfg, max_shard_bytes: int, seed: int = 0) -> dict[str, int]:
+    """Write a random Hugging Face folder of ``family`` for the moecpt config ``cfg`` straight with safetensors
+    (no transformers needed, any size): shards of at most ``max_shard_bytes`` plus the index and ``config.json``.
+
+    Returns:
+        ``{"model_bytes": ..., "max_shard_bytes": ..., "shards": ...}`` (bytes of tensor data).
+    """
+    import json
+
+    from safetensors.torch import save_file
+
+    from moecpt.interop.families import FAMILIES
+
+    fam = FAMILIES[family]
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    sizes = [0]
+    for pc in fam.plan(cfg):
+        t = torch.randn(pc.hf_shape, generator=g) * 0.05
+        if "norm" in pc.hf:
+            t += 1
+        n = t.numel() * t.element_size()
+        if sizes[-1] and sizes[-1] + n > max_shard_bytes:
+            shards.append({})
+            sizes.append(0)
+        shards[-1][pc.hf] = t
+        sizes[-1] += n
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(folder / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in shard})
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}))
+    (folder / "config.json").write_text(json.dumps(fam.hf_config(cfg)))
+    return {"model_bytes": sum(sizes), "max_shard_bytes": max(sizes), "shards": len(shards)}
