@@ -309,7 +309,6 @@ class _Evaluator:
 
         key = str(ckpt)
         if key not in self._traces:
-            torch.set_num_threads(os.cpu_count() or 1)
             model = load_model(ckpt)
             self._traces[key] = {s: collect(model, b) for s, b in self.batches.items()}
         return self._traces[key]
@@ -350,6 +349,42 @@ class _Evaluator:
         return out
 
 
+def _eval_worker(root: str, study_json: dict, pairs: list[tuple[str, str | None]], threads: int) -> None:
+    """Worker: evaluate final checkpoints (and compare each with its CPT parent), filling the eval cache."""
+    import torch
+
+    torch.set_num_threads(threads)
+    study = StudyRecipe.model_validate(study_json)
+    ev = _Evaluator(Path(root), study)
+    for final, parent in pairs:
+        ev.summary(Path(final))
+        if parent is not None:
+            ev.summary(Path(parent))
+            if ev.traces(Path(final))[study.data.old[0]].topk_layers:
+                ev.compare(Path(parent), Path(final), study.data.old[0])
+
+
+def evaluate_stages(root: Path, study: StudyRecipe, stages: list[Stage], jobs: int) -> None:
+    """Evaluate every stage's final checkpoint and CPT parent in ``jobs`` worker processes (one per pre-trained
+    model's family of runs, so a parent's traces are computed once per worker), caching under ``DIR/evals``.
+
+    Single-threaded workers side by side use a small CPU better than one multi-threaded process, and do not
+    collapse when other programs share the cores."""
+    from moecpt.train.checkpoint import checkpoint_dir_name
+
+    groups: dict[str, list[tuple[str, str | None]]] = {}
+    for st in stages:
+        final = st.run_dir(root) / "checkpoints" / checkpoint_dir_name(st.end_step())
+        parent = st.parent_checkpoint(root)
+        groups.setdefault(st.parent.key if st.parent else st.key, []).append(
+            (str(final), str(parent) if parent else None))
+    threads = max(1, (os.cpu_count() or 1) // max(jobs, 1))
+    study_json = study.model_dump(mode="json")
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn"), initializer=_worker_init) as pool:
+        for fut in [pool.submit(_eval_worker, str(root), study_json, pairs, threads) for pairs in groups.values()]:
+            fut.result()
+
+
 def collect_results(root: Path, study: StudyRecipe, stages: list[Stage], summaries: dict[str, dict],
                     wall_time_s: float, log=print) -> dict[str, Any]:
     """Assemble the ``results`` dict the report is written from (schema: :mod:`moecpt.analysis.report`)."""
@@ -358,8 +393,7 @@ def collect_results(root: Path, study: StudyRecipe, stages: list[Stage], summari
     from moecpt.train.checkpoint import checkpoint_dir_name, load_checkpoint
     from moecpt.config import ModelConfig
 
-    log("study: evaluating checkpoints on the held-out splits")
-    ev = _Evaluator(root, study)
+    ev = _Evaluator(root, study)  # reads the cache that evaluate_stages filled
     results: dict[str, Any] = {"name": study.name, "wall_time_s": wall_time_s, "old_sources": list(study.data.old),
                                "shifts": list(study.data.shifts), "models": {}, "runs": {}, "comparisons": {},
                                "forgetting": {}}
@@ -421,6 +455,8 @@ def run_study(study: StudyRecipe, out_dir: str | Path, jobs: int | None = None, 
     t0 = time.perf_counter()
     jobs = jobs or min(len(stages), max(1, os.cpu_count() or 1))
     summaries = run_stages(root, stages, jobs, log=log)
+    log("study: evaluating checkpoints on the held-out splits")
+    evaluate_stages(root, study, stages, jobs)
     results = collect_results(root, study, stages, summaries, time.perf_counter() - t0, log=log)
     write_report(results, root)
     log(f"study: report written to {root / 'report.md'} (and report.html, study.json)")
