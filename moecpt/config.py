@@ -353,12 +353,67 @@ class CPTConfig(_Strict):
     load_optimizer: bool = Field(False, description="carry the parent's AdamW moments (never its LR)")
 
 
+class SyncKind(StrEnum):
+    """How workers are kept in agreement (``docs/distributed.md``)."""
+
+    DDP = "ddp"  # gradients all-reduced every step (torch DDP)
+    FSDP = "fsdp"  # FSDP2 ``fully_shard``: parameters, gradients and optimizer state sharded
+    LOCAL_SGD = "local-sgd"  # parameters averaged every H steps (Stich 2019; Lin et al. 2020)
+    SLOWMO = "slowmo"  # local SGD + outer heavy-ball momentum and outer LR (Wang et al. 2020, arXiv 1910.00643)
+    DILOCO = "diloco"  # inner AdamW, outer Nesterov SGD on the pseudo-gradient (Douillard et al. 2023, 2311.08105)
+
+
+#: outer optimizer, outer LR, outer momentum used when a local-SGD-family recipe leaves them unset
+OUTER_DEFAULTS: dict[str, tuple[str, float, float]] = {
+    "local-sgd": ("sgd", 1.0, 0.0),  # theta <- mean_k theta_k: plain parameter averaging
+    "slowmo": ("sgd", 1.0, 0.5),  # fairscale SlowMo defaults (slowmo_lr 1.0, slowmo_momentum 0.5)
+    "diloco": ("nesterov", 0.7, 0.9),  # DiLoCo paper
+}
+
+
 class DistributedConfig(_Strict):
-    sync: str = Field("ddp", description="ddp | fsdp | local-sgd | slowmo | diloco")
-    local_steps: int = Field(1, ge=1)
-    outer_optimizer: str = Field("sgd", description="sgd | nesterov | lagg-a | lopt-a")
-    outer_lr: float = Field(0.7, gt=0)
-    outer_momentum: float = Field(0.9, ge=0, lt=1)
+    """Data parallelism and communication-efficient synchronisation (``moecpt.distributed``).
+
+    ``sync`` selects the strategy. The local-SGD family (``local-sgd``, ``slowmo``, ``diloco``) runs ``local_steps``
+    (H) inner optimizer steps on every worker, then applies the outer optimizer to the pseudo-gradient
+    ``theta_global - mean_k theta_k``; unset ``outer_*`` fields take the sync's defaults (:data:`OUTER_DEFAULTS`).
+    """
+
+    sync: SyncKind = SyncKind.DDP
+    local_steps: int = Field(1, ge=1, description="H: inner steps per communication round (local-SGD family)")
+    outer_optimizer: str | None = Field(
+        None, description="sgd | nesterov | lagg-a | lopt-a | PATH.safetensors; None = the sync's default")
+    outer_lr: float | None = Field(None, gt=0, description="None = the sync's default (1.0; diloco 0.7)")
+    outer_momentum: float | None = Field(None, ge=0, lt=1, description="None = the sync's default")
+    inner_optimizer: str = Field("adamw", description="adamw (the [optim] recipe) | sgd (plain SGD, no momentum)")
+    backend: str = Field("auto", description="auto (nccl on CUDA, gloo on CPU) | gloo | nccl")
+    timeout_s: float = Field(600.0, gt=0, description="collective / rendezvous timeout: a lost peer stops the rest")
+    emulate_bandwidth_gbit: float | None = Field(
+        None, gt=0, description="emulated link: sleep latency + bytes / bandwidth after every collective")
+    emulate_latency_ms: float = Field(0.0, ge=0, description="emulated link latency per collective")
+
+    @model_validator(mode="after")
+    def _check(self) -> "DistributedConfig":
+        if self.inner_optimizer not in ("adamw", "sgd"):
+            raise ValueError(f"distributed.inner_optimizer={self.inner_optimizer!r} is not allowed; allowed: adamw, sgd")
+        if self.backend not in ("auto", "gloo", "nccl"):
+            raise ValueError(f"distributed.backend={self.backend!r} is not allowed; allowed: auto, gloo, nccl")
+        local = self.sync in (SyncKind.LOCAL_SGD, SyncKind.SLOWMO, SyncKind.DILOCO)
+        if not local:
+            for key in ("outer_optimizer", "outer_lr", "outer_momentum"):
+                if getattr(self, key) is not None:
+                    raise ValueError(f"distributed.{key} applies to sync = local-sgd, slowmo or diloco, not "
+                                     f"{self.sync.value!r}; remove it or choose one of those")
+            if self.local_steps != 1:
+                raise ValueError(f"distributed.local_steps={self.local_steps} needs sync = local-sgd, slowmo or "
+                                 f"diloco; sync = {self.sync.value!r} synchronises every step")
+        return self
+
+    def outer(self) -> tuple[str, float, float]:
+        """``(outer_optimizer, outer_lr, outer_momentum)`` with the sync's defaults filled in."""
+        name, lr, mom = OUTER_DEFAULTS.get(self.sync.value, ("sgd", 1.0, 0.0))
+        return (self.outer_optimizer or name, lr if self.outer_lr is None else self.outer_lr,
+                mom if self.outer_momentum is None else self.outer_momentum)
 
 
 class Recipe(_Strict):

@@ -1,1 +1,14 @@
-"""moecpt.distributed"""
+"""Distributed training: data parallelism (DDP, FSDP2), communication-efficient synchronisation (local SGD, SlowMo,
+DiLoCo, learned outer optimizers), an in-process simulator, and communication accounting. See
+``docs/distributed.md``.
+
+Module map: ``launch`` (process group start-up / teardown, rank info, config check, failure diagnosis),
+``strategy`` (the interface the training loop calls, :func:`build_sync`), ``ddp`` (DDP, FSDP2), ``local_sgd``
+(outer loop, pseudo-gradient, outer optimizers, gather mode), ``simulate`` (``--simulate-workers``),
+``accounting`` (bytes, rounds, times, emulated link).
+"""
+
+from moecpt.distributed.launch import DistInfo, rank_info, session
+from moecpt.distributed.strategy import SyncStrategy, Worker, build_sync
+
+__all__ = ["DistInfo", "SyncStrategy", "Worker", "build_sync", "rank_info", "session"]

@@ -12,6 +12,9 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a recipe key, validated like the file (repeatable)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--simulate-workers", type=int, default=None, metavar="K",
+                   help="run K data-parallel workers in this one process, with the updates of a K-process run "
+                        "(docs/distributed.md); for several processes use torchrun --nproc-per-node K -m moecpt ...")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -45,10 +48,15 @@ def _train(args: argparse.Namespace, parent) -> int:
     if parent is not None and not Path(parent).exists():
         raise MoecptError(f"--from {str(parent)!r} does not exist; give a checkpoint or run folder")
 
+    from moecpt.distributed.launch import session
     from moecpt.train.trainer import Trainer
 
-    summary = Trainer(recipe, args.out, parent=parent, show_progress=not args.no_progress).run()
-    print(json.dumps(summary))
+    # under torchrun (WORLD_SIZE > 1) the session joins the job; otherwise it does nothing
+    with session(recipe.distributed, recipe.train.device) as info:
+        summary = Trainer(recipe, args.out, parent=parent, show_progress=not args.no_progress,
+                          simulate_workers=args.simulate_workers).run()
+    if info.is_main:
+        print(json.dumps(summary))
     return 0
 
 

@@ -7,6 +7,11 @@ One :class:`Trainer` runs a recipe into a run folder::
     RUN/tokenizer.json      the tokenizer the run was trained with
     RUN/checkpoints/step_N  model (safetensors), optimizer, RNG, data-sampler state, lineage (meta.json)
 
+Distributed runs (``torchrun ... -m moecpt pretrain``, or ``--simulate-workers K`` in one process) train a list of
+workers through a sync strategy (:mod:`moecpt.distributed`: DDP, FSDP2, local SGD, SlowMo, DiLoCo); only rank 0
+writes ``run.json``, metrics and checkpoints, and every rank loads them. A single process uses the no-op strategy
+and behaves exactly as without distribution. See ``docs/distributed.md``.
+
 Restarting the same command resumes from the newest complete checkpoint and reproduces the uninterrupted run's
 per-step losses bit for bit on CPU (the sampler, RNG and optimizer state are restored; the LR is recomputed from
 the schedule, never read back from the optimizer — GUIDE.md CPT rule 3).
@@ -31,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from moecpt.config import Recipe
+from moecpt.distributed.launch import check_same_config, rank_info, run_on_main
 from moecpt.errors import MoecptError
 from moecpt.model.transformer import Transformer, build_model
 from moecpt.train.metrics import JsonlSink, RoutingAccumulator
@@ -99,6 +105,9 @@ class Trainer:
         out_dir: run folder (created; resumed when it holds this same run).
         parent: CPT parent checkpoint (folder of a checkpoint or a run folder), or None for pre-training.
         show_progress: draw a tqdm progress bar.
+        simulate_workers: run this many data-parallel workers in this one process (``--simulate-workers``).
+        outer_optimizer: local-SGD family only: replaces ``distributed.outer_optimizer`` with a
+            :class:`moecpt.lopt.OuterOptimizer` or a factory ``params -> torch.optim.Optimizer``.
 
     Raises:
         MoecptError: the folder holds another run, the parent is missing/corrupt/incompatible, data problems,
@@ -106,13 +115,16 @@ class Trainer:
     """
 
     def __init__(self, recipe: Recipe, out_dir: str | Path, parent: str | Path | None = None,
-                 show_progress: bool = True):
+                 show_progress: bool = True, simulate_workers: int | None = None, outer_optimizer: Any = None):
         from moecpt.data.prepared import PreparedData
         from moecpt.train.checkpoint import CheckpointManager, load_checkpoint
 
         self.recipe = recipe
         self.out_dir = Path(out_dir)
-        self.show_progress = show_progress
+        self.dist = rank_info()  # rank / world size of a torchrun job (world size 1 otherwise)
+        self.show_progress = show_progress and self.dist.is_main
+        self.simulate_workers = simulate_workers
+        self.outer_optimizer = outer_optimizer
         self.device = resolve_device(recipe.train.device)
         self.parent: Parent | None = None
         if parent is not None:
@@ -132,8 +144,9 @@ class Trainer:
             "parent": self._parent_identity(),
             "data_tokenizer_sha256": self.data.tokenizer_sha256,
         }
+        check_same_config(self.identity)  # every rank of a job must run the same thing (a no-op otherwise)
         self._check_data()  # before claiming the folder: a recipe that cannot run must not leave a run.json behind
-        self._claim_run_folder()
+        run_on_main(self._claim_run_folder)  # rank 0 writes; its refusal is raised on every rank
         self.ckpts = CheckpointManager(self.out_dir, keep_last=recipe.train.keep_last,
                                        keep_steps=self._milestones())
 
@@ -191,7 +204,7 @@ class Trainer:
 
         r, tcfg = self.recipe, self.recipe.train
         return MixtureSampler(self.data, r.data.mixture, r.data.seq_len, tcfg.batch_size, seed=tcfg.seed,
-                              rank=0, world_size=1, allow_repeat=r.data.allow_repeat,
+                              rank=self.dist.rank, world_size=self.dist.world_size, allow_repeat=r.data.allow_repeat,
                               total_steps=run_end_step(r.schedule, tcfg.steps))
 
     def _make_evals(self) -> dict[str, list[torch.Tensor]]:
@@ -248,34 +261,69 @@ class Trainer:
         resumed run would then differ from an uninterrupted one in the last bits.
         """
         with deterministic_on_cpu(self.device):
+            if not self.dist.distributed:
+                return self._run()
+            return self._run_rank()
+
+    def _run_rank(self) -> dict[str, Any]:
+        """One rank of a job: a lost peer or a collective timeout becomes a MoecptError naming the rank(s) that
+        stopped (:func:`moecpt.distributed.launch.diagnose`); this rank's own fatal error is published for the
+        others to quote."""
+        from moecpt.distributed.launch import diagnose, is_distributed_error, publish_error
+
+        try:
             return self._run()
+        except MoecptError as exc:
+            publish_error(str(exc))
+            raise
+        except Exception as exc:
+            if not is_distributed_error(exc):
+                publish_error(f"{type(exc).__name__}: {exc}")
+                raise
+            found = self.ckpts.all()  # look only: another rank may be writing
+            raise MoecptError(
+                f"rank {self.dist.rank} of {self.dist.world_size} stops: {diagnose()} (collective error: "
+                f"{str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__}). The last "
+                f"complete checkpoint is {found[-1] if found else 'none'}; run the same command again to resume "
+                "from it") from None
 
     def _run(self) -> dict[str, Any]:
-        from moecpt.train.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state
-        from moecpt.train.optim import build_optimizer
+        from moecpt.distributed.launch import broadcast_object
+        from moecpt.distributed.strategy import SYNC_KEY, build_sync, build_worker_optimizer
+        from moecpt.train.checkpoint import load_checkpoint, restore_rng_state
         from moecpt.train.schedules import lr_at, run_end_step
 
         r, tcfg = self.recipe, self.recipe.train
         torch.manual_seed(tcfg.seed)
         model = build_model(self.model_cfg, device=self.device)
-        optimizer = build_optimizer(model, r.optim, self.device)
-        world_size = 1
+
+        def make_optimizer(m: torch.nn.Module) -> torch.optim.Optimizer:
+            return build_worker_optimizer(m, r, self.device)
+
+        optimizer = make_optimizer(model)
+        sync = build_sync(r, self.dist, self.device, self.simulate_workers, self.outer_optimizer)
         end_step = run_end_step(r.schedule, tcfg.steps)
         sampler = self._make_sampler()
-        sink = JsonlSink(self.out_dir / "metrics.jsonl")
+        sink = JsonlSink(self.out_dir / "metrics.jsonl") if self.dist.is_main else _NullSink()
+        if sync.reports:  # every entry carries the cumulative communication counters (comm_bytes, ...)
+            sink = _WithCommFields(sink, sync)
         start_step, tokens_done, skips = 0, 0, 0
-        latest = self.ckpts.latest()
+        sync_state = None
+        # rank 0 picks the checkpoint (and cleans stale temp folders); every rank loads the same one
+        latest = broadcast_object(self.ckpts.latest() if self.dist.is_main else None)
         if latest is not None:  # resume our own run
             ck = load_checkpoint(latest)
             model.load_state_dict(ck.model_state(self.device), strict=True)
             opt_state = ck.optimizer_state()
             if opt_state is not None:
+                sync_state = opt_state.get(SYNC_KEY)  # the strategy's own part (outer state, other workers')
                 optimizer.load_state_dict(opt_state)
             sampler.load_state_dict(ck.meta["sampler"])
             start_step, tokens_done, skips = ck.step, ck.meta["tokens"], ck.meta.get("skipped_steps", 0)
             rng = ck.rng_state()
             if rng is not None:
-                restore_rng_state(rng)
+                restore_rng_state(sync.select_rng(rng))
+            sync.load_meta(ck.meta)
             sink.truncate_after(start_step)
         else:
             sink.truncate_after(-1)  # killed before its first checkpoint: the run starts over, so does its log
@@ -283,56 +331,53 @@ class Trainer:
                 self._load_parent(model, optimizer)
         if start_step >= end_step:
             return self._summary(start_step, tokens_done, skips, resumed=True)
-        compiled = torch.compile(model) if tcfg.compile else model
+        workers = sync.setup(model, optimizer, make_optimizer, sync_state)
+        for w in workers:
+            w.forward = torch.compile(w.module) if tcfg.compile else w.module
+        model = workers[0].model
         evals = self._make_evals()
         if start_step == 0:
             self._evaluate(model, evals, 0, tokens_done, sink)
-        micro = tcfg.micro_batch_size or tcfg.batch_size
-        n_micro = (tcfg.batch_size // world_size) // micro
+        rows = sync.local_batch_rows(tcfg.batch_size)  # rows of the global batch each worker trains on
+        micro = min(tcfg.micro_batch_size or rows, rows)
+        if rows % micro:
+            raise MoecptError(f"train.micro_batch_size={micro} does not divide the {rows} sequences each of the "
+                              f"{sync.num_workers} workers trains on per step; choose a divisor of {rows}")
         progress = self._progress(start_step, end_step)
         step = start_step
         try:
             for step in range(start_step, end_step):
                 t0 = time.perf_counter()
+                sync.begin_step()
                 lr = lr_at(step, r.schedule, r.optim, tcfg.steps)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
+                for w in workers:
+                    for group in w.optimizer.param_groups:
+                        group["lr"] = lr
                 batch = sampler.next_batch().to(self.device, non_blocking=True)
-                model.train()
-                acc = RoutingAccumulator()
-                ce_sum, aux_sum = 0.0, 0.0
-                for mb in batch.split(micro):
-                    with autocast_context(self.device, tcfg.dtype):
-                        logits, routing = compiled(mb[:, :-1], return_routing=True)
-                        ce = lm_loss(logits, mb[:, 1:])
-                        aux = sum((o.weighted_aux_loss() for o in routing), ce.new_zeros(()))
-                        if routing:
-                            aux = aux / len(routing)  # mean over MoE layers (GUIDE routing rule 3)
-                    ((ce + aux) / n_micro).backward()
-                    ce_sum += ce.detach().item()
-                    aux_sum += float(aux.detach())
-                    acc.add(routing)
-                ce_mean, aux_mean = ce_sum / n_micro, aux_sum / n_micro
+                local = [self._forward_backward(w, part, micro, sync)
+                         for w, part in zip(workers, sync.split_batch(batch))]
+                sync.after_backward(workers)
                 done = step + 1  # steps are numbered 1.. in metrics.jsonl, checkpoints and messages
-                grad_norm = None
-                finite = math.isfinite(ce_mean + aux_mean)
-                if finite:
-                    # an overflowing gradient can come with a finite loss: it would write NaN into the weights
-                    # (and the next checkpoint), so it counts as non-finite too
-                    if r.optim.grad_clip is not None:
-                        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), r.optim.grad_clip))
-                    else:
-                        grads = [p.grad.detach().float() for p in model.parameters() if p.grad is not None]
-                        grad_norm = float(torch.linalg.vector_norm(torch.stack(
-                            [torch.linalg.vector_norm(g) for g in grads]))) if grads else 0.0
-                    finite = math.isfinite(grad_norm)
-                step_tokens = batch.shape[0] * (batch.shape[1] - 1) * world_size  # input tokens of this step
+                log = done % tcfg.log_every == 0 or done == end_step
+                ce_mean, aux_mean, loads, acc = sync.reduce_step(workers, local, log)
+                grad_norms = []
+                for w, (c, a, _) in zip(workers, local):
+                    # every-step modes decide on the reduced loss (all ranks agree); local-SGD workers on their own
+                    gn = self._grad_norm(w.model) if math.isfinite(
+                        ce_mean + aux_mean if sync.every_step else c + a) else None
+                    grad_norms.append(gn)
+                grad_norm = grad_norms[0]
+                # an overflowing gradient can come with a finite loss: it would write NaN into the weights
+                # (and the next checkpoint), so it counts as non-finite too
+                finite = all(gn is not None and math.isfinite(gn) for gn in grad_norms)
+                step_tokens = tcfg.batch_size * r.data.seq_len  # input tokens of this step, all workers
                 if not finite:
-                    optimizer.zero_grad(set_to_none=True)
-                    for router in model.routers():
-                        router.step_load.zero_() if hasattr(router, "step_load") else None
+                    for w in workers:
+                        w.optimizer.zero_grad(set_to_none=True)
+                        for router in w.model.routers():
+                            router.step_load.zero_() if hasattr(router, "step_load") else None
                     if not (tcfg.skip_nonfinite and skips < tcfg.max_skips):
-                        last = self.ckpts.latest()
+                        last = self._latest_checkpoint()
                         raise MoecptError(
                             f"non-finite loss or gradient (loss {ce_mean}, grad norm {grad_norm}) at step {done}; "
                             f"the last good checkpoint is {last if last else 'none (no checkpoint yet)'}; lower "
@@ -345,31 +390,78 @@ class Trainer:
                                 "loss": ce_mean, "aux_loss": aux_mean, "grad_norm": grad_norm,
                                 "skipped_steps": skips})
                 else:
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    bias_stats = self._update_biases(model)
+                    for w in workers:
+                        w.optimizer.step()
+                        w.optimizer.zero_grad(set_to_none=True)
+                    bias_stats = [self._update_biases(w.model, loads) for w in workers][0]
                     tokens_done += step_tokens
+                evaluate = done % tcfg.eval_every == 0 or done == end_step
+                save = done % tcfg.checkpoint_every == 0 or done == end_step or done in self.ckpts.keep_steps
+                # local-SGD family: a communication round every H steps, and before an evaluation or checkpoint
+                sync.after_optimizer_step(workers, done, boundary=evaluate or save)
+                if finite:
                     dt = time.perf_counter() - t0
-                    if done % tcfg.log_every == 0 or done == end_step:
+                    if log:
                         rec = {"step": done, "tokens": tokens_done, "lr": lr, "loss": ce_mean, "aux_loss": aux_mean,
                                "grad_norm": grad_norm, "tokens_per_s": step_tokens / dt if dt > 0 else None,
                                "step_time_s": dt, **acc.summary(), **bias_stats}
                         rec.setdefault("mri_mean", None)
                         sink.write(rec)
-                if done % tcfg.eval_every == 0 or done == end_step:
+                if evaluate:
                     self._evaluate(model, evals, done, tokens_done, sink)
-                if done % tcfg.checkpoint_every == 0 or done == end_step or done in self.ckpts.keep_steps:
-                    self.ckpts.save(done, model_state=model.state_dict(), optimizer_state=optimizer.state_dict(),
-                                    rng_state=capture_rng_state(),
-                                    meta=self._meta(done, tokens_done, skips, sampler))
+                if save:
+                    model_state, opt_state, rng_state = sync.checkpoint_state(workers)  # a collective
+                    if self.dist.is_main:
+                        self.ckpts.save(done, model_state=model_state, optimizer_state=opt_state,
+                                        rng_state=rng_state, meta={**self._meta(done, tokens_done, skips, sampler),
+                                                                   **sync.meta()})
                 if progress is not None:
                     progress.update(1)
                     progress.set_postfix(loss=f"{ce_mean:.3f}", lr=f"{lr:.2e}")
+            comm = sync.summary(tokens_done)
+            if comm is not None:
+                sink.write({"step": end_step, "tokens": tokens_done, "event": "comm_summary", **comm})
         finally:
             if progress is not None:
                 progress.close()
             sink.close()
-        return self._summary(end_step, tokens_done, skips, resumed=start_step > 0)
+        summary = self._summary(end_step, tokens_done, skips, resumed=start_step > 0)
+        if comm is not None:
+            summary["comm"] = comm
+        return summary
+
+    def _forward_backward(self, w, batch: torch.Tensor, micro: int, sync) -> tuple[float, float, RoutingAccumulator]:
+        """Forward and backward of one worker's rows, in micro-batches; returns (mean CE, mean aux, routing)."""
+        tcfg = self.recipe.train
+        w.model.train()
+        acc = RoutingAccumulator()
+        ce_sum, aux_sum = 0.0, 0.0
+        parts = batch.split(micro)
+        n_micro = len(parts)
+        for i, mb in enumerate(parts):
+            with sync.grad_sync(w, last=i == n_micro - 1):  # DDP / FSDP2 synchronise on the last micro-batch
+                with autocast_context(self.device, tcfg.dtype):
+                    logits, routing = w.forward(mb[:, :-1], return_routing=True)
+                    ce = lm_loss(logits, mb[:, 1:])
+                    aux = sum((o.weighted_aux_loss() for o in routing), ce.new_zeros(()))
+                    if routing:
+                        aux = aux / len(routing)  # mean over MoE layers (GUIDE routing rule 3)
+                ((ce + aux) / n_micro).backward()
+            ce_sum += ce.detach().item()
+            aux_sum += float(aux.detach())
+            acc.add(routing)
+        return ce_sum / n_micro, aux_sum / n_micro, acc
+
+    def _grad_norm(self, model: Transformer) -> float:
+        """Total gradient norm, clipped to ``optim.grad_clip`` when set (FSDP2's sharded gradients included)."""
+        clip = self.recipe.optim.grad_clip
+        if clip is not None:
+            return _scalar(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
+        grads = [p.grad.detach() for p in model.parameters() if p.grad is not None]
+        if grads and hasattr(grads[0], "full_tensor"):  # DTensor (FSDP2): let torch reduce over the shards
+            return _scalar(torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf")))
+        return float(torch.linalg.vector_norm(torch.stack(
+            [torch.linalg.vector_norm(g.float()) for g in grads]))) if grads else 0.0
 
     # ------------------------------------------------------------------------------------------------- pieces
     def _load_parent(self, model: Transformer, optimizer: torch.optim.Optimizer) -> None:
@@ -406,10 +498,13 @@ class Trainer:
                 group["eps"] = o.eps
                 group["weight_decay"] = 0.0 if group.get("name") == "no_decay" else o.weight_decay
 
-    def _update_biases(self, model: Transformer) -> dict[str, float]:
+    def _update_biases(self, model: Transformer, loads: list[torch.Tensor] | None = None) -> dict[str, float]:
+        """Bias update of every router; ``loads`` (every-step modes) are the counts summed over workers."""
         stats: dict[str, list[float]] = {}
+        biased = [rt for rt in model.routers() if hasattr(rt, "step_load")]
+        load_of = {id(rt): load for rt, load in zip(biased, loads or [])}
         for router in model.routers():
-            for k, v in router.update_bias().items():
+            for k, v in router.update_bias(load_of.get(id(router))).items():
                 stats.setdefault(k, []).append(v)
         return {f"{k}_layers": v for k, v in stats.items()} | {
             f"{k}_mean": sum(v) / len(v) for k, v in stats.items()}
@@ -463,7 +558,48 @@ class Trainer:
 
     def _summary(self, step: int, tokens: int, skips: int, resumed: bool) -> dict[str, Any]:
         return {"run_dir": str(self.out_dir), "mode": self.mode, "steps": step, "tokens": tokens,
-                "skipped_steps": skips, "resumed": resumed, "latest_checkpoint": str(self.ckpts.latest())}
+                "skipped_steps": skips, "resumed": resumed, "latest_checkpoint": str(self._latest_checkpoint())}
+
+    def _latest_checkpoint(self) -> Path | None:
+        """Rank 0 (or a single process): the newest complete checkpoint, stale temp folders removed. Other ranks
+        only look: a writer's pid means nothing on another host, so they must not clean anything."""
+        if self.dist.is_main:
+            return self.ckpts.latest()
+        found = self.ckpts.all()
+        return found[-1] if found else None
+
+
+def _scalar(t: Any) -> float:
+    return float(t.full_tensor() if hasattr(t, "full_tensor") else t)
+
+
+class _WithCommFields:
+    """A sink that adds the sync strategy's cumulative communication fields to every record."""
+
+    def __init__(self, sink: Any, sync: Any):
+        self.sink, self.sync = sink, sync
+
+    def truncate_after(self, step: int) -> None:
+        self.sink.truncate_after(step)
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.sink.write({**record, **self.sync.record_fields()})
+
+    def close(self) -> None:
+        self.sink.close()
+
+
+class _NullSink:
+    """What ranks other than 0 write metrics to."""
+
+    def truncate_after(self, step: int) -> None:
+        pass
+
+    def write(self, record: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def _first_difference(a: Any, b: Any, path: str = "") -> str:

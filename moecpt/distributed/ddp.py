@@ -1,0 +1,225 @@
+"""Every-step data parallelism: DDP and FSDP2.
+
+* :class:`DDPSync`: ``torch.nn.parallel.DistributedDataParallel``; gradients are all-reduced in buckets during the
+  backward of the last micro-batch (``no_sync`` on the others), through a comm hook that counts the bytes and, with
+  an emulated link, delays each bucket. ``broadcast_buffers=False``: the router's per-step load counter is a buffer
+  and must not be overwritten by rank 0's; the expert biases stay identical because every rank updates them from
+  the same summed loads.
+* :class:`FSDPSync`: FSDP2 ``fully_shard`` on every transformer block and on the root, for models whose parameters,
+  gradients and AdamW state do not fit one device. Works with gloo on CPU (torch >= 2.6) and NCCL on CUDA.
+  Checkpoints stay in the ordinary (full, unsharded) format: rank 0 gathers the full model and optimizer state to
+  CPU memory, and every rank loads the full state before sharding it. That keeps CPT and resume interchangeable
+  with DDP runs, at the price of one full copy in CPU memory while saving / loading (document: ``docs/distributed.md``).
+  FSDP2 exposes no communication hook, so its traffic is *estimated* (``3 (W-1)/W`` x the fp32 parameter bytes per
+  step: all-gather in forward and backward, reduce-scatter of gradients) and the emulated link does not apply.
+
+Both reduce, every step, one small vector per worker: cross-entropy, aux loss and every bias router's load counts
+(GUIDE.md routing rule 6: counts summed over micro-batches *and ranks*), so all ranks take the same skip decision
+and the same bias update.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from moecpt.distributed.accounting import ProcessComm, allreduce_bytes
+from moecpt.distributed.strategy import SYNC_KEY, OptimizerFactory, SyncStrategy, Worker
+from moecpt.train.metrics import RoutingAccumulator
+
+
+def _router_loads(model: nn.Module) -> list[torch.Tensor]:
+    return [r.step_load for r in model.routers() if hasattr(r, "step_load")]
+
+
+class DataParallelSync(SyncStrategy):
+    """Shared by DDP, FSDP and simulated DDP: workers agree after every step."""
+
+    every_step = True
+    reports = True
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.kind = self.recipe.distributed.sync.value
+        if self.comm is None:
+            self.comm = ProcessComm(self.acct)
+
+    def reduce_step(self, workers: list[Worker], stats: list[tuple[float, float, RoutingAccumulator]], log: bool
+                    ) -> tuple[float, float, list[torch.Tensor] | None, RoutingAccumulator]:
+        """One all-reduce of a float64 vector per worker: [ce, aux, every bias router's loads, and at log steps the
+        routing accumulator (token and micro-batch totals, per-layer counts, per-layer loss sums)]."""
+        loads0 = _router_loads(workers[0].model)
+        acc0 = stats[0][2]
+        keys = sorted(acc0.sums) if log and acc0.counts else []
+        vecs = []
+        for w, (ce, aux, acc) in zip(workers, stats):
+            parts = [torch.tensor([ce, aux], dtype=torch.float64),
+                     *(x.detach().to("cpu", torch.float64) for x in _router_loads(w.model))]
+            if keys:
+                parts += [torch.tensor([acc.tokens, acc.n], dtype=torch.float64), *acc.counts,
+                          torch.tensor([v for k in keys for v in acc.sums[k]], dtype=torch.float64)]
+            vecs.append(torch.cat(parts).to(self.device))
+        total = self.comm.all_reduce_sum(vecs, "stats").cpu()
+        n = self.num_workers
+        ce, aux = float(total[0]) / n, float(total[1]) / n
+        pos = 2
+        loads = None
+        if loads0:
+            loads = []
+            for x in loads0:
+                loads.append(total[pos:pos + x.numel()].round().to(x.device, x.dtype))
+                pos += x.numel()
+        if not keys:
+            return ce, aux, loads, acc0
+        # counts and token totals summed, loss sums added (their mean is then over every micro-batch of every
+        # worker): the diagnostics of the global batch (GUIDE.md: each metric declares its cross-rank reduction)
+        out = RoutingAccumulator()
+        out.tokens, out.n, out.k = int(total[pos]), int(total[pos + 1]), list(acc0.k)
+        pos += 2
+        for c in acc0.counts:
+            out.counts.append(total[pos:pos + c.numel()].clone())
+            pos += c.numel()
+        for k in keys:
+            out.sums[k] = total[pos:pos + len(acc0.counts)].tolist()
+            pos += len(acc0.counts)
+        return ce, aux, loads, out
+
+    def after_optimizer_step(self, workers: list[Worker], step: int, boundary: bool) -> None:
+        self.acct.rounds += 1  # one gradient synchronisation per step
+        self._end_step()
+
+
+# --------------------------------------------------------------------------------------------------------- DDP
+def _allreduce_hook(sync, bucket):  # no annotations: DDP checks them and this module's are strings
+    """DDP's default all-reduce (divide by W, sum) plus byte / time accounting and the emulated link's delay."""
+    buf = bucket.buffer()
+    n = sync.num_workers
+    sent = allreduce_bytes(buf.numel() * buf.element_size(), n)
+    t0 = time.perf_counter()
+    buf.div_(n)
+    fut = dist.all_reduce(buf, async_op=True).get_future()
+
+    def done(f):
+        sync.acct.link.delay(sent)
+        sync.acct.record("grads", sent, sent, time.perf_counter() - t0)
+        return f.value()[0]
+
+    return fut.then(done)
+
+
+class DDPSync(DataParallelSync):
+    """torch DDP, one process per device (see module doc)."""
+
+    def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer, make_optimizer: OptimizerFactory,
+              state: dict | None) -> list[Worker]:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ids = [self.device.index if self.device.index is not None else self.info.local_rank] \
+            if self.device.type == "cuda" else None
+        # no buffer broadcast in forward (torch >= 2.13 names it forward_sync_buffers; older: broadcast_buffers)
+        no_fwd_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                       else {"broadcast_buffers": False})
+        module = DDP(model, device_ids=ids, find_unused_parameters=False, **no_fwd_sync)
+        module.register_comm_hook(self, _allreduce_hook)
+        return [Worker(self.info.rank, model, module, optimizer)]
+
+    def grad_sync(self, worker: Worker, last: bool):
+        return contextlib.nullcontext() if last else worker.module.no_sync()
+
+    def checkpoint_state(self, workers: list[Worker]) -> tuple[dict | None, dict | None, dict | None]:
+        model_state, opt_state, rng = _rank0_state(self, workers[0].model.state_dict(),
+                                                   workers[0].optimizer.state_dict())
+        return model_state, opt_state, rng
+
+
+def _rank0_state(sync: SyncStrategy, model_state: dict | None, opt_state: dict | None):
+    """Add the strategy marker and every rank's RNG state (gathered to rank 0)."""
+    from moecpt.distributed.launch import gather_to_main
+    from moecpt.train.checkpoint import capture_rng_state
+
+    rngs = gather_to_main(capture_rng_state())
+    if not sync.info.is_main:
+        return None, None, None
+    opt_state = dict(opt_state or {})
+    opt_state[SYNC_KEY] = {"kind": sync.kind, "workers": sync.num_workers}
+    return model_state, opt_state, {**rngs[0], "ranks": rngs}
+
+
+# -------------------------------------------------------------------------------------------------------- FSDP2
+class FSDPSync(DataParallelSync):
+    """FSDP2 ``fully_shard`` (see module doc)."""
+
+    def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer, make_optimizer: OptimizerFactory,
+              state: dict | None) -> list[Worker]:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh(self.device.type, (self.num_workers,))
+        for block in model.blocks:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        # fully_shard replaced the parameters: build the optimizer anew and hand it the loaded (full) state
+        sharded = make_optimizer(model)
+        full = optimizer.state_dict()
+        if full["state"]:
+            set_optimizer_state_dict(model, sharded, _to_fqn(full, sharded, model),
+                                     options=StateDictOptions(full_state_dict=True))
+        self._n_param_bytes = sum(p.numel() * 4 for p in model.parameters())  # global numel of the DTensors
+        return [Worker(self.info.rank, model, model, sharded)]
+
+    def grad_sync(self, worker: Worker, last: bool):
+        @contextlib.contextmanager
+        def ctx():
+            worker.model.set_requires_gradient_sync(last)
+            try:
+                yield
+            finally:
+                worker.model.set_requires_gradient_sync(True)
+
+        return ctx()
+
+    def after_optimizer_step(self, workers: list[Worker], step: int, boundary: bool) -> None:
+        est = 3 * (self.num_workers - 1) * self._n_param_bytes // self.num_workers
+        self.acct.record("fsdp", est, est, 0.0)
+        super().after_optimizer_step(workers, step, boundary)
+
+    def checkpoint_state(self, workers: list[Worker]) -> tuple[dict | None, dict | None, dict | None]:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        w = workers[0]
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model_state = get_model_state_dict(w.model, options=opts)  # full tensors on rank 0, empty elsewhere
+        opt = get_optimizer_state_dict(w.model, w.optimizer, options=opts)
+        opt = _to_index(opt, w.optimizer, w.model) if self.info.is_main else None
+        return _rank0_state(self, model_state, opt)
+
+
+def _fqn_order(optimizer: torch.optim.Optimizer, model: nn.Module) -> list[str]:
+    """FQNs of the optimizer's parameters in the order ``Optimizer.state_dict`` numbers them."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+
+
+def _to_fqn(state: dict, optimizer: torch.optim.Optimizer, model: nn.Module) -> dict:
+    """An index-keyed optimizer state dict (the checkpoint format) -> FQN-keyed (torch.distributed.checkpoint)."""
+    fqns = _fqn_order(optimizer, model)
+    return {"state": {fqns[int(i)]: s for i, s in state["state"].items()},
+            "param_groups": [{**g, "params": [fqns[int(i)] for i in g["params"]]} for g in state["param_groups"]]}
+
+
+def _to_index(state: dict, optimizer: torch.optim.Optimizer, model: nn.Module) -> dict:
+    """FQN-keyed -> index-keyed, so that an FSDP checkpoint loads like any other."""
+    index = {n: i for i, n in enumerate(_fqn_order(optimizer, model))}
+    return {"state": {index[n]: s for n, s in state["state"].items()},
+            "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in state["param_groups"]]}
