@@ -25,6 +25,17 @@ _COMMAND_MODULES = (
 )
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a zero or negative count is a user error, not a default)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="moecpt",

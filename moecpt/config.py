@@ -14,6 +14,7 @@ one size are FLOP-matched (same active FFN width per token).
 from __future__ import annotations
 
 import copy
+import re
 import tomllib
 from enum import StrEnum
 from pathlib import Path
@@ -275,6 +276,12 @@ class OptimConfig(_Strict):
     weight_decay: float = Field(0.1, ge=0)
     grad_clip: float | None = Field(1.0, gt=0)
 
+    @model_validator(mode="after")
+    def _check(self) -> "OptimConfig":
+        if self.min_lr > self.lr:
+            raise ValueError(f"optim.min_lr={self.min_lr} exceeds optim.lr={self.lr}; the minimum must be <= the peak")
+        return self
+
 
 class ScheduleKind(StrEnum):
     CONSTANT = "constant"
@@ -339,6 +346,10 @@ class TrainConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
+        if self.dtype not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"train.dtype={self.dtype!r} is not allowed; allowed: auto, fp32, bf16")
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
+            raise ValueError(f"train.device={self.device!r} is not allowed; allowed: auto, cpu, cuda, cuda:N, mps")
         mb = self.micro_batch_size or self.batch_size
         if self.batch_size % mb:
             raise ValueError(
@@ -486,6 +497,8 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         return tomllib.loads(p.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise MoecptError(f"recipe {str(p)!r} is not valid TOML: {exc}") from None
+    except UnicodeDecodeError:
+        raise MoecptError(f"recipe {str(p)!r} is not UTF-8 text; save it as UTF-8 TOML") from None
 
 
 def recipe_from_dict(raw: dict[str, Any], overrides: list[str] | None = None) -> Recipe:

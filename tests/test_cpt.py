@@ -190,6 +190,8 @@ def test_cpt_may_switch_routing_strategy(tmp_path):
     state = load_checkpoint(tmp_path / "bias").model_state()
     assert sum(k.endswith("expert_bias") for k in state) == 2
     assert train_records(tmp_path / "bias")[0]["bias_absmax_mean"] == pytest.approx(0.01)  # from zero, one update
-    Trainer(recipe_from_dict(raw_recipe(train={"steps": 1, "checkpoint_every": 1})), tmp_path / "back",
-            parent=tmp_path / "bias", show_progress=False).run()
+    # a CPT recipe keeps the parent's router unless it sets a key: switching back names the strategy
+    penalty = {"moe": {"router": {"kind": "penalty"}}}
+    Trainer(recipe_from_dict(raw_recipe(model=penalty, train={"steps": 1, "checkpoint_every": 1})),
+            tmp_path / "back", parent=tmp_path / "bias", show_progress=False).run()
     assert not any(k.endswith("expert_bias") for k in load_checkpoint(tmp_path / "back").model_state())

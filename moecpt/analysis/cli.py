@@ -5,15 +5,17 @@ from __future__ import annotations
 import argparse
 import json
 
+from moecpt.cli import positive_int
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("eval", help="validation loss and routing diagnostics of a checkpoint")
     p.add_argument("--checkpoint", required=True, help="checkpoint folder or run folder")
     p.add_argument("--data", default="demo", help="prepared data folder (default: bundled demo)")
     p.add_argument("--sources", nargs="*", default=None, help="sources to evaluate (default: all)")
-    p.add_argument("--batches", type=int, default=8, help="held-out batches per source")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seq-len", type=int, default=None)
+    p.add_argument("--batches", type=positive_int, default=8, help="held-out batches per source")
+    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--seq-len", type=positive_int, default=None)
     p.add_argument("--coactivation", action="store_true", help="include co-activation matrices (k > 1)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run_eval)
@@ -23,9 +25,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("after", help="later checkpoint (e.g. after CPT)")
     p.add_argument("--data", default="demo")
     p.add_argument("--sources", nargs="*", default=None)
-    p.add_argument("--batches", type=int, default=8)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seq-len", type=int, default=None)
+    p.add_argument("--batches", type=positive_int, default=8)
+    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--seq-len", type=positive_int, default=None)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run_compare)
 
@@ -33,7 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("recipe", nargs="?", default=None, help="study recipe TOML (default: bundled study/demo)")
     p.add_argument("--out", required=True, help="study folder (re-running resumes and reuses finished stages)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a study key")
-    p.add_argument("--jobs", type=int, default=None, help="parallel training runs (default: CPU cores)")
+    p.add_argument("--jobs", type=positive_int, default=None, help="parallel training runs (default: CPU cores)")
     p.set_defaults(func=run_study_cmd)
 
 

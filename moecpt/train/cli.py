@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from moecpt.cli import positive_int
+
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", required=True, help="recipe TOML (bundled ones: recipes/*.toml)")
@@ -12,7 +14,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a recipe key, validated like the file (repeatable)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--simulate-workers", type=int, default=None, metavar="K",
+    p.add_argument("--simulate-workers", type=positive_int, default=None, metavar="K",
                    help="run K data-parallel workers in this one process, with the updates of a K-process run "
                         "(docs/distributed.md); for several processes use torchrun --nproc-per-node K -m moecpt ...")
 
@@ -30,7 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("generate", help="sample text from a checkpoint")
     p.add_argument("--checkpoint", required=True, help="checkpoint folder or run folder")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--max-tokens", type=positive_int, default=64)
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=None)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from moecpt.errors import MoecptError
@@ -28,8 +30,10 @@ def sample(model, prompt_ids: list[int], max_new_tokens: int = 64, temperature: 
     """
     if not prompt_ids:
         raise MoecptError("the prompt encodes to no tokens; give a non-empty --prompt")
-    if temperature < 0 or not 0 < top_p <= 1:
-        raise MoecptError(f"temperature={temperature} must be >= 0 and top_p={top_p} in (0, 1]")
+    if not math.isfinite(temperature) or temperature < 0:
+        raise MoecptError(f"--temperature {temperature} must be a finite number >= 0 (0 = greedy)")
+    if not 0 < top_p <= 1:
+        raise MoecptError(f"--top-p {top_p} must be in (0, 1]")
     device = next(model.parameters()).device
     gen = torch.Generator(device=device)
     if seed is not None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+
+from moecpt.cli import positive_int
 from pathlib import Path
 
 from moecpt.errors import MoecptError
@@ -18,7 +20,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe key, e.g. --set schedule.kind=cosine-inf (repeatable)")
     p.add_argument("--out", required=True, help="output image (PNG)")
-    p.add_argument("--steps", type=int, default=None, help="total steps (default: the recipe's train.steps)")
+    p.add_argument("--steps", type=positive_int, default=None, help="total steps (default: the recipe's train.steps)")
     p.set_defaults(func=func)
 
 
@@ -34,7 +36,13 @@ _PHASE_COLORS = {
 
 def func(args: argparse.Namespace) -> int:
     from moecpt.config import load_recipe
+    from moecpt.errors import MoecptError
     from moecpt.train.schedules import anneal_start_step, run_end_step, schedule_phases, schedule_table
+
+    if Path(args.out).suffix.lower() not in (".png", ".pdf", ".svg"):
+        raise MoecptError(f"--out {args.out!r} must end in .png, .pdf or .svg")
+    if Path(args.out).is_dir():
+        raise MoecptError(f"--out {args.out!r} is a folder; give a file name such as schedule.png")
 
     recipe = load_recipe(args.recipe, args.overrides)
     total = args.steps if args.steps is not None else recipe.train.steps

@@ -178,10 +178,16 @@ class Trainer:
                     "(--tokenizer PARENT_RUN/tokenizer.json)"
                 )
             # The architecture comes from the parent; a recipe may change the routing strategy only.
+            # Only the keys the recipe sets override the parent's, so an imported family keeps its gate semantics
+            # (e.g. Mixtral's renormalised top-k) when a recipe changes just the balancing strategy.
             if cfg.moe is not None and parent_cfg.moe is not None:
+                rec_router = cfg.moe.router
+                router = parent_cfg.moe.router.model_copy(
+                    update={k: getattr(rec_router, k) for k in rec_router.model_fields_set})
+                moe_update = {k: getattr(cfg.moe, k) for k in ("capacity_factor", "dispatch")
+                              if k in cfg.moe.model_fields_set}
                 parent_cfg = parent_cfg.model_copy(update={"moe": parent_cfg.moe.model_copy(
-                    update={"router": cfg.moe.router, "capacity_factor": cfg.moe.capacity_factor,
-                            "dispatch": cfg.moe.dispatch})})
+                    update={"router": router, **moe_update})})
             return parent_cfg
         if cfg.vocab_size is None:
             cfg = cfg.model_copy(update={"vocab_size": self.data.vocab_size})
@@ -239,9 +245,14 @@ class Trainer:
                 raise MoecptError(f"--out {str(self.out_dir)!r} holds another run ({diff}); choose a new --out "
                                   "or delete that folder yourself")
             return
+        if self.out_dir.exists() and not self.out_dir.is_dir():
+            raise MoecptError(f"--out {str(self.out_dir)!r} is a file; give a folder path")
         if self.out_dir.exists() and any(self.out_dir.iterdir()):
             raise MoecptError(f"--out {str(self.out_dir)!r} is not empty and is not a moecpt run; choose a new --out")
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise MoecptError(f"cannot create --out {str(self.out_dir)!r} ({exc.strerror}); choose another path") from None
         lineage = None
         if self.parent is not None:
             lineage = {"parent_checkpoint": str(self.parent.path), "parent_step": self.parent.step,
