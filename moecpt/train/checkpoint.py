@@ -31,6 +31,7 @@ import random
 import re
 import shutil
 import time
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -431,6 +432,10 @@ def load_checkpoint(path: str | Path, *, verify: bool = True) -> Checkpoint:
         complete = [d for _, d in candidates if _is_complete(d)]
         if complete:
             p = complete[-1]
+            newer = [d.name for _, d in candidates if d.name > p.name]
+            if newer:  # a damaged newest checkpoint must not be replaced by an older one without a word
+                warnings.warn(f"{root}: newer checkpoint(s) {', '.join(newer)} are incomplete or damaged; "
+                              f"using {p.name}", stacklevel=2)
         elif candidates:
             raise MoecptError(
                 f"{root} holds {len(candidates)} checkpoint folder(s) but none is complete; nothing to load"
