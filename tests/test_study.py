@@ -128,3 +128,12 @@ def test_study_recipe_validation():
     with pytest.raises(MoecptError, match="retrain.models"):
         load_study_recipe(SMOKE, ['retrain.models=["nope"]'])
     assert len(plan_stages(study)) == 3 + 1 + 3 * 2 * 2
+
+
+@pytest.mark.parametrize("name", ["study/demo", "study/paper-small", "study/paper"])
+def test_bundled_study_recipes_validate_and_plan(name):
+    study = load_study_recipe(find_bundled_recipe(name))
+    stages = plan_stages(study)  # builds and validates every stage's recipe
+    n_models, n_shifts = len(study.models), len(study.data.shifts)
+    n_cpt = n_models * n_shifts * len(study.cpt.schedules) * len(study.cpt.replay)
+    assert len(stages) == n_models + n_cpt + len(study.retrain.models) * n_shifts
