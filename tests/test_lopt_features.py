@@ -18,13 +18,7 @@ from moecpt.lopt.features import (
 from moecpt.lopt.mlp import LOptSpec
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Many small kernels: one intra-op thread is fastest, and far faster on a shared, busy CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # fixture in conftest.py
 
 
 B0 = (0.9, 0.99, 0.999)  # momentum decays

@@ -14,13 +14,7 @@ from moecpt.lopt.pretrained import load_weights
 from moecpt.lopt.tasks import get_task
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Many small kernels: one intra-op thread is fastest, and far faster on a shared, busy CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # fixture in conftest.py
 
 
 TINY = dict(tasks=("wine-mlp32",), iterations=2, pairs=2, truncation=2, min_length=3, max_length=5,

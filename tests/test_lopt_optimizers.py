@@ -12,13 +12,7 @@ from moecpt.lopt import DiLoCo, LearnedOuterOptimizer, LocalSGD, LOptSpec, SlowM
 from moecpt.lopt.mlp import init_meta_params
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Many small kernels: one intra-op thread is fastest, and far faster on a shared, busy CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # fixture in conftest.py
 
 
 SHAPES = [(5, 3), (3,), ()]

@@ -8,13 +8,7 @@ import torch
 from moecpt.lopt.pes import AntitheticPES
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Many small kernels: one intra-op thread is fastest, and far faster on a shared, busy CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # fixture in conftest.py
 
 
 def test_pes_matches_true_gradient_of_unrolled_quadratic():

@@ -13,13 +13,7 @@ from moecpt.lopt.pretrained import pretrained_path, save_weights
 from moecpt.lopt.tasks import get_task
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Many small kernels: one intra-op thread is fastest, and far faster on a shared, busy CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # fixture in conftest.py
 
 
 def test_shipped_weights_load():
