@@ -302,8 +302,6 @@ class _Evaluator:
         return self.cache_dir / (hashlib.sha256(ident.encode()).hexdigest()[:16] + ".json")
 
     def traces(self, ckpt: Path) -> dict:
-        import torch
-
         from moecpt.analysis.evaluate import collect
         from moecpt.train.checkpoint import load_model
 

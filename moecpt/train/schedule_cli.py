@@ -36,7 +36,6 @@ _PHASE_COLORS = {
 
 def func(args: argparse.Namespace) -> int:
     from moecpt.config import load_recipe
-    from moecpt.errors import MoecptError
     from moecpt.train.schedules import anneal_start_step, run_end_step, schedule_phases, schedule_table
 
     if Path(args.out).suffix.lower() not in (".png", ".pdf", ".svg"):
