@@ -234,9 +234,10 @@ def test_truncated_model_file(tmp_path):
     f.write_bytes(f.read_bytes()[:-10])
     with pytest.raises(MoecptError, match=r"model\.safetensors is truncated"):
         load_checkpoint(last)
-    # a run folder skips the incomplete newest checkpoint
+    # a run folder skips the incomplete newest checkpoint, and says so
     assert mgr.latest() == tmp_path / "checkpoints" / "step_00000001"
-    assert load_checkpoint(tmp_path).step == 1
+    with pytest.warns(UserWarning, match="step_00000002 are incomplete or damaged"):
+        assert load_checkpoint(tmp_path).step == 1
 
 
 def test_corrupted_bytes(tmp_path):
