@@ -103,7 +103,7 @@ def export_hf(ckpt: str | Path, out: str | Path, *, family: str = "auto", dtype:
     from safetensors.torch import save_file
 
     from moecpt.config import ModelConfig, build_section
-    from moecpt.train.atomic import dumps_json, fsync_dir, fsync_file, temp_name
+    from moecpt.train.atomic import dumps_json, fsync_file, publish_dir, temp_name
     from moecpt.train.checkpoint import load_checkpoint
 
     out = Path(out).expanduser()
@@ -218,13 +218,7 @@ def export_hf(ckpt: str | Path, out: str | Path, *, family: str = "auto", dtype:
                 if eod_token is not None:
                     tok_cfg["eos_token"] = eod_token
                 (staging / "tokenizer_config.json").write_bytes(dumps_json(tok_cfg))
-        for p in staging.iterdir():
-            fsync_file(p)
-        fsync_dir(staging)
-        if out.exists():
-            raise MoecptError(f"--out {str(out)!r} was created by someone else during the export; nothing written")
-        os.rename(staging, out)
-        fsync_dir(out.parent)
+        publish_dir(staging, out, "export")
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

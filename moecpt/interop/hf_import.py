@@ -22,7 +22,6 @@ renamed at the end: a failed import leaves nothing under ``--out``.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from dataclasses import dataclass
@@ -304,7 +303,7 @@ def import_hf(path: str | Path, out: str | Path, *, dtype: str | torch.dtype | N
             :func:`canonical_tokenizer`), or ``out`` exists. Nothing is left under ``out`` on failure.
     """
     from moecpt.data.tokenizer import sha256_bytes
-    from moecpt.train.atomic import fsync_dir, temp_name, write_bytes_atomic
+    from moecpt.train.atomic import fsync_dir, publish_dir, temp_name, write_bytes_atomic
     from moecpt.train.checkpoint import save_checkpoint
 
     out = Path(out).expanduser()
@@ -351,11 +350,7 @@ def import_hf(path: str | Path, out: str | Path, *, dtype: str | torch.dtype | N
             for f in side:
                 shutil.copyfile(f, staging / HF_SIDE_DIR / f.name)
             fsync_dir(staging / HF_SIDE_DIR)
-        fsync_dir(staging)
-        if out.exists():
-            raise MoecptError(f"--out {str(out)!r} was created by someone else during the import; nothing written")
-        os.rename(staging, out)
-        fsync_dir(out.parent)
+        publish_dir(staging, out, "import")
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -98,3 +98,27 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
         TypeError: ``obj`` holds something that has no JSON form.
     """
     write_bytes_atomic(path, dumps_json(obj))
+
+
+def publish_dir(staging: str | Path, out: str | Path, what: str) -> None:
+    """Make a fully written ``staging`` folder appear as ``out`` in one rename (after fsyncing its files).
+
+    Args:
+        staging: a folder beside ``out`` (same file system) holding the complete result.
+        out: the final path; must not exist.
+        what: the operation, for the error message (e.g. ``"import"``).
+
+    Raises:
+        MoecptError: ``out`` appeared meanwhile (nothing is overwritten; ``staging`` is left for the caller).
+    """
+    from moecpt.errors import MoecptError
+
+    staging, out = Path(staging), Path(out)
+    for p in staging.iterdir():
+        if p.is_file():
+            fsync_file(p)
+    fsync_dir(staging)
+    if out.exists():
+        raise MoecptError(f"--out {str(out)!r} was created by someone else during the {what}; nothing written")
+    os.rename(staging, out)
+    fsync_dir(out.parent)
