@@ -3,7 +3,7 @@ a CPT run resumes its own checkpoint, expert biases are carried."""
 
 from __future__ import annotations
 
-import copy
+import functools
 import json
 from pathlib import Path
 
@@ -15,22 +15,10 @@ from moecpt.train import trainer as trainer_mod
 from moecpt.train.checkpoint import load_checkpoint
 from moecpt.train.schedules import const_lr, lr_at
 from moecpt.train.trainer import Trainer, lm_loss
+from tiny_recipes import raw_recipe as _raw_recipe
 
-
-def raw_recipe(preset: str = "smoke-switch", **sections) -> dict:
-    raw = {
-        "name": "t",
-        "model": {"preset": preset},
-        "data": {"path": "demo", "mixture": {"english": 1.0}, "seq_len": 32, "eval_sources": ["english"]},
-        "optim": {"lr": 3e-3, "min_lr": 3e-4},
-        "schedule": {"kind": "cosine", "warmup_fraction": 0.25},
-        "train": {"steps": 4, "batch_size": 8, "eval_every": 100, "eval_batches": 1, "checkpoint_every": 2,
-                  "device": "cpu"},
-    }
-    for name, values in sections.items():
-        raw.setdefault(name, {})
-        raw[name] = {**raw[name], **copy.deepcopy(values)}
-    return raw
+# CPT tests run 4 steps with a checkpoint every 2
+raw_recipe = functools.partial(_raw_recipe, steps=4, checkpoint_every=2)
 
 
 def records(run: Path) -> list[dict]:

@@ -3,7 +3,6 @@ kill, aux losses kept out of validation, bias balancing, NaN/Inf handling."""
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import signal
@@ -24,21 +23,7 @@ from moecpt.train.trainer import Trainer, lm_loss
 
 
 
-def raw_recipe(preset: str = "smoke-switch", **sections) -> dict:
-    """A tiny recipe dict (seq 32, batch 8, one eval source, one eval batch); ``sections`` are merged in."""
-    raw = {
-        "name": "t",
-        "model": {"preset": preset},
-        "data": {"path": "demo", "mixture": {"english": 1.0}, "seq_len": 32, "eval_sources": ["english"]},
-        "optim": {"lr": 3e-3, "min_lr": 3e-4},
-        "schedule": {"kind": "cosine", "warmup_fraction": 0.25},
-        "train": {"steps": 6, "batch_size": 8, "eval_every": 100, "eval_batches": 1, "checkpoint_every": 3,
-                  "device": "cpu"},
-    }
-    for name, values in sections.items():
-        raw.setdefault(name, {})
-        raw[name] = {**raw[name], **copy.deepcopy(values)} if isinstance(values, dict) else values
-    return raw
+from tiny_recipes import raw_recipe
 
 
 def recipe(preset: str = "smoke-switch", **sections):
