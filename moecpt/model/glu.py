@@ -1,0 +1,70 @@
+"""Gated linear unit activations (GEGLU, SwiGLU; Shazeer 2020, "GLU Variants Improve Transformer", eq. 6).
+
+A GLU feed-forward projects ``D -> 2F`` into a gate half and an up half and keeps ``act(gate) * up``. The weights
+store both halves side by side (``[gate | up]``), but the activations are computed on two *separate, contiguous*
+``[N, F]`` tensors: PyTorch's CPU elementwise kernels (SiLU, GELU and their backwards, ``mul``) run 2-3x slower
+on the strided halves of one ``[N, 2F]`` tensor, because they vectorise only over contiguous operands.
+
+:func:`glu_activation` is the plain autograd form (reference paths); :func:`glu_forward` / :func:`glu_backward` are
+the no-autograd halves used by fused expert kernels (:mod:`moecpt.model.padded_dispatch`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from moecpt.config import FFNKind
+
+
+def activation(gate: torch.Tensor, kind: FFNKind) -> torch.Tensor:
+    """GEGLU: tanh-approximate GELU (as Gemma / the paper's Llama-3-style GEGLU backbone); SwiGLU: SiLU."""
+    return F.gelu(gate, approximate="tanh") if kind == FFNKind.GEGLU else F.silu(gate)
+
+
+def glu_activation(h_NH: torch.Tensor, kind: FFNKind) -> torch.Tensor:
+    """``act(gate) * up`` for ``h = [gate | up]`` of shape ``[..., 2F]`` -> ``[..., F]`` (autograd)."""
+    gate, up = h_NH.chunk(2, dim=-1)
+    return activation(gate, kind) * up
+
+
+def glu_forward(gate_NF: torch.Tensor, up_NF: torch.Tensor, kind: FFNKind) -> tuple[torch.Tensor, torch.Tensor]:
+    """``act(gate)`` and ``act(gate) * up`` (no autograd).
+
+    Args:
+        gate_NF, up_NF: ``[N, F]`` contiguous pre-activations; kind: GEGLU or SwiGLU.
+
+    Returns:
+        ``(act_NF, a_NF)``: the activated gate (kept for the backward) and the GLU output, both ``[N, F]``.
+    """
+    act_NF = activation(gate_NF, kind)
+    return act_NF, act_NF * up_NF
+
+
+def glu_backward(gate_NF: torch.Tensor, up_NF: torch.Tensor, act_NF: torch.Tensor, g_NF: torch.Tensor,
+                 kind: FFNKind) -> torch.Tensor:
+    """Gradient of ``[gate | up]`` for the GLU output gradient ``g_NF`` (no autograd).
+
+    ``d/d up = g * act(gate)``; ``d/d gate = act'(gate) * g * up``, through ``aten.silu_backward`` /
+    ``aten.gelu_backward`` (the kernels autograd uses), each on contiguous operands.
+
+    Args:
+        gate_NF, up_NF: ``[N, F]`` the forward's pre-activations; act_NF: ``[N, F]`` from :func:`glu_forward`;
+        g_NF: ``[N, F]`` contiguous gradient of the GLU output; kind: GEGLU or SwiGLU.
+
+    Returns:
+        ``[N, 2F]`` contiguous gradient of ``[gate | up]``.
+    """
+    F_ = g_NF.shape[1]
+    gh_NH = g_NF.new_empty(g_NF.shape[0], 2 * F_)
+    # act'(gate) on contiguous operands (vectorised), then the two products written into the strided halves of one
+    # [N, 2F] buffer: a strided *output* drops the elementwise kernels to their scalar loop, so only cheap muls write
+    # there, not the exp/tanh of the activation's derivative
+    ones_NF = torch.ones((), dtype=g_NF.dtype, device=g_NF.device).expand_as(g_NF)
+    if kind == FFNKind.GEGLU:
+        d_act_NF = torch.ops.aten.gelu_backward(ones_NF, gate_NF, approximate="tanh")
+    else:
+        d_act_NF = torch.ops.aten.silu_backward(ones_NF, gate_NF)
+    torch.mul(d_act_NF.mul_(up_NF), g_NF, out=gh_NH[:, :F_])
+    torch.mul(g_NF, act_NF, out=gh_NH[:, F_:])
+    return gh_NH
