@@ -26,6 +26,7 @@ import torch
 
 from moecpt.config import ModelConfig
 from moecpt.model.moe import GLUFeedForward, MoELayer
+from moecpt.train.host_memory import retain_freed_memory
 
 
 def build_moecpt(D: int, E: int, F: int, K: int) -> MoELayer:
@@ -81,7 +82,10 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--slow-factor", type=float, default=3.0,
                     help="HF implementations slower than this times the fastest get only a 3-run pre-pass")
+    ap.add_argument("--no-malloc-tuning", action="store_true",
+                    help="leave glibc malloc as is (default: retain freed memory, as the trainer does on CPU)")
     args = ap.parse_args()
+    malloc_tuned = False if args.no_malloc_tuning else retain_freed_memory()
     T, D, E, F, K = args.tokens, args.d_model, args.experts, args.expert_width, args.top_k
 
     torch.manual_seed(0)
@@ -172,6 +176,7 @@ def main() -> None:
         "config": {"tokens": T, "d_model": D, "num_experts": E, "expert_width": F, "top_k": K,
                    "dense_width": K * F, "dtype": "float32", "device": "cpu", "activation": "swiglu",
                    "rounds": args.rounds, "warmup": args.warmup, "threads": torch.get_num_threads(),
+                   "malloc_tuned": malloc_tuned,
                    "torch": torch.__version__, "transformers": hf_version, "machine": platform.machine()},
         "ms": ms,
         "ratios": ratios,

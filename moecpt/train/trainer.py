@@ -39,6 +39,7 @@ from moecpt.config import Recipe
 from moecpt.distributed.launch import check_same_config, rank_info, run_on_main
 from moecpt.errors import MoecptError
 from moecpt.model.transformer import Transformer, build_model
+from moecpt.train.host_memory import retain_freed_memory
 from moecpt.train.metrics import JsonlSink, RoutingAccumulator
 
 RUN_FILE = "run.json"
@@ -269,8 +270,12 @@ class Trainer:
 
         On CPU the run uses PyTorch's deterministic algorithms (restored afterwards): the backward of the MoE's
         token gather (``index_put_`` with accumulation) otherwise adds rows in a thread-dependent order, and a
-        resumed run would then differ from an uninterrupted one in the last bits.
+        resumed run would then differ from an uninterrupted one in the last bits. On CPU it also makes ``malloc``
+        keep freed memory for reuse (:func:`moecpt.train.host_memory.retain_freed_memory`; opt out with
+        ``MOECPT_MALLOC_TUNING=0``).
         """
+        if self.device.type == "cpu":
+            retain_freed_memory()
         with deterministic_on_cpu(self.device):
             if not self.dist.distributed:
                 return self._run()
@@ -280,7 +285,11 @@ class Trainer:
         """One rank of a job: a lost peer or a collective timeout becomes a MoecptError naming the rank(s) that
         stopped (:func:`moecpt.distributed.launch.diagnose`); this rank's own fatal error is published for the
         others to quote."""
-        from moecpt.distributed.launch import diagnose, is_distributed_error, publish_error
+        from moecpt.distributed.launch import (
+            diagnose,
+            is_distributed_error,
+            publish_error,
+        )
 
         try:
             return self._run()
@@ -300,7 +309,11 @@ class Trainer:
 
     def _run(self) -> dict[str, Any]:
         from moecpt.distributed.launch import broadcast_object
-        from moecpt.distributed.strategy import SYNC_KEY, build_sync, build_worker_optimizer
+        from moecpt.distributed.strategy import (
+            SYNC_KEY,
+            build_sync,
+            build_worker_optimizer,
+        )
         from moecpt.train.checkpoint import load_checkpoint, restore_rng_state
         from moecpt.train.schedules import lr_at, run_end_step
 
