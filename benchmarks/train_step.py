@@ -4,10 +4,12 @@ One full optimizer step exactly as the trainer does it (``moecpt.train.trainer``
 fp32 cross-entropy, the layer-averaged weighted aux loss, backward, grad-norm clipping, AdamW (the trainer's
 parameter groups), zero_grad, the bias update hook. Models: ``demo-dense``, ``demo-switch``, ``demo-granular``
 (vocab 4096, seq 128, batch 16, fp32, CPU unless ``--device``), fed with real demo-English batches. Each model gets
-``--warmup`` untimed steps, then ``--steps`` timed ones; the median is reported.
+``--warmup`` untimed steps; then ``--steps`` rounds each time one step of every model (rotating order) and one
+peak measurement, so that drifting machine speed (shared cores) hits all alike; medians are reported.
 
 MFU = ``model_stats(cfg, seq_len)["train_flops_per_token"]`` x tokens/s / peak, where the peak is measured in the
-same process with the same thread count: the best of ``--peak-reps`` fp32 ``torch.mm`` of 2048 x 2048 (2 n^3 FLOPs).
+same process with the same thread count: the best, over all rounds, of ``--peak-reps`` fp32 ``torch.mm`` of
+2048 x 2048 (2 n^3 FLOPs).
 Targets (reported, not enforced): MFU >= 0.5 for dense, MoE step time <= 1.3 x dense.
 
 ``--profile`` adds, per model, the top ops by self CPU time over a few profiled steps (``torch.profiler``).
@@ -27,9 +29,10 @@ import time
 
 import torch
 
-from moecpt.config import model_preset, OptimConfig
+from moecpt.config import OptimConfig, model_preset
 from moecpt.model.flops import model_stats
 from moecpt.model.transformer import build_model
+from moecpt.train.host_memory import retain_freed_memory
 from moecpt.train.optim import build_optimizer
 from moecpt.train.trainer import lm_loss
 
@@ -83,45 +86,65 @@ def make_step(model, optimizer, grad_clip: float):
     return step
 
 
-def bench(preset: str, args, device: torch.device, data: list[torch.Tensor], peak: float) -> dict:
+def build(preset: str, args, device: torch.device):
+    """Model, its step function and config for ``preset`` (seeded: every run starts from the same weights)."""
     cfg = model_preset(preset, vocab_size=4096, max_seq_len=args.seq)
     torch.manual_seed(0)
     model = build_model(cfg, device=device).train()
     optim_cfg = OptimConfig()
     optimizer = build_optimizer(model, optim_cfg, device)
-    step = make_step(model, optimizer, optim_cfg.grad_clip)
-    for i in range(args.warmup):
-        step(data[i % len(data)].to(device))
-    times = []
+    return cfg, make_step(model, optimizer, optim_cfg.grad_clip)
+
+
+def timed_step(step, b: torch.Tensor, device: torch.device) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    step(b)
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def bench_all(args, device: torch.device, data: list[torch.Tensor]) -> tuple[dict, list[float]]:
+    """Warm up every model, then time ``--steps`` rounds; each round runs one step of every model (in an order
+    that rotates per round) and one peak-matmul measurement, so a machine whose speed drifts (shared cores)
+    slows every candidate alike. Returns per-model results and the per-round peaks (FLOP/s)."""
+    built = {m: build(m, args, device) for m in args.models}
+    for m, (_, step) in built.items():
+        for i in range(args.warmup):
+            step(data[i % len(data)].to(device))
+    times = {m: [] for m in built}
+    peaks = []
+    names = list(built)
     for i in range(args.steps):
         b = data[(args.warmup + i) % len(data)].to(device)
-        _sync(device)
-        t0 = time.perf_counter()
-        step(b)
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    med = statistics.median(times)
+        for m in names[i % len(names):] + names[: i % len(names)]:
+            times[m].append(timed_step(built[m][1], b, device))
+        peaks.append(measure_peak(device, reps=args.peak_reps))
+    peak = max(peaks)  # the machine's best: MFU is never flattered by a slow moment of the peak measurement
     tokens = args.batch * args.seq
-    stats = model_stats(cfg, seq_len=args.seq)
-    tps = tokens / med
-    out = {
-        "step_ms_median": round(med * 1e3, 2),
-        "step_ms_min": round(min(times) * 1e3, 2),
-        "step_ms_max": round(max(times) * 1e3, 2),
-        "tokens_per_s": round(tps, 1),
-        "train_flops_per_token": stats["train_flops_per_token"],
-        "achieved_gflops": round(stats["train_flops_per_token"] * tps / 1e9, 2),
-        "mfu": round(stats["train_flops_per_token"] * tps / peak, 4),
-        "active_params": stats["active_params"],
-        "total_params": stats["total_params"],
-    }
-    if args.profile:
-        out["top_ops_self_cpu"] = profile(step, data, device)
-    return out
+    results = {}
+    for m, (cfg, step) in built.items():
+        med = statistics.median(times[m])
+        stats = model_stats(cfg, seq_len=args.seq)
+        tps = tokens / med
+        results[m] = {
+            "step_ms_median": round(med * 1e3, 2),
+            "step_ms_quartiles": [round(q * 1e3, 2) for q in statistics.quantiles(times[m], n=4)],
+            "tokens_per_s": round(tps, 1),
+            "train_flops_per_token": stats["train_flops_per_token"],
+            "achieved_gflops": round(stats["train_flops_per_token"] * tps / 1e9, 2),
+            "mfu": round(stats["train_flops_per_token"] * tps / peak, 4),
+            "active_params": stats["active_params"],
+            "total_params": stats["total_params"],
+        }
+        if args.profile:
+            results[m]["top_ops_self_cpu"] = profile(step, data, device)
+    return results, peaks
 
 
 def profile(step, data, device, n: int = 3, top: int = 12) -> list[dict]:
-    from torch.profiler import ProfilerActivity, profile as tprofile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as tprofile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with tprofile(activities=acts) as prof:
@@ -139,26 +162,28 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--peak-reps", type=int, default=10)
+    p.add_argument("--peak-reps", type=int, default=3, help="matmuls per peak measurement (one per round)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--models", nargs="+", default=list(PRESETS), choices=PRESETS)
     p.add_argument("--profile", action="store_true", help="add the top ops (torch.profiler) per model")
+    p.add_argument("--no-malloc-tuning", action="store_true",
+                   help="leave glibc malloc as is (default: retain freed memory, as the trainer does on CPU)")
     args = p.parse_args()
+    malloc_tuned = False if args.no_malloc_tuning else retain_freed_memory()
     device = torch.device(args.device)
     data = batches(args.warmup + args.steps, args.batch, args.seq)
-    peak = measure_peak(device, reps=args.peak_reps)
-    results = {m: bench(m, args, device, data, peak) for m in args.models}
-    peak_after = measure_peak(device, reps=args.peak_reps)  # the machine may be shared: bracket the runs
+    results, peaks = bench_all(args, device, data)
     out = {
         "benchmark": "train_step",
         "config": {"batch": args.batch, "seq_len": args.seq, "vocab": 4096, "dtype": "fp32", "device": args.device,
-                   "warmup": args.warmup, "steps": args.steps, "optimizer": "AdamW (trainer groups), clip 1.0"},
+                   "warmup": args.warmup, "steps": args.steps, "malloc_tuned": malloc_tuned,
+                   "optimizer": "AdamW (trainer groups), clip 1.0"},
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(),
         "load_avg": [round(x, 2) for x in os.getloadavg()],
-        "peak_fp32_mm_gflops": round(peak / 1e9, 1),
-        "peak_fp32_mm_gflops_after": round(peak_after / 1e9, 1),
+        "peak_fp32_mm_gflops": round(max(peaks) / 1e9, 1),
+        "peak_fp32_mm_gflops_median": round(statistics.median(peaks) / 1e9, 1),
         "models": results,
     }
     if "demo-dense" in results:
