@@ -245,3 +245,50 @@ def test_renormalize_and_fp32_routing():
 
 # Sigmoid-score gaming (GUIDE routing rule 5) needs a sigmoid score *normaliser* with an epsilon; moecpt's only
 # sigmoid gates (Sinkhorn, k = 1) are plain sigmoid(logit) with no normaliser, so there is nothing to game.
+
+
+@pytest.mark.parametrize("renormalize", [False, True])
+@pytest.mark.parametrize("given_idx", [False, True])
+def test_fused_softmax_routing_matches_autograd_reference(renormalize, given_idx):
+    """The one-node softmax router (scores, gates, LB loss, z-loss) = the plain autograd composition of the public
+    functions, in values and in the gradient of a mixed objective w.r.t. the logits."""
+    from moecpt.model.routing import _SoftmaxRouting
+
+    gen = torch.Generator().manual_seed(0)
+    T, E, K = 40, 6, 2
+    logits = (torch.randn(T, E, generator=gen, dtype=torch.float64) * 2).requires_grad_(True)
+    idx = torch.randint(0, E, (T, 1), generator=gen)
+    idx = torch.cat([idx, (idx + 1 + torch.randint(0, E - 1, (T, 1), generator=gen)) % E], 1) if given_idx else None
+    c_w, c_lb, c_z = torch.randn(T, K, generator=gen, dtype=torch.float64), 0.7, 0.3
+
+    scores, idx_out, counts, gates, lb, z = _SoftmaxRouting.apply(logits, idx, K, renormalize)
+    (g_fused,) = torch.autograd.grad((gates * c_w).sum() + c_lb * lb + c_z * z, logits)
+
+    ref_scores = torch.softmax(logits, dim=-1)
+    ref_idx = torch.topk(ref_scores, K, dim=-1).indices if idx is None else idx
+    ref_gates = ref_scores.gather(1, ref_idx)
+    if renormalize:
+        ref_gates = ref_gates / ref_gates.sum(-1, keepdim=True)
+    ref_lb = load_balancing_loss(ref_scores, ref_idx, E)
+    ref_z = router_z_loss(logits).double()
+    (g_ref,) = torch.autograd.grad((ref_gates * c_w).sum() + c_lb * ref_lb + c_z * ref_z, logits)
+
+    assert torch.equal(idx_out, ref_idx)
+    assert torch.equal(counts, torch.bincount(ref_idx.reshape(-1), minlength=E))
+    torch.testing.assert_close(scores, ref_scores)
+    torch.testing.assert_close(gates, ref_gates)
+    torch.testing.assert_close(lb.double(), ref_lb.double())
+    torch.testing.assert_close(z.double(), ref_z, rtol=1e-6, atol=1e-6)  # fp32 z-loss reference
+    torch.testing.assert_close(g_fused, g_ref, rtol=1e-6, atol=1e-7)
+
+
+def test_fused_softmax_routing_gradcheck():
+    from moecpt.model.routing import _SoftmaxRouting
+
+    logits = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+
+    def f(lg):
+        _, _, _, gates, lb, z = _SoftmaxRouting.apply(lg, None, 2, True)
+        return gates, lb, z
+
+    assert torch.autograd.gradcheck(f, (logits,))

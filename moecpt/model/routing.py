@@ -101,6 +101,57 @@ def router_z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(logits_TE.float(), dim=-1).square().mean()
 
 
+class _SoftmaxRouting(torch.autograd.Function):
+    """Softmax scores, top-k gates, Switch load-balancing loss and router z-loss in one autograd node.
+
+    Same values as ``softmax`` -> ``gather`` (-> renormalise) -> :func:`load_balancing_loss` /
+    :func:`router_z_loss`, with the backward written out: through autograd these ~20 small ``[T, E]`` ops cost more
+    than the router's matmul on CPU. ``logsumexp`` comes from the softmax itself:
+    ``lse = logits[t, i] - log(softmax[t, i])`` at the row's largest score (at least ``1/E``, so the log is safe).
+
+    Backward, with ``G = dL/dscores`` (the scattered gate gradients plus ``g_lb * E * f_E / T``):
+    ``dL/dlogits = s * (G - <G, s>) + (2 * g_z / T) * lse * s`` (softmax and logsumexp derivatives).
+    """
+
+    @staticmethod
+    def forward(ctx, logits_TE, topk_idx_TK, top_k: int, renormalize: bool):
+        T, E = logits_TE.shape
+        K = top_k
+        scores_TE = torch.softmax(logits_TE, dim=-1)
+        if topk_idx_TK is None:  # plain top-k of the scores (ties broken as transformers does)
+            topk_idx_TK = torch.topk(scores_TE, K, dim=-1).indices
+        counts_E = torch.bincount(topk_idx_TK.reshape(-1), minlength=E)
+        s_max_T, i_max_T = scores_TE.max(dim=-1)
+        lse_T = logits_TE.gather(1, i_max_T[:, None]).squeeze(1) - s_max_T.log()
+        w_TK = scores_TE.gather(1, topk_idx_TK)
+        denom_T1 = None
+        if renormalize:
+            denom_T1 = w_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+            w_TK = w_TK / denom_T1
+        f_E = counts_E.to(scores_TE.dtype) / max(T * K, 1)
+        lb = torch.dot(scores_TE.sum(dim=0), f_E) * (E / max(T, 1))
+        z = torch.dot(lse_T, lse_T) / max(T, 1)
+        ctx.save_for_backward(scores_TE, topk_idx_TK, w_TK, f_E, lse_T, denom_T1)
+        ctx.mark_non_differentiable(scores_TE, topk_idx_TK, counts_E)
+        return scores_TE, topk_idx_TK, counts_E, w_TK, lb, z
+
+    @staticmethod
+    def backward(ctx, _g_scores, _g_idx, _g_counts, g_gates_TK, g_lb, g_z):
+        scores_TE, topk_idx_TK, w_TK, f_E, lse_T, denom_T1 = ctx.saved_tensors
+        T, E = scores_TE.shape
+        n = max(T, 1)
+        G_TE = (g_lb * (E / n)) * f_E.expand(T, E) if g_lb is not None else scores_TE.new_zeros(T, E)
+        if g_gates_TK is not None:
+            g_w_TK = g_gates_TK
+            if denom_T1 is not None:  # gates = w / sum(w): d/dw_j = (g_j - <g, gates>) / sum(w)
+                g_w_TK = (g_gates_TK - (g_gates_TK * w_TK).sum(dim=-1, keepdim=True)) / denom_T1
+            G_TE = G_TE.scatter_add(1, topk_idx_TK, g_w_TK)  # distinct experts per row: plain adds
+        g_logits_TE = scores_TE * (G_TE - (G_TE * scores_TE).sum(dim=-1, keepdim=True))
+        if g_z is not None:
+            g_logits_TE = g_logits_TE + scores_TE * (lse_T * (2.0 * g_z / n))[:, None]
+        return g_logits_TE, None, None, None
+
+
 # ------------------------------------------------------------------------------------------------------- record
 @dataclass
 class RouterOutput:
@@ -175,29 +226,37 @@ class Router(nn.Module):
     def _gates(self, logits_TE: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(logits_TE) if self._sigmoid_gates else torch.softmax(logits_TE, dim=-1)
 
+    @torch.no_grad()
+    def _select(self, logits_TE: torch.Tensor) -> torch.Tensor | None:
+        """``[T, K]`` chosen experts (no gradient): Sinkhorn-balanced in training or biased scores; ``None`` for
+        plain top-k of the scores, which the softmax node takes itself (sigmoid gates: top-k of the sigmoid)."""
+        cfg = self.cfg
+        if cfg.kind == RouterKind.SINKHORN and self.training:
+            return torch.topk(sinkhorn(logits_TE, cfg.sinkhorn_tol, cfg.sinkhorn_max_iter), self.top_k, dim=-1).indices
+        if cfg.kind == RouterKind.BIAS:
+            # bias enters selection only; gates come from the unbiased scores
+            return torch.topk(self._gates(logits_TE) + self.expert_bias, self.top_k, dim=-1).indices
+        if self._sigmoid_gates:
+            return torch.topk(torch.sigmoid(logits_TE), self.top_k, dim=-1).indices
+        return None
+
     def forward(self, x_TD: torch.Tensor) -> RouterOutput:
         cfg = self.cfg
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
             logits_TE = F.linear(x_TD.float(), self.weight.float())
-            scores_TE = self._gates(logits_TE)
-            if cfg.kind == RouterKind.SINKHORN and self.training:
-                balanced_TE = sinkhorn(logits_TE.detach(), cfg.sinkhorn_tol, cfg.sinkhorn_max_iter)
-                topk_idx_TK = torch.topk(balanced_TE, self.top_k, dim=-1).indices
-            elif cfg.kind == RouterKind.BIAS:
-                # bias enters selection only; gates come from the unbiased scores
-                topk_idx_TK = torch.topk(scores_TE.detach() + self.expert_bias, self.top_k, dim=-1).indices
-            else:  # softmax and sigmoid are monotone: top-k of the scores = top-k of the logits
-                topk_idx_TK = torch.topk(scores_TE.detach(), self.top_k, dim=-1).indices
-            topk_weight_TK = scores_TE.gather(1, topk_idx_TK)
-            if cfg.renormalize and self.top_k > 1:
-                topk_weight_TK = topk_weight_TK / topk_weight_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
-            tokens_per_expert_E = torch.bincount(topk_idx_TK.reshape(-1), minlength=self.num_experts)
-            # the balancing diagnostic needs probabilities: the sigmoid gates of Sinkhorn k=1 are not
-            probs_TE = torch.softmax(logits_TE, dim=-1) if self._sigmoid_gates else scores_TE
-            aux = {
-                "load_balancing": load_balancing_loss(probs_TE, topk_idx_TK, self.num_experts),
-                "z_loss": router_z_loss(logits_TE),
-            }
+            topk_idx_TK = self._select(logits_TE)
+            if self._sigmoid_gates:
+                tokens_per_expert_E = torch.bincount(topk_idx_TK.reshape(-1), minlength=self.num_experts)
+                scores_TE = torch.sigmoid(logits_TE)
+                topk_weight_TK = scores_TE.gather(1, topk_idx_TK)
+                # the balancing diagnostic needs probabilities: the sigmoid gates of Sinkhorn k=1 are not
+                probs_TE = torch.softmax(logits_TE, dim=-1)
+                lb = load_balancing_loss(probs_TE, topk_idx_TK, self.num_experts)
+                z = router_z_loss(logits_TE)
+            else:
+                scores_TE, topk_idx_TK, tokens_per_expert_E, topk_weight_TK, lb, z = _SoftmaxRouting.apply(
+                    logits_TE, topk_idx_TK, self.top_k, cfg.renormalize and self.top_k > 1)
+            aux = {"load_balancing": lb, "z_loss": z}
             weights = {
                 "load_balancing": cfg.aux_loss_weight if cfg.kind == RouterKind.PENALTY else 0.0,
                 "z_loss": cfg.z_loss_weight if cfg.kind == RouterKind.PENALTY else 0.0,
