@@ -34,14 +34,22 @@ def rope_cos_sin(seq_len: int, rot_dim: int, theta: float, device=None) -> tuple
     return emb_TR.cos(), emb_TR.sin()
 
 
-def apply_rope(x_BHTD: torch.Tensor, cos_TR: torch.Tensor, sin_TR: torch.Tensor) -> torch.Tensor:
-    """Rotate the first ``R = cos_TR.shape[-1]`` dims of each head (partial rotary when ``R < Dh``)."""
-    R = cos_TR.shape[-1]
-    x_rot, x_pass = x_BHTD[..., :R], x_BHTD[..., R:]
-    x1, x2 = x_rot.float().chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    out = x_rot.float() * cos_TR + rotated * sin_TR
-    return torch.cat([out.to(x_BHTD.dtype), x_pass], dim=-1)
+def apply_rope(x_BTHD: torch.Tensor, cos_TR: torch.Tensor, sin_TR: torch.Tensor) -> torch.Tensor:
+    """Rotate the first ``R = cos_TR.shape[-1]`` dims of each head (partial rotary when ``R < Dh``).
+
+    ``x`` is laid out ``[B, T, H, Dh]``, as the q/k projections produce it: the elementwise ops then run on a
+    contiguous tensor (on the ``[B, H, T, Dh]`` transpose PyTorch's CPU kernels fall back to a scalar loop). The
+    half rotation ``(x1, x2) -> (-x2, x1)`` is written as ``cat(x2, x1) * [-sin | sin]``: one op fewer.
+    """
+    R, Dh = cos_TR.shape[-1], x_BTHD.shape[-1]
+    half = R // 2
+    cos_T1R = cos_TR[:, None, :]
+    sin_T1R = torch.cat([-sin_TR[:, :half], sin_TR[:, half:]], dim=-1)[:, None, :]
+    x_rot = x_BTHD[..., :R].float()
+    out = x_rot * cos_T1R + torch.cat([x_rot[..., half:], x_rot[..., :half]], dim=-1) * sin_T1R
+    if R == Dh:
+        return out.to(x_BTHD.dtype)
+    return torch.cat([out.to(x_BTHD.dtype), x_BTHD[..., R:]], dim=-1)
 
 
 class Attention(nn.Module):
@@ -67,12 +75,13 @@ class Attention(nn.Module):
         q, k, v = self.wq(x_BTD), self.wk(x_BTD), self.wv(x_BTD)
         if self.qk_norm == QKNorm.FULL:
             q, k = self.q_norm(q), self.k_norm(k)
-        q_BHTD = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k_BHTD = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q_BTHD = q.view(B, T, self.n_heads, self.head_dim)
+        k_BTHD = k.view(B, T, self.n_kv_heads, self.head_dim)
         v_BHTD = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if self.qk_norm == QKNorm.HEAD:
-            q_BHTD, k_BHTD = self.q_norm(q_BHTD), self.k_norm(k_BHTD)
-        q_BHTD, k_BHTD = apply_rope(q_BHTD, cos_TR, sin_TR), apply_rope(k_BHTD, cos_TR, sin_TR)
+            q_BTHD, k_BTHD = self.q_norm(q_BTHD), self.k_norm(k_BTHD)
+        q_BHTD = apply_rope(q_BTHD, cos_TR, sin_TR).transpose(1, 2)
+        k_BHTD = apply_rope(k_BTHD, cos_TR, sin_TR).transpose(1, 2)
         if self.n_kv_heads != self.n_heads:
             rep = self.n_heads // self.n_kv_heads
             k_BHTD, v_BHTD = k_BHTD.repeat_interleave(rep, dim=1), v_BHTD.repeat_interleave(rep, dim=1)
