@@ -33,13 +33,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from moecpt.config import Recipe
 from moecpt.distributed.launch import check_same_config, rank_info, run_on_main
 from moecpt.errors import MoecptError
 from moecpt.model.transformer import Transformer, build_model
 from moecpt.train.host_memory import retain_freed_memory
+from moecpt.train.loss import cross_entropy
 from moecpt.train.metrics import JsonlSink, RoutingAccumulator
 
 RUN_FILE = "run.json"
@@ -82,7 +82,7 @@ def deterministic_on_cpu(device: torch.device):
 
 def lm_loss(logits_BTV: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy in nats, computed in fp32. ``logits [B, T, V]``, ``targets [B, T]``."""
-    return F.cross_entropy(logits_BTV.float().flatten(0, 1), targets_BT.flatten())
+    return cross_entropy(logits_BTV.float().flatten(0, 1), targets_BT.flatten())
 
 
 def _fingerprint(obj: Any) -> str:
