@@ -57,14 +57,13 @@ def glu_backward(gate_NF: torch.Tensor, up_NF: torch.Tensor, act_NF: torch.Tenso
     """
     F_ = g_NF.shape[1]
     gh_NH = g_NF.new_empty(g_NF.shape[0], 2 * F_)
-    # act'(gate) on contiguous operands (vectorised), then the two products written into the strided halves of one
-    # [N, 2F] buffer: a strided *output* drops the elementwise kernels to their scalar loop, so only cheap muls write
-    # there, not the exp/tanh of the activation's derivative
-    ones_NF = torch.ones((), dtype=g_NF.dtype, device=g_NF.device).expand_as(g_NF)
+    # act'(gate) * up on contiguous operands (vectorised; the *_backward kernels take `up` as their incoming
+    # gradient), then the two products written into the strided halves of one [N, 2F] buffer: a strided *output*
+    # drops the elementwise kernels to their scalar loop, so only cheap muls write there, not the exp/tanh
     if kind == FFNKind.GEGLU:
-        d_act_NF = torch.ops.aten.gelu_backward(ones_NF, gate_NF, approximate="tanh")
+        d_act_up_NF = torch.ops.aten.gelu_backward(up_NF, gate_NF, approximate="tanh")
     else:
-        d_act_NF = torch.ops.aten.silu_backward(ones_NF, gate_NF)
-    torch.mul(d_act_NF.mul_(up_NF), g_NF, out=gh_NH[:, :F_])
+        d_act_up_NF = torch.ops.aten.silu_backward(up_NF, gate_NF)
+    torch.mul(d_act_up_NF, g_NF, out=gh_NH[:, :F_])
     torch.mul(g_NF, act_NF, out=gh_NH[:, F_:])
     return gh_NH

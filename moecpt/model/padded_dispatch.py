@@ -83,7 +83,7 @@ class PaddedPlan:
     Attributes:
         groups: the runs of :func:`plan_expert_groups`.
         num_rows: ``P``, rows of the padded layout.
-        token_P: ``[P]`` int64 source token of each row; ``T`` (a zero row) for padding.
+        token_P: ``[P]`` int64 source token of each row; any real token for padding (its gate is 0).
         slot_P: ``[P]`` int64 slot ``t * K + k`` of each row; ``T * K`` (gate 0) for padding.
         row_S: ``[T * K]`` int64 row of each slot; ``P`` (a zero row) for a slot dropped by the capacity factor.
     """
@@ -123,7 +123,9 @@ def build_padded_plan(topk_idx_TK: torch.Tensor, order_N: torch.Tensor, counts_E
     row_N = base_E[expert_N] + torch.arange(order_N.numel(), device=dev) - starts_E[expert_N]
     slot_P = torch.full((P,), T * K, dtype=torch.long, device=dev).index_copy_(0, row_N, order_N)
     row_S = torch.full((T * K,), P, dtype=torch.long, device=dev).index_copy_(0, order_N, row_N)
-    return PaddedPlan(groups=groups, num_rows=P, token_P=slot_P // K, slot_P=slot_P, row_S=row_S)
+    # padding rows read any real token (the last): their gate is 0, so they reach neither outputs nor gradients
+    token_P = (slot_P // K).clamp_(max=max(T - 1, 0))
+    return PaddedPlan(groups=groups, num_rows=P, token_P=token_P, slot_P=slot_P, row_S=row_S)
 
 
 def _bmm_runs(a_PI: torch.Tensor, w_EIO: torch.Tensor, groups: list[ExpertGroup], out_PO: torch.Tensor,
@@ -155,7 +157,7 @@ def _bmm_runs_weight_grad(a_PI: torch.Tensor, g_PO: torch.Tensor, groups: list[E
 
 
 def _with_zero_row(x_ND: torch.Tensor) -> torch.Tensor:
-    """``[N + 1, D]``: ``x`` and one zero row (the target of padding / dropped-slot indices)."""
+    """``[N + 1, D]``: ``x`` and one zero row (the target of dropped-slot / padding-gate indices)."""
     out = x_ND.new_empty(x_ND.shape[0] + 1, *x_ND.shape[1:])
     out[:-1].copy_(x_ND)
     out[-1].zero_()
@@ -165,8 +167,9 @@ def _with_zero_row(x_ND: torch.Tensor) -> torch.Tensor:
 class _PaddedExperts(torch.autograd.Function):
     """``y_TD = sum_k gate_TK[t, k] * expert_{idx[t, k]}(x_TD[t])`` through the padded layout of a :class:`PaddedPlan`.
 
-    Padding rows read the zero row of ``x`` and carry gate 0, so they add nothing to outputs or weight gradients
-    (the GLU has no bias: a zero row stays zero). All inputs share one dtype (the caller casts under autocast).
+    Padding rows read a real token and carry gate 0: no output gathers them, and their output gradient is
+    ``0 * g``, so (no bias anywhere) they add exactly zero to every weight gradient. All inputs share one dtype (the
+    caller casts under autocast).
     """
 
     @staticmethod
@@ -174,7 +177,7 @@ class _PaddedExperts(torch.autograd.Function):
         T, D = x_TD.shape
         K = gate_TK.shape[1]
         P, groups = plan.num_rows, plan.groups
-        xs_PD = _with_zero_row(x_TD).index_select(0, plan.token_P)
+        xs_PD = x_TD.index_select(0, plan.token_P)
         F_ = w_out_EFD.shape[1]
         gate_PF, up_PF = x_TD.new_empty(P, F_), x_TD.new_empty(P, F_)  # contiguous halves (see moecpt.model.glu)
         _bmm_runs(xs_PD, w_in_EDH[:, :, :F_], groups, gate_PF)
@@ -200,7 +203,7 @@ class _PaddedExperts(torch.autograd.Function):
         g_gate_TK = torch.linalg.vecdot(o_TKD, g_TD.unsqueeze(1)) if need_gate else None  # [T, K]
         # dL/do of row p = gate of its slot * dL/dy of its token (0 for padding rows)
         gate_P = _with_zero_row(gate_TK.reshape(-1, 1)).index_select(0, plan.slot_P)
-        go_PD = _with_zero_row(g_TD).index_select(0, plan.token_P).mul_(gate_P)
+        go_PD = g_TD.index_select(0, plan.token_P).mul_(gate_P)
         g_w_out = _bmm_runs_weight_grad(a_PF, go_PD, groups, E) if need_w_out else None
         ga_PF = a_PF.new_empty(a_PF.shape)
         _bmm_runs(go_PD, w_out_EFD, groups, ga_PF, transpose_w=True)
