@@ -52,11 +52,15 @@ def test_one_expert_top1_equals_dense_ffn(dispatch, kind):
 
 @pytest.mark.parametrize("K", [1, 2])
 @pytest.mark.parametrize("cf", [None, 0.5])
-@pytest.mark.parametrize("overhead", [0, 128, 10**9])  # per-expert runs, planned runs, one padded bmm
-def test_grouped_and_loop_dispatch_agree(K, cf, overhead):
+# torch._grouped_mm; padded bmm runs: per-expert runs, planned runs, one padded bmm
+@pytest.mark.parametrize("layout", ["grouped_mm", 0, 128, 10**9])
+def test_grouped_and_loop_dispatch_agree(K, cf, layout):
     cfg = moe_cfg(E=8, K=K, capacity_factor=cf)
     grouped = init_layer(MoELayer(cfg), seed=1)
-    grouped.group_overhead_rows = overhead
+    if layout == "grouped_mm":
+        assert grouped.use_grouped_mm is None and hasattr(torch, "_grouped_mm")  # auto: it runs on this CPU
+    else:
+        grouped.use_grouped_mm, grouped.group_overhead_rows = False, layout
     loop = MoELayer(cfg.model_copy(update={"moe": cfg.moe.model_copy(update={"dispatch": "loop"})}))
     loop.load_state_dict(grouped.state_dict())
     gen = torch.Generator().manual_seed(0)  # fixed data: the uneven-load precondition below must always hold
@@ -107,12 +111,26 @@ def test_capacity_drops_by_token_order(dispatch):
     assert (y[kept].abs().sum(-1) > 0).all()
 
 
+def test_grouped_mm_layout_issues_one_call_per_projection(monkeypatch):
+    """With torch._grouped_mm: three calls forward (gate, up, out) and four backward, whatever the expert count."""
+    calls = []
+    real = torch._grouped_mm
+    monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    layer = init_layer(MoELayer(moe_cfg(E=16, K=2)))
+    x = torch.randn(256, 32, requires_grad=True)
+    y, r = layer(x)
+    assert len(calls) == 3
+    y.sum().backward()
+    assert len(calls) == 3 + 4  # w_out: weight grad + input grad; w_in: weight grad + input grad
+
+
 def test_grouped_dispatch_issues_few_matmuls(monkeypatch):
-    """The CPU grouped path runs a few bmm calls, not one matmul per expert (what the benchmark measures)."""
+    """The padded layout runs a few bmm calls, not one matmul per expert (what the benchmark measures)."""
     calls = []
     real = torch.bmm
     monkeypatch.setattr(moe_mod.torch, "bmm", lambda *a, **k: calls.append(1) or real(*a, **k))
     layer = init_layer(MoELayer(moe_cfg(E=16, K=2)), router_std=0.02)
+    layer.use_grouped_mm = False
     y, r = layer(torch.randn(512, 32))
     groups = plan_expert_groups(r.tokens_per_expert_E.tolist(), layer.group_overhead_rows,
                                 batch_quantum=torch.get_num_threads())
@@ -167,17 +185,6 @@ def test_bf16_autocast_cpu(dispatch):
     assert layer.router.weight.grad.abs().sum() > 0
 
 
-def test_forward_sorted_matches_per_expert_reference():
-    layer = init_layer(MoELayer(moe_cfg(E=5, K=1)))
-    counts = torch.tensor([3, 0, 4, 1, 0])
-    x = torch.randn(int(counts.sum()), 32)
-    y = layer.experts.forward_sorted(x, counts)
-    ref = torch.cat([layer.experts.forward_expert(e, xe) for e, xe in enumerate(x.split(counts.tolist())) if len(xe)])
-    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
-    y.sum().backward()
-    assert layer.experts.w_in.grad[[1, 4]].abs().sum() == 0 and layer.experts.w_in.grad[0].abs().sum() > 0
-
-
 def test_plan_expert_groups_prices_thread_split_of_bmm():
     """With 2 threads a bmm over 3 experts costs as much as over 4 (its batch is split across threads)."""
     counts = [10, 10, 10]
@@ -200,12 +207,14 @@ def test_glu_halves_match_autograd(kind):
     torch.testing.assert_close(glu_backward(gate, up, act, g, kind), h.grad)
 
 
-def test_grouped_dispatch_repeats_bit_for_bit_with_threads():
-    """The CPU path only gathers (no scatter-add): two runs give identical outputs and gradients."""
+@pytest.mark.parametrize("use_grouped_mm", [None, False])
+def test_grouped_dispatch_repeats_bit_for_bit_with_threads(use_grouped_mm):
+    """The grouped path only gathers (no scatter-add): two runs give identical outputs and gradients."""
     threads = torch.get_num_threads()
     torch.set_num_threads(max(2, threads))
     try:
         layer = init_layer(MoELayer(moe_cfg(E=8, K=2, num_shared_experts=1)), seed=3)
+        layer.use_grouped_mm = use_grouped_mm
         x, g = torch.randn(300, 32), torch.randn(300, 32)
         first, second = run(layer, x, g), run(layer, x, g)
     finally:
@@ -215,16 +224,32 @@ def test_grouped_dispatch_repeats_bit_for_bit_with_threads():
         assert torch.equal(first[2][name], second[2][name]), name
 
 
-def test_padded_experts_all_slots_dropped_keeps_graph():
+def test_grouped_experts_all_slots_dropped_keeps_graph():
     """Every slot dropped (possible with a tiny capacity on an empty batch slice): zeros, and backward still runs."""
-    from moecpt.model.padded_dispatch import PaddedPlan, padded_experts
+    from moecpt.model.expert_dispatch import DispatchPlan, grouped_experts
 
     x = torch.randn(4, 8, requires_grad=True)
     gate = torch.rand(4, 2, requires_grad=True)
     w_in, w_out = torch.randn(3, 8, 12, requires_grad=True), torch.randn(3, 6, 8, requires_grad=True)
-    plan = PaddedPlan(groups=[], num_rows=0, token_P=torch.zeros(0, dtype=torch.long),
-                      slot_P=torch.zeros(0, dtype=torch.long), row_S=torch.zeros(8, dtype=torch.long))
-    y = padded_experts(x, gate, w_in, w_out, plan, "swiglu")
+    plan = DispatchPlan(num_rows=0, token_P=torch.zeros(0, dtype=torch.long), slot_P=torch.zeros(0, dtype=torch.long),
+                        row_S=torch.zeros(8, dtype=torch.long), dropped=True)
+    y = grouped_experts(x, gate, w_in, w_out, plan, "swiglu")
     assert torch.equal(y, torch.zeros(4, 8))
     y.sum().backward()
     assert torch.equal(gate.grad, torch.zeros(4, 2))
+
+
+def test_grouped_mm_usable_needs_16_byte_rows():
+    from moecpt.model.expert_dispatch import grouped_mm_usable
+
+    cpu = torch.device("cpu")
+    assert grouped_mm_usable(32, 48, torch.float32, cpu) == hasattr(torch, "_grouped_mm")
+    assert not grouped_mm_usable(30, 48, torch.float32, cpu)  # 120-byte rows
+    assert not grouped_mm_usable(32, 44, torch.bfloat16, cpu)  # 88-byte rows
+    assert not grouped_mm_usable(32, 48, torch.float64, cpu)
+    layer = init_layer(MoELayer(moe_cfg(E=4, K=2, D=32, F=42)))  # 168-byte rows: padded runs, same as the loop
+    assert not grouped_mm_usable(32, layer.experts.width, torch.float32, cpu)
+    loop = MoELayer(moe_cfg(E=4, K=2, D=32, F=42, dispatch="loop"))
+    loop.load_state_dict(layer.state_dict())
+    x = torch.randn(20, 32)
+    torch.testing.assert_close(layer(x)[0], loop(x)[0], rtol=1e-5, atol=1e-6)

@@ -6,7 +6,7 @@ store both halves side by side (``[gate | up]``), but the activations are comput
 on the strided halves of one ``[N, 2F]`` tensor, because they vectorise only over contiguous operands.
 
 :func:`glu_activation` is the plain autograd form (reference paths); :func:`glu_forward` / :func:`glu_backward` are
-the no-autograd halves used by fused expert kernels (:mod:`moecpt.model.padded_dispatch`).
+the no-autograd halves used by fused expert kernels (:mod:`moecpt.model.expert_dispatch`).
 """
 
 from __future__ import annotations

@@ -6,9 +6,9 @@ all of them: ``w_in_EDH [E, D, 2F]`` (gate and up halves) and ``w_out_EFD [E, F,
 Dispatch paths (GUIDE.md routing rule 9):
 
 * ``grouped`` (default): the ``T*K`` routed slots are sorted by expert and each expert's contiguous slice of tokens
-  goes through its FFN. ``torch._grouped_mm`` runs all experts in one kernel on CUDA (Hopper or newer, bf16).
-  Elsewhere the slots go through the padded run layout of :mod:`moecpt.model.padded_dispatch` (a few ``bmm`` calls
-  per layer, one fused autograd node for gather, experts and combine).
+  goes through its FFN, in one fused autograd node for gather, experts and combine
+  (:mod:`moecpt.model.expert_dispatch`): ``torch._grouped_mm`` runs all experts in one call where it works (CPU;
+  CUDA Hopper+ in bf16), elsewhere a few padded ``bmm`` runs.
 * ``loop``: the simple reference, one masked gather per expert; tests check both agree in outputs and gradients.
 
 Dropless by default (Thérien et al. 2025 train dropless). With ``capacity_factor`` set, each expert takes at most
@@ -26,7 +26,12 @@ from torch import nn
 
 from moecpt.config import DispatchKind, FFNKind, ModelConfig
 from moecpt.model.glu import activation, glu_activation
-from moecpt.model.padded_dispatch import build_padded_plan, padded_experts, plan_expert_groups  # noqa: F401
+from moecpt.model.expert_dispatch import (  # noqa: F401  (plan_expert_groups: re-exported)
+    build_dispatch_plan,
+    grouped_experts,
+    grouped_mm_usable,
+    plan_expert_groups,
+)
 from moecpt.model.routing import Router, RouterOutput
 
 
@@ -44,25 +49,6 @@ class GLUFeedForward(nn.Module):
         # tensors (see moecpt.model.glu); same values as chunking one [N, 2F] product
         w_gate, w_up = self.w_in.weight.chunk(2, dim=0)
         return self.w_out(activation(F.linear(x_ND, w_gate), self.kind) * F.linear(x_ND, w_up))
-
-
-class _ContiguousGrad(torch.autograd.Function):
-    """Identity whose backward makes the incoming gradient contiguous (``_grouped_mm`` rejects stride-0 grads)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        return g.contiguous()
-
-
-def _grouped_mm_usable(x: torch.Tensor) -> bool:
-    if not hasattr(torch, "_grouped_mm") or x.device.type != "cuda":
-        return False
-    major, _ = torch.cuda.get_device_capability(x.device)
-    return major >= 9 and x.dtype == torch.bfloat16
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -83,42 +69,32 @@ class RoutedExperts(nn.Module):
         self.w_in = nn.Parameter(torch.empty(num_experts, d_model, 2 * width))  # [E, D, 2F]
         self.w_out = nn.Parameter(torch.empty(num_experts, width, d_model))  # [E, F, D]
 
-    def forward_sorted(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        """Run expert ``e`` on its contiguous slice of ``x_ND`` (rows sorted by expert, ``counts_E[e]`` rows each).
-
-        Args:
-            x_ND: ``[N, D]`` rows sorted by expert; ``N = counts_E.sum()``.
-            counts_E: ``[E]`` int64 rows per expert.
-
-        Returns:
-            ``[N, D]`` expert outputs in the same order.
-        """
-        if _grouped_mm_usable(x_ND):
-            w_in, w_out = self.w_in.to(x_ND.dtype), self.w_out.to(x_ND.dtype)
-            offs = torch.cumsum(counts_E, 0).to(torch.int32)
-            h = torch._grouped_mm(x_ND, w_in, offs=offs)
-            h = _ContiguousGrad.apply(glu_activation(h, self.kind))
-            return _ContiguousGrad.apply(torch._grouped_mm(h, w_out, offs=offs))
-        # elsewhere: contiguous per-expert slices
-        parts = [self.forward_expert(e, x_e) for e, x_e in enumerate(x_ND.split(counts_E.tolist())) if len(x_e)]
-        return torch.cat(parts) if parts else x_ND.new_zeros(x_ND.shape)
-
-    def forward_padded(self, x_TD: torch.Tensor, gate_TK: torch.Tensor, plan) -> torch.Tensor:
-        """Gate-weighted expert outputs through the padded layout of ``plan`` (:mod:`moecpt.model.padded_dispatch`).
+    def forward_grouped(self, x_TD: torch.Tensor, gate_TK: torch.Tensor, topk_idx_TK: torch.Tensor,
+                        order_N: torch.Tensor, counts_E: torch.Tensor, overhead_rows: int,
+                        use_grouped_mm: bool | None = None) -> torch.Tensor:
+        """Gate-weighted expert outputs through the grouped dispatch of :mod:`moecpt.model.expert_dispatch`.
 
         Under autocast the matmuls run in the autocast dtype; the result comes back in ``x_TD``'s dtype.
 
         Args:
-            x_TD: ``[T, D]``; gate_TK: ``[T, K]`` gate values;
-            plan: a :class:`~moecpt.model.padded_dispatch.PaddedPlan`.
+            x_TD: ``[T, D]``; gate_TK: ``[T, K]`` gate values; topk_idx_TK: ``[T, K]`` chosen experts;
+            order_N: ``[N]`` kept slots ``t * K + k`` stably sorted by expert; counts_E: ``[E]`` kept slots per
+            expert; overhead_rows: the padded layout's price of one more run, in rows; use_grouped_mm: the
+            layout (None: ``torch._grouped_mm`` wherever :func:`grouped_mm_usable` says it runs).
 
         Returns:
             ``[T, D]``.
         """
         dtype = _compute_dtype(x_TD)
-        with torch.autocast(device_type=x_TD.device.type, enabled=False):
-            y_TD = padded_experts(x_TD.to(dtype), gate_TK.to(dtype), self.w_in.to(dtype), self.w_out.to(dtype),
-                                  plan, self.kind)
+        dev = x_TD.device
+        if use_grouped_mm is None:
+            use_grouped_mm = grouped_mm_usable(self.d_model, self.width, dtype, dev)
+        plan = build_dispatch_plan(
+            topk_idx_TK, order_N, counts_E, overhead_rows=overhead_rows, grouped_mm=use_grouped_mm,
+            batch_quantum=torch.get_num_threads() if dev.type == "cpu" else 1)
+        with torch.autocast(device_type=dev.type, enabled=False):
+            y_TD = grouped_experts(x_TD.to(dtype), gate_TK.to(dtype), self.w_in.to(dtype), self.w_out.to(dtype),
+                                   plan, self.kind)
         return y_TD.to(x_TD.dtype)
 
     def forward_expert(self, e: int, x_ND: torch.Tensor) -> torch.Tensor:
@@ -151,6 +127,8 @@ class MoELayer(nn.Module):
         #: One run costs ~7 matmul calls of Python and dispatch (~0.15 ms on CPU); one row costs ~D * F * 12 FLOPs
         #: (forward + backward of the GLU): the break-even row count falls as experts get wider.
         self.group_overhead_rows = max(1, round(2**20 / (cfg.d_model * width)))
+        #: grouped dispatch layout: None = ``torch._grouped_mm`` wherever it runs, False = padded ``bmm`` runs
+        self.use_grouped_mm: bool | None = None
         self.router = Router(cfg.d_model, moe.num_experts, moe.top_k, moe.router)
         self.experts = RoutedExperts(moe.num_experts, cfg.d_model, width, cfg.ffn_kind)
         shared_width = moe.shared_expert_width or moe.num_shared_experts * width
@@ -184,24 +162,17 @@ class MoELayer(nn.Module):
         T, K = r.topk_idx_TK.shape
         flat_expert_N = r.topk_idx_TK.reshape(-1)  # slot n = t * K + k
         order_N = torch.argsort(flat_expert_N, stable=True)  # stable: token order inside each expert
-        sorted_expert_N = flat_expert_N[order_N]
-        counts_E = torch.bincount(flat_expert_N, minlength=self.num_experts)
+        counts_E = r.tokens_per_expert_E
         keep_TK = None
         if self.capacity_factor is not None:
-            keep_sorted_N = self._capacity_keep_sorted(sorted_expert_N, counts_E, T)
+            keep_sorted_N = self._capacity_keep_sorted(flat_expert_N[order_N], counts_E, T)
             keep_TK = torch.zeros(T * K, dtype=torch.bool, device=x_TD.device)
             keep_TK[order_N] = keep_sorted_N
             keep_TK = keep_TK.view(T, K)
             order_N = order_N[keep_sorted_N]
             counts_E = torch.bincount(flat_expert_N[order_N], minlength=self.num_experts)
-        if not _grouped_mm_usable(x_TD):
-            quantum = torch.get_num_threads() if x_TD.device.type == "cpu" else 1
-            plan = build_padded_plan(r.topk_idx_TK, order_N, counts_E, self.group_overhead_rows, quantum)
-            return self.experts.forward_padded(x_TD, r.topk_weight_TK, plan), keep_TK
-        token_N = order_N // K
-        h_ND = self.experts.forward_sorted(x_TD[token_N], counts_E)
-        gate_N = r.topk_weight_TK.reshape(-1)[order_N].to(h_ND.dtype)
-        y_TD = torch.zeros_like(x_TD).index_add_(0, token_N, (h_ND * gate_N[:, None]).to(x_TD.dtype))
+        y_TD = self.experts.forward_grouped(x_TD, r.topk_weight_TK, r.topk_idx_TK, order_N, counts_E,
+                                            self.group_overhead_rows, self.use_grouped_mm)
         return y_TD, keep_TK
 
     def _forward_loop(self, x_TD: torch.Tensor, r: RouterOutput):
