@@ -225,7 +225,7 @@ def test_grouped_dispatch_repeats_bit_for_bit_with_threads(use_grouped_mm):
 
 
 def test_grouped_experts_all_slots_dropped_keeps_graph():
-    """Every slot dropped (possible with a tiny capacity on an empty batch slice): zeros, and backward still runs."""
+    """No row at all (an empty batch: capacity keeps at least one slot per expert otherwise): zeros, backward runs."""
     from moecpt.model.expert_dispatch import DispatchPlan, grouped_experts
 
     x = torch.randn(4, 8, requires_grad=True)

@@ -5,11 +5,11 @@ The ``T*K`` routed slots are laid out expert by expert (stable: token order with
 run per expert on contiguous rows:
 
 * ``grouped_mm`` layout (:func:`grouped_mm_usable`): no padding; ``torch._grouped_mm`` runs every expert in one
-  call (CPU in fp32/bf16/fp16; CUDA on Hopper or newer in bf16), with the weight gradient as one more grouped call.
-  No host sync.
-* ``padded`` layout (anywhere else, e.g. CUDA before Hopper, older torch): the experts are cut into a few runs of
-  neighbouring experts (:func:`plan_expert_groups`); every expert of a run gets the run's largest row count, so a
-  run is one ``bmm`` per projection over ``[experts, rows, features]``. This is MegaBlocks' idea (Gale et al. 2023,
+  call (CPU in fp32/bf16/fp16 where this torch has the kernel; CUDA on Hopper, sm90, in bf16), with the weight
+  gradient as one more grouped call. No host sync.
+* ``padded`` layout (anywhere else, e.g. other GPUs, older torch): the experts are cut into a few runs of
+  neighbouring experts (:func:`plan_expert_groups`); every expert of a run gets the run's largest row count (the
+  extra rows carry gate 0), so a run is one ``bmm`` per projection over ``[experts, rows, features]``. This is MegaBlocks' idea (Gale et al. 2023,
   "MegaBlocks: Efficient Sparse Training with Mixture-of-Experts", Sec. 5) with dense padded blocks.
 
 Either way a step issues a handful of large matmul calls instead of ~6 small ones per expert (on CPU each small
@@ -21,6 +21,7 @@ without ``torch.use_deterministic_algorithms``.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -34,7 +35,7 @@ ExpertGroup = tuple[int, int, int, int]
 
 def plan_expert_groups(counts: list[int], overhead_rows: int = 128, max_span: int = 64,
                        batch_quantum: int = 1) -> list[ExpertGroup]:
-    """Cut experts ``0..E-1`` into runs, each zero-padded to its largest count, minimising padded rows + overhead.
+    """Cut experts ``0..E-1`` into runs, each padded to its largest count, minimising padded rows + overhead.
 
     Exact dynamic programme over contiguous runs of at most ``max_span`` experts: a run ``[i, j)`` of ``n = j - i``
     experts costs ``slots(n) * max(counts[i:j]) + overhead_rows``, where ``overhead_rows`` prices the extra matmul
@@ -104,19 +105,33 @@ class DispatchPlan:
     groups: list[ExpertGroup] = field(default_factory=list)
 
 
+@functools.lru_cache(maxsize=None)
+def _grouped_mm_runs_on_cpu(dtype: torch.dtype) -> bool:
+    """Whether this torch has a CPU ``_grouped_mm`` kernel for ``dtype`` (torch 2.8 has the op but no CPU kernel)."""
+    try:
+        a, w = torch.ones(4, 8, dtype=dtype), torch.ones(2, 8, 8, dtype=dtype)
+        out = torch._grouped_mm(a, w, offs=torch.tensor([2, 4], dtype=torch.int32))
+        return bool(out.shape == (4, 8) and out[0, 0].item() == 8)
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False
+
+
 def grouped_mm_usable(d_model: int, width: int, dtype: torch.dtype, device: torch.device) -> bool:
     """Whether ``torch._grouped_mm`` can run the experts of width ``F`` on ``d_model``-wide rows here.
 
-    It needs this torch to have it, CPU (fp32, bf16, fp16) or CUDA compute capability >= 9 (bf16), and every row
-    stride of ``[*, D]``, ``[*, F]`` and ``[*, 2F]`` operands (and the offset of the ``up`` half of ``w_in``) to be a
-    multiple of 16 bytes.
+    It needs this torch to have it; on CPU a kernel for ``dtype`` (fp32, bf16, fp16; probed once per dtype); on CUDA
+    an NVIDIA Hopper GPU (sm90) and bf16 (other architectures and ROCm have had wrong weight gradients for empty
+    groups or a host-syncing fallback); and every row stride of the ``[*, D]``, ``[*, F]`` and ``[*, 2F]`` operands
+    (and the offset of the ``up`` half of ``w_in``) a multiple of 16 bytes.
     """
     if not hasattr(torch, "_grouped_mm"):
         return False
     if device.type == "cuda":
-        if torch.cuda.get_device_capability(device)[0] < 9 or dtype != torch.bfloat16:
+        if torch.version.hip or torch.cuda.get_device_capability(device)[0] != 9 or dtype != torch.bfloat16:
             return False
     elif device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    elif not _grouped_mm_runs_on_cpu(dtype):
         return False
     size = torch.empty((), dtype=dtype).element_size()
     return (d_model * size) % 16 == 0 and (width * size) % 16 == 0
@@ -214,7 +229,11 @@ def _experts_mm(a_PI: torch.Tensor, w_EIO: torch.Tensor, plan: DispatchPlan, *, 
 def _experts_weight_grad(a_PI: torch.Tensor, g_PO: torch.Tensor, plan: DispatchPlan, num_experts: int):
     """``dL/dw[e] = a[rows of e].T @ g[rows of e]``: ``[E, I, O]``, zeros for experts without rows."""
     if plan.offs_E is not None:
-        return torch._grouped_mm(a_PI.t(), g_PO, offs=plan.offs_E)
+        gw_EIO = torch._grouped_mm(a_PI.t(), g_PO, offs=plan.offs_E)
+        if gw_EIO.is_cuda:  # do not trust the kernel to write zeros for empty groups; no host sync
+            empty_E = torch.diff(plan.offs_E, prepend=plan.offs_E.new_zeros(1)) == 0
+            gw_EIO = gw_EIO.masked_fill(empty_E[:, None, None], 0)
+        return gw_EIO
     return _bmm_runs_weight_grad(a_PI, g_PO, plan.groups, num_experts)
 
 
@@ -222,8 +241,9 @@ class _GroupedExperts(torch.autograd.Function):
     """``y_TD = sum_k gate_TK[t, k] * expert_{idx[t, k]}(x_TD[t])`` through the row layout of a :class:`DispatchPlan`.
 
     Padding rows (padded layout) read a real token and carry gate 0: no output gathers them, and their output
-    gradient is ``0 * g``, so (no bias anywhere) they add exactly zero to every weight gradient. All inputs share one
-    dtype (the caller casts under autocast).
+    gradient is ``0 * g``, so (no bias anywhere) they add exactly zero to every weight gradient while the step's
+    values are finite (a non-finite step is skipped or stopped by the trainer). All inputs share one dtype (the
+    caller casts under autocast); the K expert outputs of a token are summed in fp32 when that dtype is 16-bit.
     """
 
     @staticmethod
@@ -238,7 +258,8 @@ class _GroupedExperts(torch.autograd.Function):
         act_PF, a_PF = glu_forward(gate_PF, up_PF, kind)
         o_RD = _experts_mm(a_PF, w_out_EFD, plan, zero_row=plan.dropped)
         o_TKD = o_RD.index_select(0, plan.row_S).view(T, K, D)
-        y_TD = (o_TKD * gate_TK.unsqueeze(2)).sum(dim=1)  # fixed summation order over k
+        acc = torch.float32 if o_TKD.element_size() < 4 else o_TKD.dtype
+        y_TD = (o_TKD.to(acc) * gate_TK.to(acc).unsqueeze(2)).sum(dim=1)  # fixed summation order over k
         ctx.save_for_backward(xs_PD, gate_PF, up_PF, act_PF, a_PF, o_TKD, gate_TK, w_in_EDH, w_out_EFD)
         ctx.plan, ctx.kind = plan, kind
         return y_TD
@@ -250,8 +271,10 @@ class _GroupedExperts(torch.autograd.Function):
         need_x, need_gate, need_w_in, need_w_out = ctx.needs_input_grad[:4]
         T, K, D = o_TKD.shape
         E = w_in_EDH.shape[0]
-        g_TD = g_TD.contiguous()
-        g_gate_TK = torch.linalg.vecdot(o_TKD, g_TD.unsqueeze(1)) if need_gate else None  # [T, K]
+        g_gate_TK = None
+        if need_gate:  # [T, K], in the accumulation dtype of the forward's sum
+            g_gate_TK = torch.linalg.vecdot(o_TKD.to(g_TD.dtype), g_TD.unsqueeze(1)).to(gate_TK.dtype)
+        g_TD = g_TD.to(o_TKD.dtype).contiguous()
         # dL/do of row p = gate of its slot * dL/dy of its token (0 for padding rows)
         gate_P1 = _with_zero_row(gate_TK.reshape(-1, 1)).index_select(0, plan.slot_P)
         go_PD = g_TD.index_select(0, plan.token_P).mul_(gate_P1)
@@ -277,7 +300,7 @@ def grouped_experts(x_TD: torch.Tensor, gate_TK: torch.Tensor, w_in_EDH: torch.T
         plan: from :func:`build_dispatch_plan`; kind: GEGLU or SwiGLU.
 
     Returns:
-        ``[T, D]`` ``sum_k gate[t, k] * expert_{idx[t, k]}(x[t])`` over the kept slots.
+        ``[T, D]`` ``sum_k gate[t, k] * expert_{idx[t, k]}(x[t])`` over the kept slots (fp32 for 16-bit inputs).
     """
     if plan.num_rows == 0:
         return x_TD.new_zeros(x_TD.shape) + 0 * gate_TK.sum()  # keep the graph: every slot dropped

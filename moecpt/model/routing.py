@@ -133,6 +133,7 @@ class _SoftmaxRouting(torch.autograd.Function):
         z = torch.dot(lse_T, lse_T) / max(T, 1)
         ctx.save_for_backward(scores_TE, topk_idx_TK, w_TK, f_E, lse_T, denom_T1)
         ctx.mark_non_differentiable(scores_TE, topk_idx_TK, counts_E)
+        ctx.set_materialize_grads(False)  # unweighted aux losses (bias / Sinkhorn / none) get no backward work
         return scores_TE, topk_idx_TK, counts_E, w_TK, lb, z
 
     @staticmethod
@@ -140,6 +141,8 @@ class _SoftmaxRouting(torch.autograd.Function):
         scores_TE, topk_idx_TK, w_TK, f_E, lse_T, denom_T1 = ctx.saved_tensors
         T, E = scores_TE.shape
         n = max(T, 1)
+        if g_gates_TK is None and g_lb is None and g_z is None:
+            return None, None, None, None
         G_TE = (g_lb * (E / n)) * f_E.expand(T, E) if g_lb is not None else scores_TE.new_zeros(T, E)
         if g_gates_TK is not None:
             g_w_TK = g_gates_TK
@@ -159,7 +162,8 @@ class RouterOutput:
 
     Attributes:
         logits_TE: ``[T, E]`` fp32 raw logits (never probabilities).
-        scores_TE: ``[T, E]`` fp32 scores the gates come from (softmax or sigmoid of the logits).
+        scores_TE: ``[T, E]`` fp32 scores the gates come from (softmax or sigmoid of the logits); a diagnostic, not
+            differentiable for softmax routers (gradients flow through ``topk_weight_TK`` and ``aux_losses``).
         topk_idx_TK: ``[T, K]`` int64 selected experts (before capacity dropping).
         topk_weight_TK: ``[T, K]`` fp32 gate values (zero where a slot was dropped for capacity).
         tokens_per_expert_E: ``[E]`` int64 routed slots per expert (before dropping).

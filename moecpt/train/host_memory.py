@@ -1,15 +1,19 @@
 """Host-memory allocator tuning for CPU training.
 
 PyTorch has no caching allocator on CPU: every tensor is a ``malloc``/``free``. glibc serves large blocks with
-``mmap`` and gives freed memory back to the kernel, so a training step that frees and re-allocates tens of MB of
-activations page-faults on every fresh page (the kernel zeroes it) — thousands of faults per step for an MoE layer,
-whose buffer sizes change with the routing. PyTorch's CPU performance guide recommends a caching ``malloc``
-(jemalloc / tcmalloc via ``LD_PRELOAD``) for this; :func:`retain_freed_memory` gets the same effect from glibc
-itself, in-process: allocate from the heap, keep freed memory and a 64 MiB top pad. The cost is that the process's
-resident memory stays at its peak instead of shrinking between steps.
+``mmap`` and trims freed memory at the top of its heap back to the kernel, so a training step that frees and
+re-allocates tens of MB of activations page-faults on fresh pages (the kernel zeroes each one) — about 10,000
+faults per forward + backward of the benchmark MoE layer, whose buffer sizes change with the routing. PyTorch's
+CPU performance guide recommends a caching ``malloc`` (jemalloc / tcmalloc via ``LD_PRELOAD``) for this;
+:func:`retain_freed_memory` gets most of the effect from glibc itself, in-process: blocks up to 32 MiB (glibc's
+largest ``mmap`` threshold) come from the heap, up to 256 MiB of free heap top is kept instead of trimmed, and the
+heap grows in 64 MiB steps. Blocks above 32 MiB are still ``mmap``-ed, so large one-off buffers do not fragment
+the heap.
 
-Measured (``benchmarks/moe_layer.py``, this 2-core machine): the MoE layer's forward + backward goes from ~5,500 to
-~400 page faults per step, about 10% of its time.
+Measured (``benchmarks/moe_layer.py`` sizes beside a dense FFN in one process, this 2-core machine): page faults
+per MoE forward + backward 9,400-11,400 -> 50-600 over several runs, 10-20% of its time; resident memory after
+freeing a 120 MB tensor twelve times: 220 MB either way. The cost: up to ~320 MB of freed memory may stay
+resident.
 
 Opt out with ``MOECPT_MALLOC_TUNING=0``. A no-op outside Linux/glibc.
 """
@@ -24,15 +28,19 @@ import sys
 # glibc <malloc.h> parameter numbers
 _M_TRIM_THRESHOLD = -1
 _M_TOP_PAD = -2
-_M_MMAP_MAX = -4
+_M_MMAP_THRESHOLD = -3
 
 
-def retain_freed_memory(top_pad_bytes: int = 64 << 20) -> bool:
-    """Tell glibc ``malloc`` to keep freed memory for reuse (no ``mmap`` blocks, no trimming, a top pad).
+def retain_freed_memory(mmap_threshold_bytes: int = 32 << 20, trim_threshold_bytes: int = 256 << 20,
+                        top_pad_bytes: int = 64 << 20) -> bool:
+    """Tell glibc ``malloc`` to keep freed memory for reuse: heap blocks up to ``mmap_threshold_bytes``, no trimming
+    below ``trim_threshold_bytes`` of free heap top, heap growth in ``top_pad_bytes`` steps.
 
     Process-wide and idempotent; call it once before training on CPU.
 
     Args:
+        mmap_threshold_bytes: blocks at least this large are ``mmap``-ed (glibc caps it at 32 MiB on 64-bit).
+        trim_threshold_bytes: free memory at the heap top kept before trimming.
         top_pad_bytes: extra bytes requested whenever the heap grows (fewer, larger ``brk`` calls).
 
     Returns:
@@ -49,7 +57,9 @@ def retain_freed_memory(top_pad_bytes: int = 64 << 20) -> bool:
         mallopt = libc.mallopt
     except (OSError, AttributeError):  # musl and other libcs have no mallopt
         return False
-    ok = mallopt(_M_MMAP_MAX, 0) == 1
-    ok &= mallopt(_M_TRIM_THRESHOLD, 1 << 40) == 1
-    ok &= mallopt(_M_TOP_PAD, int(top_pad_bytes)) == 1
-    return bool(ok)
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int  # int param, int value
+    values = {_M_MMAP_THRESHOLD: mmap_threshold_bytes, _M_TRIM_THRESHOLD: trim_threshold_bytes,
+              _M_TOP_PAD: top_pad_bytes}
+    if any(not 0 <= v < 2**31 for v in values.values()):
+        raise ValueError(f"malloc settings must be in [0, 2**31): {values}")
+    return all(mallopt(param, int(value)) == 1 for param, value in values.items())

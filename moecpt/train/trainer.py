@@ -268,9 +268,9 @@ class Trainer:
     def run(self) -> dict[str, Any]:
         """Train until the schedule's end (or its pre-anneal stop); returns a summary dict.
 
-        On CPU the run uses PyTorch's deterministic algorithms (restored afterwards): the backward of the MoE's
-        token gather (``index_put_`` with accumulation) otherwise adds rows in a thread-dependent order, and a
-        resumed run would then differ from an uninterrupted one in the last bits. On CPU it also makes ``malloc``
+        On CPU the run uses PyTorch's deterministic algorithms (restored afterwards), so that no op picks a
+        thread-order-dependent reduction and a resumed run matches an uninterrupted one bit for bit (the grouped MoE
+        dispatch only gathers anyway; the ``loop`` reference dispatch scatter-adds). On CPU it also makes ``malloc``
         keep freed memory for reuse (:func:`moecpt.train.host_memory.retain_freed_memory`; opt out with
         ``MOECPT_MALLOC_TUNING=0``).
         """
@@ -517,6 +517,7 @@ class Trainer:
             # it is overwritten every step from the schedule.
             o = self.recipe.optim
             for group in optimizer.param_groups:
+                group["fused"] = optimizer.defaults.get("fused")  # this build's kernel choice, not the parent's
                 group["lr"] = float("nan")
                 group["betas"] = (o.beta1, o.beta2)
                 group["eps"] = o.eps
