@@ -24,14 +24,16 @@ import time
 
 import torch
 
+from moecpt.cli import int_at_least, positive_int
 from moecpt.config import ModelConfig
+from moecpt.model.expert_dispatch import grouped_mm_usable
 from moecpt.model.moe import GLUFeedForward, MoELayer
 from moecpt.train.host_memory import retain_freed_memory
 
 
 def build_moecpt(D: int, E: int, F: int, K: int) -> MoELayer:
-    cfg = ModelConfig(
-        vocab_size=2, d_model=D, n_heads=4, ffn_width=F, ffn_kind="swiglu",
+    cfg = ModelConfig(  # the attention fields are unused here: a head_dim that fits any d_model
+        vocab_size=2, d_model=D, n_heads=1, head_dim=2, ffn_width=F, ffn_kind="swiglu",
         moe=dict(num_experts=E, top_k=K, expert_width=F, dispatch="grouped"),
     )
     layer = MoELayer(cfg)
@@ -73,13 +75,13 @@ def hf_impls() -> list[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--tokens", type=int, default=2048)
-    ap.add_argument("--d-model", type=int, default=256)
-    ap.add_argument("--experts", type=int, default=32)
-    ap.add_argument("--expert-width", type=int, default=256)
-    ap.add_argument("--top-k", type=int, default=4)
-    ap.add_argument("--rounds", type=int, default=30)
-    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--tokens", type=positive_int, default=2048)
+    ap.add_argument("--d-model", type=positive_int, default=256)
+    ap.add_argument("--experts", type=positive_int, default=32)
+    ap.add_argument("--expert-width", type=positive_int, default=256)
+    ap.add_argument("--top-k", type=positive_int, default=4)
+    ap.add_argument("--rounds", type=int_at_least(2), default=30, help="interleaved timing rounds (>= 2: quartiles)")
+    ap.add_argument("--warmup", type=int_at_least(0), default=3)
     ap.add_argument("--slow-factor", type=float, default=3.0,
                     help="HF implementations slower than this times the fastest get only a 3-run pre-pass")
     ap.add_argument("--no-malloc-tuning", action="store_true",
@@ -89,7 +91,10 @@ def main() -> None:
     T, D, E, F, K = args.tokens, args.d_model, args.experts, args.expert_width, args.top_k
 
     torch.manual_seed(0)
-    ours = build_moecpt(D, E, F, K)
+    try:
+        ours = build_moecpt(D, E, F, K)
+    except ValueError as exc:  # pydantic's ValidationError: one line naming the field
+        ap.error(exc.errors()[0]["msg"] if hasattr(exc, "errors") else str(exc))
     dense = GLUFeedForward(D, K * F, "swiglu")
     with torch.no_grad():
         for p in dense.parameters():
@@ -177,6 +182,8 @@ def main() -> None:
                    "dense_width": K * F, "dtype": "float32", "device": "cpu", "activation": "swiglu",
                    "rounds": args.rounds, "warmup": args.warmup, "threads": torch.get_num_threads(),
                    "malloc_tuned": malloc_tuned,
+                   "moecpt_layout": "grouped_mm" if grouped_mm_usable(D, F, torch.float32, torch.device("cpu"))
+                   else "padded_bmm",
                    "torch": torch.__version__, "transformers": hf_version, "machine": platform.machine()},
         "ms": ms,
         "ratios": ratios,

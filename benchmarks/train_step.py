@@ -30,6 +30,7 @@ import time
 
 import torch
 
+from moecpt.cli import int_at_least
 from moecpt.config import OptimConfig, model_preset
 from moecpt.model.flops import model_stats
 from moecpt.model.transformer import build_model
@@ -163,11 +164,11 @@ def profile(step, data, device, n: int = 3, top: int = 12) -> list[dict]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--steps", type=int, default=20, help="timed steps per model (median reported)")
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--peak-reps", type=int, default=3, help="matmuls per peak measurement (one per round)")
+    p.add_argument("--steps", type=int_at_least(2), default=20, help="timed rounds (>= 2; medians and quartiles)")
+    p.add_argument("--warmup", type=int_at_least(0), default=5)
+    p.add_argument("--batch", type=int_at_least(1), default=16)
+    p.add_argument("--seq", type=int_at_least(2), default=128)
+    p.add_argument("--peak-reps", type=int_at_least(1), default=3, help="matmuls per peak measurement (one per round)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--models", nargs="+", default=list(PRESETS), choices=PRESETS)
     p.add_argument("--profile", action="store_true", help="add the top ops (torch.profiler) per model")
@@ -175,7 +176,13 @@ def main() -> None:
                    help="leave glibc malloc as is (default: retain freed memory, as the trainer does on CPU)")
     args = p.parse_args()
     malloc_tuned = False if args.no_malloc_tuning else retain_freed_memory()
-    device = torch.device(args.device)
+    try:
+        device = torch.device(args.device)
+        torch.empty(1, device=device)
+    except (RuntimeError, AssertionError) as exc:
+        p.error(f"--device {args.device!r} is not usable here ({str(exc).splitlines()[0]})")
+    if len(set(args.models)) != len(args.models):
+        p.error("--models lists a model twice")
     data = batches(args.warmup + args.steps, args.batch, args.seq)
     results, peaks = bench_all(args, device, data)
     out = {

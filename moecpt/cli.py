@@ -36,6 +36,21 @@ def positive_int(text: str) -> int:
     return value
 
 
+def int_at_least(low: int):
+    """argparse type factory: an integer >= ``low`` (counts where 0 or 1 would make a run meaningless)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} must be at least {low}")
+        return value
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="moecpt",

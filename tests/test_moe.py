@@ -253,3 +253,9 @@ def test_grouped_mm_usable_needs_16_byte_rows():
     loop.load_state_dict(layer.state_dict())
     x = torch.randn(20, 32)
     torch.testing.assert_close(layer(x)[0], loop(x)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_moe_layer_refuses_batched_input_with_one_line():
+    layer = init_layer(MoELayer(moe_cfg()))
+    with pytest.raises(ValueError, match=r"expects tokens as \[T, D\]"):
+        layer(torch.randn(2, 5, 32))

@@ -9,8 +9,9 @@ run per expert on contiguous rows:
   gradient as one more grouped call. No host sync.
 * ``padded`` layout (anywhere else, e.g. other GPUs, older torch): the experts are cut into a few runs of
   neighbouring experts (:func:`plan_expert_groups`); every expert of a run gets the run's largest row count (the
-  extra rows carry gate 0), so a run is one ``bmm`` per projection over ``[experts, rows, features]``. This is MegaBlocks' idea (Gale et al. 2023,
-  "MegaBlocks: Efficient Sparse Training with Mixture-of-Experts", Sec. 5) with dense padded blocks.
+  extra rows carry gate 0), so a run is one ``bmm`` per projection over ``[experts, rows, features]``. This is
+  MegaBlocks' idea (Gale et al. 2023, "MegaBlocks: Efficient Sparse Training with Mixture-of-Experts", Sec. 5)
+  with dense padded blocks.
 
 Either way a step issues a handful of large matmul calls instead of ~6 small ones per expert (on CPU each small
 threaded matmul pays an OpenMP fork/barrier; ``benchmarks/moe_layer.py``). The backward is written out so that no
@@ -116,7 +117,7 @@ def _grouped_mm_runs_on_cpu(dtype: torch.dtype) -> bool:
         return False
 
 
-def grouped_mm_usable(d_model: int, width: int, dtype: torch.dtype, device: torch.device) -> bool:
+def grouped_mm_usable(d_model: int, width: int, dtype: torch.dtype, device: torch.device | str) -> bool:
     """Whether ``torch._grouped_mm`` can run the experts of width ``F`` on ``d_model``-wide rows here.
 
     It needs this torch to have it; on CPU a kernel for ``dtype`` (fp32, bf16, fp16; probed once per dtype); on CUDA
@@ -126,6 +127,7 @@ def grouped_mm_usable(d_model: int, width: int, dtype: torch.dtype, device: torc
     """
     if not hasattr(torch, "_grouped_mm"):
         return False
+    device = torch.device(device)
     if device.type == "cuda":
         if torch.version.hip or torch.cuda.get_device_capability(device)[0] != 9 or dtype != torch.bfloat16:
             return False
@@ -302,6 +304,7 @@ def grouped_experts(x_TD: torch.Tensor, gate_TK: torch.Tensor, w_in_EDH: torch.T
     Returns:
         ``[T, D]`` ``sum_k gate[t, k] * expert_{idx[t, k]}(x[t])`` over the kept slots (fp32 for 16-bit inputs).
     """
-    if plan.num_rows == 0:
-        return x_TD.new_zeros(x_TD.shape) + 0 * gate_TK.sum()  # keep the graph: every slot dropped
+    if plan.num_rows == 0:  # no rows at all (an empty batch): zeros, keeping the graph
+        acc = torch.float32 if x_TD.element_size() < 4 else x_TD.dtype
+        return x_TD.new_zeros(x_TD.shape, dtype=acc) + 0 * gate_TK.sum().to(acc)
     return _GroupedExperts.apply(x_TD, gate_TK, w_in_EDH, w_out_EFD, plan, kind)

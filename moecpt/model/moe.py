@@ -8,7 +8,7 @@ Dispatch paths (GUIDE.md routing rule 9):
 * ``grouped`` (default): the ``T*K`` routed slots are sorted by expert and each expert's contiguous slice of tokens
   goes through its FFN, in one fused autograd node for gather, experts and combine
   (:mod:`moecpt.model.expert_dispatch`): ``torch._grouped_mm`` runs all experts in one call where it works (CPU;
-  CUDA Hopper+ in bf16), elsewhere a few padded ``bmm`` runs.
+  CUDA Hopper, sm90, in bf16), elsewhere a few padded ``bmm`` runs.
 * ``loop``: the simple reference, one masked gather per expert; tests check both agree in outputs and gradients.
 
 Dropless by default (Thérien et al. 2025 train dropless). With ``capacity_factor`` set, each expert takes at most
@@ -136,6 +136,9 @@ class MoELayer(nn.Module):
         self.shared_gate = nn.Linear(cfg.d_model, 1, bias=False) if (self.shared and moe.shared_expert_gate) else None
 
     def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, RouterOutput]:
+        if x_TD.dim() != 2:
+            raise ValueError(f"MoELayer expects tokens as [T, D], got shape {tuple(x_TD.shape)}; "
+                             "flatten batch and time first")
         r = self.router(x_TD)
         T, K = r.topk_idx_TK.shape
         if self.dispatch == DispatchKind.LOOP:

@@ -5,10 +5,10 @@ PyTorch has no caching allocator on CPU: every tensor is a ``malloc``/``free``. 
 re-allocates tens of MB of activations page-faults on fresh pages (the kernel zeroes each one) — about 10,000
 faults per forward + backward of the benchmark MoE layer, whose buffer sizes change with the routing. PyTorch's
 CPU performance guide recommends a caching ``malloc`` (jemalloc / tcmalloc via ``LD_PRELOAD``) for this;
-:func:`retain_freed_memory` gets most of the effect from glibc itself, in-process: blocks up to 32 MiB (glibc's
-largest ``mmap`` threshold) come from the heap, up to 1 GiB of free heap top is kept instead of trimmed, and the
-heap grows in 64 MiB steps. Blocks above 32 MiB are still ``mmap``-ed, so large one-off buffers do not fragment
-the heap.
+:func:`retain_freed_memory` gets most of the effect from glibc itself, in-process: blocks up to 32 MiB (the
+ceiling of glibc's own adaptive ``mmap`` threshold) come from the heap, up to 1 GiB of free heap top is kept
+instead of trimmed, and the heap grows in 64 MiB steps. Blocks above 32 MiB are still ``mmap``-ed, so large
+one-off buffers do not fragment the heap.
 
 Measured (``benchmarks/moe_layer.py`` sizes beside a dense FFN in one process, this 2-core machine): page faults
 per MoE forward + backward 9,400-11,400 -> 50-600 over several runs, 10-20% of its time; resident memory after
@@ -16,7 +16,7 @@ freeing a 120 MB tensor twelve times: 220 MB either way. A 256 MiB trim threshol
 (MoE layer / dense FFN time 1.43 instead of 1.25-1.32 in paired runs). The cost: freed heap memory, up to the
 process's peak use of blocks under 32 MiB, stays resident.
 
-Opt out with ``MOECPT_MALLOC_TUNING=0``. A no-op outside Linux/glibc.
+Opt out with ``MOECPT_MALLOC_TUNING=0`` (or ``false``/``off``/``no``). A no-op outside Linux/glibc.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def retain_freed_memory(mmap_threshold_bytes: int = 32 << 20, trim_threshold_byt
     Process-wide and idempotent; call it once before training on CPU.
 
     Args:
-        mmap_threshold_bytes: blocks at least this large are ``mmap``-ed (glibc caps it at 32 MiB on 64-bit).
+        mmap_threshold_bytes: blocks at least this large are ``mmap``-ed.
         trim_threshold_bytes: free memory at the heap top kept before trimming.
         top_pad_bytes: extra bytes requested whenever the heap grows (fewer, larger ``brk`` calls).
 
@@ -48,7 +48,8 @@ def retain_freed_memory(mmap_threshold_bytes: int = 32 << 20, trim_threshold_byt
         True if the settings were applied; False where they cannot be (not Linux/glibc) or are switched off by
         ``MOECPT_MALLOC_TUNING=0``.
     """
-    if os.environ.get("MOECPT_MALLOC_TUNING", "1") == "0" or not sys.platform.startswith("linux"):
+    if os.environ.get("MOECPT_MALLOC_TUNING", "1").strip().lower() in ("0", "false", "off", "no") or \
+            not sys.platform.startswith("linux"):
         return False
     name = ctypes.util.find_library("c")
     if not name:
