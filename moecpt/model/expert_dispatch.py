@@ -191,7 +191,7 @@ def _bmm_runs(a_PI: torch.Tensor, w_EIO: torch.Tensor, groups: list[ExpertGroup]
 def _bmm_runs_weight_grad(a_PI: torch.Tensor, g_PO: torch.Tensor, groups: list[ExpertGroup],
                           num_experts: int) -> torch.Tensor:
     """``dL/dw[e] = a[rows of e].T @ g[rows of e]`` as one ``[E, I, O]`` tensor; experts in no run get zeros."""
-    I, O = a_PI.shape[1], g_PO.shape[1]
+    I, O = a_PI.shape[1], g_PO.shape[1]  # noqa: E741
     gw_EIO = a_PI.new_empty(num_experts, I, O)
     e_done = 0
     for e0, e1, C, r0 in groups:
@@ -203,6 +203,11 @@ def _bmm_runs_weight_grad(a_PI: torch.Tensor, g_PO: torch.Tensor, groups: list[E
     if e_done < num_experts:
         gw_EIO[e_done:].zero_()
     return gw_EIO
+
+
+def _sum_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype the K expert outputs of a token are summed in: fp32 for 16-bit tensors, else their own."""
+    return torch.float32 if t.element_size() < 4 else t.dtype
 
 
 def _with_zero_row(x_ND: torch.Tensor) -> torch.Tensor:
@@ -260,7 +265,7 @@ class _GroupedExperts(torch.autograd.Function):
         act_PF, a_PF = glu_forward(gate_PF, up_PF, kind)
         o_RD = _experts_mm(a_PF, w_out_EFD, plan, zero_row=plan.dropped)
         o_TKD = o_RD.index_select(0, plan.row_S).view(T, K, D)
-        acc = torch.float32 if o_TKD.element_size() < 4 else o_TKD.dtype
+        acc = _sum_dtype(o_TKD)
         y_TD = (o_TKD.to(acc) * gate_TK.to(acc).unsqueeze(2)).sum(dim=1)  # fixed summation order over k
         ctx.save_for_backward(xs_PD, gate_PF, up_PF, act_PF, a_PF, o_TKD, gate_TK, w_in_EDH, w_out_EFD)
         ctx.plan, ctx.kind = plan, kind
@@ -305,6 +310,6 @@ def grouped_experts(x_TD: torch.Tensor, gate_TK: torch.Tensor, w_in_EDH: torch.T
         ``[T, D]`` ``sum_k gate[t, k] * expert_{idx[t, k]}(x[t])`` over the kept slots (fp32 for 16-bit inputs).
     """
     if plan.num_rows == 0:  # no rows at all (an empty batch): zeros, keeping the graph
-        acc = torch.float32 if x_TD.element_size() < 4 else x_TD.dtype
+        acc = _sum_dtype(x_TD)
         return x_TD.new_zeros(x_TD.shape, dtype=acc) + 0 * gate_TK.sum().to(acc)
     return _GroupedExperts.apply(x_TD, gate_TK, w_in_EDH, w_out_EFD, plan, kind)

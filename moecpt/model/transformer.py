@@ -37,9 +37,11 @@ def rope_cos_sin(seq_len: int, rot_dim: int, theta: float, device=None) -> tuple
 def apply_rope(x_BTHD: torch.Tensor, cos_TR: torch.Tensor, sin_TR: torch.Tensor) -> torch.Tensor:
     """Rotate the first ``R = cos_TR.shape[-1]`` dims of each head (partial rotary when ``R < Dh``).
 
-    ``x`` is laid out ``[B, T, H, Dh]``, as the q/k projections produce it: the elementwise ops then run on a
-    contiguous tensor (on the ``[B, H, T, Dh]`` transpose PyTorch's CPU kernels fall back to a scalar loop). The
-    half rotation ``(x1, x2) -> (-x2, x1)`` is written as ``roll(x, R/2) * [-sin | sin]``: one op fewer.
+    ``x`` is laid out ``[B, T, H, Dh]``, as the q/k projections produce it, so the elementwise ops run on a
+    contiguous tensor; the half rotation ``(x1, x2) -> (-x2, x1)`` is ``roll(x, R/2) * [-sin | sin]`` (one op fewer),
+    and at full rotary nothing is sliced or concatenated (their backwards write zero tensors). Forward + backward on
+    a demo q tensor: 0.34-0.38 ms, vs 0.43-0.45 ms for rotate-half on the ``[B, H, T, Dh]`` view and 0.61-0.66 ms
+    for the previous version (``benchmarks/components.py``).
     """
     R, Dh = cos_TR.shape[-1], x_BTHD.shape[-1]
     half = R // 2

@@ -11,7 +11,8 @@ instead of trimmed, and the heap grows in 64 MiB steps. Blocks above 32 MiB are 
 one-off buffers do not fragment the heap.
 
 Measured (``benchmarks/moe_layer.py`` sizes beside a dense FFN in one process, this 2-core machine): page faults
-per MoE forward + backward 9,400-11,400 -> 50-600 over several runs, 10-20% of its time; resident memory after
+per MoE forward + backward 1,200-15,300 -> 490-610 over several runs of ``benchmarks/components.py`` (how many
+depends on the heap's history), 10-20% of the layer's time in ``benchmarks/moe_layer.py``; resident memory after
 freeing a 120 MB tensor twelve times: 220 MB either way. A 256 MiB trim threshold page-faulted noticeably more
 (MoE layer / dense FFN time 1.43 instead of 1.25-1.32 in paired runs). The cost: freed heap memory, up to the
 process's peak use of blocks under 32 MiB, stays resident.

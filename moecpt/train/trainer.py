@@ -285,11 +285,7 @@ class Trainer:
         """One rank of a job: a lost peer or a collective timeout becomes a MoecptError naming the rank(s) that
         stopped (:func:`moecpt.distributed.launch.diagnose`); this rank's own fatal error is published for the
         others to quote."""
-        from moecpt.distributed.launch import (
-            diagnose,
-            is_distributed_error,
-            publish_error,
-        )
+        from moecpt.distributed.launch import diagnose, is_distributed_error, publish_error
 
         try:
             return self._run()
@@ -309,11 +305,7 @@ class Trainer:
 
     def _run(self) -> dict[str, Any]:
         from moecpt.distributed.launch import broadcast_object
-        from moecpt.distributed.strategy import (
-            SYNC_KEY,
-            build_sync,
-            build_worker_optimizer,
-        )
+        from moecpt.distributed.strategy import SYNC_KEY, build_sync, build_worker_optimizer
         from moecpt.train.checkpoint import load_checkpoint, restore_rng_state
         from moecpt.train.schedules import lr_at, run_end_step
 
