@@ -2,8 +2,8 @@
 
 PyTorch has no caching allocator on CPU: every tensor is a ``malloc``/``free``. glibc serves large blocks with
 ``mmap`` and trims freed memory at the top of its heap back to the kernel, so a training step that frees and
-re-allocates tens of MB of activations page-faults on fresh pages (the kernel zeroes each one) — about 10,000
-faults per forward + backward of the benchmark MoE layer, whose buffer sizes change with the routing. PyTorch's
+re-allocates tens of MB of activations page-faults on fresh pages (the kernel zeroes each one) — up to
+~15,000 faults per forward + backward of the benchmark MoE layer, whose buffer sizes change with the routing. PyTorch's
 CPU performance guide recommends a caching ``malloc`` (jemalloc / tcmalloc via ``LD_PRELOAD``) for this;
 :func:`retain_freed_memory` gets most of the effect from glibc itself, in-process: blocks up to 32 MiB (the
 ceiling of glibc's own adaptive ``mmap`` threshold) come from the heap, up to 1 GiB of free heap top is kept
@@ -13,9 +13,9 @@ one-off buffers do not fragment the heap.
 Measured (``benchmarks/moe_layer.py`` sizes beside a dense FFN in one process, this 2-core machine): page faults
 per MoE forward + backward 1,200-15,300 -> 490-610 over several runs of ``benchmarks/components.py`` (how many
 depends on the heap's history), 10-20% of the layer's time in ``benchmarks/moe_layer.py``; resident memory after
-freeing a 120 MB tensor twelve times: 220 MB either way. A 256 MiB trim threshold page-faulted noticeably more
-(MoE layer / dense FFN time 1.43 instead of 1.25-1.32 in paired runs). The cost: freed heap memory, up to the
-process's peak use of blocks under 32 MiB, stays resident.
+freeing a 120 MB tensor twelve times: 220 MB either way. A 256 MiB trim threshold (tried first) left the MoE layer
+clearly slower in ``benchmarks/moe_layer.py``. The cost: freed heap memory, up to the process's peak use of
+blocks under 32 MiB, stays resident.
 
 Opt out with ``MOECPT_MALLOC_TUNING=0`` (or ``false``/``off``/``no``). A no-op outside Linux/glibc.
 """
