@@ -7,11 +7,17 @@ file stays a thin dispatcher. Modules are listed here explicitly: no import-time
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
+import os
 import sys
 
 from moecpt import __version__
 from moecpt.errors import MoecptError
+
+# Conditions of the machine, not of moecpt's code: reported in one line wherever they surface.
+_ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO,
+                                 errno.ENAMETOOLONG, errno.ENOTDIR, errno.EISDIR, errno.EMFILE})
 
 # Each module defines ``register(subparsers)`` adding parsers whose ``func(args) -> int`` runs the command.
 _COMMAND_MODULES = (
@@ -79,6 +85,16 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except MoecptError as exc:
         print(f"moecpt: error: {exc}", file=sys.stderr)
+        return getattr(exc, "exit_code", 2)
+    except BrokenPipeError:  # `moecpt ... | head`: the reader left; not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except OSError as exc:
+        if exc.errno not in _ENVIRONMENT_ERRNOS:
+            raise  # anything else is a bug and keeps its traceback
+        from moecpt.storage.outputs import os_error_line
+
+        print(f"moecpt: error: {os_error_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("moecpt: interrupted; the last complete checkpoint is kept", file=sys.stderr)

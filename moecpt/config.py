@@ -26,7 +26,10 @@ from moecpt.errors import MoecptError
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_enum_values=False)
+    """Base of every config section: unknown keys are errors, assignments are validated, and every float (also
+    inside lists and dicts) must be finite: ``inf`` / ``nan`` are refused, never trained with."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_enum_values=False, allow_inf_nan=False)
 
 
 # ----------------------------------------------------------------------------------------------------------- model
@@ -444,17 +447,28 @@ class Recipe(_Strict):
 def format_validation_error(exc: ValidationError, prefix: str = "") -> str:
     """One line naming the first offending field and what is allowed."""
     err = exc.errors()[0]
-    loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-after"))
+    loc = ""
+    for part in err["loc"]:
+        if str(part).startswith("function-after"):
+            continue
+        loc += f"[{part}]" if isinstance(part, int) else (f".{part}" if loc else str(part))  # list index: [i]
     loc = f"{prefix}.{loc}" if prefix and loc else (prefix or loc)
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
         return f"unknown key {loc!r}; remove it or check its spelling"
     if err["type"] == "enum" and "expected" in err.get("ctx", {}):
         return f"{loc}={err.get('input')!r} is not allowed; allowed: {err['ctx']['expected']}"
+    if err["type"] == "finite_number":
+        return f"{loc}={err.get('input')!r} is not a finite number; give a finite value (inf and nan are not allowed)"
     return f"{loc}: {msg}" if loc else msg
 
 
 def build_section(cls: type[BaseModel], raw: dict[str, Any], prefix: str = "") -> Any:
+    """Validate ``raw`` as ``cls``.
+
+    Raises:
+        MoecptError: one line (:func:`format_validation_error`) naming the offending key, ``prefix`` prepended.
+    """
     try:
         return cls.model_validate(raw)
     except ValidationError as exc:
@@ -490,15 +504,25 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
+    """Parse a recipe TOML file into a dict (not yet validated).
+
+    Raises:
+        MoecptError: the file is missing, not UTF-8, not valid TOML, or empty (no keys at all: 0 bytes, or only
+            blank lines and comments), which would otherwise silently train a default model.
+    """
     p = Path(path)
     if not p.is_file():
         raise MoecptError(f"recipe {str(p)!r} does not exist; give a path to a .toml file")
     try:
-        return tomllib.loads(p.read_text(encoding="utf-8"))
+        raw = tomllib.loads(p.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
-        raise MoecptError(f"recipe {str(p)!r} is not valid TOML: {exc}") from None
+        raise MoecptError(f"recipe {str(p)!r} is not valid TOML: {' '.join(str(exc).split())}") from None
     except UnicodeDecodeError:
         raise MoecptError(f"recipe {str(p)!r} is not UTF-8 text; save it as UTF-8 TOML") from None
+    if not raw:
+        raise MoecptError(f"recipe {str(p)!r} is empty (no keys, only blanks or comments); give at least its "
+                          "[model] and [data] tables, e.g. start from recipes/smoke.toml")
+    return raw
 
 
 def recipe_from_dict(raw: dict[str, Any], overrides: list[str] | None = None) -> Recipe:

@@ -234,10 +234,22 @@ def test_truncated_model_file(tmp_path):
     f.write_bytes(f.read_bytes()[:-10])
     with pytest.raises(MoecptError, match=r"model\.safetensors is truncated"):
         load_checkpoint(last)
-    # a run folder skips the incomplete newest checkpoint, and says so
+    # a reader never falls back to an older checkpoint behind the user's back: it refuses, naming both
     assert mgr.latest() == tmp_path / "checkpoints" / "step_00000001"
-    with pytest.warns(UserWarning, match="step_00000002 are incomplete or damaged"):
-        assert load_checkpoint(tmp_path).step == 1
+    with pytest.raises(MoecptError, match=r"newest checkpoint .*step_00000002, is incomplete or damaged.*"
+                                          r"step_00000001 explicitly"):
+        load_checkpoint(tmp_path)
+    assert load_checkpoint(tmp_path / "checkpoints" / "step_00000001").step == 1
+
+
+def test_bit_flip_in_a_run_folder_is_refused_with_advice(tmp_path):
+    _, last = _two_checkpoints(tmp_path)
+    f = last / "optimizer.pt"
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    f.write_bytes(bytes(data))
+    with pytest.raises(MoecptError, match=r"optimizer\.pt is corrupted.*re-run the training command"):
+        load_checkpoint(tmp_path)
 
 
 def test_corrupted_bytes(tmp_path):

@@ -363,7 +363,10 @@ def test_existing_output_is_never_overwritten(family, root, capsys):
     assert "exists" in capsys.readouterr().err
     assert (ckpt / "meta.json").read_bytes() == before
     assert main(["export-hf", str(ckpt), "--out", str(ckpt)]) == 2
+    assert "is the input" in capsys.readouterr().err  # the checkpoint is what export-hf reads
+    assert main(["export-hf", str(ckpt), "--out", str(folder)]) == 2
     assert "exists" in capsys.readouterr().err
+    assert (ckpt / "meta.json").read_bytes() == before
 
 
 def test_config_missing_a_required_key(root, capsys):

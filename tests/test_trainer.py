@@ -3,6 +3,8 @@ kill, aux losses kept out of validation, bias balancing, NaN/Inf handling."""
 
 from __future__ import annotations
 
+import re
+
 import json
 import math
 import signal
@@ -16,6 +18,7 @@ import pytest
 import torch
 
 from moecpt.config import recipe_from_dict
+from moecpt.storage.lock import LOCK_FILE
 from moecpt.errors import MoecptError
 from moecpt.train import trainer as trainer_mod
 from moecpt.train.checkpoint import load_checkpoint, load_model
@@ -197,11 +200,16 @@ def test_kill_and_resume_is_bit_identical(resume_setup):
 def test_resume_of_a_completed_run_does_nothing(resume_setup):
     root, _ = resume_setup
     run = root / "ref"
-    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in run.rglob("*") if p.is_file()}
+
+    def files():  # the lock file's note names its latest holder: it is rewritten by design
+        return {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in run.rglob("*")
+                if p.is_file() and p.name != LOCK_FILE}
+
+    before = files()
     summary = Trainer(recipe_from_dict(raw_recipe("smoke-granular", train={
         "steps": 10, "checkpoint_every": 2, "eval_every": 5})), run, show_progress=False).run()
     assert summary["resumed"] is True and summary["steps"] == 10
-    after = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in run.rglob("*") if p.is_file()}
+    after = files()
     assert after.keys() == before.keys()
     assert all(after[p][1] == before[p][1] for p in before)  # same bytes (metrics.jsonl included)
 
@@ -272,13 +280,16 @@ def test_huge_lr_stops_with_the_step_and_keeps_last_good_checkpoint(tmp_path):
     finite). The trainer stops naming step 2 before writing NaN weights; checkpoint 1 is intact."""
     r = recipe("smoke-switch", optim={"lr": 1e6, "min_lr": 0.0}, schedule={"kind": "constant", "warmup_fraction": 0},
                train={"steps": 6, "checkpoint_every": 1})
-    with pytest.raises(MoecptError, match=r"non-finite .* at step 2\b") as info:
+    with pytest.raises(MoecptError, match=r"non-finite .* at step [23]\b") as info:
         Trainer(r, tmp_path / "run", show_progress=False).run()
-    assert "step_00000001" in str(info.value)
+    # which step overflows first depends on the kernels' summation order; the rule does not: the run stops
+    # at the first non-finite step and the checkpoint before it is the last one, intact
+    bad = int(re.search(r"at step (\d+)", str(info.value)).group(1))
+    assert f"step_{bad - 1:08d}" in str(info.value)
     ck = load_checkpoint(tmp_path / "run")
-    assert ck.step == 1
+    assert ck.step == bad - 1
     assert all(torch.isfinite(t).all() for t in ck.model_state().values())
-    assert not (tmp_path / "run" / "checkpoints" / "step_00000002").exists()
+    assert not (tmp_path / "run" / "checkpoints" / f"step_{bad:08d}").exists()
 
 
 def _nan_at(monkeypatch, bad_steps: set[int]):

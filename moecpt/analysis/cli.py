@@ -92,7 +92,7 @@ def run_study_cmd(args: argparse.Namespace) -> int:
 
     path = args.recipe or find_bundled_recipe("study/demo")
     study = load_study_recipe(path, args.set)
-    results = run_study(study, args.out, jobs=args.jobs)
+    results = run_study(study, args.out, jobs=args.jobs, recipe_path=path)
     summary = [{"id": f["id"], "reproduced": f["reproduced"]} for f in results.get("findings", [])]
     print(json.dumps({"out": args.out, "wall_time_s": round(results["wall_time_s"], 1), "findings": summary}))
     return 0

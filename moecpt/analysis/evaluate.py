@@ -144,16 +144,27 @@ def evaluate_checkpoint(checkpoint: str | Path, data_path: str, sources: list[st
     Returns:
         ``(report, traces)``: ``report = {checkpoint, step, sources: {name: {loss, mri_mean, ...}}}``, and the raw
         traces per source (for comparisons).
+
+    Raises:
+        MoecptError: an unreadable checkpoint or data folder, a data tokenizer larger than the model's vocabulary,
+            ``seq_len`` below 1 or above the model's ``max_seq_len`` (both numbers named), ``batch_size`` or
+            ``max_batches`` below 1, or an unknown source.
     """
     from moecpt.data.prepared import PreparedData
     from moecpt.train.checkpoint import load_checkpoint, load_model
 
+    for name, value in (("--seq-len", seq_len), ("--batch-size", batch_size), ("--batches", max_batches)):
+        if value is not None and value < 1:
+            raise MoecptError(f"{name} {value} must be a whole number >= 1")
     ck = load_checkpoint(checkpoint)
     data = PreparedData.open(data_path)
     model = load_model(ck.path, device=device)
     if data.vocab_size > model.cfg.vocab_size:
         raise MoecptError(f"the data's tokenizer ({data.vocab_size} tokens) does not match the model "
                           f"({model.cfg.vocab_size}); evaluate on data prepared with the run's tokenizer")
+    if seq_len is not None and seq_len > model.cfg.max_seq_len:
+        raise MoecptError(f"--seq-len {seq_len} exceeds the model's max_seq_len={model.cfg.max_seq_len} "
+                          f"({ck.path}); give --seq-len {model.cfg.max_seq_len} or less")
     seq_len = seq_len or min(model.cfg.max_seq_len, ck.meta.get("recipe", {}).get("data", {}).get("seq_len", 128))
     batches = eval_batches_for(data, sources or data.source_names, seq_len, batch_size, max_batches)
     report: dict[str, Any] = {"checkpoint": str(ck.path), "step": ck.step, "seq_len": seq_len, "sources": {}}

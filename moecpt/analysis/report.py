@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from moecpt.analysis import findings as fnd
-from moecpt.train.atomic import write_bytes_atomic, write_json_atomic
+from moecpt.storage.atomic import write_bytes_atomic, write_json_atomic
 
 __all__ = ["write_report", "build_tables", "build_blocks", "render_markdown", "render_html", "fmt", "PLOTS"]
 

@@ -31,6 +31,7 @@ from moecpt.config import (
     recipe_from_dict,
 )
 from moecpt.errors import MoecptError
+from moecpt.train.preemption import Preempted, PreemptionWatcher, signal_name
 
 PLAN_FILE = "study_plan.json"
 DONE_FILE = "STAGE_DONE.json"
@@ -189,22 +190,50 @@ def _steps_done(run_dir: Path) -> int:
     return 0
 
 
-def _claim_study_dir(root: Path, study: StudyRecipe) -> None:
-    from moecpt.train.checkpoint import write_json_atomic
+def _plan_name(root: Path) -> str | None:
+    """The study name in ``root``'s plan file; ``None`` when there is none.
 
+    Raises:
+        MoecptError: the plan file exists but is unreadable.
+    """
     plan = root / PLAN_FILE
-    if plan.exists():
-        try:
-            existing = json.loads(plan.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            raise MoecptError(f"{plan} is unreadable; choose a new --out") from None
-        if existing.get("name") != study.name:
-            raise MoecptError(f"--out {str(root)!r} holds a different study ({existing.get('name')!r}, not "
-                              f"{study.name!r}); choose a new --out")
-    elif root.exists() and any(root.iterdir()):
-        raise MoecptError(f"--out {str(root)!r} is not empty and holds no moecpt study; choose a new --out")
-    root.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(plan, {"name": study.name, "recipe": study.model_dump(mode="json")})
+    if not plan.exists():
+        return None
+    try:
+        existing = json.loads(plan.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        raise MoecptError(f"{plan} is unreadable; choose a new --out") from None
+    if not isinstance(existing, dict) or not isinstance(existing.get("name"), str):
+        raise MoecptError(f"{plan} is not a moecpt study plan; choose a new --out")
+    return existing["name"]
+
+
+def study_inputs(study: StudyRecipe, recipe_path: str | Path | None = None) -> list[Path]:
+    """What a study reads and must never write into: its recipe file and its prepared data folder (the bundled
+    ``demo`` data lives in moecpt's cache and is not a path of the user's)."""
+    inputs = [Path(recipe_path).expanduser()] if recipe_path is not None else []
+    if study.data.path != "demo":
+        inputs.append(Path(study.data.path).expanduser())
+    return inputs
+
+
+def _claim_study_dir(root: Path, study: StudyRecipe, recipe_path: str | Path | None = None) -> None:
+    """Make ``root`` this study's folder (see :func:`moecpt.storage.outputs.claim_folder`); the plan is written
+    later, under the folder's lock. A folder made before output markers existed is adopted when its plan names
+    this very study.
+
+    Raises:
+        MoecptError: ``root`` holds another study, is a non-empty folder moecpt did not make (or another
+            command's), is or lies inside an input (or holds one), or cannot be written.
+    """
+    from moecpt.storage.outputs import claim_folder
+
+    # Read-only checks first: a folder of another study is refused before anything is written into it.
+    name = _plan_name(root) if root.is_dir() else None
+    if name is not None and name != study.name:
+        raise MoecptError(f"--out {str(root)!r} holds a different study ({name!r}, not {study.name!r}); "
+                          "choose a new --out")
+    claim_folder(root, "study", study_inputs(study, recipe_path), legacy=lambda p: _plan_name(p) == study.name)
 
 
 def run_stages(root: Path, stages: list[Stage], jobs: int, log=print) -> dict[str, dict]:
@@ -231,8 +260,16 @@ def run_stages(root: Path, stages: list[Stage], jobs: int, log=print) -> dict[st
     finished_steps = cached
     ctx = get_context("spawn")
     pool = ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_worker_init)
+    preempt = PreemptionWatcher()
+    stopped: list[str] = []
     try:
+        preempt.__enter__()
         while pending or running:
+            if preempt.signum:  # pre-emption: every running stage saves and stops, then the study stops
+                stopped += [running[f].key for f in _preempt_stages(pool, running, preempt.signum, bar)]
+                raise Preempted(f"study pre-empted by {signal_name(preempt.signum)}: stage(s) "
+                                f"{', '.join(stopped) or 'none'} saved a checkpoint; run the same command again "
+                                "to resume", preempt.signum)
             for st in list(pending):
                 if len(running) >= jobs:
                     break
@@ -247,6 +284,10 @@ def run_stages(root: Path, stages: list[Stage], jobs: int, log=print) -> dict[st
             done, _ = wait(list(running), timeout=1.0, return_when=FIRST_COMPLETED)
             for fut in done:
                 st = running.pop(fut)
+                if isinstance(fut.exception(), Preempted):  # the signal reached the stage first
+                    preempt.signum = preempt.signum or fut.exception().signum
+                    stopped.append(st.key)
+                    continue
                 summary = fut.result()  # re-raises a stage's MoecptError here, in the main process
                 write_json_atomic(st.run_dir(root) / DONE_FILE, summary)
                 summaries[st.key] = summary
@@ -261,9 +302,28 @@ def run_stages(root: Path, stages: list[Stage], jobs: int, log=print) -> dict[st
             proc.terminate()
         pool.shutdown(wait=False, cancel_futures=True)
         raise
+    finally:
+        preempt.__exit__()
     pool.shutdown()
     bar.close()
     return summaries
+
+
+def _preempt_stages(pool: ProcessPoolExecutor, running: dict, signum: int, bar, timeout_s: float = 120.0) -> list:
+    """Pass a pre-emption signal on to the workers and wait (at most ``timeout_s``) for their stages to save and
+    stop; returns the futures that stopped on it. A stage that finishes instead is fine too (the next run finds
+    it complete)."""
+    for proc in list(getattr(pool, "_processes", {}).values()):
+        try:
+            os.kill(proc.pid, signum)
+        except ProcessLookupError:
+            pass
+    done, _ = wait(list(running), timeout=timeout_s)
+    for fut in done:
+        exc = fut.exception()
+        if exc is not None and not isinstance(exc, Preempted):
+            bar.write(f"  {running[fut].key} stopped: {exc}")
+    return [f for f in done if isinstance(f.exception(), Preempted)]
 
 
 # ------------------------------------------------------------------------------------------------------ analysis
@@ -433,22 +493,46 @@ def collect_results(root: Path, study: StudyRecipe, stages: list[Stage], summari
     return results
 
 
-def run_study(study: StudyRecipe, out_dir: str | Path, jobs: int | None = None, log=print) -> dict[str, Any]:
+def run_study(study: StudyRecipe, out_dir: str | Path, jobs: int | None = None, log=print,
+              recipe_path: str | Path | None = None) -> dict[str, Any]:
     """Plan, train, evaluate and report one study into ``out_dir``; returns the results (with findings).
 
-    Raises:
-        MoecptError: the folder holds another study, a source is missing from the data, or a stage failed.
-    """
-    from moecpt.analysis.report import write_report
-    from moecpt.data.prepared import PreparedData
+    ``out_dir`` is claimed (:func:`moecpt.storage.outputs.claim_folder`, command ``study``) before anything is
+    written and locked (:class:`moecpt.storage.lock.FolderLock`) while the study runs. ``recipe_path`` (the study
+    TOML, when there is one) is an input: ``out_dir`` must not be it, lie inside it or hold it.
 
-    root = Path(out_dir)
+    Raises:
+        MoecptError: the folder holds another study, is a non-empty folder moecpt did not make, is or overlaps an
+            input (the recipe, the prepared data), is in use by another live process, or cannot be written
+            (read-only, permission denied, disk full: one line); a source is missing from the data; a stage failed.
+    """
+    from moecpt.data.prepared import PreparedData
+    from moecpt.storage.lock import FolderLock
+    from moecpt.storage.outputs import os_error_line
+
+    root = Path(out_dir).expanduser()
     data = PreparedData.open(study.data.path)
     missing = [s for s in list(study.data.old) + list(study.data.shifts) if s not in data.source_names]
     if missing:
         raise MoecptError(f"the study names source(s) {missing} that {data.path} lacks; available: "
                           f"{', '.join(data.source_names)}")
-    _claim_study_dir(root, study)
+    _claim_study_dir(root, study, recipe_path)
+    try:
+        with FolderLock(root, "study"):
+            return _run_claimed(study, root, jobs, log)
+    except OSError as exc:  # a full disk or a folder made read-only meanwhile: one line, not a traceback
+        raise MoecptError(os_error_line(exc, root)) from None
+
+
+def _run_claimed(study: StudyRecipe, root: Path, jobs: int | None, log) -> dict[str, Any]:
+    """The body of :func:`run_study`, in a folder already claimed and locked by this process."""
+    from moecpt.analysis.report import write_report
+    from moecpt.storage.atomic import write_json_atomic
+
+    if _plan_name(root) not in (None, study.name):  # another study's process got here first
+        raise MoecptError(f"--out {str(root)!r} holds a different study ({_plan_name(root)!r}, not "
+                          f"{study.name!r}); choose a new --out")
+    write_json_atomic(root / PLAN_FILE, {"name": study.name, "recipe": study.model_dump(mode="json")})
     stages = plan_stages(study)
     t0 = time.perf_counter()
     jobs = jobs or min(len(stages), max(1, os.cpu_count() or 1))

@@ -24,7 +24,8 @@ def register(subparsers) -> None:
     p.add_argument("--text-field", default="text", help="JSON Lines / Parquet / datasets field with the text")
     p.add_argument("--tokenizer", required=True, metavar="train:VOCAB_SIZE|PATH",
                    help="train a byte-level BPE (e.g. train:4096) or load a tokenizer.json / tokenizer folder")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", required=True,
+                   help="output folder: new, empty, or one made by moecpt data prepare (never one of the inputs)")
     p.add_argument("--val-fraction", type=float, default=0.05, help="held-out share of each source (tokens)")
     p.add_argument("--min-val-docs", type=int, default=1, help="minimum held-out documents per source")
     p.add_argument("--min-val-tokens", type=int, default=4096,

@@ -51,9 +51,16 @@ class PreparedData:
             )
         mf = p / "manifest.json"
         if not mf.is_file():
+            from moecpt.storage.outputs import owns
+
+            if owns(p, "data prepare"):  # moecpt's own folder: an interrupted prepare, safe to finish in place
+                raise MoecptError(
+                    f"{p} is an unfinished prepare (no manifest.json yet); run the same `moecpt data prepare "
+                    f"... --out {path}` command again to finish it"
+                )
             raise MoecptError(
-                f"{p} is not a prepared data folder (no manifest.json; an interrupted prepare?); "
-                "run `moecpt data prepare` again with this --out to finish it"
+                f"{p} is not a prepared data folder (no manifest.json); if it holds raw text, prepare it into a "
+                f"new folder: `moecpt data prepare --source NAME={path} --tokenizer train:4096 --out NEW_FOLDER`"
             )
         try:
             manifest = json.loads(mf.read_text(encoding="utf-8"))

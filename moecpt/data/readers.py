@@ -20,6 +20,7 @@ import codecs
 import glob
 import gzip
 import json
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,8 +109,16 @@ def resolve_files(spec: str) -> list[tuple[str, str]]:
 
 
 def read_text_file(path: str, stats: ReadStats) -> Iterator[str]:
-    """One plain-text file = one document."""
-    yield decode_utf8(Path(path).read_bytes(), stats)
+    """One plain-text file = one document.
+
+    Raises:
+        MoecptError: the file cannot be read (names it and the cause).
+    """
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise MoecptError(_unreadable(path, exc, False, 0)) from None
+    yield decode_utf8(data, stats)
 
 
 def read_jsonl(path: str, text_field: str, stats: ReadStats, skip_bad_lines: bool = False) -> Iterator[str]:
@@ -117,51 +126,102 @@ def read_jsonl(path: str, text_field: str, stats: ReadStats, skip_bad_lines: boo
 
     Raises:
         MoecptError: a line is not JSON or has no string ``text_field`` (names file and 1-based line number),
-            unless ``skip_bad_lines`` (then it is counted in ``stats.bad_lines``).
+            unless ``skip_bad_lines`` (then it is counted in ``stats.bad_lines``); the file cannot be read, or a
+            ``.gz`` file is truncated or corrupt (names the file and the cause).
     """
-    opener = gzip.open if path.lower().endswith(".gz") else open
-    with opener(path, "rb") as fh:
-        for lineno, raw in enumerate(fh, start=1):
-            if not raw.strip():
-                continue
-            line = decode_utf8(raw, stats)
-            problem = None
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                problem = f"is not valid JSON ({exc.msg})"
-            else:
-                if not isinstance(obj, dict) or not isinstance(obj.get(text_field), str):
-                    problem = f"has no string field {text_field!r} (set --text-field)"
-            if problem is not None:
-                if not skip_bad_lines:
-                    raise MoecptError(
-                        f"{path}:{lineno} {problem}; fix the line or pass --skip-bad-lines to skip such lines"
-                    )
-                stats.bad_lines += 1
-                if len(stats.first_bad) < 3:
-                    stats.first_bad.append(f"{path}:{lineno}")
-                continue
-            yield obj[text_field]
+    compressed = path.lower().endswith(".gz")
+    opener = gzip.open if compressed else open
+    lineno = 0
+    try:
+        with opener(path, "rb") as fh:
+            for lineno, raw in enumerate(fh, start=1):
+                if not raw.strip():
+                    continue
+                doc = _jsonl_document(path, lineno, raw, text_field, stats, skip_bad_lines)
+                if doc is not None:
+                    yield doc
+    except (EOFError, zlib.error, OSError) as exc:  # gzip.BadGzipFile is an OSError
+        raise MoecptError(_unreadable(path, exc, compressed, lineno)) from None
+
+
+def _jsonl_document(path: str, lineno: int, raw: bytes, text_field: str, stats: ReadStats,
+                    skip_bad_lines: bool) -> str | None:
+    """The text of one non-blank JSON Lines line, or None for a bad line skipped with ``skip_bad_lines``."""
+    line = decode_utf8(raw, stats)
+    problem = None
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as exc:
+        problem = f"is not valid JSON ({exc.msg})"
+    else:
+        if not isinstance(obj, dict) or not isinstance(obj.get(text_field), str):
+            problem = f"has no string field {text_field!r} (set --text-field)"
+    if problem is None:
+        return obj[text_field]
+    if not skip_bad_lines:
+        raise MoecptError(f"{path}:{lineno} {problem}; fix the line or pass --skip-bad-lines to skip such lines")
+    stats.bad_lines += 1
+    if len(stats.first_bad) < 3:
+        stats.first_bad.append(f"{path}:{lineno}")
+    return None
+
+
+def _unreadable(path: str, exc: BaseException, compressed: bool, lineno: int) -> str:
+    """One line: ``path`` could not be read (after ``lineno`` lines), with the cause and what to do."""
+    cause = " ".join(str(exc).split()) or type(exc).__name__
+    where = f" after line {lineno}" if lineno else ""
+    if compressed and isinstance(exc, (EOFError, zlib.error, gzip.BadGzipFile)):
+        what = "is truncated" if isinstance(exc, EOFError) else "is corrupt (not valid gzip data)"
+        kind = "zlib.error" if isinstance(exc, zlib.error) else type(exc).__name__
+        return (f"{path} {what}{where} ({kind}: {cause}); re-download or re-compress it "
+                "(`gzip -t FILE` checks it)")
+    return f"cannot read {path}{where} ({type(exc).__name__}: {cause}); check the file and its permissions"
+
+
+def _is_text_type(t) -> bool:
+    """Whether an Arrow type holds text: (large / view) string or binary, or a dictionary of those."""
+    import pyarrow as pa
+
+    if pa.types.is_dictionary(t):
+        return _is_text_type(t.value_type)
+    checks = ("is_string", "is_large_string", "is_string_view", "is_binary", "is_large_binary", "is_binary_view")
+    return any(getattr(pa.types, name, lambda _t: False)(t) for name in checks)
 
 
 def read_parquet(path: str, text_field: str, stats: ReadStats) -> Iterator[str]:
-    """Yield the ``text_field`` column of a Parquet file, batch by batch (nulls are skipped)."""
+    """Yield the ``text_field`` column of a Parquet file, batch by batch (nulls are skipped).
+
+    Raises:
+        MoecptError: the file is not Parquet or is damaged, it has no column ``text_field``, or that column is not
+            a string / binary type (e.g. integers: they would silently become digit strings).
+    """
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
         pf = pq.ParquetFile(path)
     except Exception as exc:  # pyarrow raises several types for a non-Parquet file
-        raise MoecptError(f"{path} is not a readable Parquet file ({exc}); check the file") from None
+        raise MoecptError(f"{path} is not a readable Parquet file ({' '.join(str(exc).split())}); "
+                          "check the file") from None
     if text_field not in pf.schema_arrow.names:
         raise MoecptError(
             f"{path} has no column {text_field!r}; columns: {', '.join(pf.schema_arrow.names)}; set --text-field"
         )
-    for batch in pf.iter_batches(columns=[text_field], batch_size=1024):
-        for value in batch.column(0).to_pylist():
-            if value is None:
-                continue
-            yield decode_utf8(value, stats) if isinstance(value, bytes) else str(value)
+    col_type = pf.schema_arrow.field(text_field).type
+    if not _is_text_type(col_type):
+        text_cols = [f.name for f in pf.schema_arrow if _is_text_type(f.type)]
+        hint = f"text columns: {', '.join(text_cols)}" if text_cols else "the file has no text column"
+        raise MoecptError(f"{path}: column {text_field!r} has type {col_type}, not text (string); set --text-field "
+                          f"to a string column ({hint})")
+    try:
+        for batch in pf.iter_batches(columns=[text_field], batch_size=1024):
+            for value in batch.column(0).to_pylist():
+                if value is None:
+                    continue
+                yield decode_utf8(value, stats) if isinstance(value, bytes) else value
+    except (pa.ArrowException, OSError) as exc:  # a damaged page or column chunk
+        raise MoecptError(f"{path} is damaged: reading column {text_field!r} failed "
+                          f"({type(exc).__name__}: {' '.join(str(exc).split())}); re-download or re-write it") from None
 
 
 def _import_datasets():

@@ -8,14 +8,22 @@ Layout of a prepared folder (``manifest.json`` is written last; a folder without
     <source>/train_idx.npy   int64 [documents + 1] token offsets of the documents in train.npy
     <source>/val.npy, val_idx.npy   the held-out documents, same format
     <source>/source.json     counts + the fingerprint of the inputs; written last inside the source folder
+    tokenizer.meta.json      the tokenizer spec, its sha256 and, for a trained one, what it was trained on
+    .moecpt-output.json      the marker of a folder made by ``moecpt data prepare`` (:mod:`moecpt.storage.outputs`)
+    .moecpt.lock             held (``flock``) by the one prepare writing the folder
 
 Each source is built in a temporary folder and renamed into place, and every file is written to a temporary name
 and renamed (atomic on POSIX), so an interrupted prepare leaves nothing that looks complete; re-running skips
 sources whose fingerprint (input files, sizes, mtimes, options, tokenizer hash) is unchanged.
+
+What a prepare may replace: ``--out`` is claimed first (:func:`moecpt.storage.outputs.claim_folder`: never an
+input, never inside or around one, never a non-empty folder moecpt did not make), and inside it only a source folder
+holding moecpt's ``source.json`` is ever replaced; anything else under a source's name is refused.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -31,10 +39,17 @@ from pathlib import Path
 from typing import Any
 
 from moecpt.errors import MoecptError
-from moecpt.train.atomic import pid_alive, write_bytes_atomic, write_json_atomic
+from moecpt.storage.atomic import pid_alive, write_bytes_atomic, write_json_atomic
+from moecpt.storage.lock import FolderLock
+from moecpt.storage.outputs import claim_folder, os_error_line, owns
 
 MANIFEST = "manifest.json"
 TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_META = "tokenizer.meta.json"
+SOURCE_FILE = "source.json"
+COMMAND = "data prepare"
+#: names of moecpt's own files in a prepared folder: no source may be called so
+_RESERVED = frozenset({MANIFEST, TOKENIZER_FILE, TOKENIZER_META})
 FORMAT = "moecpt-prepared"
 FORMAT_VERSION = 1
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -57,15 +72,101 @@ def _clean_stale_tmp(out: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
+def _read_json(path: Path) -> Any:
+    """The JSON in ``path``, or ``None`` when it is missing, unreadable or not JSON."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+
+
+def is_prepared_folder(path: str | Path) -> bool:
+    """Whether ``path`` holds a ``manifest.json`` written by ``moecpt data prepare`` (format ``moecpt-prepared``):
+    the proof that a folder made before output markers existed is moecpt's."""
+    raw = _read_json(Path(path) / MANIFEST)
+    return isinstance(raw, dict) and raw.get("format") == FORMAT
+
+
+def _is_source_folder(path: Path) -> bool:
+    """Whether ``path`` is a source folder moecpt built: a real folder (not a link) whose ``source.json`` has the
+    counts and the fingerprint :func:`prepare` writes. Only such a folder is ever replaced."""
+    if path.is_symlink() or not path.is_dir():
+        return False
+    raw = _read_json(path / SOURCE_FILE)
+    return (isinstance(raw, dict) and isinstance(raw.get("fingerprint"), dict)
+            and "format_version" in raw["fingerprint"] and "tokenizer_sha256" in raw["fingerprint"]
+            and isinstance(raw.get("train_tokens"), int))
+
+
+def _preallocate(path: Path) -> None:
+    """Reserve the disk blocks of a just-created (sparse) memory-mapped file, so that a full disk is an
+    ``ENOSPC`` error here rather than a ``SIGBUS`` crash while writing through the mapping."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        size = os.fstat(fd).st_size
+        if size:
+            os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # EOPNOTSUPP / EINVAL: a file system without fallocate; the writes proceed as before
+    finally:
+        os.close(fd)
+
+
+def _os_error(exc: OSError, out: Path) -> str:
+    """One line for an OSError of a prepare: a failed write under ``out``, else a failed read of an input."""
+    where = Path(exc.filename) if exc.filename else out
+    try:
+        inside = where.resolve(strict=False).is_relative_to(out.resolve(strict=False))
+    except (OSError, ValueError):
+        inside = True
+    return os_error_line(exc, where, "write" if inside else "read")
+
+
 # -------------------------------------------------------------------------------------------------- tokenizer
+def _trained_on(
+    sources: dict[str, list[tuple[str, str]]], text_field: str, skip_bad_lines: bool, sample_chars: int,
+) -> dict[str, Any]:
+    """What a trained tokenizer is a function of: the inputs (in order, with sizes and mtimes) and the options
+    that shape its sample. Recorded in ``tokenizer.meta.json``; a trained tokenizer is reused only when it matches."""
+    record = {
+        "sources": [[name, _fingerprint(files)["files"]] for name, files in sources.items()],
+        "text_field": text_field, "skip_bad_lines": skip_bad_lines, "sample_chars": sample_chars,
+    }
+    return json.loads(json.dumps(record))  # the form it has when read back
+
+
+def _sources_without_text(sources: dict[str, list[tuple[str, str]]], text_field: str, skip_bad_lines: bool):
+    """Names of the sources that yield no document at all (reads up to the first document of each)."""
+    from moecpt.data.readers import ReadStats, iter_documents
+
+    empty = []
+    for name, files in sources.items():
+        docs = iter_documents(files, text_field, ReadStats(), skip_bad_lines)
+        try:
+            if next(docs, None) is None:
+                empty.append(name)
+        finally:
+            docs.close()
+    return empty
+
+
 def _setup_tokenizer(
     out: Path, spec: str, sources: dict[str, list[tuple[str, str]]], text_field: str, skip_bad_lines: bool,
-    sample_chars: int,
+    sample_chars: int, has_shards: bool = False,
 ):
     """Return ``(tokenizer, eod_id, sha256)``, training or loading it, and save it to ``out/tokenizer.json``.
 
+    A tokenizer already in ``out`` is reused when it is the one asked for (a trained one: same spec and trained on
+    the same inputs and options; a loaded one: same bytes). Otherwise it is replaced when no shards were made with
+    it yet (``has_shards`` False: the leftover of a failed prepare), and refused when they were.
+
     Raises:
-        MoecptError: ``out`` already holds a tokenizer that differs from the one asked for.
+        MoecptError: ``out`` holds shards of a tokenizer other than the one asked for; a source gives no text to
+            train a tokenizer on (every document empty or skipped: a wrong ``--text-field``?); a bad spec.
     """
     from moecpt.data.readers import ReadStats, iter_documents
     from moecpt.data.tokenizer import (
@@ -74,9 +175,11 @@ def _setup_tokenizer(
     from tokenizers import Tokenizer
 
     tok_path = out / TOKENIZER_FILE
-    meta_path = out / "tokenizer.meta.json"
+    meta_path = out / TOKENIZER_META
     existing = tok_path.read_bytes() if tok_path.is_file() else None
-    existing_meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    existing_meta = _read_json(meta_path) if meta_path.is_file() else None
+    if not isinstance(existing_meta, dict):
+        existing_meta = {}
     other = (
         f"{out} was prepared with another tokenizer ({{why}}); use a new --out folder "
         "(shards of two tokenizers must never be mixed)"
@@ -87,25 +190,57 @@ def _setup_tokenizer(
             vocab = int(spec.split(":", 1)[1])
         except ValueError:
             raise MoecptError(f"--tokenizer {spec!r}: expected train:VOCAB_SIZE (e.g. train:4096) or a path") from None
+        trained_on = _trained_on(sources, text_field, skip_bad_lines, sample_chars)
         if existing is not None:
-            if existing_meta.get("spec") != spec:
-                raise MoecptError(other.format(why=f"{existing_meta.get('spec', 'unknown')}, not {spec}"))
-            tok = Tokenizer.from_str(existing.decode("utf-8"))
-            return tok, ensure_eod(tok), sha256_bytes(existing)
+            same_spec = existing_meta.get("spec") == spec
+            recorded = existing_meta.get("trained_on")
+            # a folder prepared before the record existed: its shards were made with this tokenizer, keep it
+            same_inputs = recorded == trained_on or (recorded is None and has_shards)
+            intact = existing_meta.get("sha256") == sha256_bytes(existing)  # the meta describes these bytes
+            if same_spec and same_inputs and intact:
+                tok = Tokenizer.from_str(existing.decode("utf-8"))
+                return tok, ensure_eod(tok), sha256_bytes(existing)
+            if has_shards:
+                if not same_spec:
+                    raise MoecptError(other.format(why=f"{existing_meta.get('spec', 'unknown')}, not {spec}"))
+                if not intact:
+                    raise MoecptError(f"{tok_path} is not the tokenizer {meta_path.name} records (changed by "
+                                      "hand?) and shards were made with it; use a new --out folder")
+                raise MoecptError(
+                    f"{out} holds shards of a tokenizer trained on other inputs or options than these (sources, "
+                    f"files, --text-field); use a new --out folder, or pass --tokenizer {tok_path} to add sources "
+                    "with that same tokenizer"
+                )
+            print(f"moecpt: {tok_path} was left by an unfinished prepare of other inputs or options; "
+                  "training a new one", file=sys.stderr)
+        empty = _sources_without_text(sources, text_field, skip_bad_lines)
+        if empty:
+            names = ", ".join(repr(n) for n in empty)
+            raise MoecptError(
+                f"no text to train the tokenizer on from source(s) {names}: every document is empty or was skipped; "
+                f"check the path and --text-field (now {text_field!r}); no tokenizer was written"
+            )
         iters = [iter_documents(files, text_field, ReadStats(), skip_bad_lines) for files in sources.values()]
         print(f"moecpt: training a byte-level BPE tokenizer (vocab {vocab}) on up to "
               f"{sample_chars / 1e6:.0f} M characters", file=sys.stderr)
         tok = train_bpe(sample_texts(iters, sample_chars), vocab)
+        meta: dict[str, Any] = {"spec": spec, "trained_on": trained_on}
     else:
         tok, _ = load_tokenizer(spec)
+        meta = {"spec": spec}
     eod = ensure_eod(tok)
     data = tokenizer_bytes(tok)
     sha = sha256_bytes(data)
-    if existing is not None and sha256_bytes(existing) != sha:
+    if existing is not None and sha256_bytes(existing) == sha:
+        if "trained_on" in meta and existing_meta.get("trained_on") != meta["trained_on"]:
+            write_json_atomic(meta_path, {**meta, "sha256": sha})  # the same tokenizer, now on record
+        return tok, eod, sha
+    if existing is not None and has_shards:
         raise MoecptError(other.format(why=f"sha256 {sha256_bytes(existing)[:12]}, not {sha[:12]}"))
-    if existing is None:
-        write_bytes_atomic(tok_path, data)
-        write_json_atomic(meta_path, {"spec": spec, "sha256": sha})
+    # A new folder, or the leftover of a failed prepare (no shards made with it): moecpt made it, replace it.
+    # The meta goes first: a crash in between leaves a tokenizer whose meta does not match it, so never reused.
+    write_json_atomic(meta_path, {**meta, "sha256": sha})
+    write_bytes_atomic(tok_path, data)
     return tok, eod, sha
 
 
@@ -186,6 +321,7 @@ def _write_split(all_tokens, offsets, lengths, sel, dst_dir: Path, split: str, d
     total = int(idx[-1])
     tmp = dst_dir / f"{split}.npy"
     arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(total,))
+    _preallocate(tmp)
     # Process documents in chunks of about _SPLIT_CHUNK tokens; each chunk is one vectorised gather.
     start_doc = 0
     while start_doc < len(docs):
@@ -213,6 +349,19 @@ def _fingerprint(files: list[tuple[str, str]], **opts: Any) -> dict[str, Any]:
         else:
             entries.append([kind, loc, None, None])
     return {"files": entries, **opts}
+
+
+def _check_replaceable(path: Path) -> None:
+    """Refuse a path under a source's name that is not a source folder moecpt built (see :func:`_is_source_folder`).
+
+    Raises:
+        MoecptError: naming the path; it is left alone.
+    """
+    if not _is_source_folder(path):
+        raise MoecptError(
+            f"{path} exists and was not made by moecpt data prepare (no moecpt {SOURCE_FILE} in it), so moecpt "
+            f"will not replace it; give the source another name (--source OTHER=...) or choose another --out"
+        )
 
 
 def _build_source(
@@ -266,9 +415,10 @@ def _build_source(
             "skipped_bad_lines": stats.bad_lines,
             "skipped_empty_documents": stats.empty_documents,
         }
-        write_json_atomic(tmp / "source.json", {**info, "fingerprint": fingerprint})
+        write_json_atomic(tmp / SOURCE_FILE, {**info, "fingerprint": fingerprint})
         final = out / name
-        if final.exists():  # an outdated build of this source: swap it out, then delete
+        if final.exists() or final.is_symlink():  # an outdated build of this source: swap it out, then delete
+            _check_replaceable(final)  # proof that moecpt built it (checked up front too; cheap, so again here)
             trash = out / f".tmp-old-{name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             os.rename(final, trash)
             os.rename(tmp, final)
@@ -307,9 +457,17 @@ def prepare(
 
     Deterministic: the same inputs and options give byte-identical shards.
 
+    ``out`` is claimed before anything is written (:func:`moecpt.storage.outputs.claim_folder`) and locked for the
+    whole prepare (:class:`moecpt.storage.lock.FolderLock`); inside it only source folders moecpt built (proof:
+    their ``source.json``) and its own tokenizer, before any shard was made with it, are ever replaced.
+
     Raises:
         MoecptError: a missing path, an empty source, a bad JSON line (without ``skip_bad_lines``), a bad source
-            name, or ``out`` prepared with another tokenizer.
+            name, or ``out`` prepared with another tokenizer; ``out`` is an input, lies inside one or holds one;
+            ``out`` is a non-empty folder moecpt did not make (or another command's); something not built by
+            moecpt sits under a source's name in ``out``; another process is preparing into ``out``; a source gives
+            no text to train the tokenizer on; ``out`` cannot be written or an input read (read-only, permission
+            denied, disk full: one line naming the path).
     """
     from moecpt.data.readers import resolve_files
 
@@ -330,21 +488,68 @@ def prepare(
     resolved = {name: resolve_files(spec) for name, spec in sources.items()}
 
     out = Path(out).expanduser()
-    if out.exists() and not out.is_dir():
-        raise MoecptError(f"--out {out} is a file; give a folder")
-    out.mkdir(parents=True, exist_ok=True)
+    claim_folder(out, COMMAND, _input_paths(sources, resolved, tokenizer, out), legacy=is_prepared_folder)
+    try:
+        with FolderLock(out, COMMAND):
+            return _prepare_claimed(
+                resolved, out, tokenizer, text_field, val_fraction, seed, skip_bad_lines, min_val_documents,
+                min_val_tokens, tokenizer_sample_chars, progress,
+            )
+    except OSError as exc:  # disk full, permissions, read-only: one line, not a traceback
+        raise MoecptError(_os_error(exc, out)) from None
+
+
+def _input_paths(sources: dict[str, str], resolved: dict[str, list[tuple[str, str]]], tokenizer: str,
+                 out: Path) -> list[Path]:
+    """Every local path a prepare reads: each source's file or folder (a glob's matched files), and a tokenizer
+    given by path -- unless that is ``out``'s own ``tokenizer.json`` (re-using it to add sources to ``out``)."""
+    from moecpt.data.readers import HF_PREFIX
+
+    paths: list[Path] = []
+    for name, spec in sources.items():
+        if spec.startswith(HF_PREFIX):
+            continue
+        if any(ch in spec for ch in "*?["):
+            paths += [Path(loc) for kind, loc in resolved[name] if kind != "hf-hub"]
+        else:
+            paths.append(Path(spec).expanduser())
+    if not tokenizer.startswith("train:"):
+        tok = Path(tokenizer).expanduser().resolve(strict=False)
+        own = out.resolve(strict=False)
+        if not (tok in (own, own / TOKENIZER_FILE) and (owns(out, COMMAND) or is_prepared_folder(out))):
+            paths.append(Path(tokenizer).expanduser())
+    return paths
+
+
+def _prepare_claimed(
+    resolved: dict[str, list[tuple[str, str]]], out: Path, tokenizer: str, text_field: str, val_fraction: float,
+    seed: int, skip_bad_lines: bool, min_val_documents: int, min_val_tokens: int, tokenizer_sample_chars: int,
+    progress: bool,
+) -> dict[str, Any]:
+    """The body of :func:`prepare`, in a folder already claimed and locked by this process."""
+    # Before writing anything: a source name must not collide with moecpt's files or with something that is not a
+    # source folder moecpt built (the user's own folder, a file, a link).
+    for name in resolved:
+        if name in _RESERVED:
+            raise MoecptError(f"source name {name!r} is the name of a file moecpt writes into --out; choose another")
+        if (out / name).exists() or (out / name).is_symlink():
+            _check_replaceable(out / name)
     _clean_stale_tmp(out)
-    tok, eod, sha = _setup_tokenizer(
-        out, tokenizer, resolved, text_field, skip_bad_lines, tokenizer_sample_chars
-    )
-    vocab = tok.get_vocab_size(with_added_tokens=True)
-    dtype = token_dtype(vocab)
 
     old_manifest: dict[str, Any] = {}
     if (out / MANIFEST).is_file():
-        old_manifest = json.loads((out / MANIFEST).read_text())
-        if old_manifest.get("tokenizer_sha256") != sha:  # tokenizer.json replaced by hand
-            raise MoecptError(f"{out} holds shards of another tokenizer; use a new --out folder")
+        raw = _read_json(out / MANIFEST)
+        if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+            raise MoecptError(f"{out / MANIFEST} is unreadable or not moecpt's; use a new --out folder")
+        old_manifest = raw
+    tok, eod, sha = _setup_tokenizer(
+        out, tokenizer, resolved, text_field, skip_bad_lines, tokenizer_sample_chars, has_shards=bool(old_manifest)
+    )
+    vocab = tok.get_vocab_size(with_added_tokens=True)
+    dtype = token_dtype(vocab)
+    if old_manifest and old_manifest.get("tokenizer_sha256") != sha:  # tokenizer.json replaced by hand
+        raise MoecptError(f"{out} holds shards of another tokenizer; use a new --out folder")
+    listed = old_manifest.get("sources", {})
 
     infos: dict[str, Any] = {}
     for name, files in resolved.items():
@@ -353,15 +558,17 @@ def prepare(
             skip_bad_lines=skip_bad_lines, min_val_documents=min_val_documents, min_val_tokens=min_val_tokens,
             format_version=FORMAT_VERSION,
         )
-        done = out / name / "source.json"
+        done = out / name / SOURCE_FILE
         if done.is_file():
-            prev = json.loads(done.read_text())
+            prev = _read_json(done) or {}
             if prev.get("fingerprint") == fp:
                 if progress:
                     print(f"moecpt: source {name!r} is already prepared; skipped", file=sys.stderr)
                 infos[name] = {k: v for k, v in prev.items() if k != "fingerprint"}
                 continue
-            if prev.get("fingerprint", {}).get("tokenizer_sha256") not in (None, sha):
+            # A listed source of another tokenizer means a hand-edited folder; an unlisted one is the leftover of
+            # an unfinished prepare and is simply rebuilt.
+            if name in listed and prev.get("fingerprint", {}).get("tokenizer_sha256") not in (None, sha):
                 raise MoecptError(f"{out / name} was made with another tokenizer; use a new --out folder")
         infos[name] = _build_source(
             out, name, files, tok, eod, dtype, fp, text_field, val_fraction, seed, min_val_documents,
@@ -371,8 +578,8 @@ def prepare(
     # Sources prepared by earlier runs into this folder stay listed (same tokenizer, checked above).
     all_sources = {
         k: v
-        for k, v in old_manifest.get("sources", {}).items()
-        if k not in infos and (out / k / "source.json").is_file()
+        for k, v in listed.items()
+        if k not in infos and (out / k / SOURCE_FILE).is_file()
     }
     all_sources.update(infos)
     manifest = {

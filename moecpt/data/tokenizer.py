@@ -25,7 +25,8 @@ def train_bpe(texts: Iterable[str], vocab_size: int):
     Deterministic for a given text order. ``<|endoftext|>`` is special token id 0 (the end-of-document id).
 
     Raises:
-        MoecptError: ``vocab_size`` < 257.
+        MoecptError: ``vocab_size`` < 257, or ``texts`` holds no non-empty text (a tokenizer trained on nothing
+            has only the byte symbols and would be kept and reused as if it were real).
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -44,7 +45,18 @@ def train_bpe(texts: Iterable[str], vocab_size: int):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(texts, trainer=trainer)
+    seen = {"n": 0}
+
+    def counted(it: Iterable[str]) -> Iterator[str]:
+        for text in it:
+            if text:
+                seen["n"] += 1
+            yield text
+
+    tok.train_from_iterator(counted(texts), trainer=trainer)
+    if seen["n"] == 0:
+        raise MoecptError("no text to train the tokenizer on (every document is empty or was skipped); check the "
+                          "sources and --text-field")
     return tok
 
 

@@ -6,6 +6,17 @@ import argparse
 import json
 
 
+def _one_line_os_errors(run, args: argparse.Namespace) -> int:
+    """Run ``run(args)``; an ``OSError`` left over (the writers turn theirs into one line already, so this is
+    mostly a failed read of an input) becomes a one-line ``MoecptError``, not a traceback."""
+    from moecpt.interop.hf_import import write_error
+
+    try:
+        return run(args)
+    except OSError as exc:
+        raise write_error(exc, args.out) from None
+
+
 def register(subparsers) -> None:
     """Add ``import-hf`` and ``export-hf`` to the top-level ``moecpt`` parser."""
     p = subparsers.add_parser(
@@ -22,7 +33,7 @@ def register(subparsers) -> None:
     p.add_argument("--allow-missing-tokenizer", action="store_true",
                    help="import a folder without tokenizer.json (the checkpoint then records no tokenizer)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
-    p.set_defaults(func=_import)
+    p.set_defaults(func=lambda args: _one_line_os_errors(_import, args))
 
     e = subparsers.add_parser(
         "export-hf", help="write a moecpt checkpoint as a Hugging Face folder",
@@ -38,7 +49,7 @@ def register(subparsers) -> None:
                    help="weights dtype (auto: as stored)")
     e.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB, 500MB")
     e.add_argument("--json", action="store_true", help="print the summary as JSON")
-    e.set_defaults(func=_export)
+    e.set_defaults(func=lambda args: _one_line_os_errors(_export, args))
 
 
 def _import(args: argparse.Namespace) -> int:

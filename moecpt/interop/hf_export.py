@@ -9,7 +9,8 @@ Tensors are written in the per-expert layout every transformers version reads (`
 transformers >= 5 fuses them on load), streamed from the checkpoint's safetensors one tensor at a time into shards
 of at most ``max_shard_size`` (so memory stays about one shard). ``config.json`` is written as plain JSON in the
 family's established keys, so export needs no transformers install. The folder is assembled in a temp folder next
-to ``--out`` and renamed at the end: a failed export leaves nothing under ``--out``.
+to ``--out`` and renamed at the end: a failed export leaves nothing under ``--out``. The temp folder gets moecpt's
+output marker (``.moecpt-output.json``, :func:`moecpt.storage.outputs.write_marker`) before it is published.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from moecpt.interop.hf_import import (
     SIDE_FILES,
     TOKENIZER_FILE,
     resolve_dtype,
+    write_error,
 )
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)?\s*$", re.IGNORECASE)
@@ -96,21 +98,23 @@ def export_hf(ckpt: str | Path, out: str | Path, *, family: str = "auto", dtype:
         a summary: ``out``, ``family``, ``shards``, ``dtype``, ``notes``.
 
     Raises:
-        MoecptError: no readable checkpoint, ``out`` exists, a model no family represents, a checkpoint tensor
-            the family has no place for.
+        MoecptError: no readable checkpoint, ``out`` exists, is or lies inside the checkpoint / run folder (or
+            holds it), or cannot be created; a model no family represents, a checkpoint tensor the family has no
+            place for; writing fails (read-only file system, permission denied, disk full: one line naming the
+            path). Nothing is left under ``out`` on failure.
     """
     from safetensors import safe_open
     from safetensors.torch import save_file
 
     from moecpt.config import ModelConfig, build_section
-    from moecpt.train.atomic import dumps_json, fsync_file, publish_dir, temp_name
+    from moecpt.storage.atomic import apply_umask, dumps_json, fsync_file, publish_dir, temp_name
+    from moecpt.storage.outputs import check_new_output, check_outside_inputs, write_marker
     from moecpt.train.checkpoint import load_checkpoint
 
-    out = Path(out).expanduser()
-    if out.exists():
-        raise MoecptError(f"--out {str(out)!r} exists; export-hf never overwrites: choose a new folder")
+    out = check_new_output(out, [ckpt])
     limit = parse_size(max_shard_size)
     ck = load_checkpoint(ckpt)
+    check_outside_inputs(out, [ck.path])  # ``ckpt`` may have named a file inside the checkpoint folder
     raw = ck.meta.get("model_config")
     if not isinstance(raw, dict):
         raise MoecptError(f"checkpoint {ck.path} has no model_config in its meta.json; it holds no moecpt model")
@@ -156,9 +160,12 @@ def export_hf(ckpt: str | Path, out: str | Path, *, family: str = "auto", dtype:
     if tok_dir is None:
         notes.append("the checkpoint has no tokenizer.json: the folder has weights and config only")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.with_name(temp_name(out.name))
-    staging.mkdir()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging.mkdir()
+    except OSError as exc:
+        raise write_error(exc, out) from None
     try:
         parts: list[tuple[Path, list[str]]] = []
         total = 0
@@ -182,6 +189,7 @@ def export_hf(ckpt: str | Path, out: str | Path, *, family: str = "auto", dtype:
                 return
             p = staging / f"part-{len(parts):05d}.safetensors"
             save_file(shard, str(p), metadata={"format": "pt"})
+            apply_umask(p)  # safetensors creates its files 0600 whatever the umask
             fsync_file(p)
             parts.append((p, list(shard)))
             shard, size = {}, 0
@@ -218,10 +226,14 @@ def export_hf(ckpt: str | Path, out: str | Path, *, family: str = "auto", dtype:
                 if eod_token is not None:
                     tok_cfg["eos_token"] = eod_token
                 (staging / "tokenizer_config.json").write_bytes(dumps_json(tok_cfg))
+        write_marker(staging, "export-hf", [ck.path])  # before publishing: the folder is provably ours
         publish_dir(staging, out, "export")
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
-        raise
+        err = write_error(exc, out) if isinstance(exc, Exception) else None
+        if err is None:
+            raise
+        raise err from None
     return {"out": str(out), "family": fam.name, "architecture": fam.architecture, "shards": names,
             "dtype": dtype_name, "notes": notes}
 

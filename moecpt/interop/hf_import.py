@@ -16,12 +16,15 @@ step 0) plus ``tokenizer.json`` (the model's tokenizer in the canonical form ``m
 CPT data prepared with ``--tokenizer CKPT/tokenizer.json`` has the very ``tokenizer_sha256`` the checkpoint
 records) and ``hf/`` (the model's ``tokenizer_config.json`` / ``special_tokens_map.json`` /
 ``generation_config.json``, used again by ``export-hf``). It is assembled in a temp folder next to ``--out`` and
-renamed at the end: a failed import leaves nothing under ``--out``.
+renamed at the end: a failed import leaves nothing under ``--out``. The temp folder gets moecpt's output marker
+(:func:`moecpt.storage.outputs.write_marker`, ``.moecpt-output.json``; checkpoint loading reads only the files its
+manifest lists, so the marker changes nothing there) before it is published, so the folder is provably moecpt's.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from dataclasses import dataclass
@@ -48,6 +51,30 @@ _SHARD_RE = re.compile(r"^(?P<stem>.+)-(?P<i>\d+)-of-(?P<n>\d+)\.safetensors$")
 def _one_line(exc: BaseException) -> str:
     lines = str(exc).strip().splitlines()
     return (lines[0] if lines else type(exc).__name__)[:200]
+
+
+_OS_ERROR_RE = re.compile(r"\(os error (\d+)\)")
+
+
+def write_error(exc: BaseException, out: str | Path) -> MoecptError | None:
+    """The one-line :class:`MoecptError` for an environment error of a command writing ``out`` (or its temp
+    folder ``out.tmp-*``): an ``OSError``, or a ``SafetensorError`` wrapping one (safetensors reports a full disk as
+    ``I/O error: ... (os error 28)``). An ``OSError`` naming a path elsewhere is a failed read of an input.
+    Returns ``None`` when ``exc`` is something else (a bug: it keeps its traceback)."""
+    from moecpt.storage.outputs import os_error_line
+
+    if isinstance(exc, OSError):
+        where = exc.filename
+        mine = str(Path(out).expanduser().resolve(strict=False))  # ``out`` and ``out.tmp-*`` beside it
+        doing = "read" if where and not str(Path(os.fsdecode(where)).resolve(strict=False)).startswith(mine) \
+            else "write"
+        return MoecptError(os_error_line(exc, out, doing))
+    if type(exc).__name__ == "SafetensorError":
+        m = _OS_ERROR_RE.search(str(exc))
+        if m:
+            code = int(m.group(1))
+            return MoecptError(os_error_line(OSError(code, os.strerror(code)), out))
+    return None
 
 
 def resolve_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
@@ -300,15 +327,16 @@ def import_hf(path: str | Path, out: str | Path, *, dtype: str | torch.dtype | N
 
     Raises:
         MoecptError: any bad input (see :func:`open_hf_folder`, :func:`plan_import`,
-            :func:`canonical_tokenizer`), or ``out`` exists. Nothing is left under ``out`` on failure.
+            :func:`canonical_tokenizer`); ``out`` exists, is or lies inside ``path`` (or holds it), or cannot be
+            created; writing fails (read-only file system, permission denied, disk full: one line naming the
+            path). Nothing is left under ``out`` on failure.
     """
     from moecpt.data.tokenizer import sha256_bytes
-    from moecpt.train.atomic import fsync_dir, publish_dir, temp_name, write_bytes_atomic
+    from moecpt.storage.atomic import fsync_dir, publish_dir, temp_name, write_bytes_atomic
+    from moecpt.storage.outputs import check_new_output, write_marker
     from moecpt.train.checkpoint import save_checkpoint
 
-    out = Path(out).expanduser()
-    if out.exists():
-        raise MoecptError(f"--out {str(out)!r} exists; import-hf never overwrites: choose a new folder")
+    out = check_new_output(out, [path])
     folder = open_hf_folder(path)
     cfg, notes, pieces = plan_import(folder)
     tok_bytes, eod, tok_notes = canonical_tokenizer(folder.path, cfg.vocab_size, allow_missing_tokenizer)
@@ -337,23 +365,30 @@ def import_hf(path: str | Path, out: str | Path, *, dtype: str | torch.dtype | N
     }
     state = read_state(folder, cfg, pieces, target)
     n_params = sum(t.numel() for name, t in state.items() if not (cfg.tie_embeddings and name == "lm_head.weight"))
-    out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.with_name(temp_name(out.name))
     try:
-        save_checkpoint(staging, model_state=state, meta=meta)
-        del state
-        if tok_bytes is not None:
-            write_bytes_atomic(staging / TOKENIZER_FILE, tok_bytes)
-        side = [folder.path / n for n in SIDE_FILES if (folder.path / n).is_file()]
-        if side:
-            (staging / HF_SIDE_DIR).mkdir()
-            for f in side:
-                shutil.copyfile(f, staging / HF_SIDE_DIR / f.name)
-            fsync_dir(staging / HF_SIDE_DIR)
-        publish_dir(staging, out, "import")
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            save_checkpoint(staging, model_state=state, meta=meta)
+            del state
+            if tok_bytes is not None:
+                write_bytes_atomic(staging / TOKENIZER_FILE, tok_bytes)
+            side = [folder.path / n for n in SIDE_FILES if (folder.path / n).is_file()]
+            if side:
+                (staging / HF_SIDE_DIR).mkdir()
+                for f in side:
+                    shutil.copyfile(f, staging / HF_SIDE_DIR / f.name)
+                fsync_dir(staging / HF_SIDE_DIR)
+            write_marker(staging, "import-hf", [folder.path])  # before publishing: the folder is provably ours
+            publish_dir(staging, out, "import")
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    except Exception as exc:  # a full disk, a read-only file system, ...: one line; anything else is a bug
+        err = write_error(exc, out)
+        if err is None:
+            raise
+        raise err from None
     return {"out": str(out), "family": fam.name, "params": n_params, "dtype": meta["imported_from"]["dtype"],
             "tokenizer_sha256": sha, "notes": notes}
 

@@ -90,25 +90,36 @@ class BenchConfig:
         """From CLI strings; ``quick`` changes the defaults to R = 25, 2 seeds, small grids.
 
         Raises:
-            MoecptError: unknown task, non-positive H / rounds / seeds.
+            MoecptError: unknown task or method, an empty ``--tasks`` / ``--local-steps`` / ``--methods`` list,
+                an H, rounds or seeds count that is not a whole number >= 1 (0 is refused, not taken as the
+                default).
         """
-        names = tuple(t.strip() for t in tasks.split(",") if t.strip()) if tasks else BENCH_TASKS
+        names = tuple(t.strip() for t in tasks.split(",") if t.strip()) if tasks is not None else BENCH_TASKS
+        if not names:
+            raise MoecptError(f"--tasks {tasks!r} names no task; give comma-separated task names "
+                              "(see `moecpt lopt tasks`)")
         for n in names:
             if n not in TASKS:
                 get_task(n)  # raises the one-line error listing the tasks
         try:
-            hs = tuple(int(h) for h in local_steps.split(",")) if local_steps else (4, 8, 16)
+            hs = (tuple(int(h) for h in local_steps.split(",") if h.strip()) if local_steps is not None
+                  else (4, 8, 16))
         except ValueError:
             raise MoecptError(f"--local-steps takes comma-separated integers like 4,8,16, got {local_steps!r}") from None
-        ms = tuple(m.strip() for m in methods.split(",") if m.strip()) if methods else METHODS
+        if not hs or min(hs) < 1:
+            raise MoecptError(f"--local-steps {local_steps!r} must list whole numbers >= 1, like 4,8,16")
+        ms = tuple(m.strip() for m in methods.split(",") if m.strip()) if methods is not None else METHODS
+        if not ms:
+            raise MoecptError(f"--methods {methods!r} names no method; use some of: {', '.join(METHODS)}")
         bad = [m for m in ms if m not in METHODS]
         if bad:
             raise MoecptError(f"unknown bench method {bad[0]!r}; use some of: {', '.join(METHODS)}")
-        cfg = cls(tasks=names, local_steps=hs, rounds=rounds or (20 if quick else 60),
-                  seeds=seeds or (2 if quick else 5), lagg=lagg, lopt=lopt, quick=quick, grid=grids(quick),
-                  methods=ms)
-        if min(cfg.local_steps) < 1 or cfg.rounds < 1 or cfg.seeds < 1:
-            raise MoecptError("--local-steps, --rounds and --seeds must be positive")
+        for flag, value in (("--rounds", rounds), ("--seeds", seeds)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise MoecptError(f"{flag} {value!r} must be a whole number >= 1")
+        cfg = cls(tasks=names, local_steps=hs, rounds=rounds if rounds is not None else (20 if quick else 60),
+                  seeds=seeds if seeds is not None else (2 if quick else 5), lagg=lagg, lopt=lopt, quick=quick,
+                  grid=grids(quick), methods=ms)
         return cfg
 
 
@@ -196,6 +207,19 @@ def run_bench(cfg: BenchConfig, out: str | Path | None = None, progress: bool = 
     Raises:
         MoecptError: unknown task; missing, damaged or K-mismatched learned-optimizer weights.
     """
+    if out is None:
+        return _run_bench(cfg, None, progress)
+    from moecpt.storage.lock import FolderLock
+    from moecpt.storage.outputs import claim_folder
+
+    weights = [Path(w) for w in (cfg.lagg, cfg.lopt) if str(w).endswith(".safetensors")]
+    out = claim_folder(out, "lopt bench", weights, legacy=lambda d: (d / "bench_cache.json").is_file())
+    with FolderLock(out, "lopt bench"):
+        return _run_bench(cfg, out, progress)
+
+
+def _run_bench(cfg: BenchConfig, out: Path | None, progress: bool) -> tuple[list[dict], dict]:
+    """The body of :func:`run_bench` (``out`` already claimed and locked)."""
     from tqdm import tqdm
 
     from moecpt.lopt.pretrained import load_pretrained
@@ -246,7 +270,7 @@ def run_bench(cfg: BenchConfig, out: str | Path | None = None, progress: bool = 
                     })
                     curves[(task.name, H, method)] = res["curve"].mean(1).tolist()
                     if cache_path is not None:
-                        from moecpt.train.atomic import write_json_atomic
+                        from moecpt.storage.atomic import write_json_atomic
 
                         cache[key] = {"row": rows[-1], "curve": curves[(task.name, H, method)]}
                         write_json_atomic(cache_path, cache)
@@ -257,7 +281,7 @@ def run_bench(cfg: BenchConfig, out: str | Path | None = None, progress: bool = 
                                                      "rounds": cfg.rounds, "seeds": cfg.seeds, "K": cfg.workers,
                                                      "quick": cfg.quick, "lagg": cfg.lagg, "lopt": cfg.lopt}}
     if out is not None:
-        from moecpt.train.atomic import write_bytes_atomic, write_json_atomic
+        from moecpt.storage.atomic import write_bytes_atomic, write_json_atomic
 
         outp = Path(out)
         write_json_atomic(outp / "bench.json", {"rows": rows, "summary": summarize(rows), **meta,
@@ -304,7 +328,7 @@ def plot_curves(curves: dict, cfg: BenchConfig, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from moecpt.train.atomic import write_bytes_atomic
+    from moecpt.storage.atomic import write_bytes_atomic
 
     nt, nh = len(cfg.tasks), len(cfg.local_steps)
     fig, axes = plt.subplots(nt, nh, figsize=(4.2 * nh, 3.2 * nt), squeeze=False)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+
+from moecpt.errors import MoecptError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -57,23 +60,37 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _threads(n: int | None) -> None:
-    if n:
-        import torch
+    """Set torch's CPU threads; ``--threads`` below 1 is a user error (not "use the default")."""
+    if n is None:
+        return
+    if n < 1:
+        raise MoecptError(f"--threads {n} must be a whole number >= 1")
+    import torch
 
-        torch.set_num_threads(n)
+    torch.set_num_threads(n)
+
+
+def _max_seconds(minutes: float | None) -> float | None:
+    """``--max-minutes`` in seconds; it must be a finite number > 0 (0 would otherwise mean "no limit")."""
+    if minutes is None:
+        return None
+    if not math.isfinite(minutes) or minutes <= 0:
+        raise MoecptError(f"--max-minutes {minutes!r} must be a finite number > 0; leave it out for no limit")
+    return minutes * 60
 
 
 def run_meta_train(args: argparse.Namespace) -> int:
     from moecpt.lopt.meta_train import MetaTrainConfig, meta_train
 
-    _threads(args.threads)
+    max_s = _max_seconds(args.max_minutes)
     cfg = MetaTrainConfig(
         kind=args.kind, workers=args.workers, tasks=tuple(t.strip() for t in args.task.split(",") if t.strip()),
         iterations=args.iterations, pairs=args.pairs, sigma=args.sigma, truncation=args.truncation,
         min_length=args.min_length, max_length=args.max_length, local_steps=args.local_steps, lr=args.lr,
         final_lr=args.final_lr, init=args.init, seed=args.seed, eval_every=args.eval_every,
     )
-    max_s = args.max_minutes * 60 if args.max_minutes else None
+    cfg.validate()  # before the threads are set and before anything is written
+    _threads(args.threads)
     print(json.dumps(meta_train(cfg, args.out, progress=not args.no_progress, max_seconds=max_s)))
     return 0
 
@@ -82,9 +99,9 @@ def run_bench(args: argparse.Namespace) -> int:
     from moecpt.lopt.bench import BenchConfig, format_table
     from moecpt.lopt.bench import run_bench as _run
 
-    _threads(args.threads)
     cfg = BenchConfig.make(quick=args.quick, tasks=args.tasks, local_steps=args.local_steps, rounds=args.rounds,
                            seeds=args.seeds, lagg=args.lagg, lopt=args.lopt, methods=args.methods)
+    _threads(args.threads)
     rows, _ = _run(cfg, out=args.out, progress=not args.no_progress)
     if args.json:
         print(json.dumps(rows, indent=2))

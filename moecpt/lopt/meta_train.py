@@ -38,7 +38,9 @@ from moecpt.lopt.optimizers import init_lopt_state, lopt_step
 from moecpt.lopt.pes import PESConfig, init_pes_state, pes_gradient
 from moecpt.lopt.pretrained import save_weights
 from moecpt.lopt.tasks import Task, get_task, local_round
-from moecpt.train.atomic import write_bytes_atomic, write_json_atomic
+from moecpt.storage.atomic import write_bytes_atomic, write_json_atomic
+from moecpt.storage.lock import FolderLock
+from moecpt.storage.outputs import claim_folder
 
 STATE_FILE = "meta_state.pt"
 CONFIG_FILE = "config.json"
@@ -72,6 +74,47 @@ class MetaTrainConfig:
     eval_seeds: int = 4
     save_every: int = 10
     extra: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        """Check every setting before anything is written (CLI flags named as ``--flag``).
+
+        Raises:
+            MoecptError: a count below 1 (workers, iterations, pairs, truncation, lengths, local steps, eval and
+                save intervals), ``max_length < min_length``, a non-finite or non-positive ``sigma`` / ``lr`` /
+                ``sgd_scale``, a non-finite or negative ``final_lr`` / ``weight_decay``, ``warmup_fraction``
+                outside [0, 1], no task, an unknown ``kind`` / ``init``, or a seed out of range.
+        """
+        if not self.tasks:
+            raise MoecptError("--task names no task; give a task name or several separated by commas "
+                              "(see `moecpt lopt tasks`)")
+        if self.kind not in ("lagg-a", "lopt-a", "lagg", "lopt"):
+            raise MoecptError(f"--kind {self.kind!r} is unknown; use one of: lagg-a, lopt-a, lagg, lopt")
+        if self.init not in ("sgd-like", "paper"):
+            raise MoecptError(f"--init {self.init!r} is unknown; use one of: sgd-like, paper")
+        counts = (("--workers", self.workers), ("--iterations", self.iterations), ("--pairs", self.pairs),
+                  ("--truncation", self.truncation), ("--min-length", self.min_length),
+                  ("--max-length", self.max_length), ("--local-steps", self.local_steps),
+                  ("--eval-every", self.eval_every), ("eval_rounds", self.eval_rounds),
+                  ("eval_seeds", self.eval_seeds), ("save_every", self.save_every))
+        for name, value in counts:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise MoecptError(f"{name} {value!r} must be a whole number >= 1")
+        if self.max_length < self.min_length:
+            raise MoecptError(f"--max-length {self.max_length} is below --min-length {self.min_length}; "
+                              "trajectory lengths are drawn from [min, max], so give max >= min")
+        reals = (("--sigma", self.sigma, True), ("--lr", self.lr, True), ("sgd_scale", self.sgd_scale, True),
+                 ("--final-lr", self.final_lr, False), ("weight_decay", self.weight_decay, False),
+                 ("warmup_fraction", self.warmup_fraction, False))
+        for name, value, strict in reals:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise MoecptError(f"{name} {value!r} is not a finite number; give a finite value "
+                                  "(inf and nan are not allowed)")
+            if value < 0 or (strict and value == 0):
+                raise MoecptError(f"{name} {value!r} must be {'> 0' if strict else '>= 0'}")
+        if self.warmup_fraction > 1:
+            raise MoecptError(f"warmup_fraction {self.warmup_fraction!r} must be in [0, 1]")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or abs(self.seed) >= 2**62:
+            raise MoecptError(f"--seed {self.seed!r} is out of range; give a whole number between -2**62 and 2**62")
 
     def spec(self) -> LOptSpec:
         return LOptSpec(self.kind, self.workers if self.kind.startswith("lagg") else None)
@@ -195,11 +238,13 @@ def meta_train(cfg: MetaTrainConfig, out: str | Path, progress: bool = True, max
         max_seconds: stop cleanly (after saving) once this much wall time has passed; re-run to continue.
 
     Raises:
-        MoecptError: unknown task or kind, pairs not divisible by the number of tasks, ``out`` holding a run with
-            other settings, or a damaged ``meta_state.pt``.
+        MoecptError: an invalid setting (:meth:`MetaTrainConfig.validate`), a non-finite or negative
+            ``max_seconds``, unknown task or kind, pairs not divisible by the number of tasks, ``out`` holding a
+            run with other settings, or a damaged ``meta_state.pt``.
     """
-    from tqdm import tqdm
-
+    cfg.validate()
+    if max_seconds is not None and not (math.isfinite(max_seconds) and max_seconds >= 0):
+        raise MoecptError(f"the time limit max_seconds={max_seconds!r} must be a finite number >= 0")
     out = Path(out)
     spec = cfg.spec()
     tasks = [get_task(n) for n in cfg.tasks]
@@ -208,7 +253,17 @@ def meta_train(cfg: MetaTrainConfig, out: str | Path, progress: bool = True, max
     if cfg.iterations < 1:
         raise MoecptError("--iterations must be >= 1")
     pes_cfg = cfg.pes()
-    out.mkdir(parents=True, exist_ok=True)
+    # runs written before output markers existed are proven by their config.json + state file
+    claim_folder(out, "lopt meta-train", legacy=lambda d: (d / CONFIG_FILE).is_file() and (d / STATE_FILE).is_file())
+    with FolderLock(out, "lopt meta-train"):
+        return _meta_train_in(cfg, out, spec, tasks, pes_cfg, progress, max_seconds)
+
+
+def _meta_train_in(cfg: MetaTrainConfig, out: Path, spec, tasks, pes_cfg, progress: bool,
+                   max_seconds: float | None) -> dict:
+    """The body of :func:`meta_train`, run while this process owns ``out``."""
+    from tqdm import tqdm
+
     cfg_json = cfg.as_json()
     if (out / CONFIG_FILE).is_file() and (out / STATE_FILE).is_file():
         import json

@@ -41,7 +41,7 @@ def weights_bytes(spec: LOptSpec, phi: Tensor, info: dict[str, object] | None = 
 
 def save_weights(path: str | Path, spec: LOptSpec, phi: Tensor, info: dict[str, object] | None = None) -> None:
     """Atomically write a weight file (see module doc)."""
-    from moecpt.train.atomic import write_bytes_atomic
+    from moecpt.storage.atomic import write_bytes_atomic
 
     write_bytes_atomic(path, weights_bytes(spec, phi, info))
 

@@ -22,12 +22,18 @@ def run(args: argparse.Namespace) -> int:
     from moecpt.errors import MoecptError
     from moecpt.model.flops import model_stats
 
+    if args.vocab_size is not None and args.vocab_size < 2:
+        raise MoecptError(f"--vocab-size {args.vocab_size} must be a whole number >= 2 (the tokenizer's vocabulary)")
     if args.preset:
         recipe = recipe_from_dict({"model": {"preset": args.preset}}, [f"model.{s}" if not s.startswith("model.")
                                                                       else s for s in args.set])
     else:
         recipe = load_recipe(args.recipe, args.set)
     cfg = recipe.model
+    if cfg.vocab_size is not None and args.vocab_size is not None and args.vocab_size != cfg.vocab_size:
+        raise MoecptError(f"--vocab-size {args.vocab_size} differs from the model's vocab_size={cfg.vocab_size}; "
+                          f"--vocab-size only fills an unset one: use --set model.vocab_size={args.vocab_size} "
+                          "to change it")
     if cfg.vocab_size is None:
         if args.vocab_size is None:
             from moecpt.data.prepared import PreparedData

@@ -31,7 +31,6 @@ import random
 import re
 import shutil
 import time
-import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +40,8 @@ import numpy as np
 import torch
 
 from moecpt.errors import MoecptError
-from moecpt.train.atomic import (
+from moecpt.storage.atomic import (
+    apply_umask,
     dumps_json,
     fsync_dir,
     fsync_file,
@@ -50,6 +50,7 @@ from moecpt.train.atomic import (
     write_bytes_atomic,
     write_json_atomic,
 )
+from moecpt.storage.outputs import os_error_line
 
 __all__ = [
     "Checkpoint",
@@ -197,6 +198,7 @@ def save_checkpoint(
         # One metadata key only: safetensors writes metadata in hash-map order, and a byte-identical file for
         # identical tensors is what lets a repeated save of the same step be recognised (aliases live in meta.json).
         save_file(tensors, str(tmp / MODEL_FILE), metadata={"format": "pt"})
+        apply_umask(tmp / MODEL_FILE)
         fsync_file(tmp / MODEL_FILE)
         del tensors
         written = [MODEL_FILE]
@@ -234,10 +236,25 @@ def save_checkpoint(
                 "only one process may write a run's checkpoints"
             ) from None
         fsync_dir(parent)
-    except BaseException:
+    except BaseException as exc:
+        full = _disk_nearly_full(parent)
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise MoecptError(f"saving checkpoint {path}: {os_error_line(exc, tmp)}") from None
+        if full and (isinstance(exc, (RuntimeError, ValueError)) or "SafetensorError" in type(exc).__name__):
+            # torch.save / safetensors report a full disk as "unexpected pos ..." or an I/O error of their own
+            raise MoecptError(f"cannot write checkpoint {path}: the disk is full ({_one_line(exc)}); free some "
+                              "space and run the same command again (nothing of this save is left; earlier checkpoints are "
+                              "intact)") from None
         raise
     return path
+
+
+def _disk_nearly_full(path: Path) -> bool:
+    try:
+        return shutil.disk_usage(path).free < (64 << 20)
+    except OSError:
+        return False
 
 
 def _step_of(path: Path, meta: Mapping[str, Any]) -> int:
@@ -430,16 +447,17 @@ def load_checkpoint(path: str | Path, *, verify: bool = True) -> Checkpoint:
         root = p / CHECKPOINTS_DIR if (p / CHECKPOINTS_DIR).is_dir() else p
         candidates = _step_dirs(root)
         complete = [d for _, d in candidates if _is_complete(d)]
+        if candidates and (not complete or complete[-1] != candidates[-1][1]):
+            # a damaged newest checkpoint must never be replaced by an older one behind the user's back
+            newest = candidates[-1][1]
+            older = f"give {complete[-1]} explicitly to use the newest intact one" if complete else \
+                "no intact checkpoint is left"
+            raise MoecptError(
+                f"the newest checkpoint of {root}, {newest.name}, is incomplete or damaged; re-run the training "
+                f"command to repair the run (it moves the damaged one aside and resumes), or {older}"
+            )
         if complete:
             p = complete[-1]
-            newer = [d.name for _, d in candidates if d.name > p.name]
-            if newer:  # a damaged newest checkpoint must not be replaced by an older one without a word
-                warnings.warn(f"{root}: newer checkpoint(s) {', '.join(newer)} are incomplete or damaged; "
-                              f"using {p.name}", stacklevel=2)
-        elif candidates:
-            raise MoecptError(
-                f"{root} holds {len(candidates)} checkpoint folder(s) but none is complete; nothing to load"
-            )
         elif _STEP_RE.match(p.name):
             raise MoecptError(f"checkpoint {p} has no {META_FILE}; it is incomplete")
         else:
@@ -447,7 +465,13 @@ def load_checkpoint(path: str | Path, *, verify: bool = True) -> Checkpoint:
                 f"{p} is not a moecpt checkpoint or run folder (no {META_FILE}, no {CHECKPOINTS_DIR}/step_N inside)"
             )
     meta, manifest = _read_meta(p)
-    _check_files(p, manifest, hashes=verify)
+    try:
+        _check_files(p, manifest, hashes=verify)
+    except MoecptError as exc:
+        if p == Path(path) or not _STEP_RE.match(p.name):
+            raise
+        raise MoecptError(f"{exc}; re-run the training command to repair the run (it moves the damaged "
+                          "checkpoint aside and resumes), or give an older checkpoint folder explicitly") from None
     step = meta.get("step")
     if not isinstance(step, int):
         raise MoecptError(f"checkpoint {p}: {META_FILE} has no integer 'step'; it is not a moecpt checkpoint")
@@ -556,6 +580,24 @@ class CheckpointManager:
         path = save_checkpoint(self.path_for(step), meta=meta, **kwargs)
         self.prune(protect=int(step))
         return path
+
+    def step_folders(self) -> list[Path]:
+        """Every final-named ``step_N`` folder, oldest first, complete or not (a final name means a save finished;
+        an incomplete one was damaged afterwards)."""
+        return [p for _, p in _step_dirs(self.dir)]
+
+    def move_aside(self, path: Path) -> Path:
+        """Rename a damaged checkpoint to ``step_N.damaged-<UTC time>`` (kept for inspection, never deleted, and
+        no longer seen as a checkpoint); returns the new path."""
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        aside = path.with_name(f"{path.name}.damaged-{stamp}")
+        n = 1
+        while aside.exists():
+            aside = path.with_name(f"{path.name}.damaged-{stamp}-{n}")
+            n += 1
+        os.rename(path, aside)
+        fsync_dir(path.parent)
+        return aside
 
     def all(self) -> list[Path]:
         """Complete checkpoints, oldest first (temp folders and incomplete ones excluded)."""

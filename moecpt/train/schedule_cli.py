@@ -1,13 +1,24 @@
-"""``moecpt schedule``: plot a recipe's LR schedule (lr vs step, phases shaded) to a PNG."""
+"""``moecpt schedule``: plot a recipe's LR schedule (lr vs step, phases shaded) to a PNG, PDF or SVG.
+
+The figure carries :data:`SIGNATURE` in its metadata (PNG ``Software``, PDF ``Creator``, SVG ``dc:creator``, each
+within the file's first 64 KiB), so that a later ``moecpt schedule --out`` replaces a figure moecpt wrote and
+refuses any other file (the rule of :func:`moecpt.storage.outputs.check_file_output`; see :func:`_check_out`), and
+``--out`` may not be the recipe it reads. The file is rendered in memory and written atomically (temp file +
+rename): an interrupted run leaves the old file or the new one, never half of one.
+"""
 
 from __future__ import annotations
 
 import argparse
-
-from moecpt.cli import positive_int
+import io
 from pathlib import Path
 
+from moecpt.cli import positive_int
 from moecpt.errors import MoecptError
+
+#: the bytes that identify a figure written by ``moecpt schedule`` (in its metadata); not merely the command's
+#: name, which any note or shell script about moecpt may contain
+SIGNATURE = b"moecpt-schedule-figure"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -34,14 +45,34 @@ _PHASE_COLORS = {
 }
 
 
+def _metadata(fmt: str) -> dict[str, str]:
+    """Matplotlib ``savefig`` metadata naming moecpt (the key each format keeps near its start)."""
+    from moecpt import __version__
+
+    value = f"{SIGNATURE.decode()}, moecpt {__version__}"
+    return {"png": {"Software": value}, "pdf": {"Creator": value}, "svg": {"Creator": value}}[fmt]
+
+
 def func(args: argparse.Namespace) -> int:
+    """Run ``moecpt schedule``.
+
+    Raises:
+        MoecptError: ``--out`` has another extension, is a folder, is the recipe, is an existing file moecpt did
+            not write (it is left alone), or cannot be written (read-only, permission denied, disk full); a bad
+            recipe or ``--steps``.
+    """
     from moecpt.config import load_recipe
+    from moecpt.storage.atomic import write_bytes_atomic
+    from moecpt.storage.outputs import check_file_output, os_error_line
     from moecpt.train.schedules import anneal_start_step, run_end_step, schedule_phases, schedule_table
 
-    if Path(args.out).suffix.lower() not in (".png", ".pdf", ".svg"):
+    fmt = Path(args.out).suffix.lower().lstrip(".")
+    if fmt not in ("png", "pdf", "svg"):
         raise MoecptError(f"--out {args.out!r} must end in .png, .pdf or .svg")
     if Path(args.out).is_dir():
         raise MoecptError(f"--out {args.out!r} is a folder; give a file name such as schedule.png")
+    out = Path(args.out).expanduser()
+    check_file_output(out, SIGNATURE, [args.recipe])
 
     recipe = load_recipe(args.recipe, args.overrides)
     total = args.steps if args.steps is not None else recipe.train.steps
@@ -69,10 +100,14 @@ def func(args: argparse.Namespace) -> int:
     ax.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
     ax.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
+    buf = io.BytesIO()
+    fig.savefig(buf, format=fmt, dpi=120, metadata=_metadata(fmt))
     plt.close(fig)
+    data = buf.getvalue()
+    try:
+        write_bytes_atomic(out, data)
+    except OSError as exc:
+        raise MoecptError(os_error_line(exc, out)) from None
 
     anneal = anneal_start_step(recipe.schedule, total)
     summary = f"wrote {out}: {total} steps, lr[0]={lrs[0]:.4g}, max={lrs.max():.4g}, lr[-1]={lrs[-1]:.4g}"

@@ -34,13 +34,16 @@ from typing import Any
 
 import torch
 
-from moecpt.config import Recipe
+from moecpt.config import Recipe, SyncKind
 from moecpt.distributed.launch import check_same_config, rank_info, run_on_main
 from moecpt.errors import MoecptError
 from moecpt.model.transformer import Transformer, build_model
+from moecpt.storage.lock import FolderLock
 from moecpt.train.host_memory import retain_freed_memory
+from moecpt.train.compile import check_compile_backend, compile_module
 from moecpt.train.loss import cross_entropy
 from moecpt.train.metrics import JsonlSink, RoutingAccumulator
+from moecpt.train.preemption import Preempted, PreemptionWatcher, signal_name
 
 RUN_FILE = "run.json"
 
@@ -146,8 +149,11 @@ class Trainer:
             "data_tokenizer_sha256": self.data.tokenizer_sha256,
         }
         check_same_config(self.identity)  # every rank of a job must run the same thing (a no-op otherwise)
-        self._check_data()  # before claiming the folder: a recipe that cannot run must not leave a run.json behind
-        run_on_main(self._claim_run_folder)  # rank 0 writes; its refusal is raised on every rank
+        # before claiming the folder: a recipe that cannot run must not leave a run.json behind
+        self._check_data()
+        self._preflight()
+        self._lock: FolderLock | None = None
+        run_on_main(self._claim_run_folder)  # rank 0 writes and locks; its refusal is raised on every rank
         self.ckpts = CheckpointManager(self.out_dir, keep_last=recipe.train.keep_last,
                                        keep_steps=self._milestones())
 
@@ -169,6 +175,16 @@ class Trainer:
                 raise MoecptError(f"--from {str(self.parent.path)!r} has no model_config in its meta.json; "
                                   "it was not written by moecpt pretrain/cpt")
             parent_cfg = build_section(ModelConfig, raw, "parent model_config")
+            conflicts = cpt_architecture_conflicts(cfg, parent_cfg)
+            if conflicts:
+                raise MoecptError(
+                    f"the CPT recipe sets {'; '.join(conflicts)}; CPT keeps the parent's architecture, so remove "
+                    "these keys (only model.moe.router.*, moe.capacity_factor and moe.dispatch may change in CPT)")
+            if self.recipe.data.seq_len > parent_cfg.max_seq_len:
+                raise MoecptError(
+                    f"data.seq_len={self.recipe.data.seq_len} exceeds the parent's max_seq_len="
+                    f"{parent_cfg.max_seq_len} (--from {str(self.parent.path)!r}); use data.seq_len <= "
+                    f"{parent_cfg.max_seq_len}")
             parent_tok = self.parent.meta.get("tokenizer_sha256")
             if self.data.vocab_size > parent_cfg.vocab_size or (
                     parent_tok is not None and parent_tok != self.data.tokenizer_sha256):
@@ -190,6 +206,9 @@ class Trainer:
                 parent_cfg = parent_cfg.model_copy(update={"moe": parent_cfg.moe.model_copy(
                     update={"router": router, **moe_update})})
             return parent_cfg
+        if "model" not in self.recipe.model_fields_set:
+            raise MoecptError("the recipe has no [model] table, so there is nothing to pre-train; add one, e.g. "
+                              "[model] preset = \"smoke-granular\" (see `moecpt inspect --preset NAME`)")
         if cfg.vocab_size is None:
             cfg = cfg.model_copy(update={"vocab_size": self.data.vocab_size})
         elif cfg.vocab_size < self.data.vocab_size:
@@ -231,29 +250,77 @@ class Trainer:
             steps.append(a)  # the pre-anneal checkpoint CPT from an infinite schedule starts from
         return steps
 
+    def _inputs(self) -> list[Path]:
+        """What this run reads (the run folder may be none of them, nor lie inside one)."""
+        found = [] if self.recipe.data.path == "demo" else [self.data.path]
+        if self.parent is not None:
+            ck = self.parent.path
+            found.append(ck.parent.parent if ck.parent.name == "checkpoints" else ck)
+        return found
+
+    def _preflight(self) -> None:
+        """Fail in one line before anything is written: free disk for one checkpoint, memory for training, and
+        (on the first start) a writable --out."""
+        from moecpt.model.flops import model_stats
+        from moecpt.storage.outputs import check_outside_inputs, check_writable_parent
+        from moecpt.storage.preflight import (
+            CHECKPOINT_BYTES_PER_PARAM, check_free_disk, check_memory, training_memory_bytes,
+        )
+
+        check_outside_inputs(self.out_dir, self._inputs())
+        if not (self.out_dir / RUN_FILE).exists():
+            check_writable_parent(self.out_dir)
+        tcfg = self.recipe.train
+        if tcfg.compile:
+            check_compile_backend(self.device)
+        params = int(model_stats(self.model_cfg, self.recipe.data.seq_len)["total_params"])
+        workers = self.simulate_workers or 1
+        micro = min(tcfg.micro_batch_size or tcfg.batch_size, tcfg.batch_size)
+        resident = params // self.dist.world_size if self.recipe.distributed.sync == SyncKind.FSDP else params
+        need = training_memory_bytes(resident, micro, self.recipe.data.seq_len, self.model_cfg.vocab_size, workers)
+        check_memory(need, self.device.type, f"training this {params / 1e6:,.1f}M-parameter model",
+                     self.device.index)
+        check_free_disk(self.out_dir, CHECKPOINT_BYTES_PER_PARAM * params * workers, "one checkpoint of this run")
+
     def _claim_run_folder(self) -> None:
-        from moecpt.train.checkpoint import write_json_atomic
+        from moecpt.storage.outputs import claim_folder
 
         run_file = self.out_dir / RUN_FILE
         fp = _fingerprint(self.identity)
-        if run_file.exists():
-            try:
-                existing = json.loads(run_file.read_text(encoding="utf-8"))
-            except (OSError, json.JSONDecodeError):
-                raise MoecptError(f"{run_file} is unreadable; this folder is damaged — choose a new --out") from None
-            if existing.get("fingerprint") != fp:
-                diff = _first_difference(existing.get("identity", {}), self.identity)
-                raise MoecptError(f"--out {str(self.out_dir)!r} holds another run ({diff}); choose a new --out "
-                                  "or delete that folder yourself")
-            return
-        if self.out_dir.exists() and not self.out_dir.is_dir():
-            raise MoecptError(f"--out {str(self.out_dir)!r} is a file; give a folder path")
-        if self.out_dir.exists() and any(self.out_dir.iterdir()):
-            raise MoecptError(f"--out {str(self.out_dir)!r} is not empty and is not a moecpt run; choose a new --out")
+        self._check_identity(run_file, fp)  # a refused run changes nothing in the folder, not even the lock note
+        # runs written before output markers existed are proven by their run.json
+        claim_folder(self.out_dir, "train", self._inputs(), legacy=lambda d: (d / RUN_FILE).is_file())
+        self._lock = FolderLock(self.out_dir, self.mode).acquire()
         try:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise MoecptError(f"cannot create --out {str(self.out_dir)!r} ({exc.strerror}); choose another path") from None
+            if not self._check_identity(run_file, fp):  # checked again: the folder is ours only now
+                self._write_identity(run_file, fp)
+        except BaseException:
+            self.release()
+            raise
+
+    def release(self) -> None:
+        """Give up the run folder's lock (done by :meth:`run` on exit; only for a Trainer that is never run)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def _check_identity(self, run_file: Path, fp: str) -> bool:
+        """Whether ``run_file`` holds this very run (False: no run yet); MoecptError when it holds another."""
+        if not run_file.exists():
+            return False
+        try:
+            existing = json.loads(run_file.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            raise MoecptError(f"{run_file} is unreadable; this folder is damaged — choose a new --out") from None
+        if existing.get("fingerprint") != fp:
+            diff = _first_difference(existing.get("identity", {}), self.identity)
+            raise MoecptError(f"--out {str(self.out_dir)!r} holds another run ({diff}); choose a new --out "
+                              "or delete that folder yourself")
+        return True
+
+    def _write_identity(self, run_file: Path, fp: str) -> None:
+        from moecpt.storage.atomic import write_bytes_atomic, write_json_atomic
+
         lineage = None
         if self.parent is not None:
             lineage = {"parent_checkpoint": str(self.parent.path), "parent_step": self.parent.step,
@@ -262,7 +329,7 @@ class Trainer:
         write_json_atomic(run_file, {"fingerprint": fp, "identity": self.identity, "lineage": lineage,
                                      "model_config": self.model_cfg.model_dump(mode="json"),
                                      "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
-        (self.out_dir / "tokenizer.json").write_bytes((self.data.path / "tokenizer.json").read_bytes())
+        write_bytes_atomic(self.out_dir / "tokenizer.json", (self.data.path / "tokenizer.json").read_bytes())
 
     # ---------------------------------------------------------------------------------------------------- run
     def run(self) -> dict[str, Any]:
@@ -276,10 +343,13 @@ class Trainer:
         """
         if self.device.type == "cpu":
             retain_freed_memory()
-        with deterministic_on_cpu(self.device):
-            if not self.dist.distributed:
-                return self._run()
-            return self._run_rank()
+        try:
+            with deterministic_on_cpu(self.device), PreemptionWatcher() as self._preempt:
+                if not self.dist.distributed:
+                    return self._run()
+                return self._run_rank()
+        finally:
+            self.release()
 
     def _run_rank(self) -> dict[str, Any]:
         """One rank of a job: a lost peer or a collective timeout becomes a MoecptError naming the rank(s) that
@@ -326,9 +396,10 @@ class Trainer:
         start_step, tokens_done, skips = 0, 0, 0
         sync_state = None
         # rank 0 picks the checkpoint (and cleans stale temp folders); every rank loads the same one
-        latest = broadcast_object(self.ckpts.latest() if self.dist.is_main else None)
+        verified = self._intact_latest() if self.dist.is_main else None
+        latest = broadcast_object(verified.path if verified is not None else None)
         if latest is not None:  # resume our own run
-            ck = load_checkpoint(latest)
+            ck = verified if verified is not None else load_checkpoint(latest)
             model.load_state_dict(ck.model_state(self.device), strict=True)
             opt_state = ck.optimizer_state()
             if opt_state is not None:
@@ -349,7 +420,7 @@ class Trainer:
             return self._summary(start_step, tokens_done, skips, resumed=True)
         workers = sync.setup(model, optimizer, make_optimizer, sync_state)
         for w in workers:
-            w.forward = torch.compile(w.module) if tcfg.compile else w.module
+            w.forward = compile_module(w.module, self.device) if tcfg.compile else w.module
         model = workers[0].model
         evals = self._make_evals()
         if start_step == 0:
@@ -413,6 +484,11 @@ class Trainer:
                     tokens_done += step_tokens
                 evaluate = done % tcfg.eval_every == 0 or done == end_step
                 save = done % tcfg.checkpoint_every == 0 or done == end_step or done in self.ckpts.keep_steps
+                # pre-emption is agreed on at communication boundaries only (a collective in a multi-rank job)
+                stop = 0
+                if done % r.distributed.local_steps == 0 or save or done == end_step:
+                    stop = self._preempt.poll(self.dist.distributed, self.device)
+                save = save or bool(stop)
                 # local-SGD family: a communication round every H steps, and before an evaluation or checkpoint
                 sync.after_optimizer_step(workers, done, boundary=evaluate or save)
                 if finite:
@@ -434,6 +510,9 @@ class Trainer:
                 if progress is not None:
                     progress.update(1)
                     progress.set_postfix(loss=f"{ce_mean:.3f}", lr=f"{lr:.2e}")
+                if stop and done < end_step:
+                    raise Preempted(f"pre-empted by {signal_name(stop)} after step {done}: saved "
+                                    f"{self.ckpts.path_for(done)}; run the same command again to resume", stop)
             comm = sync.summary(tokens_done)
             if comm is not None:
                 sink.write({"step": end_step, "tokens": tokens_done, "event": "comm_summary", **comm})
@@ -577,6 +656,33 @@ class Trainer:
         return {"run_dir": str(self.out_dir), "mode": self.mode, "steps": step, "tokens": tokens,
                 "skipped_steps": skips, "resumed": resumed, "latest_checkpoint": str(self._latest_checkpoint())}
 
+    def _intact_latest(self):
+        """Rank 0: the newest checkpoint whose files match their manifest hashes, as a loaded
+        :class:`~moecpt.train.checkpoint.Checkpoint` (None: start from step 0). A damaged one (truncated, bit
+        flips, missing file) is named, moved aside to ``step_N.damaged-<time>`` (never deleted) and the next older
+        one is tried; each is reported in one line on stderr."""
+        import sys
+
+        from moecpt.train.checkpoint import load_checkpoint
+
+        self.ckpts.clean_stale_temp()
+        moved = []
+        for path in reversed(self.ckpts.step_folders()):
+            try:
+                ck = load_checkpoint(path, verify=True)
+            except MoecptError as exc:
+                aside = self.ckpts.move_aside(path)
+                moved.append(path.name)
+                print(f"moecpt: {exc}; moved it aside to {aside}", file=sys.stderr)
+                continue
+            if moved:
+                print(f"moecpt: resuming from {ck.path.name} (step {ck.step}), the newest intact checkpoint",
+                      file=sys.stderr)
+            return ck
+        if moved:
+            print("moecpt: no intact checkpoint is left; the run starts again from step 0", file=sys.stderr)
+        return None
+
     def _latest_checkpoint(self) -> Path | None:
         """Rank 0 (or a single process): the newest complete checkpoint, stale temp folders removed. Other ranks
         only look: a writer's pid means nothing on another host, so they must not clean anything."""
@@ -584,6 +690,31 @@ class Trainer:
             return self.ckpts.latest()
         found = self.ckpts.all()
         return found[-1] if found else None
+
+
+#: model keys a CPT recipe may change (routing strategy and dispatch); every other one is the parent's
+CPT_MUTABLE_MOE_KEYS = frozenset({"router", "capacity_factor", "dispatch"})
+
+
+def cpt_architecture_conflicts(recipe_model: Any, parent_model: Any) -> list[str]:
+    """Model keys a CPT recipe sets to values other than the parent's (``"model.d_model = 256, the parent has
+    128"``), ignoring unset keys, ``preset``, ``vocab_size = None`` and :data:`CPT_MUTABLE_MOE_KEYS`. A key given
+    with the parent's own value is not a conflict (a CPT recipe may restate the pre-training ``[model]``)."""
+    given = recipe_model.model_dump(mode="json", exclude_unset=True)
+    have = parent_model.model_dump(mode="json")
+    out = []
+    for key, value in given.items():
+        if key == "preset" or value is None and key == "vocab_size":
+            continue
+        if key == "moe" and isinstance(value, dict) and isinstance(have.get("moe"), dict):
+            for k, v in value.items():
+                if k not in CPT_MUTABLE_MOE_KEYS and have["moe"].get(k) != v:
+                    out.append(f"model.moe.{k} = {v!r}, the parent has {have['moe'].get(k)!r}")
+        elif have.get(key) != value:
+            shown = "an MoE layer" if key == "moe" and value else repr(value)
+            theirs = "none (dense)" if key == "moe" and have.get(key) is None else repr(have.get(key))
+            out.append(f"model.{key} = {shown}, the parent has {theirs}")
+    return out
 
 
 def _scalar(t: Any) -> float:

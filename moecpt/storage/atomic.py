@@ -32,6 +32,26 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def current_umask() -> int:
+    """This process's umask (read from ``/proc`` where possible, so that no thread ever sees it changed)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(path: str | Path) -> None:
+    """Give a file the mode a plain ``open()`` would (``0o666 & ~umask``, 0644 by default): some writers
+    (safetensors) create files 0600, which a team on shared storage cannot read."""
+    os.chmod(path, 0o666 & ~current_umask())
+
+
 def fsync_file(path: str | Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
