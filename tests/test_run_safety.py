@@ -172,8 +172,7 @@ def _wait_for_steps(run: Path, n: int, proc: subprocess.Popen, timeout: float = 
 def test_preemption_signal_saves_and_the_same_command_resumes(tmp_path, sig):
     recipe = _recipe(tmp_path, train={"steps": 150, "checkpoint_every": 1000, "eval_every": 1000})
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "moecpt", "pretrain", "--recipe", str(recipe), "--out", str(run), "--no-progress",
-           ]
+    cmd = [sys.executable, "-m", "moecpt", "pretrain", "--recipe", str(recipe), "--out", str(run), "--no-progress"]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for_steps(run, 2, p)
     p.send_signal(sig)
