@@ -70,8 +70,9 @@ class PreemptionWatcher:
         dev = device if dist.get_backend() == "nccl" else "cpu"
         flag = torch.tensor([self.signum], dtype=torch.int64, device=dev)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        self.signum = int(flag.item())
-        return self.signum
+        # never written back to self.signum: a signal handled while the all-reduce ran would be overwritten by
+        # the stale value sent; it is picked up at the next poll instead, by every rank alike
+        return int(flag.item())
 
 
 def signal_name(signum: int) -> str:
