@@ -328,6 +328,20 @@ class ScheduleConfig(_Strict):
 
 
 # -------------------------------------------------------------------------------------------------------- training
+class WandbMode(StrEnum):
+    """``offline``: a local run folder under ``RUN/wandb`` (``wandb sync`` uploads it later); ``online``: streamed
+    to the W&B server (needs network and a login); ``disabled``: W&B's own no-op mode."""
+
+    OFFLINE = "offline"
+    ONLINE = "online"
+    DISABLED = "disabled"
+
+
+#: train keys that change how a run is watched, never what it computes: left out of a run's identity, so that
+#: turning them on or off resumes the same run (and runs made before they existed still resume)
+OBSERVATION_KEYS = frozenset({"threads", "log_lines_every", "wandb_project", "wandb_mode"})
+
+
 class TrainConfig(_Strict):
     steps: int = Field(100, ge=1, description="optimizer steps")
     batch_size: int = Field(16, ge=1, description="sequences per optimizer step (global, all ranks)")
@@ -344,8 +358,14 @@ class TrainConfig(_Strict):
     extra_checkpoints: list[int] = Field(default_factory=list, description="steps always checkpointed and kept")
     skip_nonfinite: bool = Field(False, description="skip a batch with NaN/Inf loss instead of stopping")
     max_skips: int = Field(10, ge=0)
-    tensorboard: bool = False
-    wandb: bool = False
+    threads: int | None = Field(None, ge=1, description="torch CPU threads of this process; None = torch's default")
+    log_lines_every: int | None = Field(
+        None, ge=1, description="steps between plain progress lines (no terminal / --progress lines); None = ~20 a run")
+    tensorboard: bool = Field(False, description="TensorBoard event files in RUN/tensorboard (moecpt[tensorboard])")
+    wandb: bool = Field(False, description="Weights & Biases logging into RUN/wandb (moecpt[wandb])")
+    wandb_project: str = Field("moecpt", min_length=1, description="W&B project name")
+    wandb_mode: WandbMode = Field(WandbMode.OFFLINE, description="offline (default; `wandb sync` later) | online | "
+                                                                   "disabled")
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
@@ -441,6 +461,13 @@ class Recipe(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     cpt: CPTConfig = Field(default_factory=CPTConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+
+
+def identity_json(recipe: "Recipe") -> dict[str, Any]:
+    """The recipe as JSON without :data:`OBSERVATION_KEYS`: what decides whether two runs are the same run."""
+    raw = recipe.model_dump(mode="json")
+    raw["train"] = {k: v for k, v in raw["train"].items() if k not in OBSERVATION_KEYS}
+    return raw
 
 
 # ------------------------------------------------------------------------------------------------- loading helpers

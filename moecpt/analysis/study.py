@@ -28,6 +28,7 @@ from moecpt.config import (
     Recipe,
     ScheduleConfig,
     ScheduleKind,
+    identity_json,
     recipe_from_dict,
 )
 from moecpt.errors import MoecptError
@@ -54,7 +55,7 @@ class Stage:
 
     @property
     def fingerprint(self) -> str:
-        ident = {"recipe": self.recipe.model_dump(mode="json"), "parent": self.parent.fingerprint if self.parent
+        ident = {"recipe": identity_json(self.recipe), "parent": self.parent.fingerprint if self.parent
                  else None, "point": self.parent_point}
         return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:10]
 

@@ -6,6 +6,7 @@ import argparse
 import json
 
 from moecpt.cli import positive_int
+from moecpt.train.callbacks import ProgressKind
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
@@ -13,7 +14,10 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="run folder (created; re-running the same command resumes)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a recipe key, validated like the file (repeatable)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--progress", choices=[k.value for k in ProgressKind], default="auto",
+                   help="auto (default): a bar on a terminal, one plain line every few steps otherwise (SLURM, "
+                        "nohup); bar; lines; none")
+    p.add_argument("--no-progress", action="store_true", help="same as --progress none")
     p.add_argument("--simulate-workers", type=positive_int, default=None, metavar="K",
                    help="run K data-parallel workers in this one process, with the updates of a K-process run "
                         "(docs/distributed.md); for several processes use torchrun --nproc-per-node K -m moecpt ...")
@@ -55,7 +59,8 @@ def _train(args: argparse.Namespace, parent) -> int:
 
     # under torchrun (WORLD_SIZE > 1) the session joins the job; otherwise it does nothing
     with session(recipe.distributed, recipe.train.device) as info:
-        summary = Trainer(recipe, args.out, parent=parent, show_progress=not args.no_progress,
+        progress = ProgressKind.NONE if args.no_progress else ProgressKind(args.progress)
+        summary = Trainer(recipe, args.out, parent=parent, show_progress=progress,
                           simulate_workers=args.simulate_workers).run()
     if info.is_main:
         print(json.dumps(summary))

@@ -4,6 +4,8 @@ Every MoE run logs, per MoE layer and as the mean over layers (GUIDE.md, "Diagno
 load-balancing loss, z-loss, MRI (Thérien et al. 2025), max/mean load, dead experts, routing entropy, dropped-token
 fraction and, with bias balancing, bias statistics. Aux losses are always reported apart from cross-entropy.
 Cross-rank reduction of each metric: counts are summed before MRI/load are computed; losses are averaged.
+
+The sinks (``metrics.jsonl``, TensorBoard, Weights & Biases) are training-loop callbacks fed the same records.
 """
 
 from __future__ import annotations
@@ -15,7 +17,10 @@ from typing import Any
 
 import torch
 
+from moecpt.config import WandbMode
+from moecpt.errors import MoecptError
 from moecpt.model.routing import RouterOutput, routing_entropy
+from moecpt.train.callbacks import CallbackBase, RunInfo
 
 
 class RoutingAccumulator:
@@ -75,7 +80,41 @@ class RoutingAccumulator:
         return out
 
 
-class JsonlSink:
+def flat_scalars(record: dict[str, Any]) -> dict[str, float]:
+    """Dashboard tags for one ``metrics.jsonl`` record, grouped so that a dashboard stays usable:
+
+    * train records: ``train/loss``, ``train/lr``, ... ; per-layer lists become ``train_layers/mri/layer_00``, ...;
+      ``tokens_per_expert_layers`` (one vector per layer) is left to ``metrics.jsonl``;
+    * validation records: ``val/<source>/loss``, ``val/<source>/mri_mean``, ...;
+    * events: ``events/<event>/<key>``; communication counters (``comm_*``): ``comm/<key>``.
+
+    NaN is passed on (both dashboards draw it as a gap); strings, booleans and ``None`` are left out.
+    """
+    if record.get("split") == "val":
+        prefix = f"val/{record.get('source')}/"
+    elif "event" in record:
+        prefix = f"events/{record['event']}/"
+    else:
+        prefix = "train/"
+    out: dict[str, float] = {}
+    for key, v in record.items():
+        if key in ("step", "split", "source", "event", "tokens_per_expert_layers"):
+            continue
+        if key.startswith("comm_"):
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                out[f"comm/{key[5:]}"] = float(v)
+            continue
+        if isinstance(v, bool) or v is None:
+            continue
+        if isinstance(v, (int, float)):
+            out[prefix + key] = float(v)
+        elif isinstance(v, list) and key.endswith("_layers") and all(isinstance(x, (int, float)) for x in v):
+            group = prefix.rstrip("/") + "_layers/" + key[: -len("_layers")]
+            out.update({f"{group}/layer_{i:02d}": float(x) for i, x in enumerate(v)})
+    return out
+
+
+class JsonlSink(CallbackBase):
     """Append-only ``metrics.jsonl``: one JSON object per line, flushed every write.
 
     On resume :meth:`truncate_after` drops entries logged after the checkpoint being resumed from, so the file
@@ -108,49 +147,82 @@ class JsonlSink:
         self._fh.write(json.dumps(record, allow_nan=True) + "\n")
         self._fh.flush()
 
+    on_record = write
+
     def close(self) -> None:
         if self._fh is not None:
             self._fh.close()
             self._fh = None
 
 
-class TensorBoardSink:
-    """Optional TensorBoard scalars (``train.tensorboard = true``); local files only."""
+class TensorBoardSink(CallbackBase):
+    """TensorBoard event files in ``RUN/tensorboard`` (``train.tensorboard = true``), the same records as
+    ``metrics.jsonl`` with :func:`flat_scalars` tags; ``x`` = optimizer step. A resumed run purges the events
+    after its checkpoint's step, as ``metrics.jsonl`` is truncated.
 
-    def __init__(self, log_dir: Path):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError as exc:  # tensorboard not installed
-            from moecpt.errors import MoecptError
+    Raises:
+        MoecptError: the ``tensorboard`` package is missing (``pip install 'moecpt[tensorboard]'``).
+    """
 
-            raise MoecptError("train.tensorboard = true needs the tensorboard package: pip install tensorboard") from exc
-        self.writer = SummaryWriter(str(log_dir))
+    def __init__(self, log_dir: Path, purge_after: int | None = None):
+        SummaryWriter = _tensorboard_writer()
+        self.writer = SummaryWriter(str(log_dir), purge_step=None if purge_after is None else purge_after + 1)
 
-    def write(self, record: dict[str, Any]) -> None:
-        prefix = f"val/{record['source']}/" if record.get("split") == "val" else "train/"
-        for k, v in record.items():
-            if isinstance(v, (int, float)) and k != "step":
-                self.writer.add_scalar(prefix + k, v, record["step"])
+    def on_run_start(self, info: RunInfo) -> None:
+        self.writer.add_text("config", "```\n" + json.dumps(info.config, indent=2) + "\n```", info.start_step)
+
+    def on_record(self, record: dict[str, Any]) -> None:
+        for tag, v in flat_scalars(record).items():
+            self.writer.add_scalar(tag, v, record["step"])
 
     def close(self) -> None:
         self.writer.close()
 
 
-class WandbSink:
-    """Optional Weights & Biases logging (``train.wandb = true``); the only sink that may use the network."""
+def _tensorboard_writer():
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise MoecptError("train.tensorboard = true needs the tensorboard package: pip install 'moecpt[tensorboard]' "
+                          "(or pip install tensorboard), or set train.tensorboard = false") from None
+    return SummaryWriter
 
-    def __init__(self, project: str, name: str, config: dict):
-        try:
-            import wandb
-        except ImportError as exc:
-            from moecpt.errors import MoecptError
 
-            raise MoecptError("train.wandb = true needs the wandb package: pip install wandb") from exc
-        self.run = wandb.init(project=project, name=name, config=config)
+class WandbSink(CallbackBase):
+    """Weights & Biases logging (``train.wandb = true``), offline unless ``train.wandb_mode = "online"``.
 
-    def write(self, record: dict[str, Any]) -> None:
-        prefix = f"val/{record['source']}/" if record.get("split") == "val" else "train/"
-        self.run.log({prefix + k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["step"])
+    The run id is derived from the run folder's identity, so a resumed run continues the same W&B run
+    (``resume="allow"``); records are the same as ``metrics.jsonl`` with :func:`flat_scalars` keys.
+
+    Raises:
+        MoecptError: the ``wandb`` package is missing (``pip install 'moecpt[wandb]'``).
+    """
+
+    def __init__(self, run_dir: Path, project: str, name: str, run_id: str, mode: WandbMode, config: dict):
+        wandb = _wandb_module()
+        (Path(run_dir) / "wandb").mkdir(parents=True, exist_ok=True)
+        self.run = wandb.init(project=project, name=name, id=run_id, resume="allow", dir=str(run_dir),
+                              mode=WandbMode(mode).value, config=config, settings=wandb.Settings(quiet=True))
+
+    def on_record(self, record: dict[str, Any]) -> None:
+        self.run.log(flat_scalars(record), step=int(record["step"]))
 
     def close(self) -> None:
         self.run.finish()
+
+
+def _wandb_module():
+    try:
+        import wandb
+    except ImportError:
+        raise MoecptError("train.wandb = true needs the wandb package: pip install 'moecpt[wandb]' "
+                          "(or pip install wandb), or set train.wandb = false") from None
+    return wandb
+
+
+def check_sink_packages(tensorboard: bool, wandb: bool) -> None:
+    """Fail before a run starts when a requested sink's package is missing (one line naming the extra)."""
+    if tensorboard:
+        _tensorboard_writer()
+    if wandb:
+        _wandb_module()

@@ -28,21 +28,23 @@ import hashlib
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from moecpt.config import Recipe, SyncKind
+from moecpt.config import Recipe, SyncKind, identity_json
 from moecpt.distributed.launch import check_same_config, rank_info, run_on_main
+from moecpt.distributed.strategy import build_worker_optimizer
 from moecpt.errors import MoecptError
 from moecpt.model.transformer import Transformer, build_model
 from moecpt.storage.lock import FolderLock
 from moecpt.train.host_memory import retain_freed_memory
 from moecpt.train.compile import check_compile_backend, compile_module
 from moecpt.train.loss import cross_entropy
-from moecpt.train.metrics import JsonlSink, RoutingAccumulator
+from moecpt.train.callbacks import CallbackList, ProgressKind, RunInfo, StepResult, progress_callbacks
+from moecpt.train.metrics import JsonlSink, RoutingAccumulator, check_sink_packages
 from moecpt.train.preemption import Preempted, PreemptionWatcher, signal_name
 
 RUN_FILE = "run.json"
@@ -101,6 +103,27 @@ class Parent:
     meta: dict
 
 
+@dataclass
+class TrainState:
+    """Everything that changes while a run trains (built by ``Trainer._start_or_resume``)."""
+
+    model: Transformer
+    optimizer: torch.optim.Optimizer
+    sync: Any  # a moecpt.distributed.strategy.SyncStrategy
+    sampler: Any  # a moecpt.data.mixture.MixtureSampler
+    end_step: int
+    step: int = 0  # optimizer steps done
+    start_step: int = 0  # where this process started (resumed runs: the checkpoint's step)
+    tokens: int = 0
+    skips: int = 0
+    sync_state: Any = None  # the strategy's own part of a resumed optimizer state
+    workers: list[Any] = field(default_factory=list)
+    evals: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    micro: int = 1
+    info: RunInfo | None = None
+    callbacks: CallbackList = field(default_factory=lambda: CallbackList([]))
+
+
 class Trainer:
     """Runs one recipe (pre-training, or CPT when ``parent`` is given) into ``out_dir``.
 
@@ -108,7 +131,10 @@ class Trainer:
         recipe: validated :class:`moecpt.config.Recipe`.
         out_dir: run folder (created; resumed when it holds this same run).
         parent: CPT parent checkpoint (folder of a checkpoint or a run folder), or None for pre-training.
-        show_progress: draw a tqdm progress bar.
+        show_progress: ``True`` = :attr:`ProgressKind.AUTO` (a bar on a terminal, plain lines elsewhere),
+            ``False`` = none, or a :class:`~moecpt.train.callbacks.ProgressKind`.
+        callbacks: more :class:`~moecpt.train.callbacks.Callback` objects (rank 0 only), called after the sinks
+            and the progress display.
         simulate_workers: run this many data-parallel workers in this one process (``--simulate-workers``).
         outer_optimizer: local-SGD family only: replaces ``distributed.outer_optimizer`` with a
             :class:`moecpt.lopt.OuterOptimizer` or a factory ``params -> torch.optim.Optimizer``.
@@ -119,14 +145,18 @@ class Trainer:
     """
 
     def __init__(self, recipe: Recipe, out_dir: str | Path, parent: str | Path | None = None,
-                 show_progress: bool = True, simulate_workers: int | None = None, outer_optimizer: Any = None):
+                 show_progress: bool | ProgressKind = True, simulate_workers: int | None = None,
+                 outer_optimizer: Any = None, callbacks: list[Any] | None = None):
         from moecpt.data.prepared import PreparedData
         from moecpt.train.checkpoint import CheckpointManager, load_checkpoint
 
         self.recipe = recipe
         self.out_dir = Path(out_dir)
         self.dist = rank_info()  # rank / world size of a torchrun job (world size 1 otherwise)
-        self.show_progress = show_progress and self.dist.is_main
+        if isinstance(show_progress, bool):
+            show_progress = ProgressKind.AUTO if show_progress else ProgressKind.NONE
+        self.progress = ProgressKind(show_progress)
+        self.extra_callbacks = list(callbacks or [])
         self.simulate_workers = simulate_workers
         self.outer_optimizer = outer_optimizer
         self.device = resolve_device(recipe.train.device)
@@ -142,7 +172,7 @@ class Trainer:
         self.mode = "cpt" if self.parent else "pretrain"
         self.identity = {
             "mode": self.mode,
-            "recipe": recipe.model_dump(mode="json"),
+            "recipe": identity_json(recipe),
             # the parent by content (step + weights hash), not by path: a study or run tree that is moved or
             # copied as a whole still resumes; another parent is still refused. run.json's lineage keeps the path.
             "parent": self._parent_identity(),
@@ -273,7 +303,8 @@ class Trainer:
         tcfg = self.recipe.train
         if tcfg.compile:
             check_compile_backend(self.device)
-        params = int(model_stats(self.model_cfg, self.recipe.data.seq_len)["total_params"])
+        check_sink_packages(tcfg.tensorboard, tcfg.wandb)
+        params = self._params = int(model_stats(self.model_cfg, self.recipe.data.seq_len)["total_params"])
         workers = self.simulate_workers or 1
         micro = min(tcfg.micro_batch_size or tcfg.batch_size, tcfg.batch_size)
         resident = params // self.dist.world_size if self.recipe.distributed.sync == SyncKind.FSDP else params
@@ -343,12 +374,16 @@ class Trainer:
         """
         if self.device.type == "cpu":
             retain_freed_memory()
+        threads = torch.get_num_threads()
+        if self.recipe.train.threads:
+            torch.set_num_threads(self.recipe.train.threads)
         try:
             with deterministic_on_cpu(self.device), PreemptionWatcher() as self._preempt:
                 if not self.dist.distributed:
                     return self._run()
                 return self._run_rank()
         finally:
+            torch.set_num_threads(threads)
             self.release()
 
     def _run_rank(self) -> dict[str, Any]:
@@ -374,27 +409,50 @@ class Trainer:
                 "from it") from None
 
     def _run(self) -> dict[str, Any]:
+        """Start or resume, then the loop: a step, its bookkeeping (eval, checkpoint, pre-emption), repeat."""
+        state = self._start_or_resume()
+        if state.step >= state.end_step:
+            return self._summary(state.step, state.tokens, state.skips, resumed=True)
+        self._prepare_workers(state)
+        cb = state.callbacks
+        try:
+            cb.on_run_start(state.info)
+            if state.step == 0:
+                self._evaluate(state, 0)
+            while state.step < state.end_step:
+                result = self._train_step(state)
+                stop = self._after_step(state, result)
+                if stop and state.step < state.end_step:
+                    raise Preempted(f"pre-empted by {signal_name(stop)} after step {state.step}: saved "
+                                    f"{self.ckpts.path_for(state.step)}; run the same command again to resume", stop)
+            comm = state.sync.summary(state.tokens)
+            if comm is not None:
+                self._emit(state, {"step": state.end_step, "tokens": state.tokens, "event": "comm_summary", **comm})
+            summary = self._summary(state.end_step, state.tokens, state.skips, resumed=state.start_step > 0)
+            if comm is not None:
+                summary["comm"] = comm
+            cb.on_run_end(summary)
+            return summary
+        finally:
+            cb.close()
+
+    # -------------------------------------------------------------------------------------------- the loop parts
+    def _start_or_resume(self) -> "TrainState":
+        """Model, optimizer, sync strategy, sampler and callbacks; the newest intact checkpoint of this run loaded
+        (weights, moments, sampler, RNG, counters), or for a new CPT run the parent's weights."""
         from moecpt.distributed.launch import broadcast_object
-        from moecpt.distributed.strategy import SYNC_KEY, build_sync, build_worker_optimizer
+        from moecpt.distributed.strategy import SYNC_KEY, build_sync
         from moecpt.train.checkpoint import load_checkpoint, restore_rng_state
-        from moecpt.train.schedules import lr_at, run_end_step
+        from moecpt.train.schedules import run_end_step
 
         r, tcfg = self.recipe, self.recipe.train
         torch.manual_seed(tcfg.seed)
         model = build_model(self.model_cfg, device=self.device)
-
-        def make_optimizer(m: torch.nn.Module) -> torch.optim.Optimizer:
-            return build_worker_optimizer(m, r, self.device)
-
-        optimizer = make_optimizer(model)
+        optimizer = build_worker_optimizer(model, r, self.device)
         sync = build_sync(r, self.dist, self.device, self.simulate_workers, self.outer_optimizer)
-        end_step = run_end_step(r.schedule, tcfg.steps)
-        sampler = self._make_sampler()
-        sink = JsonlSink(self.out_dir / "metrics.jsonl") if self.dist.is_main else _NullSink()
-        if sync.reports:  # every entry carries the cumulative communication counters (comm_bytes, ...)
-            sink = _WithCommFields(sink, sync)
-        start_step, tokens_done, skips = 0, 0, 0
-        sync_state = None
+        state = TrainState(model=model, optimizer=optimizer, sync=sync, sampler=self._make_sampler(),
+                           end_step=run_end_step(r.schedule, tcfg.steps))
+        jsonl = JsonlSink(self.out_dir / "metrics.jsonl") if self.dist.is_main else None
         # rank 0 picks the checkpoint (and cleans stale temp folders); every rank loads the same one
         verified = self._intact_latest() if self.dist.is_main else None
         latest = broadcast_object(verified.path if verified is not None else None)
@@ -403,127 +461,151 @@ class Trainer:
             model.load_state_dict(ck.model_state(self.device), strict=True)
             opt_state = ck.optimizer_state()
             if opt_state is not None:
-                sync_state = opt_state.get(SYNC_KEY)  # the strategy's own part (outer state, other workers')
+                state.sync_state = opt_state.get(SYNC_KEY)  # the strategy's own part (outer state, other workers')
                 optimizer.load_state_dict(opt_state)
-            sampler.load_state_dict(ck.meta["sampler"])
-            start_step, tokens_done, skips = ck.step, ck.meta["tokens"], ck.meta.get("skipped_steps", 0)
+            state.sampler.load_state_dict(ck.meta["sampler"])
+            state.step, state.tokens, state.skips = ck.step, ck.meta["tokens"], ck.meta.get("skipped_steps", 0)
             rng = ck.rng_state()
             if rng is not None:
                 restore_rng_state(sync.select_rng(rng))
             sync.load_meta(ck.meta)
-            sink.truncate_after(start_step)
-        else:
-            sink.truncate_after(-1)  # killed before its first checkpoint: the run starts over, so does its log
-            if self.parent is not None:  # CPT: weights (and optionally moments) from the parent, nothing else
-                self._load_parent(model, optimizer)
-        if start_step >= end_step:
-            return self._summary(start_step, tokens_done, skips, resumed=True)
-        workers = sync.setup(model, optimizer, make_optimizer, sync_state)
-        for w in workers:
+        elif self.parent is not None:  # CPT: weights (and optionally moments) from the parent, nothing else
+            self._load_parent(model, optimizer)
+        state.start_step = state.step
+        if jsonl is not None:
+            # killed before its first checkpoint (step 0): the run starts over, so does its log
+            jsonl.truncate_after(state.step if latest is not None else -1)
+        state.info = RunInfo(mode=self.mode, name=r.name, out_dir=self.out_dir, start_step=state.start_step,
+                             end_step=state.end_step, tokens_per_step=tcfg.batch_size * r.data.seq_len,
+                             config=r.model_dump(mode="json"))
+        state.callbacks = CallbackList(self._callbacks(jsonl, state) if self.dist.is_main else [])
+        return state
+
+    def _callbacks(self, jsonl: JsonlSink, state: "TrainState") -> list[Any]:
+        """Rank 0's callbacks: the metric sinks the recipe asks for, then the progress display, then the caller's."""
+        from moecpt.train.metrics import TensorBoardSink, WandbSink
+
+        tcfg = self.recipe.train
+        cbs: list[Any] = [jsonl]
+        if tcfg.tensorboard:
+            cbs.append(TensorBoardSink(self.out_dir / "tensorboard", purge_after=state.step if state.step else None))
+        if tcfg.wandb:
+            cbs.append(WandbSink(self.out_dir, tcfg.wandb_project, self.recipe.name,
+                                 run_id=_fingerprint(self.identity), mode=tcfg.wandb_mode,
+                                 config=self.recipe.model_dump(mode="json")))
+        cbs += progress_callbacks(self.progress, self._params, tcfg.log_lines_every)
+        return cbs + list(self.extra_callbacks)
+
+    def _prepare_workers(self, state: "TrainState") -> None:
+        tcfg = self.recipe.train
+        sync = state.sync
+        state.workers = sync.setup(state.model, state.optimizer,
+                                   lambda m: build_worker_optimizer(m, self.recipe, self.device), state.sync_state)
+        for w in state.workers:
             w.forward = compile_module(w.module, self.device) if tcfg.compile else w.module
-        model = workers[0].model
-        evals = self._make_evals()
-        if start_step == 0:
-            self._evaluate(model, evals, 0, tokens_done, sink)
+        state.model = state.workers[0].model
+        state.evals = self._make_evals()
         rows = sync.local_batch_rows(tcfg.batch_size)  # rows of the global batch each worker trains on
-        micro = min(tcfg.micro_batch_size or rows, rows)
-        if rows % micro:
-            raise MoecptError(f"train.micro_batch_size={micro} does not divide the {rows} sequences each of the "
-                              f"{sync.num_workers} workers trains on per step; choose a divisor of {rows}")
-        progress = self._progress(start_step, end_step)
-        step = start_step
-        try:
-            for step in range(start_step, end_step):
-                t0 = time.perf_counter()
-                sync.begin_step()
-                lr = lr_at(step, r.schedule, r.optim, tcfg.steps)
-                for w in workers:
-                    for group in w.optimizer.param_groups:
-                        group["lr"] = lr
-                batch = sampler.next_batch().to(self.device, non_blocking=True)
-                local = [self._forward_backward(w, part, micro, sync)
-                         for w, part in zip(workers, sync.split_batch(batch))]
-                sync.after_backward(workers)
-                done = step + 1  # steps are numbered 1.. in metrics.jsonl, checkpoints and messages
-                log = done % tcfg.log_every == 0 or done == end_step
-                ce_mean, aux_mean, loads, acc = sync.reduce_step(workers, local, log)
-                grad_norms = []
-                for w, (c, a, _) in zip(workers, local):
-                    # every-step modes decide on the reduced loss (all ranks agree); local-SGD workers on their own
-                    gn = self._grad_norm(w.model) if math.isfinite(
-                        ce_mean + aux_mean if sync.every_step else c + a) else None
-                    grad_norms.append(gn)
-                grad_norm = grad_norms[0]
-                # an overflowing gradient can come with a finite loss: it would write NaN into the weights
-                # (and the next checkpoint), so it counts as non-finite too
-                finite = all(gn is not None and math.isfinite(gn) for gn in grad_norms)
-                step_tokens = tcfg.batch_size * r.data.seq_len  # input tokens of this step, all workers
-                if not finite:
-                    for w in workers:
-                        w.optimizer.zero_grad(set_to_none=True)
-                        for router in w.model.routers():
-                            router.step_load.zero_() if hasattr(router, "step_load") else None
-                    if not (tcfg.skip_nonfinite and skips < tcfg.max_skips):
-                        last = self._latest_checkpoint()
-                        raise MoecptError(
-                            f"non-finite loss or gradient (loss {ce_mean}, grad norm {grad_norm}) at step {done}; "
-                            f"the last good checkpoint is {last if last else 'none (no checkpoint yet)'}; lower "
-                            "optim.lr or set train.skip_nonfinite = true to skip such batches")
-                    # skipped: no update, but the batch is consumed and the step's bookkeeping (eval, checkpoint)
-                    # still happens, so the run ends with its final checkpoint as usual
-                    skips += 1
-                    tokens_done += step_tokens
-                    sink.write({"step": done, "tokens": tokens_done, "event": "skipped_nonfinite",
-                                "loss": ce_mean, "aux_loss": aux_mean, "grad_norm": grad_norm,
-                                "skipped_steps": skips})
-                else:
-                    for w in workers:
-                        w.optimizer.step()
-                        w.optimizer.zero_grad(set_to_none=True)
-                    bias_stats = [self._update_biases(w.model, loads) for w in workers][0]
-                    tokens_done += step_tokens
-                evaluate = done % tcfg.eval_every == 0 or done == end_step
-                save = done % tcfg.checkpoint_every == 0 or done == end_step or done in self.ckpts.keep_steps
-                # pre-emption is agreed on at communication boundaries only (a collective in a multi-rank job)
-                stop = 0
-                if done % r.distributed.local_steps == 0 or save or done == end_step:
-                    stop = self._preempt.poll(self.dist.distributed, self.device)
-                save = save or bool(stop)
-                # local-SGD family: a communication round every H steps, and before an evaluation or checkpoint
-                sync.after_optimizer_step(workers, done, boundary=evaluate or save)
-                if finite:
-                    dt = time.perf_counter() - t0
-                    if log:
-                        rec = {"step": done, "tokens": tokens_done, "lr": lr, "loss": ce_mean, "aux_loss": aux_mean,
-                               "grad_norm": grad_norm, "tokens_per_s": step_tokens / dt if dt > 0 else None,
-                               "step_time_s": dt, **acc.summary(), **bias_stats}
-                        rec.setdefault("mri_mean", None)
-                        sink.write(rec)
-                if evaluate:
-                    self._evaluate(model, evals, done, tokens_done, sink)
-                if save:
-                    model_state, opt_state, rng_state = sync.checkpoint_state(workers)  # a collective
-                    if self.dist.is_main:
-                        self.ckpts.save(done, model_state=model_state, optimizer_state=opt_state,
-                                        rng_state=rng_state, meta={**self._meta(done, tokens_done, skips, sampler),
-                                                                   **sync.meta()})
-                if progress is not None:
-                    progress.update(1)
-                    progress.set_postfix(loss=f"{ce_mean:.3f}", lr=f"{lr:.2e}")
-                if stop and done < end_step:
-                    raise Preempted(f"pre-empted by {signal_name(stop)} after step {done}: saved "
-                                    f"{self.ckpts.path_for(done)}; run the same command again to resume", stop)
-            comm = sync.summary(tokens_done)
-            if comm is not None:
-                sink.write({"step": end_step, "tokens": tokens_done, "event": "comm_summary", **comm})
-        finally:
-            if progress is not None:
-                progress.close()
-            sink.close()
-        summary = self._summary(end_step, tokens_done, skips, resumed=start_step > 0)
-        if comm is not None:
-            summary["comm"] = comm
-        return summary
+        state.micro = min(tcfg.micro_batch_size or rows, rows)
+        if rows % state.micro:
+            raise MoecptError(f"train.micro_batch_size={state.micro} does not divide the {rows} sequences each of "
+                              f"the {sync.num_workers} workers trains on per step; choose a divisor of {rows}")
+
+    def _train_step(self, state: "TrainState") -> StepResult:
+        """One optimizer step of every worker (or a skipped non-finite one); advances ``state.step``."""
+        from moecpt.train.schedules import lr_at
+
+        r, tcfg, sync, workers = self.recipe, self.recipe.train, state.sync, state.workers
+        t0 = time.perf_counter()
+        sync.begin_step()
+        lr = lr_at(state.step, r.schedule, r.optim, tcfg.steps)
+        for w in workers:
+            for group in w.optimizer.param_groups:
+                group["lr"] = lr
+        batch = state.sampler.next_batch().to(self.device, non_blocking=True)
+        local = [self._forward_backward(w, part, state.micro, sync) for w, part in zip(workers, sync.split_batch(batch))]
+        sync.after_backward(workers)
+        done = state.step + 1  # steps are numbered 1.. in metrics.jsonl, checkpoints and messages
+        log = done % tcfg.log_every == 0 or done == state.end_step
+        ce_mean, aux_mean, loads, acc = sync.reduce_step(workers, local, log)
+        # every-step modes decide on the reduced loss (all ranks agree); local-SGD workers on their own
+        grad_norms = [self._grad_norm(w.model) if math.isfinite(ce_mean + aux_mean if sync.every_step else c + a)
+                      else None for w, (c, a, _) in zip(workers, local)]
+        grad_norm = grad_norms[0]
+        # an overflowing gradient can come with a finite loss: it would write NaN into the weights (and the next
+        # checkpoint), so it counts as non-finite too
+        finite = all(gn is not None and math.isfinite(gn) for gn in grad_norms)
+        step_tokens = tcfg.batch_size * r.data.seq_len  # input tokens of this step, all workers
+        state.step, state.tokens = done, state.tokens + step_tokens
+        if not finite:
+            self._skip_nonfinite(state, ce_mean, aux_mean, grad_norm)
+            return StepResult(step=done, end_step=state.end_step, tokens=state.tokens, loss=ce_mean, lr=lr,
+                              step_time_s=time.perf_counter() - t0, skipped=True)
+        for w in workers:
+            w.optimizer.step()
+            w.optimizer.zero_grad(set_to_none=True)
+        bias_stats = [self._update_biases(w.model, loads) for w in workers][0]
+        dt = time.perf_counter() - t0
+        record = None
+        if log:
+            record = {"step": done, "tokens": state.tokens, "lr": lr, "loss": ce_mean, "aux_loss": aux_mean,
+                      "grad_norm": grad_norm, "tokens_per_s": step_tokens / dt if dt > 0 else None,
+                      "step_time_s": dt, **acc.summary(), **bias_stats}
+            record.setdefault("mri_mean", None)
+        return StepResult(step=done, end_step=state.end_step, tokens=state.tokens, loss=ce_mean, lr=lr,
+                          step_time_s=dt, record=record)
+
+    def _skip_nonfinite(self, state: "TrainState", ce: float, aux: float, grad_norm: float | None) -> None:
+        """A non-finite step: no update (the batch is consumed and the step's bookkeeping still happens, so the
+        run ends with its final checkpoint as usual), or a one-line stop naming the last good checkpoint."""
+        tcfg = self.recipe.train
+        for w in state.workers:
+            w.optimizer.zero_grad(set_to_none=True)
+            for router in w.model.routers():
+                router.step_load.zero_() if hasattr(router, "step_load") else None
+        if not (tcfg.skip_nonfinite and state.skips < tcfg.max_skips):
+            last = self._latest_checkpoint()
+            raise MoecptError(
+                f"non-finite loss or gradient (loss {ce}, grad norm {grad_norm}) at step {state.step}; the last good "
+                f"checkpoint is {last if last else 'none (no checkpoint yet)'}; lower optim.lr or set "
+                "train.skip_nonfinite = true to skip such batches")
+        state.skips += 1
+        self._emit(state, {"step": state.step, "tokens": state.tokens, "event": "skipped_nonfinite", "loss": ce,
+                           "aux_loss": aux, "grad_norm": grad_norm, "skipped_steps": state.skips})
+
+    def _after_step(self, state: "TrainState", result: StepResult) -> int:
+        """The step's bookkeeping, each on its own cadence: the communication round, its record, evaluation,
+        checkpoint; returns the pre-emption signal to stop on (0 = go on)."""
+        tcfg, done = self.recipe.train, state.step
+        evaluate = done % tcfg.eval_every == 0 or done == state.end_step
+        save = done % tcfg.checkpoint_every == 0 or done == state.end_step or done in self.ckpts.keep_steps
+        # pre-emption is agreed on at communication boundaries only (a collective in a multi-rank job)
+        stop = 0
+        if done % self.recipe.distributed.local_steps == 0 or save:
+            stop = self._preempt.poll(self.dist.distributed, self.device)
+        save = save or bool(stop)
+        # local-SGD family: a communication round every H steps, and before an evaluation or checkpoint
+        state.sync.after_optimizer_step(state.workers, done, boundary=evaluate or save)
+        if result.record is not None:
+            self._emit(state, result.record)
+        state.callbacks.on_step_end(result)
+        if evaluate:
+            self._evaluate(state, done)
+        if save:
+            model_state, opt_state, rng_state = state.sync.checkpoint_state(state.workers)  # a collective
+            if self.dist.is_main:
+                path = self.ckpts.save(done, model_state=model_state, optimizer_state=opt_state, rng_state=rng_state,
+                                       meta={**self._meta(done, state.tokens, state.skips, state.sampler),
+                                             **state.sync.meta()})
+                state.callbacks.on_checkpoint(done, path)
+        return stop
+
+    def _emit(self, state: "TrainState", record: dict[str, Any]) -> None:
+        """Hand a metrics record to the sinks (rank 0), with the cumulative communication counters when the sync
+        strategy reports them."""
+        if state.sync.reports:
+            record = {**record, **state.sync.record_fields()}
+        state.callbacks.on_record(record)
 
     def _forward_backward(self, w, batch: torch.Tensor, micro: int, sync) -> tuple[float, float, RoutingAccumulator]:
         """Forward and backward of one worker's rows, in micro-batches; returns (mean CE, mean aux, routing)."""
@@ -606,13 +688,13 @@ class Trainer:
             f"{k}_mean": sum(v) / len(v) for k, v in stats.items()}
 
     @torch.no_grad()
-    def _evaluate(self, model: Transformer, evals: dict[str, list[torch.Tensor]], step: int, tokens: int,
-                  sink: JsonlSink) -> dict[str, float]:
+    def _evaluate(self, state: "TrainState", step: int) -> dict[str, float]:
         """Held-out cross-entropy per source (never the aux losses) and routing diagnostics on it."""
+        model = state.model
         was_training = model.training
         model.eval()
         losses = {}
-        for source, batches in evals.items():
+        for source, batches in state.evals.items():
             acc = RoutingAccumulator()
             total, n = 0.0, 0
             for b in batches:
@@ -624,9 +706,11 @@ class Trainer:
                 acc.add(routing)
             losses[source] = total / n
             summ = acc.summary()
-            sink.write({"step": step, "tokens": tokens, "split": "val", "source": source, "loss": losses[source],
-                        **{k: v for k, v in summ.items() if k.startswith(("mri", "load_max", "dead", "tokens_per"))}})
+            self._emit(state, {"step": step, "tokens": state.tokens, "split": "val", "source": source,
+                               "loss": losses[source], **{k: v for k, v in summ.items()
+                                                          if k.startswith(("mri", "load_max", "dead", "tokens_per"))}})
         model.train(was_training)
+        state.callbacks.on_eval(step, losses)
         return losses
 
     def _meta(self, step: int, tokens: int, skips: int, sampler) -> dict[str, Any]:
@@ -644,13 +728,6 @@ class Trainer:
             "lineage": {"parent_checkpoint": str(self.parent.path), "parent_step": self.parent.step}
             if self.parent else None,
         }
-
-    def _progress(self, start: int, end: int):
-        if not self.show_progress:
-            return None
-        from tqdm import tqdm
-
-        return tqdm(total=end, initial=start, desc=f"{self.mode} {self.recipe.name}", unit="step", leave=False)
 
     def _summary(self, step: int, tokens: int, skips: int, resumed: bool) -> dict[str, Any]:
         return {"run_dir": str(self.out_dir), "mode": self.mode, "steps": step, "tokens": tokens,
@@ -719,35 +796,6 @@ def cpt_architecture_conflicts(recipe_model: Any, parent_model: Any) -> list[str
 
 def _scalar(t: Any) -> float:
     return float(t.full_tensor() if hasattr(t, "full_tensor") else t)
-
-
-class _WithCommFields:
-    """A sink that adds the sync strategy's cumulative communication fields to every record."""
-
-    def __init__(self, sink: Any, sync: Any):
-        self.sink, self.sync = sink, sync
-
-    def truncate_after(self, step: int) -> None:
-        self.sink.truncate_after(step)
-
-    def write(self, record: dict[str, Any]) -> None:
-        self.sink.write({**record, **self.sync.record_fields()})
-
-    def close(self) -> None:
-        self.sink.close()
-
-
-class _NullSink:
-    """What ranks other than 0 write metrics to."""
-
-    def truncate_after(self, step: int) -> None:
-        pass
-
-    def write(self, record: dict[str, Any]) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 def _first_difference(a: Any, b: Any, path: str = "") -> str:
