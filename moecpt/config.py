@@ -346,7 +346,7 @@ class TrainConfig(_Strict):
     steps: int = Field(100, ge=1, description="optimizer steps")
     batch_size: int = Field(16, ge=1, description="sequences per optimizer step (global, all ranks)")
     micro_batch_size: int | None = Field(None, ge=1, description="sequences per forward; None = batch_size")
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**63, description="model init and data order seed")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps")
     dtype: str = Field("auto", description="auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16")
     compile: bool = False

@@ -415,3 +415,89 @@ def test_outputs_are_written_with_the_users_umask(hf_model, tmp_path, capsys):
     assert any(p.name == "model.safetensors" for p in files) and any(p.suffix == ".npy" for p in files)
     modes = {str(p.relative_to(tmp_path)): oct(stat.S_IMODE(p.stat().st_mode)) for p in files}
     assert set(modes.values()) == {"0o644"}, modes
+
+
+# ------------------------------------------------------------------------------- data prepare: rebuilds, damage
+def test_prepare_rebuild_never_deletes_a_users_file_inside_a_source_folder(tmp_path, capsys):
+    corpus = tmp_path / "c"
+    corpus.mkdir()
+    write_jsonl(corpus / "a.jsonl", "text")
+    out = tmp_path / "d"
+    assert run(capsys, *prepare_args(out, f"en={corpus}"))[0] == 0
+    (out / "en" / "notes.txt").write_text("notes\n")
+    before = snapshot(out, corpus)
+    rc, err = run(capsys, *prepare_args(out, f"en={corpus}"), "--seed", "1")  # a rebuild of en
+    refused(rc, err, str(out / "en" / "notes.txt"), "move it out")
+    assert snapshot(out, corpus) == before
+    (out / "en" / "notes.txt").unlink()  # moved out: the same command rebuilds it
+    rc, err = run(capsys, *prepare_args(out, f"en={corpus}"), "--seed", "1")
+    assert rc == 0, err
+    assert json.loads((out / "manifest.json").read_text())["seed"] == 1
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--seed", "-1"], ["--seed -1", ">= 0"]),
+    (["--tokenizer", "train:99999999999"], ["99999999999", "too large"]),
+    (["--tokenizer", "train:12"], ["12", "too small"]),
+    (["--source", "manifest.json=SRC"], ["'manifest.json'"]),
+])
+def test_bad_prepare_options_are_refused_before_the_folder_is_made(tmp_path, capsys, extra, words):
+    corpus = write_corpus(tmp_path / "corpus")
+    extra = [e.replace("SRC", str(corpus)) for e in extra]
+    before = snapshot(corpus)
+    rc, err = run(capsys, *prepare_args(tmp_path / "d", f"en={corpus}"), *extra)
+    refused(rc, err, *words)
+    assert not (tmp_path / "d").exists()  # argparse's last --tokenizer wins; nothing claimed
+    assert snapshot(corpus) == before
+
+
+@pytest.fixture()
+def prepared(tmp_path, capsys):
+    corpus = write_corpus(tmp_path / "corpus", n=80)
+    data = tmp_path / "D"
+    assert run(capsys, *prepare_args(data, f"english={corpus}"))[0] == 0
+    return data
+
+
+def pretrain_args(data: Path, out: Path) -> list:
+    return ["pretrain", "--recipe", REPO / "recipes" / "smoke.toml", "--out", out, "--no-progress",
+            "--set", f'data.path="{data}"', "--set", "data.seq_len=16", "--set", "train.steps=2",
+            "--set", "train.batch_size=2", "--set", "data.allow_repeat=true", "--set", "train.eval_every=1000"]
+
+
+def test_damaged_manifest_is_one_line(prepared, capsys):
+    mf = prepared / "manifest.json"
+    mf.write_text('{"format":"moecpt-prepared","sources":5}')
+    before = snapshot(prepared)
+    rc, err = run(capsys, "data", "inspect", prepared)
+    refused(rc, err, str(mf), "is damaged", "prepare the data again")
+    assert snapshot(prepared) == before
+
+
+@pytest.mark.parametrize("how", ["truncate", "shorter", "out of range", "vocab edited"])
+def test_damaged_shards_are_one_line_not_a_crash(prepared, tmp_path, capsys, how):
+    import numpy as np
+
+    train = prepared / "english" / "train.npy"
+    if how == "truncate":
+        os.truncate(train, 1000)
+        words = [str(train), "is damaged"]
+    elif how == "shorter":  # a valid .npy of another length than the manifest says
+        np.save(train, np.load(train)[:-5])
+        words = [str(train), "manifest.json says"]
+    elif how == "out of range":  # bit-flipped ids
+        a = np.load(train, mmap_mode="r+")
+        a[:] = 65535
+        a.flush()
+        del a
+        words = ["'english'", "train", "65535", "damaged", "prepare the data again"]
+    else:
+        mf = prepared / "manifest.json"
+        m = json.loads(mf.read_text())
+        m["vocab_size"] = 100
+        mf.write_text(json.dumps(m))
+        words = ["shard of source 'english'", "vocabulary has 100", "damaged", "prepare the data again"]
+    before = snapshot(prepared)
+    rc, err = run(capsys, *pretrain_args(prepared, tmp_path / "X"))
+    refused(rc, err, *words)
+    assert snapshot(prepared) == before

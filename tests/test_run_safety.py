@@ -313,3 +313,43 @@ def test_preempted_study_saves_its_running_stages(tmp_path):
     runs = [c.parent for c in (out / "runs").glob("**/checkpoints")]
     assert runs and all(load_checkpoint(r).step >= 1 for r in runs)
     assert all(str(r.relative_to(out / "runs").parent) in err for r in runs)
+
+
+def test_study_never_replaces_a_users_report(tmp_path):
+    """A report.md that moecpt did not write (or that was edited since) is refused, not overwritten; moecpt's own
+    unedited report is replaced as usual."""
+    from moecpt.analysis.cli import register  # noqa: F401  (the CLI is what a user runs)
+
+    out = tmp_path / "study"
+    recipe = ROOT / "recipes" / "study" / "smoke.toml"
+    res = moecpt_run("study", recipe, "--out", out, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    again = moecpt_run("study", recipe, "--out", out, timeout=900)  # moecpt's own report: replaced fine
+    assert again.returncode == 0, again.stderr[-3000:]
+    (out / "report.md").write_text("my own notes\n")
+    res = moecpt_run("study", recipe, "--out", out, timeout=900)
+    msg = assert_user_error(res, "report.md exists and is not the file moecpt wrote")
+    assert "move it away" in msg
+    assert (out / "report.md").read_text() == "my own notes\n"
+
+
+def test_preempted_meta_training_saves_and_resumes(tmp_path):
+    out = tmp_path / "mt"
+    cmd = [sys.executable, "-m", "moecpt", "lopt", "meta-train", "--task", "digits-mlp32", "--out", str(out),
+           "--iterations", "100000", "--pairs", "2", "--truncation", "2", "--min-length", "4", "--max-length", "8",
+           "--no-progress"]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    t0 = time.time()
+    while not (out / "meta_state.pt").exists() and not list(out.glob("*.tmp-*")):
+        assert p.poll() is None and time.time() - t0 < 120, p.communicate()[1][-2000:]
+        time.sleep(0.05)
+    time.sleep(0.5)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 128 + signal.SIGTERM and "Traceback" not in err, err[-2000:]
+    line = [x for x in err.splitlines() if x.strip()][-1]
+    assert line.startswith("moecpt: error: pre-empted by SIGTERM after meta-iteration ")
+    done = int(line.split("meta-iteration ")[1].split(":")[0])
+    res = subprocess.run(cmd + ["--max-minutes", "0.02"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert json.loads(res.stdout.splitlines()[-1])["iterations_done"] > done

@@ -159,6 +159,11 @@ def evaluate_checkpoint(checkpoint: str | Path, data_path: str, sources: list[st
     ck = load_checkpoint(checkpoint)
     data = PreparedData.open(data_path)
     model = load_model(ck.path, device=device)
+    ck_tok = ck.meta.get("tokenizer_sha256")
+    if ck_tok is not None and ck_tok != data.tokenizer_sha256:  # its losses would mean nothing
+        raise MoecptError(f"{data.path} was prepared with another tokenizer (sha256 {data.tokenizer_sha256[:12]}) "
+                          f"than {ck.path} was trained with ({ck_tok[:12]}); evaluate on data prepared with the run's "
+                          "tokenizer (data prepare --tokenizer RUN/tokenizer.json)")
     if data.vocab_size > model.cfg.vocab_size:
         raise MoecptError(f"the data's tokenizer ({data.vocab_size} tokens) does not match the model "
                           f"({model.cfg.vocab_size}); evaluate on data prepared with the run's tokenizer")

@@ -41,6 +41,7 @@ from typing import Any
 
 from moecpt.analysis import findings as fnd
 from moecpt.storage.atomic import write_bytes_atomic, write_json_atomic
+from moecpt.storage.outputs import FileLedger
 
 __all__ = ["write_report", "build_tables", "build_blocks", "render_markdown", "render_html", "fmt", "PLOTS"]
 
@@ -363,6 +364,13 @@ def _json_clean(x: Any) -> Any:
     return x
 
 
+def report_files(out_dir: str | Path) -> list[Path]:
+    """Every file :func:`write_report` may write or replace in ``out_dir``."""
+    out_dir = Path(out_dir)
+    return [out_dir / "study.json", out_dir / "report.md", out_dir / "report.html",
+            *(out_dir / "plots" / f"{stem}.png" for stem, _, _ in PLOTS)]
+
+
 def write_report(results: dict, out_dir: str | Path) -> dict:
     """Write the study report into ``out_dir``: ``study.json``, ``plots/*.png``, ``report.md``, ``report.html``.
 
@@ -377,6 +385,10 @@ def write_report(results: dict, out_dir: str | Path) -> dict:
 
     out_dir = Path(out_dir)
     plot_dir = out_dir / "plots"
+    study_path, md_path, html_path = out_dir / "study.json", out_dir / "report.md", out_dir / "report.html"
+    ledger = FileLedger(out_dir)
+    # every file of the report is checked before any is written: a user's report.md is refused, not replaced
+    ledger.check_replaceable(*report_files(out_dir))
     plot_dir.mkdir(parents=True, exist_ok=True)
 
     results["findings"] = fnd.evaluate_findings(results)
@@ -396,17 +408,19 @@ def write_report(results: dict, out_dir: str | Path) -> dict:
             import matplotlib.pyplot as plt
             plt.close("all")
         if plot_paths[stem] is None:
-            target.unlink(missing_ok=True)  # a stale figure of an earlier run must not be shown
+            ledger.remove(target)  # a stale figure of an earlier run must not be shown
+        else:
+            ledger.record(target)
     results["plots"] = {s: (f"plots/{p.name}" if p else None) for s, p in plot_paths.items()}
 
     study = _json_clean(results)
-    study_path = out_dir / "study.json"
     write_json_atomic(study_path, study)
+    ledger.record(study_path)
 
     blocks = build_blocks(study, study["plots"], out_dir)
-    md_path, html_path = out_dir / "report.md", out_dir / "report.html"
     write_bytes_atomic(md_path, render_markdown(blocks).encode("utf-8"))
     title = f"moecpt study: {study.get('name', 'unnamed')}"
     write_bytes_atomic(html_path, render_html(blocks, title).encode("utf-8"))
+    ledger.record(md_path, html_path)
     return {"study_json": study_path, "report_md": md_path, "report_html": html_path, "plots": plot_paths,
             "findings": results["findings"]}

@@ -31,6 +31,7 @@ from moecpt.config import (
     identity_json,
     recipe_from_dict,
 )
+from moecpt.analysis.report import report_files
 from moecpt.errors import MoecptError
 from moecpt.train.preemption import Preempted, PreemptionWatcher, signal_name
 
@@ -227,14 +228,19 @@ def _claim_study_dir(root: Path, study: StudyRecipe, recipe_path: str | Path | N
         MoecptError: ``root`` holds another study, is a non-empty folder moecpt did not make (or another
             command's), is or lies inside an input (or holds one), or cannot be written.
     """
-    from moecpt.storage.outputs import claim_folder
+    from moecpt.storage.outputs import FileLedger, claim_folder, owns
 
     # Read-only checks first: a folder of another study is refused before anything is written into it.
     name = _plan_name(root) if root.is_dir() else None
     if name is not None and name != study.name:
         raise MoecptError(f"--out {str(root)!r} holds a different study ({name!r}, not {study.name!r}); "
                           "choose a new --out")
+    legacy = root.is_dir() and not owns(root) and name == study.name
     claim_folder(root, "study", study_inputs(study, recipe_path), legacy=lambda p: _plan_name(p) == study.name)
+    ledger = FileLedger(root)
+    if legacy:  # a report written by a moecpt from before the file ledger: proven by the plan beside it
+        ledger.record(*[p for p in report_files(root) if p.is_file()])
+    ledger.check_replaceable(*report_files(root))  # before hours of training, not after
 
 
 def run_stages(root: Path, stages: list[Stage], jobs: int, log=print) -> dict[str, dict]:

@@ -36,6 +36,22 @@ def _windows(tokens: np.ndarray, window: int, index: np.ndarray) -> np.ndarray:
     return np.asarray(tokens[pos], dtype=np.int64)
 
 
+def _check_ids(batch: np.ndarray, data: PreparedData, source: str, split: str) -> np.ndarray:
+    """``batch`` itself, after checking that every token id is below the data's vocab size (one ``max``).
+
+    Raises:
+        MoecptError: an out-of-range id (a damaged shard, or a hand-edited ``vocab_size``), naming source and split.
+    """
+    if batch.size:
+        top = int(batch.max())
+        if top >= data.vocab_size:
+            raise MoecptError(
+                f"the {split} shard of source {source!r} in {data.path} holds token id {top}, but the vocabulary has "
+                f"{data.vocab_size} ids: the shards are damaged; prepare the data again into a new folder"
+            )
+    return batch
+
+
 class MixtureSampler:
     """Yield packed training batches drawn from a weighted mixture of a prepared folder's sources.
 
@@ -182,7 +198,7 @@ class MixtureSampler:
             for e in np.unique(epochs):
                 m = epochs == e
                 win[m] = self._permutation(int(i), int(e))[p[m] % nw]
-            out[rows] = _windows(self._tokens[i], self.window, win)
+            out[rows] = _check_ids(_windows(self._tokens[i], self.window, win), self.data, self.names[i], "train")
         return torch.from_numpy(out)
 
     # -------------------------------------------------------------------------------------------------- state
@@ -251,7 +267,7 @@ def val_batches(
     smaller batch of all of them is returned.
 
     Raises:
-        MoecptError: unknown source, or the val split is shorter than one window.
+        MoecptError: unknown source, the val split is shorter than one window, or it holds an id >= vocab_size.
     """
     tokens = data.val_tokens(source)
     window = seq_len + 1
@@ -263,8 +279,9 @@ def val_batches(
         )
     nb = min(max_batches, nwin // batch_size)
     if nb == 0:
-        return [torch.from_numpy(_windows(tokens, window, np.arange(nwin)))]
+        return [torch.from_numpy(_check_ids(_windows(tokens, window, np.arange(nwin)), data, source, "val"))]
     return [
-        torch.from_numpy(_windows(tokens, window, np.arange(b * batch_size, (b + 1) * batch_size)))
+        torch.from_numpy(_check_ids(_windows(tokens, window, np.arange(b * batch_size, (b + 1) * batch_size)),
+                                    data, source, "val"))
         for b in range(nb)
     ]

@@ -9,6 +9,8 @@ from typing import Any
 
 from moecpt.errors import MoecptError
 
+_COUNTS = ("train_tokens", "val_tokens", "train_documents", "val_documents")
+
 
 class PreparedData:
     """A prepared folder: tokenizer, per-source train/val token shards (memory-mapped) and their document index.
@@ -25,11 +27,33 @@ class PreparedData:
     def __init__(self, path: Path, manifest: dict[str, Any]):
         self.path = path
         self.manifest = manifest
-        self.vocab_size: int = int(manifest["vocab_size"])
-        self.eod_id: int = int(manifest["eod_id"])
-        self.tokenizer_sha256: str = manifest["tokenizer_sha256"]
-        self.dtype: str = manifest["dtype"]
-        self.source_names: list[str] = list(manifest["sources"])
+        try:
+            if not isinstance(manifest, dict):
+                raise TypeError("not a JSON object")
+            self.vocab_size: int = int(manifest["vocab_size"])
+            self.eod_id: int = int(manifest["eod_id"])
+            self.tokenizer_sha256: str = str(manifest["tokenizer_sha256"])
+            self.dtype: str = str(manifest["dtype"])
+            sources = manifest["sources"]
+            if not isinstance(sources, dict):
+                raise TypeError("'sources' is not a JSON object")
+            for name, info in sources.items():
+                if not isinstance(info, dict):
+                    raise TypeError(f"source {name!r} is not a JSON object")
+                for k in _COUNTS:
+                    if isinstance(info.get(k), bool) or not isinstance(info.get(k), int) or info[k] < 0:
+                        raise TypeError(f"source {name!r} has no valid {k!r}")
+            if self.dtype not in ("uint16", "uint32"):
+                raise ValueError(f"dtype {self.dtype!r}")
+            if not 0 < self.vocab_size <= (1 << 16 if self.dtype == "uint16" else 1 << 32):
+                raise ValueError(f"vocab_size {self.vocab_size}")
+        except KeyError as exc:
+            raise MoecptError(f"{path / 'manifest.json'} is damaged (no key {exc}); prepare the data again into a "
+                              "new folder") from None
+        except (TypeError, ValueError) as exc:
+            raise MoecptError(f"{path / 'manifest.json'} is damaged ({exc}); prepare the data again into a new "
+                              "folder") from None
+        self.source_names: list[str] = list(sources)
         self._arrays: dict[tuple[str, str], Any] = {}
 
     @classmethod
@@ -64,8 +88,10 @@ class PreparedData:
             )
         try:
             manifest = json.loads(mf.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise MoecptError(f"{mf} is corrupt ({exc}); prepare the data again into a new folder") from None
+        except OSError as exc:
+            raise MoecptError(f"{mf} cannot be read ({exc.strerror or exc})") from None
         return cls(p, manifest)
 
     # --------------------------------------------------------------------------------------------- tokenizer
@@ -102,10 +128,25 @@ class PreparedData:
             f = self.path / name / f"{split}{kind}.npy"
             if not f.is_file():
                 raise MoecptError(f"{f} is missing; the prepared folder is damaged: prepare it again")
+            damaged = f"{f} is damaged ({{why}}); prepare the data again into a new folder"
             try:
-                self._arrays[key] = np.load(f, mmap_mode="r")
-            except ValueError:  # an empty split cannot be memory-mapped
-                self._arrays[key] = np.load(f)
+                try:
+                    arr = np.load(f, mmap_mode="r", allow_pickle=False)
+                except ValueError:  # an empty split cannot be memory-mapped
+                    arr = np.load(f, allow_pickle=False)
+            except (ValueError, OSError, EOFError) as exc:  # truncated, not .npy, unreadable
+                raise MoecptError(damaged.format(why=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+                                  ) from None
+            info = self.manifest["sources"][name]
+            if kind:
+                want, dtype = info[f"{split}_documents"] + 1, "int64"
+            else:
+                want, dtype = info[f"{split}_tokens"], self.dtype
+            if arr.ndim != 1 or arr.dtype != np.dtype(dtype):
+                raise MoecptError(damaged.format(why=f"{arr.dtype} array of shape {arr.shape}, not 1-D {dtype}"))
+            if len(arr) != want:
+                raise MoecptError(damaged.format(why=f"{len(arr)} entries, manifest.json says {want}"))
+            self._arrays[key] = arr
         return self._arrays[key]
 
     def train_tokens(self, name: str):
@@ -127,7 +168,7 @@ class PreparedData:
     # ----------------------------------------------------------------------------------------------- summary
     def summary(self) -> dict[str, Any]:
         """The JSON of ``moecpt data inspect``: vocab, tokenizer hash, eod, dtype, per-source counts."""
-        keys = ("train_tokens", "val_tokens", "train_documents", "val_documents")
+        keys = _COUNTS
         return {
             "path": str(self.path),
             "vocab_size": self.vocab_size,

@@ -56,6 +56,8 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _ENCODE_CHARS = 4_000_000  # characters per encode_batch call: big enough to keep every core busy
 _ENCODE_DOCS = 20_000
 _SPLIT_CHUNK = 1 << 26  # tokens gathered per numpy step when splitting train/val (bounded memory)
+#: every file :func:`_build_source` leaves in a source folder; a source folder holding anything else is not replaced
+_SOURCE_FILES = frozenset({"train.npy", "train_idx.npy", "val.npy", "val_idx.npy", SOURCE_FILE})
 
 
 # ----------------------------------------------------------------------------------------------- atomic helpers
@@ -186,10 +188,7 @@ def _setup_tokenizer(
     )
 
     if spec.startswith("train:"):
-        try:
-            vocab = int(spec.split(":", 1)[1])
-        except ValueError:
-            raise MoecptError(f"--tokenizer {spec!r}: expected train:VOCAB_SIZE (e.g. train:4096) or a path") from None
+        vocab = _parse_train_vocab(spec)
         trained_on = _trained_on(sources, text_field, skip_bad_lines, sample_chars)
         if existing is not None:
             same_spec = existing_meta.get("spec") == spec
@@ -364,6 +363,42 @@ def _check_replaceable(path: Path) -> None:
         )
 
 
+def _check_only_ours(path: Path) -> None:
+    """Refuse to replace a source folder that holds anything :func:`_build_source` does not write (a user's file
+    put into it would be deleted with the outdated build).
+
+    Raises:
+        MoecptError: naming the first foreign path; the folder is left alone.
+    """
+    try:
+        foreign = sorted(p.name for p in path.iterdir() if p.name not in _SOURCE_FILES)
+    except OSError as exc:
+        raise MoecptError(os_error_line(exc, path, "read")) from None
+    if foreign:
+        raise MoecptError(
+            f"{path / foreign[0]} was not written by moecpt data prepare, and rebuilding source {path.name!r} "
+            f"would delete it with the old {path.name}/ folder; move it out of {path} and run the command again"
+        )
+
+
+def _parse_train_vocab(spec: str) -> int | None:
+    """The vocabulary size of a ``train:N`` tokenizer spec (None for a path).
+
+    Raises:
+        MoecptError: not an integer, or outside [MIN_VOCAB, MAX_VOCAB].
+    """
+    from moecpt.data.tokenizer import check_vocab_size
+
+    if not spec.startswith("train:"):
+        return None
+    try:
+        vocab = int(spec.split(":", 1)[1])
+    except ValueError:
+        raise MoecptError(f"--tokenizer {spec!r}: expected train:VOCAB_SIZE (e.g. train:4096) or a path") from None
+    check_vocab_size(vocab)
+    return vocab
+
+
 def _build_source(
     out: Path, name: str, files: list[tuple[str, str]], tok, eod: int, dtype: str, fingerprint: dict[str, Any],
     text_field: str, val_fraction: float, seed: int, min_val_documents: int, min_val_tokens: int,
@@ -419,6 +454,7 @@ def _build_source(
         final = out / name
         if final.exists() or final.is_symlink():  # an outdated build of this source: swap it out, then delete
             _check_replaceable(final)  # proof that moecpt built it (checked up front too; cheap, so again here)
+            _check_only_ours(final)  # nothing of the user's inside it (likewise)
             trash = out / f".tmp-old-{name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             os.rename(final, trash)
             os.rename(tmp, final)
@@ -481,9 +517,14 @@ def prepare(
         raise MoecptError("no --source given; add --source NAME=PATH")
     if not 0 <= val_fraction < 1:
         raise MoecptError(f"--val-fraction {val_fraction} must be in [0, 1)")
+    if seed < 0:
+        raise MoecptError(f"--seed {seed} must be >= 0")
+    _parse_train_vocab(tokenizer)
     for name in sources:
         if not _NAME_RE.match(name):
             raise MoecptError(f"source name {name!r} is not allowed; use letters, digits, '_', '-', '.'")
+        if name in _RESERVED:
+            raise MoecptError(f"source name {name!r} is the name of a file moecpt writes into --out; choose another")
     # Resolve every path before writing anything: a typo must not leave a half folder behind.
     resolved = {name: resolve_files(spec) for name, spec in sources.items()}
 
@@ -527,11 +568,9 @@ def _prepare_claimed(
     progress: bool,
 ) -> dict[str, Any]:
     """The body of :func:`prepare`, in a folder already claimed and locked by this process."""
-    # Before writing anything: a source name must not collide with moecpt's files or with something that is not a
-    # source folder moecpt built (the user's own folder, a file, a link).
+    # Before writing anything: a source name must not collide with something that is not a source folder moecpt
+    # built (the user's own folder, a file, a link); names of moecpt's own files were refused before the claim.
     for name in resolved:
-        if name in _RESERVED:
-            raise MoecptError(f"source name {name!r} is the name of a file moecpt writes into --out; choose another")
         if (out / name).exists() or (out / name).is_symlink():
             _check_replaceable(out / name)
     _clean_stale_tmp(out)
@@ -570,6 +609,8 @@ def _prepare_claimed(
             # an unfinished prepare and is simply rebuilt.
             if name in listed and prev.get("fingerprint", {}).get("tokenizer_sha256") not in (None, sha):
                 raise MoecptError(f"{out / name} was made with another tokenizer; use a new --out folder")
+        if (out / name).exists() or (out / name).is_symlink():  # it will be replaced: before tokenizing anything
+            _check_only_ours(out / name)
         infos[name] = _build_source(
             out, name, files, tok, eod, dtype, fp, text_field, val_fraction, seed, min_val_documents,
             min_val_tokens, skip_bad_lines, progress,

@@ -17,6 +17,19 @@ EOD_TOKEN = "<|endoftext|>"
 # EOS spellings of common released tokenizers, tried in order when loading one.
 _EOD_CANDIDATES = (EOD_TOKEN, "<|end_of_text|>", "</s>", "<eos>", "<|im_end|>", "[SEP]")
 MIN_VOCAB = 256 + 1  # the 256 byte symbols + the end-of-document token
+MAX_VOCAB = 1 << 21  # far above any real vocabulary; larger sizes make the trainer abort in Rust (allocation)
+
+
+def check_vocab_size(vocab_size: int) -> None:
+    """Refuse a vocabulary size a BPE cannot be trained with.
+
+    Raises:
+        MoecptError: ``vocab_size`` < MIN_VOCAB or > MAX_VOCAB.
+    """
+    if vocab_size < MIN_VOCAB:
+        raise MoecptError(f"tokenizer vocab size {vocab_size} is too small; use at least {MIN_VOCAB}")
+    if vocab_size > MAX_VOCAB:
+        raise MoecptError(f"tokenizer vocab size {vocab_size} is too large; use at most {MAX_VOCAB} (2**21)")
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int):
@@ -25,13 +38,12 @@ def train_bpe(texts: Iterable[str], vocab_size: int):
     Deterministic for a given text order. ``<|endoftext|>`` is special token id 0 (the end-of-document id).
 
     Raises:
-        MoecptError: ``vocab_size`` < 257, or ``texts`` holds no non-empty text (a tokenizer trained on nothing
+        MoecptError: ``vocab_size`` < 257 or > 2**21, or ``texts`` holds no non-empty text (a tokenizer trained on nothing
             has only the byte symbols and would be kept and reused as if it were real).
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    if vocab_size < MIN_VOCAB:
-        raise MoecptError(f"tokenizer vocab size {vocab_size} is too small; use at least {MIN_VOCAB}")
+    check_vocab_size(vocab_size)
     # ignore_merges: a pre-token that is itself in the vocab maps straight to its id (as in Llama 3): same
     # lossless byte-level encoding, ~1.5x faster encoding.
     tok = Tokenizer(models.BPE(ignore_merges=True))

@@ -234,7 +234,7 @@ def _run_bench(cfg: BenchConfig, out: Path | None, progress: bool) -> tuple[list
     rows: list[dict] = []
     curves: dict = {}
     cache_path = Path(out) / "bench_cache.json" if out is not None else None
-    cache = json.loads(cache_path.read_text()) if cache_path is not None and cache_path.is_file() else {}
+    cache = _load_cache(cache_path) if cache_path is not None else {}
     digests = {m: hashlib.sha256(o.meta_params.numpy().tobytes()).hexdigest()[:16] for m, o in learned.items()}
     units = len(tasks) * len(cfg.local_steps) * len(cfg.methods)
     bar = tqdm(total=units, disable=not progress, desc="lopt bench", unit="run", dynamic_ncols=True)
@@ -289,6 +289,24 @@ def _run_bench(cfg: BenchConfig, out: Path | None, progress: bool) -> tuple[list
         write_bytes_atomic(outp / "bench.md", (format_table(rows) + "\n").encode())
         plot_curves(curves, cfg, outp / "bench_curves.png")
     return rows, curves
+
+
+def _load_cache(path: Path) -> dict:
+    """The results cache; a damaged one is named, moved aside (``.damaged``) and the benchmark recomputed."""
+    if not path.is_file():
+        return {}
+    try:
+        cache = json.loads(path.read_text())
+        if isinstance(cache, dict) and all(isinstance(v, dict) and "row" in v for v in cache.values()):
+            return cache
+    except (OSError, ValueError):
+        pass
+    aside = path.with_name(path.name + ".damaged")
+    path.replace(aside)
+    import sys
+
+    print(f"moecpt: {path} is damaged; moved it aside to {aside.name} and recomputing", file=sys.stderr)
+    return {}
 
 
 def summarize(rows: list[dict]) -> dict:

@@ -41,6 +41,7 @@ from moecpt.lopt.tasks import Task, get_task, local_round
 from moecpt.storage.atomic import write_bytes_atomic, write_json_atomic
 from moecpt.storage.lock import FolderLock
 from moecpt.storage.outputs import claim_folder
+from moecpt.train.preemption import Preempted, PreemptionWatcher, signal_name
 
 STATE_FILE = "meta_state.pt"
 CONFIG_FILE = "config.json"
@@ -268,7 +269,11 @@ def _meta_train_in(cfg: MetaTrainConfig, out: Path, spec, tasks, pes_cfg, progre
     if (out / CONFIG_FILE).is_file() and (out / STATE_FILE).is_file():
         import json
 
-        saved = json.loads((out / CONFIG_FILE).read_text())
+        try:
+            saved = json.loads((out / CONFIG_FILE).read_text())
+        except (OSError, ValueError):
+            raise MoecptError(f"{out / CONFIG_FILE} is damaged; use a new --out (or restore the file to resume)"
+                              ) from None
         if saved != cfg_json:
             diff = sorted(k for k in set(saved) | set(cfg_json) if saved.get(k) != cfg_json.get(k))
             raise MoecptError(f"{out} holds a meta-training run with other settings ({', '.join(diff)}); "
@@ -316,7 +321,9 @@ def _meta_train_in(cfg: MetaTrainConfig, out: Path, spec, tasks, pes_cfg, progre
     bar = tqdm(total=cfg.iterations, initial=start, disable=not progress, desc=f"meta-train {cfg.kind}",
                unit="it", dynamic_ncols=True)
     it = start
+    preempt = PreemptionWatcher()
     try:
+        preempt.__enter__()
         while it < cfg.iterations:
             ts = time.time()
             grad = torch.zeros_like(phi)
@@ -334,12 +341,16 @@ def _meta_train_in(cfg: MetaTrainConfig, out: Path, spec, tasks, pes_cfg, progre
             bar.update(1)
             bar.set_postfix(meta_loss=f"{sum(h[-1] for h in history['meta_loss'].values()) / len(tasks):.4f}",
                             lr=f"{lr:.1e}")
-            stop = max_seconds is not None and time.time() - t0 > max_seconds
+            stop = bool(preempt.signum) or (max_seconds is not None and time.time() - t0 > max_seconds)
             if it % cfg.save_every == 0 or it == cfg.iterations or stop:
                 save(it, plot=stop or it == cfg.iterations or it % (5 * cfg.save_every) == 0)
+            if preempt.signum and it < cfg.iterations:  # SIGTERM / SIGUSR1: saved above, resumable
+                raise Preempted(f"pre-empted by {signal_name(preempt.signum)} after meta-iteration {it}: saved "
+                                f"{out}; run the same command again to resume", preempt.signum)
             if stop:
                 break
     finally:
+        preempt.__exit__()
         bar.close()
     ev = history["eval"][-1] if history["eval"] else {}
     return {

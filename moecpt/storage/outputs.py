@@ -244,3 +244,66 @@ def _head_and_tail(path: Path, n: int = 1 << 16) -> bytes:
             return head + f.read(n)
     except OSError as exc:
         raise MoecptError(os_error_line(exc, path, "read")) from None
+
+
+LEDGER_FILE = ".moecpt-files.json"
+
+
+class FileLedger:
+    """The files with fixed names moecpt writes into a claimed folder (a study's ``report.md``, ``study.json``,
+    ``plots/*.png``), each with the sha256 of what was written: proof, file by file, that replacing it loses
+    nothing of the user's. A file that exists under such a name but is not in the ledger, or was edited since, is
+    refused (:meth:`check_replaceable`).
+
+    Args:
+        folder: a folder already claimed with :func:`claim_folder`.
+    """
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self.path = self.folder / LEDGER_FILE
+        try:
+            raw = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            raw = {}
+        self.files: dict[str, str] = raw.get("files", {}) if isinstance(raw, dict) else {}
+
+    def _rel(self, path: Path) -> str:
+        return str(Path(path).resolve(strict=False).relative_to(self.folder.resolve(strict=False)))
+
+    @staticmethod
+    def _sha(path: Path) -> str:
+        import hashlib
+
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+
+    def owns(self, path: str | Path) -> bool:
+        """Whether ``path`` is missing or holds exactly what moecpt last wrote there."""
+        p = Path(path)
+        if not p.exists():
+            return True
+        return p.is_file() and self.files.get(self._rel(p)) == self._sha(p)
+
+    def check_replaceable(self, *paths: str | Path) -> None:
+        """Raise :class:`MoecptError` naming the first path that exists and is not moecpt's own unedited file."""
+        for p in paths:
+            if not self.owns(p):
+                raise MoecptError(
+                    f"{p} exists and is not the file moecpt wrote there (yours, or edited since); moecpt will not "
+                    "replace it: move it away, then run the same command again"
+                )
+
+    def record(self, *paths: str | Path) -> None:
+        """Remember the current content of ``paths`` as moecpt's (call right after writing them)."""
+        for p in paths:
+            self.files[self._rel(Path(p))] = self._sha(Path(p))
+        write_json_atomic(self.path, {"format": "moecpt-files", "files": self.files})
+
+    def remove(self, path: str | Path) -> None:
+        """Delete ``path`` if it is moecpt's own unedited file (else leave it, unrecorded)."""
+        p = Path(path)
+        if p.exists() and self.owns(p):
+            p.unlink()
+            self.files.pop(self._rel(p), None)
+            write_json_atomic(self.path, {"format": "moecpt-files", "files": self.files})

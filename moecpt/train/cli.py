@@ -92,6 +92,10 @@ def run_generate(args: argparse.Namespace) -> int:
     tok = Tokenizer.from_file(str(Path(tok_path)))
     model = load_model(ck.path)
     eod = tok.token_to_id("<|endoftext|>")
-    ids = sample(model, tok.encode(args.prompt).ids, args.max_tokens, args.temperature, args.top_p, eod, args.seed)
-    print(args.prompt + tok.decode(ids))
+    if args.seed is not None and not 0 <= args.seed < 2**63:
+        raise MoecptError(f"--seed {args.seed} is out of range; give a whole number between 0 and 2**63 - 1")
+    # argv bytes that are not UTF-8 arrive as surrogates: give the tokenizer real text (invalid bytes -> U+FFFD)
+    prompt = args.prompt.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    ids = sample(model, tok.encode(prompt).ids, args.max_tokens, args.temperature, args.top_p, eod, args.seed)
+    print(prompt + tok.decode(ids))
     return 0
