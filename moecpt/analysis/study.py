@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -262,7 +263,9 @@ def run_stages(root: Path, stages: list[Stage], jobs: int, log=print) -> dict[st
     cached = sum(st.end_step() for st in stages if st.key in summaries)
     log(f"study: {len(stages)} stages, {len(stages) - len(pending)} cached, {len(pending)} to run "
         f"({jobs} parallel job(s) x {threads} thread(s))")
-    bar = tqdm(total=total_steps, initial=cached, unit="step", desc="study", leave=True)
+    # a log file (SLURM, nohup) gets the per-stage "done" lines only, not a redrawn bar
+    bar = tqdm(total=total_steps, initial=cached, unit="step", desc="study", leave=True,
+               disable=not sys.stderr.isatty())
     running: dict[Any, Stage] = {}
     finished_steps = cached
     ctx = get_context("spawn")
