@@ -74,15 +74,17 @@ def test_save_restore_mid_epoch_is_identical(demo):
 
 
 def test_restore_across_epoch_boundary(demo):
-    # seq_len 1023: english has ~1100 windows -> epoch 2 after ~70 steps of 16.
+    # seq_len 4095: english has ~2600 windows -> epoch 2 after ~81 steps of 32; stop 2 steps before the end.
     mix = {"english": 1.0}
-    a = MixtureSampler(demo, mix, seq_len=1023, batch_size=16, seed=0, allow_repeat=True)
-    for _ in range(68):
+    steps = len(demo.train_tokens("english")) // 4096 // 32 - 2
+    a = MixtureSampler(demo, mix, seq_len=4095, batch_size=32, seed=0, allow_repeat=True)
+    for _ in range(steps):
         a.next_batch()
     state = a.state_dict()
+    assert a.epochs()["english"] < 1.0
     ref = [a.next_batch() for _ in range(5)]
     assert a.epochs()["english"] > 1.0
-    b = MixtureSampler(demo, mix, seq_len=1023, batch_size=16, seed=0, allow_repeat=True)
+    b = MixtureSampler(demo, mix, seq_len=4095, batch_size=32, seed=0, allow_repeat=True)
     b.load_state_dict(state)
     assert all(torch.equal(b.next_batch(), r) for r in ref)
 
