@@ -49,8 +49,19 @@ def test_smoke_study_writes_report_matching_study_json(smoke_study):
                    and fmt(run["final"]["english"]["loss"]) in line)
         assert fmt(run["final"]["code"]["loss"]) in row
     # CPT with 0% replay forgets the old source (its loss rises) and learns the new one
-    f = saved["forgetting"]["cpt/dense/code/inf-r0"]
+    f = saved["forgetting"]["s0/cpt/granular-pb/code/inf-r0"]
     assert f["mean_adaptation"] > 0
+    # two seeds, each with its no-shift controls; a control is compared with its parent like a CPT run
+    assert saved["seeds"] == [0, 1]
+    ctrl = saved["runs"]["s1/control/granular-pb/inf"]
+    assert ctrl["kind"] == "control" and ctrl["seed"] == 1 and ctrl["optimizer_state"] == "carried"
+    assert saved["runs"]["s1/cpt/granular-pb/code/inf-r0"]["control"] == "s1/control/granular-pb/inf"
+    assert "s1/control/granular-pb/inf" in saved["comparisons"]
+    assert saved["forgetting"]["s1/control/granular-pb/inf"]["mean_adaptation"] is None
+    assert saved["runs"]["s0/cpt/granular-pb/code/rewarm-r0"]["optimizer_state"] == "fresh"
+    # the seeds differ (initialisation and data order), so their losses do
+    assert (saved["runs"]["s0/pretrain/dense"]["final"]["english"]["loss"]
+            != saved["runs"]["s1/pretrain/dense"]["final"]["english"]["loss"])
     for png in re.findall(r"\(plots/([a-z_]+\.png)\)", md):
         assert (out / "plots" / png).stat().st_size > 1000
 
@@ -116,8 +127,8 @@ def test_study_bad_inputs_are_one_line_errors(tmp_path):
 def test_compare_refuses_models_of_different_shapes(smoke_study):
     out, study, _ = smoke_study
     stages = {s.key: s for s in plan_stages(study)}
-    dense = stages["pretrain/dense"].run_dir(out)
-    moe = stages["pretrain/granular-pb"].run_dir(out)
+    dense = stages["s0/pretrain/dense"].run_dir(out)
+    moe = stages["s0/pretrain/granular-pb"].run_dir(out)
     res = _cli("compare", str(dense), str(moe), "--batches", "1", "--batch-size", "2")
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and "compare" in res.stderr
 
@@ -126,13 +137,84 @@ def test_study_recipe_validation():
     study = load_study_recipe(SMOKE)
     with pytest.raises(MoecptError, match="retrain.models"):
         load_study_recipe(SMOKE, ['retrain.models=["nope"]'])
-    assert len(plan_stages(study)) == 3 + 1 + 3 * 2 * 2
+    with pytest.raises(MoecptError, match="seeds"):
+        load_study_recipe(SMOKE, ["seeds=[1, 1]"])
+    with pytest.raises(MoecptError, match="seeds"):
+        load_study_recipe(SMOKE, ["seeds=[]"])
+    with pytest.raises(MoecptError, match="controls.models"):
+        load_study_recipe(SMOKE, ['controls.models=["nope"]'])
+    with pytest.raises(MoecptError, match="retrain.shifts"):
+        load_study_recipe(SMOKE, ['retrain.shifts=["german"]'])
+    with pytest.raises(MoecptError, match="schedules"):
+        load_study_recipe(SMOKE, ['cpt.schedules=["forever"]'])
+    # per seed: 3 pre-training, 1 re-training, 3 controls, 4 + 2 CPT cells
+    assert len(plan_stages(study)) == 2 * (3 + 1 + 3 + 6)
 
 
-@pytest.mark.parametrize("name", ["study/demo", "study/paper-small", "study/paper"])
+def test_plan_runs_every_stage_per_seed_with_its_controls():
+    study = load_study_recipe(SMOKE, ["seeds=[3, 7]"])
+    stages = {s.key: s for s in plan_stages(study)}
+    for seed in (3, 7):
+        keys = {k.split("/", 1)[1] for k, s in stages.items() if s.seed == seed}
+        assert keys == {k.split("/", 1)[1] for k, s in stages.items() if s.seed == 3}
+        assert all(s.recipe.train.seed == seed for s in stages.values() if s.seed == seed)
+        for k, st in stages.items():
+            if st.seed != seed or st.parent is None:
+                continue
+            assert st.parent.seed == seed and st.parent.kind == "pretrain" and st.deps == [st.parent.key]
+            if st.kind == "cpt" and st.schedule == "inf":
+                ctrl = stages[st.control]
+                # the control differs from the CPT run only by its data: old sources only
+                assert ctrl.kind == "control" and ctrl.seed == seed and ctrl.parent is st.parent
+                assert ctrl.recipe.data.mixture == {"english": 1.0}
+                for part in ("schedule", "optim", "cpt", "train"):
+                    assert getattr(ctrl.recipe, part) == getattr(st.recipe, part), (k, part)
+                assert ctrl.parent_point == st.parent_point
+            if st.kind == "cpt" and st.schedule == "rewarm":
+                assert st.control is None  # the smoke recipe controls the inf runs only
+    # a different seed is a different run (different folder), the same seed the same one
+    assert stages["s3/pretrain/dense"].fingerprint != stages["s7/pretrain/dense"].fingerprint
+    again = {s.key: s for s in plan_stages(load_study_recipe(SMOKE, ["seeds=[3]"]))}
+    assert again["s3/pretrain/dense"].fingerprint == stages["s3/pretrain/dense"].fingerprint
+
+
+def test_cpt_optimizer_state_per_schedule():
+    """inf CPT carries the parent's AdamW state at the constant LR without a warm-up; rewarm starts fresh from the
+    minimum LR; a fresh inf state gets a warm-up to the constant LR, never a jump to the peak."""
+    from moecpt.train.schedules import lr_at
+
+    def cpt(study, schedule):
+        return next(s for s in plan_stages(study) if s.kind == "cpt" and s.schedule == schedule and s.seed == 0)
+
+    study = load_study_recipe(SMOKE)
+    const = study.const_lr_fraction * study.optim.lr
+    inf, rewarm = cpt(study, "inf"), cpt(study, "rewarm")
+    assert inf.recipe.cpt.load_optimizer and inf.optimizer_state == "carried" and inf.warmup_steps == 0
+    assert inf.parent_point == "pre_anneal"
+    assert lr_at(0, inf.recipe.schedule, inf.recipe.optim, inf.recipe.train.steps) == pytest.approx(const)
+    assert not rewarm.recipe.cpt.load_optimizer and rewarm.optimizer_state == "fresh" and rewarm.warmup_steps >= 1
+    assert rewarm.parent_point == "final"
+    assert lr_at(0, rewarm.recipe.schedule, rewarm.recipe.optim, rewarm.recipe.train.steps) == pytest.approx(
+        study.optim.min_lr)
+
+    fresh = load_study_recipe(SMOKE, ['cpt.inf_optimizer="fresh"', "cpt.fresh_warmup_fraction=0.25"])
+    inf_f = cpt(fresh, "inf")
+    r = inf_f.recipe
+    assert not r.cpt.load_optimizer and inf_f.optimizer_state == "fresh" and inf_f.warmup_steps == 5
+    lrs = [lr_at(s, r.schedule, r.optim, r.train.steps) for s in range(r.train.steps)]
+    assert lrs[0] < const / 4 and max(lrs) == pytest.approx(const)  # warmed up to the constant, not the peak
+    assert lrs[5] == pytest.approx(const) and lrs[10] == pytest.approx(const)
+    carried = load_study_recipe(SMOKE, ['cpt.rewarm_optimizer="carry"'])
+    assert cpt(carried, "rewarm").recipe.cpt.load_optimizer
+
+
+@pytest.mark.parametrize("name", ["study/demo", "study/paper-small", "study/paper", "study/cpu"])
 def test_bundled_study_recipes_validate_and_plan(name):
     study = load_study_recipe(find_bundled_recipe(name))
     stages = plan_stages(study)  # builds and validates every stage's recipe
-    n_models, n_shifts = len(study.models), len(study.data.shifts)
-    n_cpt = n_models * n_shifts * len(study.cpt.schedules) * len(study.cpt.replay)
-    assert len(stages) == n_models + n_cpt + len(study.retrain.models) * n_shifts
+    n_retrain = len(study.retrain.models) * len(study.retrain.shifts or study.data.shifts)
+    per_seed = len(study.models) + len(study.cpt_cells()) + len(study.control_cells()) + n_retrain
+    assert len(stages) == len(study.seeds) * per_seed
+    # every MoE CPT run of the infinite schedule has its no-shift control
+    moe = {m.name for m in study.models if m.arch != "dense"}
+    assert all(s.control for s in stages if s.kind == "cpt" and s.model in moe and s.schedule == "inf")

@@ -1,34 +1,45 @@
 """Decide, from a study's ``results`` dict, whether each finding of Thérien et al. 2025 was reproduced.
 
-Thérien et al., "Continual Pre-training of MoEs: How robust is your router?" (arXiv 2503.05029, TMLR 2025)
-list six findings that a small run should reproduce *in direction* (``/work/shared/design/PAPERS.md``, part A):
+Thérien et al., "Continual Pre-training of MoEs: How robust is your router?" (arXiv 2503.05029, TMLR 2025) list
+six findings that a small run should reproduce. The decision rules are those of ``docs/study-rules.md``, written
+before any real run; this module implements them exactly and nothing looser:
 
-F1  MoEs keep their sample-efficiency advantage over the FLOP-matched dense model through CPT.
-F2  Penalty-balanced routing shows an MRI spike right after the shift and recovers to a lower MRI than Sinkhorn;
-    Sinkhorn's MRI barely moves.
-F3  Replay lowers forgetting of the old distribution and slightly slows adaptation; 0% replay forgets most.
-F4  The infinite schedule + replay matches full re-training on the union at about one third of its compute.
-F5  Routing changes most in the early layers; 0% replay changes it most.
+F1  MoEs keep their advantage over the FLOP-matched dense model through CPT.
+F2  Penalty-balanced routing spikes in MRI after the shift, recovers, and ends below Sinkhorn; Sinkhorn barely moves.
+F3  Replay lowers forgetting and slightly slows adaptation; 0% replay forgets most.
+F4  The infinite schedule with replay matches full re-training at about a third of its compute.
+F5  Routing changes most in the early layers, and most with 0% replay.
 F6  Granular beats Switch and penalty-balanced beats Sinkhorn in final loss.
 
-Each decision rule below is a plain direction-of-effect test, like the paper's claims, stated in one sentence in
-the entry's ``"rule"``. No significance test is attempted: a small study has one seed per cell, so a reproduced
-finding means "the effect points the paper's way in these runs", nothing more.
+**From seeds to a verdict** (``docs/study-rules.md``, "From seeds to a verdict"). Every part of a rule is an effect
+``e`` computed once per seed (runs of one seed are compared with runs of the same seed only), signed so that
+``e > 0`` is the paper's direction. Over the ``n`` seeds the figure is the mean of ``e`` with its 95% Student-t
+interval ``mean ± t(0.975, n-1) · sd / sqrt(n)`` (:func:`effect_stats`, :func:`t_quantile_975`), the spread
+(min to max) and the number of seeds agreeing (whose own ``e`` points the paper's way).
+
+- A *directional* part is reproduced when the interval lies above zero, not reproduced when it lies below zero,
+  inconclusive otherwise.
+- An *equivalence* part has a margin ``τ``: reproduced when the interval lies inside ``(-τ, τ)``, not reproduced
+  when it lies wholly outside, inconclusive otherwise. F4 (a) is one-sided: reproduced when the lower end is at
+  least ``-τ``, not reproduced when the upper end is below ``-τ``.
+- A *check* (F4 b, the compute ratio) is arithmetic, not a seed statistic: reproduced or not.
+- With one seed there is no interval: every directional / equivalence part is inconclusive.
+- A finding is reproduced when all its tested parts are, not reproduced when any part is not, inconclusive
+  otherwise, and untested when no part could be tested (the untested parts are named).
 
 :func:`evaluate_findings` returns one entry per finding::
 
-    {"id": "F3", "title": ..., "reproduced": True | False | None, "figures": {...}, "rule": "..."}
+    {"id", "title", "verdict": "reproduced" | "not reproduced" | "inconclusive" | "untested",
+     "reproduced": True | False | None, "rule", "evidence", "n_seeds",
+     "parts": [{"name", "title", "kind", "verdict", "n_seeds", "mean", "lo", "hi", "min", "max", "per_seed",
+                "seeds_agreeing", "margin", "untested"}],
+     "figures": {flat scalars for the findings table ..., "untested": [...]?, "details": [rows]}}
 
-``reproduced`` is ``None`` when the results hold no runs that test the finding (a partial study, a recipe without
-retrain runs, a dense-only study...); the ``figures`` then say what was missing (``"untested"``). When a finding has
-several parts (F2, F5, F6) it is decided on the parts that can be tested, and the untested parts are listed in
-``figures["untested"]``. Scalars in ``figures`` are what the report's findings table shows; per-group numbers go
-under ``figures["details"]`` (kept in ``study.json``, not in the table).
+:func:`answer_questions` answers the paper's three questions by the rules of ``docs/study-rules.md``.
 
-:func:`answer_questions` answers the paper's three questions briefly from the findings and the results.
-
-The ``results`` schema is the one built by the study runner (see :mod:`moecpt.analysis.report`); every key is
-optional here, so a partially finished study still gets a report.
+The ``results`` schema is the study runner's (see :mod:`moecpt.analysis.report`); every key is optional, so a
+partially finished study still gets a report. A run without ``"seed"`` is seed 0; a study without no-shift
+controls leaves the parts that need one untested.
 """
 
 from __future__ import annotations
@@ -40,6 +51,8 @@ from typing import Any
 __all__ = [
     "evaluate_findings",
     "answer_questions",
+    "effect_stats",
+    "t_quantile_975",
     "CLAIMS",
     "run_sources",
     "final_loss",
@@ -49,22 +62,34 @@ __all__ = [
     "sorted_run_keys",
     "is_moe_model",
     "comparisons",
+    "control_key",
 ]
 
-#: The paper's claims, as short titles (PAPERS.md part A, "Findings a small run should reproduce").
+#: The paper's claims, as short titles (docs/study-rules.md, "The rules").
 CLAIMS: dict[str, str] = {
-    "F1": "MoEs keep their sample-efficiency advantage over the FLOP-matched dense model through CPT",
-    "F2": "Penalty-balanced routing spikes in MRI right after the shift and recovers to a lower MRI than Sinkhorn",
-    "F3": "Replay lowers forgetting of the old distribution and slightly slows adaptation",
-    "F4": "Infinite schedule + replay matches full re-training on the union at a fraction of its compute",
+    "F1": "MoEs keep their advantage over the FLOP-matched dense model through CPT",
+    "F2": "Penalty-balanced routing spikes in MRI after the shift, recovers, and ends below Sinkhorn; "
+          "Sinkhorn barely moves",
+    "F3": "Replay lowers forgetting and slightly slows adaptation; 0% replay forgets most",
+    "F4": "The infinite schedule with replay matches full re-training at about a third of its compute",
     "F5": "Routing changes most in the early layers, and most with 0% replay",
     "F6": "Granular beats Switch and penalty-balanced beats Sinkhorn in final loss",
 }
 
-#: F4 tolerance: CPT's mean final loss may exceed the retrain baseline's by at most this fraction.
-F4_TOLERANCE = 0.02
-#: F2 windows: the first / last this fraction of a run's logged steps.
-MRI_WINDOW = 0.10
+#: F2 windows: W = max(MRI_WINDOW_MIN, ceil(N / MRI_WINDOW_DIV)) logged steps, i.e. max(3, ceil(0.1 N)).
+MRI_WINDOW_MIN, MRI_WINDOW_DIV = 3, 10
+#: F4 (a): the equivalence margin is the re-training loss's relative sd over seeds, at most this (and this with
+#: one seed); F4 (b): CPT FLOPs over re-training FLOPs must be at most this.
+F4_TAU_MAX, F4_COMPUTE_MAX = 0.01, 0.4
+#: Question 2: the old-source eval MRI may rise above the control's by at most this fraction of the control's.
+Q2_MRI_FRACTION = 0.10
+
+#: Two-sided 95% Student-t quantiles t(0.975, df), df = 1..30 (the standard table, e.g. NIST/SEMATECH
+#: e-Handbook of Statistical Methods, table 1.3.6.7.2).
+_T975 = (12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281,
+         2.2010, 2.1788, 2.1604, 2.1448, 2.1314, 2.1199, 2.1098, 2.1009, 2.0930, 2.0860,
+         2.0796, 2.0739, 2.0687, 2.0639, 2.0595, 2.0555, 2.0518, 2.0484, 2.0452, 2.0423)
+_Z975 = 1.959964
 
 
 # ----------------------------------------------------------------------------------------------- small helpers
@@ -92,6 +117,14 @@ def _mean(values: Iterable[Any]) -> float | None:
     return sum(vals) / len(vals) if vals else None
 
 
+def _sd(values: list[float]) -> float | None:
+    """Sample standard deviation (n - 1 in the denominator); None below two values."""
+    if len(values) < 2:
+        return None
+    m = sum(values) / len(values)
+    return math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
+
+
 def _runs(results: Mapping) -> dict[str, dict]:
     runs = results.get("runs") or {}
     return {k: v for k, v in runs.items() if isinstance(v, Mapping)}
@@ -112,6 +145,16 @@ def is_moe_model(results: Mapping, model: str | None) -> bool | None:
     return None if arch is None else arch != "dense"
 
 
+def _info(results: Mapping, run: Mapping) -> dict:
+    return _models(results).get(run.get("model") or "", {})
+
+
+def _seed(run: Mapping) -> int:
+    """The run's seed; a run of the old schema (no seed) is seed 0."""
+    s = _num(run.get("seed"))
+    return int(s) if s is not None else 0
+
+
 def _replay(run: Mapping) -> float:
     return _num(run.get("replay")) or 0.0
 
@@ -121,26 +164,42 @@ def _variant(run: Mapping) -> tuple:
     return (run.get("shift"), run.get("schedule"), _replay(run))
 
 
-_KIND_ORDER = {"pretrain": 0, "cpt": 1, "retrain": 2}
+_KIND_ORDER = {"pretrain": 0, "control": 1, "cpt": 2, "retrain": 3}
 _SCHED_ORDER = {"inf": 0, "rewarm": 1}
 
 
 def sorted_run_keys(results: Mapping, kind: str | None = None) -> list[str]:
-    """Run keys in a stable reading order: pretrain, cpt, retrain; by model (as listed), shift, schedule, replay."""
+    """Run keys in a stable reading order: pretrain, control, cpt, retrain; by model (as listed), shift, schedule,
+    replay, then seed (so the seeds of one cell sit together)."""
     runs = _runs(results)
     model_order = {m: i for i, m in enumerate(_models(results))}
 
     def key(k: str) -> tuple:
         r = runs[k]
         return (_KIND_ORDER.get(r.get("kind"), 9), model_order.get(r.get("model"), 99), str(r.get("model")),
-                str(r.get("shift")), _SCHED_ORDER.get(r.get("schedule"), 9), _replay(r), k)
+                str(r.get("shift")), _SCHED_ORDER.get(r.get("schedule"), 9), _replay(r), _seed(r), k)
 
     return sorted((k for k in runs if kind is None or runs[k].get("kind") == kind), key=key)
 
 
+def control_key(results: Mapping, key: str) -> str | None:
+    """The no-shift control of a CPT run: its ``"control"`` entry, else the control run of the same seed, model and
+    schedule (old results have neither: None)."""
+    runs = _runs(results)
+    run = runs.get(key) or {}
+    ck = run.get("control")
+    if ck is not None:
+        return ck if runs.get(ck, {}).get("kind") == "control" else None
+    for k in sorted_run_keys(results, "control"):
+        c = runs[k]
+        if (_seed(c), c.get("model"), c.get("schedule")) == (_seed(run), run.get("model"), run.get("schedule")):
+            return k
+    return None
+
+
 def run_sources(results: Mapping, run: Mapping) -> tuple[list[str], list[str]]:
     """(old sources, new sources) a run is judged on: the pre-training sources, and its shift; a run without a shift
-    (pre-training) is judged on every shift of the study, to show where CPT starts from."""
+    (pre-training, a no-shift control) is judged on every shift of the study, to show where CPT starts from."""
     old = list(results.get("old_sources") or [])
     shift = run.get("shift")
     new = [shift] if shift else list(results.get("shifts") or [])
@@ -166,6 +225,11 @@ def _start_loss(run: Mapping, source: str) -> float | None:
     return _num(st.get("loss")) if isinstance(st, Mapping) else None
 
 
+def _final_mri(run: Mapping, source: str) -> float | None:
+    fin = (run.get("final") or {}).get(source)
+    return _num(fin.get("mri_mean")) if isinstance(fin, Mapping) else None
+
+
 def mean_final_loss(results: Mapping, run: Mapping) -> float | None:
     """Unweighted mean of the final losses on the old sources and the run's shift (None if any is missing)."""
     old, new = run_sources(results, run)
@@ -176,8 +240,16 @@ def mean_final_loss(results: Mapping, run: Mapping) -> float | None:
     return sum(vals) / len(vals)
 
 
+def _old_final_loss(results: Mapping, run: Mapping) -> float | None:
+    """Mean final loss over the old sources (None if any is missing)."""
+    old, _ = run_sources(results, run)
+    vals = [final_loss(run, s) for s in old]
+    return None if not vals or any(v is None for v in vals) else sum(vals) / len(vals)
+
+
 def mean_forgetting(results: Mapping, key: str) -> float | None:
-    """Mean forgetting (old-source loss rise) of a CPT run: ``results["forgetting"]``, else final - start."""
+    """Mean forgetting (old-source loss rise from the CPT start checkpoint to the end) of a CPT or control run:
+    ``results["forgetting"]``, else final - start."""
     entry = (results.get("forgetting") or {}).get(key)
     if isinstance(entry, Mapping) and _num(entry.get("mean_forgetting")) is not None:
         return _num(entry["mean_forgetting"])
@@ -195,7 +267,8 @@ def mean_forgetting(results: Mapping, key: str) -> float | None:
 
 
 def _window(n: int) -> int:
-    return max(1, int(math.ceil(MRI_WINDOW * n)))
+    """W = max(3, ceil(0.1 n)), in integer arithmetic (0.1 * 30 is 3.0000000000000004 in floats)."""
+    return max(MRI_WINDOW_MIN, -(-n // MRI_WINDOW_DIV))
 
 
 def _mri_series(run: Mapping | None, upto_step: Any = None) -> list[tuple[float, float]]:
@@ -217,237 +290,45 @@ def _mri_series(run: Mapping | None, upto_step: Any = None) -> list[tuple[float,
 
 
 def mri_shift_stats(results: Mapping, key: str) -> dict | None:
-    """Training-MRI statistics of one CPT run around its shift (Thérien et al. 2025, Fig. on MRI vs steps).
+    """Training-MRI windows of one CPT or control run around the shift (F2 of ``docs/study-rules.md``; Thérien et
+    al. 2025, arXiv 2503.05029, MRI against steps).
 
-    - ``pre``: mean train MRI over the last 10% of the parent's logged steps before the branch point;
-    - ``peak``: max train MRI over the first 10% of the CPT run's logged steps;
-    - ``spike``: ``peak - pre``;
-    - ``final``: mean train MRI over the last 10% of the CPT run's logged steps;
-    - ``recovery_steps``: CPT steps from the run's first logged step until MRI first comes back within 10% of
-      the spike above ``final`` after the peak (informational; the paper: about 500 of 95k steps).
-
-    Returns None when the run has no training MRI (dense model, or not logged). ``pre``/``spike`` are None when the
-    parent's log is missing.
+    ``W = max(3, ceil(0.1 N))`` logged steps, ``N`` the run's logged steps; ``pre`` = the parent's last ``W``
+    logged steps up to the branch point (``parent_step``, in the parent's steps), ``post`` = the run's first ``W``,
+    ``end`` = its last ``W``. Returns ``{"window", "n_logged", "pre_mean", "pre_max", "post_mean", "post_max",
+    "end_mean", "end_max", "spike": max(post) - max(pre), "noise": 2 sd(pre)}`` plus the aliases ``pre``
+    (= pre_mean), ``peak`` (= post_max) and ``final`` (= end_mean). The pre-window values, spike and noise are None
+    when the parent logged fewer than ``W`` steps before the branch (the windows must be equal). Returns None when
+    the run logged fewer than ``W`` steps (a dense model, or MRI not logged).
     """
     runs = _runs(results)
     run = runs.get(key)
-    cpt = _mri_series(run)
-    if not cpt:
+    series = [m for _, m in _mri_series(run)]
+    n = len(series)
+    w = _window(n)
+    if n < w:
         return None
-    n = _window(len(cpt))
-    head, tail = cpt[:n], cpt[-n:]
-    peak_step, peak = max(head, key=lambda e: e[1])
-    final = sum(m for _, m in tail) / len(tail)
-    parent = runs.get(run.get("parent") or "")
-    pre_series = _mri_series(parent, run.get("parent_step"))
-    pre = None
-    if pre_series:
-        last = pre_series[-_window(len(pre_series)):]
-        pre = sum(m for _, m in last) / len(last)
-    recovery = None
-    threshold = final + 0.1 * max(peak - final, 0.0)
-    for step, m in cpt:
-        if step >= peak_step and m <= threshold:
-            recovery = step - cpt[0][0]
-            break
-    span = cpt[-1][0] - cpt[0][0]
-    return {
-        "pre": pre,
-        "peak": peak,
-        "spike": None if pre is None else peak - pre,
-        "final": final,
-        "recovery_steps": recovery,
-        "recovery_fraction": None if recovery is None or span <= 0 else recovery / span,
+    post, end = series[:w], series[-w:]
+    parent = runs.get((run or {}).get("parent") or "")
+    pre = [m for _, m in _mri_series(parent, run.get("parent_step"))][-w:]
+    have_pre = len(pre) == w
+    out = {
+        "window": w, "n_logged": n,
+        "pre_mean": sum(pre) / w if have_pre else None, "pre_max": max(pre) if have_pre else None,
+        "post_mean": sum(post) / w, "post_max": max(post),
+        "end_mean": sum(end) / w, "end_max": max(end),
+        "spike": max(post) - max(pre) if have_pre else None,
+        "noise": 2.0 * _sd(pre) if have_pre else None,
     }
+    out.update(pre=out["pre_mean"], peak=out["post_max"], final=out["end_mean"])
+    return out
 
 
 def comparisons(results: Mapping) -> dict[str, dict]:
-    """``results["comparisons"]`` restricted to entries of known CPT runs (a stale entry is ignored)."""
+    """``results["comparisons"]`` restricted to entries of known CPT and control runs (a stale entry is ignored)."""
     runs = _runs(results)
     return {k: v for k, v in (results.get("comparisons") or {}).items()
-            if isinstance(v, Mapping) and runs.get(k, {}).get("kind") == "cpt"}
-
-
-def _entry(fid: str, reproduced: bool | None, figures: dict, rule: str) -> dict:
-    return {"id": fid, "title": CLAIMS[fid], "reproduced": reproduced, "figures": figures, "rule": rule}
-
-
-def _cpt_by_model(results: Mapping) -> dict[str, dict[tuple, str]]:
-    """{model: {variant: cpt run key}} (first key wins for a duplicated variant)."""
-    out: dict[str, dict[tuple, str]] = {}
-    runs = _runs(results)
-    for k in sorted_run_keys(results, "cpt"):
-        out.setdefault(runs[k].get("model"), {}).setdefault(_variant(runs[k]), k)
-    return out
-
-
-def _replay_groups(results: Mapping, models: Iterable[str] | None = None) -> dict[tuple, dict[float, str]]:
-    """{(model, shift, schedule): {replay: cpt run key}}."""
-    runs = _runs(results)
-    wanted = None if models is None else set(models)
-    out: dict[tuple, dict[float, str]] = {}
-    for k in sorted_run_keys(results, "cpt"):
-        r = runs[k]
-        if wanted is not None and r.get("model") not in wanted:
-            continue
-        out.setdefault((r.get("model"), r.get("shift"), r.get("schedule")), {}).setdefault(_replay(r), k)
-    return out
-
-
-def _gname(g: tuple) -> str:
-    return "/".join(str(x) for x in g)
-
-
-# --------------------------------------------------------------------------------------------------- findings
-def _f1(results: Mapping) -> dict:
-    rule = ("Reproduced when, for every CPT variant (shift, schedule, replay) run by both a dense model and an MoE, "
-            "each MoE's final loss on every old source and on the new source is below the dense model's.")
-    models = _models(results)
-    runs = _runs(results)
-    dense = [m for m in models if is_moe_model(results, m) is False]
-    moes = [m for m in models if is_moe_model(results, m)]
-    by_model = _cpt_by_model(results)
-    details, untested = [], []
-    if not dense:
-        untested.append("no dense model")
-    if not moes:
-        untested.append("no MoE model")
-    n_cmp = n_lower = 0
-    margins: list[float] = []
-    f_dense: list[float] = []
-    f_moe: list[float] = []
-    for d in dense:
-        for m in moes:
-            for v in sorted(set(by_model.get(d, {})) & set(by_model.get(m, {})), key=str):
-                kd, km = by_model[d][v], by_model[m][v]
-                old, new = run_sources(results, runs[km])
-                for s in old + new:
-                    ld, lm = final_loss(runs[kd], s), final_loss(runs[km], s)
-                    if ld is None or lm is None:
-                        continue
-                    n_cmp += 1
-                    n_lower += lm < ld
-                    margins.append(lm - ld)
-                    details.append({"dense_run": kd, "moe_run": km, "source": s, "dense_loss": _r(ld),
-                                    "moe_loss": _r(lm), "moe_minus_dense": _r(lm - ld)})
-                fd, fm = mean_forgetting(results, kd), mean_forgetting(results, km)
-                if fd is not None and fm is not None:
-                    f_dense.append(fd)
-                    f_moe.append(fm)
-    if dense and moes and n_cmp == 0:
-        untested.append("no CPT variant run by both a dense model and an MoE")
-    figures: dict[str, Any] = {"comparisons": n_cmp, "moe_lower": n_lower}
-    if margins:
-        figures["mean_moe_minus_dense"] = _r(sum(margins) / len(margins))
-        figures["worst_moe_minus_dense"] = _r(max(margins))
-    if f_dense:
-        figures["mean_forgetting_dense"] = _r(sum(f_dense) / len(f_dense))
-        figures["mean_forgetting_moe"] = _r(sum(f_moe) / len(f_moe))
-    act = {m: _num(models[m].get("active_params")) for m in dense + moes}
-    if dense and moes and act.get(dense[0]) and all(act.get(m) for m in moes):
-        figures["active_params_moe_over_dense"] = _r(_mean(act[m] for m in moes) / act[dense[0]], 4)
-    if untested:
-        figures["untested"] = untested
-    figures["details"] = details
-    reproduced = None if n_cmp == 0 else n_lower == n_cmp
-    return _entry("F1", reproduced, figures, rule)
-
-
-def _f2(results: Mapping) -> dict:
-    rule = ("Over CPT runs matched by (arch, shift, schedule, replay), reproduced when the penalty-balanced runs' mean "
-            "MRI spike (max train MRI in the first 10% of CPT steps minus the mean over the last 10% of pre-training "
-            "steps before the branch) exceeds the Sinkhorn runs' mean spike, and their mean final MRI (last 10% of "
-            "CPT steps) is lower.")
-    models = _models(results)
-    runs = _runs(results)
-    pairs: dict[tuple, dict[str, list[dict]]] = {}
-    for k in sorted_run_keys(results, "cpt"):
-        r = runs[k]
-        info = models.get(r.get("model"), {})
-        router = info.get("router")
-        if router not in ("penalty", "sinkhorn") or not is_moe_model(results, r.get("model")):
-            continue
-        st = mri_shift_stats(results, k)
-        if st is None or st["spike"] is None:
-            continue
-        pairs.setdefault((info.get("arch"),) + _variant(r), {}).setdefault(router, []).append(dict(st, run=k))
-    matched = {g: d for g, d in pairs.items() if "penalty" in d and "sinkhorn" in d}
-    figures: dict[str, Any] = {"matched_pairs": len(matched)}
-    if not matched:
-        have = sorted({r for d in pairs.values() for r in d})
-        figures["untested"] = [f"no matched penalty/sinkhorn CPT runs with train MRI (routers with MRI: {have})"]
-        figures["details"] = []
-        return _entry("F2", None, figures, rule)
-    rows = []
-    for g, d in matched.items():
-        row = {"group": _gname(g)}
-        for router, tag in (("penalty", "pb"), ("sinkhorn", "sb")):
-            row[f"{tag}_spike"] = _mean(s["spike"] for s in d[router])
-            row[f"{tag}_final"] = _mean(s["final"] for s in d[router])
-            row[f"{tag}_recovery_fraction"] = _mean(s["recovery_fraction"] for s in d[router])
-            row[f"{tag}_runs"] = [s["run"] for s in d[router]]
-        rows.append(row)
-    pb_spike = _mean(r["pb_spike"] for r in rows)
-    sb_spike = _mean(r["sb_spike"] for r in rows)
-    pb_final = _mean(r["pb_final"] for r in rows)
-    sb_final = _mean(r["sb_final"] for r in rows)
-    figures.update({
-        "pb_spike": _r(pb_spike), "sb_spike": _r(sb_spike),
-        "pb_final_mri": _r(pb_final), "sb_final_mri": _r(sb_final),
-        "pairs_pb_spike_higher": sum(r["pb_spike"] > r["sb_spike"] for r in rows),
-        "pairs_pb_final_lower": sum(r["pb_final"] < r["sb_final"] for r in rows),
-    })
-    rec = _mean(r["pb_recovery_fraction"] for r in rows)
-    if rec is not None:
-        figures["pb_recovery_fraction_of_cpt"] = _r(rec, 3)
-    figures["details"] = [{k: (_r(v) if isinstance(v, float) else v) for k, v in r.items()} for r in rows]
-    return _entry("F2", bool(pb_spike > sb_spike and pb_final < sb_final), figures, rule)
-
-
-def _f3(results: Mapping) -> dict:
-    rule = ("Reproduced when, for every (model, shift, schedule) run at two or more replay fractions, mean forgetting "
-            "at the smallest replay is larger than at the largest replay, and the final new-source loss at the largest "
-            "replay is at least the loss at the smallest replay (replay slows adaptation).")
-    runs = _runs(results)
-    details = []
-    for g, by_replay in _replay_groups(results).items():
-        if len(by_replay) < 2:
-            continue
-        lo, hi = min(by_replay), max(by_replay)
-        klo, khi = by_replay[lo], by_replay[hi]
-        f_lo, f_hi = mean_forgetting(results, klo), mean_forgetting(results, khi)
-        shift = g[1]
-        a_lo = final_loss(runs[klo], shift) if shift else None
-        a_hi = final_loss(runs[khi], shift) if shift else None
-        if None in (f_lo, f_hi, a_lo, a_hi):
-            continue
-        all_f = {rp: mean_forgetting(results, k) for rp, k in by_replay.items()}
-        details.append({
-            "group": _gname(g), "replay_min": lo, "replay_max": hi,
-            "forgetting_min_replay": _r(f_lo), "forgetting_max_replay": _r(f_hi),
-            "new_loss_min_replay": _r(a_lo), "new_loss_max_replay": _r(a_hi),
-            "less_forgetting": f_lo > f_hi, "slower_adaptation": a_hi >= a_lo,
-            "min_replay_forgets_most": all(f_lo >= v for v in all_f.values() if v is not None),
-        })
-    figures: dict[str, Any] = {"groups": len(details)}
-    if not details:
-        figures["untested"] = ["no (model, shift, schedule) with CPT runs at two replay fractions and their losses"]
-        figures["details"] = []
-        return _entry("F3", None, figures, rule)
-    figures.update({
-        "replay_min": min(d["replay_min"] for d in details),
-        "replay_max": max(d["replay_max"] for d in details),
-        "groups_less_forgetting": sum(d["less_forgetting"] for d in details),
-        "groups_slower_adaptation": sum(d["slower_adaptation"] for d in details),
-        "groups_min_replay_forgets_most": sum(d["min_replay_forgets_most"] for d in details),
-        "mean_forgetting_min_replay": _r(_mean(d["forgetting_min_replay"] for d in details)),
-        "mean_forgetting_max_replay": _r(_mean(d["forgetting_max_replay"] for d in details)),
-        "mean_new_loss_min_replay": _r(_mean(d["new_loss_min_replay"] for d in details)),
-        "mean_new_loss_max_replay": _r(_mean(d["new_loss_max_replay"] for d in details)),
-        "details": details,
-    })
-    ok = all(d["less_forgetting"] and d["slower_adaptation"] for d in details)
-    return _entry("F3", ok, figures, rule)
+            if isinstance(v, Mapping) and runs.get(k, {}).get("kind") in ("cpt", "control")}
 
 
 def _parent_flops_used(results: Mapping, run: Mapping) -> float | None:
@@ -464,263 +345,633 @@ def _parent_flops_used(results: Mapping, run: Mapping) -> float | None:
     return total
 
 
-def _f4(results: Mapping) -> dict:
-    rule = (f"Reproduced when, for every (model, shift) with a full re-training run, the infinite-schedule CPT run "
-            f"with the largest replay reaches a mean (old + new sources) final loss at most "
-            f"{F4_TOLERANCE:.0%} above the re-training run's; the compute ratio is that CPT run's FLOPs over the "
-            f"re-training run's.")
-    runs = _runs(results)
-    details, untested = [], []
-    retrains = sorted_run_keys(results, "retrain")
-    if not retrains:
-        untested.append("no retrain run")
-    for rk in retrains:
-        rr = runs[rk]
-        cands = [k for k in sorted_run_keys(results, "cpt")
-                 if runs[k].get("model") == rr.get("model") and runs[k].get("shift") == rr.get("shift")
-                 and runs[k].get("schedule") == "inf"]
-        if not cands:
-            untested.append(f"no inf-schedule CPT run for {rr.get('model')}/{rr.get('shift')}")
+# ------------------------------------------------------------------------------------------------- statistics
+def t_quantile_975(df: int) -> float:
+    """t(0.975, df): the standard table for df 1..30; beyond, the Cornish-Fisher expansion around the normal
+    quantile (error below 1e-4 for df > 30)."""
+    if df < 1:
+        raise ValueError(f"degrees of freedom must be >= 1, got {df}")
+    if df <= len(_T975):
+        return _T975[df - 1]
+    z = _Z975
+    return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
+
+
+def _interval(xs: list[float]) -> tuple[float, float | None, float | None]:
+    """(mean, lo, hi) of the 95% Student-t interval; lo/hi None below two values (no interval)."""
+    mean = sum(xs) / len(xs)
+    if len(xs) < 2:
+        return mean, None, None
+    half = t_quantile_975(len(xs) - 1) * _sd(xs) / math.sqrt(len(xs))
+    return mean, mean - half, mean + half
+
+
+def _agrees(e: float, kind: str, margin: float | None, one_sided: bool) -> bool:
+    """Whether one seed's own effect points the paper's way."""
+    if kind == "directional":
+        return e > 0
+    if margin is None:
+        return False
+    return e >= -margin if one_sided else -margin < e < margin
+
+
+def _verdict(kind: str, lo: float, hi: float, margin: float | None, one_sided: bool) -> str:
+    if kind == "directional":
+        return "reproduced" if lo > 0 else "not reproduced" if hi < 0 else "inconclusive"
+    if margin is None:  # an equivalence part without its margin cannot be decided
+        return "inconclusive"
+    if one_sided:
+        return "reproduced" if lo >= -margin else "not reproduced" if hi < -margin else "inconclusive"
+    if -margin < lo and hi < margin:
+        return "reproduced"
+    return "not reproduced" if lo > margin or hi < -margin else "inconclusive"
+
+
+def effect_stats(per_seed: Mapping[int, float], kind: str = "directional", margin: float | None = None, *,
+                 one_sided: bool = False) -> dict:
+    """Mean, 95% Student-t interval, spread and verdict of one effect measured once per seed
+    (``docs/study-rules.md``, "From seeds to a verdict"; Thérien et al. 2025, arXiv 2503.05029).
+
+    ``e > 0`` is the paper's direction. ``kind="directional"``: reproduced when the interval lies above zero, not
+    reproduced when below, inconclusive otherwise. ``kind="equivalence"`` with margin ``τ``: reproduced when the
+    interval lies inside ``(-τ, τ)``, not reproduced when wholly outside, inconclusive otherwise; with
+    ``one_sided=True`` (F4 a): reproduced when ``lo >= -τ``, not reproduced when ``hi < -τ``. With one seed there
+    is no interval (``lo``/``hi`` None) and the verdict is inconclusive; with none it is untested.
+
+    Returns ``{"kind", "verdict", "n_seeds", "mean", "lo", "hi", "min", "max", "per_seed": {"<seed>": e},
+    "seeds_agreeing", "margin"}`` (numbers rounded to 5 significant digits; verdicts use the exact values).
+    """
+    vals = {int(s): v for s, v in ((s, _num(x)) for s, x in per_seed.items()) if v is not None}
+    n = len(vals)
+    out: dict[str, Any] = {"kind": kind, "verdict": "untested", "n_seeds": n, "mean": None, "lo": None, "hi": None,
+                           "min": None, "max": None, "per_seed": {str(s): _r(v) for s, v in sorted(vals.items())},
+                           "seeds_agreeing": sum(_agrees(v, kind, margin, one_sided) for v in vals.values()),
+                           "margin": _r(margin)}
+    if n == 0:
+        return out
+    xs = list(vals.values())
+    mean, lo, hi = _interval(xs)
+    out.update(mean=_r(mean), min=_r(min(xs)), max=_r(max(xs)), verdict="inconclusive")
+    if lo is not None:
+        out.update(lo=_r(lo), hi=_r(hi), verdict=_verdict(kind, lo, hi, margin, one_sided))
+    return out
+
+
+def _check_stats(per_seed: Mapping[int, float], limit: float) -> dict:
+    """An arithmetic check ``value <= limit`` (F4 b): decided on the mean over seeds, whatever their number (the
+    compute ratio is fixed by the recipe, so every seed gives the same value); ``margin`` holds the limit."""
+    vals = {int(s): v for s, v in ((s, _num(x)) for s, x in per_seed.items()) if v is not None}
+    xs = list(vals.values())
+    # 9 significant digits: float rounding in the mean of equal ratios (0.4, 0.4, 0.4) must not flip "at most"
+    mean = _r(sum(xs) / len(xs), 9) if xs else None
+    return {"kind": "check", "n_seeds": len(xs), "mean": _r(mean, 4), "lo": None, "hi": None,
+            "min": _r(min(xs), 4) if xs else None, "max": _r(max(xs), 4) if xs else None,
+            "per_seed": {str(s): _r(v, 4) for s, v in sorted(vals.items())},
+            "seeds_agreeing": sum(v <= limit for v in xs), "margin": limit,
+            "verdict": "untested" if mean is None else "reproduced" if mean <= limit else "not reproduced"}
+
+
+def _collect(acc: dict[int, list[float]], seed: int, value: float | None) -> None:
+    if value is not None:
+        acc.setdefault(seed, []).append(value)
+
+
+def _seed_means(acc: Mapping[int, list[float]]) -> dict[int, float]:
+    """One effect per seed: the mean over that seed's groups / runs."""
+    return {s: sum(v) / len(v) for s, v in sorted(acc.items()) if v}
+
+
+def _part(name: str, title: str, kind: str, acc: Mapping[int, list[float]], untested: str, *,
+          margin: float | None = None, one_sided: bool = False, limit: float | None = None) -> dict:
+    """One part of a rule: its per-seed effect decided by :func:`effect_stats` (or :func:`_check_stats` for a
+    check). ``untested`` is the reason shown when no seed has the effect."""
+    per_seed = _seed_means(acc)
+    st = (_check_stats(per_seed, limit) if kind == "check"
+          else effect_stats(per_seed, kind, margin, one_sided=one_sided))
+    st = {"name": name, "title": title, **st, "untested": None}
+    if st["verdict"] == "untested":
+        st["untested"] = untested
+    return st
+
+
+def _combine(verdicts: list[str]) -> str:
+    """All tested parts reproduced -> reproduced; any not reproduced -> not reproduced; no tested part -> untested;
+    else inconclusive."""
+    tested = [v for v in verdicts if v != "untested"]
+    if not tested:
+        return "untested"
+    if "not reproduced" in tested:
+        return "not reproduced"
+    return "reproduced" if all(v == "reproduced" for v in tested) else "inconclusive"
+
+
+def _stat_text(p: Mapping) -> str:
+    """A part's figure as text: mean [lo, hi] (spread min to max below 3 seeds), seeds agreeing."""
+    from moecpt.analysis.report import fmt  # lazily: report imports this module
+
+    if p["verdict"] == "untested":
+        return f"untested ({p['untested']})"
+    if p["kind"] == "check":
+        return f"{fmt(p['mean'])} (limit {fmt(p['margin'])})"
+    if p["n_seeds"] == 1:
+        way = "the paper's way" if p["seeds_agreeing"] else "against the paper"
+        return f"{fmt(p['mean'])}, one seed: no interval, it points {way}"
+    txt = f"{fmt(p['mean'])} [{fmt(p['lo'])}, {fmt(p['hi'])}]"
+    if p["n_seeds"] < 3:
+        txt += f" (spread {fmt(p['min'])} to {fmt(p['max'])})"
+    if p["margin"] is not None:
+        txt += f", margin {fmt(p['margin'])}"
+    return f"{txt}, {fmt(p['seeds_agreeing'])}/{fmt(p['n_seeds'])} seeds"
+
+
+def _entry(fid: str, rule: str, parts: list[dict], extra: Mapping[str, Any], details: list[dict]) -> dict:
+    """A finding: its verdict combined from the parts, a one-sentence evidence and flat figures."""
+    verdict = _combine([p["verdict"] for p in parts])
+    figures: dict[str, Any] = {}
+    for p in parts:
+        if p["verdict"] == "untested":
             continue
-        ck = max(cands, key=lambda k: _replay(runs[k]))
-        cr = runs[ck]
-        lc, lr = mean_final_loss(results, cr), mean_final_loss(results, rr)
-        if lc is None or lr is None or lr <= 0:
-            untested.append(f"missing final losses for {ck} or {rk}")
-            continue
-        fc, fr = _num(cr.get("train_flops")), _num(rr.get("train_flops"))
-        fp = _parent_flops_used(results, cr)
-        row = {"cpt_run": ck, "retrain_run": rk, "replay": _replay(cr), "cpt_mean_loss": _r(lc),
-               "retrain_mean_loss": _r(lr), "relative_gap": _r(lc / lr - 1.0), "within_tolerance":
-               lc <= lr * (1.0 + F4_TOLERANCE)}
-        if fc is not None and fr:
-            row["compute_ratio"] = _r(fc / fr, 4)
-            if fp is not None:
-                row["compute_ratio_with_pretrain"] = _r((fc + fp) / fr, 4)
-        details.append(row)
-    figures: dict[str, Any] = {"pairs": len(details)}
-    if details:
-        figures.update({
-            "pairs_within_tolerance": sum(d["within_tolerance"] for d in details),
-            "cpt_mean_loss": _r(_mean(d["cpt_mean_loss"] for d in details)),
-            "retrain_mean_loss": _r(_mean(d["retrain_mean_loss"] for d in details)),
-            "max_relative_gap": _r(max(d["relative_gap"] for d in details)),
-            "replay": max(d["replay"] for d in details),
-        })
-        ratio = _mean(d.get("compute_ratio") for d in details)
-        if ratio is not None:
-            figures["compute_ratio"] = _r(ratio, 4)
-        ratio_p = _mean(d.get("compute_ratio_with_pretrain") for d in details)
-        if ratio_p is not None:
-            figures["compute_ratio_with_pretrain"] = _r(ratio_p, 4)
+        n = p["name"]
+        figures.update({f"{n}_mean": p["mean"], f"{n}_lo": p["lo"], f"{n}_hi": p["hi"],
+                        f"{n}_seeds_agreeing": p["seeds_agreeing"]})
+        if p["margin"] is not None:
+            figures[f"{n}_margin"] = p["margin"]
+    figures.update(extra)
+    untested = [f"({p['name']}) {p['untested']}" for p in parts if p["verdict"] == "untested"]
     if untested:
         figures["untested"] = untested
     figures["details"] = details
-    reproduced = all(d["within_tolerance"] for d in details) if details else None
-    return _entry("F4", reproduced, figures, rule)
+    seeds = {s for p in parts for s in p["per_seed"]}
+    return {"id": fid, "title": CLAIMS[fid], "verdict": verdict,
+            "reproduced": True if verdict == "reproduced" else False if verdict == "not reproduced" else None,
+            "rule": rule, "evidence": "; ".join(f"({p['name']}) {p['title']} {_stat_text(p)}" for p in parts) + ".",
+            "n_seeds": len(seeds), "parts": parts, "figures": figures}
+
+
+def _round_row(row: Mapping) -> dict:
+    return {k: (_r(v) if isinstance(v, float) else v) for k, v in row.items()}
+
+
+def _cpt_index(results: Mapping) -> dict[tuple, str]:
+    """{(seed, model, variant): cpt run key} (first key wins for a duplicated cell)."""
+    runs = _runs(results)
+    out: dict[tuple, str] = {}
+    for k in sorted_run_keys(results, "cpt"):
+        out.setdefault((_seed(runs[k]), runs[k].get("model"), _variant(runs[k])), k)
+    return out
+
+
+def _replay_groups(results: Mapping) -> dict[tuple, dict[float, str]]:
+    """{(seed, model, shift, schedule): {replay: cpt run key}}."""
+    runs = _runs(results)
+    out: dict[tuple, dict[float, str]] = {}
+    for k in sorted_run_keys(results, "cpt"):
+        r = runs[k]
+        out.setdefault((_seed(r), r.get("model"), r.get("shift"), r.get("schedule")), {}).setdefault(_replay(r), k)
+    return out
+
+
+def _gname(g: tuple) -> str:
+    return "/".join(str(x) for x in g)
+
+
+# --------------------------------------------------------------------------------------------------- findings
+def _f1(results: Mapping) -> dict:
+    rule = ("e = the dense model's final loss minus the MoE's, averaged over every (MoE, CPT variant, source) with a "
+            "dense run of the same variant and seed; sources are the old sources and the shift. Directional: "
+            "reproduced when the 95% t-interval over seeds lies above zero, not reproduced when below, inconclusive "
+            "otherwise (one seed: inconclusive). The same difference at the CPT start is reported beside it.")
+    runs, index = _runs(results), _cpt_index(results)
+    models = _models(results)
+    dense = [m for m in models if is_moe_model(results, m) is False]
+    moes = [m for m in models if is_moe_model(results, m)]
+    acc: dict[int, list[float]] = {}
+    acc_start: dict[int, list[float]] = {}
+    details = []
+    for (seed, m, v), km in index.items():
+        if m not in moes:
+            continue
+        for d in dense:
+            kd = index.get((seed, d, v))
+            if kd is None:
+                continue
+            old, new = run_sources(results, runs[km])
+            for s in old + new:
+                ld, lm = final_loss(runs[kd], s), final_loss(runs[km], s)
+                if ld is None or lm is None:
+                    continue
+                _collect(acc, seed, ld - lm)
+                sd_, sm = _start_loss(runs[kd], s), _start_loss(runs[km], s)
+                _collect(acc_start, seed, None if sd_ is None or sm is None else sd_ - sm)
+                details.append(_round_row({"seed": seed, "dense_run": kd, "moe_run": km, "source": s,
+                                           "dense_loss": ld, "moe_loss": lm, "e": ld - lm}))
+    why = ("no dense model" if not dense else "no MoE model" if not moes
+           else "no CPT variant run by both a dense model and an MoE")
+    part = _part("a", "dense final loss above the MoE's", "directional", acc, why)
+    start = effect_stats(_seed_means(acc_start))
+    return _entry("F1", rule, [part], {"start_mean": start["mean"], "start_lo": start["lo"],
+                                      "start_hi": start["hi"]}, details)
+
+
+def _f2(results: Mapping) -> dict:
+    rule = ("Training-MRI windows: W = max(3, ceil(0.1 N)) logged steps (N = the CPT run's); pre = the parent's last "
+            "W steps up to the branch point, post = the run's first W, end = its last W; spike = max(post) - "
+            "max(pre), noise = 2 sd(pre). (a) penalty spike above the control: e = spike(cpt) - spike(control) over "
+            "the penalty-balanced CPT runs, directional. (b) penalty spike above the noise: e = spike(cpt) - "
+            "noise(cpt), directional. (c) Sinkhorn barely moves: e = spike(cpt) - spike(control) over the Sinkhorn "
+            "CPT runs, equivalence with margin = their mean noise. (d) penalty recovers: e = spike/2 - (mean(end) - "
+            "mean(pre)), directional. (e) penalty ends below Sinkhorn: e = mean(end) of the Sinkhorn run minus that "
+            "of the penalty run of the same architecture, variant and seed, directional. Directional: the 95% "
+            "t-interval over seeds above zero; equivalence: inside the margin; one seed: inconclusive.")
+    runs = _runs(results)
+    acc: dict[str, dict[int, list[float]]] = {p: {} for p in "abcde"}
+    sb_noise: list[float] = []
+    ends: dict[tuple, dict[str, float]] = {}
+    details = []
+    for k in sorted_run_keys(results, "cpt"):
+        r = runs[k]
+        info = _info(results, r)
+        router = info.get("router")
+        if router not in ("penalty", "sinkhorn") or not is_moe_model(results, r.get("model")):
+            continue
+        st = mri_shift_stats(results, k)
+        if st is None or st["spike"] is None:
+            continue
+        seed = _seed(r)
+        ck = control_key(results, k)
+        cst = mri_shift_stats(results, ck) if ck else None
+        cspike = cst["spike"] if cst else None
+        shift_vs_control = None if cspike is None else st["spike"] - cspike
+        if router == "penalty":
+            _collect(acc["a"], seed, shift_vs_control)
+            _collect(acc["b"], seed, st["spike"] - st["noise"])
+            _collect(acc["d"], seed, st["spike"] / 2 - (st["end_mean"] - st["pre_mean"]))
+        else:
+            _collect(acc["c"], seed, shift_vs_control)
+            if shift_vs_control is not None:
+                sb_noise.append(st["noise"])
+        ends.setdefault((seed, info.get("arch")) + _variant(r), {}).setdefault(router, st["end_mean"])
+        details.append(_round_row({"seed": seed, "run": k, "router": router, "control": ck,
+                                   "window": st["window"], "pre_mean": st["pre_mean"], "pre_max": st["pre_max"],
+                                   "post_max": st["post_max"], "end_mean": st["end_mean"], "spike": st["spike"],
+                                   "noise": st["noise"], "control_spike": cspike}))
+    for g, d in ends.items():
+        if "penalty" in d and "sinkhorn" in d:
+            _collect(acc["e"], g[0], d["sinkhorn"] - d["penalty"])
+    tau = _mean(sb_noise)
+    parts = [
+        _part("a", "penalty spike above the control", "directional", acc["a"],
+              "no penalty-balanced CPT run with train MRI and a no-shift control with train MRI"),
+        _part("b", "penalty spike above the noise", "directional", acc["b"],
+              "no penalty-balanced CPT run with train MRI (and its parent's before the branch)"),
+        _part("c", "Sinkhorn barely moves", "equivalence", acc["c"],
+              "no Sinkhorn CPT run with train MRI and a no-shift control with train MRI", margin=tau),
+        _part("d", "penalty recovers", "directional", acc["d"],
+              "no penalty-balanced CPT run with train MRI (and its parent's before the branch)"),
+        _part("e", "penalty ends below Sinkhorn", "directional", acc["e"],
+              "no penalty and Sinkhorn CPT runs of the same architecture and variant with train MRI"),
+    ]
+    return _entry("F2", rule, parts, {}, details)
+
+
+def _f3(results: Mapping) -> dict:
+    rule = ("Groups: (model, shift, schedule) with two or more replay fractions, per seed; forgetting = the old "
+            "sources' mean loss rise from the CPT start checkpoint to the end of CPT. (a) the smallest replay "
+            "forgets most: e = forgetting at the smallest replay minus the largest forgetting among the other "
+            "replays, averaged over groups, directional. (b) replay slows adaptation: e = the shift's final loss at "
+            "the largest replay minus at the smallest, averaged over groups, directional. Directional: the 95% "
+            "t-interval over seeds above zero; one seed: inconclusive.")
+    runs = _runs(results)
+    acc_a: dict[int, list[float]] = {}
+    acc_b: dict[int, list[float]] = {}
+    details = []
+    for g, by_replay in _replay_groups(results).items():
+        if len(by_replay) < 2:
+            continue
+        seed, shift = g[0], g[2]
+        forg = {rp: f for rp, f in ((rp, mean_forgetting(results, k)) for rp, k in by_replay.items())
+                if f is not None}
+        e_a = None
+        if len(forg) >= 2:
+            lo = min(forg)
+            e_a = forg[lo] - max(v for rp, v in forg.items() if rp != lo)
+        lo, hi = min(by_replay), max(by_replay)
+        a_lo = final_loss(runs[by_replay[lo]], shift) if shift else None
+        a_hi = final_loss(runs[by_replay[hi]], shift) if shift else None
+        e_b = None if a_lo is None or a_hi is None else a_hi - a_lo
+        _collect(acc_a, seed, e_a)
+        _collect(acc_b, seed, e_b)
+        details.append(_round_row({"seed": seed, "group": _gname(g[1:]), "replay_min": lo, "replay_max": hi,
+                                   "forgetting_min_replay": forg.get(lo), "forgetting_max_replay": forg.get(hi),
+                                   "new_loss_min_replay": a_lo, "new_loss_max_replay": a_hi,
+                                   "e_a": e_a, "e_b": e_b}))
+    why = "no (model, shift, schedule) with CPT runs at two replay fractions and their losses"
+    parts = [_part("a", "the smallest replay forgets most", "directional", acc_a, why),
+             _part("b", "replay slows adaptation", "directional", acc_b, why)]
+    return _entry("F3", rule, parts, {"groups": len(details)}, details)
+
+
+def _f4(results: Mapping) -> dict:
+    rule = ("Pairs: (model, shift, seed) with a re-training run and inf CPT runs; the CPT run with the largest replay "
+            "is taken. (a) matches: e = -(L_cpt / L_retrain - 1) on the mean final loss (e > 0: CPT better), "
+            "averaged over pairs; one-sided equivalence: reproduced when the 95% t-interval's lower end is at least "
+            f"-τ, not reproduced when its upper end is below -τ, inconclusive otherwise (one seed: inconclusive); "
+            f"τ = the seeds' relative sd of the re-training loss, at most {F4_TAU_MAX:.0%} ({F4_TAU_MAX:.0%} with "
+            f"one seed). (b) compute: CPT FLOPs over re-training FLOPs at most {F4_COMPUTE_MAX:g} (the paper: about "
+            "one third); an arithmetic check on the mean ratio, reproduced or not.")
+    runs = _runs(results)
+    acc_a: dict[int, list[float]] = {}
+    acc_b: dict[int, list[float]] = {}
+    acc_bp: dict[int, list[float]] = {}
+    retrain_loss: dict[int, list[float]] = {}
+    details = []
+    cpts = sorted_run_keys(results, "cpt")
+    for rk in sorted_run_keys(results, "retrain"):
+        rr = runs[rk]
+        seed = _seed(rr)
+        cands = [k for k in cpts if runs[k].get("schedule") == "inf" and _seed(runs[k]) == seed
+                 and (runs[k].get("model"), runs[k].get("shift")) == (rr.get("model"), rr.get("shift"))]
+        if not cands:
+            continue
+        ck = max(cands, key=lambda k: _replay(runs[k]))  # max keeps the first of equal replays
+        cr = runs[ck]
+        lc, lr = mean_final_loss(results, cr), mean_final_loss(results, rr)
+        e = None if lc is None or lr is None or lr <= 0 else -(lc / lr - 1.0)
+        fc, fr = _num(cr.get("train_flops")), _num(rr.get("train_flops"))
+        ratio = fc / fr if fc is not None and fr else None
+        fp = _parent_flops_used(results, cr)
+        _collect(acc_a, seed, e)
+        _collect(retrain_loss, seed, lr if e is not None else None)
+        _collect(acc_b, seed, ratio)
+        _collect(acc_bp, seed, None if ratio is None or fp is None else (fc + fp) / fr)
+        details.append(_round_row({"seed": seed, "cpt_run": ck, "retrain_run": rk, "replay": _replay(cr),
+                                   "cpt_mean_loss": lc, "retrain_mean_loss": lr, "e_a": e, "compute_ratio": ratio}))
+    per_seed_retrain = list(_seed_means(retrain_loss).values())
+    tau = F4_TAU_MAX
+    if len(per_seed_retrain) >= 2:
+        tau = min(F4_TAU_MAX, _sd(per_seed_retrain) / abs(sum(per_seed_retrain) / len(per_seed_retrain)))
+    parts = [_part("a", "matches", "equivalence", acc_a,
+                   "no (model, shift) with a re-training run and an inf CPT run with final losses",
+                   margin=tau, one_sided=True),
+             _part("b", "compute", "check", acc_b, "no re-training / inf CPT pair with training FLOPs",
+                   limit=F4_COMPUTE_MAX)]
+    with_pre = _mean(_seed_means(acc_bp).values())
+    return _entry("F4", rule, parts, {"pairs": len(details), "compute_ratio_with_pretrain": _r(with_pre, 4)},
+                  details)
+
+
+def _crs_layers(comp: Mapping | None) -> list[float] | None:
+    if not comp:
+        return None
+    layers = [_num(x) for x in comp.get("crs_layers") or []]
+    return None if not layers or any(v is None for v in layers) else layers
+
+
+def _crs_mean(comp: Mapping | None) -> float | None:
+    if not comp:
+        return None
+    m = _num(comp.get("crs_mean"))
+    return m if m is not None else _mean(comp.get("crs_layers") or [])
 
 
 def _f5(results: Mapping) -> dict:
-    rule = ("Reproduced when (a) averaged over the MoE CPT runs, the Continual Router Saturation of the first MoE "
-            "layer is below the mean CRS of the remaining MoE layers (lower CRS = routing changed more), and (b) for "
-            "every (model, shift, schedule) with two or more replay fractions, mean CRS at the smallest replay is "
-            "below the mean CRS at the largest replay.")
+    rule = ("Routing change = the Continual Router Saturation (CRS) on the old source's held-out tokens between the "
+            "CPT start checkpoint and the end of the run; lower CRS = more change. (a) early layers: per MoE layer "
+            "the shift's share of the change is CRS(control) - CRS(cpt); e = its mean over the first half of the "
+            "MoE layers minus its mean over the second half (odd count: the middle layer left out), averaged over "
+            "the MoE CPT runs, directional. (b) 0% replay: e = CRS at the largest replay minus CRS at the smallest, "
+            "per (model, shift, schedule) group, averaged over groups, directional. Directional: the 95% t-interval "
+            "over seeds above zero; one seed: inconclusive.")
+    runs = _runs(results)
     comps = comparisons(results)
-    untested, parts = [], []
-    figures: dict[str, Any] = {"runs_compared": len(comps)}
-    firsts, rests = [], []
-    for k in sorted(comps):
-        layers = [v for v in (_num(x) for x in comps[k].get("crs_layers") or []) if v is not None]
-        if len(layers) >= 2:
-            firsts.append(layers[0])
-            rests.append(sum(layers[1:]) / len(layers[1:]))
-    if firsts:
-        first, rest = sum(firsts) / len(firsts), sum(rests) / len(rests)
-        figures["crs_first_layer"] = _r(first)
-        figures["crs_other_layers"] = _r(rest)
-        parts.append(first < rest)
-    else:
-        untested.append("(a) layers: no CPT comparison with two or more MoE layers")
+    acc_a: dict[int, list[float]] = {}
+    acc_b: dict[int, list[float]] = {}
     details = []
-    crs_of = {k: _num(c.get("crs_mean")) if _num(c.get("crs_mean")) is not None else _mean(c.get("crs_layers") or [])
-              for k, c in comps.items()}
+    for k in sorted_run_keys(results, "cpt"):
+        if not is_moe_model(results, runs[k].get("model")):
+            continue
+        ck = control_key(results, k)
+        cpt_l, ctl_l = _crs_layers(comps.get(k)), _crs_layers(comps.get(ck) if ck else None)
+        if cpt_l is None or ctl_l is None or len(cpt_l) != len(ctl_l) or len(cpt_l) < 2:
+            continue
+        share = [c - x for c, x in zip(ctl_l, cpt_l)]
+        h = len(share) // 2
+        e = sum(share[:h]) / h - sum(share[-h:]) / h
+        _collect(acc_a, _seed(runs[k]), e)
+        details.append(_round_row({"part": "a", "seed": _seed(runs[k]), "run": k, "control": ck,
+                                   "share_layers": [_r(x) for x in share], "e": e}))
     for g, by_replay in _replay_groups(results).items():
-        have = {rp: crs_of[k] for rp, k in by_replay.items() if crs_of.get(k) is not None}
+        if not is_moe_model(results, g[1]):
+            continue
+        have = {rp: c for rp, c in ((rp, _crs_mean(comps.get(k))) for rp, k in by_replay.items()) if c is not None}
         if len(have) < 2:
             continue
         lo, hi = min(have), max(have)
-        details.append({"group": _gname(g), "replay_min": lo, "replay_max": hi, "crs_min_replay": _r(have[lo]),
-                        "crs_max_replay": _r(have[hi]), "changed_more_without_replay": have[lo] < have[hi]})
-    if details:
-        figures["groups"] = len(details)
-        figures["groups_changed_more_without_replay"] = sum(d["changed_more_without_replay"] for d in details)
-        figures["crs_min_replay"] = _r(_mean(d["crs_min_replay"] for d in details))
-        figures["crs_max_replay"] = _r(_mean(d["crs_max_replay"] for d in details))
-        parts.append(all(d["changed_more_without_replay"] for d in details))
-    else:
-        untested.append("(b) replay: no MoE (model, shift, schedule) with CRS at two replay fractions")
-    if untested:
-        figures["untested"] = untested
-    figures["details"] = details
-    return _entry("F5", all(parts) if parts else None, figures, rule)
+        _collect(acc_b, g[0], have[hi] - have[lo])
+        details.append(_round_row({"part": "b", "seed": g[0], "group": _gname(g[1:]), "replay_min": lo,
+                                   "replay_max": hi, "crs_min_replay": have[lo], "crs_max_replay": have[hi],
+                                   "e": have[hi] - have[lo]}))
+    parts = [_part("a", "early layers", "directional", acc_a,
+                   "no MoE CPT run with per-layer CRS (two or more layers) and a no-shift control with CRS"),
+             _part("b", "0% replay", "directional", acc_b,
+                   "no MoE (model, shift, schedule) with CRS at two replay fractions")]
+    return _entry("F5", rule, parts, {}, details)
 
 
-def _pair_means(results: Mapping, a_models: list[str], b_models: list[str],
-                pair_ok) -> tuple[list[float], list[float], int]:
-    """Mean final losses of matched CPT runs (same variant) for every model pair (a, b) with ``pair_ok(a, b)``."""
-    runs = _runs(results)
-    by_model = _cpt_by_model(results)
-    la, lb = [], []
-    n_pairs = 0
-    for a in a_models:
-        for b in b_models:
-            if not pair_ok(a, b):
+def _pair_effects(results: Mapping, pair_ok, label: str) -> tuple[dict[int, list[float]], list[dict]]:
+    """e = mean final loss of model a minus model b on CPT runs of the same seed and variant, for every MoE pair
+    (a, b) with ``pair_ok(info_a, info_b)``."""
+    runs, index = _runs(results), _cpt_index(results)
+    models = _models(results)
+    acc: dict[int, list[float]] = {}
+    details = []
+    for (seed, a, v), ka in index.items():
+        if not is_moe_model(results, a):
+            continue
+        for b in models:
+            kb = index.get((seed, b, v))
+            if kb is None or not is_moe_model(results, b) or not pair_ok(models[a], models[b]):
                 continue
-            common = set(by_model.get(a, {})) & set(by_model.get(b, {}))
-            used = False
-            for v in sorted(common, key=str):
-                x = mean_final_loss(results, runs[by_model[a][v]])
-                y = mean_final_loss(results, runs[by_model[b][v]])
-                if x is None or y is None:
-                    continue
-                la.append(x)
-                lb.append(y)
-                used = True
-            n_pairs += used
-    return la, lb, n_pairs
+            la, lb = mean_final_loss(results, runs[ka]), mean_final_loss(results, runs[kb])
+            if la is None or lb is None:
+                continue
+            _collect(acc, seed, la - lb)
+            details.append(_round_row({"part": label, "seed": seed, "worse_run": ka, "better_run": kb,
+                                       "worse_loss": la, "better_loss": lb, "e": la - lb}))
+    return acc, details
 
 
 def _f6(results: Mapping) -> dict:
-    rule = ("Reproduced when, on CPT runs matched by variant, (a) Granular models (paired with Switch models of the "
-            "same router) have a lower mean final loss (old + new sources) than Switch, and (b) penalty-balanced "
-            "models (paired with Sinkhorn models of the same architecture) have a lower mean final loss than Sinkhorn; "
-            "decided on the parts that can be tested.")
-    models = _models(results)
-    moes = [m for m in models if is_moe_model(results, m)]
-    arch = {m: models[m].get("arch") for m in moes}
-    router = {m: models[m].get("router") for m in moes}
-    figures: dict[str, Any] = {}
-    untested, parts = [], []
-    g, s, n = _pair_means(results, [m for m in moes if arch[m] == "granular"], [m for m in moes if arch[m] == "switch"],
-                          lambda a, b: router[a] == router[b])
-    if g:
-        figures.update({"granular_mean_loss": _r(sum(g) / len(g)), "switch_mean_loss": _r(sum(s) / len(s)),
-                        "arch_matched_runs": len(g), "arch_model_pairs": n})
-        parts.append(sum(g) / len(g) < sum(s) / len(s))
-    else:
-        untested.append("(a) Granular vs Switch: needs a Granular and a Switch MoE with the same router and matching "
-                        "CPT runs")
-    p, k, n = _pair_means(results, [m for m in moes if router[m] == "penalty"],
-                          [m for m in moes if router[m] == "sinkhorn"], lambda a, b: arch[a] == arch[b])
-    if p:
-        figures.update({"penalty_mean_loss": _r(sum(p) / len(p)), "sinkhorn_mean_loss": _r(sum(k) / len(k)),
-                        "router_matched_runs": len(p), "router_model_pairs": n})
-        parts.append(sum(p) / len(p) < sum(k) / len(k))
-    else:
-        untested.append("(b) penalty vs Sinkhorn: needs a penalty- and a Sinkhorn-balanced MoE of the same "
-                        "architecture with matching CPT runs")
-    if untested:
-        figures["untested"] = untested
-    return _entry("F6", all(parts) if parts else None, figures, rule)
+    rule = ("On CPT runs matched by variant and seed: (a) e = Switch's mean final loss minus Granular's (same "
+            "router), directional; (b) e = Sinkhorn's mean final loss minus the penalty-balanced model's (same "
+            "architecture), directional. Directional: the 95% t-interval over seeds above zero; one seed: "
+            "inconclusive.")
+    acc_a, det_a = _pair_effects(results, lambda a, b: a.get("arch") == "switch" and b.get("arch") == "granular"
+                                 and a.get("router") == b.get("router"), "a")
+    acc_b, det_b = _pair_effects(results, lambda a, b: a.get("router") == "sinkhorn" and b.get("router") == "penalty"
+                                 and a.get("arch") == b.get("arch"), "b")
+    parts = [_part("a", "Granular beats Switch", "directional", acc_a,
+                   "needs a Granular and a Switch MoE with the same router and matching CPT runs"),
+             _part("b", "penalty-balanced beats Sinkhorn", "directional", acc_b,
+                   "needs a penalty- and a Sinkhorn-balanced MoE of the same architecture with matching CPT runs")]
+    return _entry("F6", rule, parts, {}, det_a + det_b)
 
 
 def evaluate_findings(results: Mapping) -> list[dict]:
-    """Decide F1..F6 of Thérien et al. 2025 (arXiv 2503.05029) from a study's ``results``.
+    """Decide F1..F6 of Thérien et al. 2025 (arXiv 2503.05029) from a study's ``results``, by the rules of
+    ``docs/study-rules.md`` (per-seed effects, 95% Student-t intervals over seeds; see the module docstring).
 
     Returns:
-        Six dicts, in order F1..F6: ``{"id", "title", "reproduced": True | False | None, "figures": {...},
-        "rule": str}``. ``None`` means untested (no runs in ``results`` test it); ``figures["untested"]`` lists
-        what was missing. Never raises on a partial ``results`` (missing keys are treated as absent runs).
+        Six dicts, in order F1..F6: ``{"id", "title", "verdict", "reproduced": True | False | None, "rule",
+        "evidence", "n_seeds", "parts": [...], "figures": {...}}``; ``reproduced`` is True only for "reproduced",
+        False only for "not reproduced". Untested parts carry their reason and are listed in
+        ``figures["untested"]``. Never raises on a partial ``results`` (missing keys are treated as absent runs).
     """
     return [f(results) for f in (_f1, _f2, _f3, _f4, _f5, _f6)]
 
 
 # -------------------------------------------------------------------------------------------------- questions
-def _mri_before_after(results: Mapping) -> list[dict]:
-    """Old-source eval MRI at the CPT start checkpoint and after CPT, per MoE CPT run and old source."""
+def _q1_effects(results: Mapping) -> dict[int, list[float]]:
+    """e = (MoE final old loss - its control's) - (dense's - its control's), matched by seed and variant."""
+    runs, index = _runs(results), _cpt_index(results)
+
+    def vs_control(k: str) -> float | None:
+        ck = control_key(results, k)
+        a = _old_final_loss(results, runs[k])
+        b = _old_final_loss(results, runs[ck]) if ck else None
+        return None if a is None or b is None else a - b
+
+    acc: dict[int, list[float]] = {}
+    for (seed, m, v), km in index.items():
+        if not is_moe_model(results, m):
+            continue
+        fm = vs_control(km)
+        for (s2, d, v2), kd in index.items():
+            if (s2, v2) == (seed, v) and is_moe_model(results, d) is False and fm is not None:
+                fd = vs_control(kd)
+                _collect(acc, seed, None if fd is None else fm - fd)
+    return acc
+
+
+def _q2_effects(results: Mapping) -> tuple[dict[int, list[float]], list[float]]:
+    """e = old-source eval MRI after CPT minus the control's, per MoE CPT run; and the controls' MRI."""
     runs = _runs(results)
-    rows = []
+    acc: dict[int, list[float]] = {}
+    ctl_mri: list[float] = []
     for k in sorted_run_keys(results, "cpt"):
         r = runs[k]
-        if not is_moe_model(results, r.get("model")):
+        ck = control_key(results, k)
+        if not is_moe_model(results, r.get("model")) or ck is None:
             continue
         old, _ = run_sources(results, r)
-        for s in old:
-            st = (r.get("start") or {}).get(s) or {}
-            fi = (r.get("final") or {}).get(s) or {}
-            b, a = _num(st.get("mri_mean")), _num(fi.get("mri_mean"))
-            if b is not None and a is not None:
-                rows.append({"run": k, "source": s, "before": b, "after": a})
-    return rows
+        a = [_final_mri(r, s) for s in old]
+        b = [_final_mri(runs[ck], s) for s in old]
+        if not old or any(x is None for x in a + b):
+            continue
+        _collect(acc, _seed(r), sum(a) / len(a) - sum(b) / len(b))
+        ctl_mri.append(sum(b) / len(b))
+    return acc, ctl_mri
+
+
+def _interval_text(st: Mapping) -> str:
+    from moecpt.analysis.report import fmt
+
+    if st["n_seeds"] == 1:
+        return f"{fmt(st['mean'])} (one seed: no interval)"
+    return f"{fmt(st['mean'])} [{fmt(st['lo'])}, {fmt(st['hi'])}] (95% t-interval over {fmt(st['n_seeds'])} seeds)"
+
+
+def _answer_q1(results: Mapping) -> dict:
+    from moecpt.analysis.report import fmt
+
+    st = effect_stats(_seed_means(_q1_effects(results)))
+    figures = {k: st[k] for k in ("mean", "lo", "hi", "min", "max", "n_seeds", "seeds_agreeing")}
+    verdict = {"reproduced": "yes", "not reproduced": "no"}.get(st["verdict"], st["verdict"])
+    if verdict == "untested":
+        answer = ("Untested: needs MoE and dense CPT runs of the same variant and seed, each with its no-shift "
+                  "control.")
+    else:
+        answer = (f"{verdict.capitalize()}: the MoE's forgetting against its no-shift control minus the dense "
+                  f"model's is {_interval_text(st)} nats per token; {fmt(st['seeds_agreeing'])} of "
+                  f"{fmt(st['n_seeds'])} seeds above zero (worse for the MoE).")
+    return {"question": "Do MoE routers make forgetting worse than in a FLOP-matched dense model?",
+            "verdict": verdict, "answer": answer, "figures": figures}
+
+
+def _answer_q2(results: Mapping) -> dict:
+    from moecpt.analysis.report import fmt
+
+    acc, ctl_mri = _q2_effects(results)
+    per_seed = _seed_means(acc)
+    st = effect_stats(per_seed)
+    ctl = _mean(ctl_mri)
+    thr = None if ctl is None else Q2_MRI_FRACTION * ctl
+    figures = {k: st[k] for k in ("mean", "lo", "hi", "min", "max", "n_seeds")}
+    figures.update(control_mri=_r(ctl), threshold=_r(thr),
+                   seeds_agreeing=sum(v <= thr for v in per_seed.values()) if thr is not None else 0)
+    if st["verdict"] == "untested" or thr is None:
+        verdict = "untested"
+        answer = "Untested: needs MoE CPT runs with old-source eval MRI and their no-shift controls."
+    else:
+        _, lo, hi = _interval(list(per_seed.values()))  # exact ends; one seed: none, inconclusive
+        verdict = ("inconclusive" if lo is None else "yes" if hi <= thr else "no" if lo > thr else "inconclusive")
+        answer = (f"{verdict.capitalize()}: the old source's eval MRI after CPT minus the control's is "
+                  f"{_interval_text(st)}, against a limit of {fmt(figures['threshold'])} (10% of the control's "
+                  f"{fmt(figures['control_mri'])}); {fmt(figures['seeds_agreeing'])} of {fmt(st['n_seeds'])} seeds "
+                  f"within it.")
+    return {"question": "Do routers keep a balanced load on the previous distribution after CPT?",
+            "verdict": verdict, "answer": answer, "figures": figures}
+
+
+def _answer_q3(fs: Mapping[str, Mapping]) -> dict:
+    from moecpt.analysis.report import fmt
+
+    def part(fid: str, name: str) -> Mapping:
+        return next((p for p in fs.get(fid, {}).get("parts", []) if p["name"] == name), {})
+
+    v3, v4 = fs.get("F3", {}).get("verdict", "untested"), fs.get("F4", {}).get("verdict", "untested")
+    f3a, f4a, f4b = part("F3", "a"), part("F4", "a"), part("F4", "b")
+    figures = {"F3": v3, "F4": v4, "F3a_mean": f3a.get("mean"), "F3a_lo": f3a.get("lo"), "F3a_hi": f3a.get("hi"),
+               "F3a_seeds_agreeing": f3a.get("seeds_agreeing"), "F3a_n_seeds": f3a.get("n_seeds"),
+               "F4a_mean": f4a.get("mean"), "F4a_lo": f4a.get("lo"), "F4a_hi": f4a.get("hi"),
+               "F4a_seeds_agreeing": f4a.get("seeds_agreeing"), "F4a_n_seeds": f4a.get("n_seeds"),
+               "compute_ratio": f4b.get("mean")}
+    if v3 == "untested" and v4 == "untested":
+        verdict = "untested"
+    elif "not reproduced" in (v3, v4):
+        verdict = "no"
+    else:
+        verdict = "yes" if v3 == v4 == "reproduced" else "inconclusive"
+
+    def ab(p: Mapping, fid: str, what: str) -> str:
+        if not p or p.get("verdict") == "untested":
+            return f"F{fid} untested"
+        iv = f" [{fmt(p['lo'])}, {fmt(p['hi'])}]" if p.get("lo") is not None else " (one seed: no interval)"
+        return (f"F{fid} {fs[f'F{fid}']['verdict']} ({what} {fmt(p['mean'])}{iv}, {fmt(p['seeds_agreeing'])} of "
+                f"{fmt(p['n_seeds'])} seeds agreeing)")
+
+    ratio = "" if f4b.get("mean") is None else f", compute ratio {fmt(f4b['mean'])}"
+    answer = (f"{verdict.capitalize()}: {ab(f3a, '3', 'the smallest replay forgets more by')}; "
+              f"{ab(f4a, '4', 'CPT vs re-training relative loss gain')}{ratio}.")
+    return {"question": "Are the dense CPT strategies (replay, re-warming, infinite schedules) enough for MoEs?",
+            "verdict": verdict, "answer": answer, "figures": figures}
 
 
 def answer_questions(results: Mapping, findings: list[dict] | None = None) -> list[dict]:
-    """Brief answers to the paper's three questions, from the findings and the results.
+    """The paper's three questions (Thérien et al. 2025, arXiv 2503.05029), by ``docs/study-rules.md``:
 
-    Returns three dicts ``{"question", "answer", "figures"}``; the answer's numbers are the ``figures`` values
-    (formatted with 4 significant digits), so a report that prints them stays traceable to ``study.json``.
+    1. Do MoE routers make forgetting worse than in a FLOP-matched dense model? ``e`` = the MoE's final old-source
+       loss minus its control's, minus the same for the dense model, matched by variant and seed: yes when the
+       95% t-interval lies above zero, no when below, inconclusive otherwise.
+    2. Do routers keep a balanced load on the previous distribution? ``e`` = the old-source eval MRI after CPT
+       minus the control's, over the MoE CPT runs: yes when the interval's upper end is at most 10% of the
+       control's MRI, no when its lower end is above it, inconclusive otherwise.
+    3. Are the dense CPT strategies enough for MoEs? Yes when F3 and F4 are reproduced, no when either is not
+       reproduced, inconclusive otherwise (untested when both are).
+
+    One seed gives no interval: inconclusive. Returns three dicts ``{"question", "verdict": "yes" | "no" |
+    "inconclusive" | "untested", "answer", "figures"}``; every number in ``answer`` is a ``figures`` value
+    formatted by :func:`moecpt.analysis.report.fmt`.
     """
-    from moecpt.analysis.report import fmt  # one number formatter for the whole report
-
     fs = {f["id"]: f for f in (findings if findings is not None else evaluate_findings(results))}
-
-    def fig(fid: str, key: str) -> Any:
-        return fs.get(fid, {}).get("figures", {}).get(key)
-
-    def status(fid: str) -> str:
-        rep = fs.get(fid, {}).get("reproduced")
-        return {True: "reproduced", False: "not reproduced", None: "untested"}[rep]
-
-    out = []
-    # Q1
-    fd, fm = fig("F1", "mean_forgetting_dense"), fig("F1", "mean_forgetting_moe")
-    q1f = {"mean_forgetting_dense": fd, "mean_forgetting_moe": fm,
-           "moe_lower": fig("F1", "moe_lower"), "comparisons": fig("F1", "comparisons")}
-    if fd is None or fm is None:
-        a1 = "Untested: the study has no CPT variant run by both a dense model and an MoE."
-    else:
-        verdict = "No" if fm <= fd else "Yes"
-        a1 = (f"{verdict}: on matched CPT runs, mean forgetting is {fmt(fm)} for the MoEs vs {fmt(fd)} for the dense "
-              f"model; the MoEs' final loss is lower in {fmt(q1f['moe_lower'])} of {fmt(q1f['comparisons'])} "
-              f"source comparisons (F1 {status('F1')}).")
-    out.append({"question": "Do MoE routers make forgetting worse than in a FLOP-matched dense model?",
-                "answer": a1, "figures": q1f})
-    # Q2
-    rows = _mri_before_after(results)
-    q2f: dict[str, Any] = {"runs": len(rows)}
-    if rows:
-        q2f["old_mri_before"] = _r(_mean(r["before"] for r in rows))
-        q2f["old_mri_after"] = _r(_mean(r["after"] for r in rows))
-        q2f["old_mri_max_rise"] = _r(max(r["after"] - r["before"] for r in rows))
-        kept = q2f["old_mri_after"] <= 1.1 * q2f["old_mri_before"]
-        a2 = (f"{'Yes' if kept else 'Not fully'}: on the old source's held-out tokens, the mean MRI is "
-              f"{fmt(q2f['old_mri_after'])} after CPT vs {fmt(q2f['old_mri_before'])} before (largest rise "
-              f"{fmt(q2f['old_mri_max_rise'])}; 'yes' means a mean rise of at most 10%). "
-              f"The training-MRI spike at the shift: F2 {status('F2')}.")
-    else:
-        a2 = f"Untested on held-out data (no MoE CPT run with old-source MRI before and after); F2 {status('F2')}."
-    out.append({"question": "Do routers keep a balanced load on the previous distribution after CPT?",
-                "answer": a2, "figures": q2f})
-    # Q3
-    q3f = {"F3": fs.get("F3", {}).get("reproduced"), "F4": fs.get("F4", {}).get("reproduced"),
-           "mean_forgetting_min_replay": fig("F3", "mean_forgetting_min_replay"),
-           "mean_forgetting_max_replay": fig("F3", "mean_forgetting_max_replay"),
-           "max_relative_gap": fig("F4", "max_relative_gap"), "compute_ratio": fig("F4", "compute_ratio")}
-    parts3 = []
-    if q3f["mean_forgetting_min_replay"] is not None:
-        parts3.append(f"replay changes mean forgetting from {fmt(q3f['mean_forgetting_min_replay'])} to "
-                      f"{fmt(q3f['mean_forgetting_max_replay'])} (F3 {status('F3')})")
-    else:
-        parts3.append(f"replay: F3 {status('F3')}")
-    if q3f["max_relative_gap"] is not None:
-        s = (f"the infinite schedule with replay ends {fmt(q3f['max_relative_gap'])} (relative) from full re-training"
-             f"{'' if q3f['compute_ratio'] is None else ' at ' + fmt(q3f['compute_ratio']) + ' of its compute'}")
-        parts3.append(f"{s} (F4 {status('F4')})")
-    else:
-        parts3.append(f"against full re-training: F4 {status('F4')}")
-    verdict3 = {True: "Yes", False: "Not fully"}.get(
-        None if q3f["F3"] is None and q3f["F4"] is None else bool(q3f["F3"] is not False and q3f["F4"] is not False),
-        "Untested")
-    out.append({"question": "Are the dense CPT strategies (replay, re-warming, infinite schedules) enough for MoEs?",
-                "answer": f"{verdict3}: " + "; ".join(parts3) + ".", "figures": q3f})
-    return out
+    return [_answer_q1(results), _answer_q2(results), _answer_q3(fs)]

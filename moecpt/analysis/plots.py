@@ -3,14 +3,18 @@
 
 Every function takes the study's ``results`` dict (schema in :mod:`moecpt.analysis.report`) and a path, writes one
 PNG there (matplotlib, Agg backend, so it works without a display) and returns the path, or returns ``None`` without
-writing when the results hold no data for that figure (a dense-only study has no MRI plot, a recipe without
-re-training runs still gets a compute plot of its CPT runs, ...).
+writing when the results hold no data for that figure (a dense-only study has no MRI plot, ...).
+
+**Seed bands.** Runs are grouped across seeds by their key without the ``sN/`` prefix (a study *cell*). A cell is
+drawn as the mean over its seeds (the line; curves of different seeds are interpolated onto one x grid over their
+common range) and, with two or more seeds, the seeds' min-max as a shaded band (``fill_between``). One-seed results
+(the older schema included) are drawn as plain lines. Each figure picks the cells it needs rather than every run.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,24 +22,70 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 from matplotlib.ticker import EngFormatter  # noqa: E402
 
-from moecpt.analysis.findings import (  # noqa: E402
-    _num, _replay, _runs, _models, comparisons, final_loss, is_moe_model, mean_final_loss, mean_forgetting,
-    sorted_run_keys, _parent_flops_used,
+from moecpt.analysis.report import (  # noqa: E402
+    _models, _num, _replay, _runs, base_key, comparisons, final_loss, is_moe_model, mean_final_loss,
+    mean_forgetting, mri_series, parent_flops_used, seed_groups,
 )
 
-__all__ = ["plot_coactivation", "plot_val_loss", "plot_mri_shift", "plot_crs_layers", "plot_forgetting_vs_replay", "plot_moe_vs_dense",
-           "plot_compute", "DPI"]
+__all__ = ["plot_coactivation", "plot_val_loss", "plot_mri_shift", "plot_crs_layers", "plot_forgetting_vs_replay",
+           "plot_moe_vs_dense", "plot_compute", "band", "DPI"]
 
 DPI = 110
 _CMAP = plt.get_cmap("tab10")
+BAND_ALPHA = 0.2
 
 
-def _run_label(run: Mapping) -> str:
+# ------------------------------------------------------------------------------------------------------ helpers
+def band(ax, curves: Sequence[tuple[Sequence[float], Sequence[float]]], color: Any, label: str | None = None,
+         alpha: float = BAND_ALPHA, **line_kw) -> Any:
+    """Draw one cell over its seeds: the mean curve as a line, the min-max over seeds shaded when 2+ seeds.
+
+    ``curves`` holds one ``(xs, ys)`` per seed. The x grid is the longest curve's x values within the range all
+    curves cover (the whole longest curve when they do not overlap); the others are linearly interpolated onto it.
+    Returns the line (None when no curve has a point).
+    """
+    cs = []
+    for xs, ys in curves:
+        pts = sorted((float(x), float(y)) for x, y in zip(xs, ys) if _num(x) is not None and _num(y) is not None)
+        if pts:
+            cs.append((np.array([p[0] for p in pts]), np.array([p[1] for p in pts])))
+    if not cs:
+        return None
+    grid = max(cs, key=lambda c: len(c[0]))[0]
+    lo_x, hi_x = max(c[0][0] for c in cs), min(c[0][-1] for c in cs)
+    inside = grid[(grid >= lo_x) & (grid <= hi_x)]
+    if len(inside):
+        grid = inside
+    ys = np.vstack([np.interp(grid, x, y) for x, y in cs])
+    (line,) = ax.plot(grid, ys.mean(axis=0), color=color, label=label, **line_kw)
+    if len(cs) >= 2:
+        ax.fill_between(grid, ys.min(axis=0), ys.max(axis=0), color=color, alpha=alpha, lw=0)
+    return line
+
+
+def _band_points(ax, points: Mapping[float, Sequence[float]], color: Any, label: str | None = None,
+                 **line_kw) -> Any:
+    """A line through the mean over seeds at each x (``points``: {x: [one value per seed]}), with the min-max band
+    when some x has 2+ values."""
+    xs = sorted(x for x, v in points.items() if [y for y in v if _num(y) is not None])
+    if not xs:
+        return None
+    vals = [[float(y) for y in points[x] if _num(y) is not None] for x in xs]
+    (line,) = ax.plot(xs, [sum(v) / len(v) for v in vals], color=color, label=label, **line_kw)
+    if any(len(v) >= 2 for v in vals):
+        ax.fill_between(xs, [min(v) for v in vals], [max(v) for v in vals], color=color, alpha=BAND_ALPHA, lw=0)
+    return line
+
+
+def _cell_label(run: Mapping) -> str:
     kind = run.get("kind")
     if kind == "cpt":
         return f"CPT {run.get('shift')} {run.get('schedule')} replay {_replay(run):g}"
+    if kind == "control":
+        return f"control {run.get('schedule')} (no shift)"
     if kind == "retrain":
         return f"retrain (union with {run.get('shift')})"
     return str(kind)
@@ -53,6 +103,10 @@ def _curve(run: Mapping, source: str, offset: float = 0.0) -> tuple[list[float],
         xs.append(offset + t)
         ys.append(loss)
     return xs, ys
+
+
+def _offset(run: Mapping) -> float:
+    return (_num(run.get("start_tokens")) or 0.0) if run.get("kind") in ("cpt", "control") else 0.0
 
 
 def _sources(results: Mapping) -> list[str]:
@@ -85,8 +139,7 @@ def _fig_legend(fig, axes) -> None:
 
 
 def _grid(nrows: int, ncols: int, w: float = 4.6, h: float = 3.2, **kw):
-    fig, axes = plt.subplots(nrows, ncols, figsize=(w * ncols, h * nrows), squeeze=False, **kw)
-    return fig, axes
+    return plt.subplots(nrows, ncols, figsize=(w * ncols, h * nrows), squeeze=False, **kw)
 
 
 def _tokens_axis(ax) -> None:
@@ -101,19 +154,45 @@ def _style_for(run: Mapping, styles: dict) -> dict:
         return {"color": "black", "lw": 1.6}
     if kind == "retrain":
         return {"color": "0.45", "lw": 1.3, "ls": ":"}
-    key = (run.get("shift"), run.get("schedule"), _replay(run))
+    key = (kind, run.get("shift"), run.get("schedule"), _replay(run))
     if key not in styles:
-        styles[key] = {"color": _CMAP(len(styles) % 10), "lw": 1.3,
-                       "ls": "-" if run.get("schedule") != "rewarm" else "--"}
+        if kind == "control":
+            styles[key] = {"color": "saddlebrown" if run.get("schedule") != "rewarm" else "darkviolet", "lw": 1.3,
+                           "ls": "-."}
+        else:
+            n = sum(1 for k in styles if k[0] == "cpt")
+            styles[key] = {"color": _CMAP(n % 10), "lw": 1.3, "ls": "-" if run.get("schedule") != "rewarm" else "--"}
     return styles[key]
 
 
-def plot_val_loss(results: Mapping, path: str | Path) -> Path | None:
-    """Validation loss per source across the shift, for every run (the loss-curve figures of both papers).
+def _model_cells(results: Mapping, model: str, kind: str) -> dict[str, list[str]]:
+    runs = _runs(results)
+    return {c: ks for c, ks in seed_groups(results, kind).items() if runs[ks[0]].get("model") == model}
 
-    Grid: one row per model, one column per data source (old sources, then the shifts). x = tokens seen:
-    pre-training from 0, each CPT run continuing from its ``start_tokens`` (the branch point), re-training from 0.
-    A dashed vertical line marks each branch point (the distribution shift). One line per run.
+
+def _pick_cpt_cell(results: Mapping, model: str, ok=lambda k: True) -> str | None:
+    """The model's CPT cell with the smallest replay, the infinite schedule preferred, among cells whose first
+    run passes ``ok``."""
+    runs = _runs(results)
+    cells = [(c, ks) for c, ks in _model_cells(results, model, "cpt").items() if ok(ks[0])]
+    if not cells:
+        return None
+    return min(cells, key=lambda ck: (_replay(runs[ck[1][0]]), runs[ck[1][0]].get("schedule") != "inf", ck[0]))[0]
+
+
+def _control_keys(results: Mapping, cpt_keys: list[str]) -> list[str]:
+    """The no-shift controls of CPT runs (their ``control`` field), those present."""
+    runs = _runs(results)
+    return [c for c in (runs[k].get("control") for k in cpt_keys) if c in runs]
+
+
+# ------------------------------------------------------------------------------------------------------ figures
+def plot_val_loss(results: Mapping, path: str | Path) -> Path | None:
+    """Validation loss per source across the shift (the loss-curve figures of both papers), seed bands.
+
+    Grid: one row per model, one column per data source. Per model: pre-training, the CPT cells at the smallest and
+    the largest replay of each (shift, schedule), the no-shift controls and full re-training. x = tokens seen (CPT
+    runs and controls continue from ``start_tokens``, the branch point; dashed vertical line).
     """
     runs = _runs(results)
     models = [m for m in _models(results) if any(r.get("model") == m and r.get("val") for r in runs.values())]
@@ -124,53 +203,34 @@ def plot_val_loss(results: Mapping, path: str | Path) -> Path | None:
     fig, axes = _grid(len(models), len(sources))
     styles: dict = {}
     for i, m in enumerate(models):
-        keys = [k for k in sorted_run_keys(results) if runs[k].get("model") == m]
+        cells: list[list[str]] = list(_model_cells(results, m, "pretrain").values())
+        by_variant: dict[tuple, dict[float, list[str]]] = {}
+        for ks in _model_cells(results, m, "cpt").values():
+            r = runs[ks[0]]
+            by_variant.setdefault((r.get("shift"), r.get("schedule")), {})[_replay(r)] = ks
+        for reps in by_variant.values():
+            cells += [reps[x] for x in sorted({min(reps), max(reps)})]
+        cells += list(_model_cells(results, m, "control").values())
+        cells += list(_model_cells(results, m, "retrain").values())
         for j, s in enumerate(sources):
             ax = axes[i][j]
             shifts_at = set()
-            for k in keys:
-                r = runs[k]
-                off = (_num(r.get("start_tokens")) or 0.0) if r.get("kind") == "cpt" else 0.0
-                xs, ys = _curve(r, s, off)
-                if xs:
-                    ax.plot(xs, ys, label=_run_label(r), **_style_for(r, styles))
-                if r.get("kind") == "cpt" and off:
-                    shifts_at.add(off)
+            for ks in cells:
+                r0 = runs[ks[0]]
+                band(ax, [_curve(runs[k], s, _offset(runs[k])) for k in ks], label=_cell_label(r0),
+                     **_style_for(r0, styles))
+                if _offset(r0):
+                    shifts_at.add(_offset(r0))
             for x in sorted(shifts_at):
-                ax.axvline(x, color="0.3", ls="--", lw=0.8, label="shift (CPT start)")
+                ax.axvline(x, color="0.3", ls="--", lw=0.8, label="branch point (CPT start)")
             ax.set_title(f"{m}: {s}", fontsize=10)
             _tokens_axis(ax)
             ax.set_ylabel("validation loss (nats)")
             ax.grid(alpha=0.3)
-    fig.suptitle("Validation loss across the distribution shift", fontsize=12)
+    fig.suptitle("Validation loss across the distribution shift (mean over seeds, band: min-max)", fontsize=12)
     fig.tight_layout()
     _fig_legend(fig, axes.ravel())
     return _save(fig, path)
-
-
-def _mri_rows(run: Mapping, upto: Any = None) -> list[tuple[float, list[float], float]]:
-    cut = _num(upto)
-    out = []
-    for e in run.get("train_mri") or []:
-        try:
-            step, mean, layers = _num(e[0]), _num(e[1]), list(e[2] or [])
-        except (IndexError, TypeError):
-            continue
-        if step is None or (cut is not None and step > cut):
-            continue
-        out.append((step, [_num(v) for v in layers], mean))
-    out.sort(key=lambda t: t[0])
-    return out
-
-
-def _pick_cpt(results: Mapping, model: str) -> str | None:
-    """Replay 0 + inf schedule if present, else the first CPT run of the model (reading order)."""
-    runs = _runs(results)
-    keys = [k for k in sorted_run_keys(results, "cpt") if runs[k].get("model") == model and runs[k].get("train_mri")]
-    for k in keys:
-        if _replay(runs[k]) == 0.0 and runs[k].get("schedule") == "inf":
-            return k
-    return keys[0] if keys else None
 
 
 def _balanced_level(results: Mapping, model: str) -> float | None:
@@ -179,96 +239,122 @@ def _balanced_level(results: Mapping, model: str) -> float | None:
     return k / e if k and e else None
 
 
-def plot_mri_shift(results: Mapping, path: str | Path, pre_fraction: float = 0.25) -> Path | None:
-    """Per-layer Maximum Routing Imbalance over training steps around the shift, one panel per MoE model.
+def _branch_series(results: Mapping, key: str) -> tuple[float, list[tuple[float, float]]]:
+    """(branch step, the run's training-MRI series on the parent's step axis)."""
+    r = _runs(results)[key]
+    rows = mri_series(r)
+    base = _num(r.get("parent_step"))
+    if base is None:
+        pre = mri_series(_runs(results).get(r.get("parent") or ""))
+        base = pre[-1][0] if pre else 0.0
+    # CPT resets the step counter; a log that kept the global count is used as is
+    off = 0.0 if rows and base > 0 and rows[0][0] >= base else base
+    return base, [(off + s, v) for s, v in rows]
 
-    The spike-and-recovery picture of Thérien et al. 2025 (finding F2): the last ``pre_fraction`` of pre-training
-    before the branch point, then the CPT run (replay 0 with the infinite schedule if present, else the model's
-    first CPT run), one line per MoE layer and a thick black line for the layer mean. x = global step (pre-training
-    step, CPT steps continuing from the branch step); the vertical dashed line is the shift. A dotted horizontal line
-    marks perfect balance k/E when the model entry gives ``top_k`` and ``num_experts`` (not in the base schema).
+
+def plot_mri_shift(results: Mapping, path: str | Path, pre_fraction: float = 0.25) -> Path | None:
+    """Training MRI (mean over the MoE layers) around the shift, one panel per MoE model (finding F2).
+
+    The last ``pre_fraction`` of pre-training before the branch point, then the chosen CPT cell (smallest replay,
+    infinite schedule preferred) and its no-shift control, each as the mean over seeds with a min-max band.
+    x = global step; the dashed line is the shift. Panels share the y axis, so penalty and Sinkhorn compare. A
+    dotted line marks perfect balance k/E when the model entry gives ``top_k`` and ``num_experts``.
     """
     runs = _runs(results)
-    picks = [(m, _pick_cpt(results, m)) for m in _models(results) if is_moe_model(results, m)]
-    picks = [(m, k) for m, k in picks if k]
+    picks = []
+    for m in _models(results):
+        if is_moe_model(results, m):
+            cell = _pick_cpt_cell(results, m, lambda k: bool(mri_series(runs[k])))
+            if cell:
+                picks.append((m, cell))
     if not picks:
         return None
-    fig, axes = _grid(1, len(picks), w=5.2, h=3.6, sharey=True)  # one y scale: spikes compare across routers
-    for ax, (m, k) in zip(axes[0], picks):
-        r = runs[k]
-        parent = runs.get(r.get("parent") or "")
-        pre = _mri_rows(parent, r.get("parent_step")) if parent else []
-        if pre:
-            pre = pre[-max(1, int(math.ceil(pre_fraction * len(pre)))):]
-        base = _num(r.get("parent_step"))
-        if base is None:
-            base = pre[-1][0] if pre else 0.0
-        rows = _mri_rows(r)
-        # CPT resets the step counter (GUIDE: CPT is an explicit mode); a log that kept the global count is used as is
-        off = 0.0 if rows and base > 0 and rows[0][0] >= base else base
-        cpt = [(off + s, layers, mean) for s, layers, mean in rows]
-        series = pre + cpt
-        n_layers = max((len(t[1]) for t in series), default=0)
-        cmap = plt.get_cmap("viridis")
-        for li in range(n_layers):
-            xs = [t[0] for t in series if li < len(t[1]) and t[1][li] is not None]
-            ys = [t[1][li] for t in series if li < len(t[1]) and t[1][li] is not None]
-            ax.plot(xs, ys, color=cmap(li / max(1, n_layers - 1)), lw=0.9, alpha=0.8, label=f"MoE layer {li}")
-        xs = [t[0] for t in series if t[2] is not None]
-        ax.plot(xs, [t[2] for t in series if t[2] is not None], color="black", lw=1.8, label="layer mean")
-        ax.axvline(base, color="red", ls="--", lw=1.0, label="shift (CPT start)")
+    groups = seed_groups(results, "cpt")
+    fig, axes = _grid(1, len(picks), w=5.4, h=3.8, sharey=True)
+    for ax, (m, cell) in zip(axes[0], picks):
+        keys = groups[cell]
+        pre_curves, cpt_curves, bases = [], [], []
+        for k in keys:
+            base, series = _branch_series(results, k)
+            bases.append(base)
+            cpt_curves.append(([s for s, _ in series], [v for _, v in series]))
+            pre = mri_series(runs.get(runs[k].get("parent") or ""), base)
+            pre = pre[-max(1, int(math.ceil(pre_fraction * len(pre)))):] if pre else []
+            pre_curves.append(([s for s, _ in pre], [v for _, v in pre]))
+        band(ax, pre_curves, color="black", lw=1.5, label="pre-training (end)")
+        band(ax, cpt_curves, color="tab:red", lw=1.6, label="CPT (shift)")
+        ctrl = [c for c in _control_keys(results, keys) if mri_series(runs[c])]
+        if ctrl:
+            cc = [_branch_series(results, c)[1] for c in ctrl]
+            band(ax, [([s for s, _ in c], [v for _, v in c]) for c in cc], color="tab:blue", lw=1.4, ls="-.",
+                 label="no-shift control")
+        ax.axvline(bases[0], color="0.3", ls="--", lw=1.0, label="shift (CPT start)")
         lvl = _balanced_level(results, m)
         if lvl is not None:
             ax.axhline(lvl, color="0.4", ls=":", lw=1.0, label="balanced k/E")
-        router = _models(results)[m].get("router")
-        ax.set_title(f"{m} ({router}): {_run_label(r)}", fontsize=9)
+        r0 = runs[keys[0]]
+        ax.set_title(f"{m} ({_models(results)[m].get('router')}): {_cell_label(r0)}", fontsize=9)
         ax.set_xlabel("training step (pre-training, then CPT)")
-        ax.set_ylabel("train MRI (max expert share)")
+        ax.set_ylabel("train MRI, mean over MoE layers")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="upper right", ncol=1 if n_layers <= 6 else 2)
-    fig.suptitle("Maximum routing imbalance around the shift (spike and recovery)", fontsize=12)
+    fig.suptitle("Routing imbalance around the shift: CPT vs no-shift control (mean over seeds, band: min-max)",
+                 fontsize=11)
     fig.tight_layout()
+    _fig_legend(fig, axes.ravel())
     return _save(fig, path)
 
 
 def plot_crs_layers(results: Mapping, path: str | Path) -> Path | None:
-    """Continual Router Saturation (and Vocabulary Specialization when present) per MoE layer, as grouped bars,
-    one bar per CPT run, one row per MoE model (Thérien et al. 2025, finding F5).
+    """Continual Router Saturation (and Vocabulary Specialization when present) per MoE layer (finding F5): one row
+    per MoE model, the CPT cells of one schedule (infinite preferred) at each replay and that schedule's no-shift
+    control (dashed black), mean over seeds with min-max bands.
 
-    CRS is the mean share of a token's top-k experts kept between the CPT start checkpoint and the CPT result on the
-    old source's held-out tokens: 1 = unchanged routing; the dotted line is the chance overlap k/E.
+    CRS is the mean share of a token's top-k experts kept between the CPT start checkpoint and the end of the run on
+    the old source's held-out tokens: 1 = unchanged; the dotted line is the chance overlap k/E.
     """
     runs = _runs(results)
     comps = {k: v for k, v in comparisons(results).items() if v.get("crs_layers")}
     if not comps:
         return None
-    order = [k for k in sorted_run_keys(results, "cpt") if k in comps]
-    models = list(dict.fromkeys(runs.get(k, {}).get("model", "?") for k in order))
-    has_cvs = any(comps[k].get("cvs_layers") for k in order)
+    cpt_cells = {c: [k for k in ks if k in comps] for c, ks in seed_groups(results, "cpt").items()}
+    cpt_cells = {c: ks for c, ks in cpt_cells.items() if ks}
+    if not cpt_cells:
+        return None
+    models = list(dict.fromkeys(runs[ks[0]].get("model") for ks in cpt_cells.values()))
+    has_cvs = any(comps[k].get("cvs_layers") for ks in cpt_cells.values() for k in ks)
     metrics = [("crs_layers", "CRS (top-k overlap)")] + ([("cvs_layers", "CVS (vocab. specialization)")]
                                                          if has_cvs else [])
     fig, axes = _grid(len(models), len(metrics), w=6.0, h=3.4)
     for i, m in enumerate(models):
-        keys = [k for k in order if runs.get(k, {}).get("model", "?") == m]
+        mine = {c: ks for c, ks in cpt_cells.items() if runs[ks[0]].get("model") == m}
+        scheds = {runs[ks[0]].get("schedule") for ks in mine.values()}
+        sched = "inf" if "inf" in scheds else sorted(scheds, key=str)[0]
+        mine = dict(sorted(((c, ks) for c, ks in mine.items() if runs[ks[0]].get("schedule") == sched),
+                           key=lambda ck: (str(runs[ck[1][0]].get("shift")), _replay(runs[ck[1][0]]))))
+        ctrl = list(dict.fromkeys(c for ks in mine.values() for c in _control_keys(results, ks) if c in comps))
         for j, (field, name) in enumerate(metrics):
             ax = axes[i][j]
-            width = 0.8 / max(1, len(keys))
-            for n, k in enumerate(keys):
-                vals = [_num(v) or 0.0 for v in comps[k].get(field) or []]
-                xs = [li - 0.4 + width * (n + 0.5) for li in range(len(vals))]
-                label = _run_label(runs[k]) if k in runs else k
-                ax.bar(xs, vals, width=width, color=_CMAP(n % 10), label=label)
-            chance = _num(comps[keys[0]].get("chance_overlap")) if keys else None
+            n_layers = 0
+            for n, ks in enumerate(mine.values()):
+                curves = [(list(range(len(comps[k].get(field) or []))), comps[k].get(field) or []) for k in ks]
+                n_layers = max([n_layers] + [len(c[0]) for c in curves])
+                band(ax, curves, color=_CMAP(n % 10), marker="o", ms=3, lw=1.3, label=_cell_label(runs[ks[0]]))
+            if ctrl:
+                curves = [(list(range(len(comps[k].get(field) or []))), comps[k].get(field) or []) for k in ctrl]
+                band(ax, curves, color="black", marker="s", ms=3, lw=1.2, ls="--",
+                     label=f"control {sched} (no shift)")
+            first = next(iter(mine.values()))[0]
+            chance = _num(comps[first].get("chance_overlap"))
             if chance is not None and field == "crs_layers":
                 ax.axhline(chance, color="0.3", ls=":", lw=1.0, label="chance overlap k/E")
-            n_layers = max((len(comps[k].get(field) or []) for k in keys), default=0)
             ax.set_xticks(range(n_layers))
             ax.set_xlabel("MoE layer")
             ax.set_ylabel(name)
             ax.set_ylim(0, 1.05)
-            ax.set_title(f"{m}: {name}", fontsize=10)
-            ax.grid(alpha=0.3, axis="y")
-    fig.suptitle("Routing kept from the CPT start on the old source, per MoE layer", fontsize=12)
+            ax.set_title(f"{m}, {sched} schedule: {name}", fontsize=10)
+            ax.grid(alpha=0.3)
+    fig.suptitle("Routing kept from the CPT start on the old source, per MoE layer (mean over seeds, band: "
+                 "min-max)", fontsize=11)
     fig.tight_layout()
     _fig_legend(fig, axes.ravel())
     return _save(fig, path)
@@ -276,36 +362,41 @@ def plot_crs_layers(results: Mapping, path: str | Path) -> Path | None:
 
 def plot_forgetting_vs_replay(results: Mapping, path: str | Path) -> Path | None:
     """Forgetting of the old sources (left) and the new source's final loss (right) against the replay fraction,
-    one line per (model, schedule) and one row per shift (Ibrahim et al. 2024; Thérien et al. 2025, finding F3).
-
-    Forgetting is the mean rise of the old sources' validation loss from the CPT start checkpoint to the CPT result.
+    one line per (model, schedule) and one row per shift (Ibrahim et al. 2024; Thérien et al. 2025, finding F3), mean
+    over seeds with min-max bands. The schedule's no-shift control (old data only, i.e. replay one) is a hollow
+    marker at x = 1 on the forgetting panel, with its seeds' min-max as an error bar.
     """
     runs = _runs(results)
-    keys = sorted_run_keys(results, "cpt")
-    shifts = list(dict.fromkeys(runs[k].get("shift") for k in keys))
-    lines: dict[tuple, list[tuple[float, float | None, float | None]]] = {}
-    for k in keys:
-        r = runs[k]
-        f = mean_forgetting(results, k)
-        a = final_loss(r, r.get("shift")) if r.get("shift") else None
-        if f is None and a is None:
+    lines: dict[tuple, dict[str, dict[float, list]]] = {}
+    for cell, ks in seed_groups(results, "cpt").items():
+        r = runs[ks[0]]
+        f = [mean_forgetting(results, k) for k in ks]
+        a = [final_loss(runs[k], r.get("shift")) for k in ks] if r.get("shift") else []
+        if all(v is None for v in f + a):
             continue
-        lines.setdefault((r.get("shift"), r.get("model"), r.get("schedule")), []).append((_replay(r), f, a))
+        ln = lines.setdefault((r.get("shift"), r.get("model"), r.get("schedule")), {"f": {}, "a": {}, "ctrl": []})
+        ln["f"][_replay(r)] = f
+        ln["a"][_replay(r)] = a
+        ln["ctrl"] += [c for c in _control_keys(results, ks) if c not in ln["ctrl"]]
     if not lines:
         return None
+    shifts = list(dict.fromkeys(k[0] for k in lines))
     fig, axes = _grid(len(shifts), 2, w=5.0, h=3.5)
     colors = {m: _CMAP(i % 10) for i, m in enumerate(_models(results))}
     for i, sh in enumerate(shifts):
-        for (s, m, sched), pts in lines.items():
+        for (s, m, sched), ln in lines.items():
             if s != sh:
                 continue
-            pts.sort()
             style = {"color": colors.get(m, "0.5"), "marker": "s" if sched == "rewarm" else "o",
                      "ls": "--" if sched == "rewarm" else "-"}
-            for j, idx in ((0, 1), (1, 2)):
-                xy = [(p[0], p[idx]) for p in pts if p[idx] is not None]
-                if xy:
-                    axes[i][j].plot([x for x, _ in xy], [y for _, y in xy], label=f"{m}, {sched}", **style)
+            _band_points(axes[i][0], ln["f"], label=f"{m}, {sched}", **style)
+            _band_points(axes[i][1], ln["a"], label=f"{m}, {sched}", **style)
+            cf = [v for v in (mean_forgetting(results, c) for c in ln["ctrl"]) if v is not None]
+            if cf:
+                mu = sum(cf) / len(cf)
+                axes[i][0].errorbar([1.0], [mu], yerr=[[mu - min(cf)], [max(cf) - mu]], color=style["color"],
+                                    marker=style["marker"], mfc="none", ls="", capsize=3,
+                                    label="no-shift control (old data only; hollow)")
         axes[i][0].set_title(f"shift to {sh}: forgetting (old sources)", fontsize=10)
         axes[i][0].set_ylabel("loss rise on old sources (nats)")
         axes[i][0].axhline(0.0, color="0.5", lw=0.7)
@@ -314,26 +405,29 @@ def plot_forgetting_vs_replay(results: Mapping, path: str | Path) -> Path | None
         for ax in axes[i]:
             ax.set_xlabel("replay fraction of the CPT budget")
             ax.grid(alpha=0.3)
-    fig.suptitle("Replay: less forgetting, slightly slower adaptation", fontsize=12)
+    fig.suptitle("Replay: less forgetting, slightly slower adaptation (mean over seeds, band: min-max)", fontsize=12)
     fig.tight_layout()
     _fig_legend(fig, axes.ravel())
     return _save(fig, path)
 
 
 def plot_moe_vs_dense(results: Mapping, path: str | Path) -> Path | None:
-    """Validation loss against tokens seen on each old and new source, dense vs MoE models, for one CPT variant
-    (largest replay with the infinite schedule if present): finding F1 of Thérien et al. 2025. The thin faded part
-    of each line is the model's pre-training up to the branch point; the solid part is CPT.
+    """Validation loss against tokens seen on each old and new source, dense vs MoE models, for one CPT variant per
+    shift (largest replay with the infinite schedule if present): finding F1 of Thérien et al. 2025. Mean over seeds
+    with min-max bands; the faded part of each line is the model's pre-training up to the branch point.
     """
     runs = _runs(results)
     dense = [m for m in _models(results) if is_moe_model(results, m) is False]
     moes = [m for m in _models(results) if is_moe_model(results, m)]
-    cpt = sorted_run_keys(results, "cpt")
-    dense_variants = {(runs[k].get("shift"), runs[k].get("schedule"), _replay(runs[k]))
-                      for k in cpt if runs[k].get("model") in dense}
-    moe_variants = {(runs[k].get("shift"), runs[k].get("schedule"), _replay(runs[k]))
-                    for k in cpt if runs[k].get("model") in moes}
-    common = dense_variants & moe_variants
+    cells = seed_groups(results, "cpt")
+
+    def variant(ks: list[str]) -> tuple:
+        r = runs[ks[0]]
+        return (r.get("shift"), r.get("schedule"), _replay(r))
+
+    dense_v = {variant(ks) for ks in cells.values() if runs[ks[0]].get("model") in dense}
+    moe_v = {variant(ks) for ks in cells.values() if runs[ks[0]].get("model") in moes}
+    common = dense_v & moe_v
     if not common:
         return None
     shifts = list(dict.fromkeys(v[0] for v in sorted(common, key=str)))
@@ -348,21 +442,21 @@ def plot_moe_vs_dense(results: Mapping, path: str | Path) -> Path | None:
     colors = {m: _CMAP(i % 10) for i, m in enumerate(dense + moes)}
     for i, sh in enumerate(shifts):
         v = chosen[sh]
-        keys = [k for k in cpt if (runs[k].get("shift"), runs[k].get("schedule"), _replay(runs[k])) == v]
+        mine = [ks for ks in cells.values() if variant(ks) == v and runs[ks[0]].get("model") in colors]
         for j, s in enumerate(srcs_by_shift[sh]):
             ax = axes[i][j]
-            for k in keys:
-                r = runs[k]
-                m = r.get("model")
-                off = _num(r.get("start_tokens")) or 0.0
-                parent = runs.get(r.get("parent") or "")
-                if parent:
-                    xs, ys = _curve(parent, s)
-                    xy = [(x, y) for x, y in zip(xs, ys) if x <= off]
-                    ax.plot([x for x, _ in xy], [y for _, y in xy], color=colors[m], lw=0.8, alpha=0.4)
-                xs, ys = _curve(r, s, off)
-                label = f"{m} ({'dense' if m in dense else 'MoE'})"
-                ax.plot(xs, ys, color=colors[m], lw=1.6, ls="--" if m in dense else "-", label=label)
+            for ks in mine:
+                m = runs[ks[0]].get("model")
+                off = _offset(runs[ks[0]])
+                pre = []
+                for k in ks:
+                    parent = runs.get(runs[k].get("parent") or "")
+                    if parent:
+                        xs, ys = _curve(parent, s)
+                        pre.append(([x for x in xs if x <= off], [y for x, y in zip(xs, ys) if x <= off]))
+                band(ax, pre, color=colors[m], lw=0.8, alpha=0.1)
+                band(ax, [_curve(runs[k], s, off) for k in ks], color=colors[m], lw=1.6,
+                     ls="--" if m in dense else "-", label=f"{m} ({'dense' if m in dense else 'MoE'})")
                 if off:
                     ax.axvline(off, color="0.5", ls="--", lw=0.7)
             kind = "old" if s in (results.get("old_sources") or []) else "new"
@@ -372,7 +466,7 @@ def plot_moe_vs_dense(results: Mapping, path: str | Path) -> Path | None:
             ax.grid(alpha=0.3)
         for j in range(len(srcs_by_shift[sh]), ncols):
             axes[i][j].axis("off")
-    fig.suptitle("MoE vs FLOP-matched dense through CPT", fontsize=12)
+    fig.suptitle("MoE vs FLOP-matched dense through CPT (mean over seeds, band: min-max)", fontsize=12)
     fig.tight_layout()
     _fig_legend(fig, axes.ravel())
     return _save(fig, path)
@@ -381,21 +475,25 @@ def plot_moe_vs_dense(results: Mapping, path: str | Path) -> Path | None:
 def plot_compute(results: Mapping, path: str | Path) -> Path | None:
     """Final mean loss (old + new sources) against training FLOPs, one panel per shift (finding F4).
 
-    CPT runs appear twice: a filled circle at the CPT run's own FLOPs, a hollow circle at CPT + the parent's
-    pre-training FLOPs up to the branch point, joined by a thin line; re-training runs on the union are stars.
-    Log-scaled x.
+    One marker per study cell at the mean over seeds, with the seeds' min-max as an error bar. CPT cells appear
+    twice: filled at the CPT run's own FLOPs, hollow at CPT + the parent's pre-training FLOPs up to the branch
+    point, joined by a thin line; re-training cells on the union are stars. Log-scaled x.
     """
     runs = _runs(results)
     pts: dict[str, list[dict]] = {}
-    for k in sorted_run_keys(results):
-        r = runs[k]
+    for cell, ks in seed_groups(results).items():
+        r = runs[ks[0]]
         if r.get("kind") not in ("cpt", "retrain"):
             continue
-        loss, flops = mean_final_loss(results, r), _num(r.get("train_flops"))
-        if loss is None or not flops:
+        losses = [v for v in (mean_final_loss(results, runs[k]) for k in ks) if v is not None]
+        flops = [v for v in (_num(runs[k].get("train_flops")) for k in ks) if v]
+        if not losses or not flops:
             continue
-        extra = _parent_flops_used(results, r) if r.get("kind") == "cpt" else None
-        pts.setdefault(r.get("shift"), []).append({"run": r, "loss": loss, "flops": flops, "extra": extra})
+        extra = [parent_flops_used(results, runs[k]) for k in ks] if r.get("kind") == "cpt" else []
+        extra = [e for e in extra if e]
+        pts.setdefault(r.get("shift"), []).append(
+            {"run": r, "loss": sum(losses) / len(losses), "lo": min(losses), "hi": max(losses),
+             "flops": sum(flops) / len(flops), "extra": sum(extra) / len(extra) if extra else None})
     if not pts:
         return None
     shifts = list(pts)
@@ -409,10 +507,13 @@ def plot_compute(results: Mapping, path: str | Path) -> Path | None:
             if m not in used_models:
                 used_models.append(m)
             c = colors.get(m, "0.5")
+            yerr = [[p["loss"] - p["lo"]], [p["hi"] - p["loss"]]]
             if r.get("kind") == "retrain":
+                ax.errorbar([p["flops"]], [p["loss"]], yerr=yerr, color=c, ls="", capsize=3, zorder=2)
                 ax.scatter([p["flops"]], [p["loss"]], marker="*", s=160, color=c, edgecolor="black", zorder=3)
                 continue
             mk = "o" if r.get("schedule") != "rewarm" else "s"
+            ax.errorbar([p["flops"]], [p["loss"]], yerr=yerr, color=c, ls="", capsize=3, zorder=2)
             ax.scatter([p["flops"]], [p["loss"]], marker=mk, color=c, s=40, zorder=3)
             if p["extra"]:
                 total = p["flops"] + p["extra"]
@@ -435,29 +536,33 @@ def plot_compute(results: Mapping, path: str | Path) -> Path | None:
         Line2D([], [], color="0.3", marker="*", ms=11, mec="black", ls="", label="full re-training on the union"),
     ]
     axes[0][-1].legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
-    fig.suptitle("CPT vs full re-training: final loss against compute", fontsize=12)
+    fig.suptitle("CPT vs full re-training: final loss against compute (mean over seeds, bars: min-max)", fontsize=12)
     fig.tight_layout()
     return _save(fig, path)
 
 
 def plot_coactivation(results: Mapping, path: str | Path) -> Path | None:
     """Expert co-activation ``CA(i, j) = N(i and j chosen) / N(i chosen)`` (k > 1) on the old source's held-out
-    tokens, before and after CPT, for the first and last MoE layer of each MoE model's replay-0 CPT run (infinite
-    schedule when present) (Thérien et al. 2025, Sec. 4, expert co-activation)."""
+    tokens, before and after CPT, for the first and last MoE layer of each MoE model's CPT cell with the smallest
+    replay (infinite schedule preferred), first seed (Thérien et al. 2025, Sec. 4, expert co-activation)."""
     comps = {k: v for k, v in comparisons(results).items() if v.get("coactivation_before_layers")}
     if not comps:
         return None
     runs = _runs(results)
-    chosen: dict[str, str] = {}
-    for k in sorted_run_keys(results, "cpt"):
-        if k not in comps:
-            continue
-        r = runs.get(k, {})
-        m = r.get("model", "?")
-        score = (_replay(r) != 0, r.get("schedule") != "inf")  # prefer replay 0, then the infinite schedule
-        if m not in chosen or score < chosen[m][1]:
-            chosen[m] = (k, score)
-    rows = [(m, k) for m, (k, _) in chosen.items()]
+    rows = []
+    for m in _models(results):
+        cell = _pick_cpt_cell(results, m, lambda k: k in comps)
+        if cell:
+            k = next(k for k in seed_groups(results, "cpt")[cell] if k in comps)
+            rows.append((m, k))
+    known = {m for m, _ in rows}
+    for k in comps:  # runs of a model the results do not list
+        m = runs.get(k, {}).get("model", "?")
+        if m not in known and runs.get(k, {}).get("kind") == "cpt":
+            known.add(m)
+            rows.append((m, k))
+    if not rows:
+        return None
     fig, axes = _grid(len(rows), 4, w=3.2, h=3.0)
     for i, (m, k) in enumerate(rows):
         c = comps[k]
@@ -465,6 +570,7 @@ def plot_coactivation(results: Mapping, path: str | Path) -> Path | None:
         picks = [0, len(layers) - 1] if len(layers) > 1 else [0]
         cols = [(f"layer {li}, {when}", c[f"coactivation_{when}_layers"][li])
                 for li in picks for when in ("before", "after")]
+        im = None
         for j in range(4):
             ax = axes[i][j]
             if j >= len(cols):
@@ -472,10 +578,12 @@ def plot_coactivation(results: Mapping, path: str | Path) -> Path | None:
                 continue
             title, mat = cols[j]
             im = ax.imshow(mat, vmin=0, vmax=1, cmap="viridis")
-            ax.set_title(f"{m}\n{title}", fontsize=9)
+            ax.set_title(f"{m} ({base_key(k).split('/')[-1]})\n{title}", fontsize=9)
             ax.set_xlabel("expert j")
             if j == 0:
                 ax.set_ylabel("expert i")
-        fig.colorbar(im, ax=list(axes[i]), shrink=0.8, label="CA(i, j)")
-    fig.suptitle("Expert co-activation on the old source, before and after CPT (replay 0)", fontsize=12)
+        if im is not None:
+            fig.colorbar(im, ax=list(axes[i]), shrink=0.8, label="CA(i, j)")
+    fig.suptitle("Expert co-activation on the old source, before and after CPT (smallest replay, first seed)",
+                 fontsize=12)
     return _save(fig, path)

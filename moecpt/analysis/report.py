@@ -2,29 +2,46 @@
 self-contained ``report.html``.
 
 The study reproduces Thérien et al., "Continual Pre-training of MoEs: How robust is your router?" (arXiv 2503.05029,
-TMLR 2025) at small scale. :func:`write_report` takes the study runner's ``results`` dict::
+TMLR 2025) at small scale, every stage once per seed, with a no-shift control per CPT schedule; the decision rules
+are in ``docs/study-rules.md``. :func:`write_report` takes the study runner's ``results`` dict::
 
     results = {
-      "name": str, "wall_time_s": float,
+      "name": str, "wall_time_s": float, "seeds": [0, 1, 2],
       "old_sources": ["english"], "shifts": ["code"],
       "models": {name: {"preset", "arch": "dense"|"switch"|"granular", "router": "penalty"|"sinkhorn"|"bias"|None,
                         "is_moe", "total_params", "active_params", "train_flops_per_token"}},
-      "runs": {key: {"kind": "pretrain"|"cpt"|"retrain", "model", "shift", "replay", "schedule": "inf"|"rewarm"|None,
+      "runs": {key: {"kind": "pretrain"|"cpt"|"control"|"retrain", "model", "seed", "shift", "replay",
+                     "schedule": "inf"|"rewarm"|None, "control": control key | None (cpt runs),
+                     "optimizer_state": "carried"|"fresh"|None, "warmup_steps",
                      "parent", "parent_step", "start_tokens", "steps", "tokens", "train_flops",
                      "val": {source: [[step, tokens, loss], ...]},
                      "train_mri": [[step, mri_mean, [mri per MoE layer]], ...],
                      "final": {source: {"loss", "mri_mean"?, "mri_layers"?}},
                      "start": {source: {...}} | None}},
-      "comparisons": {cpt key: {"source", "crs_layers", "crs_mean", "cvs_layers", "cvs_mean", "chance_overlap"}},
-      "forgetting": {cpt key: {"forgetting": {...}, "adaptation": {...}, "mean_forgetting", "mean_adaptation",
-                               "loss_before": {...}, "loss_after": {...}}},
+      "comparisons": {cpt / control key: {"source", "crs_layers", "crs_mean", "cvs_layers", "cvs_mean",
+                                          "chance_overlap"}},
+      "forgetting": {cpt / control key: {"forgetting": {...}, "adaptation": {...}, "mean_forgetting",
+                                         "mean_adaptation", "loss_before": {...}, "loss_after": {...}}},
     }
 
-Every key may be missing (a partial study still gets a report). The outputs:
+Run keys are prefixed by their seed (``s0/pretrain/dense``, ``s1/cpt/granular-pb/code/inf-r0.3``,
+``s0/control/granular-pb/inf``); the same key without the ``sN/`` prefix (:func:`base_key`) names one cell of the
+study across its seeds, which the tables and the seed bands of the plots group by. Results of the older one-seed
+schema (no ``seeds``, no prefixes, no controls) are read as seed 0. Every key may be missing (a partial study still
+gets a report).
 
-- ``study.json``: ``results`` plus ``findings`` (:func:`moecpt.analysis.findings.evaluate_findings`), ``questions``,
-  ``overview``, ``tables`` (the raw numbers of every report table) and ``plots``; written atomically;
-- ``plots/*.png`` (:mod:`moecpt.analysis.plots`);
+The findings (:func:`moecpt.analysis.findings.evaluate_findings`) come per finding as ``{"id", "title", "verdict",
+"reproduced", "rule", "evidence", "n_seeds", "parts": [{"name", "title", "kind", "verdict", "n_seeds", "mean",
+"lo", "hi", "min", "max", "per_seed", "seeds_agreeing", "margin", "untested"}], "figures"}``; the headline effect of
+a finding is its first tested part (or the part named by an optional ``"headline"``). Findings of the older format
+(``reproduced`` and ``figures`` only) still render.
+
+The outputs:
+
+- ``study.json``: ``results`` plus ``findings``, ``questions`` (:func:`moecpt.analysis.findings.answer_questions`),
+  ``overview``, ``tables`` (the raw numbers of every report table, and every number the report derives) and
+  ``plots``; written atomically;
+- ``plots/*.png`` (:mod:`moecpt.analysis.plots`): seed means as lines, the seeds' min-max as shaded bands;
 - ``report.md`` and ``report.html``: both rendered from ONE list of blocks (heading / paragraph / list / table /
   image), and every number in them goes through :func:`fmt` (4 significant digits) from a value stored in
   ``study.json``, so the two documents cannot diverge and every printed number can be traced to the JSON.
@@ -35,15 +52,16 @@ from __future__ import annotations
 import base64
 import html
 import math
-from collections.abc import Mapping
+import re
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from moecpt.analysis import findings as fnd
 from moecpt.storage.atomic import write_bytes_atomic, write_json_atomic
 from moecpt.storage.outputs import FileLedger
 
-__all__ = ["write_report", "build_tables", "build_blocks", "render_markdown", "render_html", "fmt", "PLOTS"]
+__all__ = ["write_report", "build_tables", "build_blocks", "render_markdown", "render_html", "fmt", "PLOTS",
+           "report_files", "base_key", "run_seed", "study_seeds", "seed_groups", "headline_part"]
 
 
 def fmt(x: Any) -> str:
@@ -60,27 +78,236 @@ def fmt(x: Any) -> str:
     return str(x)
 
 
+# ------------------------------------------------------------------------------------------ results helpers
+# Self-contained (the findings module has its own): the report and the plots read ``results`` only through these.
+def _num(x: Any) -> float | None:
+    """A finite float, or None (missing, non-numeric, NaN, inf)."""
+    if isinstance(x, bool) or x is None:
+        return None
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def _mean(values: Iterable[Any]) -> float | None:
+    vals = [v for v in (_num(x) for x in values) if v is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def _runs(results: Mapping) -> dict[str, dict]:
+    return {k: v for k, v in (results.get("runs") or {}).items() if isinstance(v, Mapping)}
+
+
+def _models(results: Mapping) -> dict[str, dict]:
+    return {k: v for k, v in (results.get("models") or {}).items() if isinstance(v, Mapping)}
+
+
+def is_moe_model(results: Mapping, model: str | None) -> bool | None:
+    """True for an MoE model, False for a dense one, None when the model is unknown."""
+    info = _models(results).get(model or "")
+    if info is None:
+        return None
+    if "is_moe" in info:
+        return bool(info["is_moe"])
+    arch = info.get("arch")
+    return None if arch is None else arch != "dense"
+
+
+def _router(results: Mapping, model: str | None) -> str | None:
+    return _models(results).get(model or "", {}).get("router")
+
+
+def _replay(run: Mapping) -> float:
+    return _num(run.get("replay")) or 0.0
+
+
+_SEED_PREFIX = re.compile(r"^s(\d+)/")
+
+
+def base_key(key: str) -> str:
+    """A run key without its ``sN/`` seed prefix: the study cell the run belongs to across seeds."""
+    return _SEED_PREFIX.sub("", str(key), count=1)
+
+
+def run_seed(key: str, run: Mapping | None = None) -> int:
+    """The seed of a run: its ``seed`` field, else its key's ``sN/`` prefix, else 0 (the one-seed schema)."""
+    v = _num((run or {}).get("seed"))
+    if v is not None:
+        return int(v)
+    m = _SEED_PREFIX.match(str(key))
+    return int(m.group(1)) if m else 0
+
+
+def study_seeds(results: Mapping) -> list[int]:
+    """The study's seeds: ``results["seeds"]``, else the seeds its runs carry (``[0]`` for one-seed results)."""
+    seeds = [int(s) for s in (results.get("seeds") or []) if _num(s) is not None]
+    if seeds:
+        return list(dict.fromkeys(seeds))
+    return sorted({run_seed(k, r) for k, r in _runs(results).items()})
+
+
+_KIND_ORDER = {"pretrain": 0, "cpt": 1, "control": 2, "retrain": 3}
+_SCHED_ORDER = {"inf": 0, "rewarm": 1}
+
+
+def sorted_run_keys(results: Mapping, kind: str | None = None) -> list[str]:
+    """Run keys in reading order: kind (pretrain, cpt, control, retrain), model (as listed), shift, schedule,
+    replay, then seed."""
+    runs = _runs(results)
+    model_order = {m: i for i, m in enumerate(_models(results))}
+
+    def key(k: str) -> tuple:
+        r = runs[k]
+        return (_KIND_ORDER.get(r.get("kind"), 9), model_order.get(r.get("model"), 99), str(r.get("model")),
+                str(r.get("shift")), _SCHED_ORDER.get(r.get("schedule"), 9), _replay(r), base_key(k),
+                run_seed(k, r), k)
+
+    return sorted((k for k in runs if kind is None or runs[k].get("kind") == kind), key=key)
+
+
+def seed_groups(results: Mapping, kind: str | None = None) -> dict[str, list[str]]:
+    """``{base key: [run keys, one per seed, by seed]}`` in reading order."""
+    out: dict[str, list[str]] = {}
+    for k in sorted_run_keys(results, kind):
+        out.setdefault(base_key(k), []).append(k)
+    return out
+
+
+def final_loss(run: Mapping, source: str | None) -> float | None:
+    """The run's dedicated end-of-run eval loss on ``source``; else its last logged validation loss; else None."""
+    fin = (run.get("final") or {}).get(source)
+    if isinstance(fin, Mapping) and "loss" in fin:
+        return _num(fin["loss"])  # a NaN / inf eval loss stays missing: never replaced by a training-time value
+    curve = (run.get("val") or {}).get(source) or []
+    try:
+        return _num(curve[-1][2]) if curve else None
+    except (IndexError, TypeError):
+        return None
+
+
+def _start_loss(run: Mapping, source: str) -> float | None:
+    st = (run.get("start") or {}).get(source)
+    return _num(st.get("loss")) if isinstance(st, Mapping) else None
+
+
+def run_sources(results: Mapping, run: Mapping) -> list[str]:
+    """The sources a run's mean final loss is taken over: the old sources and its shift (every shift of the study
+    for a run without one: pre-training, a control)."""
+    old = list(results.get("old_sources") or [])
+    new = [run["shift"]] if run.get("shift") else list(results.get("shifts") or [])
+    return old + [s for s in dict.fromkeys(new) if s not in old]
+
+
+def mean_final_loss(results: Mapping, run: Mapping) -> float | None:
+    """Unweighted mean of the final losses on :func:`run_sources` (None if any is missing)."""
+    vals = [final_loss(run, s) for s in run_sources(results, run)]
+    if not vals or any(v is None for v in vals):
+        return None
+    return sum(vals) / len(vals)
+
+
+def mean_forgetting(results: Mapping, key: str) -> float | None:
+    """Mean forgetting (old-source loss rise) of a CPT or control run: ``results["forgetting"]``, else final -
+    start."""
+    entry = (results.get("forgetting") or {}).get(key)
+    if isinstance(entry, Mapping) and _num(entry.get("mean_forgetting")) is not None:
+        return _num(entry["mean_forgetting"])
+    run = _runs(results).get(key)
+    if run is None:
+        return None
+    deltas = []
+    for s in results.get("old_sources") or []:
+        a, b = final_loss(run, s), _start_loss(run, s)
+        if a is None or b is None:
+            return None
+        deltas.append(a - b)
+    return sum(deltas) / len(deltas) if deltas else None
+
+
+def comparisons(results: Mapping) -> dict[str, dict]:
+    """``results["comparisons"]`` restricted to entries of known CPT / control runs."""
+    runs = _runs(results)
+    return {k: v for k, v in (results.get("comparisons") or {}).items()
+            if isinstance(v, Mapping) and runs.get(k, {}).get("kind") in ("cpt", "control")}
+
+
+def parent_flops_used(results: Mapping, run: Mapping) -> float | None:
+    """FLOPs of the parent run up to the branch point (pro rata by steps), None when unknown."""
+    parent = _runs(results).get(run.get("parent") or "")
+    total = _num((parent or {}).get("train_flops"))
+    if total is None:
+        return None
+    steps, at = _num(parent.get("steps")), _num(run.get("parent_step"))
+    return total * at / steps if steps and at is not None and 0 <= at <= steps else total
+
+
+def mri_series(run: Mapping | None, upto_step: Any = None) -> list[tuple[float, float]]:
+    """[(step, mean train MRI)] of a run's training log, by step, optionally cut at ``upto_step``."""
+    out = []
+    cut = _num(upto_step)
+    for e in (run or {}).get("train_mri") or []:
+        try:
+            step, m = _num(e[0]), _num(e[1])
+        except (IndexError, TypeError):
+            continue
+        if step is None or m is None or (cut is not None and step > cut):
+            continue
+        out.append((step, m))
+    return sorted(out)
+
+
+def mri_window(n: int) -> int:
+    """The MRI window of the rules: ``max(3, ceil(0.1 * N))`` logged steps (docs/study-rules.md, F2)."""
+    return max(3, int(math.ceil(0.1 * n)))
+
+
+def headline_part(finding: Mapping) -> dict | None:
+    """The part whose effect heads a finding's row: the one named by ``finding["headline"]``, else the first tested
+    directional / equivalence part with a mean, else the first part with a mean."""
+    parts = [p for p in finding.get("parts") or [] if isinstance(p, Mapping)]
+    name = finding.get("headline")
+    for p in parts:
+        if name is not None and p.get("name") == name:
+            return dict(p)
+    tested = [p for p in parts if not p.get("untested") and _num(p.get("mean")) is not None]
+    for p in tested:
+        if p.get("kind") in ("directional", "equivalence"):
+            return dict(p)
+    return dict(tested[0]) if tested else None
+
+
 #: (file stem, plotting function name, caption)
 PLOTS: list[tuple[str, str, str]] = [
     ("val_loss", "plot_val_loss",
-     "Validation loss per source across the shift, every run (rows: models; columns: sources). CPT runs continue "
-     "from their branch point (dashed line); re-training runs start from zero."),
+     "Validation loss per source across the shift (rows: models; columns: sources): pre-training, the CPT runs at "
+     "the smallest and largest replay of each schedule, the no-shift controls and full re-training. Lines are the "
+     "mean over seeds, shaded bands the seeds' min-max; CPT and controls continue from their branch point (dashed "
+     "line), re-training starts from zero."),
     ("mri_shift", "plot_mri_shift",
-     "Training MRI per MoE layer around the shift (finding F2): the end of pre-training, then CPT (replay 0, "
-     "infinite schedule when present). The paper: penalty balancing spikes then recovers; Sinkhorn barely moves."),
+     "Training MRI (mean over MoE layers) around the shift, per MoE model (finding F2): the end of pre-training, "
+     "then the CPT run (smallest replay, infinite schedule when present) and its no-shift control from the same "
+     "checkpoint. Lines: mean over seeds; bands: the seeds' min-max. The paper: penalty balancing spikes above its "
+     "control then recovers; Sinkhorn barely moves."),
     ("crs_layers", "plot_crs_layers",
-     "Continual Router Saturation (and vocabulary specialization) per MoE layer between the CPT start checkpoint "
-     "and the CPT result on the old source (finding F5). Lower = routing changed more; dotted: chance k/E."),
+     "Continual Router Saturation per MoE layer on the old source between the CPT start checkpoint and the end of "
+     "the run (finding F5), CPT runs at each replay and their no-shift control (dashed). Lower = routing changed "
+     "more; the gap to the control is the shift's share. Mean over seeds, bands the seeds' min-max; dotted: chance."),
     ("forgetting_vs_replay", "plot_forgetting_vs_replay",
-     "Forgetting of the old sources and final new-source loss against the replay fraction (finding F3)."),
+     "Forgetting of the old sources and final loss on the new source against the replay fraction (finding F3). "
+     "The hollow marker at replay one is the no-shift control (old data only). Mean over seeds, bands min-max."),
     ("moe_vs_dense", "plot_moe_vs_dense",
-     "MoE vs FLOP-matched dense model through CPT, on each old and new source (finding F1)."),
+     "MoE vs FLOP-matched dense model through CPT, on each old and new source (finding F1), for one CPT variant "
+     "(largest replay, infinite schedule when present). Mean over seeds, bands the seeds' min-max; the faded part "
+     "is the pre-training up to the branch point."),
     ("coactivation", "plot_coactivation",
      "Expert co-activation CA(i, j) = N(i and j chosen) / N(i chosen) on the old source's held-out tokens, at the "
-     "CPT start checkpoint and after CPT (replay 0), first and last MoE layer."),
+     "CPT start checkpoint and after CPT (smallest replay), first and last MoE layer, first seed."),
     ("compute", "plot_compute",
      "Final mean loss (old + new) against training FLOPs: CPT runs at their own FLOPs (filled) and including the "
-     "parent pre-training (hollow), re-training on the union as stars (finding F4)."),
+     "parent pre-training (hollow), re-training on the union as stars (finding F4). Markers: mean over seeds; "
+     "error bars: the seeds' min-max."),
 ]
 
 
@@ -89,95 +316,190 @@ def _table(columns: list[str], rows: list[list[Any]]) -> dict:
     return {"columns": columns, "rows": rows}
 
 
-def build_tables(results: Mapping) -> dict[str, dict]:
-    """The raw numbers of every report table: ``{name: {"columns": [...], "rows": [[...], ...]}}`` (JSON-ready)."""
-    runs = fnd._runs(results)
-    models = fnd._models(results)
+def _sources(results: Mapping) -> list[str]:
     old = list(results.get("old_sources") or [])
+    sources = old + [s for s in (results.get("shifts") or []) if s not in old]
+    for r in _runs(results).values():
+        for s in list(r.get("final") or {}) + list(r.get("val") or {}):
+            if s not in sources:
+                sources.append(s)
+    return sources
+
+
+def _spread(values: list[Any]) -> tuple[float | None, float | None, float | None]:
+    vals = [v for v in (_num(x) for x in values) if v is not None]
+    if not vals:
+        return None, None, None
+    return sum(vals) / len(vals), min(vals), max(vals)
+
+
+def _train_mri_windows(results: Mapping, key: str) -> dict[str, float | None]:
+    """The F2 windows of one run's training MRI: ``pre`` (mean of the parent's last W logged steps up to the branch
+    point), ``post_max`` (max of the run's first W), ``end`` (mean of its last W)."""
+    runs = _runs(results)
+    run = runs.get(key) or {}
+    cpt = mri_series(run)
+    out: dict[str, float | None] = {"pre": None, "post_max": None, "end": None}
+    if cpt:
+        w = mri_window(len(cpt))
+        out["post_max"] = max(m for _, m in cpt[:w])
+        out["end"] = _mean(m for _, m in cpt[-w:])
+    pre = mri_series(runs.get(run.get("parent") or ""), run.get("parent_step"))
+    if pre:
+        out["pre"] = _mean(m for _, m in pre[-mri_window(len(pre)):])
+    return out
+
+
+def _eval_mri(run: Mapping, when: str, source: str) -> float | None:
+    return _num(((run.get(when) or {}).get(source) or {}).get("mri_mean"))
+
+
+def build_tables(results: Mapping) -> dict[str, dict]:
+    """The raw numbers of every report table: ``{name: {"columns": [...], "rows": [[...], ...]}}`` (JSON-ready).
+
+    Per-run tables (``runs``, ``final_losses``, ``forgetting``, ``mri``, ``routing``) hold one row per run key;
+    ``*_by_cell`` tables hold one row per study cell (the key without its seed) with the mean, min and max over
+    seeds; ``sinkhorn_mri`` holds each MoE model's training vs evaluation MRI at the end of pre-training.
+    """
+    runs = _runs(results)
+    models = _models(results)
+    old = list(results.get("old_sources") or [])
+    sources = _sources(results)
+    all_keys = sorted_run_keys(results)
     tables: dict[str, dict] = {}
 
     tables["models"] = _table(
         ["model", "preset", "arch", "router", "MoE", "total params", "active params", "train FLOPs/token"],
-        [[m, i.get("preset"), i.get("arch"), i.get("router") or "-", fnd.is_moe_model(results, m),
+        [[m, i.get("preset"), i.get("arch"), i.get("router") or "-", is_moe_model(results, m),
           i.get("total_params"), i.get("active_params"), i.get("train_flops_per_token")] for m, i in models.items()])
 
-    all_keys = fnd.sorted_run_keys(results)
     tables["runs"] = _table(
-        ["run", "kind", "model", "shift", "schedule", "replay", "steps", "tokens", "start tokens", "train FLOPs"],
-        [[k, r.get("kind"), r.get("model"), r.get("shift") or "-", r.get("schedule") or "-", r.get("replay"),
+        ["run", "seed", "kind", "model", "shift", "schedule", "replay", "optimizer state", "warm-up steps",
+         "control", "steps", "tokens", "start tokens", "train FLOPs"],
+        [[k, run_seed(k, r), r.get("kind"), r.get("model"), r.get("shift") or "-", r.get("schedule") or "-",
+          r.get("replay"), r.get("optimizer_state") or "-", r.get("warmup_steps"), r.get("control") or "-",
           r.get("steps"), r.get("tokens"), r.get("start_tokens"), r.get("train_flops")]
          for k, r in ((k, runs[k]) for k in all_keys)])
 
-    sources = old + [s for s in (results.get("shifts") or []) if s not in old]
-    for r in runs.values():
-        for s in list(r.get("final") or {}) + list(r.get("val") or {}):
-            if s not in sources:
-                sources.append(s)
     tables["final_losses"] = _table(
         ["run", "kind", "model", "schedule", "replay"] + [f"{s} loss" for s in sources] + ["mean (old + new)"],
         [[k, r.get("kind"), r.get("model"), r.get("schedule") or "-", r.get("replay")]
-         + [fnd.final_loss(r, s) for s in sources] + [fnd.mean_final_loss(results, r)]
+         + [final_loss(r, s) for s in sources] + [mean_final_loss(results, r)]
          for k, r in ((k, runs[k]) for k in all_keys)])
 
-    cpt_keys = fnd.sorted_run_keys(results, "cpt")
+    rows = []
+    for cell, keys in seed_groups(results).items():
+        r0 = runs[keys[0]]
+        m, lo, hi = _spread([mean_final_loss(results, runs[k]) for k in keys])
+        rows.append([cell, r0.get("kind"), r0.get("model"), r0.get("schedule") or "-", r0.get("replay"), len(keys)]
+                    + [_spread([final_loss(runs[k], s) for k in keys])[0] for s in sources] + [m, lo, hi])
+    tables["final_losses_by_cell"] = _table(
+        ["cell", "kind", "model", "schedule", "replay", "seeds"] + [f"{s} loss (mean)" for s in sources]
+        + ["mean (old + new)", "min over seeds", "max over seeds"], rows)
+
+    branch_keys = [k for k in all_keys if runs[k].get("kind") in ("cpt", "control")]
     fg = results.get("forgetting") or {}
     rows = []
-    for k in cpt_keys:
+    for k in branch_keys:
         r = runs[k]
         e = fg.get(k) if isinstance(fg.get(k), Mapping) else {}
         before = dict(e.get("loss_before") or {})
         after = dict(e.get("loss_after") or {})
         shift = r.get("shift")
         for s in old + ([shift] if shift else []):
-            before.setdefault(s, fnd._start_loss(r, s))
-            after.setdefault(s, fnd.final_loss(r, s))
-        row = [k, r.get("model"), r.get("schedule") or "-", r.get("replay")]
+            before.setdefault(s, _start_loss(r, s))
+            after.setdefault(s, final_loss(r, s))
+        row = [k, r.get("kind"), r.get("model"), r.get("schedule") or "-", r.get("replay")]
         for s in old:
             row += [before.get(s), after.get(s)]
-        row.append(fnd.mean_forgetting(results, k))
-        nb, na = before.get(shift), after.get(shift)
+        row.append(mean_forgetting(results, k))
+        nb, na = (before.get(shift), after.get(shift)) if shift else (None, None)
         adapt = e.get("mean_adaptation")
         if adapt is None and nb is not None and na is not None:
             adapt = nb - na
         row += [shift or "-", nb, na, adapt]
         rows.append(row)
-    cols = ["run", "model", "schedule", "replay"]
+    cols = ["run", "kind", "model", "schedule", "replay"]
     for s in old:
         cols += [f"{s} before", f"{s} after"]
     cols += ["forgetting (mean old)", "new source", "new before", "new after", "adaptation"]
     tables["forgetting"] = _table(cols, rows)
 
+    adapt_at = {row[0]: row[-1] for row in rows}
     rows = []
-    for k in cpt_keys:
-        r = runs[k]
-        if not fnd.is_moe_model(results, r.get("model")):
+    for cell, keys in seed_groups(results).items():
+        r0 = runs[keys[0]]
+        if r0.get("kind") not in ("cpt", "control"):
             continue
-        st = fnd.mri_shift_stats(results, k) or {}
-        for s in old:
-            b = ((r.get("start") or {}).get(s) or {}).get("mri_mean")
-            a = ((r.get("final") or {}).get(s) or {}).get("mri_mean")
-            change = a - b if fnd._num(a) is not None and fnd._num(b) is not None else None
-            rows.append([k, r.get("model"), models.get(r.get("model"), {}).get("router"), r.get("schedule") or "-",
-                         r.get("replay"), s, b, a, change, st.get("pre"), st.get("peak"), st.get("final")])
-    tables["mri"] = _table(["run", "model", "router", "schedule", "replay", "old source", "eval MRI before",
-                            "eval MRI after", "change", "train MRI pre-shift", "train MRI peak (first 10%)",
-                            "train MRI final (last 10%)"], rows)
+        m, lo, hi = _spread([mean_forgetting(results, k) for k in keys])
+        rows.append([cell, r0.get("kind"), r0.get("model"), r0.get("schedule") or "-", r0.get("replay"),
+                     len(keys), m, lo, hi, _spread([adapt_at.get(k) for k in keys])[0]])
+    tables["forgetting_by_cell"] = _table(["cell", "kind", "model", "schedule", "replay", "seeds",
+                                           "forgetting (mean)", "min over seeds", "max over seeds",
+                                           "adaptation (mean)"], rows)
 
-    comps = fnd.comparisons(results)
     rows = []
-    for k in cpt_keys:
+    for k in branch_keys:
+        r = runs[k]
+        if not is_moe_model(results, r.get("model")):
+            continue
+        w = _train_mri_windows(results, k)
+        for s in old:
+            b, a = _eval_mri(r, "start", s), _eval_mri(r, "final", s)
+            rows.append([k, r.get("kind"), r.get("model"), _router(results, r.get("model")),
+                         r.get("schedule") or "-", r.get("replay"), s, b, a,
+                         a - b if a is not None and b is not None else None, w["pre"], w["post_max"], w["end"]])
+    tables["mri"] = _table(["run", "kind", "model", "router", "schedule", "replay", "old source", "eval MRI before",
+                            "eval MRI after", "change", "train MRI pre-shift (mean)", "train MRI first window (max)",
+                            "train MRI last window (mean)"], rows)
+
+    comps = comparisons(results)
+    rows = []
+    for k in branch_keys:
         c = comps.get(k)
         if c is None:
             continue
-        r = runs.get(k, {})
-        layers = [v for v in (fnd._num(x) for x in c.get("crs_layers") or []) if v is not None]
-        rows.append([k, r.get("model"), r.get("schedule") or "-", r.get("replay"), c.get("source"),
+        r = runs[k]
+        layers = [v for v in (_num(x) for x in c.get("crs_layers") or []) if v is not None]
+        rows.append([k, r.get("kind"), r.get("model"), r.get("schedule") or "-", r.get("replay"), c.get("source"),
                      c.get("crs_mean"), layers[0] if layers else None,
                      sum(layers[1:]) / len(layers[1:]) if len(layers) > 1 else None,
                      c.get("cvs_mean"), c.get("chance_overlap")])
-    tables["routing"] = _table(["run", "model", "schedule", "replay", "source", "CRS mean", "CRS first layer",
-                                "CRS other layers", "CVS mean", "chance overlap"], rows)
+    tables["routing"] = _table(["run", "kind", "model", "schedule", "replay", "source", "CRS mean",
+                                "CRS first layer", "CRS other layers", "CVS mean", "chance overlap"], rows)
+
+    # training MRI (last window of pre-training) vs held-out evaluation MRI of the final pre-training checkpoint
+    rows = []
+    src = old[0] if old else None
+    for cell, keys in seed_groups(results, "pretrain").items():
+        m = runs[keys[0]].get("model")
+        if not is_moe_model(results, m) or src is None:
+            continue
+        train = [_mean(v for _, v in s[-mri_window(len(s)):]) for s in (mri_series(runs[k]) for k in keys) if s]
+        ev = [_eval_mri(runs[k], "final", src) for k in keys]
+        t_mean, e_mean = _spread(train)[0], _spread(ev)[0]
+        if t_mean is None and e_mean is None:
+            continue
+        info = models.get(m, {})
+        k_, e_ = _num(info.get("top_k")), _num(info.get("num_experts"))
+        rows.append([m, _router(results, m), len(keys), src, t_mean, e_mean,
+                     e_mean - t_mean if t_mean is not None and e_mean is not None else None,
+                     k_ / e_ if k_ and e_ else None])
+    tables["sinkhorn_mri"] = _table(["model", "router", "seeds", "source", "train MRI, last window (mean)",
+                                     "eval MRI, held-out (mean)", "eval minus train", "balanced k/E"], rows)
     return tables
+
+
+def build_overview(results: Mapping) -> dict:
+    """The counts the report's overview prints (stored in ``study.json`` under ``overview``)."""
+    runs = _runs(results)
+    kinds = [r.get("kind") for r in runs.values()]
+    seeds = study_seeds(results)
+    wall = _num(results.get("wall_time_s"))
+    return {"seeds": seeds, "n_seeds": len(seeds), "models": len(_models(results)), "runs": len(runs),
+            "cells": len(seed_groups(results)),
+            "pretrain": kinds.count("pretrain"), "cpt": kinds.count("cpt"), "control": kinds.count("control"),
+            "retrain": kinds.count("retrain"), "wall_time_h": None if wall is None else wall / 3600.0}
 
 
 # ------------------------------------------------------------------------------------------------------ blocks
@@ -190,6 +512,7 @@ def _p(text: str) -> dict:
 
 
 def _figures_text(figures: Mapping) -> str:
+    """Old-format findings: their scalar ``figures`` as ``name=value; ...``."""
     parts = []
     for k, v in figures.items():
         if k == "details":
@@ -201,67 +524,198 @@ def _figures_text(figures: Mapping) -> str:
     return "; ".join(parts)
 
 
-_STATUS = {True: "yes", False: "no", None: "untested"}
+_OLD_STATUS = {True: "reproduced", False: "not reproduced", None: "untested"}
+
+
+def _verdict(f: Mapping) -> str:
+    v = f.get("verdict")
+    return str(v) if v else _OLD_STATUS.get(f.get("reproduced"), "untested")
+
+
+def _effect(p: Mapping) -> str:
+    """``mean [lo, hi]`` of a part, with ``spread min to max`` beside it when it has fewer than three seeds."""
+    if _num(p.get("mean")) is None:
+        return "n/a"
+    s = fmt(p.get("mean"))
+    s += f" [{fmt(p.get('lo'))}, {fmt(p.get('hi'))}]" if p.get("lo") is not None or p.get("hi") is not None \
+        else " (no interval)"
+    n = _num(p.get("n_seeds"))
+    if (n is None or n < 3) and p.get("min") is not None and p.get("max") is not None:
+        s += f", spread {fmt(p.get('min'))} to {fmt(p.get('max'))}"
+    return s
+
+
+def _agreeing(p: Mapping | None) -> str:
+    if not p or p.get("seeds_agreeing") is None or p.get("n_seeds") is None:
+        return "n/a"
+    return f"{fmt(p['seeds_agreeing'])}/{fmt(p['n_seeds'])}"
+
+
+def _part_line(p: Mapping) -> str:
+    if p.get("untested"):
+        return f"{p.get('name')}: untested ({p['untested']})"
+    return f"{p.get('name')}: {p.get('verdict', 'n/a')}, {_effect(p)}"
+
+
+def _findings_blocks(study: Mapping) -> list[dict]:
+    fs = [f for f in study.get("findings") or [] if isinstance(f, Mapping)]
+    n = (study.get("overview") or {}).get("n_seeds")
+    blocks = [_h(2, "Findings")]
+    blocks.append(_p("One row per finding of Thérien et al. 2025. The headline effect is the finding's first tested "
+                     "part, signed so that a positive effect points the paper's way: the mean over seeds and its "
+                     "95% Student-t interval [lo, hi] (with the seeds' spread, min to max, when there are fewer than "
+                     "three seeds). Seeds agreeing: the seeds whose own effect points the paper's way. The rules are "
+                     "those of docs/study-rules.md, fixed before any run was looked at."))
+    if n is None or n < 3:
+        blocks.append(_p(f"**Caveat.** This study has {fmt(n)} seed(s). With fewer than three seeds the report shows "
+                         "the direction of each effect but cannot support a verdict: every finding is inconclusive "
+                         "by rule (docs/study-rules.md). Read the effects below as directions, not results."))
+    rows = []
+    for f in fs:
+        parts = [p for p in f.get("parts") or [] if isinstance(p, Mapping)]
+        head = headline_part(f)
+        if parts or "verdict" in f:
+            effect = f"{head.get('name')}: {_effect(head)}" if head else "n/a"
+            rows.append([f"{f.get('id')}: {f.get('title')}", _verdict(f), effect, _agreeing(head),
+                         [_part_line(p) for p in parts] or ["n/a"]])
+        else:  # the older findings format: scalar figures only
+            rows.append([f"{f.get('id')}: {f.get('title')}", _verdict(f), "n/a", "n/a",
+                         [_figures_text(f.get("figures") or {}) or "n/a"]])
+    blocks.append({"type": "table", "caption": "Findings of Thérien et al. 2025",
+                   "columns": ["finding", "verdict", "headline effect", "seeds agreeing", "parts"], "rows": rows})
+
+    blocks.append(_h(2, "How each verdict is decided"))
+    blocks.append(_p("A directional part is reproduced when its interval lies above zero and not reproduced when it "
+                     "lies below; an equivalence part is reproduced when its interval lies inside its margin and not "
+                     "reproduced when it lies wholly outside. A finding is reproduced when all its tested parts are, "
+                     "not reproduced when any part is not, inconclusive otherwise, and untested without runs."))
+    for f in fs:
+        blocks.append(_h(3, f"{f.get('id')}: {f.get('title')} ({_verdict(f)})"))
+        text = f"**Rule.** {f.get('rule') or 'n/a'}"
+        if f.get("evidence"):
+            text += f" **Evidence.** {f['evidence']}"
+        blocks.append(_p(text))
+        items = []
+        for p in f.get("parts") or []:
+            if not isinstance(p, Mapping):
+                continue
+            if p.get("untested"):
+                items.append(f"({p.get('name')}) {p.get('title') or ''}: untested ({p['untested']}).")
+                continue
+            s = f"({p.get('name')}) {p.get('title') or ''} [{p.get('kind') or 'n/a'}]: {p.get('verdict')}, {_effect(p)}"
+            if p.get("margin") is not None:
+                s += f"; margin {fmt(p['margin'])}"
+            per = p.get("per_seed") or {}
+            if isinstance(per, Mapping) and per:
+                s += "; per seed: " + ", ".join(f"seed {sd} {fmt(v)}" for sd, v in per.items())
+            items.append(s + ".")
+        if items:
+            blocks.append({"type": "list", "items": items})
+    return blocks
+
+
+def _sinkhorn_blocks(study: Mapping) -> list[dict]:
+    """The note on the Sinkhorn router's two MRIs (docs/study-rules.md, last section), when a Sinkhorn model ran."""
+    models = _models(study)
+    if not any(i.get("router") == "sinkhorn" for i in models.values()):
+        return []
+    table = (study.get("tables") or {}).get("sinkhorn_mri") or {}
+    rows = table.get("rows") or []
+    blocks = [_h(2, "Why the Sinkhorn model's evaluation MRI differs from its training MRI")]
+    blocks.append(_p(
+        "The training MRI is measured on the experts the router actually chose during training. A Sinkhorn-balanced "
+        "router chooses them from the Sinkhorn-normalised routing matrix, which spreads every batch evenly across the "
+        "experts by construction, so its training MRI stays close to perfect balance (k/E). At evaluation and "
+        "inference the paper's Sinkhorn router takes plain top-k of the raw router logits instead. Sinkhorn routing "
+        "has no auxiliary balancing loss, so nothing ever pushed those raw logits towards balance, and their plain "
+        "top-k is much less balanced. The two numbers measure two different selection rules; neither is wrong, and "
+        "the held-out evaluation MRI is the one that describes the deployed model."))
+    sentences = []
+    for m, router, n, src, train, ev, _diff, _bal in rows:
+        if router != "sinkhorn":
+            continue
+        sentences.append(f"{m} (mean of {fmt(n)} seed(s)): training MRI {fmt(train)} over the last logged window of "
+                         f"pre-training, held-out evaluation MRI {fmt(ev)} on {src} at the end of pre-training.")
+    blocks.append(_p("Measured here: " + " ".join(sentences) if sentences
+                     else "Measured here: no Sinkhorn pre-training run with both MRIs in this study."))
+    if rows:
+        blocks.append({"type": "table", "caption": "Training vs evaluation MRI at the end of pre-training, every "
+                                                   "MoE model (mean over seeds)", **table})
+    return blocks
 
 
 def build_blocks(study: Mapping, plots: Mapping[str, str | None], out_dir: Path) -> list[dict]:
     """The report as one list of blocks, rendered by :func:`render_markdown` and :func:`render_html`.
 
-    Table blocks hold raw values (from ``study["tables"]`` / ``study["findings"]``), formatted by :func:`fmt` at
-    rendering time; paragraph numbers are formatted from ``study`` values here.
+    Table blocks hold raw values (from ``study["tables"]``), formatted by :func:`fmt` at rendering time; paragraph
+    and findings-table numbers are formatted from ``study`` values here (``**bold**`` is the one inline markup).
     """
     tables = study.get("tables") or {}
     ov = study.get("overview") or {}
+    models = list(_models(study))
     blocks: list[dict] = [_h(1, f"moecpt study: {study.get('name', 'unnamed')}")]
+    seeds = ov.get("seeds") or []
+    shifts = study.get("shifts") or []
+    wall = f"{fmt(study.get('wall_time_s'))} s" + (f" ({fmt(ov['wall_time_h'])} h)" if ov.get("wall_time_h")
+                                                    is not None else "")
     blocks.append(_p(
-        "Continual pre-training (CPT) of Mixture-of-Experts language models at small scale, reproducing in direction "
-        "the findings of Thérien et al., \"Continual Pre-training of MoEs: How robust is your router?\" "
-        "(arXiv 2503.05029, TMLR 2025), with the dense CPT recipe of Ibrahim et al. (arXiv 2403.08763). "
-        f"Old (pre-training) sources: {', '.join(study.get('old_sources') or []) or 'n/a'}; shifts: "
-        f"{', '.join(study.get('shifts') or []) or 'n/a'}. Wall time: {fmt(study.get('wall_time_s'))} s."))
+        f"This report covers the study {study.get('name', 'unnamed')}: continual pre-training (CPT) of "
+        f"Mixture-of-Experts language models at small scale, reproducing in direction the findings of Thérien et "
+        f"al., \"Continual Pre-training of MoEs: How robust is your router?\" (arXiv 2503.05029, TMLR 2025), with "
+        f"the dense CPT recipe of Ibrahim et al. (arXiv 2403.08763). {fmt(ov.get('models'))} models "
+        f"({', '.join(models) or 'n/a'}) were pre-trained on {', '.join(study.get('old_sources') or []) or 'n/a'} "
+        f"and continually pre-trained on {'the shift' if len(shifts) == 1 else 'the shifts'} to "
+        f"{', '.join(shifts) or 'n/a'}, every stage once per seed, over {fmt(ov.get('n_seeds'))} seed(s)"
+        f"{' (' + ', '.join(fmt(s) for s in seeds) + ')' if seeds else ''}: {fmt(ov.get('runs'))} training runs "
+        f"in all ({fmt(ov.get('pretrain'))} pre-training, {fmt(ov.get('cpt'))} CPT, {fmt(ov.get('control'))} "
+        f"no-shift control and {fmt(ov.get('retrain'))} full re-training runs) in {fmt(ov.get('cells'))} cells. "
+        f"Wall time: {wall}. A no-shift control continues from the same checkpoint with the same schedule, step "
+        "budget and optimizer state on the old data only, so what a CPT run does beyond its control is the shift's "
+        "doing."))
 
-    blocks.append(_h(2, "What was run"))
-    blocks.append(_p(f"{fmt(ov.get('models'))} models and {fmt(ov.get('runs'))} runs: {fmt(ov.get('pretrain'))} "
-                     f"pre-training, {fmt(ov.get('cpt'))} CPT and {fmt(ov.get('retrain'))} full re-training runs. "
-                     "CPT schedules: inf = CosineInf from the pre-anneal checkpoint; rewarm = cosine re-warm and "
-                     "re-decay from the final checkpoint. Replay is compute-equivalent (a fraction of the CPT "
-                     "budget)."))
+    blocks.append(_h(2, "The paper's three questions"))
+    items = []
+    for q in study.get("questions") or []:
+        v, answer = q.get("verdict"), str(q.get("answer") or "")
+        if v:  # the verdict word in bold, once: an answer that opens with it ("No: ...") loses that opening
+            m = re.match(rf"\s*{re.escape(str(v))}\s*[:.]\s*", answer, flags=re.I)
+            if m and answer[m.end():]:
+                answer = answer[m.end():]
+                answer = answer[0].upper() + answer[1:]
+            items.append(f"{q.get('question')} **{str(v).capitalize()}.** {answer}")
+        else:
+            items.append(f"{q.get('question')} {answer}")
+    blocks.append({"type": "list", "items": items} if items else _p("No answers in this study."))
+
+    blocks += _findings_blocks(study)
+
+    blocks.append(_h(2, "Runs"))
+    blocks.append(_p("Every run of the study, seed by seed. CPT schedules: inf = CosineInf from the pre-anneal "
+                     "checkpoint, continuing the parent's optimizer state (carried); rewarm = cosine re-warm and "
+                     "re-decay from the final checkpoint with a fresh optimizer state, its re-warm being that state's "
+                     "warm-up. Replay is compute-equivalent (a fraction of the CPT budget). Control: the run's "
+                     "no-shift control."))
     for name, caption in (("models", "Models"), ("runs", "Runs")):
         if tables.get(name, {}).get("rows"):
             blocks.append({"type": "table", "caption": caption, **tables[name]})
 
-    blocks.append(_h(2, "The paper's three questions"))
-    blocks.append({"type": "list", "items": [f"{q['question']} {q['answer']}" for q in study.get("questions") or []]})
-
-    blocks.append(_h(2, "Findings"))
-    blocks.append(_p("Each finding is decided by a direction-of-effect rule on these runs (one seed; no significance "
-                     "test). 'untested' means the study has no runs that test it."))
-    fs = study.get("findings") or []
-    blocks.append({"type": "table", "caption": "Findings of Thérien et al. 2025",
-                   "columns": ["id", "claim", "reproduced", "deciding figures"],
-                   "rows": [[f["id"], f["title"], _STATUS.get(f.get("reproduced"), "untested"),
-                             _figures_text(f.get("figures") or {})] for f in fs]})
-    blocks.append({"type": "list", "items": [f"{f['id']}: {f['rule']}" for f in fs]})
-
-    sections = [
-        ("final_losses", "Final losses", "Dedicated end-of-run evaluation loss (nats) per run and source."),
-        ("forgetting", "Forgetting and adaptation",
-         "Loss (nats) at the CPT start checkpoint (before) and after CPT. Forgetting = rise of the old sources' loss; "
-         "adaptation = fall of the new source's loss."),
-        ("mri", "Routing balance (MRI)",
-         "Maximum Routing Imbalance (max share of tokens routed to one expert) on the old source's held-out tokens "
-         "at the CPT start checkpoint and after CPT, with the training-MRI statistics around the shift used by F2."),
-        ("routing", "Routing change (CRS / CVS)",
-         "Continual Router Saturation (mean top-k overlap per token, 1 = unchanged) and Continual Vocabulary "
-         "Specialization between the CPT start checkpoint and the CPT result, on the old source."),
-    ]
-    for name, title, text in sections:
+    for name, title, text in (
+        ("final_losses_by_cell", "Final losses over seeds",
+         "Held-out loss (nats per token) of the final checkpoints, per study cell: the mean over seeds per source, "
+         "and the mean over the old sources and the shift with its min and max over seeds."),
+        ("forgetting_by_cell", "Forgetting over seeds",
+         "Forgetting = the old sources' mean loss rise from the CPT start checkpoint to the end of the run; "
+         "adaptation = the fall of the shift's loss. Controls see no shift: their forgetting is what continued "
+         "training alone does."),
+    ):
         blocks.append(_h(2, title))
         if tables.get(name, {}).get("rows"):
             blocks.append(_p(text))
             blocks.append({"type": "table", "caption": title, **tables[name]})
         else:
             blocks.append(_p("No data in this study."))
+
+    blocks += _sinkhorn_blocks(study)
 
     blocks.append(_h(2, "Figures"))
     for stem, _fn, caption in PLOTS:
@@ -270,12 +724,36 @@ def build_blocks(study: Mapping, plots: Mapping[str, str | None], out_dir: Path)
             blocks.append({"type": "image", "path": str(out_dir / rel), "rel": rel, "caption": caption, "alt": stem})
         else:
             blocks.append(_p(f"({stem}: no data in this study.)"))
+
+    blocks.append(_h(2, "Appendix: per-run tables"))
+    for name, title, text in (
+        ("final_losses", "Final losses", "Dedicated end-of-run evaluation loss (nats) per run and source."),
+        ("forgetting", "Forgetting and adaptation",
+         "Loss (nats) at the CPT start checkpoint (before) and at the end of the run (after), CPT runs and controls."),
+        ("mri", "Routing balance (MRI)",
+         "Maximum Routing Imbalance (max share of tokens routed to one expert) on the old source's held-out tokens "
+         "at the CPT start checkpoint and at the end of the run, with the training-MRI windows of rule F2."),
+        ("routing", "Routing change (CRS / CVS)",
+         "Continual Router Saturation (mean top-k overlap per token, one = unchanged) and Continual Vocabulary "
+         "Specialization between the CPT start checkpoint and the end of the run, on the old source."),
+    ):
+        blocks.append(_h(3, title))
+        if tables.get(name, {}).get("rows"):
+            blocks.append(_p(text))
+            blocks.append({"type": "table", "caption": title, **tables[name]})
+        else:
+            blocks.append(_p("No data in this study."))
     return blocks
 
 
 # --------------------------------------------------------------------------------------------------- renderers
+def _cell_text(x: Any) -> list[str]:
+    """A table cell as its lines: a list value is one line per item, anything else one :func:`fmt` line."""
+    return [fmt(v) for v in x] if isinstance(x, list) else [fmt(x)]
+
+
 def _md_cell(x: Any) -> str:
-    return fmt(x).replace("|", "\\|").replace("\n", " ")
+    return "<br>".join(s.replace("|", "\\|").replace("\n", " ") for s in _cell_text(x))
 
 
 def render_markdown(blocks: list[dict]) -> str:
@@ -304,16 +782,26 @@ body { font-family: -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif; max
        padding: 0 1em; color: #222; line-height: 1.45; }
 h1 { border-bottom: 2px solid #444; padding-bottom: .2em; }
 h2 { border-bottom: 1px solid #ccc; padding-bottom: .15em; margin-top: 1.8em; }
+h3 { margin-top: 1.2em; }
 table { border-collapse: collapse; margin: .6em 0 1.2em; font-size: 13px; }
 caption { text-align: left; font-weight: 600; padding: .2em 0; }
 th, td { border: 1px solid #ccc; padding: 3px 7px; text-align: left; vertical-align: top; }
 th { background: #f0f0f0; }
 tr:nth-child(even) td { background: #fafafa; }
-td.yes { background: #dff3df !important; } td.no { background: #f8dede !important; }
+td.yes, td.reproduced { background: #dff3df !important; } td.no, td.not-reproduced { background: #f8dede !important; }
+td.inconclusive { background: #fbf3d5 !important; }
 td.untested { background: #eee !important; color: #666; }
 figure { margin: 1em 0 2em; } figure img { max-width: 100%; border: 1px solid #ddd; }
 figcaption { font-size: 13px; color: #444; margin-top: .3em; }
 """
+
+_VERDICT_CLASSES = ("yes", "no", "untested", "reproduced", "not reproduced", "inconclusive")
+_BOLD = re.compile(r"\*\*(.+?)\*\*")
+
+
+def _inline(text: str) -> str:
+    """HTML of a text: escaped, with ``**bold**`` as ``<strong>``."""
+    return _BOLD.sub(r"<strong>\1</strong>", html.escape(text))
 
 
 def render_html(blocks: list[dict], title: str = "moecpt study") -> str:
@@ -325,9 +813,9 @@ def render_html(blocks: list[dict], title: str = "moecpt study") -> str:
         if t == "heading":
             body.append(f"<h{b['level']}>{e(b['text'])}</h{b['level']}>")
         elif t == "paragraph":
-            body.append(f"<p>{e(b['text'])}</p>")
+            body.append(f"<p>{_inline(b['text'])}</p>")
         elif t == "list":
-            body.append("<ul>" + "".join(f"<li>{e(i)}</li>" for i in b["items"]) + "</ul>")
+            body.append("<ul>" + "".join(f"<li>{_inline(i)}</li>" for i in b["items"]) + "</ul>")
         elif t == "table":
             cap = f"<caption>{e(b['caption'])}</caption>" if b.get("caption") else ""
             head = "<tr>" + "".join(f"<th>{e(fmt(c))}</th>" for c in b["columns"]) + "</tr>"
@@ -335,9 +823,10 @@ def render_html(blocks: list[dict], title: str = "moecpt study") -> str:
             for row in b["rows"]:
                 cells = []
                 for c in row:
-                    s = fmt(c)
-                    cls = f' class="{s}"' if s in ("yes", "no", "untested") and isinstance(c, str) else ""
-                    cells.append(f"<td{cls}>{e(s)}</td>")
+                    lines = _cell_text(c)
+                    s = lines[0] if len(lines) == 1 else ""
+                    cls = (f' class="{s.replace(" ", "-")}"' if s in _VERDICT_CLASSES and isinstance(c, str) else "")
+                    cells.append(f"<td{cls}>{'<br>'.join(e(x) for x in lines)}</td>")
                 rows.append("<tr>" + "".join(cells) + "</tr>")
             body.append(f"<table>{cap}<thead>{head}</thead><tbody>{''.join(rows)}</tbody></table>")
         elif t == "image":
@@ -381,6 +870,7 @@ def write_report(results: dict, out_dir: str | Path) -> dict:
         ``{"study_json": Path, "report_md": Path, "report_html": Path, "plots": {stem: Path | None},
         "findings": [...]}``.
     """
+    from moecpt.analysis import findings as fnd  # imported here: the findings module may import fmt from this one
     from moecpt.analysis import plots as plots_mod
 
     out_dir = Path(out_dir)
@@ -393,10 +883,7 @@ def write_report(results: dict, out_dir: str | Path) -> dict:
 
     results["findings"] = fnd.evaluate_findings(results)
     results["questions"] = fnd.answer_questions(results, results["findings"])
-    runs = fnd._runs(results)
-    kinds = [r.get("kind") for r in runs.values()]
-    results["overview"] = {"models": len(fnd._models(results)), "runs": len(runs), "pretrain": kinds.count("pretrain"),
-                           "cpt": kinds.count("cpt"), "retrain": kinds.count("retrain")}
+    results["overview"] = build_overview(results)
     results["tables"] = build_tables(results)
 
     plot_paths: dict[str, Path | None] = {}

@@ -23,9 +23,10 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-from moecpt.analysis.study_config import StudyModel, StudyRecipe
+from moecpt.analysis.study_config import CPTSchedule, OptimizerState, StudyModel, StudyRecipe
 from moecpt.config import (
     DataConfig,
+    OptimConfig,
     Recipe,
     ScheduleConfig,
     ScheduleKind,
@@ -44,15 +45,17 @@ DONE_FILE = "STAGE_DONE.json"
 class Stage:
     """One training run of the study."""
 
-    key: str  # e.g. "cpt/granular-pb/code/inf-r0.3"
-    kind: str  # pretrain | cpt | retrain
+    key: str  # e.g. "s0/cpt/granular-pb/code/inf-r0.3"
+    kind: str  # pretrain | cpt | control | retrain
     model: str
     recipe: Recipe
+    seed: int = 0
     parent: "Stage | None" = None
     parent_point: str | None = None  # "pre_anneal" | "final"
     shift: str | None = None
     replay: float | None = None
     schedule: str | None = None
+    control: str | None = None  # cpt runs: the key of their no-shift control
     deps: list[str] = field(default_factory=list)
 
     @property
@@ -69,6 +72,17 @@ class Stage:
 
         return run_end_step(self.recipe.schedule, self.recipe.train.steps)
 
+    @property
+    def optimizer_state(self) -> str | None:
+        """``carried`` / ``fresh`` for runs from a parent checkpoint; None for runs from scratch."""
+        if self.parent is None:
+            return None
+        return "carried" if self.recipe.cpt.load_optimizer else "fresh"
+
+    @property
+    def warmup_steps(self) -> int:
+        return int(round(self.recipe.schedule.warmup_fraction * self.recipe.train.steps))
+
     def parent_checkpoint(self, root: Path) -> Path | None:
         if self.parent is None:
             return None
@@ -83,8 +97,9 @@ class Stage:
 
 # --------------------------------------------------------------------------------------------------------- plan
 def _run_recipe(study: StudyRecipe, m: StudyModel, name: str, mixture: dict[str, float], steps: int,
-                schedule: ScheduleConfig) -> Recipe:
-    train = study.train.model_copy(update={"steps": steps})
+                schedule: ScheduleConfig, seed: int, optim: OptimConfig | None = None,
+                load_optimizer: bool = False) -> Recipe:
+    train = study.train.model_copy(update={"steps": steps, "seed": seed})
     eval_every = max(1, steps // study.eval_points)
     # keep_last=1: a study holds many runs; the pre-anneal milestone is kept anyway for the inf CPT runs
     train = train.model_copy(update={"eval_every": eval_every, "keep_last": 1,
@@ -94,55 +109,85 @@ def _run_recipe(study: StudyRecipe, m: StudyModel, name: str, mixture: dict[str,
         "model": m.model_table(),
         "data": DataConfig(path=study.data.path, mixture=mixture, seq_len=study.data.seq_len,
                            allow_repeat=study.data.allow_repeat).model_dump(mode="json"),
-        "optim": study.optim.model_dump(mode="json"),
+        "optim": (optim or study.optim).model_dump(mode="json"),
         "schedule": schedule.model_dump(mode="json"),
         "train": train.model_dump(mode="json"),
+        "cpt": {"load_optimizer": load_optimizer},
     }
     return recipe_from_dict(raw)
 
 
+def _cpt_schedule(study: StudyRecipe, schedule: CPTSchedule) -> tuple[ScheduleConfig, OptimConfig, str, bool]:
+    """(LR schedule, optimizer settings, parent point, carry the optimizer state) of a CPT run (and its control).
+
+    ``inf`` continues at the constant LR and anneals over the last 20%; a fresh state is first warmed up to the
+    constant LR (the peak of that run is the constant). ``rewarm`` warms up from the minimum LR to the peak and
+    re-decays with a cosine; that re-warm is also the fresh state's warm-up. See ``docs/study-rules.md``."""
+    cpt = study.cpt
+    const_lr = study.const_lr_fraction * study.optim.lr
+    carry = cpt.optimizer_state(schedule) == OptimizerState.CARRY
+    if schedule == CPTSchedule.INF:
+        warm = 0.0 if carry else cpt.fresh_warmup_fraction
+        sched = ScheduleConfig(kind=ScheduleKind.COSINE_INF, warmup_fraction=warm, const_lr=const_lr,
+                               cooldown_fraction=0.0, constant_fraction=max(0.0, 0.8 - warm))
+        optim = study.optim if carry else study.optim.model_copy(update={"lr": const_lr})
+        return sched, optim, "pre_anneal", carry
+    sched = ScheduleConfig(kind=ScheduleKind.COSINE, warmup_fraction=cpt.rewarm_warmup_fraction,
+                           warmup_start_lr=study.optim.min_lr)
+    return sched, study.optim, "final", carry
+
+
 def plan_stages(study: StudyRecipe) -> list[Stage]:
-    """All stages of ``study`` in dependency order (pre-training and re-training first, then CPT)."""
+    """All stages of ``study`` in dependency order (per seed: pre-training and re-training, then CPT runs and
+    their no-shift controls)."""
+    stages: list[Stage] = []
+    for seed in study.seeds:
+        stages += _plan_seed(study, seed)
+    return stages
+
+
+def _plan_seed(study: StudyRecipe, seed: int) -> list[Stage]:
     pt, cpt = study.pretrain, study.cpt
     const_lr = study.const_lr_fraction * study.optim.lr
     old = {s: 1.0 / len(study.data.old) for s in study.data.old}
     pt_sched = ScheduleConfig(kind=ScheduleKind.COSINE_INF, warmup_fraction=pt.warmup_fraction, const_lr=const_lr,
                               cooldown_fraction=max(0.0, 0.7 - pt.warmup_fraction), constant_fraction=0.1)
+    tag = f"s{seed}"
     stages: list[Stage] = []
     pretrain: dict[str, Stage] = {}
     for m in study.models:
-        st = Stage(key=f"pretrain/{m.name}", kind="pretrain", model=m.name,
-                   recipe=_run_recipe(study, m, f"pretrain-{m.name}", old, pt.steps, pt_sched))
+        st = Stage(key=f"{tag}/pretrain/{m.name}", kind="pretrain", model=m.name, seed=seed,
+                   recipe=_run_recipe(study, m, f"{tag}-pretrain-{m.name}", old, pt.steps, pt_sched, seed))
         pretrain[m.name] = st
         stages.append(st)
     by_name = {m.name: m for m in study.models}
     for name in study.retrain.models:
         m = by_name[name]
         total = pt.steps + cpt.steps
-        for shift in study.data.shifts:
+        for shift in study.retrain.shifts or study.data.shifts:
             mix = {s: w * pt.steps / total for s, w in old.items()} | {shift: cpt.steps / total}
             sched = ScheduleConfig(kind=ScheduleKind.COSINE, warmup_fraction=pt.warmup_fraction)
-            stages.append(Stage(key=f"retrain/{name}/{shift}", kind="retrain", model=name, shift=shift,
-                                recipe=_run_recipe(study, m, f"retrain-{name}-{shift}", mix, total, sched)))
-    for name in cpt.models or [m.name for m in study.models]:
-        m = by_name[name]
-        for shift in study.data.shifts:
-            for schedule in cpt.schedules:
-                for replay in cpt.replay:
-                    mix = {shift: 1.0 - replay} | {s: replay * w for s, w in old.items()}
-                    if schedule == "inf":  # continue at the constant LR, anneal over the last 20%
-                        sched = ScheduleConfig(kind=ScheduleKind.COSINE_INF, warmup_fraction=0.0, const_lr=const_lr,
-                                               cooldown_fraction=0.0, constant_fraction=0.8)
-                        point = "pre_anneal"
-                    else:  # re-warm from the decayed LR to the peak, then cosine re-decay
-                        sched = ScheduleConfig(kind=ScheduleKind.COSINE, warmup_fraction=cpt.rewarm_warmup_fraction,
-                                               warmup_start_lr=study.optim.min_lr)
-                        point = "final"
-                    key = f"cpt/{name}/{shift}/{schedule}-r{replay:g}"
-                    stages.append(Stage(key=key, kind="cpt", model=name, shift=shift, replay=replay,
-                                        schedule=schedule, parent=pretrain[name], parent_point=point,
-                                        deps=[pretrain[name].key],
-                                        recipe=_run_recipe(study, m, key.replace("/", "-"), mix, cpt.steps, sched)))
+            stages.append(Stage(key=f"{tag}/retrain/{name}/{shift}", kind="retrain", model=name, shift=shift,
+                                seed=seed, recipe=_run_recipe(study, m, f"{tag}-retrain-{name}-{shift}", mix, total,
+                                                              sched, seed)))
+    controls: dict[tuple[str, str], str] = {}
+    for name, schedule in study.control_cells():
+        sched, optim, point, carry = _cpt_schedule(study, schedule)
+        key = f"{tag}/control/{name}/{schedule.value}"
+        controls[(name, schedule.value)] = key
+        stages.append(Stage(key=key, kind="control", model=name, schedule=schedule.value, seed=seed,
+                            parent=pretrain[name], parent_point=point, deps=[pretrain[name].key],
+                            recipe=_run_recipe(study, by_name[name], key.replace("/", "-"), dict(old), cpt.steps,
+                                               sched, seed, optim, carry)))
+    for name, shift, schedule, replay in study.cpt_cells():
+        sched, optim, point, carry = _cpt_schedule(study, schedule)
+        mix = {shift: 1.0 - replay} | {s: replay * w for s, w in old.items()}
+        key = f"{tag}/cpt/{name}/{shift}/{schedule.value}-r{replay:g}"
+        stages.append(Stage(key=key, kind="cpt", model=name, shift=shift, replay=replay, schedule=schedule.value,
+                            seed=seed, parent=pretrain[name], parent_point=point, deps=[pretrain[name].key],
+                            control=controls.get((name, schedule.value)),
+                            recipe=_run_recipe(study, by_name[name], key.replace("/", "-"), mix, cpt.steps, sched,
+                                               seed, optim, carry)))
     return stages
 
 
@@ -268,6 +313,7 @@ def run_stages(root: Path, stages: list[Stage], jobs: int, log=print) -> dict[st
                disable=not sys.stderr.isatty())
     running: dict[Any, Stage] = {}
     finished_steps = cached
+    t_start = time.perf_counter()
     ctx = get_context("spawn")
     pool = ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_worker_init)
     preempt = PreemptionWatcher()
@@ -302,7 +348,8 @@ def run_stages(root: Path, stages: list[Stage], jobs: int, log=print) -> dict[st
                 write_json_atomic(st.run_dir(root) / DONE_FILE, summary)
                 summaries[st.key] = summary
                 finished_steps += st.end_step()
-                bar.write(f"  done {st.key} ({summary.get('wall_time_s', 0):.1f} s)")
+                bar.write(f"  done {st.key} ({summary.get('wall_time_s', 0):.1f} s); {len(summaries)}/{len(stages)} "
+                          f"stages, {_eta(t_start, finished_steps - cached, total_steps - finished_steps)}")
             live = sum(_steps_done(st.run_dir(root)) for st in running.values())
             bar.n = min(total_steps, finished_steps + live)
             bar.refresh()
@@ -317,6 +364,15 @@ def run_stages(root: Path, stages: list[Stage], jobs: int, log=print) -> dict[st
     pool.shutdown()
     bar.close()
     return summaries
+
+
+def _eta(t_start: float, steps_done: int, steps_left: int) -> str:
+    """"ETA 12 min" from the steps finished since ``t_start`` (steps of every model counted alike)."""
+    elapsed = time.perf_counter() - t_start
+    if steps_done <= 0 or elapsed <= 0:
+        return "ETA unknown"
+    left = steps_left * elapsed / steps_done
+    return f"ETA {left / 60:.0f} min" if left >= 60 else f"ETA {left:.0f} s"
 
 
 def _preempt_stages(pool: ProcessPoolExecutor, running: dict, signum: int, bar, timeout_s: float = 120.0) -> list:
@@ -462,11 +518,12 @@ def collect_results(root: Path, study: StudyRecipe, stages: list[Stage], summari
     from moecpt.config import ModelConfig
 
     ev = _Evaluator(root, study)  # reads the cache that evaluate_stages filled
-    results: dict[str, Any] = {"name": study.name, "wall_time_s": wall_time_s, "old_sources": list(study.data.old),
+    results: dict[str, Any] = {"name": study.name, "wall_time_s": wall_time_s, "seeds": list(study.seeds),
+                               "old_sources": list(study.data.old),
                                "shifts": list(study.data.shifts), "models": {}, "runs": {}, "comparisons": {},
                                "forgetting": {}}
     for m in study.models:
-        st = next(s for s in stages if s.kind == "pretrain" and s.model == m.name)
+        st = next(s for s in stages if s.kind == "pretrain" and s.model == m.name)  # any seed: same shapes
         cfg = ModelConfig.model_validate(load_checkpoint(st.run_dir(root), verify=False).meta["model_config"])
         stats = model_stats(cfg, study.data.seq_len)
         results["models"][m.name] = {
@@ -482,7 +539,9 @@ def collect_results(root: Path, study: StudyRecipe, stages: list[Stage], summari
         final_ckpt = run_dir / "checkpoints" / checkpoint_dir_name(st.end_step())
         tokens = summaries[st.key]["tokens"]
         run: dict[str, Any] = {
-            "kind": st.kind, "model": st.model, "shift": st.shift, "replay": st.replay, "schedule": st.schedule,
+            "kind": st.kind, "model": st.model, "seed": st.seed, "shift": st.shift, "replay": st.replay,
+            "schedule": st.schedule, "control": st.control, "optimizer_state": st.optimizer_state,
+            "warmup_steps": st.warmup_steps,
             "parent": st.parent.key if st.parent else None, "run_dir": str(run_dir.relative_to(root)),
             "steps": st.end_step(), "tokens": tokens,
             "train_flops": tokens * results["models"][st.model]["train_flops_per_token"],
@@ -496,7 +555,8 @@ def collect_results(root: Path, study: StudyRecipe, stages: list[Stage], summari
             run["start"] = ev.summary(parent_ckpt)
             before = {s: v["loss"] for s, v in run["start"].items()}
             after = {s: v["loss"] for s, v in run["final"].items()}
-            results["forgetting"][st.key] = summarize_losses(before, after, study.data.old, [st.shift])
+            shifts = [st.shift] if st.shift else []  # a control has no shift: forgetting only
+            results["forgetting"][st.key] = summarize_losses(before, after, study.data.old, shifts)
             if results["models"][st.model]["is_moe"]:
                 results["comparisons"][st.key] = ev.compare(parent_ckpt, final_ckpt, study.data.old[0])
         results["runs"][st.key] = run
