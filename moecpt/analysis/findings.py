@@ -37,7 +37,8 @@ interval ``mean ± t(0.975, n-1) · sd / sqrt(n)`` (:func:`effect_stats`, :func:
 
 :func:`answer_questions` answers the paper's three questions by the rules of ``docs/study-rules.md``.
 
-The ``results`` schema is the study runner's (see :mod:`moecpt.analysis.report`); every key is optional, so a
+The ``results`` schema is the study runner's (see :mod:`moecpt.analysis.results`, which also holds the readers
+shared with the report and the plots); every key is optional, so a
 partially finished study still gets a report. A run without ``"seed"`` is seed 0; a study without no-shift
 controls leaves the parts that need one untested.
 """
@@ -45,8 +46,14 @@ controls leaves the parts that need one untested.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
+
+from moecpt.analysis.results import (  # noqa: F401  (some only re-exported: see __all__)
+    MRI_WINDOW_DIV, MRI_WINDOW_MIN, _mean, _models, _num, _r, _replay, _runs, _start_loss, comparisons,
+    final_loss, fmt, is_moe_model, mean_final_loss, mean_forgetting, mri_series, mri_window, parent_flops_used,
+    run_seed, run_sources, sorted_run_keys,
+)
 
 __all__ = [
     "evaluate_findings",
@@ -76,8 +83,6 @@ CLAIMS: dict[str, str] = {
     "F6": "Granular beats Switch and penalty-balanced beats Sinkhorn in final loss",
 }
 
-#: F2 windows: W = max(MRI_WINDOW_MIN, ceil(N / MRI_WINDOW_DIV)) logged steps, i.e. max(3, ceil(0.1 N)).
-MRI_WINDOW_MIN, MRI_WINDOW_DIV = 3, 10
 #: F4 (a): the equivalence margin is the re-training loss's relative sd over seeds, at most this (and this with
 #: one seed); F4 (b): CPT FLOPs over re-training FLOPs must be at most this.
 F4_TAU_MAX, F4_COMPUTE_MAX = 0.01, 0.4
@@ -93,30 +98,6 @@ _Z975 = 1.959964
 
 
 # ----------------------------------------------------------------------------------------------- small helpers
-def _num(x: Any) -> float | None:
-    """A finite float, or None (missing, non-numeric, NaN, inf)."""
-    if isinstance(x, bool) or x is None:
-        return None
-    try:
-        v = float(x)
-    except (TypeError, ValueError):
-        return None
-    return v if math.isfinite(v) else None
-
-
-def _r(x: Any, sig: int = 5) -> float | None:
-    """``x`` rounded to ``sig`` significant digits (None stays None)."""
-    v = _num(x)
-    if v is None:
-        return None
-    return float(f"{v:.{sig}g}")
-
-
-def _mean(values: Iterable[Any]) -> float | None:
-    vals = [v for v in (_num(x) for x in values) if v is not None]
-    return sum(vals) / len(vals) if vals else None
-
-
 def _sd(values: list[float]) -> float | None:
     """Sample standard deviation (n - 1 in the denominator); None below two values."""
     if len(values) < 2:
@@ -125,61 +106,18 @@ def _sd(values: list[float]) -> float | None:
     return math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
 
 
-def _runs(results: Mapping) -> dict[str, dict]:
-    runs = results.get("runs") or {}
-    return {k: v for k, v in runs.items() if isinstance(v, Mapping)}
-
-
-def _models(results: Mapping) -> dict[str, dict]:
-    return {k: v for k, v in (results.get("models") or {}).items() if isinstance(v, Mapping)}
-
-
-def is_moe_model(results: Mapping, model: str | None) -> bool | None:
-    """True for an MoE model, False for a dense one, None when the model is unknown."""
-    info = _models(results).get(model or "")
-    if info is None:
-        return None
-    if "is_moe" in info:
-        return bool(info["is_moe"])
-    arch = info.get("arch")
-    return None if arch is None else arch != "dense"
-
-
 def _info(results: Mapping, run: Mapping) -> dict:
     return _models(results).get(run.get("model") or "", {})
 
 
 def _seed(run: Mapping) -> int:
-    """The run's seed; a run of the old schema (no seed) is seed 0."""
-    s = _num(run.get("seed"))
-    return int(s) if s is not None else 0
-
-
-def _replay(run: Mapping) -> float:
-    return _num(run.get("replay")) or 0.0
+    """The run's ``seed`` field; a run of the old schema (no seed) is seed 0 (its key is not consulted)."""
+    return run_seed("", run)
 
 
 def _variant(run: Mapping) -> tuple:
     """A CPT variant: (shift, schedule, replay)."""
     return (run.get("shift"), run.get("schedule"), _replay(run))
-
-
-_KIND_ORDER = {"pretrain": 0, "control": 1, "cpt": 2, "retrain": 3}
-_SCHED_ORDER = {"inf": 0, "rewarm": 1}
-
-
-def sorted_run_keys(results: Mapping, kind: str | None = None) -> list[str]:
-    """Run keys in a stable reading order: pretrain, control, cpt, retrain; by model (as listed), shift, schedule,
-    replay, then seed (so the seeds of one cell sit together)."""
-    runs = _runs(results)
-    model_order = {m: i for i, m in enumerate(_models(results))}
-
-    def key(k: str) -> tuple:
-        r = runs[k]
-        return (_KIND_ORDER.get(r.get("kind"), 9), model_order.get(r.get("model"), 99), str(r.get("model")),
-                str(r.get("shift")), _SCHED_ORDER.get(r.get("schedule"), 9), _replay(r), _seed(r), k)
-
-    return sorted((k for k in runs if kind is None or runs[k].get("kind") == kind), key=key)
 
 
 def control_key(results: Mapping, key: str) -> str | None:
@@ -197,47 +135,9 @@ def control_key(results: Mapping, key: str) -> str | None:
     return None
 
 
-def run_sources(results: Mapping, run: Mapping) -> tuple[list[str], list[str]]:
-    """(old sources, new sources) a run is judged on: the pre-training sources, and its shift; a run without a shift
-    (pre-training, a no-shift control) is judged on every shift of the study, to show where CPT starts from."""
-    old = list(results.get("old_sources") or [])
-    shift = run.get("shift")
-    new = [shift] if shift else list(results.get("shifts") or [])
-    return old, [s for s in dict.fromkeys(new) if s not in old]
-
-
-def final_loss(run: Mapping, source: str) -> float | None:
-    """The run's dedicated end-of-run eval loss on ``source``; else the last logged validation loss; else None."""
-    fin = (run.get("final") or {}).get(source)
-    if isinstance(fin, Mapping) and "loss" in fin:
-        return _num(fin["loss"])  # a NaN / inf eval loss stays missing: never replaced by a training-time value
-    curve = (run.get("val") or {}).get(source) or []
-    if curve:
-        try:
-            return _num(curve[-1][2])
-        except (IndexError, TypeError):
-            return None
-    return None
-
-
-def _start_loss(run: Mapping, source: str) -> float | None:
-    st = (run.get("start") or {}).get(source)
-    return _num(st.get("loss")) if isinstance(st, Mapping) else None
-
-
 def _final_mri(run: Mapping, source: str) -> float | None:
     fin = (run.get("final") or {}).get(source)
     return _num(fin.get("mri_mean")) if isinstance(fin, Mapping) else None
-
-
-def mean_final_loss(results: Mapping, run: Mapping) -> float | None:
-    """Unweighted mean of the final losses on the old sources and the run's shift (None if any is missing)."""
-    old, new = run_sources(results, run)
-    srcs = old + new
-    vals = [final_loss(run, s) for s in srcs]
-    if not srcs or any(v is None for v in vals):
-        return None
-    return sum(vals) / len(vals)
 
 
 def _old_final_loss(results: Mapping, run: Mapping) -> float | None:
@@ -245,48 +145,6 @@ def _old_final_loss(results: Mapping, run: Mapping) -> float | None:
     old, _ = run_sources(results, run)
     vals = [final_loss(run, s) for s in old]
     return None if not vals or any(v is None for v in vals) else sum(vals) / len(vals)
-
-
-def mean_forgetting(results: Mapping, key: str) -> float | None:
-    """Mean forgetting (old-source loss rise from the CPT start checkpoint to the end) of a CPT or control run:
-    ``results["forgetting"]``, else final - start."""
-    entry = (results.get("forgetting") or {}).get(key)
-    if isinstance(entry, Mapping) and _num(entry.get("mean_forgetting")) is not None:
-        return _num(entry["mean_forgetting"])
-    run = _runs(results).get(key)
-    if run is None:
-        return None
-    old, _ = run_sources(results, run)
-    deltas = []
-    for s in old:
-        a, b = final_loss(run, s), _start_loss(run, s)
-        if a is None or b is None:
-            return None
-        deltas.append(a - b)
-    return sum(deltas) / len(deltas) if deltas else None
-
-
-def _window(n: int) -> int:
-    """W = max(3, ceil(0.1 n)), in integer arithmetic (0.1 * 30 is 3.0000000000000004 in floats)."""
-    return max(MRI_WINDOW_MIN, -(-n // MRI_WINDOW_DIV))
-
-
-def _mri_series(run: Mapping | None, upto_step: Any = None) -> list[tuple[float, float]]:
-    """[(step, mean MRI)] of a run's training log, sorted by step, optionally cut at ``upto_step``."""
-    if not run:
-        return []
-    out = []
-    cut = _num(upto_step)
-    for e in run.get("train_mri") or []:
-        try:
-            step, m = _num(e[0]), _num(e[1])
-        except (IndexError, TypeError):
-            continue
-        if step is None or m is None or (cut is not None and step > cut):
-            continue
-        out.append((step, m))
-    out.sort()
-    return out
 
 
 def mri_shift_stats(results: Mapping, key: str) -> dict | None:
@@ -303,14 +161,14 @@ def mri_shift_stats(results: Mapping, key: str) -> dict | None:
     """
     runs = _runs(results)
     run = runs.get(key)
-    series = [m for _, m in _mri_series(run)]
+    series = [m for _, m in mri_series(run)]
     n = len(series)
-    w = _window(n)
+    w = mri_window(n)
     if n < w:
         return None
     post, end = series[:w], series[-w:]
     parent = runs.get((run or {}).get("parent") or "")
-    pre = [m for _, m in _mri_series(parent, run.get("parent_step"))][-w:]
+    pre = [m for _, m in mri_series(parent, run.get("parent_step"))][-w:]
     have_pre = len(pre) == w
     out = {
         "window": w, "n_logged": n,
@@ -322,27 +180,6 @@ def mri_shift_stats(results: Mapping, key: str) -> dict | None:
     }
     out.update(pre=out["pre_mean"], peak=out["post_max"], final=out["end_mean"])
     return out
-
-
-def comparisons(results: Mapping) -> dict[str, dict]:
-    """``results["comparisons"]`` restricted to entries of known CPT and control runs (a stale entry is ignored)."""
-    runs = _runs(results)
-    return {k: v for k, v in (results.get("comparisons") or {}).items()
-            if isinstance(v, Mapping) and runs.get(k, {}).get("kind") in ("cpt", "control")}
-
-
-def _parent_flops_used(results: Mapping, run: Mapping) -> float | None:
-    """FLOPs of the parent run up to the branch point (pro rata by steps), None when unknown."""
-    parent = _runs(results).get(run.get("parent") or "")
-    if not parent:
-        return None
-    total = _num(parent.get("train_flops"))
-    if total is None:
-        return None
-    steps, at = _num(parent.get("steps")), _num(run.get("parent_step"))
-    if steps and at is not None and 0 <= at <= steps:
-        return total * at / steps
-    return total
 
 
 # ------------------------------------------------------------------------------------------------- statistics
@@ -467,8 +304,6 @@ def _combine(verdicts: list[str]) -> str:
 
 def _stat_text(p: Mapping) -> str:
     """A part's figure as text: mean [lo, hi] (spread min to max below 3 seeds), seeds agreeing."""
-    from moecpt.analysis.report import fmt  # lazily: report imports this module
-
     if p["verdict"] == "untested":
         return f"untested ({p['untested']})"
     if p["kind"] == "check":
@@ -699,7 +534,7 @@ def _f4(results: Mapping) -> dict:
         e = None if lc is None or lr is None or lr <= 0 else -(lc / lr - 1.0)
         fc, fr = _num(cr.get("train_flops")), _num(rr.get("train_flops"))
         ratio = fc / fr if fc is not None and fr else None
-        fp = _parent_flops_used(results, cr)
+        fp = parent_flops_used(results, cr)
         _collect(acc_a, seed, e)
         _collect(retrain_loss, seed, lr if e is not None else None)
         _collect(acc_b, seed, ratio)
@@ -874,16 +709,12 @@ def _q2_effects(results: Mapping) -> tuple[dict[int, list[float]], list[float]]:
 
 
 def _interval_text(st: Mapping) -> str:
-    from moecpt.analysis.report import fmt
-
     if st["n_seeds"] == 1:
         return f"{fmt(st['mean'])} (one seed: no interval)"
     return f"{fmt(st['mean'])} [{fmt(st['lo'])}, {fmt(st['hi'])}] (95% t-interval over {fmt(st['n_seeds'])} seeds)"
 
 
 def _answer_q1(results: Mapping) -> dict:
-    from moecpt.analysis.report import fmt
-
     st = effect_stats(_seed_means(_q1_effects(results)))
     figures = {k: st[k] for k in ("mean", "lo", "hi", "min", "max", "n_seeds", "seeds_agreeing")}
     verdict = {"reproduced": "yes", "not reproduced": "no"}.get(st["verdict"], st["verdict"])
@@ -899,8 +730,6 @@ def _answer_q1(results: Mapping) -> dict:
 
 
 def _answer_q2(results: Mapping) -> dict:
-    from moecpt.analysis.report import fmt
-
     acc, ctl_mri = _q2_effects(results)
     per_seed = _seed_means(acc)
     st = effect_stats(per_seed)
@@ -924,8 +753,6 @@ def _answer_q2(results: Mapping) -> dict:
 
 
 def _answer_q3(fs: Mapping[str, Mapping]) -> dict:
-    from moecpt.analysis.report import fmt
-
     def part(fid: str, name: str) -> Mapping:
         return next((p for p in fs.get(fid, {}).get("parts", []) if p["name"] == name), {})
 
@@ -971,7 +798,7 @@ def answer_questions(results: Mapping, findings: list[dict] | None = None) -> li
 
     One seed gives no interval: inconclusive. Returns three dicts ``{"question", "verdict": "yes" | "no" |
     "inconclusive" | "untested", "answer", "figures"}``; every number in ``answer`` is a ``figures`` value
-    formatted by :func:`moecpt.analysis.report.fmt`.
+    formatted by :func:`moecpt.analysis.results.fmt`.
     """
     fs = {f["id"]: f for f in (findings if findings is not None else evaluate_findings(results))}
     return [_answer_q1(results), _answer_q2(results), _answer_q3(fs)]

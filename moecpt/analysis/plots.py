@@ -1,7 +1,7 @@
 """The study's figures, after Thérien et al., "Continual Pre-training of MoEs: How robust is your router?"
 (arXiv 2503.05029, TMLR 2025) and Ibrahim et al. (arXiv 2403.08763, TMLR 2024).
 
-Every function takes the study's ``results`` dict (schema in :mod:`moecpt.analysis.report`) and a path, writes one
+Every function takes the study's ``results`` dict (schema in :mod:`moecpt.analysis.results`) and a path, writes one
 PNG there (matplotlib, Agg backend, so it works without a display) and returns the path, or returns ``None`` without
 writing when the results hold no data for that figure (a dense-only study has no MRI plot, ...).
 
@@ -25,7 +25,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import EngFormatter  # noqa: E402
 
-from moecpt.analysis.report import (  # noqa: E402
+from moecpt.analysis.results import (  # noqa: E402
     _models, _num, _replay, _runs, base_key, comparisons, final_loss, is_moe_model, mean_final_loss,
     mean_forgetting, mri_series, parent_flops_used, seed_groups,
 )

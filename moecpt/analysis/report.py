@@ -3,32 +3,11 @@ self-contained ``report.html``.
 
 The study reproduces Thérien et al., "Continual Pre-training of MoEs: How robust is your router?" (arXiv 2503.05029,
 TMLR 2025) at small scale, every stage once per seed, with a no-shift control per CPT schedule; the decision rules
-are in ``docs/study-rules.md``. :func:`write_report` takes the study runner's ``results`` dict::
-
-    results = {
-      "name": str, "wall_time_s": float, "seeds": [0, 1, 2],
-      "old_sources": ["english"], "shifts": ["code"],
-      "models": {name: {"preset", "arch": "dense"|"switch"|"granular", "router": "penalty"|"sinkhorn"|"bias"|None,
-                        "is_moe", "total_params", "active_params", "train_flops_per_token"}},
-      "runs": {key: {"kind": "pretrain"|"cpt"|"control"|"retrain", "model", "seed", "shift", "replay",
-                     "schedule": "inf"|"rewarm"|None, "control": control key | None (cpt runs),
-                     "optimizer_state": "carried"|"fresh"|None, "warmup_steps",
-                     "parent", "parent_step", "start_tokens", "steps", "tokens", "train_flops",
-                     "val": {source: [[step, tokens, loss], ...]},
-                     "train_mri": [[step, mri_mean, [mri per MoE layer]], ...],
-                     "final": {source: {"loss", "mri_mean"?, "mri_layers"?}},
-                     "start": {source: {...}} | None}},
-      "comparisons": {cpt / control key: {"source", "crs_layers", "crs_mean", "cvs_layers", "cvs_mean",
-                                          "chance_overlap"}},
-      "forgetting": {cpt / control key: {"forgetting": {...}, "adaptation": {...}, "mean_forgetting",
-                                         "mean_adaptation", "loss_before": {...}, "loss_after": {...}}},
-    }
-
-Run keys are prefixed by their seed (``s0/pretrain/dense``, ``s1/cpt/granular-pb/code/inf-r0.3``,
-``s0/control/granular-pb/inf``); the same key without the ``sN/`` prefix (:func:`base_key`) names one cell of the
-study across its seeds, which the tables and the seed bands of the plots group by. Results of the older one-seed
-schema (no ``seeds``, no prefixes, no controls) are read as seed 0. Every key may be missing (a partial study still
-gets a report).
+are in ``docs/study-rules.md``. :func:`write_report` takes the study runner's ``results`` dict, whose schema,
+and the readers the report, the findings and the plots share (seed helpers, losses, training MRI, :func:`fmt`), are
+in :mod:`moecpt.analysis.results`. Runs are grouped across seeds by their key without the ``sN/`` prefix
+(:func:`base_key`): a study *cell*. Results of the older one-seed schema are read as seed 0; every key may be
+missing (a partial study still gets a report).
 
 The findings (:func:`moecpt.analysis.findings.evaluate_findings`) come per finding as ``{"id", "title", "verdict",
 "reproduced", "rule", "evidence", "n_seeds", "parts": [{"name", "title", "kind", "verdict", "n_seeds", "mean",
@@ -53,10 +32,16 @@ import base64
 import html
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from moecpt.analysis import findings as fnd
+from moecpt.analysis.results import (  # noqa: F401  (some only re-exported: see __all__)
+    _mean, _models, _num, _runs, _start_loss, base_key, comparisons, final_loss, fmt, is_moe_model,
+    mean_final_loss, mean_forgetting, mri_series, mri_window, parent_flops_used, run_seed, seed_groups,
+    sorted_run_keys, study_seeds,
+)
 from moecpt.storage.atomic import write_bytes_atomic, write_json_atomic
 from moecpt.storage.outputs import FileLedger
 
@@ -64,203 +49,8 @@ __all__ = ["write_report", "build_tables", "build_blocks", "render_markdown", "r
            "report_files", "base_key", "run_seed", "study_seeds", "seed_groups", "headline_part"]
 
 
-def fmt(x: Any) -> str:
-    """The one number formatter of the report: floats to 4 significant digits, ints exact with thousands
-    separators, booleans yes/no, None / NaN / inf as ``n/a``; strings unchanged."""
-    if x is None:
-        return "n/a"
-    if isinstance(x, bool):
-        return "yes" if x else "no"
-    if isinstance(x, int):
-        return f"{x:,}"
-    if isinstance(x, float):
-        return f"{x:.4g}" if math.isfinite(x) else "n/a"
-    return str(x)
-
-
-# ------------------------------------------------------------------------------------------ results helpers
-# Self-contained (the findings module has its own): the report and the plots read ``results`` only through these.
-def _num(x: Any) -> float | None:
-    """A finite float, or None (missing, non-numeric, NaN, inf)."""
-    if isinstance(x, bool) or x is None:
-        return None
-    try:
-        v = float(x)
-    except (TypeError, ValueError):
-        return None
-    return v if math.isfinite(v) else None
-
-
-def _mean(values: Iterable[Any]) -> float | None:
-    vals = [v for v in (_num(x) for x in values) if v is not None]
-    return sum(vals) / len(vals) if vals else None
-
-
-def _runs(results: Mapping) -> dict[str, dict]:
-    return {k: v for k, v in (results.get("runs") or {}).items() if isinstance(v, Mapping)}
-
-
-def _models(results: Mapping) -> dict[str, dict]:
-    return {k: v for k, v in (results.get("models") or {}).items() if isinstance(v, Mapping)}
-
-
-def is_moe_model(results: Mapping, model: str | None) -> bool | None:
-    """True for an MoE model, False for a dense one, None when the model is unknown."""
-    info = _models(results).get(model or "")
-    if info is None:
-        return None
-    if "is_moe" in info:
-        return bool(info["is_moe"])
-    arch = info.get("arch")
-    return None if arch is None else arch != "dense"
-
-
 def _router(results: Mapping, model: str | None) -> str | None:
     return _models(results).get(model or "", {}).get("router")
-
-
-def _replay(run: Mapping) -> float:
-    return _num(run.get("replay")) or 0.0
-
-
-_SEED_PREFIX = re.compile(r"^s(\d+)/")
-
-
-def base_key(key: str) -> str:
-    """A run key without its ``sN/`` seed prefix: the study cell the run belongs to across seeds."""
-    return _SEED_PREFIX.sub("", str(key), count=1)
-
-
-def run_seed(key: str, run: Mapping | None = None) -> int:
-    """The seed of a run: its ``seed`` field, else its key's ``sN/`` prefix, else 0 (the one-seed schema)."""
-    v = _num((run or {}).get("seed"))
-    if v is not None:
-        return int(v)
-    m = _SEED_PREFIX.match(str(key))
-    return int(m.group(1)) if m else 0
-
-
-def study_seeds(results: Mapping) -> list[int]:
-    """The study's seeds: ``results["seeds"]``, else the seeds its runs carry (``[0]`` for one-seed results)."""
-    seeds = [int(s) for s in (results.get("seeds") or []) if _num(s) is not None]
-    if seeds:
-        return list(dict.fromkeys(seeds))
-    return sorted({run_seed(k, r) for k, r in _runs(results).items()})
-
-
-_KIND_ORDER = {"pretrain": 0, "cpt": 1, "control": 2, "retrain": 3}
-_SCHED_ORDER = {"inf": 0, "rewarm": 1}
-
-
-def sorted_run_keys(results: Mapping, kind: str | None = None) -> list[str]:
-    """Run keys in reading order: kind (pretrain, cpt, control, retrain), model (as listed), shift, schedule,
-    replay, then seed."""
-    runs = _runs(results)
-    model_order = {m: i for i, m in enumerate(_models(results))}
-
-    def key(k: str) -> tuple:
-        r = runs[k]
-        return (_KIND_ORDER.get(r.get("kind"), 9), model_order.get(r.get("model"), 99), str(r.get("model")),
-                str(r.get("shift")), _SCHED_ORDER.get(r.get("schedule"), 9), _replay(r), base_key(k),
-                run_seed(k, r), k)
-
-    return sorted((k for k in runs if kind is None or runs[k].get("kind") == kind), key=key)
-
-
-def seed_groups(results: Mapping, kind: str | None = None) -> dict[str, list[str]]:
-    """``{base key: [run keys, one per seed, by seed]}`` in reading order."""
-    out: dict[str, list[str]] = {}
-    for k in sorted_run_keys(results, kind):
-        out.setdefault(base_key(k), []).append(k)
-    return out
-
-
-def final_loss(run: Mapping, source: str | None) -> float | None:
-    """The run's dedicated end-of-run eval loss on ``source``; else its last logged validation loss; else None."""
-    fin = (run.get("final") or {}).get(source)
-    if isinstance(fin, Mapping) and "loss" in fin:
-        return _num(fin["loss"])  # a NaN / inf eval loss stays missing: never replaced by a training-time value
-    curve = (run.get("val") or {}).get(source) or []
-    try:
-        return _num(curve[-1][2]) if curve else None
-    except (IndexError, TypeError):
-        return None
-
-
-def _start_loss(run: Mapping, source: str) -> float | None:
-    st = (run.get("start") or {}).get(source)
-    return _num(st.get("loss")) if isinstance(st, Mapping) else None
-
-
-def run_sources(results: Mapping, run: Mapping) -> list[str]:
-    """The sources a run's mean final loss is taken over: the old sources and its shift (every shift of the study
-    for a run without one: pre-training, a control)."""
-    old = list(results.get("old_sources") or [])
-    new = [run["shift"]] if run.get("shift") else list(results.get("shifts") or [])
-    return old + [s for s in dict.fromkeys(new) if s not in old]
-
-
-def mean_final_loss(results: Mapping, run: Mapping) -> float | None:
-    """Unweighted mean of the final losses on :func:`run_sources` (None if any is missing)."""
-    vals = [final_loss(run, s) for s in run_sources(results, run)]
-    if not vals or any(v is None for v in vals):
-        return None
-    return sum(vals) / len(vals)
-
-
-def mean_forgetting(results: Mapping, key: str) -> float | None:
-    """Mean forgetting (old-source loss rise) of a CPT or control run: ``results["forgetting"]``, else final -
-    start."""
-    entry = (results.get("forgetting") or {}).get(key)
-    if isinstance(entry, Mapping) and _num(entry.get("mean_forgetting")) is not None:
-        return _num(entry["mean_forgetting"])
-    run = _runs(results).get(key)
-    if run is None:
-        return None
-    deltas = []
-    for s in results.get("old_sources") or []:
-        a, b = final_loss(run, s), _start_loss(run, s)
-        if a is None or b is None:
-            return None
-        deltas.append(a - b)
-    return sum(deltas) / len(deltas) if deltas else None
-
-
-def comparisons(results: Mapping) -> dict[str, dict]:
-    """``results["comparisons"]`` restricted to entries of known CPT / control runs."""
-    runs = _runs(results)
-    return {k: v for k, v in (results.get("comparisons") or {}).items()
-            if isinstance(v, Mapping) and runs.get(k, {}).get("kind") in ("cpt", "control")}
-
-
-def parent_flops_used(results: Mapping, run: Mapping) -> float | None:
-    """FLOPs of the parent run up to the branch point (pro rata by steps), None when unknown."""
-    parent = _runs(results).get(run.get("parent") or "")
-    total = _num((parent or {}).get("train_flops"))
-    if total is None:
-        return None
-    steps, at = _num(parent.get("steps")), _num(run.get("parent_step"))
-    return total * at / steps if steps and at is not None and 0 <= at <= steps else total
-
-
-def mri_series(run: Mapping | None, upto_step: Any = None) -> list[tuple[float, float]]:
-    """[(step, mean train MRI)] of a run's training log, by step, optionally cut at ``upto_step``."""
-    out = []
-    cut = _num(upto_step)
-    for e in (run or {}).get("train_mri") or []:
-        try:
-            step, m = _num(e[0]), _num(e[1])
-        except (IndexError, TypeError):
-            continue
-        if step is None or m is None or (cut is not None and step > cut):
-            continue
-        out.append((step, m))
-    return sorted(out)
-
-
-def mri_window(n: int) -> int:
-    """The MRI window of the rules: ``max(3, ceil(0.1 * N))`` logged steps (docs/study-rules.md, F2)."""
-    return max(3, int(math.ceil(0.1 * n)))
 
 
 def headline_part(finding: Mapping) -> dict | None:
@@ -870,8 +660,7 @@ def write_report(results: dict, out_dir: str | Path) -> dict:
         ``{"study_json": Path, "report_md": Path, "report_html": Path, "plots": {stem: Path | None},
         "findings": [...]}``.
     """
-    from moecpt.analysis import findings as fnd  # imported here: the findings module may import fmt from this one
-    from moecpt.analysis import plots as plots_mod
+    from moecpt.analysis import plots as plots_mod  # here, not at the top: matplotlib only when drawing
 
     out_dir = Path(out_dir)
     plot_dir = out_dir / "plots"
