@@ -15,7 +15,7 @@ bytes per token (expected H) and the wall-clock speed-up. ``modelled_comm_s`` is
 the bytes (latency x collectives + bytes / bandwidth) as a check on the measured sleep.
 
 Run: ``.venv/bin/python benchmarks/comm.py [--workers 2] [--steps 64] [--hs 4 16 64] [--bandwidth-gbit 1]
-[--latency-ms 10] [--preset smoke-switch]``; prints one JSON object. About 15 s per configuration on a laptop CPU.
+[--latency-ms 10] [--preset smoke-switch]``; prints one JSON object (wall time per configuration: ``README.md``).
 Step times on a shared machine are noisy; bytes are exact.
 """
 

@@ -8,7 +8,8 @@ Prints one JSON object:
   ``[2048, 4096]`` fp32 logits (the demo step's LM loss);
 * ``rope_ms``: forward + backward of rotary embeddings on one demo q/k tensor: ``moecpt.model.transformer.apply_rope``
   on the ``[B, T, H, Dh]`` projection layout vs the usual rotate-half formula on the transposed ``[B, H, T, Dh]``
-  view and vs moecpt's previous version (the same, plus a slice and a concatenation of the pass-through part);
+  view and vs that formula slicing off the rotary part and concatenating the pass-through part back (key
+  ``previous_moecpt``: what slicing costs at full rotary, which ``apply_rope`` avoids);
 * ``moe_step_page_faults``: minor page faults per forward + backward of the ``benchmarks/moe_layer.py`` MoE layer
   (with its dense FFN alongside, as in that benchmark), in two fresh processes: glibc ``malloc`` as is vs
   ``moecpt.train.host_memory.retain_freed_memory`` (``MOECPT_MALLOC_TUNING=0`` vs default).
@@ -121,8 +122,8 @@ def _rope_transposed(x_BHTD: torch.Tensor, cos_TR: torch.Tensor, sin_TR: torch.T
 
 
 def _rope_previous(x_BHTD: torch.Tensor, cos_TR: torch.Tensor, sin_TR: torch.Tensor) -> torch.Tensor:
-    """moecpt's RoPE before this change: on the transposed view, slicing the rotary part and concatenating the
-    (empty, at full rotary) pass-through part back."""
+    """Rotate-half on the transposed view that slices the rotary part and concatenates the (empty, at full rotary)
+    pass-through part back: the partial-rotary-ready form whose slicing cost ``apply_rope`` avoids."""
     R = cos_TR.shape[-1]
     x_rot, x_pass = x_BHTD[..., :R], x_BHTD[..., R:]
     x1, x2 = x_rot.float().chunk(2, dim=-1)

@@ -34,7 +34,7 @@ class _Strict(BaseModel):
 
 # ----------------------------------------------------------------------------------------------------------- model
 class RouterKind(StrEnum):
-    """Balancing strategy of a router (GUIDE.md, routing rule 1)."""
+    """Balancing strategy of a router (docs/design.md, rule R1)."""
 
     PENALTY = "penalty"  # PBTk: softmax top-k + Switch aux loss + z-loss
     SINKHORN = "sinkhorn"  # SBTk: Sinkhorn-Knopp balanced selection during training
@@ -382,7 +382,8 @@ class TrainConfig(_Strict):
 
 
 class CPTConfig(_Strict):
-    """Continual pre-training from a parent checkpoint (Ibrahim et al. 2024; GUIDE.md CPT rule 2)."""
+    """Continual pre-training from a parent checkpoint (Ibrahim et al. 2024, arXiv 2403.08763; docs/design.md,
+    rule C2)."""
 
     load_optimizer: bool = Field(False, description="carry the parent's AdamW moments (never its LR)")
 

@@ -150,7 +150,7 @@ def test_meta_train_nan_sigma_subprocess(tmp_path):
 
 
 @pytest.mark.parametrize("args, words", [
-    (["--rounds", "0"], ["--rounds 0", ">= 1"]),  # 0 used to mean "the default" silently
+    (["--rounds", "0"], ["--rounds 0", ">= 1"]),  # 0 must not silently mean "the default"
     (["--seeds", "0"], ["--seeds 0", ">= 1"]),
     (["--rounds", "-3"], ["--rounds -3", ">= 1"]),
     (["--local-steps", "0"], ["--local-steps '0'", ">= 1"]),

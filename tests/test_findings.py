@@ -295,15 +295,15 @@ def test_f2_fresh_optimizer_artefact_cancels_against_the_control():
 def test_f2_noise_only_logs_are_not_a_spike(mode, schema):
     r = build(noise_only=mode)
     r = without_controls(r) if schema == "no controls" else r
-    # the old rule (max of the post window against the MEAN of the pre window) fires on pure noise...
+    # a naive rule (max of the post window against the MEAN of the pre window) fires on pure noise...
     for k, run in r["runs"].items():
         if run["kind"] == "cpt" and MODELS[run["model"]]["router"] == "penalty":
             st = mri_shift_stats(r, k)
             assert st["post_max"] - st["pre_mean"] > 0
-            if mode == "blips":  # ... even above the noise: the old statistic would pass part (b) on every run
+            if mode == "blips":  # ... even above the noise: that statistic would pass part (b) on every run
                 assert st["post_max"] - st["pre_mean"] > st["noise"]
                 assert st["spike"] == pytest.approx(0.0)  # max against max: nothing
-    # ... the new rule does not
+    # ... F2's rule (max against max) does not
     f2 = _findings(r)["F2"]
     assert f2["verdict"] == "not reproduced" and f2["reproduced"] is False
     assert _part(f2, "a")["verdict"] in (("inconclusive", "not reproduced") if schema == "controls" else ("untested",))

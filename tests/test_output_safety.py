@@ -161,7 +161,7 @@ def test_failed_prepare_leaves_no_tokenizer_that_the_next_prepare_reuses(tmp_pat
     b = write_jsonl(tmp_path / "b.jsonl", "text", tag="bee ")
     inputs = snapshot(a, b)
     out = tmp_path / "out"
-    # every line of a is skipped: it used to train (and keep) a tokenizer on b alone, then fail
+    # every line of a is skipped: refuse up front, rather than train (and keep) a tokenizer on b alone and then fail
     rc, err = run(capsys, *prepare_args(out, f"a={a}", f"b={b}"), "--skip-bad-lines")
     refused(rc, err, "'a'", "--text-field")
     assert "'b'" not in err.splitlines()[-1]

@@ -243,7 +243,7 @@ def test_renormalize_and_fp32_routing():
         Router(8, 2, 3, RouterConfig())
 
 
-# Sigmoid-score gaming (GUIDE routing rule 5) needs a sigmoid score *normaliser* with an epsilon; moecpt's only
+# Sigmoid-score gaming (docs/design.md, rule R5) needs a sigmoid score *normaliser* with an epsilon; moecpt's only
 # sigmoid gates (Sinkhorn, k = 1) are plain sigmoid(logit) with no normaliser, so there is nothing to game.
 
 

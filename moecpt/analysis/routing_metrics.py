@@ -1,8 +1,8 @@
 """Routing-analysis metrics for continual pre-training of MoE LMs.
 
 Pure, vectorised torch functions on *routing tables*; no model is needed. The metrics follow
-Thérien et al., "Continual Pre-training of MoEs: How robust is your router?" (arXiv 2503.05029, TMLR 2025),
-section "Metrics" of ``/work/shared/design/PAPERS.md`` part A.
+Thérien et al., "Continual Pre-training of MoEs: How robust is your router?" (arXiv 2503.05029, TMLR 2025; see
+``docs/references.md``).
 
 Notation (names carry shapes, torchtitan style):
 

@@ -11,7 +11,7 @@ fractions and CPT schedules to compare, and the compute of each phase. From it t
 Every stage runs once per seed of ``seeds`` (the seed sets the initialisation and the data order). The decision
 rules that read these runs are in ``docs/study-rules.md``.
 
-Schedules (PAPERS.md, "Data, replay, schedules"): pre-training uses CosineInf (warm-up, cosine cool-down to a
+Schedules (Ibrahim et al. 2024, arXiv 2403.08763; docs/references.md): pre-training uses CosineInf (warm-up, cosine cool-down to a
 constant LR ending at 70%, constant to 80%, exponential anneal); ``inf`` CPT continues at the constant LR from the
 pre-anneal checkpoint and anneals at its own end; ``rewarm`` CPT re-warms from the decayed checkpoint's LR to the
 peak and re-decays with a cosine (Ibrahim et al. 2024). Replay is compute-equivalent: with replay r the CPT mixture

@@ -14,7 +14,7 @@
   step: all-gather in forward and backward, reduce-scatter of gradients) and the emulated link does not apply.
 
 Both reduce, every step, one small vector per worker: cross-entropy, aux loss and every bias router's load counts
-(GUIDE.md routing rule 6: counts summed over micro-batches *and ranks*), so all ranks take the same skip decision
+(docs/design.md, rule R6: counts summed over micro-batches *and ranks*), so all ranks take the same skip decision
 and the same bias update.
 """
 
@@ -78,7 +78,8 @@ class DataParallelSync(SyncStrategy):
         if not keys:
             return ce, aux, loads, acc0
         # counts and token totals summed, loss sums added (their mean is then over every micro-batch of every
-        # worker): the diagnostics of the global batch (GUIDE.md: each metric declares its cross-rank reduction)
+        # worker): the diagnostics of the global batch (docs/design.md, rule D2: each metric declares its cross-rank
+        # reduction)
         out = RoutingAccumulator()
         out.tokens, out.n, out.k = int(total[pos]), int(total[pos + 1]), list(acc0.k)
         pos += 2

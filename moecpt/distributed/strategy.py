@@ -137,7 +137,7 @@ class SyncStrategy:
                     ) -> tuple[float, float, list[torch.Tensor] | None, Any]:
         """``stats`` = (cross-entropy, weighted aux loss, routing accumulator) per local worker -> the step's
         ``(ce, aux, loads, routing)``: in every-step modes the means over all workers, each bias router's load
-        summed over micro-batches *and workers* (GUIDE routing rule 6), and at ``log`` steps the routing
+        summed over micro-batches *and workers* (docs/design.md, rule R6), and at ``log`` steps the routing
         diagnostics of the global batch; otherwise worker 0's values and ``loads = None`` (each worker updates its
         biases from its own loads)."""
         return stats[0][0], stats[0][1], None, stats[0][2]

@@ -21,7 +21,7 @@ half-rotation layout (as moecpt), grouped-query attention and GLU experts ``down
 
 Router balancing: every family trains with a Switch-style load-balancing loss (``router_aux_loss_coef``), so an
 imported router is a moecpt ``penalty`` router. transformers' loss is ``E * sum_k sum_i f_ki P_i``, which is ``K``
-at perfect balance, while moecpt's is normalised to 1 for any ``K`` (GUIDE routing rule 3): the imported weight
+at perfect balance, while moecpt's is normalised to 1 for any ``K`` (docs/design.md, rule R3): the imported weight
 is ``router_aux_loss_coef * K`` so the training signal keeps its strength (approximately: transformers pools the
 layers before taking the product). The z-loss weight is ``router_z_loss_coef`` where a config has one, else 0.
 """

@@ -4,7 +4,8 @@ All take the mean delta ``Δ = mean_k(θ_k − θ)`` (one all-reduce) and use th
 
 * local SGD / FedAvg (McMahan et al. 2017): ``θ ← θ + Δ``.
 * SlowMo (Wang et al., ICLR 2020, Alg. 1, base optimizer SGD with local LR ``γ``): ``u ← β u + g / γ``,
-  ``θ ← θ − α γ u`` (slow momentum ``β``, slow LR ``α``; PAPERS.md part B: ``β = 0.95``, ``α = 0.1``, ``γ = 0.1``).
+  ``θ ← θ − α γ u`` (slow momentum ``β``, slow LR ``α``; the setting of Joseph et al., arXiv 2312.02204:
+  ``β = 0.95``, ``α = 0.1``, ``γ = 0.1``).
   ``α = 1, β = 0`` is local SGD.
 * DiLoCo outer step (Douillard et al. 2023): SGD with Nesterov momentum on ``g``: ``b ← μ b + g``,
   ``θ ← θ − η (g + μ b)`` (``η = 0.7``, ``μ = 0.9`` in the paper).

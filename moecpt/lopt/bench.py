@@ -1,6 +1,6 @@
 """Benchmark of the learned outer optimizers on tasks held out from meta-training (``moecpt lopt bench``).
 
-Setting (Joseph et al., arXiv 2312.02204, Sec. 5 / PAPERS.md part B): K = 8 workers, H ∈ {4, 8, 16} local SGD
+Setting (Joseph et al., arXiv 2312.02204, Sec. 5; docs/references.md): K = 8 workers, H ∈ {4, 8, 16} local SGD
 steps per round, the same number of communication rounds R for every method, 5 seeds. Methods:
 
 * ``lagg-a``, ``lopt-a``: the shipped learned optimizers; the workers' local LR is tuned over ``{0.5, 1, 2} ×``
@@ -17,9 +17,10 @@ training loss is then run on the 5 evaluation seeds (0-4), which are what the ta
 seed starts from the same initial model. ``final train loss`` is the loss of the global model on the whole train
 split (64 fixed windows for the LMs) after the last round; ``held-out loss`` on the held-out split.
 
-``--quick`` uses R = 20, 2 seeds and smaller grids (the learned optimizers at the task's local LR), a couple of
-minutes on a free CPU. With ``--out`` every finished (task, H, method) is cached in ``bench_cache.json`` (keyed
-by the settings and the learned optimizers' weight hashes), so an interrupted run resumes.
+``--quick`` uses R = 20, 2 seeds and smaller grids (the learned optimizers at the task's local LR), for a fast
+check (wall time: ``benchmarks/README.md``). With ``--out`` every finished (task, H, method) is cached in
+``bench_cache.json`` (keyed by the settings and the learned optimizers' weight hashes), so an interrupted run
+resumes.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Meta-training of the learned outer optimizers with truncated PES (``moecpt lopt meta-train``).
 
-Joseph et al. (arXiv 2312.02204, Sec. 4 / PAPERS.md part B): PES (:mod:`moecpt.lopt.pes`) with 8 antithetic pairs,
+Joseph et al. (arXiv 2312.02204, Sec. 4; docs/references.md): PES (:mod:`moecpt.lopt.pes`) with 8 antithetic pairs,
 σ = 0.01, truncations of 50 rounds, trajectories of 100-1000 rounds; meta-loss = the workers' mean local training
 loss clipped at 1.5 ln(classes); AdamW meta-optimizer (β = 0.9, 0.999, weight decay 1e-4), linear warm-up over
 the first 5% of meta-iterations to 3e-3 then cosine to 1e-3. The paper runs 5k-10k meta-iterations on GPUs;

@@ -35,7 +35,7 @@ from moecpt.lopt.tasks import Task, local_round
 
 @dataclass(frozen=True)
 class PESConfig:
-    """Hyperparameters of PES (defaults: PAPERS.md part B) and of the inner problem.
+    """Hyperparameters of PES (defaults: Joseph et al., arXiv 2312.02204, Sec. 4) and of the inner problem.
 
     Attributes:
         pairs: antithetic pairs per meta-iteration (8).

@@ -3,7 +3,7 @@
 Experts are gated linear units (GEGLU or SwiGLU, Shazeer 2020) stored stacked so that one grouped matmul can run
 all of them: ``w_in_EDH [E, D, 2F]`` (gate and up halves) and ``w_out_EFD [E, F, D]``.
 
-Dispatch paths (GUIDE.md routing rule 9):
+Dispatch paths (docs/design.md, rule R9):
 
 * ``grouped`` (default): the ``T*K`` routed slots are sorted by expert and each expert's contiguous slice of tokens
   goes through its FFN, in one fused autograd node for gather, experts and combine
@@ -112,7 +112,7 @@ class MoELayer(nn.Module):
 
     Args:
         cfg: model config with ``cfg.moe`` set. Routed experts have width ``cfg.resolved_expert_width``; shared
-            experts form one always-on GLU FFN of width ``num_shared_experts * expert_width`` (GUIDE rule 8).
+            experts form one always-on GLU FFN of width ``num_shared_experts * expert_width`` (docs/design.md, rule R8).
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -124,8 +124,8 @@ class MoELayer(nn.Module):
         self.dispatch = moe.dispatch
         width = cfg.resolved_expert_width
         #: grouped dispatch without ``_grouped_mm``: price of one more expert run, in rows (plan_expert_groups).
-        #: One run costs ~7 matmul calls of Python and dispatch (~0.15 ms on CPU); one row costs ~D * F * 12 FLOPs
-        #: (forward + backward of the GLU): the break-even row count falls as experts get wider.
+        #: One run costs ~7 matmul calls of Python and dispatch, a fixed cost priced here at 2**20 * 12 FLOPs; one row
+        #: costs ~D * F * 12 FLOPs (forward + backward of the GLU): the break-even row count falls as experts get wider.
         self.group_overhead_rows = max(1, round(2**20 / (cfg.d_model * width)))
         #: grouped dispatch layout: None = ``torch._grouped_mm`` wherever it runs, False = padded ``bmm`` runs
         self.use_grouped_mm: bool | None = None

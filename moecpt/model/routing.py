@@ -1,6 +1,6 @@
 """Routers and balancing strategies for MoE layers.
 
-One router = a bias-free linear map ``d_model -> E`` plus a balancing strategy (GUIDE.md routing rule 1):
+One router = a bias-free linear map ``d_model -> E`` plus a balancing strategy (docs/design.md, rule R1):
 
 * ``penalty``  PBTk (Thérien et al. 2025, arXiv 2503.05029, Sec. 3.2): softmax scores, top-k by score,
   loss += 0.01 * Switch load-balancing loss (Fedus et al. 2022, eq. 4) + 0.001 * router z-loss (Zoph et al. 2022,
@@ -37,6 +37,11 @@ def sinkhorn(logits_TE: torch.Tensor, tol: float = 0.01, max_iter: int = 100) ->
     (a doubly-stochastic plan between tokens and experts with uniform expert marginals). Iterates until the mean
     absolute change of the column scaling ``d1`` is below ``tol`` or ``max_iter`` is reached. Initialisation as in
     the Megatron-LM reference: ``d0 = 1/(T * row sums)`` then ``d1 = 1/(E * column sums)``.
+
+    The tolerance depends on the gauge of ``d1``. Here (as in Megatron-Core, which starts from ``d0 = d1 = 1`` and
+    reaches this state after one sweep) ``d1`` is of order 1, so the paper's 0.01 (Thérien et al. 2025, arXiv
+    2503.05029) is about a 1% mean relative change per sweep. In GPT-NeoX's gauge (``d1 = 1/(E * colsum(exp
+    logits))`` without the row scaling first) ``d1`` is far smaller and 0.01 is met after one sweep.
 
     Args:
         logits_TE: ``[T, E]`` router logits (any float dtype; computed in fp32).
@@ -213,7 +218,7 @@ class Router(nn.Module):
         self.cfg = cfg
         self.weight = nn.Parameter(torch.empty(num_experts, d_model))  # [E, D], bias-free (paper Sec. 3)
         if cfg.kind == RouterKind.BIAS:
-            # persistent: CPT must carry the learned bias (GUIDE routing rule 6)
+            # persistent: CPT must carry the learned bias (docs/design.md, rule R6)
             self.register_buffer("expert_bias", torch.zeros(num_experts), persistent=True)
             # per-step load, summed over micro-batches; not part of the model state
             self.register_buffer("step_load", torch.zeros(num_experts), persistent=False)
@@ -266,7 +271,7 @@ class Router(nn.Module):
                 "z_loss": cfg.z_loss_weight if cfg.kind == RouterKind.PENALTY else 0.0,
             }
         if cfg.kind == RouterKind.BIAS and self.training and torch.is_grad_enabled():
-            # count only in training forwards (not evaluation, not no-grad recomputation): GUIDE routing rule 6
+            # count only in training forwards (not evaluation, not no-grad recomputation): docs/design.md, rule R6
             self.step_load += tokens_per_expert_E.to(self.step_load.dtype)
         return RouterOutput(
             logits_TE=logits_TE,

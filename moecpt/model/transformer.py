@@ -39,9 +39,9 @@ def apply_rope(x_BTHD: torch.Tensor, cos_TR: torch.Tensor, sin_TR: torch.Tensor)
 
     ``x`` is laid out ``[B, T, H, Dh]``, as the q/k projections produce it, so the elementwise ops run on a
     contiguous tensor; the half rotation ``(x1, x2) -> (-x2, x1)`` is ``roll(x, R/2) * [-sin | sin]`` (one op fewer),
-    and at full rotary nothing is sliced or concatenated (their backwards write zero tensors). Forward + backward on
-    a demo q tensor: 0.34-0.38 ms, vs 0.43-0.45 ms for rotate-half on the ``[B, H, T, Dh]`` view and 0.61-0.66 ms
-    for the previous version (``benchmarks/components.py``).
+    and at full rotary nothing is sliced or concatenated (their backwards write zero tensors).
+    ``benchmarks/components.py`` (``rope_ms``) times it against rotate-half on the ``[B, H, T, Dh]`` view, with and
+    without that slicing; the figures are in ``benchmarks/README.md``.
     """
     R, Dh = cos_TR.shape[-1], x_BTHD.shape[-1]
     half = R // 2

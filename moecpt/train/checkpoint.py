@@ -10,11 +10,12 @@ Layout of a run folder::
                             "_checkpoint" manifest: format, version, byte size and sha256 of every other file,
                             aliases of tied tensors
 
-Saving is atomic (GUIDE.md, CPT rule 1): everything is written into ``step_X.tmp-<pid>-<rand>`` next to the final
-folder, every file and the temp folder are fsynced, the folder is renamed to its final name and the parent is
-fsynced. A killed writer leaves only a ``*.tmp-*`` folder, which readers ignore and :class:`CheckpointManager`
-removes once its writer process is gone. A final-named folder is therefore complete unless it was damaged later;
-the manifest lets :func:`load_checkpoint` detect that (truncation, flipped bytes) and say so.
+What a checkpoint holds follows docs/design.md, rule C1. Saving is atomic (rule C5): everything is written into
+``step_X.tmp-<pid>-<rand>`` next to the final folder, every file and the temp folder are fsynced, the folder is
+renamed to its final name and the parent is fsynced. A killed writer leaves only a ``*.tmp-*`` folder, which
+readers ignore and :class:`CheckpointManager` removes once its writer process is gone. A final-named folder is
+therefore complete unless it was damaged later; the manifest lets :func:`load_checkpoint` detect that (truncation,
+flipped bytes) and say so.
 
 Nothing is unpickled beyond what ``torch.load(weights_only=True)`` allows, so loading a checkpoint from an untrusted
 source cannot execute code. :func:`save_checkpoint` checks up front that the optimizer and RNG states consist only

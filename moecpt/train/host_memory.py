@@ -10,11 +10,12 @@ ceiling of glibc's own adaptive ``mmap`` threshold) come from the heap, up to 1 
 instead of trimmed, and the heap grows in 64 MiB steps. Blocks above 32 MiB are still ``mmap``-ed, so large
 one-off buffers do not fragment the heap.
 
-Measured (``benchmarks/moe_layer.py`` sizes beside a dense FFN in one process, this 2-core machine): page faults
-per MoE forward + backward 1,200-15,300 -> 490-610 over several runs of ``benchmarks/components.py`` (how many
-depends on the heap's history), 10-20% of the layer's time in ``benchmarks/moe_layer.py``; resident memory after
-freeing a 120 MB tensor twelve times: 220 MB either way. A 256 MiB trim threshold (tried first) left the MoE layer
-clearly slower in ``benchmarks/moe_layer.py``. The cost: freed heap memory, up to the process's peak use of
+Effect: ``benchmarks/components.py`` (``moe_step_page_faults``) counts the page faults per MoE forward + backward
+with and without it, and ``benchmarks/moe_layer.py`` with and without ``--no-malloc-tuning`` shows its share of the
+layer's time (figures in ``benchmarks/README.md``). The trim threshold is 1 GiB because a smaller one (256 MiB, for
+instance) still hands part of a step's working set back to the kernel, to be faulted in again, and leaves the MoE
+layer measurably slower. Freeing a large one-off buffer leaves resident memory as it is without the tuning
+(``tests/test_host_memory.py``). The cost: freed heap memory, up to the process's peak use of
 blocks under 32 MiB, stays resident.
 
 Opt out with ``MOECPT_MALLOC_TUNING=0`` (or ``false``/``off``/``no``). A no-op outside Linux/glibc.

@@ -4,9 +4,9 @@
 (``nll_loss_backward``) and then runs ``log_softmax_backward`` over two ``[N, V]`` tensors. With a 4k-128k
 vocabulary that is the largest elementwise work of a small model's step. The gradient of the mean cross-entropy
 is simply ``(softmax - onehot) / N``: :class:`_NextTokenCE` recomputes the softmax from the saved logits, scales it
-in place and subtracts ``1/N`` at the targets. Forward + backward on ``[2048, 4096]`` fp32 logits: 8-10 ms vs
-20-34 ms for ``F.cross_entropy`` (``benchmarks/components.py``, with the trainer's allocator setting, under which
-torch's 34 MB zero tensor is a fresh ``mmap`` every step).
+in place and subtracts ``1/N`` at the targets. ``benchmarks/components.py`` (``cross_entropy_ms``) times forward +
+backward on ``[2048, 4096]`` fp32 logits against ``F.cross_entropy`` with the trainer's allocator setting, under which
+torch's 34 MB zero tensor is a fresh ``mmap`` every step; the figures are in ``benchmarks/README.md``.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """Per-step MoE diagnostics and metric sinks.
 
-Every MoE run logs, per MoE layer and as the mean over layers (GUIDE.md, "Diagnostics"): the unweighted and weighted
+Every MoE run logs, per MoE layer and as the mean over layers (docs/design.md, rule D1): the unweighted and weighted
 load-balancing loss, z-loss, MRI (Thérien et al. 2025), max/mean load, dead experts, routing entropy, dropped-token
 fraction and, with bias balancing, bias statistics. Aux losses are always reported apart from cross-entropy.
-Cross-rank reduction of each metric: counts are summed before MRI/load are computed; losses are averaged.
+Cross-rank reduction of each metric (rule D2): counts are summed before MRI/load are computed; losses are averaged.
 
 The sinks (``metrics.jsonl``, TensorBoard, Weights & Biases) are training-loop callbacks fed the same records.
 """

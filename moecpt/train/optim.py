@@ -34,10 +34,10 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
     """AdamW with ``cfg``'s betas, eps and weight decay; the LR is set every step from the schedule.
 
-    On CPU and CUDA the fused kernel runs (one pass over each parameter instead of ~10 elementwise ops per tensor):
-    on the demo Granular MoE (5.7M parameters, 2 cores) a step takes 3.3-3.6 ms instead of 8.6-9.7 ms
-    (``benchmarks/components.py``). A resumed run keeps
-    the choice its checkpoint was saved with (``load_state_dict`` restores it: exact resume); CPT resets it.
+    On CPU and CUDA the fused kernel runs (one pass over each parameter instead of ~10 elementwise ops per tensor),
+    the fastest of the three implementations on the demo Granular MoE (``adamw_ms`` of ``benchmarks/components.py``;
+    figures in ``benchmarks/README.md``). A resumed run keeps the choice its checkpoint was saved with
+    (``load_state_dict`` restores it: exact resume); CPT resets it.
     """
     fused = device.type in ("cuda", "cpu")
     return torch.optim.AdamW(

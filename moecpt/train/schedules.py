@@ -1,6 +1,6 @@
 """Learning-rate schedules as pure functions of (schedule config, optimiser config, step).
 
-GUIDE.md, CPT rule 3: the LR is never read back from optimizer param groups; the trainer calls :func:`lr_at` for
+docs/design.md, rule C3: the LR is never read back from optimizer param groups; the trainer calls :func:`lr_at` for
 every optimizer step and writes the value into the param groups. A resumed or continued run therefore cannot carry
 a stale peak LR.
 

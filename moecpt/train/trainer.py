@@ -14,9 +14,9 @@ and behaves exactly as without distribution. See ``docs/distributed.md``.
 
 Restarting the same command resumes from the newest complete checkpoint and reproduces the uninterrupted run's
 per-step losses bit for bit on CPU (the sampler, RNG and optimizer state are restored; the LR is recomputed from
-the schedule, never read back from the optimizer — GUIDE.md CPT rule 3).
+the schedule, never read back from the optimizer — docs/design.md, rule C3).
 
-CPT (Ibrahim et al. 2024, arXiv 2403.08763; GUIDE.md CPT rule 2) loads the parent's weights (expert biases
+CPT (Ibrahim et al. 2024, arXiv 2403.08763; docs/design.md, rule C2) loads the parent's weights (expert biases
 included) and optionally its AdamW moments, then starts its own schedule at step 0 and its own data mixture; the
 parent's step, LR and sampler are not carried. Its lineage is recorded in ``run.json`` and every checkpoint.
 """
@@ -622,7 +622,7 @@ class Trainer:
                     ce = lm_loss(logits, mb[:, 1:])
                     aux = sum((o.weighted_aux_loss() for o in routing), ce.new_zeros(()))
                     if routing:
-                        aux = aux / len(routing)  # mean over MoE layers (GUIDE routing rule 3)
+                        aux = aux / len(routing)  # mean over MoE layers (docs/design.md, rule R3)
                 ((ce + aux) / n_micro).backward()
             ce_sum += ce.detach().item()
             aux_sum += float(aux.detach())
@@ -666,7 +666,7 @@ class Trainer:
                 raise MoecptError(f"--from {str(ck.path)!r}: its optimizer state does not fit this model "
                                   f"({str(exc).splitlines()[0]}); set cpt.load_optimizer = false") from None
             # Only the moments are carried. load_state_dict also restores the parent's hyper-parameters: put this
-            # recipe's back (betas, eps, weight decay), and never let the parent's LR survive (GUIDE CPT rule 3):
+            # recipe's back (betas, eps, weight decay), and never let the parent's LR survive (docs/design.md, rule C3):
             # it is overwritten every step from the schedule.
             o = self.recipe.optim
             for group in optimizer.param_groups:
