@@ -254,18 +254,21 @@ def test_kill_during_checkpoint_save_keeps_latest_intact(resume_setup):
 
 # ------------------------------------------------------------------------------------------------ bias router
 def test_bias_router_biases_change_and_are_checkpointed(tmp_path):
+    # 5 steps, an odd number: a bias moved by +-0.01 every step cannot be back at exactly 0 (an oscillating
+    # expert, over- then under-loaded, is back at 0 after any even number of updates)
     r = recipe("smoke-switch", model={"moe": {"router": {"kind": "bias", "bias_update_rate": 0.01}}},
-               train={"steps": 4, "checkpoint_every": 2})
+               train={"steps": 5, "checkpoint_every": 2})
     Trainer(r, tmp_path / "run", show_progress=False).run()
-    ck2, ck4 = (load_checkpoint(tmp_path / "run" / "checkpoints" / f"step_{s:08d}") for s in (2, 4))
+    ck2, ck4 = (load_checkpoint(tmp_path / "run" / "checkpoints" / f"step_{s:08d}") for s in (4, 5))
     keys = [k for k in ck4.model_state() if k.endswith("expert_bias")]
     assert len(keys) == 2  # one per MoE layer
     assert any(not torch.equal(ck2.model_state()[k], ck4.model_state()[k]) for k in keys)
     for k in keys:
         b4 = ck4.model_state()[k]
+        # sign updates of +-0.01 per step (0 only for an expert exactly at the mean load): after 5 steps every
+        # bias is a multiple of 0.01 with |b| <= 0.05, and one that moved every step is an odd multiple
+        assert torch.allclose(b4 * 100, (b4 * 100).round(), atol=1e-4) and b4.abs().max() <= 0.05 + 1e-6
         assert b4.abs().max() > 0
-        # sign updates of +-0.01 per step: after 4 steps every bias is a multiple of 0.01 with |b| <= 0.04
-        assert torch.allclose(b4 * 100, (b4 * 100).round(), atol=1e-4) and b4.abs().max() <= 0.04 + 1e-6
     rec = train_records(tmp_path / "run")
     assert all(x["aux_loss"] == 0.0 for x in rec)  # aux-loss-free: nothing but CE is optimised
     stds = [tuple(x["bias_std_layers"]) for x in rec]
