@@ -434,7 +434,8 @@ class DistributedConfig(_Strict):
         None, description="sgd | nesterov | lagg-a | lopt-a | PATH.safetensors; None = the sync's default")
     outer_lr: float | None = Field(None, gt=0, description="None = the sync's default (1.0; diloco 0.7)")
     outer_momentum: float | None = Field(None, ge=0, lt=1, description="None = the sync's default")
-    inner_optimizer: InnerOptimizer = Field(InnerOptimizer.ADAMW, description="adamw (the [optim] recipe) | sgd (plain SGD, no momentum)")
+    inner_optimizer: InnerOptimizer = Field(
+        InnerOptimizer.ADAMW, description="adamw (the [optim] recipe) | sgd (plain SGD, no momentum)")
     backend: Backend = Field(Backend.AUTO, description="auto (nccl on CUDA, gloo on CPU) | gloo | nccl")
     timeout_s: float = Field(600.0, gt=0, description="collective / rendezvous timeout: a lost peer stops the rest")
     emulate_bandwidth_gbit: float | None = Field(
