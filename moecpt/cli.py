@@ -65,13 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"moecpt {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in _COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:  # an area not built yet must not break the others
-            if exc.name == name:
-                continue
-            raise
-        module.register(subparsers)
+        # every area is part of the package: a failing import is a broken install and keeps its traceback.
+        # Optional extras (transformers, tensorboard, wandb) are imported only by the commands that use them,
+        # which report a missing one in one line naming the extra to install.
+        importlib.import_module(name).register(subparsers)
     return parser
 
 

@@ -42,13 +42,6 @@ class RouterKind(StrEnum):
     NONE = "none"  # plain softmax top-k, no balancing
 
 
-class GateKind(StrEnum):
-    """How the top-k gate values are computed from the router scores."""
-
-    SOFTMAX_TOPK = "softmax"  # softmax over all experts, gather top-k (optionally renormalised)
-    SIGMOID = "sigmoid"  # element-wise sigmoid of the logits (Sinkhorn k=1 reference)
-
-
 class RouterConfig(_Strict):
     kind: RouterKind = RouterKind.PENALTY
     aux_loss_weight: float = Field(0.01, ge=0.0)
@@ -337,6 +330,14 @@ class WandbMode(StrEnum):
     DISABLED = "disabled"
 
 
+class DType(StrEnum):
+    """Compute dtype of training and evaluation (``train.dtype``)."""
+
+    AUTO = "auto"  # bf16 autocast on CUDA (where supported), fp32 on CPU
+    FP32 = "fp32"
+    BF16 = "bf16"  # bf16 autocast on any device
+
+
 #: train keys that change how a run is watched, never what it computes: left out of a run's identity, so that
 #: turning them on or off resumes the same run (and runs made before they existed still resume)
 OBSERVATION_KEYS = frozenset({"threads", "log_lines_every", "wandb_project", "wandb_mode"})
@@ -348,7 +349,7 @@ class TrainConfig(_Strict):
     micro_batch_size: int | None = Field(None, ge=1, description="sequences per forward; None = batch_size")
     seed: int = Field(0, ge=0, lt=2**63, description="model init and data order seed")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps")
-    dtype: str = Field("auto", description="auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16")
+    dtype: DType = Field(DType.AUTO, description="auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16")
     compile: bool = False
     log_every: int = Field(1, ge=1)
     eval_every: int = Field(50, ge=1)
@@ -369,8 +370,6 @@ class TrainConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
-        if self.dtype not in ("auto", "fp32", "bf16"):
-            raise ValueError(f"train.dtype={self.dtype!r} is not allowed; allowed: auto, fp32, bf16")
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
             raise ValueError(f"train.device={self.device!r} is not allowed; allowed: auto, cpu, cuda, cuda:N, mps")
         mb = self.micro_batch_size or self.batch_size
@@ -398,6 +397,21 @@ class SyncKind(StrEnum):
     DILOCO = "diloco"  # inner AdamW, outer Nesterov SGD on the pseudo-gradient (Douillard et al. 2023, 2311.08105)
 
 
+class InnerOptimizer(StrEnum):
+    """Optimizer of the inner (per-worker) steps (``distributed.inner_optimizer``)."""
+
+    ADAMW = "adamw"  # the [optim] recipe
+    SGD = "sgd"  # plain SGD, no momentum
+
+
+class Backend(StrEnum):
+    """torch.distributed process-group backend (``distributed.backend``)."""
+
+    AUTO = "auto"  # nccl when the run trains on CUDA, gloo otherwise
+    GLOO = "gloo"
+    NCCL = "nccl"
+
+
 #: outer optimizer, outer LR, outer momentum used when a local-SGD-family recipe leaves them unset
 OUTER_DEFAULTS: dict[str, tuple[str, float, float]] = {
     "local-sgd": ("sgd", 1.0, 0.0),  # theta <- mean_k theta_k: plain parameter averaging
@@ -420,8 +434,9 @@ class DistributedConfig(_Strict):
         None, description="sgd | nesterov | lagg-a | lopt-a | PATH.safetensors; None = the sync's default")
     outer_lr: float | None = Field(None, gt=0, description="None = the sync's default (1.0; diloco 0.7)")
     outer_momentum: float | None = Field(None, ge=0, lt=1, description="None = the sync's default")
-    inner_optimizer: str = Field("adamw", description="adamw (the [optim] recipe) | sgd (plain SGD, no momentum)")
-    backend: str = Field("auto", description="auto (nccl on CUDA, gloo on CPU) | gloo | nccl")
+    inner_optimizer: InnerOptimizer = Field(
+        InnerOptimizer.ADAMW, description="adamw (the [optim] recipe) | sgd (plain SGD, no momentum)")
+    backend: Backend = Field(Backend.AUTO, description="auto (nccl on CUDA, gloo on CPU) | gloo | nccl")
     timeout_s: float = Field(600.0, gt=0, description="collective / rendezvous timeout: a lost peer stops the rest")
     emulate_bandwidth_gbit: float | None = Field(
         None, gt=0, description="emulated link: sleep latency + bytes / bandwidth after every collective")
@@ -429,10 +444,6 @@ class DistributedConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> "DistributedConfig":
-        if self.inner_optimizer not in ("adamw", "sgd"):
-            raise ValueError(f"distributed.inner_optimizer={self.inner_optimizer!r} is not allowed; allowed: adamw, sgd")
-        if self.backend not in ("auto", "gloo", "nccl"):
-            raise ValueError(f"distributed.backend={self.backend!r} is not allowed; allowed: auto, gloo, nccl")
         local = self.sync in (SyncKind.LOCAL_SGD, SyncKind.SLOWMO, SyncKind.DILOCO)
         if not local:
             for key in ("outer_optimizer", "outer_lr", "outer_momentum"):

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any, ClassVar
 
 from moecpt.config import (
@@ -49,46 +50,53 @@ _FFN_TO_ACT = {FFNKind.SWIGLU: "silu", FFNKind.GEGLU: "gelu_pytorch_tanh"}
 
 
 # ---------------------------------------------------------------------------------------------- tensor pieces
+class PieceOp(StrEnum):
+    """How a Hugging Face tensor maps onto its moecpt tensor (:class:`Piece`)."""
+
+    COPY = "copy"  # same shape
+    ROWS = "rows"  # dst[a:b] = src: gate / up rows of a dense or shared w_in
+    EXPERT_IN = "expert_in"  # dst[e, :, a:b] = src.T, src [F, D]
+    EXPERT_OUT = "expert_out"  # dst[e] = src.T, src [D, F]
+    FUSED_IN = "fused_in"  # transformers >= 5 stacked experts: dst = src.transpose(1, 2)
+    FUSED_OUT = "fused_out"
+
+
 @dataclass(frozen=True)
 class Piece:
     """One Hugging Face tensor and where it lives in the moecpt state dict.
 
-    ``op`` says how: ``copy`` (same shape); ``rows`` (``dst[a:b] = src``: gate / up rows of a dense or shared
-    ``w_in``); ``expert_in`` (``dst[e, :, a:b] = src.T``, src ``[F, D]``); ``expert_out`` (``dst[e] = src.T``,
-    src ``[D, F]``); ``fused_in`` / ``fused_out`` (transformers >= 5 stacked experts, ``dst = src.transpose(1, 2)``).
+    ``op`` says how (one :class:`PieceOp`; each member documents its mapping).
     """
 
     hf: str
     dst: str
-    op: str
+    op: PieceOp
     hf_shape: tuple[int, ...]
     index: tuple[int, ...] = ()
 
 
-def _shape_of(dst_shape: tuple[int, ...], op: str, index: tuple[int, ...]) -> tuple[int, ...]:
-    if op == "copy":
+def _shape_of(dst_shape: tuple[int, ...], op: PieceOp, index: tuple[int, ...]) -> tuple[int, ...]:
+    if op == PieceOp.COPY:
         return dst_shape
-    if op == "rows":
+    if op == PieceOp.ROWS:
         return (index[1] - index[0], *dst_shape[1:])
-    if op == "expert_in":  # dst [E, D, 2F] -> src [F, D]
+    if op == PieceOp.EXPERT_IN:  # dst [E, D, 2F] -> src [F, D]
         return (index[2] - index[1], dst_shape[1])
-    if op == "expert_out":  # dst [E, F, D] -> src [D, F]
+    if op == PieceOp.EXPERT_OUT:  # dst [E, F, D] -> src [D, F]
         return (dst_shape[2], dst_shape[1])
-    if op in ("fused_in", "fused_out"):
-        return (dst_shape[0], dst_shape[2], dst_shape[1])
-    raise ValueError(op)
+    return (dst_shape[0], dst_shape[2], dst_shape[1])  # FUSED_IN / FUSED_OUT
 
 
 def place(dst, src, piece: Piece) -> None:
     """Write HF tensor ``src`` into the moecpt tensor ``dst`` (dtype cast included)."""
     op, ix = piece.op, piece.index
-    if op == "copy":
+    if op == PieceOp.COPY:
         dst.copy_(src)
-    elif op == "rows":
+    elif op == PieceOp.ROWS:
         dst[ix[0]:ix[1]].copy_(src)
-    elif op == "expert_in":
+    elif op == PieceOp.EXPERT_IN:
         dst[ix[0], :, ix[1]:ix[2]].copy_(src.t())
-    elif op == "expert_out":
+    elif op == PieceOp.EXPERT_OUT:
         dst[ix[0]].copy_(src.t())
     else:  # fused_in / fused_out
         dst.copy_(src.transpose(1, 2))
@@ -97,15 +105,15 @@ def place(dst, src, piece: Piece) -> None:
 def extract(dst, piece: Piece):
     """The HF tensor of ``piece`` cut out of the moecpt tensor ``dst`` (a contiguous copy or view)."""
     op, ix = piece.op, piece.index
-    if op == "copy":
+    if op == PieceOp.COPY:
         out = dst
-    elif op == "rows":
+    elif op == PieceOp.ROWS:
         out = dst[ix[0]:ix[1]]
-    elif op == "expert_in":
+    elif op == PieceOp.EXPERT_IN:
         out = dst[ix[0], :, ix[1]:ix[2]].t()
-    elif op == "expert_out":
+    elif op == PieceOp.EXPERT_OUT:
         out = dst[ix[0]].t()
-    else:
+    else:  # FUSED_IN / FUSED_OUT
         out = dst.transpose(1, 2)
     return out.contiguous()
 
@@ -295,7 +303,7 @@ class Family:
         shapes = {k: tuple(v.shape) for k, v in build_model(cfg, "meta").state_dict().items()}
         pieces: list[Piece] = []
 
-        def add(hf: str, dst: str, op: str = "copy", index: tuple[int, ...] = ()) -> None:
+        def add(hf: str, dst: str, op: PieceOp = PieceOp.COPY, index: tuple[int, ...] = ()) -> None:
             pieces.append(Piece(hf, dst, op, _shape_of(shapes[dst], op, index), index))
 
         add("model.embed_tokens.weight", "tok_emb.weight")
@@ -313,26 +321,26 @@ class Family:
             add(f"{L}.post_attention_layernorm.weight", f"{B}.ffn_norm.weight")
             if not cfg.is_moe_layer(i):
                 F = cfg.ffn_width
-                add(f"{L}.mlp.gate_proj.weight", f"{B}.ffn.w_in.weight", "rows", (0, F))
-                add(f"{L}.mlp.up_proj.weight", f"{B}.ffn.w_in.weight", "rows", (F, 2 * F))
+                add(f"{L}.mlp.gate_proj.weight", f"{B}.ffn.w_in.weight", PieceOp.ROWS, (0, F))
+                add(f"{L}.mlp.up_proj.weight", f"{B}.ffn.w_in.weight", PieceOp.ROWS, (F, 2 * F))
                 add(f"{L}.mlp.down_proj.weight", f"{B}.ffn.w_out.weight")
                 continue
             M, moe, F = f"{L}.{self.moe_block}", cfg.moe, cfg.resolved_expert_width
             add(f"{M}.gate.weight", f"{B}.ffn.router.weight")
             if fused(i):
-                add(f"{M}.experts.gate_up_proj", f"{B}.ffn.experts.w_in", "fused_in")
-                add(f"{M}.experts.down_proj", f"{B}.ffn.experts.w_out", "fused_out")
+                add(f"{M}.experts.gate_up_proj", f"{B}.ffn.experts.w_in", PieceOp.FUSED_IN)
+                add(f"{M}.experts.down_proj", f"{B}.ffn.experts.w_out", PieceOp.FUSED_OUT)
             else:
                 for e in range(moe.num_experts):
                     X = f"{M}.experts.{e}"
-                    add(f"{X}.{g}.weight", f"{B}.ffn.experts.w_in", "expert_in", (e, 0, F))
-                    add(f"{X}.{u}.weight", f"{B}.ffn.experts.w_in", "expert_in", (e, F, 2 * F))
-                    add(f"{X}.{d}.weight", f"{B}.ffn.experts.w_out", "expert_out", (e,))
+                    add(f"{X}.{g}.weight", f"{B}.ffn.experts.w_in", PieceOp.EXPERT_IN, (e, 0, F))
+                    add(f"{X}.{u}.weight", f"{B}.ffn.experts.w_in", PieceOp.EXPERT_IN, (e, F, 2 * F))
+                    add(f"{X}.{d}.weight", f"{B}.ffn.experts.w_out", PieceOp.EXPERT_OUT, (e,))
             Fs = moe.shared_expert_width or moe.num_shared_experts * F
             if Fs:
                 S = f"{M}.shared_expert"
-                add(f"{S}.gate_proj.weight", f"{B}.ffn.shared.w_in.weight", "rows", (0, Fs))
-                add(f"{S}.up_proj.weight", f"{B}.ffn.shared.w_in.weight", "rows", (Fs, 2 * Fs))
+                add(f"{S}.gate_proj.weight", f"{B}.ffn.shared.w_in.weight", PieceOp.ROWS, (0, Fs))
+                add(f"{S}.up_proj.weight", f"{B}.ffn.shared.w_in.weight", PieceOp.ROWS, (Fs, 2 * Fs))
                 add(f"{S}.down_proj.weight", f"{B}.ffn.shared.w_out.weight")
                 if moe.shared_expert_gate:
                     add(f"{M}.shared_expert_gate.weight", f"{B}.ffn.shared_gate.weight")

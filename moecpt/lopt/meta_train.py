@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from moecpt.errors import MoecptError
-from moecpt.lopt.mlp import LOptSpec, init_meta_params
+from moecpt.lopt.mlp import LOptKind, LOptSpec, MetaInit, init_meta_params
 from moecpt.lopt.optimizers import init_lopt_state, lopt_step
 from moecpt.lopt.pes import PESConfig, init_pes_state, pes_gradient
 from moecpt.lopt.pretrained import save_weights
@@ -53,7 +53,7 @@ CURVE_FILE = "curve.png"
 class MetaTrainConfig:
     """Settings of one meta-training run (saved as ``config.json``)."""
 
-    kind: str = "lagg-a"
+    kind: LOptKind = LOptKind.LAGG_A
     workers: int = 8
     tasks: tuple[str, ...] = ("digits-mlp32",)
     iterations: int = 200
@@ -67,7 +67,7 @@ class MetaTrainConfig:
     final_lr: float = 1e-3
     warmup_fraction: float = 0.05
     weight_decay: float = 1e-4
-    init: str = "sgd-like"
+    init: MetaInit = MetaInit.SGD_LIKE
     sgd_scale: float = 10.0
     seed: int = 0
     eval_every: int = 25
@@ -88,10 +88,11 @@ class MetaTrainConfig:
         if not self.tasks:
             raise MoecptError("--task names no task; give a task name or several separated by commas "
                               "(see `moecpt lopt tasks`)")
-        if self.kind not in ("lagg-a", "lopt-a", "lagg", "lopt"):
-            raise MoecptError(f"--kind {self.kind!r} is unknown; use one of: lagg-a, lopt-a, lagg, lopt")
-        if self.init not in ("sgd-like", "paper"):
-            raise MoecptError(f"--init {self.init!r} is unknown; use one of: sgd-like, paper")
+        if self.kind not in tuple(LOptKind):
+            raise MoecptError(f"--kind {self.kind!r} is unknown; use one of: {', '.join(LOptKind)}")
+        if self.init not in tuple(MetaInit):
+            raise MoecptError(f"--init {self.init!r} is unknown; use one of: {', '.join(MetaInit)}")
+        self.kind, self.init = LOptKind(self.kind), MetaInit(self.init)
         counts = (("--workers", self.workers), ("--iterations", self.iterations), ("--pairs", self.pairs),
                   ("--truncation", self.truncation), ("--min-length", self.min_length),
                   ("--max-length", self.max_length), ("--local-steps", self.local_steps),

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from enum import StrEnum
 
 import torch
 from torch import Tensor
@@ -22,7 +23,25 @@ from torch import Tensor
 from moecpt.errors import MoecptError
 from moecpt.lopt.features import NUM_DECAYS, num_features
 
-KINDS = ("lagg-a", "lopt-a", "lagg", "lopt")
+
+
+class LOptKind(StrEnum):
+    """What a learned optimizer sees (Joseph et al., arXiv 2312.02204, Sec. 3)."""
+
+    LAGG_A = "lagg-a"  # the K worker deltas, Adafactor features
+    LOPT_A = "lopt-a"  # the mean delta, Adafactor features
+    LAGG = "lagg"  # the K worker deltas, parameter and time features only
+    LOPT = "lopt"  # the mean delta, parameter and time features only
+
+
+class MetaInit(StrEnum):
+    """Initial meta-parameters (:func:`init_meta_params`)."""
+
+    SGD_LIKE = "sgd-like"  # starts as a normalised local-SGD step
+    PAPER = "paper"  # learned_optimization's initialisation
+
+
+KINDS = tuple(k.value for k in LOptKind)
 STEP_MULT = 0.001
 EXP_MULT = 0.001
 
@@ -41,13 +60,14 @@ class LOptSpec:
         MoecptError: unknown kind, or an aggregator without ``workers >= 1``.
     """
 
-    kind: str
+    kind: LOptKind
     workers: int | None = None
     hidden: int = 32
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise MoecptError(f"unknown learned optimizer kind {self.kind!r}; use one of {', '.join(KINDS)}")
+        object.__setattr__(self, "kind", LOptKind(self.kind))
         if self.aggregator and (self.workers is None or self.workers < 1):
             raise MoecptError(f"{self.kind} needs the number of workers K (>= 1), e.g. workers=8")
         if not self.aggregator and self.workers not in (None, 1):
@@ -122,7 +142,7 @@ def init_meta_params(spec: LOptSpec, generator: torch.Generator, init: str = "sg
       starting point, so that our CPU budget of a few hundred meta-iterations (the paper uses 5k-10k) is spent
       on improving it rather than on discovering descent. The MLP architecture is unchanged.
     """
-    if init not in ("paper", "sgd-like"):
+    if init not in tuple(MetaInit):
         raise MoecptError(f"unknown meta-parameter init {init!r}; use 'paper' or 'sgd-like'")
     named: dict[str, Tensor] = {}
     for name, shape in spec.shapes().items():
@@ -133,7 +153,7 @@ def init_meta_params(spec: LOptSpec, generator: torch.Generator, init: str = "sg
             named[name] = w
         else:
             named[name] = torch.zeros(shape)
-    if init == "sgd-like":
+    if init == MetaInit.SGD_LIKE:
         c = spec.delta_channels
         w0, w1, w2 = named["w0"], named["w1"], named["w2"]
         w0[:, :2] = 0.0

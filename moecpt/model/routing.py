@@ -305,13 +305,6 @@ class Router(nn.Module):
         return {"bias_mean": b.mean().item(), "bias_absmax": b.abs().max().item(), "bias_std": b.std().item()}
 
 
-def load_imbalance(tokens_per_expert_E: torch.Tensor) -> float:
-    """Max/mean load ratio over experts (1.0 = perfectly balanced); ``tokens_per_expert_E`` is ``[E]`` counts."""
-    t = tokens_per_expert_E.float()
-    mean = t.mean()
-    return float(t.max() / mean) if mean > 0 else float("nan")
-
-
 def mri_from_counts(tokens_per_expert_E: torch.Tensor, num_tokens: int) -> float:
     """Maximum Routing Imbalance (Thérien et al. 2025, Sec. 4): max_i share of tokens whose top-k contains ``i``.
 
@@ -332,7 +325,6 @@ __all__ = [
     "Router",
     "RouterOutput",
     "load_balancing_loss",
-    "load_imbalance",
     "mri_from_counts",
     "router_z_loss",
     "routing_entropy",

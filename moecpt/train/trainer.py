@@ -61,10 +61,9 @@ def resolve_device(name: str) -> torch.device:
 
 
 def autocast_context(device: torch.device, dtype: str):
-    """bf16 autocast on devices that support it (``auto`` on CUDA, or ``bf16``); fp32 otherwise."""
+    """bf16 autocast on devices that support it (``auto`` on CUDA, or ``bf16``); fp32 otherwise. ``dtype`` is a
+    :class:`moecpt.config.DType` (validated with the recipe)."""
     use_bf16 = dtype == "bf16" or (dtype == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
-    if dtype not in ("auto", "bf16", "fp32"):
-        raise MoecptError(f"train.dtype={dtype!r} is not allowed; allowed: auto, fp32, bf16")
     if use_bf16:
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
