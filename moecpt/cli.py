@@ -24,7 +24,8 @@ _ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.
 _COMMAND_MODULES = (
     "moecpt.model.cli",
     "moecpt.data.cli",
-    "moecpt.train.cli",
+    "moecpt.distributed.cli",  # pretrain, cpt (they launch: torchrun, simulated workers)
+    "moecpt.train.cli",  # generate
     "moecpt.train.schedule_cli",
     "moecpt.analysis.cli",
     "moecpt.lopt.cli",
