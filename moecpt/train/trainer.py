@@ -565,7 +565,7 @@ class Trainer:
         for w in state.workers:
             w.optimizer.zero_grad(set_to_none=True)
             for router in w.model.routers():
-                router.step_load.zero_() if hasattr(router, "step_load") else None
+                router.reset_step_load()
         if not (tcfg.skip_nonfinite and state.skips < tcfg.max_skips):
             last = self._latest_checkpoint()
             raise MoecptError(
@@ -682,7 +682,7 @@ class Trainer:
     def _update_biases(self, model: Transformer, loads: list[torch.Tensor] | None = None) -> dict[str, float]:
         """Bias update of every router; ``loads`` (every-step modes) are the counts summed over workers."""
         stats: dict[str, list[float]] = {}
-        biased = [rt for rt in model.routers() if hasattr(rt, "step_load")]
+        biased = [rt for rt in model.routers() if rt.is_bias_balanced]
         load_of = {id(rt): load for rt, load in zip(biased, loads or [])}
         for router in model.routers():
             for k, v in router.update_bias(load_of.get(id(router))).items():
