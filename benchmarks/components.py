@@ -31,7 +31,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from moecpt.cli import int_at_least
+from moecpt.argtypes import int_at_least
 
 _FAULTS = """
 import resource, torch

@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from moecpt.cli import int_at_least, positive_int
+from moecpt.argtypes import int_at_least, positive_int
 from moecpt.config import ModelConfig
 from moecpt.model.expert_dispatch import grouped_mm_usable
 from moecpt.model.moe import GLUFeedForward, MoELayer

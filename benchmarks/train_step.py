@@ -30,7 +30,7 @@ import time
 
 import torch
 
-from moecpt.cli import int_at_least
+from moecpt.argtypes import int_at_least
 from moecpt.config import OptimConfig, model_preset
 from moecpt.model.flops import model_stats
 from moecpt.model.transformer import build_model

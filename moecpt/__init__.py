@@ -5,7 +5,7 @@ Public entry points are imported lazily so that ``import moecpt`` stays cheap fo
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from moecpt._version import __version__
 
 __all__ = ["__version__", "load_model"]
 

@@ -12,7 +12,8 @@ import importlib
 import os
 import sys
 
-from moecpt import __version__
+from moecpt._version import __version__
+from moecpt.argtypes import int_at_least, positive_int  # noqa: F401  (re-exported for older imports)
 from moecpt.errors import MoecptError
 
 # Conditions of the machine, not of moecpt's code: reported in one line wherever they surface.
@@ -23,38 +24,13 @@ _ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.
 _COMMAND_MODULES = (
     "moecpt.model.cli",
     "moecpt.data.cli",
-    "moecpt.train.cli",
+    "moecpt.distributed.cli",  # pretrain, cpt (they launch: torchrun, simulated workers)
+    "moecpt.train.cli",  # generate
     "moecpt.train.schedule_cli",
     "moecpt.analysis.cli",
     "moecpt.lopt.cli",
     "moecpt.interop.cli",
 )
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (a zero or negative count is a user error, not a default)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
-
-
-def int_at_least(low: int):
-    """argparse type factory: an integer >= ``low`` (counts where 0 or 1 would make a run meaningless)."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"{value} must be at least {low}")
-        return value
-
-    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -26,6 +26,7 @@ import torch
 
 from moecpt.cli import main as cli_main
 from moecpt.config import recipe_from_dict
+from moecpt.distributed.runtime import Distributed
 from moecpt.train.checkpoint import load_checkpoint
 from moecpt.train.trainer import Trainer
 
@@ -152,7 +153,7 @@ def test_fsdp_equals_ddp(jobs):
 def test_local_sgd_with_h1_equals_ddp_with_sgd(jobs):
     tmp = jobs["tmp"]
     r = recipe_from_dict(jobs["ddp_raw"], [*DDP_SETS, "distributed.sync=local-sgd", "distributed.local_steps=1"])
-    Trainer(r, tmp / "local-h1", show_progress=False, simulate_workers=2).run()
+    Trainer(r, tmp / "local-h1", show_progress=False, simulate_workers=2, parallel=Distributed()).run()
     assert_close(weights(tmp / "local-h1"), weights(jobs["ddp"]), atol=1e-5)
 
 

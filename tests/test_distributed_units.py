@@ -15,7 +15,8 @@ from moecpt.config import recipe_from_dict
 from moecpt.distributed.accounting import CommAccountant, LinkEmulator, allgather_bytes, allreduce_bytes
 from moecpt.distributed.launch import DistInfo
 from moecpt.distributed.local_sgd import LocalSGDSync, TorchOuter
-from moecpt.distributed.strategy import SYNC_KEY, build_sync
+from moecpt.distributed.runtime import Distributed, build_sync
+from moecpt.distributed.strategy import SYNC_KEY
 from moecpt.errors import MoecptError
 from moecpt.lopt.baselines import DiLoCo
 from moecpt.lopt.optimizers import OuterOptimizer
@@ -219,7 +220,8 @@ def test_simulated_ddp_equals_one_process(tmp_path):
     try:
         raw = raw_recipe("smoke-switch", train={"steps": 3, "checkpoint_every": 3})
         raw["model"]["moe"] = {"router": {"kind": "bias", "bias_update_rate": 0.01}}  # loads summed over workers
-        Trainer(recipe_from_dict(raw), tmp_path / "sim", show_progress=False, simulate_workers=2).run()
+        Trainer(recipe_from_dict(raw), tmp_path / "sim", show_progress=False, simulate_workers=2,
+                parallel=Distributed()).run()
         raw["train"]["micro_batch_size"] = 4
         Trainer(recipe_from_dict(raw), tmp_path / "one", show_progress=False).run()
     finally:

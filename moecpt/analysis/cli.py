@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from moecpt.cli import positive_int
+from moecpt.argtypes import positive_int
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -3,12 +3,14 @@ DiLoCo, learned outer optimizers), an in-process simulator, and communication ac
 ``docs/distributed.md``.
 
 Module map: ``launch`` (process group start-up / teardown, rank info, config check, failure diagnosis),
-``strategy`` (the interface the training loop calls, :func:`build_sync`), ``ddp`` (DDP, FSDP2), ``local_sgd``
+``runtime`` (:class:`Distributed`, the runtime ``Trainer(parallel=...)`` receives, and :func:`build_sync`),
+``strategy`` (the strategies' base over the loop's interface in :mod:`moecpt.train.parallel`), ``ddp`` (DDP, FSDP2), ``local_sgd``
 (outer loop, pseudo-gradient, outer optimizers, gather mode), ``simulate`` (``--simulate-workers``),
 ``accounting`` (bytes, rounds, times, emulated link).
 """
 
 from moecpt.distributed.launch import DistInfo, rank_info, session
-from moecpt.distributed.strategy import SyncStrategy, Worker, build_sync
+from moecpt.distributed.runtime import Distributed, build_sync
+from moecpt.distributed.strategy import SyncStrategy, Worker
 
-__all__ = ["DistInfo", "SyncStrategy", "Worker", "build_sync", "rank_info", "session"]
+__all__ = ["DistInfo", "Distributed", "SyncStrategy", "Worker", "build_sync", "rank_info", "session"]

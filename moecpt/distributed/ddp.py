@@ -35,7 +35,8 @@ from moecpt.train.metrics import RoutingAccumulator
 
 
 def _router_loads(model: nn.Module) -> list[torch.Tensor]:
-    return [r.step_load for r in model.routers() if hasattr(r, "step_load")]
+    """The current step's load of every bias-balanced router (``Router.is_bias_balanced``), in layer order."""
+    return [r.step_load for r in model.routers() if r.is_bias_balanced]
 
 
 class DataParallelSync(SyncStrategy):

@@ -28,38 +28,19 @@ import json
 import os
 import threading
 import time
-from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
 
 from moecpt.errors import MoecptError
+from moecpt.train.parallel import DistInfo  # noqa: F401  (defined with the trainer's runtime interface)
 
 ENV_INIT = "MOECPT_INIT_METHOD"
 HEARTBEAT_S = 0.5
 #: substrings of the RuntimeErrors gloo / NCCL / c10d raise when a peer is gone or a collective times out
 _DIST_ERROR_HINTS = ("gloo", "nccl", "connection closed", "connection reset", "broken pipe", "timed out",
                      "timeout", "processgroup", "c10d", "socket", "peer")
-
-
-@dataclass(frozen=True)
-class DistInfo:
-    """Where this process stands in the job."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    backend: str | None = None
-
-    @property
-    def is_main(self) -> bool:
-        """Rank 0: the only writer of metrics, checkpoints and run.json."""
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
 
 
 def rank_info() -> DistInfo:

@@ -22,8 +22,8 @@ collective and an *outer* step on the pseudo-gradient::
 * ``outer_optimizer = "lagg-a" | "lopt-a" | PATH.safetensors``: the learned outer optimizers of
   :mod:`moecpt.lopt` (Joseph et al., arXiv 2312.02204); LAgg-A needs every worker's delta (gather mode) and is
   tied to the K it was meta-trained for.
-* Python API: any ``torch.optim.Optimizer`` (``Trainer(..., outer_optimizer=lambda params: torch.optim.Adam(params,
-  lr=...))``), applied to the pseudo-gradient ``θ − mean_k θ_k`` put in ``.grad``; or any
+* Python API: any ``torch.optim.Optimizer`` (``Trainer(..., parallel=Distributed(), outer_optimizer=lambda params:
+  torch.optim.Adam(params, lr=...))``), applied to the pseudo-gradient ``θ − mean_k θ_k`` put in ``.grad``; or any
   :class:`moecpt.lopt.OuterOptimizer` (set ``needs_worker_deltas = True`` for gather mode).
 
 Buffers: every persistent floating-point buffer (the MoE expert biases of aux-loss-free balancing) is averaged in the

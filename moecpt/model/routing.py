@@ -217,7 +217,7 @@ class Router(nn.Module):
         self.top_k = top_k
         self.cfg = cfg
         self.weight = nn.Parameter(torch.empty(num_experts, d_model))  # [E, D], bias-free (paper Sec. 3)
-        if cfg.kind == RouterKind.BIAS:
+        if self.is_bias_balanced:
             # persistent: CPT must carry the learned bias (docs/design.md, rule R6)
             self.register_buffer("expert_bias", torch.zeros(num_experts), persistent=True)
             # per-step load, summed over micro-batches; not part of the model state
@@ -228,6 +228,23 @@ class Router(nn.Module):
         nn.init.normal_(self.weight, std=std)
 
     # -- balancing strategies --------------------------------------------------------------------------------
+    @property
+    def is_bias_balanced(self) -> bool:
+        """Whether this router balances by a learned selection bias (``kind = "bias"``, auxiliary-loss-free).
+
+        Only such a router holds ``expert_bias`` (persistent, ``[E]``) and ``step_load`` (``[E]`` routed-slot
+        counts of the current optimizer step, summed over its training forwards; not in the state dict), and only
+        its :meth:`update_bias` changes anything. Callers ask this instead of probing for the buffers: the
+        trainer (bias update, skipped steps) and the DDP strategies (which all-reduce ``step_load``).
+        """
+        return self.cfg.kind == RouterKind.BIAS
+
+    @torch.no_grad()
+    def reset_step_load(self) -> None:
+        """Forget the loads counted in this step (a skipped, non-finite step); nothing for other routers."""
+        if self.is_bias_balanced:
+            self.step_load.zero_()
+
     @property
     def _sigmoid_gates(self) -> bool:
         return self.cfg.kind == RouterKind.SINKHORN and self.top_k == 1  # Megatron / GPT-NeoX reference for k = 1

@@ -106,7 +106,7 @@ def owns(folder: str | Path, command: str | None = None) -> bool:
 
 def write_marker(folder: str | Path, command: str, inputs: Iterable[str | Path] = ()) -> None:
     """Write ``.moecpt-output.json`` (command, resolved inputs, pid, host, time, version) into ``folder``."""
-    from moecpt import __version__
+    from moecpt._version import __version__
 
     write_json_atomic(Path(folder) / MARKER_FILE, {
         "format": MARKER_FORMAT, "command": command, "inputs": [str(_resolve(i)) for i in inputs if str(i)],

@@ -1,38 +1,13 @@
-"""``moecpt pretrain``, ``moecpt cpt`` and ``moecpt generate``."""
+"""``moecpt generate`` (``moecpt pretrain`` and ``moecpt cpt`` launch runs: :mod:`moecpt.distributed.cli`)."""
 
 from __future__ import annotations
 
 import argparse
-import json
 
-from moecpt.cli import positive_int
-from moecpt.train.callbacks import ProgressKind
-
-
-def _add_run_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--recipe", required=True, help="recipe TOML (bundled ones: recipes/*.toml)")
-    p.add_argument("--out", required=True, help="run folder (created; re-running the same command resumes)")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a recipe key, validated like the file (repeatable)")
-    p.add_argument("--progress", choices=[k.value for k in ProgressKind], default="auto",
-                   help="auto (default): a bar on a terminal, one plain line every few steps otherwise (SLURM, "
-                        "nohup); bar; lines; none")
-    p.add_argument("--no-progress", action="store_true", help="same as --progress none")
-    p.add_argument("--simulate-workers", type=positive_int, default=None, metavar="K",
-                   help="run K data-parallel workers in this one process, with the updates of a K-process run "
-                        "(docs/distributed.md); for several processes use torchrun --nproc-per-node K -m moecpt ...")
+from moecpt.argtypes import positive_int
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("pretrain", help="pre-train a model from scratch (resumes an interrupted run)")
-    _add_run_args(p)
-    p.set_defaults(func=run_pretrain)
-
-    p = subparsers.add_parser("cpt", help="continually pre-train from a checkpoint onto a new data mixture")
-    _add_run_args(p)
-    p.add_argument("--from", dest="parent", required=True, help="parent checkpoint folder or run folder")
-    p.set_defaults(func=run_cpt)
-
     p = subparsers.add_parser("generate", help="sample text from a checkpoint")
     p.add_argument("--checkpoint", required=True, help="checkpoint folder or run folder")
     p.add_argument("--prompt", required=True)
@@ -41,38 +16,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=None)
     p.set_defaults(func=run_generate)
-
-
-def _train(args: argparse.Namespace, parent) -> int:
-    from pathlib import Path
-
-    from moecpt.config import load_recipe
-    from moecpt.errors import MoecptError
-
-    # Validate what needs no torch before importing it: a bad recipe or --from fails in a fraction of a second.
-    recipe = load_recipe(args.recipe, args.set)
-    if parent is not None and not Path(parent).exists():
-        raise MoecptError(f"--from {str(parent)!r} does not exist; give a checkpoint or run folder")
-
-    from moecpt.distributed.launch import session
-    from moecpt.train.trainer import Trainer
-
-    # under torchrun (WORLD_SIZE > 1) the session joins the job; otherwise it does nothing
-    with session(recipe.distributed, recipe.train.device) as info:
-        progress = ProgressKind.NONE if args.no_progress else ProgressKind(args.progress)
-        summary = Trainer(recipe, args.out, parent=parent, show_progress=progress,
-                          simulate_workers=args.simulate_workers).run()
-    if info.is_main:
-        print(json.dumps(summary))
-    return 0
-
-
-def run_pretrain(args: argparse.Namespace) -> int:
-    return _train(args, None)
-
-
-def run_cpt(args: argparse.Namespace) -> int:
-    return _train(args, args.parent)
 
 
 def run_generate(args: argparse.Namespace) -> int:

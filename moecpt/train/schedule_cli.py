@@ -13,7 +13,7 @@ import argparse
 import io
 from pathlib import Path
 
-from moecpt.cli import positive_int
+from moecpt.argtypes import positive_int
 from moecpt.errors import MoecptError
 
 #: the bytes that identify a figure written by ``moecpt schedule`` (in its metadata); not merely the command's
@@ -47,7 +47,7 @@ _PHASE_COLORS = {
 
 def _metadata(fmt: str) -> dict[str, str]:
     """Matplotlib ``savefig`` metadata naming moecpt (the key each format keeps near its start)."""
-    from moecpt import __version__
+    from moecpt._version import __version__
 
     value = f"{SIGNATURE.decode()}, moecpt {__version__}"
     return {"png": {"Software": value}, "pdf": {"Creator": value}, "svg": {"Creator": value}}[fmt]

@@ -8,9 +8,11 @@ One :class:`Trainer` runs a recipe into a run folder::
     RUN/checkpoints/step_N  model (safetensors), optimizer, RNG, data-sampler state, lineage (meta.json)
 
 Distributed runs (``torchrun ... -m moecpt pretrain``, or ``--simulate-workers K`` in one process) train a list of
-workers through a sync strategy (:mod:`moecpt.distributed`: DDP, FSDP2, local SGD, SlowMo, DiLoCo); only rank 0
-writes ``run.json``, metrics and checkpoints, and every rank loads them. A single process uses the no-op strategy
-and behaves exactly as without distribution. See ``docs/distributed.md``.
+workers through a sync strategy (DDP, FSDP2, local SGD, SlowMo, DiLoCo) built by the runtime the trainer receives
+(``parallel=moecpt.distributed.runtime.Distributed()``, which the CLI passes; the trainer never imports
+:mod:`moecpt.distributed`, docs/design.md rule A2); only rank 0 writes ``run.json``, metrics and checkpoints, and
+every rank loads them. A single process uses the default :class:`moecpt.train.parallel.SingleProcess` and its
+no-op strategy. See ``docs/distributed.md``.
 
 Restarting the same command resumes from the newest complete checkpoint and reproduces the uninterrupted run's
 per-step losses bit for bit on CPU (the sampler, RNG and optimizer state are restored; the LR is recomputed from
@@ -35,8 +37,6 @@ from typing import Any
 import torch
 
 from moecpt.config import Recipe, SyncKind, identity_json
-from moecpt.distributed.launch import check_same_config, rank_info, run_on_main
-from moecpt.distributed.strategy import build_worker_optimizer
 from moecpt.errors import MoecptError
 from moecpt.model.transformer import Transformer, build_model
 from moecpt.storage.lock import FolderLock
@@ -45,6 +45,7 @@ from moecpt.train.compile import check_compile_backend, compile_module
 from moecpt.train.loss import cross_entropy
 from moecpt.train.callbacks import CallbackList, ProgressKind, RunInfo, StepResult, progress_callbacks
 from moecpt.train.metrics import JsonlSink, RoutingAccumulator, check_sink_packages
+from moecpt.train.parallel import SYNC_KEY, SingleProcess, build_worker_optimizer
 from moecpt.train.preemption import Preempted, PreemptionWatcher, signal_name
 
 RUN_FILE = "run.json"
@@ -108,7 +109,7 @@ class TrainState:
 
     model: Transformer
     optimizer: torch.optim.Optimizer
-    sync: Any  # a moecpt.distributed.strategy.SyncStrategy
+    sync: Any  # a moecpt.train.parallel.SingleSync (or a moecpt.distributed strategy)
     sampler: Any  # a moecpt.data.mixture.MixtureSampler
     end_step: int
     step: int = 0  # optimizer steps done
@@ -137,6 +138,10 @@ class Trainer:
         simulate_workers: run this many data-parallel workers in this one process (``--simulate-workers``).
         outer_optimizer: local-SGD family only: replaces ``distributed.outer_optimizer`` with a
             :class:`moecpt.lopt.OuterOptimizer` or a factory ``params -> torch.optim.Optimizer``.
+        parallel: the runtime (rank, set-up collectives, sync strategy; :mod:`moecpt.train.parallel`). Default
+            :class:`~moecpt.train.parallel.SingleProcess`: one process, no ``moecpt.distributed`` import. Pass
+            ``moecpt.distributed.runtime.Distributed()`` for ``torchrun`` jobs, ``simulate_workers`` and the
+            local-SGD family (``moecpt pretrain`` / ``moecpt cpt`` always do).
 
     Raises:
         MoecptError: the folder holds another run, the parent is missing/corrupt/incompatible, data problems,
@@ -145,13 +150,14 @@ class Trainer:
 
     def __init__(self, recipe: Recipe, out_dir: str | Path, parent: str | Path | None = None,
                  show_progress: bool | ProgressKind = True, simulate_workers: int | None = None,
-                 outer_optimizer: Any = None, callbacks: list[Any] | None = None):
+                 outer_optimizer: Any = None, callbacks: list[Any] | None = None, parallel: Any = None):
         from moecpt.data.prepared import PreparedData
         from moecpt.train.checkpoint import CheckpointManager, load_checkpoint
 
         self.recipe = recipe
         self.out_dir = Path(out_dir)
-        self.dist = rank_info()  # rank / world size of a torchrun job (world size 1 otherwise)
+        self.parallel = parallel if parallel is not None else SingleProcess()
+        self.dist = self.parallel.info()  # rank / world size of a torchrun job (world size 1 otherwise)
         if isinstance(show_progress, bool):
             show_progress = ProgressKind.AUTO if show_progress else ProgressKind.NONE
         self.progress = ProgressKind(show_progress)
@@ -177,12 +183,12 @@ class Trainer:
             "parent": self._parent_identity(),
             "data_tokenizer_sha256": self.data.tokenizer_sha256,
         }
-        check_same_config(self.identity)  # every rank of a job must run the same thing (a no-op otherwise)
+        self.parallel.check_same_config(self.identity)  # every rank of a job must run the same thing (a no-op otherwise)
         # before claiming the folder: a recipe that cannot run must not leave a run.json behind
         self._check_data()
         self._preflight()
         self._lock: FolderLock | None = None
-        run_on_main(self._claim_run_folder)  # rank 0 writes and locks; its refusal is raised on every rank
+        self.parallel.run_on_main(self._claim_run_folder)  # rank 0 writes and locks; its refusal is raised on every rank
         self.ckpts = CheckpointManager(self.out_dir, keep_last=recipe.train.keep_last,
                                        keep_steps=self._milestones())
 
@@ -387,22 +393,21 @@ class Trainer:
 
     def _run_rank(self) -> dict[str, Any]:
         """One rank of a job: a lost peer or a collective timeout becomes a MoecptError naming the rank(s) that
-        stopped (:func:`moecpt.distributed.launch.diagnose`); this rank's own fatal error is published for the
-        others to quote."""
-        from moecpt.distributed.launch import diagnose, is_distributed_error, publish_error
-
+        stopped (the runtime's ``diagnose``, e.g. :func:`moecpt.distributed.launch.diagnose`); this rank's own fatal
+        error is published for the others to quote."""
+        rt = self.parallel
         try:
             return self._run()
         except MoecptError as exc:
-            publish_error(str(exc))
+            rt.publish_error(str(exc))
             raise
         except Exception as exc:
-            if not is_distributed_error(exc):
-                publish_error(f"{type(exc).__name__}: {exc}")
+            if not rt.is_distributed_error(exc):
+                rt.publish_error(f"{type(exc).__name__}: {exc}")
                 raise
             found = self.ckpts.all()  # look only: another rank may be writing
             raise MoecptError(
-                f"rank {self.dist.rank} of {self.dist.world_size} stops: {diagnose()} (collective error: "
+                f"rank {self.dist.rank} of {self.dist.world_size} stops: {rt.diagnose()} (collective error: "
                 f"{str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__}). The last "
                 f"complete checkpoint is {found[-1] if found else 'none'}; run the same command again to resume "
                 "from it") from None
@@ -439,8 +444,6 @@ class Trainer:
     def _start_or_resume(self) -> "TrainState":
         """Model, optimizer, sync strategy, sampler and callbacks; the newest intact checkpoint of this run loaded
         (weights, moments, sampler, RNG, counters), or for a new CPT run the parent's weights."""
-        from moecpt.distributed.launch import broadcast_object
-        from moecpt.distributed.strategy import SYNC_KEY, build_sync
         from moecpt.train.checkpoint import load_checkpoint, restore_rng_state
         from moecpt.train.schedules import run_end_step
 
@@ -448,13 +451,13 @@ class Trainer:
         torch.manual_seed(tcfg.seed)
         model = build_model(self.model_cfg, device=self.device)
         optimizer = build_worker_optimizer(model, r, self.device)
-        sync = build_sync(r, self.dist, self.device, self.simulate_workers, self.outer_optimizer)
+        sync = self.parallel.build_sync(r, self.dist, self.device, self.simulate_workers, self.outer_optimizer)
         state = TrainState(model=model, optimizer=optimizer, sync=sync, sampler=self._make_sampler(),
                            end_step=run_end_step(r.schedule, tcfg.steps))
         jsonl = JsonlSink(self.out_dir / "metrics.jsonl") if self.dist.is_main else None
         # rank 0 picks the checkpoint (and cleans stale temp folders); every rank loads the same one
         verified = self._intact_latest() if self.dist.is_main else None
-        latest = broadcast_object(verified.path if verified is not None else None)
+        latest = self.parallel.broadcast_object(verified.path if verified is not None else None)
         if latest is not None:  # resume our own run
             ck = verified if verified is not None else load_checkpoint(latest)
             model.load_state_dict(ck.model_state(self.device), strict=True)
@@ -561,7 +564,7 @@ class Trainer:
         for w in state.workers:
             w.optimizer.zero_grad(set_to_none=True)
             for router in w.model.routers():
-                router.step_load.zero_() if hasattr(router, "step_load") else None
+                router.reset_step_load()
         if not (tcfg.skip_nonfinite and state.skips < tcfg.max_skips):
             last = self._latest_checkpoint()
             raise MoecptError(
@@ -678,7 +681,7 @@ class Trainer:
     def _update_biases(self, model: Transformer, loads: list[torch.Tensor] | None = None) -> dict[str, float]:
         """Bias update of every router; ``loads`` (every-step modes) are the counts summed over workers."""
         stats: dict[str, list[float]] = {}
-        biased = [rt for rt in model.routers() if hasattr(rt, "step_load")]
+        biased = [rt for rt in model.routers() if rt.is_bias_balanced]
         load_of = {id(rt): load for rt, load in zip(biased, loads or [])}
         for router in model.routers():
             for k, v in router.update_bias(load_of.get(id(router))).items():

@@ -1,0 +1,74 @@
+"""``moecpt pretrain`` and ``moecpt cpt``: one training run, as a single process, ``K`` simulated workers
+(``--simulate-workers K``) or one rank of a ``torchrun`` job.
+
+They live here, above :mod:`moecpt.train`, because they launch: they join the job's process group
+(:func:`moecpt.distributed.launch.session`) and hand the trainer its runtime
+(:class:`moecpt.distributed.runtime.Distributed`); the trainer itself never imports this package
+(docs/design.md, rule A2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from moecpt.argtypes import positive_int
+from moecpt.train.callbacks import ProgressKind
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--recipe", required=True, help="recipe TOML (bundled ones: recipes/*.toml)")
+    p.add_argument("--out", required=True, help="run folder (created; re-running the same command resumes)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a recipe key, validated like the file (repeatable)")
+    p.add_argument("--progress", choices=[k.value for k in ProgressKind], default="auto",
+                   help="auto (default): a bar on a terminal, one plain line every few steps otherwise (SLURM, "
+                        "nohup); bar; lines; none")
+    p.add_argument("--no-progress", action="store_true", help="same as --progress none")
+    p.add_argument("--simulate-workers", type=positive_int, default=None, metavar="K",
+                   help="run K data-parallel workers in this one process, with the updates of a K-process run "
+                        "(docs/distributed.md); for several processes use torchrun --nproc-per-node K -m moecpt ...")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("pretrain", help="pre-train a model from scratch (resumes an interrupted run)")
+    _add_run_args(p)
+    p.set_defaults(func=run_pretrain)
+
+    p = subparsers.add_parser("cpt", help="continually pre-train from a checkpoint onto a new data mixture")
+    _add_run_args(p)
+    p.add_argument("--from", dest="parent", required=True, help="parent checkpoint folder or run folder")
+    p.set_defaults(func=run_cpt)
+
+
+def _train(args: argparse.Namespace, parent) -> int:
+    from pathlib import Path
+
+    from moecpt.config import load_recipe
+    from moecpt.errors import MoecptError
+
+    # Validate what needs no torch before importing it: a bad recipe or --from fails in a fraction of a second.
+    recipe = load_recipe(args.recipe, args.set)
+    if parent is not None and not Path(parent).exists():
+        raise MoecptError(f"--from {str(parent)!r} does not exist; give a checkpoint or run folder")
+
+    from moecpt.distributed.launch import session
+    from moecpt.distributed.runtime import Distributed
+    from moecpt.train.trainer import Trainer
+
+    # under torchrun (WORLD_SIZE > 1) the session joins the job; otherwise it does nothing
+    with session(recipe.distributed, recipe.train.device) as info:
+        progress = ProgressKind.NONE if args.no_progress else ProgressKind(args.progress)
+        summary = Trainer(recipe, args.out, parent=parent, show_progress=progress,
+                          simulate_workers=args.simulate_workers, parallel=Distributed()).run()
+    if info.is_main:
+        print(json.dumps(summary))
+    return 0
+
+
+def run_pretrain(args: argparse.Namespace) -> int:
+    return _train(args, None)
+
+
+def run_cpt(args: argparse.Namespace) -> int:
+    return _train(args, args.parent)

@@ -1,0 +1,106 @@
+"""The trainer's runtime for distributed and simulated runs: :class:`Distributed`, and :func:`build_sync`.
+
+The trainer does not import this package (docs/design.md, rule A2): it receives a runtime object. ``moecpt
+pretrain`` / ``moecpt cpt`` pass :class:`Distributed`; from Python::
+
+    from moecpt.distributed.runtime import Distributed
+    Trainer(recipe, out, simulate_workers=4, parallel=Distributed()).run()
+
+Without it the trainer runs one process with the no-communication :class:`moecpt.train.parallel.SingleProcess`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from moecpt.config import Recipe, SyncKind
+from moecpt.distributed import launch
+from moecpt.distributed.strategy import LOCAL_SYNCS, SyncStrategy
+from moecpt.errors import MoecptError
+from moecpt.train.parallel import DistInfo, SingleProcess
+
+
+class Distributed(SingleProcess):
+    """Runtime of a rank of a ``torchrun`` job (the default process group, when one is initialised, e.g. by
+    :func:`moecpt.distributed.launch.session`), or of a single process that simulates workers or runs a
+    local-SGD family sync. With world size 1 every collective is the identity, as in :class:`SingleProcess`."""
+
+    def info(self) -> DistInfo:
+        return launch.rank_info()
+
+    def check_same_config(self, identity: dict[str, Any]) -> None:
+        launch.check_same_config(identity)
+
+    def run_on_main(self, fn):
+        return launch.run_on_main(fn)
+
+    def broadcast_object(self, obj: Any) -> Any:
+        return launch.broadcast_object(obj)
+
+    def build_sync(self, recipe: Recipe, info: DistInfo, device: torch.device, simulate_workers: int | None = None,
+                   outer_optimizer: Any = None) -> SyncStrategy:
+        return build_sync(recipe, info, device, simulate_workers, outer_optimizer)
+
+    def is_distributed_error(self, exc: BaseException) -> bool:
+        return launch.is_distributed_error(exc)
+
+    def publish_error(self, message: str) -> None:
+        launch.publish_error(message)
+
+    def diagnose(self) -> str:
+        return launch.diagnose()
+
+
+def build_sync(recipe: Recipe, info: DistInfo, device: torch.device, simulate_workers: int | None = None,
+               outer_optimizer: Any = None) -> SyncStrategy:
+    """The strategy for this recipe and launch.
+
+    Args:
+        recipe: its ``[distributed]`` section chooses the strategy.
+        info: this process's rank / world size (:func:`moecpt.distributed.launch.rank_info`).
+        device: the training device.
+        simulate_workers: run this many workers in this one process (``--simulate-workers``).
+        outer_optimizer: overrides ``distributed.outer_optimizer`` (local-SGD family): a
+            :class:`moecpt.lopt.OuterOptimizer`, or a factory ``params -> torch.optim.Optimizer``.
+
+    Raises:
+        MoecptError: simulation under a multi-process launch or with FSDP; an outer optimizer for a sync that has
+            none; a batch not divisible by the workers.
+    """
+    kind = recipe.distributed.sync
+    local = kind in LOCAL_SYNCS
+    if outer_optimizer is not None and not local:
+        raise MoecptError(f"an outer optimizer applies to sync = local-sgd, slowmo or diloco, not {kind.value!r}")
+    if simulate_workers is not None:
+        if simulate_workers < 1:
+            raise MoecptError(f"--simulate-workers {simulate_workers}: give a number of workers >= 1")
+        if info.distributed:
+            raise MoecptError("--simulate-workers runs every worker in one process; do not combine it with torchrun "
+                              f"(this is rank {info.rank} of {info.world_size})")
+        if kind == SyncKind.FSDP:
+            raise MoecptError("sync = 'fsdp' cannot be simulated (it shards one model over real devices); "
+                              "simulate 'ddp' or a local-SGD strategy instead")
+    workers = simulate_workers or info.world_size
+    local_workers = simulate_workers or 1
+    if local:
+        from moecpt.distributed.local_sgd import LocalSGDSync
+
+        sync: SyncStrategy = LocalSGDSync(recipe, info, workers, local_workers, device, outer=outer_optimizer)
+    elif simulate_workers is not None:
+        from moecpt.distributed.simulate import SimulatedDDPSync
+
+        sync = SimulatedDDPSync(recipe, info, workers, local_workers, device)
+    elif info.distributed and kind == SyncKind.DDP:
+        from moecpt.distributed.ddp import DDPSync
+
+        sync = DDPSync(recipe, info, workers, 1, device)
+    elif info.distributed and kind == SyncKind.FSDP:
+        from moecpt.distributed.ddp import FSDPSync
+
+        sync = FSDPSync(recipe, info, workers, 1, device)
+    else:
+        sync = SyncStrategy(recipe, info, 1, 1, device)
+    sync.local_batch_rows(recipe.train.batch_size)
+    return sync

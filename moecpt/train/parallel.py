@@ -1,0 +1,260 @@
+"""What the training loop needs from its launch, and the single-process implementation (docs/design.md, rule A2).
+
+The trainer never imports :mod:`moecpt.distributed`: it receives a *runtime* (``Trainer(..., parallel=...)``) that
+tells it where this process stands (:class:`DistInfo`), runs the few collectives of set-up (same configuration on
+every rank, rank 0 claims the folder, rank 0 picks the checkpoint), builds the sync strategy and names a lost peer.
+
+* :class:`SingleProcess` (the default): one process, one worker, nothing to communicate, no
+  ``torch.distributed`` call; recipes that ask for more (``--simulate-workers``, a local-SGD family sync, a
+  ``torchrun`` job) are refused with the runtime to pass instead.
+* :class:`moecpt.distributed.runtime.Distributed`: ``torchrun`` jobs, simulated workers, DDP / FSDP2 / local SGD /
+  SlowMo / DiLoCo; ``moecpt pretrain`` and ``moecpt cpt`` always pass it.
+
+The sync-strategy interface the loop calls (:class:`SingleSync`, whose methods the strategies of
+:mod:`moecpt.distributed` override) and the pieces it shares with them (:class:`Worker`, :data:`SYNC_KEY`,
+:func:`build_worker_optimizer`) live here, at the layer that uses them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from moecpt.config import Recipe, SyncKind
+from moecpt.errors import MoecptError
+
+#: key of the strategy's own state inside the checkpoint's optimizer state (torch ignores unknown keys there, so a
+#: local-SGD parent's optimizer file still loads as a plain AdamW state for CPT)
+SYNC_KEY = "moecpt_sync"
+#: the syncs with an outer loop (their strategy lives in moecpt.distributed.local_sgd)
+LOCAL_SYNCS = (SyncKind.LOCAL_SGD, SyncKind.SLOWMO, SyncKind.DILOCO)
+
+OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process stands in the job."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    backend: str | None = None
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the only writer of metrics, checkpoints and run.json."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+@dataclass
+class Worker:
+    """One data-parallel worker this process runs.
+
+    Attributes:
+        index: global worker index (the rank, or the simulated worker's number).
+        model: the plain :class:`~moecpt.model.transformer.Transformer` (parameters, routers, state dict).
+        module: what the forward pass goes through (the DDP wrapper, or ``model``).
+        optimizer: the worker's (inner) optimizer.
+        forward: ``module``, or its ``torch.compile``d version (set by the trainer).
+    """
+
+    index: int
+    model: nn.Module
+    module: nn.Module
+    optimizer: torch.optim.Optimizer
+    forward: Callable[..., Any] | None = field(default=None, repr=False)
+
+
+def build_worker_optimizer(model: nn.Module, recipe: Recipe, device: torch.device) -> torch.optim.Optimizer:
+    """The per-worker (inner) optimizer: AdamW from ``[optim]``, or plain SGD (no momentum, the same decay groups,
+    L2 weight decay ``optim.weight_decay``) with ``distributed.inner_optimizer = "sgd"``. The LR is set every step
+    from the schedule."""
+    from moecpt.train.optim import build_optimizer, param_groups
+
+    if recipe.distributed.inner_optimizer == "sgd":
+        return torch.optim.SGD(param_groups(model, recipe.optim.weight_decay), lr=recipe.optim.lr, momentum=0.0)
+    return build_optimizer(model, recipe.optim, device)
+
+
+class SingleSync:
+    """One worker in one process: nothing to communicate, nothing reported. The interface the training loop calls
+    and the base of :class:`moecpt.distributed.strategy.SyncStrategy` (which adds communication accounting).
+
+    Each step the trainer calls, in order::
+
+        sync.begin_step()
+        parts = sync.split_batch(batch)                     # one slice of the global batch per local worker
+        for each worker and micro-batch:
+            with sync.grad_sync(worker, last):               # DDP no_sync / FSDP2 gradient-sync switch
+                forward, backward
+        sync.after_backward(workers)                         # simulated DDP: average gradients
+        ce, aux, loads, routing = sync.reduce_step(workers, stats, log)  # every-step modes: one small all-reduce
+        ... clip, optimizer step, bias update with `loads` ...
+        sync.after_optimizer_step(workers, step, boundary)   # local-SGD family: a communication round every H steps
+
+    and for checkpoints :meth:`checkpoint_state` (a collective: every rank calls it; rank 0 writes).
+
+    Attributes:
+        kind: the recipe's ``distributed.sync`` value (``"single"`` here).
+        every_step: True when workers agree after every step (gradients reduced); False for the local-SGD family,
+            whose workers drift apart between rounds (their per-step losses are then worker 0's own).
+        num_workers: all workers of the job; local_workers: those this process runs.
+        reports: whether communication fields appear in metrics, checkpoints and the summary.
+    """
+
+    kind = "single"
+    every_step = True
+    reports = False
+
+    def __init__(self, recipe: Recipe, info: DistInfo, num_workers: int = 1, local_workers: int = 1,
+                 device: torch.device | None = None):
+        self.recipe = recipe
+        self.info = info
+        self.num_workers = num_workers
+        self.local_workers = local_workers
+        self.device = device or torch.device("cpu")
+
+    # ------------------------------------------------------------------------------------------------ set-up
+    def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer, make_optimizer: OptimizerFactory,
+              state: dict | None) -> list[Worker]:
+        """Wrap / replicate the (already loaded) model and optimizer into this process's workers.
+
+        ``state`` is the strategy's checkpointed state (``optimizer_state[SYNC_KEY]``), or None for a fresh run.
+        """
+        return [Worker(self.info.rank, model, model, optimizer)]
+
+    def local_batch_rows(self, batch_size: int) -> int:
+        """Rows of the global batch one worker trains on per step."""
+        if batch_size % self.num_workers:
+            raise MoecptError(f"train.batch_size={batch_size} is not divisible by the {self.num_workers} workers; "
+                              "choose a multiple of the number of workers")
+        return batch_size // self.num_workers
+
+    # ------------------------------------------------------------------------------------------------ the step
+    def begin_step(self) -> None:
+        """A step starts (the distributed strategies time it)."""
+
+    def split_batch(self, batch: torch.Tensor) -> list[torch.Tensor]:
+        """This process's rows -> one contiguous block per local worker (the blocks the ranks of a real job get)."""
+        return [batch] if self.local_workers == 1 else list(batch.chunk(self.local_workers))
+
+    def grad_sync(self, worker: Worker, last: bool):
+        """Context for one micro-batch's forward + backward; gradients are synchronised on the ``last`` one."""
+        return contextlib.nullcontext()
+
+    def after_backward(self, workers: list[Worker]) -> None:
+        """All micro-batches are done (simulated DDP averages the gradients here)."""
+
+    def reduce_step(self, workers: list[Worker], stats: list[tuple[float, float, Any]], log: bool
+                    ) -> tuple[float, float, list[torch.Tensor] | None, Any]:
+        """``stats`` = (cross-entropy, weighted aux loss, routing accumulator) per local worker -> the step's
+        ``(ce, aux, loads, routing)``: in every-step modes the means over all workers, each bias router's load
+        summed over micro-batches *and workers* (docs/design.md, rule R6), and at ``log`` steps the routing
+        diagnostics of the global batch; otherwise worker 0's values and ``loads = None`` (each worker updates its
+        biases from its own loads)."""
+        return stats[0][0], stats[0][1], None, stats[0][2]
+
+    def after_optimizer_step(self, workers: list[Worker], step: int, boundary: bool) -> None:
+        """After every worker's optimizer step (or skip) of 1-based ``step``. ``boundary``: the trainer evaluates,
+        checkpoints or stops after this step, so the workers must agree now."""
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+    def checkpoint_state(self, workers: list[Worker]) -> tuple[dict | None, dict | None, dict | None]:
+        """``(model_state, optimizer_state, rng_state)`` to save on rank 0 (None elsewhere). A collective."""
+        from moecpt.train.checkpoint import capture_rng_state
+
+        w = workers[0]
+        return w.model.state_dict(), w.optimizer.state_dict(), capture_rng_state()
+
+    def select_rng(self, saved: dict) -> dict:
+        """This rank's part of a saved RNG state (a checkpoint of a distributed run keeps one per rank)."""
+        ranks = saved.get("ranks")
+        if isinstance(ranks, list) and len(ranks) == self.info.world_size:
+            return ranks[self.info.rank]
+        return saved
+
+    def meta(self) -> dict[str, Any]:
+        """Extra checkpoint meta (empty for a single process: its checkpoints stay as before)."""
+        return {}
+
+    def load_meta(self, meta: dict[str, Any]) -> None:
+        """Restore what :meth:`meta` saved."""
+
+    def record_fields(self) -> dict[str, Any]:
+        """Cumulative communication fields for each train record of ``metrics.jsonl``."""
+        return {}
+
+    def summary(self, tokens: int) -> dict[str, Any] | None:
+        """The communication summary of the run (None: nothing communicated)."""
+        return None
+
+
+class SingleProcess:
+    """The trainer's runtime for one process with one worker (the default): every collective is the identity.
+
+    Subclassed by :class:`moecpt.distributed.runtime.Distributed`, which the trainer receives for ``torchrun``
+    jobs, simulated workers and the local-SGD family.
+    """
+
+    def info(self) -> DistInfo:
+        """Where this process stands (rank 0 of 1). Refuses a process group of several ranks: each would write the
+        same run folder."""
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            raise MoecptError("a torch.distributed process group of several ranks is running, but the Trainer got "
+                              "the single-process runtime; pass parallel=moecpt.distributed.runtime.Distributed()")
+        return DistInfo()
+
+    def check_same_config(self, identity: dict[str, Any]) -> None:
+        """Refuse to start when the ranks run different configurations (one rank: nothing to compare)."""
+
+    def run_on_main(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn()`` on rank 0 and hand its result to every rank (here: just run it)."""
+        return fn()
+
+    def broadcast_object(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank (here: ``obj``)."""
+        return obj
+
+    def build_sync(self, recipe: Recipe, info: DistInfo, device: torch.device, simulate_workers: int | None = None,
+                   outer_optimizer: Any = None) -> SingleSync:
+        """The sync strategy for this recipe and launch: :class:`SingleSync`.
+
+        Raises:
+            MoecptError: the run needs :mod:`moecpt.distributed` (simulated workers, a local-SGD family sync); an
+                outer optimizer for a sync that has none; a batch the workers cannot share.
+        """
+        local = recipe.distributed.sync in LOCAL_SYNCS
+        if outer_optimizer is not None and not local:
+            raise MoecptError("an outer optimizer applies to sync = local-sgd, slowmo or diloco, not "
+                              f"{recipe.distributed.sync.value!r}")
+        wants = ("--simulate-workers" if simulate_workers is not None
+                 else f"distributed.sync = {recipe.distributed.sync.value!r}" if local else None)
+        if wants is not None:
+            raise MoecptError(f"{wants} needs the distributed runtime; pass "
+                              "Trainer(..., parallel=moecpt.distributed.runtime.Distributed())")
+        sync = SingleSync(recipe, info, 1, 1, device)
+        sync.local_batch_rows(recipe.train.batch_size)
+        return sync
+
+    # A single process has no peers to lose: these are only called when ``info().distributed``.
+    def is_distributed_error(self, exc: BaseException) -> bool:
+        """Whether ``exc`` looks like a lost peer / collective timeout (not a bug of this rank)."""
+        return False
+
+    def publish_error(self, message: str) -> None:
+        """Leave this rank's fatal error where the other ranks can quote it."""
+
+    def diagnose(self) -> str:
+        """A sentence naming the ranks that stopped."""
+        return "no peer ranks"
