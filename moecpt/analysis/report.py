@@ -289,7 +289,9 @@ def build_overview(results: Mapping) -> dict:
     return {"seeds": seeds, "n_seeds": len(seeds), "models": len(_models(results)), "runs": len(runs),
             "cells": len(seed_groups(results)),
             "pretrain": kinds.count("pretrain"), "cpt": kinds.count("cpt"), "control": kinds.count("control"),
-            "retrain": kinds.count("retrain"), "wall_time_h": None if wall is None else wall / 3600.0}
+            "retrain": kinds.count("retrain"), "wall_time_h": None if wall is None else wall / 3600.0,
+            "stage_time_h": None if _num(results.get("stage_time_s")) is None
+            else _num(results.get("stage_time_s")) / 3600.0}
 
 
 # ------------------------------------------------------------------------------------------------------ blocks
@@ -448,6 +450,9 @@ def build_blocks(study: Mapping, plots: Mapping[str, str | None], out_dir: Path)
     shifts = study.get("shifts") or []
     wall = f"{fmt(study.get('wall_time_s'))} s" + (f" ({fmt(ov['wall_time_h'])} h)" if ov.get("wall_time_h")
                                                     is not None else "")
+    if ov.get("stage_time_h") is not None:  # a re-run of a cached study is short; the stages' own time is not
+        wall += (f" for this invocation; the training runs took {fmt(ov['stage_time_h'])} h summed over stages "
+                 f"(run {fmt(study.get('jobs'))} at a time)")
     blocks.append(_p(
         f"This report covers the study {study.get('name', 'unnamed')}: continual pre-training (CPT) of "
         f"Mixture-of-Experts language models at small scale, reproducing in direction the findings of Thérien et "

@@ -7,7 +7,8 @@ This module imports nothing else of the package, so the dependencies run one way
 The study runner (:mod:`moecpt.analysis.study`) writes ``results`` as::
 
     results = {
-      "name": str, "wall_time_s": float, "seeds": [0, 1, 2],
+      "name": str, "wall_time_s": float (this invocation), "stage_time_s": float (training runs, summed),
+      "jobs": int, "seeds": [0, 1, 2],
       "old_sources": ["english"], "shifts": ["code"],
       "models": {name: {"preset", "arch": "dense"|"switch"|"granular", "router": "penalty"|"sinkhorn"|"bias"|None,
                         "is_moe", "total_params", "active_params", "train_flops_per_token"}},

@@ -481,10 +481,11 @@ def _eval_worker(root: str, study_json: dict, pairs: list[tuple[str, str | None]
     study = StudyRecipe.model_validate(study_json)
     ev = _Evaluator(Path(root), study)
     for final, parent in pairs:
-        ev.summary(Path(final))
+        summary = ev.summary(Path(final))
         if parent is not None:
             ev.summary(Path(parent))
-            if ev.traces(Path(final))[study.data.old[0]].topk_layers:
+            # an MoE's summary has routing figures; asking the traces instead would recompute a cached study
+            if "mri_mean" in summary.get(study.data.old[0], {}):
                 ev.compare(Path(parent), Path(final), study.data.old[0])
 
 
@@ -510,7 +511,7 @@ def evaluate_stages(root: Path, study: StudyRecipe, stages: list[Stage], jobs: i
 
 
 def collect_results(root: Path, study: StudyRecipe, stages: list[Stage], summaries: dict[str, dict],
-                    wall_time_s: float, log=print) -> dict[str, Any]:
+                    wall_time_s: float, log=print, jobs: int | None = None) -> dict[str, Any]:
     """Assemble the ``results`` dict the report is written from (schema: :mod:`moecpt.analysis.report`)."""
     from moecpt.analysis.forgetting import summarize_losses
     from moecpt.model.flops import model_stats
@@ -518,7 +519,9 @@ def collect_results(root: Path, study: StudyRecipe, stages: list[Stage], summari
     from moecpt.config import ModelConfig
 
     ev = _Evaluator(root, study)  # reads the cache that evaluate_stages filled
-    results: dict[str, Any] = {"name": study.name, "wall_time_s": wall_time_s, "seeds": list(study.seeds),
+    stage_time = sum(float(summaries[st.key].get("wall_time_s", 0.0)) for st in stages)
+    results: dict[str, Any] = {"name": study.name, "wall_time_s": wall_time_s, "stage_time_s": stage_time,
+                               "jobs": jobs, "seeds": list(study.seeds),
                                "old_sources": list(study.data.old),
                                "shifts": list(study.data.shifts), "models": {}, "runs": {}, "comparisons": {},
                                "forgetting": {}}
@@ -609,7 +612,7 @@ def _run_claimed(study: StudyRecipe, root: Path, jobs: int | None, log) -> dict[
     summaries = run_stages(root, stages, jobs, log=log)
     log("study: evaluating checkpoints on the held-out splits")
     evaluate_stages(root, study, stages, jobs)
-    results = collect_results(root, study, stages, summaries, time.perf_counter() - t0, log=log)
+    results = collect_results(root, study, stages, summaries, time.perf_counter() - t0, log=log, jobs=jobs)
     write_report(results, root)
     log(f"study: report written to {root / 'report.md'} (and report.html, study.json)")
     return results
