@@ -194,61 +194,97 @@ def save_checkpoint(
     tmp = parent / temp_name(path.name)
     tmp.mkdir()
     try:
-        from safetensors.torch import save_file
-
-        # One metadata key only: safetensors writes metadata in hash-map order, and a byte-identical file for
-        # identical tensors is what lets a repeated save of the same step be recognised (aliases live in meta.json).
-        save_file(tensors, str(tmp / MODEL_FILE), metadata={"format": "pt"})
-        apply_umask(tmp / MODEL_FILE)
-        fsync_file(tmp / MODEL_FILE)
+        _write_model_file(tmp, tensors)
         del tensors
-        written = [MODEL_FILE]
-        for name, obj in ((OPTIMIZER_FILE, optimizer_state), (RNG_FILE, rng_state)):
-            if obj is not None:
-                with open(tmp / name, "wb") as f:
-                    torch.save(obj, f)
-                    f.flush()
-                    os.fsync(f.fileno())
-                written.append(name)
-        files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)} for name in written}
-        manifest = {
-            "format": FORMAT,
-            "version": FORMAT_VERSION,
-            "files": files,
-            "aliases": aliases,
-            "saved_unix": time.time(),
-            "torch": torch.__version__,
-        }
-        with open(tmp / META_FILE, "wb") as f:
-            f.write(dumps_json({**meta, MANIFEST_KEY: manifest}))
-            f.flush()
-            os.fsync(f.fileno())
-        fsync_dir(tmp)
-
+        files = _write_state_files(tmp, meta, aliases, optimizer_state, rng_state)
         if path.exists():
             _accept_existing(path, files)
             shutil.rmtree(tmp, ignore_errors=True)
             return path
-        try:
-            os.rename(tmp, path)
-        except OSError as exc:  # another writer created `path` after our check
-            raise MoecptError(
-                f"checkpoint {path} was created by another writer while saving ({exc.strerror}); "
-                "only one process may write a run's checkpoints"
-            ) from None
-        fsync_dir(parent)
+        _publish(tmp, path)
     except BaseException as exc:
-        full = _disk_nearly_full(parent)
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, OSError):
-            raise MoecptError(f"saving checkpoint {path}: {os_error_line(exc, tmp)}") from None
-        if full and (isinstance(exc, (RuntimeError, ValueError)) or "SafetensorError" in type(exc).__name__):
-            # torch.save / safetensors report a full disk as "unexpected pos ..." or an I/O error of their own
-            raise MoecptError(f"cannot write checkpoint {path}: the disk is full ({_one_line(exc)}); free some "
-                              "space and run the same command again (nothing of this save is left; earlier checkpoints are "
-                              "intact)") from None
-        raise
+        error = _save_failure(exc, path, tmp)
+        if error is None:
+            raise
+        raise error from None
     return path
+
+
+def _write_model_file(tmp: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Write ``model.safetensors`` into the temp folder ``tmp`` and fsync it."""
+    from safetensors.torch import save_file
+
+    # One metadata key only: safetensors writes metadata in hash-map order, and a byte-identical file for
+    # identical tensors is what lets a repeated save of the same step be recognised (aliases live in meta.json).
+    save_file(tensors, str(tmp / MODEL_FILE), metadata={"format": "pt"})
+    apply_umask(tmp / MODEL_FILE)
+    fsync_file(tmp / MODEL_FILE)
+
+
+def _write_state_files(
+    tmp: Path,
+    meta: Mapping[str, Any],
+    aliases: dict,
+    optimizer_state: dict | None,
+    rng_state: dict | None,
+) -> dict[str, dict]:
+    """Write the optimizer / RNG files (those given) and ``meta.json`` with its manifest into ``tmp``, fsync every
+    file and the folder, and return the manifest's ``files`` entry (name -> bytes and sha256; the model file, which
+    must already be in ``tmp``, included)."""
+    written = [MODEL_FILE]
+    for name, obj in ((OPTIMIZER_FILE, optimizer_state), (RNG_FILE, rng_state)):
+        if obj is not None:
+            with open(tmp / name, "wb") as f:
+                torch.save(obj, f)
+                f.flush()
+                os.fsync(f.fileno())
+            written.append(name)
+    files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)} for name in written}
+    manifest = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "files": files,
+        "aliases": aliases,
+        "saved_unix": time.time(),
+        "torch": torch.__version__,
+    }
+    with open(tmp / META_FILE, "wb") as f:
+        f.write(dumps_json({**meta, MANIFEST_KEY: manifest}))
+        f.flush()
+        os.fsync(f.fileno())
+    fsync_dir(tmp)
+    return files
+
+
+def _publish(tmp: Path, path: Path) -> None:
+    """Rename the complete temp folder ``tmp`` to its final name ``path`` and fsync the parent.
+
+    Raises:
+        MoecptError: another writer created ``path`` after the caller's check.
+    """
+    try:
+        os.rename(tmp, path)
+    except OSError as exc:  # another writer created `path` after our check
+        raise MoecptError(
+            f"checkpoint {path} was created by another writer while saving ({exc.strerror}); "
+            "only one process may write a run's checkpoints"
+        ) from None
+    fsync_dir(path.parent)
+
+
+def _save_failure(exc: BaseException, path: Path, tmp: Path) -> MoecptError | None:
+    """Clean up after a failed save of ``path`` (removes the temp folder ``tmp``) and return the one-line error to
+    raise instead of ``exc``, or ``None`` when ``exc`` itself should propagate."""
+    full = _disk_nearly_full(path.parent)
+    shutil.rmtree(tmp, ignore_errors=True)
+    if isinstance(exc, OSError):
+        return MoecptError(f"saving checkpoint {path}: {os_error_line(exc, tmp)}")
+    if full and (isinstance(exc, (RuntimeError, ValueError)) or "SafetensorError" in type(exc).__name__):
+        # torch.save / safetensors report a full disk as "unexpected pos ..." or an I/O error of their own
+        return MoecptError(f"cannot write checkpoint {path}: the disk is full ({_one_line(exc)}); free some "
+                           "space and run the same command again (nothing of this save is left; earlier checkpoints are "
+                           "intact)")
+    return None
 
 
 def _disk_nearly_full(path: Path) -> bool:
