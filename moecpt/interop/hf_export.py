@@ -103,11 +103,8 @@ def export_hf(ckpt: str | Path, out: str | Path, *, family: str = "auto", dtype:
             place for; writing fails (read-only file system, permission denied, disk full: one line naming the
             path). Nothing is left under ``out`` on failure.
     """
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
     from moecpt.config import ModelConfig, build_section
-    from moecpt.storage.atomic import apply_umask, dumps_json, fsync_file, publish_dir, temp_name
+    from moecpt.storage.atomic import dumps_json, publish_dir, temp_name
     from moecpt.storage.outputs import check_new_output, check_outside_inputs, write_marker
     from moecpt.train.checkpoint import load_checkpoint
 
@@ -126,15 +123,7 @@ def export_hf(ckpt: str | Path, out: str | Path, *, family: str = "auto", dtype:
 
     src_file = ck.path / "model.safetensors"
     aliases: dict[str, str] = ck.manifest.get("aliases", {})
-    with safe_open(str(src_file), framework="pt", device="cpu") as f:
-        stored = {name: f.get_slice(name).get_dtype() for name in f.keys()}  # noqa: SIM118
-    used = {aliases.get(pc.dst, pc.dst) for pc in pieces}
-    unused = sorted(set(stored) - used)
-    if unused:
-        raise MoecptError(f"checkpoint tensor {unused[0]} has no place in {fam.name}; refusing to drop it")
-    kinds = {stored[n] for n in used if n in stored}
-    target = resolve_dtype(dtype) or (SAFETENSORS_DTYPES.get(kinds.pop(), torch.float32) if len(kinds) == 1
-                                      else torch.float32)
+    target = _target_dtype(src_file, aliases, pieces, fam.name, dtype)
     dtype_name = str(target).removeprefix("torch.")
 
     hf_cfg = fam.hf_config(cfg_out)
@@ -144,6 +133,57 @@ def export_hf(ckpt: str | Path, out: str | Path, *, family: str = "auto", dtype:
         if key in orig:
             hf_cfg[key] = orig[key]
     tok_dir = _tokenizer_dir(ck.path)
+    eod_token = _eod_from_tokenizer(tok_dir, hf_cfg)
+    if tok_dir is None:
+        notes.append("the checkpoint has no tokenizer.json: the folder has weights and config only")
+
+    staging = out.with_name(temp_name(out.name))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging.mkdir()
+    except OSError as exc:
+        raise write_error(exc, out) from None
+    try:
+        names = _write_shards(staging, pieces, synth, src_file, aliases, target, limit)
+        (staging / "config.json").write_bytes(dumps_json(hf_cfg))
+        if tok_dir is not None:
+            _copy_tokenizer_files(staging, tok_dir, side_dir, cfg.max_seq_len, eod_token)
+        write_marker(staging, "export-hf", [ck.path])  # before publishing: the folder is provably ours
+        publish_dir(staging, out, "export")
+    except BaseException as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        err = write_error(exc, out) if isinstance(exc, Exception) else None
+        if err is None:
+            raise
+        raise err from None
+    return {"out": str(out), "family": fam.name, "architecture": fam.architecture, "shards": names,
+            "dtype": dtype_name, "notes": notes}
+
+
+def _target_dtype(src_file: Path, aliases: dict[str, str], pieces: list, fam_name: str,
+                  dtype: str | None) -> torch.dtype:
+    """The dtype to export in: ``dtype`` resolved, or for ``auto`` the one dtype of the source tensors the pieces
+    use (fp32 if they mix dtypes).
+
+    Raises:
+        MoecptError: a checkpoint tensor no piece of family ``fam_name`` uses (it would be dropped).
+    """
+    from safetensors import safe_open
+
+    with safe_open(str(src_file), framework="pt", device="cpu") as f:
+        stored = {name: f.get_slice(name).get_dtype() for name in f.keys()}  # noqa: SIM118
+    used = {aliases.get(pc.dst, pc.dst) for pc in pieces}
+    unused = sorted(set(stored) - used)
+    if unused:
+        raise MoecptError(f"checkpoint tensor {unused[0]} has no place in {fam_name}; refusing to drop it")
+    kinds = {stored[n] for n in used if n in stored}
+    return resolve_dtype(dtype) or (SAFETENSORS_DTYPES.get(kinds.pop(), torch.float32) if len(kinds) == 1
+                                    else torch.float32)
+
+
+def _eod_from_tokenizer(tok_dir: Path | None, hf_cfg: dict[str, Any]) -> str | None:
+    """When ``hf_cfg`` has no ``eos_token_id`` and ``tok_dir`` holds a tokenizer with an end-of-document token, set
+    ``hf_cfg["eos_token_id"]`` to its id and return the token's text; else ``None`` (``hf_cfg`` untouched)."""
     eod_token = None
     if tok_dir is not None and "eos_token_id" not in hf_cfg:
         from tokenizers import Tokenizer
@@ -157,83 +197,83 @@ def export_hf(ckpt: str | Path, out: str | Path, *, family: str = "auto", dtype:
             eod_token = tok.id_to_token(eod)
         except MoecptError:
             pass
-    if tok_dir is None:
-        notes.append("the checkpoint has no tokenizer.json: the folder has weights and config only")
+    return eod_token
 
-    staging = out.with_name(temp_name(out.name))
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staging.mkdir()
-    except OSError as exc:
-        raise write_error(exc, out) from None
-    try:
-        parts: list[tuple[Path, list[str]]] = []
-        total = 0
-        cache: dict[str, torch.Tensor] = {}
 
-        def get(name: str) -> torch.Tensor:
-            name = aliases.get(name, name)
-            if name not in cache:  # pieces come in state-dict order: keep one source tensor at a time
-                cache.clear()
-                # a fresh mapping per tensor: pages read stay resident only while the file is open
-                with safe_open(str(src_file), framework="pt", device="cpu") as f:
-                    cache[name] = f.get_tensor(name)
-            return cache[name]
+def _write_shards(staging: Path, pieces: list, synth: dict, src_file: Path, aliases: dict[str, str],
+                  target: torch.dtype, limit: int) -> list[str]:
+    """Stream the family's ``pieces`` from ``src_file`` into ``staging`` as safetensors shards of at most ``limit``
+    bytes in dtype ``target`` (one shard: ``model.safetensors``; more: numbered shards plus the index file), and
+    return the shard file names in order."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
 
-        shard: dict[str, torch.Tensor] = {}
-        size = 0
+    from moecpt.storage.atomic import apply_umask, dumps_json, fsync_file
 
-        def flush() -> None:
-            nonlocal shard, size
-            if not shard:
-                return
-            p = staging / f"part-{len(parts):05d}.safetensors"
-            save_file(shard, str(p), metadata={"format": "pt"})
-            apply_umask(p)  # safetensors creates its files 0600 whatever the umask
-            fsync_file(p)
-            parts.append((p, list(shard)))
-            shard, size = {}, 0
+    parts: list[tuple[Path, list[str]]] = []
+    total = 0
+    cache: dict[str, torch.Tensor] = {}
 
-        for pc in pieces:
-            src = synth[pc.dst](get) if pc.dst in synth else get(pc.dst)
-            t = extract(src, pc).to(dtype=target, copy=True)
-            nbytes = t.numel() * t.element_size()
-            if shard and size + nbytes > limit:
-                flush()
-            shard[pc.hf] = t
-            size += nbytes
-            total += nbytes
-        flush()
-        weight_map: dict[str, str] = {}
-        names: list[str] = []
-        for k, (p, keys) in enumerate(parts):
-            name = "model.safetensors" if len(parts) == 1 else f"model-{k + 1:05d}-of-{len(parts):05d}.safetensors"
-            os.rename(p, staging / name)
-            names.append(name)
-            weight_map.update({key: name for key in keys})
-        if len(parts) > 1:
-            (staging / INDEX_FILE).write_bytes(dumps_json({"metadata": {"total_size": total},
-                                                           "weight_map": weight_map}))
-        (staging / "config.json").write_bytes(dumps_json(hf_cfg))
-        if tok_dir is not None:
-            shutil.copyfile(tok_dir / TOKENIZER_FILE, staging / TOKENIZER_FILE)
-            for n in SIDE_FILES:
-                if side_dir is not None and (side_dir / n).is_file():
-                    shutil.copyfile(side_dir / n, staging / n)
-            if not (staging / "tokenizer_config.json").is_file():
-                tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.max_seq_len,
-                           "clean_up_tokenization_spaces": False}
-                if eod_token is not None:
-                    tok_cfg["eos_token"] = eod_token
-                (staging / "tokenizer_config.json").write_bytes(dumps_json(tok_cfg))
-        write_marker(staging, "export-hf", [ck.path])  # before publishing: the folder is provably ours
-        publish_dir(staging, out, "export")
-    except BaseException as exc:
-        shutil.rmtree(staging, ignore_errors=True)
-        err = write_error(exc, out) if isinstance(exc, Exception) else None
-        if err is None:
-            raise
-        raise err from None
-    return {"out": str(out), "family": fam.name, "architecture": fam.architecture, "shards": names,
-            "dtype": dtype_name, "notes": notes}
+    def get(name: str) -> torch.Tensor:
+        name = aliases.get(name, name)
+        if name not in cache:  # pieces come in state-dict order: keep one source tensor at a time
+            cache.clear()
+            # a fresh mapping per tensor: pages read stay resident only while the file is open
+            with safe_open(str(src_file), framework="pt", device="cpu") as f:
+                cache[name] = f.get_tensor(name)
+        return cache[name]
 
+    shard: dict[str, torch.Tensor] = {}
+    size = 0
+
+    def flush() -> None:
+        nonlocal shard, size
+        if not shard:
+            return
+        p = staging / f"part-{len(parts):05d}.safetensors"
+        save_file(shard, str(p), metadata={"format": "pt"})
+        apply_umask(p)  # safetensors creates its files 0600 whatever the umask
+        fsync_file(p)
+        parts.append((p, list(shard)))
+        shard, size = {}, 0
+
+    for pc in pieces:
+        src = synth[pc.dst](get) if pc.dst in synth else get(pc.dst)
+        t = extract(src, pc).to(dtype=target, copy=True)
+        nbytes = t.numel() * t.element_size()
+        if shard and size + nbytes > limit:
+            flush()
+        shard[pc.hf] = t
+        size += nbytes
+        total += nbytes
+    flush()
+    weight_map: dict[str, str] = {}
+    names: list[str] = []
+    for k, (p, keys) in enumerate(parts):
+        name = "model.safetensors" if len(parts) == 1 else f"model-{k + 1:05d}-of-{len(parts):05d}.safetensors"
+        os.rename(p, staging / name)
+        names.append(name)
+        weight_map.update({key: name for key in keys})
+    if len(parts) > 1:
+        (staging / INDEX_FILE).write_bytes(dumps_json({"metadata": {"total_size": total},
+                                                       "weight_map": weight_map}))
+    return names
+
+
+def _copy_tokenizer_files(staging: Path, tok_dir: Path, side_dir: Path | None, max_seq_len: int,
+                          eod_token: str | None) -> None:
+    """Copy ``tokenizer.json`` from ``tok_dir`` and the HF side files found in ``side_dir`` into ``staging``; write
+    a minimal ``tokenizer_config.json`` (``model_max_length`` = ``max_seq_len``, ``eos_token`` = ``eod_token`` if
+    known) when the side files brought none."""
+    from moecpt.storage.atomic import dumps_json
+
+    shutil.copyfile(tok_dir / TOKENIZER_FILE, staging / TOKENIZER_FILE)
+    for n in SIDE_FILES:
+        if side_dir is not None and (side_dir / n).is_file():
+            shutil.copyfile(side_dir / n, staging / n)
+    if not (staging / "tokenizer_config.json").is_file():
+        tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_seq_len,
+                   "clean_up_tokenization_spaces": False}
+        if eod_token is not None:
+            tok_cfg["eos_token"] = eod_token
+        (staging / "tokenizer_config.json").write_bytes(dumps_json(tok_cfg))
