@@ -225,6 +225,31 @@ def _preferred_expert(inv_T: torch.Tensor, idx_TK: torch.Tensor, num_items: int,
     return score_UE.argmax(dim=1)
 
 
+def _check_token_ids(token_ids_T: torch.Tensor, T: int, device: torch.device, vocab_size: int | None) -> torch.Tensor:
+    """``token_ids_T`` checked (1-D integer ``[T]``, ids >= 0 and, with ``vocab_size``, < ``vocab_size``) and
+    returned as int64 on ``device``.
+
+    Raises:
+        MoecptError: any of those checks fails, or ``vocab_size`` is not a positive int.
+    """
+    if not isinstance(token_ids_T, torch.Tensor) or token_ids_T.dim() != 1:
+        shape = tuple(token_ids_T.shape) if isinstance(token_ids_T, torch.Tensor) else type(token_ids_T).__name__
+        raise MoecptError(f"token_ids_T must be a 1-D tensor [T], got {shape}")
+    if token_ids_T.dtype.is_floating_point or token_ids_T.dtype.is_complex or token_ids_T.dtype == torch.bool:
+        raise MoecptError(f"token_ids_T must hold integer vocabulary ids, got dtype {token_ids_T.dtype}")
+    if token_ids_T.shape[0] != T:
+        raise MoecptError(f"token_ids_T has {token_ids_T.shape[0]} tokens but the routing tables have T = {T}")
+    tok = token_ids_T.long().to(device)
+    if int(tok.min()) < 0:
+        raise MoecptError(f"token_ids_T has negative id {int(tok.min())}; vocabulary ids must be >= 0")
+    if vocab_size is not None:
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
+            raise MoecptError(f"vocab_size must be a positive int, got {vocab_size!r}")
+        if int(tok.max()) >= vocab_size:
+            raise MoecptError(f"token_ids_T has id {int(tok.max())} >= vocab_size = {vocab_size}; wrong vocab_size?")
+    return tok
+
+
 def vocab_specialization(
     token_ids_T: torch.Tensor,
     topk_a_TK: torch.Tensor,
@@ -276,21 +301,7 @@ def vocab_specialization(
     E = _check_num_experts(num_experts)
     a, b = _check_pair(topk_a_TK, topk_b_TK, E)
     T, K = a.shape
-    if not isinstance(token_ids_T, torch.Tensor) or token_ids_T.dim() != 1:
-        shape = tuple(token_ids_T.shape) if isinstance(token_ids_T, torch.Tensor) else type(token_ids_T).__name__
-        raise MoecptError(f"token_ids_T must be a 1-D tensor [T], got {shape}")
-    if token_ids_T.dtype.is_floating_point or token_ids_T.dtype.is_complex or token_ids_T.dtype == torch.bool:
-        raise MoecptError(f"token_ids_T must hold integer vocabulary ids, got dtype {token_ids_T.dtype}")
-    if token_ids_T.shape[0] != T:
-        raise MoecptError(f"token_ids_T has {token_ids_T.shape[0]} tokens but the routing tables have T = {T}")
-    tok = token_ids_T.long().to(a.device)
-    if int(tok.min()) < 0:
-        raise MoecptError(f"token_ids_T has negative id {int(tok.min())}; vocabulary ids must be >= 0")
-    if vocab_size is not None:
-        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
-            raise MoecptError(f"vocab_size must be a positive int, got {vocab_size!r}")
-        if int(tok.max()) >= vocab_size:
-            raise MoecptError(f"token_ids_T has id {int(tok.max())} >= vocab_size = {vocab_size}; wrong vocab_size?")
+    tok = _check_token_ids(token_ids_T, T, a.device, vocab_size)
 
     items_U, inv_T = torch.unique(tok, sorted=True, return_inverse=True)
     U = items_U.shape[0]
