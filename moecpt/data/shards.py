@@ -170,11 +170,7 @@ def _setup_tokenizer(
         MoecptError: ``out`` holds shards of a tokenizer other than the one asked for; a source gives no text to
             train a tokenizer on (every document empty or skipped: a wrong ``--text-field``?); a bad spec.
     """
-    from moecpt.data.readers import ReadStats, iter_documents
-    from moecpt.data.tokenizer import (
-        ensure_eod, load_tokenizer, sample_texts, sha256_bytes, tokenizer_bytes, train_bpe,
-    )
-    from tokenizers import Tokenizer
+    from moecpt.data.tokenizer import ensure_eod, load_tokenizer, sha256_bytes, tokenizer_bytes
 
     tok_path = out / TOKENIZER_FILE
     meta_path = out / TOKENIZER_META
@@ -191,38 +187,10 @@ def _setup_tokenizer(
         vocab = _parse_train_vocab(spec)
         trained_on = _trained_on(sources, text_field, skip_bad_lines, sample_chars)
         if existing is not None:
-            same_spec = existing_meta.get("spec") == spec
-            recorded = existing_meta.get("trained_on")
-            # a folder prepared before the record existed: its shards were made with this tokenizer, keep it
-            same_inputs = recorded == trained_on or (recorded is None and has_shards)
-            intact = existing_meta.get("sha256") == sha256_bytes(existing)  # the meta describes these bytes
-            if same_spec and same_inputs and intact:
-                tok = Tokenizer.from_str(existing.decode("utf-8"))
+            tok = _reusable_trained_tokenizer(out, spec, trained_on, existing, existing_meta, has_shards, other)
+            if tok is not None:
                 return tok, ensure_eod(tok), sha256_bytes(existing)
-            if has_shards:
-                if not same_spec:
-                    raise MoecptError(other.format(why=f"{existing_meta.get('spec', 'unknown')}, not {spec}"))
-                if not intact:
-                    raise MoecptError(f"{tok_path} is not the tokenizer {meta_path.name} records (changed by "
-                                      "hand?) and shards were made with it; use a new --out folder")
-                raise MoecptError(
-                    f"{out} holds shards of a tokenizer trained on other inputs or options than these (sources, "
-                    f"files, --text-field); use a new --out folder, or pass --tokenizer {tok_path} to add sources "
-                    "with that same tokenizer"
-                )
-            print(f"moecpt: {tok_path} was left by an unfinished prepare of other inputs or options; "
-                  "training a new one", file=sys.stderr)
-        empty = _sources_without_text(sources, text_field, skip_bad_lines)
-        if empty:
-            names = ", ".join(repr(n) for n in empty)
-            raise MoecptError(
-                f"no text to train the tokenizer on from source(s) {names}: every document is empty or was skipped; "
-                f"check the path and --text-field (now {text_field!r}); no tokenizer was written"
-            )
-        iters = [iter_documents(files, text_field, ReadStats(), skip_bad_lines) for files in sources.values()]
-        print(f"moecpt: training a byte-level BPE tokenizer (vocab {vocab}) on up to "
-              f"{sample_chars / 1e6:.0f} M characters", file=sys.stderr)
-        tok = train_bpe(sample_texts(iters, sample_chars), vocab)
+        tok = _train_tokenizer(sources, text_field, skip_bad_lines, sample_chars, vocab)
         meta: dict[str, Any] = {"spec": spec, "trained_on": trained_on}
     else:
         tok, _ = load_tokenizer(spec)
@@ -241,6 +209,67 @@ def _setup_tokenizer(
     write_json_atomic(meta_path, {**meta, "sha256": sha})
     write_bytes_atomic(tok_path, data)
     return tok, eod, sha
+
+
+def _reusable_trained_tokenizer(out: Path, spec: str, trained_on: Any, existing: bytes, existing_meta: dict,
+                                has_shards: bool, other: str):
+    """The trained tokenizer already in ``out`` (bytes ``existing``, meta ``existing_meta``) when it may be reused
+    for ``spec`` trained on ``trained_on``; else ``None`` when it is only the leftover of an unfinished prepare (no
+    shards made with it) and may be replaced.
+
+    Raises:
+        MoecptError: it differs (spec, inputs, or bytes changed by hand) and shards were made with it; ``other`` is
+            the message template for a different spec.
+    """
+    from moecpt.data.tokenizer import sha256_bytes
+    from tokenizers import Tokenizer
+
+    tok_path = out / TOKENIZER_FILE
+    meta_path = out / TOKENIZER_META
+    same_spec = existing_meta.get("spec") == spec
+    recorded = existing_meta.get("trained_on")
+    # a folder prepared before the record existed: its shards were made with this tokenizer, keep it
+    same_inputs = recorded == trained_on or (recorded is None and has_shards)
+    intact = existing_meta.get("sha256") == sha256_bytes(existing)  # the meta describes these bytes
+    if same_spec and same_inputs and intact:
+        return Tokenizer.from_str(existing.decode("utf-8"))
+    if has_shards:
+        if not same_spec:
+            raise MoecptError(other.format(why=f"{existing_meta.get('spec', 'unknown')}, not {spec}"))
+        if not intact:
+            raise MoecptError(f"{tok_path} is not the tokenizer {meta_path.name} records (changed by "
+                              "hand?) and shards were made with it; use a new --out folder")
+        raise MoecptError(
+            f"{out} holds shards of a tokenizer trained on other inputs or options than these (sources, "
+            f"files, --text-field); use a new --out folder, or pass --tokenizer {tok_path} to add sources "
+            "with that same tokenizer"
+        )
+    print(f"moecpt: {tok_path} was left by an unfinished prepare of other inputs or options; "
+          "training a new one", file=sys.stderr)
+    return None
+
+
+def _train_tokenizer(sources: dict[str, list[tuple[str, str]]], text_field: str, skip_bad_lines: bool,
+                     sample_chars: int, vocab: int):
+    """Train a byte-level BPE tokenizer of ``vocab`` tokens on up to ``sample_chars`` characters of ``sources``.
+
+    Raises:
+        MoecptError: a source gives no text at all (every document empty or skipped).
+    """
+    from moecpt.data.readers import ReadStats, iter_documents
+    from moecpt.data.tokenizer import sample_texts, train_bpe
+
+    empty = _sources_without_text(sources, text_field, skip_bad_lines)
+    if empty:
+        names = ", ".join(repr(n) for n in empty)
+        raise MoecptError(
+            f"no text to train the tokenizer on from source(s) {names}: every document is empty or was skipped; "
+            f"check the path and --text-field (now {text_field!r}); no tokenizer was written"
+        )
+    iters = [iter_documents(files, text_field, ReadStats(), skip_bad_lines) for files in sources.values()]
+    print(f"moecpt: training a byte-level BPE tokenizer (vocab {vocab}) on up to "
+          f"{sample_chars / 1e6:.0f} M characters", file=sys.stderr)
+    return train_bpe(sample_texts(iters, sample_chars), vocab)
 
 
 # ------------------------------------------------------------------------------------------------ tokenizing
