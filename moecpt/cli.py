@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"moecpt: error: {os_error_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("moecpt: interrupted; the last complete checkpoint is kept", file=sys.stderr)
+        print("moecpt: interrupted; the last complete checkpoint is kept: run the same command again to resume",
+              file=sys.stderr)
         return 130
 
 

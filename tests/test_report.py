@@ -351,7 +351,7 @@ def test_write_report_three_seeds(tmp_path, fake):
     assert not re.search(r"spread -?\d", secs["Findings"])  # three seeds: the interval alone
     assert rows[1].count("<br>") == 4  # F2: five parts
     assert "a: untested (no Switch model)" in rows[5]
-    assert "With fewer than three seeds" not in md
+    assert "seed(s), fewer than three" not in md
     # how each verdict is decided: rule and evidence of each finding, per-seed effects
     how = secs["How each verdict is decided"]
     for f in study["findings"]:
@@ -388,9 +388,10 @@ def test_write_report_rerun_removes_stale_plots(tmp_path, fake):
 def test_caveat_only_below_three_seeds(seeds, caveat):
     study, md, page = _render(make_results(seeds))
     assert study["overview"]["n_seeds"] == len(seeds)
-    assert ("With fewer than three seeds the report shows the direction of each effect but cannot support a "
-            "verdict: every finding is inconclusive by rule (docs/study-rules.md)." in md) is caveat
-    assert ("With fewer than three seeds" in page) is caveat
+    assert ("With one seed there is no interval: every finding is inconclusive by rule (docs/study-rules.md)"
+            in md) is (len(seeds) == 1)
+    assert ("With two seeds the 95% interval is very wide" in md) is (len(seeds) == 2)
+    assert ("seed(s), fewer than three" in page) is caveat
     # the spread min to max stands beside the interval exactly when there are fewer than three seeds
     assert bool(re.search(r"spread -?\d[^ ]* to -?\d", _sections(md)["Findings"])) is caveat
     assert _untraced(md, study) == []
@@ -482,7 +483,7 @@ def test_old_schema_renders(tmp_path, monkeypatch):
     assert "| F1: claim 1 | reproduced | n/a | n/a | margin=0.375; untested: no Switch model |" in md
     assert "| F4: claim 4 | untested |" in md
     assert "| cpt/granular-pb/code/inf-r0 | 0 | cpt |" in md  # seed 0 for an unprefixed key
-    assert "With fewer than three seeds" in md
+    assert "seed(s), fewer than three" in md
     assert all(p is not None for p in out["plots"].values())
 
 
@@ -490,7 +491,7 @@ def test_write_report_on_empty_results(tmp_path, fake):
     out = write_report({"name": "empty"}, tmp_path)
     assert all(p is None for p in out["plots"].values())
     md = out["report_md"].read_text()
-    assert "untested" in md and "With fewer than three seeds" in md
+    assert "untested" in md and "seed(s), fewer than three" in md
     _check_report(tmp_path, json.loads((tmp_path / "study.json").read_text()), min_numbers=5)
 
 

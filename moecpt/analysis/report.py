@@ -359,9 +359,13 @@ def _findings_blocks(study: Mapping) -> list[dict]:
                      "three seeds). Seeds agreeing: the seeds whose own effect points the paper's way. The rules are "
                      "those of docs/study-rules.md, fixed before any run was looked at."))
     if n is None or n < 3:
-        blocks.append(_p(f"**Caveat.** This study has {fmt(n)} seed(s). With fewer than three seeds the report shows "
-                         "the direction of each effect but cannot support a verdict: every finding is inconclusive "
-                         "by rule (docs/study-rules.md). Read the effects below as directions, not results."))
+        why = ("With one seed there is no interval: every finding is inconclusive by rule (docs/study-rules.md), "
+               "and the report shows the direction of each effect." if n is None or n < 2 else
+               "With two seeds the 95% interval is very wide (the t quantile is over six times the normal "
+               "one), so most parts come out inconclusive; a "
+               "verdict needs three or more seeds to mean much.")
+        blocks.append(_p(f"**Caveat.** This study has {fmt(n)} seed(s), fewer than three. {why} Read the effects "
+                         "below as directions, not results."))
     rows = []
     for f in fs:
         parts = [p for p in f.get("parts") or [] if isinstance(p, Mapping)]
@@ -417,7 +421,8 @@ def _sinkhorn_blocks(study: Mapping) -> list[dict]:
     blocks.append(_p(
         "The training MRI is measured on the experts the router actually chose during training. A Sinkhorn-balanced "
         "router chooses them from the Sinkhorn-normalised routing matrix, which spreads every batch evenly across the "
-        "experts by construction, so its training MRI stays close to perfect balance (k/E). At evaluation and "
+        "experts by construction, so its training MRI is held down towards perfect balance (k/E), though not to it. "
+        "At evaluation and "
         "inference the paper's Sinkhorn router takes plain top-k of the raw router logits instead. Sinkhorn routing "
         "has no auxiliary balancing loss, so nothing ever pushed those raw logits towards balance, and their plain "
         "top-k is much less balanced. The two numbers measure two different selection rules; neither is wrong, and "
