@@ -144,26 +144,17 @@ def _eval_mri(run: Mapping, when: str, source: str) -> float | None:
     return _num(((run.get(when) or {}).get(source) or {}).get("mri_mean"))
 
 
-def build_tables(results: Mapping) -> dict[str, dict]:
-    """The raw numbers of every report table: ``{name: {"columns": [...], "rows": [[...], ...]}}`` (JSON-ready).
-
-    Per-run tables (``runs``, ``final_losses``, ``forgetting``, ``mri``, ``routing``) hold one row per run key;
-    ``*_by_cell`` tables hold one row per study cell (the key without its seed) with the mean, min and max over
-    seeds; ``sinkhorn_mri`` holds each MoE model's training vs evaluation MRI at the end of pre-training.
-    """
-    runs = _runs(results)
-    models = _models(results)
-    old = list(results.get("old_sources") or [])
-    sources = _sources(results)
-    all_keys = sorted_run_keys(results)
-    tables: dict[str, dict] = {}
-
-    tables["models"] = _table(
+def _models_table(results: Mapping, models: Mapping) -> dict:
+    """The ``models`` table: one row per model."""
+    return _table(
         ["model", "preset", "arch", "router", "MoE", "total params", "active params", "train FLOPs/token"],
         [[m, i.get("preset"), i.get("arch"), i.get("router") or "-", is_moe_model(results, m),
           i.get("total_params"), i.get("active_params"), i.get("train_flops_per_token")] for m, i in models.items()])
 
-    tables["runs"] = _table(
+
+def _runs_table(runs: Mapping, all_keys: list[str]) -> dict:
+    """The ``runs`` table: one row per run key."""
+    return _table(
         ["run", "seed", "kind", "model", "shift", "schedule", "replay", "optimizer state", "warm-up steps",
          "control", "steps", "tokens", "start tokens", "train FLOPs"],
         [[k, run_seed(k, r), r.get("kind"), r.get("model"), r.get("shift") or "-", r.get("schedule") or "-",
@@ -171,23 +162,31 @@ def build_tables(results: Mapping) -> dict[str, dict]:
           r.get("steps"), r.get("tokens"), r.get("start_tokens"), r.get("train_flops")]
          for k, r in ((k, runs[k]) for k in all_keys)])
 
-    tables["final_losses"] = _table(
+
+def _final_losses_table(results: Mapping, runs: Mapping, all_keys: list[str], sources: list[str]) -> dict:
+    """The ``final_losses`` table: each run's final loss per source and its mean (old + new)."""
+    return _table(
         ["run", "kind", "model", "schedule", "replay"] + [f"{s} loss" for s in sources] + ["mean (old + new)"],
         [[k, r.get("kind"), r.get("model"), r.get("schedule") or "-", r.get("replay")]
          + [final_loss(r, s) for s in sources] + [mean_final_loss(results, r)]
          for k, r in ((k, runs[k]) for k in all_keys)])
 
+
+def _final_losses_by_cell_table(results: Mapping, runs: Mapping, sources: list[str]) -> dict:
+    """The ``final_losses_by_cell`` table: per study cell, the seed means per source and the mean's spread."""
     rows = []
     for cell, keys in seed_groups(results).items():
         r0 = runs[keys[0]]
         m, lo, hi = _spread([mean_final_loss(results, runs[k]) for k in keys])
         rows.append([cell, r0.get("kind"), r0.get("model"), r0.get("schedule") or "-", r0.get("replay"), len(keys)]
                     + [_spread([final_loss(runs[k], s) for k in keys])[0] for s in sources] + [m, lo, hi])
-    tables["final_losses_by_cell"] = _table(
+    return _table(
         ["cell", "kind", "model", "schedule", "replay", "seeds"] + [f"{s} loss (mean)" for s in sources]
         + ["mean (old + new)", "min over seeds", "max over seeds"], rows)
 
-    branch_keys = [k for k in all_keys if runs[k].get("kind") in ("cpt", "control")]
+
+def _forgetting_table(results: Mapping, runs: Mapping, branch_keys: list[str], old: list[str]) -> dict:
+    """The ``forgetting`` table: each branch run's losses before / after, its forgetting and its adaptation."""
     fg = results.get("forgetting") or {}
     rows = []
     for k in branch_keys:
@@ -213,9 +212,11 @@ def build_tables(results: Mapping) -> dict[str, dict]:
     for s in old:
         cols += [f"{s} before", f"{s} after"]
     cols += ["forgetting (mean old)", "new source", "new before", "new after", "adaptation"]
-    tables["forgetting"] = _table(cols, rows)
+    return _table(cols, rows)
 
-    adapt_at = {row[0]: row[-1] for row in rows}
+
+def _forgetting_by_cell_table(results: Mapping, runs: Mapping, adapt_at: Mapping[str, Any]) -> dict:
+    """The ``forgetting_by_cell`` table: per CPT / control cell, forgetting over seeds and the mean adaptation."""
     rows = []
     for cell, keys in seed_groups(results).items():
         r0 = runs[keys[0]]
@@ -224,10 +225,13 @@ def build_tables(results: Mapping) -> dict[str, dict]:
         m, lo, hi = _spread([mean_forgetting(results, k) for k in keys])
         rows.append([cell, r0.get("kind"), r0.get("model"), r0.get("schedule") or "-", r0.get("replay"),
                      len(keys), m, lo, hi, _spread([adapt_at.get(k) for k in keys])[0]])
-    tables["forgetting_by_cell"] = _table(["cell", "kind", "model", "schedule", "replay", "seeds",
-                                           "forgetting (mean)", "min over seeds", "max over seeds",
-                                           "adaptation (mean)"], rows)
+    return _table(["cell", "kind", "model", "schedule", "replay", "seeds",
+                   "forgetting (mean)", "min over seeds", "max over seeds",
+                   "adaptation (mean)"], rows)
 
+
+def _mri_table(results: Mapping, runs: Mapping, branch_keys: list[str], old: list[str]) -> dict:
+    """The ``mri`` table: each MoE branch run's evaluation MRI before / after per old source, and its F2 windows."""
     rows = []
     for k in branch_keys:
         r = runs[k]
@@ -239,10 +243,13 @@ def build_tables(results: Mapping) -> dict[str, dict]:
             rows.append([k, r.get("kind"), r.get("model"), _router(results, r.get("model")),
                          r.get("schedule") or "-", r.get("replay"), s, b, a,
                          a - b if a is not None and b is not None else None, w["pre"], w["post_max"], w["end"]])
-    tables["mri"] = _table(["run", "kind", "model", "router", "schedule", "replay", "old source", "eval MRI before",
-                            "eval MRI after", "change", "train MRI pre-shift (mean)", "train MRI first window (max)",
-                            "train MRI last window (mean)"], rows)
+    return _table(["run", "kind", "model", "router", "schedule", "replay", "old source", "eval MRI before",
+                   "eval MRI after", "change", "train MRI pre-shift (mean)", "train MRI first window (max)",
+                   "train MRI last window (mean)"], rows)
 
+
+def _routing_table(results: Mapping, runs: Mapping, branch_keys: list[str]) -> dict:
+    """The ``routing`` table: each compared branch run's CRS (mean, first layer, other layers) and CVS."""
     comps = comparisons(results)
     rows = []
     for k in branch_keys:
@@ -255,9 +262,12 @@ def build_tables(results: Mapping) -> dict[str, dict]:
                      c.get("crs_mean"), layers[0] if layers else None,
                      sum(layers[1:]) / len(layers[1:]) if len(layers) > 1 else None,
                      c.get("cvs_mean"), c.get("chance_overlap")])
-    tables["routing"] = _table(["run", "kind", "model", "schedule", "replay", "source", "CRS mean",
-                                "CRS first layer", "CRS other layers", "CVS mean", "chance overlap"], rows)
+    return _table(["run", "kind", "model", "schedule", "replay", "source", "CRS mean",
+                   "CRS first layer", "CRS other layers", "CVS mean", "chance overlap"], rows)
 
+
+def _sinkhorn_mri_table(results: Mapping, runs: Mapping, models: Mapping, old: list[str]) -> dict:
+    """The ``sinkhorn_mri`` table: each MoE model's training vs evaluation MRI at the end of pre-training."""
     # training MRI (last window of pre-training) vs held-out evaluation MRI of the final pre-training checkpoint
     rows = []
     src = old[0] if old else None
@@ -275,8 +285,34 @@ def build_tables(results: Mapping) -> dict[str, dict]:
         rows.append([m, _router(results, m), len(keys), src, t_mean, e_mean,
                      e_mean - t_mean if t_mean is not None and e_mean is not None else None,
                      k_ / e_ if k_ and e_ else None])
-    tables["sinkhorn_mri"] = _table(["model", "router", "seeds", "source", "train MRI, last window (mean)",
-                                     "eval MRI, held-out (mean)", "eval minus train", "balanced k/E"], rows)
+    return _table(["model", "router", "seeds", "source", "train MRI, last window (mean)",
+                   "eval MRI, held-out (mean)", "eval minus train", "balanced k/E"], rows)
+
+
+def build_tables(results: Mapping) -> dict[str, dict]:
+    """The raw numbers of every report table: ``{name: {"columns": [...], "rows": [[...], ...]}}`` (JSON-ready).
+
+    Per-run tables (``runs``, ``final_losses``, ``forgetting``, ``mri``, ``routing``) hold one row per run key;
+    ``*_by_cell`` tables hold one row per study cell (the key without its seed) with the mean, min and max over
+    seeds; ``sinkhorn_mri`` holds each MoE model's training vs evaluation MRI at the end of pre-training.
+    """
+    runs = _runs(results)
+    models = _models(results)
+    old = list(results.get("old_sources") or [])
+    sources = _sources(results)
+    all_keys = sorted_run_keys(results)
+    tables: dict[str, dict] = {}
+    tables["models"] = _models_table(results, models)
+    tables["runs"] = _runs_table(runs, all_keys)
+    tables["final_losses"] = _final_losses_table(results, runs, all_keys, sources)
+    tables["final_losses_by_cell"] = _final_losses_by_cell_table(results, runs, sources)
+    branch_keys = [k for k in all_keys if runs[k].get("kind") in ("cpt", "control")]
+    tables["forgetting"] = _forgetting_table(results, runs, branch_keys, old)
+    adapt_at = {row[0]: row[-1] for row in tables["forgetting"]["rows"]}
+    tables["forgetting_by_cell"] = _forgetting_by_cell_table(results, runs, adapt_at)
+    tables["mri"] = _mri_table(results, runs, branch_keys, old)
+    tables["routing"] = _routing_table(results, runs, branch_keys)
+    tables["sinkhorn_mri"] = _sinkhorn_mri_table(results, runs, models, old)
     return tables
 
 
@@ -441,13 +477,8 @@ def _sinkhorn_blocks(study: Mapping) -> list[dict]:
     return blocks
 
 
-def build_blocks(study: Mapping, plots: Mapping[str, str | None], out_dir: Path) -> list[dict]:
-    """The report as one list of blocks, rendered by :func:`render_markdown` and :func:`render_html`.
-
-    Table blocks hold raw values (from ``study["tables"]``), formatted by :func:`fmt` at rendering time; paragraph
-    and findings-table numbers are formatted from ``study`` values here (``**bold**`` is the one inline markup).
-    """
-    tables = study.get("tables") or {}
+def _intro_blocks(study: Mapping) -> list[dict]:
+    """The report's title and its overview paragraph (study, models, sources, seeds, run counts, wall time)."""
     ov = study.get("overview") or {}
     models = list(_models(study))
     blocks: list[dict] = [_h(1, f"moecpt study: {study.get('name', 'unnamed')}")]
@@ -472,8 +503,12 @@ def build_blocks(study: Mapping, plots: Mapping[str, str | None], out_dir: Path)
         f"Wall time: {wall}. A no-shift control continues from the same checkpoint with the same schedule, step "
         "budget and optimizer state on the old data only, so what a CPT run does beyond its control is the shift's "
         "doing."))
+    return blocks
 
-    blocks.append(_h(2, "The paper's three questions"))
+
+def _questions_blocks(study: Mapping) -> list[dict]:
+    """The section answering the paper's three questions, each verdict word in bold."""
+    blocks = [_h(2, "The paper's three questions")]
     items = []
     for q in study.get("questions") or []:
         v, answer = q.get("verdict"), str(q.get("answer") or "")
@@ -486,10 +521,12 @@ def build_blocks(study: Mapping, plots: Mapping[str, str | None], out_dir: Path)
         else:
             items.append(f"{q.get('question')} {answer}")
     blocks.append({"type": "list", "items": items} if items else _p("No answers in this study."))
+    return blocks
 
-    blocks += _findings_blocks(study)
 
-    blocks.append(_h(2, "Runs"))
+def _runs_blocks(tables: Mapping) -> list[dict]:
+    """The ``Runs`` section: its explanation and the models and runs tables."""
+    blocks = [_h(2, "Runs")]
     blocks.append(_p("Every run of the study, seed by seed. CPT schedules: inf = CosineInf from the pre-anneal "
                      "checkpoint, continuing the parent's optimizer state (carried); rewarm = cosine re-warm and "
                      "re-decay from the final checkpoint with a fresh optimizer state, its re-warm being that state's "
@@ -498,8 +535,25 @@ def build_blocks(study: Mapping, plots: Mapping[str, str | None], out_dir: Path)
     for name, caption in (("models", "Models"), ("runs", "Runs")):
         if tables.get(name, {}).get("rows"):
             blocks.append({"type": "table", "caption": caption, **tables[name]})
+    return blocks
 
-    for name, title, text in (
+
+def _table_sections(tables: Mapping, level: int, sections: tuple[tuple[str, str, str], ...]) -> list[dict]:
+    """One section per ``(table name, title, text)``: heading, text and table, or "No data" without rows."""
+    blocks = []
+    for name, title, text in sections:
+        blocks.append(_h(level, title))
+        if tables.get(name, {}).get("rows"):
+            blocks.append(_p(text))
+            blocks.append({"type": "table", "caption": title, **tables[name]})
+        else:
+            blocks.append(_p("No data in this study."))
+    return blocks
+
+
+def _cell_tables_blocks(tables: Mapping) -> list[dict]:
+    """The sections of the over-seeds tables: final losses and forgetting per study cell."""
+    return _table_sections(tables, 2, (
         ("final_losses_by_cell", "Final losses over seeds",
          "Held-out loss (nats per token) of the final checkpoints, per study cell: the mean over seeds per source, "
          "and the mean over the old sources and the shift with its min and max over seeds."),
@@ -507,26 +561,24 @@ def build_blocks(study: Mapping, plots: Mapping[str, str | None], out_dir: Path)
          "Forgetting = the old sources' mean loss rise from the CPT start checkpoint to the end of the run; "
          "adaptation = the fall of the shift's loss. Controls see no shift: their forgetting is what continued "
          "training alone does."),
-    ):
-        blocks.append(_h(2, title))
-        if tables.get(name, {}).get("rows"):
-            blocks.append(_p(text))
-            blocks.append({"type": "table", "caption": title, **tables[name]})
-        else:
-            blocks.append(_p("No data in this study."))
+    ))
 
-    blocks += _sinkhorn_blocks(study)
 
-    blocks.append(_h(2, "Figures"))
+def _figures_blocks(plots: Mapping[str, str | None], out_dir: Path) -> list[dict]:
+    """The ``Figures`` section: one image per plot drawn, a "no data" line for the others."""
+    blocks = [_h(2, "Figures")]
     for stem, _fn, caption in PLOTS:
         rel = plots.get(stem)
         if rel:
             blocks.append({"type": "image", "path": str(out_dir / rel), "rel": rel, "caption": caption, "alt": stem})
         else:
             blocks.append(_p(f"({stem}: no data in this study.)"))
+    return blocks
 
-    blocks.append(_h(2, "Appendix: per-run tables"))
-    for name, title, text in (
+
+def _appendix_blocks(tables: Mapping) -> list[dict]:
+    """The appendix: the per-run tables (final losses, forgetting, MRI, routing change)."""
+    return [_h(2, "Appendix: per-run tables")] + _table_sections(tables, 3, (
         ("final_losses", "Final losses", "Dedicated end-of-run evaluation loss (nats) per run and source."),
         ("forgetting", "Forgetting and adaptation",
          "Loss (nats) at the CPT start checkpoint (before) and at the end of the run (after), CPT runs and controls."),
@@ -536,13 +588,24 @@ def build_blocks(study: Mapping, plots: Mapping[str, str | None], out_dir: Path)
         ("routing", "Routing change (CRS / CVS)",
          "Continual Router Saturation (mean top-k overlap per token, one = unchanged) and Continual Vocabulary "
          "Specialization between the CPT start checkpoint and the end of the run, on the old source."),
-    ):
-        blocks.append(_h(3, title))
-        if tables.get(name, {}).get("rows"):
-            blocks.append(_p(text))
-            blocks.append({"type": "table", "caption": title, **tables[name]})
-        else:
-            blocks.append(_p("No data in this study."))
+    ))
+
+
+def build_blocks(study: Mapping, plots: Mapping[str, str | None], out_dir: Path) -> list[dict]:
+    """The report as one list of blocks, rendered by :func:`render_markdown` and :func:`render_html`.
+
+    Table blocks hold raw values (from ``study["tables"]``), formatted by :func:`fmt` at rendering time; paragraph
+    and findings-table numbers are formatted from ``study`` values here (``**bold**`` is the one inline markup).
+    """
+    tables = study.get("tables") or {}
+    blocks = _intro_blocks(study)
+    blocks += _questions_blocks(study)
+    blocks += _findings_blocks(study)
+    blocks += _runs_blocks(tables)
+    blocks += _cell_tables_blocks(tables)
+    blocks += _sinkhorn_blocks(study)
+    blocks += _figures_blocks(plots, out_dir)
+    blocks += _appendix_blocks(tables)
     return blocks
 
 

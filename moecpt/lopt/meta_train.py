@@ -261,42 +261,82 @@ def meta_train(cfg: MetaTrainConfig, out: str | Path, progress: bool = True, max
         return _meta_train_in(cfg, out, spec, tasks, pes_cfg, progress, max_seconds)
 
 
+def _check_saved_config(out: Path, cfg_json: dict) -> None:
+    """Refuse to resume from ``out`` when its ``config.json`` is damaged or holds other settings than ``cfg_json``."""
+    import json
+
+    try:
+        saved = json.loads((out / CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        raise MoecptError(f"{out / CONFIG_FILE} is damaged; use a new --out (or restore the file to resume)"
+                          ) from None
+    if saved != cfg_json:
+        diff = sorted(k for k in set(saved) | set(cfg_json) if saved.get(k) != cfg_json.get(k))
+        raise MoecptError(f"{out} holds a meta-training run with other settings ({', '.join(diff)}); "
+                          "use a new --out, or the same settings to resume")
+
+
+def _resume_or_start(cfg: MetaTrainConfig, out: Path, spec: LOptSpec, tasks: list[Task],
+                     pes_cfg: PESConfig) -> tuple:
+    """The run's state, resumed from ``out`` or fresh: ``(gen, phi, adam_m, adam_v, start, pes_states, history)``."""
+    cfg_json = cfg.as_json()
+    if (out / CONFIG_FILE).is_file() and (out / STATE_FILE).is_file():
+        _check_saved_config(out, cfg_json)
+        st = _load_state(out)
+        gen = torch.Generator()
+        gen.set_state(st["gen_state"])
+        return gen, st["phi"], st["adam_m"], st["adam_v"], int(st["iteration"]), st["pes"], st["history"]
+    write_json_atomic(out / CONFIG_FILE, cfg_json)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    phi = init_meta_params(spec, gen, cfg.init, cfg.sgd_scale)
+    m, v = torch.zeros_like(phi), torch.zeros_like(phi)
+    pes_states = [init_pes_state(t, spec, pes_cfg, gen) for t in tasks]
+    history = {"meta_loss": {t.name: [] for t in tasks}, "seconds": [], "eval": [], "lr": []}
+    egen = torch.Generator().manual_seed(10_000 + cfg.seed)
+    curve, final = run_outer(tasks[0], None, None, cfg.eval_rounds, cfg.eval_seeds, cfg.workers,
+                             cfg.local_steps, egen)
+    history["local_sgd"] = {"final_train_loss": float(final.mean()), "mean_loss": sum(curve) / len(curve)}
+    history["eval_title"] = (f"{tasks[0].name}: {cfg.eval_rounds} rounds, K={cfg.workers}, "
+                             f"H={cfg.local_steps}, {cfg.eval_seeds} seeds")
+    return gen, phi, m, v, 0, pes_states, history
+
+
+def _meta_step(cfg: MetaTrainConfig, spec: LOptSpec, tasks: list[Task], pes_cfg: PESConfig, phi: Tensor,
+               m: Tensor, v: Tensor, pes_states: list, history: dict, gen: torch.Generator,
+               it: int) -> tuple[Tensor, float]:
+    """One meta-iteration: the tasks' PES gradients (updating ``pes_states``, ``history`` and the AdamW moments in
+    place) and an AdamW step -> (new ``phi``, the meta learning rate used)."""
+    grad = torch.zeros_like(phi)
+    for i, task in enumerate(tasks):
+        g, loss, pes_states[i] = pes_gradient(task, spec, phi, pes_states[i], pes_cfg, gen)
+        grad += g / (math.log(task.num_classes) * len(tasks))
+        history["meta_loss"][task.name].append(loss)
+    lr = meta_lr(it, cfg)
+    return adamw_update(phi, grad, m, v, it + 1, lr, cfg.weight_decay), lr
+
+
+def _summary(cfg: MetaTrainConfig, out: Path, spec: LOptSpec, history: dict, it: int) -> dict:
+    """The summary dict :func:`meta_train` returns."""
+    ev = history["eval"][-1] if history["eval"] else {}
+    return {
+        "out": str(out),
+        "kind": cfg.kind,
+        "spec": spec.describe(),
+        "iterations_done": it,
+        "iterations": cfg.iterations,
+        "seconds_per_iteration": (sum(history["seconds"]) / len(history["seconds"])) if history["seconds"] else None,
+        "last_eval": ev,
+        "local_sgd_reference": history.get("local_sgd"),
+        "weights": str(out / f"{cfg.kind}.safetensors"),
+    }
+
+
 def _meta_train_in(cfg: MetaTrainConfig, out: Path, spec, tasks, pes_cfg, progress: bool,
                    max_seconds: float | None) -> dict:
     """The body of :func:`meta_train`, run while this process owns ``out``."""
     from tqdm import tqdm
 
-    cfg_json = cfg.as_json()
-    if (out / CONFIG_FILE).is_file() and (out / STATE_FILE).is_file():
-        import json
-
-        try:
-            saved = json.loads((out / CONFIG_FILE).read_text())
-        except (OSError, ValueError):
-            raise MoecptError(f"{out / CONFIG_FILE} is damaged; use a new --out (or restore the file to resume)"
-                              ) from None
-        if saved != cfg_json:
-            diff = sorted(k for k in set(saved) | set(cfg_json) if saved.get(k) != cfg_json.get(k))
-            raise MoecptError(f"{out} holds a meta-training run with other settings ({', '.join(diff)}); "
-                              "use a new --out, or the same settings to resume")
-        st = _load_state(out)
-        gen = torch.Generator()
-        gen.set_state(st["gen_state"])
-        phi, m, v, start = st["phi"], st["adam_m"], st["adam_v"], int(st["iteration"])
-        pes_states, history = st["pes"], st["history"]
-    else:
-        write_json_atomic(out / CONFIG_FILE, cfg_json)
-        gen = torch.Generator().manual_seed(cfg.seed)
-        phi = init_meta_params(spec, gen, cfg.init, cfg.sgd_scale)
-        m, v, start = torch.zeros_like(phi), torch.zeros_like(phi), 0
-        pes_states = [init_pes_state(t, spec, pes_cfg, gen) for t in tasks]
-        history = {"meta_loss": {t.name: [] for t in tasks}, "seconds": [], "eval": [], "lr": []}
-        egen = torch.Generator().manual_seed(10_000 + cfg.seed)
-        curve, final = run_outer(tasks[0], None, None, cfg.eval_rounds, cfg.eval_seeds, cfg.workers,
-                                 cfg.local_steps, egen)
-        history["local_sgd"] = {"final_train_loss": float(final.mean()), "mean_loss": sum(curve) / len(curve)}
-        history["eval_title"] = (f"{tasks[0].name}: {cfg.eval_rounds} rounds, K={cfg.workers}, "
-                                 f"H={cfg.local_steps}, {cfg.eval_seeds} seeds")
+    gen, phi, m, v, start, pes_states, history = _resume_or_start(cfg, out, spec, tasks, pes_cfg)
 
     def evaluate(it: int) -> None:
         egen = torch.Generator().manual_seed(10_000 + cfg.seed)  # same seeds as the local-SGD reference
@@ -327,13 +367,7 @@ def _meta_train_in(cfg: MetaTrainConfig, out: Path, spec, tasks, pes_cfg, progre
         preempt.__enter__()
         while it < cfg.iterations:
             ts = time.time()
-            grad = torch.zeros_like(phi)
-            for i, task in enumerate(tasks):
-                g, loss, pes_states[i] = pes_gradient(task, spec, phi, pes_states[i], pes_cfg, gen)
-                grad += g / (math.log(task.num_classes) * len(tasks))
-                history["meta_loss"][task.name].append(loss)
-            lr = meta_lr(it, cfg)
-            phi = adamw_update(phi, grad, m, v, it + 1, lr, cfg.weight_decay)
+            phi, lr = _meta_step(cfg, spec, tasks, pes_cfg, phi, m, v, pes_states, history, gen, it)
             it += 1
             history["seconds"].append(time.time() - ts)
             history["lr"].append(lr)
@@ -353,15 +387,4 @@ def _meta_train_in(cfg: MetaTrainConfig, out: Path, spec, tasks, pes_cfg, progre
     finally:
         preempt.__exit__()
         bar.close()
-    ev = history["eval"][-1] if history["eval"] else {}
-    return {
-        "out": str(out),
-        "kind": cfg.kind,
-        "spec": spec.describe(),
-        "iterations_done": it,
-        "iterations": cfg.iterations,
-        "seconds_per_iteration": (sum(history["seconds"]) / len(history["seconds"])) if history["seconds"] else None,
-        "last_eval": ev,
-        "local_sgd_reference": history.get("local_sgd"),
-        "weights": str(out / f"{cfg.kind}.safetensors"),
-    }
+    return _summary(cfg, out, spec, history, it)
