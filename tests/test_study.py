@@ -204,6 +204,11 @@ def test_cpt_optimizer_state_per_schedule():
     lrs = [lr_at(s, r.schedule, r.optim, r.train.steps) for s in range(r.train.steps)]
     assert lrs[0] < const / 4 and max(lrs) == pytest.approx(const)  # warmed up to the constant, not the peak
     assert lrs[5] == pytest.approx(const) and lrs[10] == pytest.approx(const)
+    # the recorded warm-up is the schedule's own (2.5 steps round up to 3, as the schedule rounds)
+    odd = cpt(load_study_recipe(SMOKE, ["cpt.steps=50", "cpt.rewarm_warmup_fraction=0.05"]), "rewarm")
+    r = odd.recipe
+    lrs = [lr_at(s, r.schedule, r.optim, r.train.steps) for s in range(r.train.steps)]
+    assert odd.warmup_steps == lrs.index(max(lrs)) == 3  # the first step at the peak ends the warm-up
     carried = load_study_recipe(SMOKE, ['cpt.rewarm_optimizer="carry"'])
     assert cpt(carried, "rewarm").recipe.cpt.load_optimizer
 

@@ -81,7 +81,10 @@ class Stage:
 
     @property
     def warmup_steps(self) -> int:
-        return int(round(self.recipe.schedule.warmup_fraction * self.recipe.train.steps))
+        """The run's warm-up steps, as its LR schedule counts them."""
+        from moecpt.train.schedules import warmup_end_step
+
+        return warmup_end_step(self.recipe.schedule, self.recipe.train.steps)
 
     def parent_checkpoint(self, root: Path) -> Path | None:
         if self.parent is None:

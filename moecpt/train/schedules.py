@@ -107,6 +107,12 @@ def schedule_phases(schedule: ScheduleConfig, total_steps: int) -> list[Phase]:
     return [Phase(n, a, b) for n, a, b in spans if b > a]
 
 
+def warmup_end_step(schedule: ScheduleConfig, total_steps: int) -> int:
+    """Number of warm-up steps ``W`` (above) of a run laid out over ``total_steps``: 0 without a warm-up."""
+    _check_total(total_steps)
+    return _boundaries(schedule, total_steps)[0]
+
+
 def anneal_start_step(schedule: ScheduleConfig, total_steps: int) -> int | None:
     """First step of the exponential anneal of an infinite schedule (``A`` above); ``None`` for other kinds.
 
