@@ -115,39 +115,39 @@ def bench_cross_entropy(reps: int) -> dict[str, float]:
     return interleaved({"torch": run(F.cross_entropy), "moecpt": run(cross_entropy)}, reps)
 
 
-def _rope_transposed(x_BHTD: torch.Tensor, cos_TR: torch.Tensor, sin_TR: torch.Tensor) -> torch.Tensor:
+def _rope_transposed(x_BHTA: torch.Tensor, cos_TR: torch.Tensor, sin_TR: torch.Tensor) -> torch.Tensor:
     """The usual rotate-half RoPE on the ``[B, H, T, Dh]`` view (Llama / GPT-NeoX), the peer of ``apply_rope``."""
-    x1, x2 = x_BHTD.chunk(2, dim=-1)
-    return x_BHTD * cos_TR + torch.cat([-x2, x1], dim=-1) * sin_TR
+    x1, x2 = x_BHTA.chunk(2, dim=-1)
+    return x_BHTA * cos_TR + torch.cat([-x2, x1], dim=-1) * sin_TR
 
 
-def _rope_previous(x_BHTD: torch.Tensor, cos_TR: torch.Tensor, sin_TR: torch.Tensor) -> torch.Tensor:
+def _rope_previous(x_BHTA: torch.Tensor, cos_TR: torch.Tensor, sin_TR: torch.Tensor) -> torch.Tensor:
     """Rotate-half on the transposed view that slices the rotary part and concatenates the (empty, at full rotary)
     pass-through part back: the partial-rotary-ready form whose slicing cost ``apply_rope`` avoids."""
     R = cos_TR.shape[-1]
-    x_rot, x_pass = x_BHTD[..., :R], x_BHTD[..., R:]
+    x_rot, x_pass = x_BHTA[..., :R], x_BHTA[..., R:]
     x1, x2 = x_rot.float().chunk(2, dim=-1)
     out = x_rot.float() * cos_TR + torch.cat([-x2, x1], dim=-1) * sin_TR
-    return torch.cat([out.to(x_BHTD.dtype), x_pass], dim=-1)
+    return torch.cat([out.to(x_BHTA.dtype), x_pass], dim=-1)
 
 
 def bench_rope(reps: int) -> dict[str, float]:
     from moecpt.model.transformer import apply_rope, rope_cos_sin
 
     cos, sin = rope_cos_sin(128, 32, 10000.0)
-    q_BTHD = torch.randn(16, 128, 4, 32, requires_grad=True)  # demo: batch 16, seq 128, 4 heads of 32
+    q_BTHA = torch.randn(16, 128, 4, 32, requires_grad=True)  # demo: batch 16, seq 128, 4 heads of 32
     g = torch.randn(16, 128, 4, 32)
-    assert torch.allclose(apply_rope(q_BTHD, cos, sin), _rope_transposed(q_BTHD.transpose(1, 2), cos, sin)
+    assert torch.allclose(apply_rope(q_BTHA, cos, sin), _rope_transposed(q_BTHA.transpose(1, 2), cos, sin)
                           .transpose(1, 2), atol=1e-6)
 
     def ours():
-        q_BTHD.grad = None
-        apply_rope(q_BTHD, cos, sin).backward(g)
+        q_BTHA.grad = None
+        apply_rope(q_BTHA, cos, sin).backward(g)
 
     def peer(fn):
         def step():
-            q_BTHD.grad = None
-            fn(q_BTHD.transpose(1, 2), cos, sin).backward(g.transpose(1, 2))
+            q_BTHA.grad = None
+            fn(q_BTHA.transpose(1, 2), cos, sin).backward(g.transpose(1, 2))
         return step
 
     return interleaved({"previous_moecpt": peer(_rope_previous), "transposed_rotate_half": peer(_rope_transposed),

@@ -254,30 +254,30 @@ class _GroupedExperts(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x_TD, gate_TK, w_in_EDH, w_out_EFD, plan: DispatchPlan, kind: FFNKind):
+    def forward(ctx, x_TD, gate_TK, w_in_EDW, w_out_EFD, plan: DispatchPlan, kind: FFNKind):
         T, D = x_TD.shape
         K = gate_TK.shape[1]
         F_ = w_out_EFD.shape[1]
         xs_PD = x_TD.index_select(0, plan.token_P)
         # gate and up as two contiguous [P, F] products (see moecpt.model.glu)
-        gate_PF = _experts_mm(xs_PD, w_in_EDH[:, :, :F_], plan)
-        up_PF = _experts_mm(xs_PD, w_in_EDH[:, :, F_:], plan)
+        gate_PF = _experts_mm(xs_PD, w_in_EDW[:, :, :F_], plan)
+        up_PF = _experts_mm(xs_PD, w_in_EDW[:, :, F_:], plan)
         act_PF, a_PF = glu_forward(gate_PF, up_PF, kind)
-        o_RD = _experts_mm(a_PF, w_out_EFD, plan, zero_row=plan.dropped)
-        o_TKD = o_RD.index_select(0, plan.row_S).view(T, K, D)
+        o_QD = _experts_mm(a_PF, w_out_EFD, plan, zero_row=plan.dropped)
+        o_TKD = o_QD.index_select(0, plan.row_S).view(T, K, D)
         acc = _sum_dtype(o_TKD)
         y_TD = (o_TKD.to(acc) * gate_TK.to(acc).unsqueeze(2)).sum(dim=1)  # fixed summation order over k
-        ctx.save_for_backward(xs_PD, gate_PF, up_PF, act_PF, a_PF, o_TKD, gate_TK, w_in_EDH, w_out_EFD)
+        ctx.save_for_backward(xs_PD, gate_PF, up_PF, act_PF, a_PF, o_TKD, gate_TK, w_in_EDW, w_out_EFD)
         ctx.plan, ctx.kind = plan, kind
         return y_TD
 
     @staticmethod
     def backward(ctx, g_TD):
-        xs_PD, gate_PF, up_PF, act_PF, a_PF, o_TKD, gate_TK, w_in_EDH, w_out_EFD = ctx.saved_tensors
+        xs_PD, gate_PF, up_PF, act_PF, a_PF, o_TKD, gate_TK, w_in_EDW, w_out_EFD = ctx.saved_tensors
         plan = ctx.plan
         need_x, need_gate, need_w_in, need_w_out = ctx.needs_input_grad[:4]
         T, K, D = o_TKD.shape
-        E = w_in_EDH.shape[0]
+        E = w_in_EDW.shape[0]
         g_gate_TK = None
         if need_gate:  # [T, K], in the accumulation dtype of the forward's sum
             g_gate_TK = torch.linalg.vecdot(o_TKD.to(g_TD.dtype), g_TD.unsqueeze(1)).to(gate_TK.dtype)
@@ -287,23 +287,23 @@ class _GroupedExperts(torch.autograd.Function):
         go_PD = g_TD.index_select(0, plan.token_P).mul_(gate_P1)
         g_w_out = _experts_weight_grad(a_PF, go_PD, plan, E) if need_w_out else None
         ga_PF = _experts_mm(go_PD, w_out_EFD, plan, transpose_w=True)
-        gh_PH = glu_backward(gate_PF, up_PF, act_PF, ga_PF, ctx.kind)
-        g_w_in = _experts_weight_grad(xs_PD, gh_PH, plan, E) if need_w_in else None
+        gh_PW = glu_backward(gate_PF, up_PF, act_PF, ga_PF, ctx.kind)
+        g_w_in = _experts_weight_grad(xs_PD, gh_PW, plan, E) if need_w_in else None
         g_x = None
         if need_x:
-            gxs_RD = _experts_mm(gh_PH, w_in_EDH, plan, transpose_w=True, zero_row=plan.dropped)
+            gxs_QD = _experts_mm(gh_PW, w_in_EDW, plan, transpose_w=True, zero_row=plan.dropped)
             # the K rows of a token are gathered and summed in a fixed order
-            g_x = gxs_RD.index_select(0, plan.row_S).view(T, K, D).sum(dim=1)
+            g_x = gxs_QD.index_select(0, plan.row_S).view(T, K, D).sum(dim=1)
         return g_x, g_gate_TK, g_w_in, g_w_out, None, None
 
 
-def grouped_experts(x_TD: torch.Tensor, gate_TK: torch.Tensor, w_in_EDH: torch.Tensor, w_out_EFD: torch.Tensor,
+def grouped_experts(x_TD: torch.Tensor, gate_TK: torch.Tensor, w_in_EDW: torch.Tensor, w_out_EFD: torch.Tensor,
                     plan: DispatchPlan, kind: FFNKind) -> torch.Tensor:
     """Routed-expert output through the row layout of ``plan`` (differentiable in all four tensors).
 
     Args:
         x_TD: ``[T, D]`` layer input; gate_TK: ``[T, K]`` gate values (anything for dropped slots: their rows are
-            zero); w_in_EDH: ``[E, D, 2F]`` (``[gate | up]``); w_out_EFD: ``[E, F, D]``; all in one dtype.
+            zero); w_in_EDW: ``[E, D, 2F]`` (``[gate | up]``); w_out_EFD: ``[E, F, D]``; all in one dtype.
         plan: from :func:`build_dispatch_plan`; kind: GEGLU or SwiGLU.
 
     Returns:
@@ -312,4 +312,4 @@ def grouped_experts(x_TD: torch.Tensor, gate_TK: torch.Tensor, w_in_EDH: torch.T
     if plan.num_rows == 0:  # no rows at all (an empty batch): zeros, keeping the graph
         acc = _sum_dtype(x_TD)
         return x_TD.new_zeros(x_TD.shape, dtype=acc) + 0 * gate_TK.sum().to(acc)
-    return _GroupedExperts.apply(x_TD, gate_TK, w_in_EDH, w_out_EFD, plan, kind)
+    return _GroupedExperts.apply(x_TD, gate_TK, w_in_EDW, w_out_EFD, plan, kind)

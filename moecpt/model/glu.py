@@ -22,9 +22,9 @@ def activation(gate: torch.Tensor, kind: FFNKind) -> torch.Tensor:
     return F.gelu(gate, approximate="tanh") if kind == FFNKind.GEGLU else F.silu(gate)
 
 
-def glu_activation(h_NH: torch.Tensor, kind: FFNKind) -> torch.Tensor:
+def glu_activation(h_NW: torch.Tensor, kind: FFNKind) -> torch.Tensor:
     """``act(gate) * up`` for ``h = [gate | up]`` of shape ``[..., 2F]`` -> ``[..., F]`` (autograd)."""
-    gate, up = h_NH.chunk(2, dim=-1)
+    gate, up = h_NW.chunk(2, dim=-1)
     return activation(gate, kind) * up
 
 
@@ -56,7 +56,7 @@ def glu_backward(gate_NF: torch.Tensor, up_NF: torch.Tensor, act_NF: torch.Tenso
         ``[N, 2F]`` contiguous gradient of ``[gate | up]``.
     """
     F_ = g_NF.shape[1]
-    gh_NH = g_NF.new_empty(g_NF.shape[0], 2 * F_)
+    gh_NW = g_NF.new_empty(g_NF.shape[0], 2 * F_)
     # act'(gate) * up on contiguous operands (vectorised; the *_backward kernels take `up` as their incoming
     # gradient), then the two products written into the strided halves of one [N, 2F] buffer: a strided *output*
     # drops the elementwise kernels to their scalar loop, so only cheap muls write there, not the exp/tanh
@@ -64,6 +64,6 @@ def glu_backward(gate_NF: torch.Tensor, up_NF: torch.Tensor, act_NF: torch.Tenso
         d_act_up_NF = torch.ops.aten.gelu_backward(up_NF, gate_NF, approximate="tanh")
     else:
         d_act_up_NF = torch.ops.aten.silu_backward(up_NF, gate_NF)
-    torch.mul(d_act_up_NF, g_NF, out=gh_NH[:, :F_])
-    torch.mul(g_NF, act_NF, out=gh_NH[:, F_:])
-    return gh_NH
+    torch.mul(d_act_up_NF, g_NF, out=gh_NW[:, :F_])
+    torch.mul(g_NF, act_NF, out=gh_NW[:, F_:])
+    return gh_NW

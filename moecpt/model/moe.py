@@ -1,7 +1,7 @@
 """Mixture-of-Experts feed-forward layer: routed GLU experts, optional shared experts, dispatch and combine.
 
 Experts are gated linear units (GEGLU or SwiGLU, Shazeer 2020) stored stacked so that one grouped matmul can run
-all of them: ``w_in_EDH [E, D, 2F]`` (gate and up halves) and ``w_out_EFD [E, F, D]``.
+all of them: ``w_in_EDW [E, D, 2F]`` (gate and up halves) and ``w_out_EFD [E, F, D]``.
 
 Dispatch paths (docs/design.md, rule R9):
 

@@ -6,7 +6,8 @@ Initialisation (documented choice, as GPT-2 / OLMo): every linear and embedding 
 projections of attention and of every FFN/expert (``wo``, ``w_out``) are further scaled by ``1/sqrt(2 n_layers)``
 so the residual stream's variance does not grow with depth; router weights ~ N(0, init_std); norms start at 1.
 
-Shapes: B batch, T sequence, D d_model, H heads, Hkv key/value heads, Dh head dim, V vocabulary.
+Shape suffixes follow the legend in :mod:`moecpt.model` (B batch, T positions, D d_model, H query heads, G key/value
+heads, A head dim, R rotary dims, V vocabulary).
 """
 
 from __future__ import annotations
@@ -29,30 +30,30 @@ def rope_cos_sin(seq_len: int, rot_dim: int, theta: float, device=None) -> tuple
         ``cos_TR, sin_TR`` fp32 of shape ``[T, rot_dim]`` (frequencies repeated for the two halves).
     """
     inv_freq = 1.0 / (theta ** (torch.arange(0, rot_dim, 2, device=device, dtype=torch.float32) / rot_dim))
-    freqs_TR2 = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
-    emb_TR = torch.cat([freqs_TR2, freqs_TR2], dim=-1)
+    freqs = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)  # [T, R / 2]
+    emb_TR = torch.cat([freqs, freqs], dim=-1)
     return emb_TR.cos(), emb_TR.sin()
 
 
-def apply_rope(x_BTHD: torch.Tensor, cos_TR: torch.Tensor, sin_TR: torch.Tensor) -> torch.Tensor:
-    """Rotate the first ``R = cos_TR.shape[-1]`` dims of each head (partial rotary when ``R < Dh``).
+def apply_rope(x_BTHA: torch.Tensor, cos_TR: torch.Tensor, sin_TR: torch.Tensor) -> torch.Tensor:
+    """Rotate the first ``R = cos_TR.shape[-1]`` dims of each head (partial rotary when ``R < A``).
 
-    ``x`` is laid out ``[B, T, H, Dh]``, as the q/k projections produce it, so the elementwise ops run on a
-    contiguous tensor; the half rotation ``(x1, x2) -> (-x2, x1)`` is ``roll(x, R/2) * [-sin | sin]`` (one op fewer),
+    ``x`` is laid out ``[B, T, heads, A]`` (query or key heads), as the q/k projections produce it, so the
+    elementwise ops run on a contiguous tensor; the half rotation ``(x1, x2) -> (-x2, x1)`` is ``roll(x, R/2) * [-sin | sin]`` (one op fewer),
     and at full rotary nothing is sliced or concatenated (their backwards write zero tensors).
-    ``benchmarks/components.py`` (``rope_ms``) times it against rotate-half on the ``[B, H, T, Dh]`` view, with and
+    ``benchmarks/components.py`` (``rope_ms``) times it against rotate-half on the ``[B, H, T, A]`` view, with and
     without that slicing; the figures are in ``benchmarks/README.md``.
     """
-    R, Dh = cos_TR.shape[-1], x_BTHD.shape[-1]
+    R, A = cos_TR.shape[-1], x_BTHA.shape[-1]
     half = R // 2
     cos_T1R = cos_TR[:, None, :]
     sin_T1R = torch.cat([-sin_TR[:, :half], sin_TR[:, half:]], dim=-1)[:, None, :]
     # full rotary: no slicing (a slice's backward writes a zero tensor first); roll = cat(x2, x1), its backward a roll
-    x_rot = (x_BTHD if R == Dh else x_BTHD[..., :R]).float()
+    x_rot = (x_BTHA if R == A else x_BTHA[..., :R]).float()
     out = x_rot * cos_T1R + torch.roll(x_rot, half, dims=-1) * sin_T1R
-    if R == Dh:
-        return out.to(x_BTHD.dtype)
-    return torch.cat([out.to(x_BTHD.dtype), x_BTHD[..., R:]], dim=-1)
+    if R == A:
+        return out.to(x_BTHA.dtype)
+    return torch.cat([out.to(x_BTHA.dtype), x_BTHA[..., R:]], dim=-1)
 
 
 class Attention(nn.Module):
@@ -61,35 +62,37 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.resolved_kv_heads, cfg.resolved_head_dim
-        D, Dh = cfg.d_model, self.head_dim
-        self.wq = nn.Linear(D, self.n_heads * Dh, bias=cfg.attn_bias)
-        self.wk = nn.Linear(D, self.n_kv_heads * Dh, bias=cfg.attn_bias)
-        self.wv = nn.Linear(D, self.n_kv_heads * Dh, bias=cfg.attn_bias)
-        self.wo = nn.Linear(self.n_heads * Dh, D, bias=False)
+        D, A = cfg.d_model, self.head_dim
+        self.wq = nn.Linear(D, self.n_heads * A, bias=cfg.attn_bias)
+        self.wk = nn.Linear(D, self.n_kv_heads * A, bias=cfg.attn_bias)
+        self.wv = nn.Linear(D, self.n_kv_heads * A, bias=cfg.attn_bias)
+        self.wo = nn.Linear(self.n_heads * A, D, bias=False)
         self.qk_norm = cfg.qk_norm
         if cfg.qk_norm == QKNorm.HEAD:
-            self.q_norm, self.k_norm = nn.RMSNorm(Dh, eps=cfg.norm_eps), nn.RMSNorm(Dh, eps=cfg.norm_eps)
+            self.q_norm, self.k_norm = nn.RMSNorm(A, eps=cfg.norm_eps), nn.RMSNorm(A, eps=cfg.norm_eps)
         elif cfg.qk_norm == QKNorm.FULL:
-            self.q_norm = nn.RMSNorm(self.n_heads * Dh, eps=cfg.norm_eps)
-            self.k_norm = nn.RMSNorm(self.n_kv_heads * Dh, eps=cfg.norm_eps)
+            self.q_norm = nn.RMSNorm(self.n_heads * A, eps=cfg.norm_eps)
+            self.k_norm = nn.RMSNorm(self.n_kv_heads * A, eps=cfg.norm_eps)
 
     def forward(self, x_BTD: torch.Tensor, cos_TR: torch.Tensor, sin_TR: torch.Tensor) -> torch.Tensor:
         B, T, _ = x_BTD.shape
         q, k, v = self.wq(x_BTD), self.wk(x_BTD), self.wv(x_BTD)
         if self.qk_norm == QKNorm.FULL:
             q, k = self.q_norm(q), self.k_norm(k)
-        q_BTHD = q.view(B, T, self.n_heads, self.head_dim)
-        k_BTHD = k.view(B, T, self.n_kv_heads, self.head_dim)
-        v_BHTD = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q_BTHA = q.view(B, T, self.n_heads, self.head_dim)
+        k_BTGA = k.view(B, T, self.n_kv_heads, self.head_dim)
+        v_BGTA = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if self.qk_norm == QKNorm.HEAD:
-            q_BTHD, k_BTHD = self.q_norm(q_BTHD), self.k_norm(k_BTHD)
-        q_BHTD = apply_rope(q_BTHD, cos_TR, sin_TR).transpose(1, 2)
-        k_BHTD = apply_rope(k_BTHD, cos_TR, sin_TR).transpose(1, 2)
-        if self.n_kv_heads != self.n_heads:
+            q_BTHA, k_BTGA = self.q_norm(q_BTHA), self.k_norm(k_BTGA)
+        q_BHTA = apply_rope(q_BTHA, cos_TR, sin_TR).transpose(1, 2)
+        k_BGTA = apply_rope(k_BTGA, cos_TR, sin_TR).transpose(1, 2)
+        if self.n_kv_heads != self.n_heads:  # GQA: each key/value head serves H / G query heads
             rep = self.n_heads // self.n_kv_heads
-            k_BHTD, v_BHTD = k_BHTD.repeat_interleave(rep, dim=1), v_BHTD.repeat_interleave(rep, dim=1)
-        o_BHTD = F.scaled_dot_product_attention(q_BHTD, k_BHTD, v_BHTD, is_causal=True)
-        return self.wo(o_BHTD.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+            k_BHTA, v_BHTA = k_BGTA.repeat_interleave(rep, dim=1), v_BGTA.repeat_interleave(rep, dim=1)
+        else:
+            k_BHTA, v_BHTA = k_BGTA, v_BGTA
+        o_BHTA = F.scaled_dot_product_attention(q_BHTA, k_BHTA, v_BHTA, is_causal=True)
+        return self.wo(o_BHTA.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
 class Block(nn.Module):
