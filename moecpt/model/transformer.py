@@ -40,7 +40,8 @@ def apply_rope(x_BTHA: torch.Tensor, cos_TR: torch.Tensor, sin_TR: torch.Tensor)
 
     ``x`` is laid out ``[B, T, heads, A]`` (query or key heads), as the q/k projections produce it, so the
     elementwise ops run on a contiguous tensor; the half rotation ``(x1, x2) -> (-x2, x1)`` is
-    ``roll(x, R/2) * [-sin | sin]`` (one op fewer), and at full rotary nothing is sliced or concatenated (their backwards write zero tensors).
+    ``roll(x, R/2) * [-sin | sin]`` (one op fewer), and at full rotary nothing is sliced or concatenated (their
+    backwards write zero tensors).
     ``benchmarks/components.py`` (``rope_ms``) times it against rotate-half on the ``[B, H, T, A]`` view, with and
     without that slicing; the figures are in ``benchmarks/README.md``.
     """
