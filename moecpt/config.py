@@ -330,6 +330,16 @@ class WandbMode(StrEnum):
     DISABLED = "disabled"
 
 
+class ActivationCheckpointing(StrEnum):
+    """What the backward recomputes instead of keeping (``train.activation_checkpointing``; Chen et al. 2016,
+    "Training Deep Nets with Sublinear Memory Cost"): nothing, each whole decoder block, or each MoE FFN only (the
+    expert activations, ``K`` rows per token, dominate a granular MoE's activation memory)."""
+
+    NONE = "none"
+    FULL = "full"
+    MOE_ONLY = "moe-only"
+
+
 class DType(StrEnum):
     """Compute dtype of training and evaluation (``train.dtype``)."""
 
@@ -338,9 +348,11 @@ class DType(StrEnum):
     BF16 = "bf16"  # bf16 autocast on any device
 
 
-#: train keys that change how a run is watched, never what it computes: left out of a run's identity, so that
-#: turning them on or off resumes the same run (and runs made before they existed still resume)
-OBSERVATION_KEYS = frozenset({"threads", "log_lines_every", "wandb_project", "wandb_mode"})
+#: train keys that change how a run is watched or how much memory it holds, never what it computes: left out of a
+#: run's identity, so that turning them on or off resumes the same run (and runs made before they existed still
+#: resume); activation checkpointing recomputes the same forward, bit for bit (tests/test_activation_checkpointing.py)
+OBSERVATION_KEYS = frozenset({"threads", "log_lines_every", "wandb_project", "wandb_mode",
+                              "activation_checkpointing"})
 
 
 class TrainConfig(_Strict):
@@ -351,6 +363,9 @@ class TrainConfig(_Strict):
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps")
     dtype: DType = Field(DType.AUTO, description="auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16")
     compile: bool = False
+    activation_checkpointing: ActivationCheckpointing = Field(
+        ActivationCheckpointing.NONE, description="none | full (each block) | moe-only (each MoE FFN): recompute "
+        "those activations in the backward; same results, less memory")
     log_every: int = Field(1, ge=1)
     eval_every: int = Field(50, ge=1)
     eval_batches: int = Field(4, ge=1, description="held-out batches per source per evaluation")

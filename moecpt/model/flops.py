@@ -11,6 +11,7 @@ Conventions (documented so that figures are comparable):
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from moecpt.config import ModelConfig
@@ -65,3 +66,23 @@ def model_stats(cfg: ModelConfig, seq_len: int | None = None) -> dict[str, float
         "train_flops_per_token": 3 * fwd,
         "seq_len": T,
     }
+
+
+def saved_activation_bytes(fn, *args, **kwargs) -> int:
+    """Bytes autograd saves for the backward while ``fn(*args, **kwargs)`` runs: the activation memory of a
+    training forward, counted exactly through ``torch.autograd.graph.saved_tensors_hooks`` (what activation
+    checkpointing removes). A tensor saved by two nodes counts twice; parameters saved by a matmul count too
+    (they are resident anyway). The output is dropped.
+
+    Returns: bytes (int).
+    """
+    total = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(*args, **kwargs)
+    return total

@@ -222,6 +222,9 @@ class Router(nn.Module):
             self.register_buffer("expert_bias", torch.zeros(num_experts), persistent=True)
             # per-step load, summed over micro-batches; not part of the model state
             self.register_buffer("step_load", torch.zeros(num_experts), persistent=False)
+        # set while activation checkpointing recomputes this router's forward in the backward, which must not
+        # count the step's load a second time (moecpt.model.transformer.recompute_marker)
+        self.recomputing = False
         self.reset_parameters()
 
     def reset_parameters(self, std: float = 0.02) -> None:
@@ -287,8 +290,9 @@ class Router(nn.Module):
                 "load_balancing": cfg.aux_loss_weight if cfg.kind == RouterKind.PENALTY else 0.0,
                 "z_loss": cfg.z_loss_weight if cfg.kind == RouterKind.PENALTY else 0.0,
             }
-        if cfg.kind == RouterKind.BIAS and self.training and torch.is_grad_enabled():
-            # count only in training forwards (not evaluation, not no-grad recomputation): docs/design.md, rule R6
+        if cfg.kind == RouterKind.BIAS and self.training and torch.is_grad_enabled() and not self.recomputing:
+            # count once per training forward: not in evaluation, not in no-grad or activation-checkpointing
+            # recomputation (docs/design.md, rule R6)
             self.step_load += tokens_per_expert_E.to(self.step_load.dtype)
         return RouterOutput(
             logits_TE=logits_TE,

@@ -12,13 +12,15 @@ heads, A head dim, R rotary dims, V vocabulary).
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-from moecpt.config import ModelConfig, QKNorm
+from moecpt.config import ActivationCheckpointing, ModelConfig, QKNorm
 from moecpt.model.moe import GLUFeedForward, MoELayer, RoutedExperts
 from moecpt.model.routing import Router, RouterOutput
 
@@ -55,6 +57,29 @@ def apply_rope(x_BTHA: torch.Tensor, cos_TR: torch.Tensor, sin_TR: torch.Tensor)
     if R == A:
         return out.to(x_BTHA.dtype)
     return torch.cat([out.to(x_BTHA.dtype), x_BTHA[..., R:]], dim=-1)
+
+
+@contextlib.contextmanager
+def recompute_marker(routers: list[Router]):
+    """Mark ``routers`` as recomputing while activation checkpointing replays their forward in the backward, so
+    that a bias-balanced router counts its step load once (docs/design.md, rule R6)."""
+    for r in routers:
+        r.recomputing = True
+    try:
+        yield
+    finally:
+        for r in routers:
+            r.recomputing = False
+
+
+def checkpointed(fn, module: nn.Module, *args):
+    """``fn(*args)`` under non-reentrant activation checkpointing (``torch.utils.checkpoint``, Chen et al. 2016):
+    only the inputs are saved and the forward is replayed in the backward, with the RNG state restored. The
+    replay marks ``module``'s routers (:func:`recompute_marker`); any output structure (a ``RouterOutput``)
+    passes through."""
+    routers = [m for m in module.modules() if isinstance(m, Router)]
+    return checkpoint(fn, *args, use_reentrant=False,
+                      context_fn=lambda: (contextlib.nullcontext(), recompute_marker(routers)))
 
 
 class Attention(nn.Module):
@@ -106,6 +131,7 @@ class Block(nn.Module):
         self.ffn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.is_moe = cfg.is_moe_layer(layer_idx)
         self.ffn = MoELayer(cfg) if self.is_moe else GLUFeedForward(cfg.d_model, cfg.ffn_width, cfg.ffn_kind)
+        self.checkpoint_moe = False  # recompute the MoE FFN in the backward (Transformer.set_activation_checkpointing)
 
     def forward(self, x_BTD, cos_TR, sin_TR) -> tuple[torch.Tensor, RouterOutput | None]:
         x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos_TR, sin_TR)
@@ -113,7 +139,10 @@ class Block(nn.Module):
         if not self.is_moe:
             return x_BTD + self.ffn(h_BTD), None
         B, T, D = h_BTD.shape
-        y_TD, routing = self.ffn(h_BTD.reshape(B * T, D))
+        if self.checkpoint_moe and self.training and torch.is_grad_enabled():
+            y_TD, routing = checkpointed(self.ffn, self.ffn, h_BTD.reshape(B * T, D))
+        else:
+            y_TD, routing = self.ffn(h_BTD.reshape(B * T, D))
         return x_BTD + y_TD.view(B, T, D), routing
 
 
@@ -146,7 +175,23 @@ class Transformer(nn.Module):
         cos, sin = rope_cos_sin(cfg.max_seq_len, rot, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        self.activation_checkpointing = ActivationCheckpointing.NONE
         self.reset_parameters()
+
+    def set_activation_checkpointing(self, mode: ActivationCheckpointing | str) -> None:
+        """Recompute activations in the backward instead of keeping them: ``"full"`` each decoder block (only
+        its input ``[B, T, D]`` is kept), ``"moe-only"`` each MoE FFN (router, dispatch and experts), ``"none"``
+        (default). Training forwards only; outputs, gradients and the bias-balancing counts are unchanged
+        (``tests/test_activation_checkpointing.py``). Apply before ``torch.compile`` / FSDP wrapping, as
+        torchtitan does.
+
+        Raises:
+            ValueError: ``mode`` is not one of the three.
+        """
+        mode = ActivationCheckpointing(mode)
+        self.activation_checkpointing = mode
+        for block in self.blocks:
+            block.checkpoint_moe = mode == ActivationCheckpointing.MOE_ONLY and block.is_moe
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -186,8 +231,10 @@ class Transformer(nn.Module):
         x_BTD = self.tok_emb(input_ids_BT)
         cos_TR, sin_TR = self.rope_cos[:T], self.rope_sin[:T]
         routing: list[RouterOutput] = []
+        whole = (self.activation_checkpointing == ActivationCheckpointing.FULL and self.training
+                 and torch.is_grad_enabled())
         for block in self.blocks:
-            x_BTD, r = block(x_BTD, cos_TR, sin_TR)
+            x_BTD, r = checkpointed(block, block, x_BTD, cos_TR, sin_TR) if whole else block(x_BTD, cos_TR, sin_TR)
             if r is not None:
                 routing.append(r)
         logits_BTV = self.lm_head(self.norm(x_BTD))

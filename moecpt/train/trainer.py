@@ -450,6 +450,7 @@ class Trainer:
         r, tcfg = self.recipe, self.recipe.train
         torch.manual_seed(tcfg.seed)
         model = build_model(self.model_cfg, device=self.device)
+        model.set_activation_checkpointing(tcfg.activation_checkpointing)  # before any compile / FSDP wrapping
         optimizer = build_worker_optimizer(model, r, self.device)
         sync = self.parallel.build_sync(r, self.dist, self.device, self.simulate_workers, self.outer_optimizer)
         state = TrainState(model=model, optimizer=optimizer, sync=sync, sampler=self._make_sampler(),
