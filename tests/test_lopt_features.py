@@ -12,6 +12,7 @@ from moecpt.lopt.features import (
     decays_from_offsets,
     factored_dims,
     init_accumulators,
+    iter_features,
     time_features,
     update_accumulators,
 )
@@ -150,3 +151,48 @@ def test_lagg_features_have_one_channel_per_worker():
     assert state["t"].tolist() == [1, 1]
     # the accumulators see the mean pseudo-gradient -mean_k delta_k
     assert torch.allclose(state["acc"][1]["m"][..., 0], 0.1 * -deltas[1].mean(1), atol=1e-7)
+
+
+@pytest.mark.parametrize("shape", [(23,), (9, 5), (4, 11), (3, 4, 5), (1, 6), (6, 1)])
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("adafactor", [True, False])
+@pytest.mark.parametrize("max_elements", [1, 7, 10_000])
+def test_iter_features_equals_build_features(shape, channels, adafactor, max_elements):
+    """Blocks of rows, however cut (one row, a partial last block, one block), give the reference features."""
+    gen = torch.Generator().manual_seed(0)
+    B = 2
+    p = torch.randn(B, *shape, generator=gen)
+    chans = torch.randn(B, *shape, channels, generator=gen) * 1e-2
+    g = chans.mean(dim=-1)
+    t = torch.tensor([0, 5])
+    state, fac = None, None
+    if adafactor:
+        decays = decays_from_offsets(torch.randn(B, 7, generator=gen) * 0.1)
+        state, _ = update_accumulators(init_accumulators(p), g * 3, decays)  # a second round, non-trivial state
+        state, fac = update_accumulators(state, g, decays)
+    ref = build_features(chans, p, t, state, fac)
+    blocks = list(iter_features(chans, p, t, g, state, max_elements))
+    rows_per_block = max(1, max_elements // max(1, math.prod(shape[1:])))
+    assert len(blocks) == math.ceil(shape[0] / rows_per_block)
+    torch.testing.assert_close(torch.cat(blocks, dim=1), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_large_tensor_step_is_chunked_and_equal(monkeypatch):
+    """A tensor above the chunk size takes the blocked path and steps as the all-at-once path does."""
+    from moecpt.lopt import optimizers
+    from moecpt.lopt.mlp import init_meta_params
+
+    spec = LOptSpec("lagg-a", 3)
+    meta = spec.unflatten(init_meta_params(spec, torch.Generator().manual_seed(1))[None])
+    gen = torch.Generator().manual_seed(2)
+    params = [torch.randn(1, 40, 30, generator=gen), torch.randn(1, 50, generator=gen)]
+    deltas = [torch.randn(1, 3, *q.shape[1:], generator=gen) * 1e-3 for q in params]
+    ref, _ = optimizers.lopt_step(spec, meta, params, deltas, optimizers.init_lopt_state(spec, params))
+    calls = []
+    real = optimizers.iter_features
+    monkeypatch.setattr(optimizers, "iter_features", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(optimizers, "MLP_CHUNK", 64)
+    got, _ = optimizers.lopt_step(spec, meta, params, deltas, optimizers.init_lopt_state(spec, params))
+    assert len(calls) == 1  # the [40, 30] weight (1,200 elements > 64); the 50-element bias is all at once
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-7)

@@ -128,16 +128,19 @@ def _rsqrt_safe(x: Tensor) -> Tensor:
     return torch.rsqrt(torch.clamp(x, min=1e-9))
 
 
-def update_accumulators(state: dict[str, Tensor], g: Tensor, decays: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+def update_accumulators(state: dict[str, Tensor], g: Tensor, decays: Tensor, with_fac_g: bool = True
+                        ) -> tuple[dict[str, Tensor], Tensor | None]:
     """Fold this round's mean pseudo-gradient into the accumulators.
 
     Args:
         state: from :func:`init_accumulators` (not modified).
         g: ``[B, *S]`` mean pseudo-gradient ``−mean_k Δ_k``.
         decays: ``[B, 7]`` from :func:`decays_from_offsets`.
+        with_fac_g: False skips ``fac_g`` (:func:`iter_features` computes it a block at a time).
 
     Returns:
-        ``(new_state, fac_g)`` with ``fac_g`` ``[B, *S, 3]`` the Adafactor-preconditioned delta at the 3 decays.
+        ``(new_state, fac_g)`` with ``fac_g`` ``[B, *S, 3]`` the Adafactor-preconditioned delta at the 3 decays
+        (None without ``with_fac_g``).
     """
     g = _as_batched(g).to(torch.float32)
     nd = g.dim() - 1
@@ -150,17 +153,26 @@ def update_accumulators(state: dict[str, Tensor], g: Tensor, decays: Tensor) -> 
     gsq = g1 * g1 + 1e-30
     fd = factored_dims(tuple(g.shape[1:]))
     if fd is None:
-        diag = bf * state["diag"] + (1 - bf) * gsq
-        new["diag"] = diag
-        fac_g = g1 * _rsqrt_safe(diag + 1e-9)
+        new["diag"] = bf * state["diag"] + (1 - bf) * gsq
     else:
         d1, d0 = fd
-        row = bf * state["row"] + (1 - bf) * gsq.mean(dim=1 + d0, keepdim=True)
-        col = bf * state["col"] + (1 - bf) * gsq.mean(dim=1 + d1, keepdim=True)
-        new["row"], new["col"] = row, col
-        row_factor, col_factor = _row_col_factors(row, col, d1)
-        fac_g = g1 * row_factor * col_factor
-    return new, fac_g
+        new["row"] = bf * state["row"] + (1 - bf) * gsq.mean(dim=1 + d0, keepdim=True)
+        new["col"] = bf * state["col"] + (1 - bf) * gsq.mean(dim=1 + d1, keepdim=True)
+    del gsq
+    return new, (_fac_g(g1, new, _factors(new, fd)) if with_fac_g else None)
+
+
+def _factors(state: dict[str, Tensor], fd: tuple[int, int] | None) -> tuple[Tensor, Tensor] | None:
+    """Adafactor's row and column factors of a factored state (over the whole tensor), None if unfactored."""
+    return None if fd is None else _row_col_factors(state["row"], state["col"], fd[0])
+
+
+def _fac_g(g1: Tensor, state: dict[str, Tensor], factors: tuple[Tensor, Tensor] | None) -> Tensor:
+    """The Adafactor-preconditioned delta ``[B, *S, 3]`` of ``g1 = g[..., None]`` (or of a block of rows of it,
+    with ``state`` and ``factors`` sliced alike)."""
+    if factors is None:
+        return g1 * _rsqrt_safe(state["diag"] + 1e-9)
+    return g1 * factors[0] * factors[1]
 
 
 def _row_col_factors(row: Tensor, col: Tensor, d1: int) -> tuple[Tensor, Tensor]:
@@ -175,6 +187,39 @@ def normalize_channels(x: Tensor) -> Tensor:
     return x * torch.rsqrt(NORM_EPS + x.square().mean(dim=dims, keepdim=True))
 
 
+def _raw_channels(deltas: Tensor, p: Tensor, state: dict[str, Tensor] | None, fac_g: Tensor | None,
+                  factors: tuple[Tensor, Tensor] | None) -> Tensor:
+    """The feature channels before normalisation, ``[B, *S, C + 27]`` (or ``[B, *S, C + 1]`` without ``state``),
+    in the order of the module docstring; ``p`` is batched float32, ``deltas`` ``[B, *S, C]``."""
+    chans = [deltas.to(torch.float32), p[..., None]]
+    if state is not None:
+        m, v = state["m"], state["v"]
+        rs = torch.rsqrt(v + 1e-6)
+        chans += [m, v, m * rs, rs, fac_g]
+        if "diag" in state:
+            d = state["diag"]
+            r8 = torch.rsqrt(d + 1e-8)
+            chans += [d, d, r8, r8, m * (d + 1e-6) ** -0.5]
+        else:
+            full = tuple(m.shape)
+            row_feat, col_feat = state["row"].expand(full), state["col"].expand(full)
+            row_factor, col_factor = factors
+            chans += [
+                row_feat,
+                col_feat,
+                torch.rsqrt(row_feat + 1e-8),
+                torch.rsqrt(col_feat + 1e-8),
+                m * row_factor * col_factor,
+            ]
+    return torch.cat(chans, dim=-1)
+
+
+def _with_time(x: Tensor, t: Tensor) -> Tensor:
+    """``[B, N, F']`` normalised channels -> ``[B, N, F' + 11]`` with the time features appended."""
+    B, N = x.shape[:2]
+    return torch.cat([x, time_features(t)[:, None, :].expand(B, N, len(TIMESCALES))], dim=-1)
+
+
 def build_features(
     deltas: Tensor,
     param: Tensor,
@@ -182,7 +227,8 @@ def build_features(
     state: dict[str, Tensor] | None = None,
     fac_g: Tensor | None = None,
 ) -> Tensor:
-    """The MLP inputs of every element of one tensor.
+    """The MLP inputs of every element of one tensor, all at once (the reference; :func:`iter_features` gives
+    the same features a block of rows at a time, in bounded memory).
 
     Args:
         deltas: ``[B, *S, C]`` pseudo-gradient channel(s) (mean: ``C = 1``; per worker: ``C = K``).
@@ -195,31 +241,72 @@ def build_features(
         float32 ``[B, N, F]`` with ``N = prod(S)`` elements and ``F = num_features(C, state is not None)``.
     """
     p = _as_batched(param).to(torch.float32)
-    B = p.shape[0]
     if deltas.dim() == p.dim():  # a scalar parameter: [B, C] -> [B, 1, C]
         deltas = deltas[:, None]
-    chans = [deltas.to(torch.float32), p[..., None]]
-    if state is not None:
-        m, v = state["m"], state["v"]
-        rs = torch.rsqrt(v + 1e-6)
-        chans += [m, v, m * rs, rs, fac_g]
-        full = tuple(m.shape)
-        if "diag" in state:
-            d = state["diag"]
-            r8 = torch.rsqrt(d + 1e-8)
-            chans += [d, d, r8, r8, m * (d + 1e-6) ** -0.5]
-        else:
-            d1, _ = factored_dims(tuple(p.shape[1:]))
-            row, col = state["row"], state["col"]
-            row_feat, col_feat = row.expand(full), col.expand(full)
-            row_factor, col_factor = _row_col_factors(row, col, d1)
-            chans += [
-                row_feat,
-                col_feat,
-                torch.rsqrt(row_feat + 1e-8),
-                torch.rsqrt(col_feat + 1e-8),
-                m * row_factor * col_factor,
-            ]
-    x = normalize_channels(torch.cat(chans, dim=-1)).reshape(B, -1, sum(c.shape[-1] for c in chans))
-    tf = time_features(t)[:, None, :].expand(B, x.shape[1], len(TIMESCALES))
-    return torch.cat([x, tf], dim=-1)
+    fd = factored_dims(tuple(p.shape[1:]))
+    factors = _factors(state, fd) if state is not None else None
+    x = normalize_channels(_raw_channels(deltas, p, state, fac_g, factors))
+    return _with_time(x.reshape(p.shape[0], -1, x.shape[-1]), t)
+
+
+def _row_block(x: Tensor, a: int, b: int) -> Tensor:
+    """Rows ``a:b`` of element dim 0 of ``x [B, S0, ...]``; a dim kept as 1 (a broadcast factor) is not cut."""
+    return x if x.shape[1] == 1 else x[:, a:b]
+
+
+def iter_features(
+    deltas: Tensor,
+    param: Tensor,
+    t: Tensor,
+    g: Tensor | None = None,
+    state: dict[str, Tensor] | None = None,
+    max_elements: int = 1 << 18,
+    negate_deltas: bool = False,
+):
+    """:func:`build_features` a block of rows at a time, so that a large tensor never holds all its features.
+
+    The channels' RMS normalisation is over the whole tensor, so it takes two passes over blocks of whole rows of
+    element dim 0 (``max(1, max_elements // row size)`` rows each): the first sums each channel's squares, the
+    second builds, normalises and yields. The transient memory is a small multiple of one block's features
+    (``benchmarks/lopt_meta_iter.py`` measures it), the compute about twice the channels' (cheap against the MLP).
+    Equal to :func:`build_features` up to the order of the float32 sums (``tests/test_lopt_features.py``).
+
+    Args:
+        deltas, param, t, state: as :func:`build_features` (``state`` from ``update_accumulators(...,
+            with_fac_g=False)``).
+        g: ``[B, *S]`` the mean pseudo-gradient (needed with ``state``, for ``fac_g``).
+        max_elements: target elements per block.
+        negate_deltas: ``deltas`` are the workers' ``Δ`` (a view), negated a block at a time into pseudo-gradients
+            instead of copied whole.
+
+    Yields:
+        float32 ``[B, n_i, F]`` blocks whose concatenation along dim 1 is :func:`build_features`' ``[B, N, F]``.
+    """
+    p = _as_batched(param).to(torch.float32)
+    if deltas.dim() == p.dim():
+        deltas = deltas[:, None]
+    B, rows = p.shape[0], p.shape[1]
+    row_size = max(1, p[0, 0].numel())
+    step = max(1, max_elements // row_size)
+    fd = factored_dims(tuple(p.shape[1:]))
+    factors = _factors(state, fd) if state is not None else None
+    g1 = None if g is None else _as_batched(g).to(torch.float32)[..., None]
+
+    def block(a: int, b: int) -> Tensor:
+        d = -deltas[:, a:b] if negate_deltas else deltas[:, a:b]
+        if state is None:
+            return _raw_channels(d, p[:, a:b], None, None, None)
+        st = {k: _row_block(v, a, b) for k, v in state.items()}
+        fs = None if factors is None else tuple(_row_block(f, a, b) for f in factors)
+        return _raw_channels(d, p[:, a:b], st, _fac_g(g1[:, a:b], st, fs), fs)
+
+    spans = [(a, min(a + step, rows)) for a in range(0, rows, step)]
+    sumsq = None
+    for a, b in spans:
+        x = block(a, b)
+        part = x.square().reshape(B, -1, x.shape[-1]).sum(dim=1)
+        sumsq = part if sumsq is None else sumsq + part
+    scale = torch.rsqrt(NORM_EPS + sumsq / p[0].numel())  # [B, F']
+    for a, b in spans:
+        x = block(a, b)
+        yield _with_time(x.reshape(B, -1, x.shape[-1]) * scale[:, None, :], t)

@@ -32,10 +32,16 @@ import torch
 from torch import Tensor
 
 from moecpt.errors import MoecptError
-from moecpt.lopt.features import build_features, decays_from_offsets, init_accumulators, update_accumulators
+from moecpt.lopt.features import (
+    build_features,
+    decays_from_offsets,
+    init_accumulators,
+    iter_features,
+    update_accumulators,
+)
 from moecpt.lopt.mlp import LOptSpec, mlp_forward, step_from_outputs
 
-MLP_CHUNK = 1 << 18  # elements per MLP call
+MLP_CHUNK = 1 << 16  # elements per feature block and MLP call: bounds a large tensor's transient memory
 
 
 class OuterOptimizer(ABC):
@@ -123,25 +129,22 @@ def lopt_step(
     for i, (p, d) in enumerate(zip(params, deltas)):
         p = p.to(torch.float32)
         d = d.to(torch.float32)
-        if spec.aggregator:
-            gk = -d
-            g = gk.mean(dim=1)
-            chans = gk.movedim(1, -1)
+        small = p[0].numel() <= MLP_CHUNK
+        # pseudo-gradients g = -Δ; on a large tensor the K worker channels stay a view of Δ, negated per block
+        g = -(d.mean(dim=1) if spec.aggregator else d)
+        if small:
+            chans = (-d).movedim(1, -1) if spec.aggregator else g[..., None]
         else:
-            g = -d
-            chans = g[..., None]
-        if spec.adafactor:
-            acc, fac_g = update_accumulators(state["acc"][i], g, decays)
+            chans = d.movedim(1, -1) if spec.aggregator else d[..., None]
+        acc, fac_g = (update_accumulators(state["acc"][i], g, decays, with_fac_g=small) if spec.adafactor
+                      else (None, None))
+        if acc is not None:
             new_acc.append(acc)
-            x = build_features(chans, p, t, acc, fac_g)
-        else:
-            x = build_features(chans, p, t)
-        n = x.shape[1]
-        if n <= MLP_CHUNK:
-            step = step_from_outputs(*mlp_forward(meta, x))
-        else:  # bound the hidden activations' memory (2 x 32 floats per element) on large tensors
-            step = torch.cat([step_from_outputs(*mlp_forward(meta, x[:, i : i + MLP_CHUNK]))
-                              for i in range(0, n, MLP_CHUNK)], dim=1)
+        if small:
+            step = step_from_outputs(*mlp_forward(meta, build_features(chans, p, t, acc, fac_g)))
+        else:  # features and MLP activations a block of rows at a time: bounded memory on large tensors
+            step = torch.cat([step_from_outputs(*mlp_forward(meta, x))
+                              for x in iter_features(chans, p, t, g, acc, MLP_CHUNK, negate_deltas=True)], dim=1)
         new_params.append(p - step.reshape(p.shape))
     return new_params, {"t": t + 1, "acc": new_acc}
 
