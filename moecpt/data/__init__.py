@@ -9,6 +9,7 @@ Public names are imported lazily (``moecpt.cli`` imports this package, and numpy
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 __all__ = ["PreparedData", "MixtureSampler", "val_batches", "prepare", "demo_path"]
@@ -24,7 +25,5 @@ _WHERE = {
 
 def __getattr__(name: str) -> Any:
     if name in _WHERE:
-        import importlib
-
         return getattr(importlib.import_module(_WHERE[name]), name)
     raise AttributeError(f"module 'moecpt.data' has no attribute {name!r}")

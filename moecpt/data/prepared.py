@@ -7,7 +7,12 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from tokenizers import Tokenizer
+
+from moecpt.data.demo import demo_path
 from moecpt.errors import MoecptError
+from moecpt.storage.outputs import owns
 
 _COUNTS = ("train_tokens", "val_tokens", "train_documents", "val_documents")
 
@@ -64,8 +69,6 @@ class PreparedData:
             MoecptError: the folder does not exist or has no ``manifest.json`` (not prepared or interrupted).
         """
         if str(path) == "demo":
-            from moecpt.data.demo import demo_path
-
             path = demo_path()
         p = Path(path).expanduser()
         if not p.is_dir():
@@ -75,8 +78,6 @@ class PreparedData:
             )
         mf = p / "manifest.json"
         if not mf.is_file():
-            from moecpt.storage.outputs import owns
-
             if owns(p, "data prepare"):  # moecpt's own folder: an interrupted prepare, safe to finish in place
                 raise MoecptError(
                     f"{p} is an unfinished prepare (no manifest.json yet); run the same `moecpt data prepare "
@@ -98,8 +99,6 @@ class PreparedData:
     @cached_property
     def tokenizer(self):
         """The ``tokenizers.Tokenizer`` the shards were made with (loaded on first use)."""
-        from tokenizers import Tokenizer
-
         return Tokenizer.from_file(str(self.path / self.manifest.get("tokenizer", "tokenizer.json")))
 
     def encode(self, text: str) -> list[int]:
@@ -120,8 +119,6 @@ class PreparedData:
             )
 
     def _array(self, name: str, split: str, kind: str = ""):
-        import numpy as np
-
         self._check_source(name)
         key = (name, split + kind)
         if key not in self._arrays:

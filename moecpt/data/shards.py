@@ -38,6 +38,20 @@ from itertools import chain, repeat
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from tokenizers import Tokenizer
+from tqdm import tqdm
+
+from moecpt.data.readers import HF_PREFIX, ReadStats, iter_documents, resolve_files
+from moecpt.data.tokenizer import (
+    check_vocab_size,
+    ensure_eod,
+    load_tokenizer,
+    sample_texts,
+    sha256_bytes,
+    tokenizer_bytes,
+    train_bpe,
+)
 from moecpt.errors import MoecptError
 from moecpt.storage.atomic import pid_alive, write_bytes_atomic, write_json_atomic
 from moecpt.storage.lock import FolderLock
@@ -143,8 +157,6 @@ def _trained_on(
 
 def _sources_without_text(sources: dict[str, list[tuple[str, str]]], text_field: str, skip_bad_lines: bool):
     """Names of the sources that yield no document at all (reads up to the first document of each)."""
-    from moecpt.data.readers import ReadStats, iter_documents
-
     empty = []
     for name, files in sources.items():
         docs = iter_documents(files, text_field, ReadStats(), skip_bad_lines)
@@ -170,8 +182,6 @@ def _setup_tokenizer(
         MoecptError: ``out`` holds shards of a tokenizer other than the one asked for; a source gives no text to
             train a tokenizer on (every document empty or skipped: a wrong ``--text-field``?); a bad spec.
     """
-    from moecpt.data.tokenizer import ensure_eod, load_tokenizer, sha256_bytes, tokenizer_bytes
-
     tok_path = out / TOKENIZER_FILE
     meta_path = out / TOKENIZER_META
     existing = tok_path.read_bytes() if tok_path.is_file() else None
@@ -221,9 +231,6 @@ def _reusable_trained_tokenizer(out: Path, spec: str, trained_on: Any, existing:
         MoecptError: it differs (spec, inputs, or bytes changed by hand) and shards were made with it; ``other`` is
             the message template for a different spec.
     """
-    from moecpt.data.tokenizer import sha256_bytes
-    from tokenizers import Tokenizer
-
     tok_path = out / TOKENIZER_FILE
     meta_path = out / TOKENIZER_META
     same_spec = existing_meta.get("spec") == spec
@@ -256,9 +263,6 @@ def _train_tokenizer(sources: dict[str, list[tuple[str, str]]], text_field: str,
     Raises:
         MoecptError: a source gives no text at all (every document empty or skipped).
     """
-    from moecpt.data.readers import ReadStats, iter_documents
-    from moecpt.data.tokenizer import sample_texts, train_bpe
-
     empty = _sources_without_text(sources, text_field, skip_bad_lines)
     if empty:
         names = ", ".join(repr(n) for n in empty)
@@ -288,9 +292,6 @@ def _batched(docs: Iterator[str]) -> Iterator[list[str]]:
 
 def _tokenize_to_file(tok, eod: int, docs: Iterator[str], path: Path, dtype: str, name: str, progress: bool):
     """Append every document's ids + eod to ``path``; return the int64 array of document lengths (incl. eod)."""
-    import numpy as np
-    from tqdm import tqdm
-
     encode = getattr(tok, "encode_batch_fast", tok.encode_batch)  # _fast skips offsets: same ids, quicker
     lengths: list[np.ndarray] = []
     bar = tqdm(desc=f"tokenizing {name}", unit=" docs", disable=not progress, file=sys.stderr, mininterval=0.5)
@@ -321,8 +322,6 @@ def choose_val_documents(
     ``max(val_fraction * total, min_val_tokens)`` (capped at half the source) and at least ``min_val_documents``
     documents; at least one document always stays in train. Whole documents only, so no document is in both.
     """
-    import numpy as np
-
     n = len(lengths)
     mask = np.zeros(n, dtype=bool)
     if val_fraction <= 0 or n < 2:
@@ -340,8 +339,6 @@ def choose_val_documents(
 
 def _write_split(all_tokens, offsets, lengths, sel, dst_dir: Path, split: str, dtype: str) -> tuple[int, int]:
     """Gather the documents ``sel`` (in original order) into ``<split>.npy`` + ``<split>_idx.npy``."""
-    import numpy as np
-
     docs = np.flatnonzero(sel)
     sel_len = lengths[docs]
     idx = np.zeros(len(docs) + 1, dtype=np.int64)
@@ -416,8 +413,6 @@ def _parse_train_vocab(spec: str) -> int | None:
     Raises:
         MoecptError: not an integer, or outside [MIN_VOCAB, MAX_VOCAB].
     """
-    from moecpt.data.tokenizer import check_vocab_size
-
     if not spec.startswith("train:"):
         return None
     try:
@@ -433,10 +428,6 @@ def _build_source(
     text_field: str, val_fraction: float, seed: int, min_val_documents: int, min_val_tokens: int,
     skip_bad_lines: bool, progress: bool,
 ) -> dict[str, Any]:
-    import numpy as np
-
-    from moecpt.data.readers import ReadStats, iter_documents
-
     tmp = out / f".tmp-{name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
@@ -534,8 +525,6 @@ def prepare(
             no text to train the tokenizer on; ``out`` cannot be written or an input read (read-only, permission
             denied, disk full: one line naming the path).
     """
-    from moecpt.data.readers import resolve_files
-
     if workers is not None:
         if workers < 1:
             raise MoecptError(f"--workers {workers} must be >= 1")
@@ -573,8 +562,6 @@ def _input_paths(sources: dict[str, str], resolved: dict[str, list[tuple[str, st
                  out: Path) -> list[Path]:
     """Every local path a prepare reads: each source's file or folder (a glob's matched files), and a tokenizer
     given by path -- unless that is ``out``'s own ``tokenizer.json`` (re-using it to add sources to ``out``)."""
-    from moecpt.data.readers import HF_PREFIX
-
     paths: list[Path] = []
     for name, spec in sources.items():
         if spec.startswith(HF_PREFIX):

@@ -11,6 +11,8 @@ import hashlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
 from moecpt.errors import MoecptError
 
 EOD_TOKEN = "<|endoftext|>"
@@ -41,8 +43,6 @@ def train_bpe(texts: Iterable[str], vocab_size: int):
         MoecptError: ``vocab_size`` < 257 or > 2**21, or ``texts`` holds no non-empty text (a tokenizer trained on nothing
             has only the byte symbols and would be kept and reused as if it were real).
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
     check_vocab_size(vocab_size)
     # ignore_merges: a pre-token that is itself in the vocab maps straight to its id (as in Llama 3): same
     # lossless byte-level encoding, ~1.5x faster encoding.
@@ -96,8 +96,6 @@ def load_tokenizer(path: str | Path):
     Raises:
         MoecptError: no such file, or not a valid tokenizer.json.
     """
-    from tokenizers import Tokenizer
-
     p = Path(path).expanduser()
     if p.is_dir():
         p = p / "tokenizer.json"

@@ -29,6 +29,7 @@ import hashlib
 import io
 import json
 import math
+import sys
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -36,11 +37,16 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 from moecpt.errors import MoecptError
 from moecpt.lopt.baselines import nesterov_update, slowmo_update
 from moecpt.lopt.optimizers import LearnedOuterOptimizer, init_lopt_state, lopt_step
+from moecpt.lopt.pretrained import load_pretrained
 from moecpt.lopt.tasks import BENCH_TASKS, TASKS, Task, get_task, local_round
+from moecpt.storage.atomic import write_bytes_atomic, write_json_atomic
+from moecpt.storage.lock import FolderLock
+from moecpt.storage.outputs import claim_folder
 
 METHODS = ("lagg-a", "lopt-a", "local-sgd", "slowmo", "diloco", "adam", "sgd")
 TUNE_SEED = 1000
@@ -210,8 +216,6 @@ def run_bench(cfg: BenchConfig, out: str | Path | None = None, progress: bool = 
     """
     if out is None:
         return _run_bench(cfg, None, progress)
-    from moecpt.storage.lock import FolderLock
-    from moecpt.storage.outputs import claim_folder
 
     weights = [Path(w) for w in (cfg.lagg, cfg.lopt) if str(w).endswith(".safetensors")]
     out = claim_folder(out, "lopt bench", weights, legacy=lambda d: (d / "bench_cache.json").is_file())
@@ -221,10 +225,6 @@ def run_bench(cfg: BenchConfig, out: str | Path | None = None, progress: bool = 
 
 def _run_bench(cfg: BenchConfig, out: Path | None, progress: bool) -> tuple[list[dict], dict]:
     """The body of :func:`run_bench` (``out`` already claimed and locked)."""
-    from tqdm import tqdm
-
-    from moecpt.lopt.pretrained import load_pretrained
-
     learned = {}
     if "lagg-a" in cfg.methods:
         learned["lagg-a"] = load_pretrained(cfg.lagg, workers=cfg.workers)
@@ -271,8 +271,6 @@ def _run_bench(cfg: BenchConfig, out: Path | None, progress: bool) -> tuple[list
                     })
                     curves[(task.name, H, method)] = res["curve"].mean(1).tolist()
                     if cache_path is not None:
-                        from moecpt.storage.atomic import write_json_atomic
-
                         cache[key] = {"row": rows[-1], "curve": curves[(task.name, H, method)]}
                         write_json_atomic(cache_path, cache)
                     bar.update(1)
@@ -282,8 +280,6 @@ def _run_bench(cfg: BenchConfig, out: Path | None, progress: bool) -> tuple[list
                                                      "rounds": cfg.rounds, "seeds": cfg.seeds, "K": cfg.workers,
                                                      "quick": cfg.quick, "lagg": cfg.lagg, "lopt": cfg.lopt}}
     if out is not None:
-        from moecpt.storage.atomic import write_bytes_atomic, write_json_atomic
-
         outp = Path(out)
         write_json_atomic(outp / "bench.json", {"rows": rows, "summary": summarize(rows), **meta,
                                                 "curves": {f"{t}|H={h}|{m}": c for (t, h, m), c in curves.items()}})
@@ -304,7 +300,6 @@ def _load_cache(path: Path) -> dict:
         pass
     aside = path.with_name(path.name + ".damaged")
     path.replace(aside)
-    import sys
 
     print(f"moecpt: {path} is damaged; moved it aside to {aside.name} and recomputing", file=sys.stderr)
     return {}
@@ -346,8 +341,6 @@ def plot_curves(curves: dict, cfg: BenchConfig, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from moecpt.storage.atomic import write_bytes_atomic
 
     nt, nh = len(cfg.tasks), len(cfg.local_steps)
     fig, axes = plt.subplots(nt, nh, figsize=(4.2 * nh, 3.2 * nt), squeeze=False)

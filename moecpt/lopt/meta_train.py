@@ -24,6 +24,7 @@ Run folder ``OUT/``:
 from __future__ import annotations
 
 import io
+import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -31,6 +32,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 from moecpt.errors import MoecptError
 from moecpt.lopt.mlp import LOptKind, LOptSpec, MetaInit, init_meta_params
@@ -263,8 +265,6 @@ def meta_train(cfg: MetaTrainConfig, out: str | Path, progress: bool = True, max
 
 def _check_saved_config(out: Path, cfg_json: dict) -> None:
     """Refuse to resume from ``out`` when its ``config.json`` is damaged or holds other settings than ``cfg_json``."""
-    import json
-
     try:
         saved = json.loads((out / CONFIG_FILE).read_text())
     except (OSError, ValueError):
@@ -334,8 +334,6 @@ def _summary(cfg: MetaTrainConfig, out: Path, spec: LOptSpec, history: dict, it:
 def _meta_train_in(cfg: MetaTrainConfig, out: Path, spec, tasks, pes_cfg, progress: bool,
                    max_seconds: float | None) -> dict:
     """The body of :func:`meta_train`, run while this process owns ``out``."""
-    from tqdm import tqdm
-
     gen, phi, m, v, start, pes_states, history = _resume_or_start(cfg, out, spec, tasks, pes_cfg)
 
     def evaluate(it: int) -> None:

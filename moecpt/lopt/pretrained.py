@@ -14,11 +14,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save
 from torch import Tensor
 
 from moecpt.errors import MoecptError
 from moecpt.lopt.mlp import LOptSpec
 from moecpt.lopt.optimizers import LearnedOuterOptimizer
+from moecpt.storage.atomic import write_bytes_atomic
 
 FORMAT = "moecpt-lopt"
 VERSION = "1"
@@ -28,8 +31,6 @@ PRETRAINED: dict[str, str] = {"lagg-a": "lagg-a.safetensors", "lopt-a": "lopt-a.
 
 def weights_bytes(spec: LOptSpec, phi: Tensor, info: dict[str, object] | None = None) -> bytes:
     """The safetensors bytes of flat meta-parameters ``phi`` ``[N]`` (write them with an atomic writer)."""
-    from safetensors.torch import save
-
     named = {k: v[0].contiguous().clone() for k, v in spec.unflatten(phi.detach().float().cpu()).items()}
     meta = {"format": FORMAT, "version": VERSION, "kind": spec.kind, "hidden": str(spec.hidden)}
     if spec.aggregator:
@@ -41,8 +42,6 @@ def weights_bytes(spec: LOptSpec, phi: Tensor, info: dict[str, object] | None = 
 
 def save_weights(path: str | Path, spec: LOptSpec, phi: Tensor, info: dict[str, object] | None = None) -> None:
     """Atomically write a weight file (see module doc)."""
-    from moecpt.storage.atomic import write_bytes_atomic
-
     write_bytes_atomic(path, weights_bytes(spec, phi, info))
 
 
@@ -53,8 +52,6 @@ def load_weights(path: str | Path) -> tuple[LOptSpec, Tensor, dict[str, str]]:
         MoecptError: missing file, not a safetensors file (truncated, corrupted), not a moecpt-lopt file, or
             tensors whose names / shapes do not match the kind it declares.
     """
-    from safetensors import safe_open
-
     p = Path(path)
     if not p.is_file():
         raise MoecptError(f"learned-optimizer weights {p} not found; pass an existing .safetensors file or a "

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from moecpt.data.prepared import PreparedData
 from moecpt.errors import MoecptError
 
 Batch = tuple[Tensor, ...]
@@ -250,8 +251,6 @@ class MLPTask(Task):
 @cache
 def _lm_data(source: str, vocab: int) -> tuple[Tensor, Tensor]:
     """Train / val token ids of a demo source remapped to ``vocab`` ids (top ``vocab − 1`` train tokens + unk)."""
-    from moecpt.data.prepared import PreparedData
-
     data = PreparedData.open("demo")
     train = np.asarray(data.train_tokens(source), dtype=np.int64)
     val = np.asarray(data.val_tokens(source), dtype=np.int64)

@@ -13,6 +13,8 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from moecpt.errors import MoecptError
+
 
 def temp_name(name: str) -> str:
     """``<name>.tmp-<pid>-<rand>``: unique per writer; the pid lets a later process tell a dead writer's leftovers."""
@@ -131,8 +133,6 @@ def publish_dir(staging: str | Path, out: str | Path, what: str) -> None:
     Raises:
         MoecptError: ``out`` appeared meanwhile (nothing is overwritten; ``staging`` is left for the caller).
     """
-    from moecpt.errors import MoecptError
-
     staging, out = Path(staging), Path(out)
     for p in staging.iterdir():
         if p.is_file():

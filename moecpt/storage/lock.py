@@ -19,6 +19,7 @@ from typing import Any
 
 from moecpt.errors import MoecptError
 from moecpt.storage.atomic import pid_alive
+from moecpt.storage.outputs import os_error_line
 
 LOCK_FILE = ".moecpt.lock"
 _FOREIGN_NOTE_TTL_S = 24 * 3600
@@ -67,8 +68,6 @@ class FolderLock:
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
-            from moecpt.storage.outputs import os_error_line
-
             raise MoecptError(os_error_line(exc, self.path, "lock")) from None
         try:
             if fcntl is None:

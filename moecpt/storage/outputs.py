@@ -19,6 +19,7 @@ it: :func:`check_file_output` replaces an existing file only when it carries tha
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import socket
@@ -27,6 +28,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from moecpt._version import __version__
 from moecpt.errors import MoecptError
 from moecpt.storage.atomic import write_json_atomic
 
@@ -106,8 +108,6 @@ def owns(folder: str | Path, command: str | None = None) -> bool:
 
 def write_marker(folder: str | Path, command: str, inputs: Iterable[str | Path] = ()) -> None:
     """Write ``.moecpt-output.json`` (command, resolved inputs, pid, host, time, version) into ``folder``."""
-    from moecpt._version import __version__
-
     write_json_atomic(Path(folder) / MARKER_FILE, {
         "format": MARKER_FORMAT, "command": command, "inputs": [str(_resolve(i)) for i in inputs if str(i)],
         "moecpt_version": __version__, "host": socket.gethostname(), "pid": os.getpid(),
@@ -273,8 +273,6 @@ class FileLedger:
 
     @staticmethod
     def _sha(path: Path) -> str:
-        import hashlib
-
         with open(path, "rb") as f:
             return hashlib.file_digest(f, "sha256").hexdigest()
 

@@ -11,6 +11,8 @@ import shutil
 import sys
 from pathlib import Path
 
+import torch
+
 from moecpt.errors import MoecptError
 
 #: bytes per parameter of a checkpoint: fp32 weights + the two fp32 AdamW moments
@@ -91,8 +93,6 @@ def check_memory(need_bytes: int, device_type: str, what: str, device_index: int
         MoecptError: ``need_bytes`` exceeds the device's total memory.
     """
     if device_type == "cuda":
-        import torch
-
         free, total = torch.cuda.mem_get_info(device_index)
         where = "this GPU"
     elif device_type == "cpu":

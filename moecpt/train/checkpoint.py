@@ -39,8 +39,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
+from moecpt.config import ModelConfig, build_section
 from moecpt.errors import MoecptError
+from moecpt.model.transformer import Transformer
 from moecpt.storage.atomic import (
     apply_umask,
     dumps_json,
@@ -110,7 +113,6 @@ class Checkpoint:
         f = self.path / MODEL_FILE
         if not f.is_file():
             raise MoecptError(f"checkpoint {self.path} has no {MODEL_FILE}; it is incomplete, use another checkpoint")
-        from safetensors.torch import load_file
 
         try:
             state = load_file(str(f), device=str(device))
@@ -212,8 +214,6 @@ def save_checkpoint(
 
 def _write_model_file(tmp: Path, tensors: dict[str, torch.Tensor]) -> None:
     """Write ``model.safetensors`` into the temp folder ``tmp`` and fsync it."""
-    from safetensors.torch import save_file
-
     # One metadata key only: safetensors writes metadata in hash-map order, and a byte-identical file for
     # identical tensors is what lets a repeated save of the same step be recognised (aliases live in meta.json).
     save_file(tensors, str(tmp / MODEL_FILE), metadata={"format": "pt"})
@@ -522,9 +522,6 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> torch.nn
     Raises:
         MoecptError: no readable checkpoint, no / invalid model_config, or weights that do not fit the model.
     """
-    from moecpt.config import ModelConfig, build_section
-    from moecpt.model.transformer import Transformer
-
     ckpt = load_checkpoint(path)
     raw = ckpt.meta.get("model_config")
     if not isinstance(raw, dict):

@@ -13,6 +13,9 @@ import signal
 import threading
 from typing import Any
 
+import torch
+import torch.distributed as dist
+
 from moecpt.errors import MoecptError
 
 PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -64,8 +67,6 @@ class PreemptionWatcher:
         rank must call it at the same step)."""
         if not distributed:
             return self.signum
-        import torch
-        import torch.distributed as dist
 
         dev = device if dist.get_backend() == "nccl" else "cpu"
         flag = torch.tensor([self.signum], dtype=torch.int64, device=dev)
