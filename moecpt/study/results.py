@@ -3,7 +3,7 @@
 The study runner (:func:`moecpt.study.evaluation.collect_results`) builds the ``results`` dict; the report writes
 it, with what it derives, to ``DIR/study.json``. :func:`parse_results` (a dict) and :func:`load_results` (a
 ``study.json``) read it once into the frozen records below, whose docstrings are the schema: findings, report and
-plots read attributes, never dict chains.
+plots read attributes (through the shared queries of :mod:`moecpt.study.readers`), never dict chains.
 
 Validation: a field of the wrong type, or a required field that is missing, raises :class:`MoecptError` with one
 line naming the file and the field (``study.json: runs['s0/cpt/x'].kind missing — ...``). Every other field is
@@ -71,7 +71,9 @@ class EvalRecord:
 
 @dataclass(frozen=True)
 class ValPoint:
-    """One validation-loss log entry, ``[step, tokens, loss]`` in the file (``runs[key].val[source][i]``)."""
+    """One validation-loss log entry, ``[step, tokens, loss]`` in the file (``runs[key].val[source][i]``): the
+    run's optimizer step, the tokens it had trained on (CPT runs count from 0 at their start), the held-out loss in
+    nats per token; each None when not finite."""
 
     step: float | None
     tokens: float | None
@@ -80,8 +82,10 @@ class ValPoint:
 
 @dataclass(frozen=True)
 class MriPoint:
-    """One training-MRI log entry, ``[step, mri_mean, [mri per MoE layer]]`` in the file (``runs[key].train_mri[i]``;
-    the per-layer list is optional, default ``()``)."""
+    """One training-MRI log entry, ``[step, mri_mean, [mri per MoE layer]]`` in the file (``runs[key].train_mri[i]``):
+    the optimizer step and the Maximum Routing Imbalance (the largest fraction of a batch's tokens routed to one
+    expert) of that step's batch, mean over MoE layers and per layer (optional, default ``()``); each None when not
+    finite."""
 
     step: float | None
     mri_mean: float | None
@@ -214,7 +218,7 @@ class StudyResults:
     """A whole study's results (the top level of ``study.json``); every field optional.
 
     Attributes:
-        source: where they were read from (for messages): a file path, or ``results`` for a dict.
+        origin: where they were read from (for messages): a file path, or ``results`` for a dict.
         name: the study's name (None: unnamed); wall_time_s: this invocation's wall time; stage_time_s: the
             training runs' time summed; jobs: runs in parallel (all default None).
         seeds: the planned seeds (default ``()``: see :func:`moecpt.study.readers.study_seeds`).
@@ -223,7 +227,7 @@ class StudyResults:
             ``{key: ComparisonRecord}``; forgetting: ``{key: ForgettingRecord}`` (all default empty).
     """
 
-    source: str = "results"
+    origin: str = "results"
     name: str | None = None
     wall_time_s: float | None = None
     stage_time_s: float | None = None
@@ -437,14 +441,14 @@ def _model_of(rd: _Reader) -> Callable[[str, Any, str], ModelRecord]:
     return lambda name, v, path: _model(rd, name, v, path)
 
 
-def parse_results(data: Mapping, source: str = "results") -> StudyResults:
+def parse_results(data: Mapping, origin: str = "results") -> StudyResults:
     """Parse a study's ``results`` dict (or a loaded ``study.json``) into :class:`StudyResults`.
 
     Raises:
-        MoecptError: one line naming ``source`` and the field: a required field missing (``runs[key].kind``,
+        MoecptError: one line naming ``origin`` and the field: a required field missing (``runs[key].kind``,
             ``runs[key].model``, ``runs[key].final[source].loss``) or any field of the wrong type.
     """
-    rd = _Reader(source)
+    rd = _Reader(origin)
     d = rd.mapping(data, "the top level")
     g = rd.get
 
@@ -454,7 +458,7 @@ def parse_results(data: Mapping, source: str = "results") -> StudyResults:
 
     seeds = d.get("seeds")
     return StudyResults(
-        source=source, name=g(d, "", "name", _STR), wall_time_s=g(d, "", "wall_time_s", _NUM),
+        origin=origin, name=g(d, "", "name", _STR), wall_time_s=g(d, "", "wall_time_s", _NUM),
         stage_time_s=g(d, "", "stage_time_s", _NUM), jobs=g(d, "", "jobs", _INT),
         seeds=() if seeds is None else tuple(rd.value(x, f"seeds[{i}]", _INT)
                                              for i, x in enumerate(rd.seq(seeds, "seeds"))),
