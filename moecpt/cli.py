@@ -27,7 +27,8 @@ _COMMAND_MODULES = (
     "moecpt.distributed.cli",  # pretrain, cpt (they launch: torchrun, simulated workers)
     "moecpt.train.cli",  # generate
     "moecpt.train.schedule_cli",
-    "moecpt.analysis.cli",
+    "moecpt.analysis.cli",  # eval, compare
+    "moecpt.study.cli",  # study
     "moecpt.lopt.cli",
     "moecpt.interop.cli",
 )

@@ -12,10 +12,10 @@ import re
 
 import pytest
 
-from moecpt.analysis.findings import (
+from moecpt.study.findings import (
     CLAIMS, answer_questions, effect_stats, evaluate_findings, mri_shift_stats, t_quantile_975,
 )
-from moecpt.analysis.report import fmt
+from moecpt.study.report import fmt
 
 OLD, NEW = "english", "code"
 SEEDS = (0, 1, 2)

@@ -27,7 +27,8 @@ LAYERS: list[set[str]] = [
     {"train"},  # trainer, checkpoints, schedules, the runtime interface (train/parallel.py)
     {"lopt"},  # learned outer optimizers: meta-training uses train's pre-emption; no distributed import
     {"distributed"},  # strategies, the Distributed runtime, `pretrain` / `cpt`; uses lopt's outer optimizers
-    {"interop", "analysis"},  # Hugging Face import/export; metrics and the study
+    {"interop", "analysis"},  # Hugging Face import/export; pure metrics (routing, forgetting, evaluation)
+    {"study"},  # the CPT study: plan, runner, typed results, findings, report (uses analysis's metrics)
     {"cli"},  # the `moecpt` dispatcher (it finds the areas' cli modules by name, at run time)
     {"__main__", "moecpt"},  # `python -m moecpt`; the facade (`moecpt.load_model`)
 ]

@@ -1,7 +1,7 @@
 """Study report on crafted multi-seed results: sections, findings table, the n < 3 caveat, the Sinkhorn MRI note,
 seed bands in the plots, old-schema compatibility, and every printed number traceable to study.json.
 
-The findings are hand-made in the format of :mod:`moecpt.analysis.findings` (``evaluate_findings`` /
+The findings are hand-made in the format of :mod:`moecpt.study.findings` (``evaluate_findings`` /
 ``answer_questions`` are monkeypatched), so these tests exercise the report alone; the findings rules have their
 own tests.
 """
@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from moecpt.analysis import findings as fnd
-from moecpt.analysis import plots
-from moecpt.analysis.report import (
+from moecpt.study import findings as fnd
+from moecpt.study import plots
+from moecpt.study.report import (
     _json_clean, build_blocks, build_overview, build_tables, fmt, render_html, render_markdown, write_report,
 )
 
@@ -171,7 +171,7 @@ def _part(name: str, title: str, seeds: list[int], base: float, kind: str = "dir
 
 
 def fake_findings(results: dict) -> list[dict]:
-    from moecpt.analysis.report import study_seeds
+    from moecpt.study.report import study_seeds
 
     seeds = study_seeds(results)
     specs = {

@@ -318,7 +318,7 @@ def test_preempted_study_saves_its_running_stages(tmp_path):
 def test_study_never_replaces_a_users_report(tmp_path):
     """A report.md that moecpt did not write (or that was edited since) is refused, not overwritten; moecpt's own
     unedited report is replaced as usual."""
-    from moecpt.analysis.cli import register  # noqa: F401  (the CLI is what a user runs)
+    from moecpt.study.cli import register  # noqa: F401  (the CLI is what a user runs)
 
     out = tmp_path / "study"
     recipe = ROOT / "recipes" / "study" / "smoke.toml"

@@ -11,8 +11,9 @@ import sys
 
 import pytest
 
-from moecpt.analysis.study import DONE_FILE, plan_stages, run_study
-from moecpt.analysis.study_config import load_study_recipe
+from moecpt.study.plan import plan_stages
+from moecpt.study.runner import DONE_FILE, run_study
+from moecpt.study.config import load_study_recipe
 from moecpt.config import find_bundled_recipe
 from moecpt.errors import MoecptError
 
@@ -42,7 +43,7 @@ def test_smoke_study_writes_report_matching_study_json(smoke_study):
             assert run["final"][source]["loss"] > 0, (key, source)
     # the final losses in the report are the numbers of study.json
     md = (out / "report.md").read_text()
-    from moecpt.analysis.report import fmt
+    from moecpt.study.report import fmt
 
     for key, run in saved["runs"].items():
         row = next(line for line in md.splitlines() if line.startswith(f"| {key} |") and "loss" not in line

@@ -1,10 +1,11 @@
-"""``moecpt eval``, ``moecpt compare`` and ``moecpt study``."""
+"""``moecpt eval`` and ``moecpt compare``: the metrics of one checkpoint, and the routing change between two."""
 
 from __future__ import annotations
 
 import argparse
 import json
 
+from moecpt.analysis.evaluate import compare_traces, evaluate_checkpoint
 from moecpt.argtypes import positive_int
 
 
@@ -31,13 +32,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run_compare)
 
-    p = subparsers.add_parser("study", help="run the router-robustness CPT study and write a report")
-    p.add_argument("recipe", nargs="?", default=None, help="study recipe TOML (default: bundled study/demo)")
-    p.add_argument("--out", required=True, help="study folder (re-running resumes and reuses finished stages)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a study key")
-    p.add_argument("--jobs", type=positive_int, default=None, help="parallel training runs (default: CPU cores)")
-    p.set_defaults(func=run_study_cmd)
-
 
 def _print(obj, as_json: bool) -> None:
     if as_json:
@@ -53,8 +47,6 @@ def _print(obj, as_json: bool) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from moecpt.analysis.evaluate import evaluate_checkpoint
-
     report, _ = evaluate_checkpoint(args.checkpoint, args.data, args.sources, args.seq_len, args.batch_size,
                                     args.batches)
     if not args.coactivation:
@@ -65,8 +57,6 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def run_compare(args: argparse.Namespace) -> int:
-    from moecpt.analysis.evaluate import compare_traces, evaluate_checkpoint
-
     rep_a, tr_a = evaluate_checkpoint(args.before, args.data, args.sources, args.seq_len, args.batch_size,
                                       args.batches)
     # the second checkpoint is evaluated on exactly the first one's tokens (same sources, length, batches)
@@ -82,17 +72,4 @@ def run_compare(args: argparse.Namespace) -> int:
                       "mri_layers": b["mri_layers"], **change}
         out["sources"][source] = entry
     _print(out, args.json)
-    return 0
-
-
-def run_study_cmd(args: argparse.Namespace) -> int:
-    from moecpt.analysis.study import run_study
-    from moecpt.analysis.study_config import load_study_recipe
-    from moecpt.config import find_bundled_recipe
-
-    path = args.recipe or find_bundled_recipe("study/demo")
-    study = load_study_recipe(path, args.set)
-    results = run_study(study, args.out, jobs=args.jobs, recipe_path=path)
-    summary = [{"id": f["id"], "reproduced": f["reproduced"]} for f in results.get("findings", [])]
-    print(json.dumps({"out": args.out, "wall_time_s": round(results["wall_time_s"], 1), "findings": summary}))
     return 0

@@ -15,7 +15,11 @@ from typing import Any
 import torch
 
 from moecpt.analysis import routing_metrics as rm
+from moecpt.data.mixture import val_batches
+from moecpt.data.prepared import PreparedData
 from moecpt.errors import MoecptError
+from moecpt.train.checkpoint import load_checkpoint, load_model
+from moecpt.train.trainer import lm_loss
 
 
 @dataclass
@@ -44,8 +48,6 @@ def collect(model, batches: list[torch.Tensor], device: torch.device | str = "cp
     Routing is plain top-k of the logits in eval mode (the Sinkhorn router's training-time balancing is off, as
     at inference). Loss is cross-entropy only.
     """
-    from moecpt.train.trainer import lm_loss
-
     model.eval()
     total, count = 0.0, 0
     ids, tables = [], None
@@ -128,8 +130,6 @@ def compare_traces(before: RoutingTrace, after: RoutingTrace) -> dict[str, Any]:
 def eval_batches_for(data, sources: list[str], seq_len: int, batch_size: int, max_batches: int
                      ) -> dict[str, list[torch.Tensor]]:
     """Held-out batches per source (deterministic) from a :class:`moecpt.data.prepared.PreparedData`."""
-    from moecpt.data.mixture import val_batches
-
     unknown = [s for s in sources if s not in data.source_names]
     if unknown:
         raise MoecptError(f"source(s) {unknown} not in {data.path}; available: {', '.join(data.source_names)}")
@@ -150,9 +150,6 @@ def evaluate_checkpoint(checkpoint: str | Path, data_path: str, sources: list[st
             ``seq_len`` below 1 or above the model's ``max_seq_len`` (both numbers named), ``batch_size`` or
             ``max_batches`` below 1, or an unknown source.
     """
-    from moecpt.data.prepared import PreparedData
-    from moecpt.train.checkpoint import load_checkpoint, load_model
-
     for name, value in (("--seq-len", seq_len), ("--batch-size", batch_size), ("--batches", max_batches)):
         if value is not None and value < 1:
             raise MoecptError(f"{name} {value} must be a whole number >= 1")

@@ -37,23 +37,24 @@ interval ``mean ± t(0.975, n-1) · sd / sqrt(n)`` (:func:`effect_stats`, :func:
 
 :func:`answer_questions` answers the paper's three questions by the rules of ``docs/study-rules.md``.
 
-The ``results`` schema is the study runner's (see :mod:`moecpt.analysis.results`, which also holds the readers
-shared with the report and the plots); every key is optional, so a
-partially finished study still gets a report. A run without ``"seed"`` is seed 0; a study without no-shift
-controls leaves the parts that need one untested.
+The results are read as the records of :mod:`moecpt.study.results` (the schema; a ``results`` dict given to a
+public function here is parsed first), through the readers the report and the plots share
+(:mod:`moecpt.study.readers`). A partially finished study still gets a report; a study without no-shift controls
+leaves the parts that need one untested.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
-from moecpt.analysis.results import (  # noqa: F401  (some only re-exported: see __all__)
-    MRI_WINDOW_DIV, MRI_WINDOW_MIN, _mean, _models, _num, _r, _replay, _runs, _start_loss, comparisons,
-    final_loss, fmt, is_moe_model, mean_final_loss, mean_forgetting, mri_series, mri_window, parent_flops_used,
-    run_seed, run_sources, sorted_run_keys,
+from moecpt.study.numbers import finite, finite_mean, fmt, round_sig
+from moecpt.study.readers import (
+    comparisons, final_loss, is_moe_model, mean_final_loss, mean_forgetting, mri_series, mri_window,
+    parent_flops_used, run_sources, sorted_run_keys, start_loss,
 )
+from moecpt.study.results import ComparisonRecord, RunRecord, StudyResults, as_results
+from moecpt.study.stats import check_stats, effect_stats, sample_sd, t_interval, t_quantile_975
 
 __all__ = [
     "evaluate_findings",
@@ -89,65 +90,44 @@ F4_TAU_MAX, F4_COMPUTE_MAX = 0.01, 0.4
 #: Question 2: the old-source eval MRI may rise above the control's by at most this fraction of the control's.
 Q2_MRI_FRACTION = 0.10
 
-#: Two-sided 95% Student-t quantiles t(0.975, df), df = 1..30 (the standard table, e.g. NIST/SEMATECH
-#: e-Handbook of Statistical Methods, table 1.3.6.7.2).
-_T975 = (12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281,
-         2.2010, 2.1788, 2.1604, 2.1448, 2.1314, 2.1199, 2.1098, 2.1009, 2.0930, 2.0860,
-         2.0796, 2.0739, 2.0687, 2.0639, 2.0595, 2.0555, 2.0518, 2.0484, 2.0452, 2.0423)
-_Z975 = 1.959964
-
 
 # ----------------------------------------------------------------------------------------------- small helpers
-def _sd(values: list[float]) -> float | None:
-    """Sample standard deviation (n - 1 in the denominator); None below two values."""
-    if len(values) < 2:
-        return None
-    m = sum(values) / len(values)
-    return math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
-
-
-def _info(results: Mapping, run: Mapping) -> dict:
-    return _models(results).get(run.get("model") or "", {})
-
-
-def _seed(run: Mapping) -> int:
-    """The run's ``seed`` field; a run of the old schema (no seed) is seed 0 (its key is not consulted)."""
-    return run_seed("", run)
-
-
-def _variant(run: Mapping) -> tuple:
+def _variant(run: RunRecord) -> tuple:
     """A CPT variant: (shift, schedule, replay)."""
-    return (run.get("shift"), run.get("schedule"), _replay(run))
+    return (run.shift, run.schedule, run.replay_or_zero)
 
 
-def control_key(results: Mapping, key: str) -> str | None:
+def control_key(results: StudyResults | Mapping, key: str) -> str | None:
     """The no-shift control of a CPT run: its ``"control"`` entry, else the control run of the same seed, model and
-    schedule (old results have neither: None)."""
-    runs = _runs(results)
-    run = runs.get(key) or {}
-    ck = run.get("control")
+    schedule (old results have neither: None). ``results`` may be the dict: it is parsed."""
+    results = as_results(results)
+    runs = results.runs
+    run = runs.get(key)
+    if run is None:
+        return None
+    ck = run.control
     if ck is not None:
-        return ck if runs.get(ck, {}).get("kind") == "control" else None
+        return ck if ck in runs and runs[ck].kind == "control" else None
     for k in sorted_run_keys(results, "control"):
         c = runs[k]
-        if (_seed(c), c.get("model"), c.get("schedule")) == (_seed(run), run.get("model"), run.get("schedule")):
+        if (c.seed, c.model, c.schedule) == (run.seed, run.model, run.schedule):
             return k
     return None
 
 
-def _final_mri(run: Mapping, source: str) -> float | None:
-    fin = (run.get("final") or {}).get(source)
-    return _num(fin.get("mri_mean")) if isinstance(fin, Mapping) else None
+def _final_mri(run: RunRecord, source: str) -> float | None:
+    fin = run.final.get(source)
+    return finite(fin.mri_mean) if fin is not None else None
 
 
-def _old_final_loss(results: Mapping, run: Mapping) -> float | None:
+def _old_final_loss(results: StudyResults, run: RunRecord) -> float | None:
     """Mean final loss over the old sources (None if any is missing)."""
     old, _ = run_sources(results, run)
     vals = [final_loss(run, s) for s in old]
     return None if not vals or any(v is None for v in vals) else sum(vals) / len(vals)
 
 
-def mri_shift_stats(results: Mapping, key: str) -> dict | None:
+def mri_shift_stats(results: StudyResults | Mapping, key: str) -> dict | None:
     """Training-MRI windows of one CPT or control run around the shift (F2 of ``docs/study-rules.md``; Thérien et
     al. 2025, arXiv 2503.05029, MRI against steps).
 
@@ -157,9 +137,10 @@ def mri_shift_stats(results: Mapping, key: str) -> dict | None:
     "end_mean", "end_max", "spike": max(post) - max(pre), "noise": 2 sd(pre)}`` plus the aliases ``pre``
     (= pre_mean), ``peak`` (= post_max) and ``final`` (= end_mean). The pre-window values, spike and noise are None
     when the parent logged fewer than ``W`` steps before the branch (the windows must be equal). Returns None when
-    the run logged fewer than ``W`` steps (a dense model, or MRI not logged).
+    the run logged fewer than ``W`` steps (a dense model, or MRI not logged). ``results`` may be the dict: it is
+    parsed.
     """
-    runs = _runs(results)
+    runs = as_results(results).runs
     run = runs.get(key)
     series = [m for _, m in mri_series(run)]
     n = len(series)
@@ -167,8 +148,8 @@ def mri_shift_stats(results: Mapping, key: str) -> dict | None:
     if n < w:
         return None
     post, end = series[:w], series[-w:]
-    parent = runs.get((run or {}).get("parent") or "")
-    pre = [m for _, m in mri_series(parent, run.get("parent_step"))][-w:]
+    parent = runs.get(run.parent or "")
+    pre = [m for _, m in mri_series(parent, run.parent_step)][-w:]
     have_pre = len(pre) == w
     out = {
         "window": w, "n_logged": n,
@@ -176,97 +157,13 @@ def mri_shift_stats(results: Mapping, key: str) -> dict | None:
         "post_mean": sum(post) / w, "post_max": max(post),
         "end_mean": sum(end) / w, "end_max": max(end),
         "spike": max(post) - max(pre) if have_pre else None,
-        "noise": 2.0 * _sd(pre) if have_pre else None,
+        "noise": 2.0 * sample_sd(pre) if have_pre else None,
     }
     out.update(pre=out["pre_mean"], peak=out["post_max"], final=out["end_mean"])
     return out
 
 
 # ------------------------------------------------------------------------------------------------- statistics
-def t_quantile_975(df: int) -> float:
-    """t(0.975, df): the standard table for df 1..30; beyond, the Cornish-Fisher expansion around the normal
-    quantile (error below 1e-4 for df > 30)."""
-    if df < 1:
-        raise ValueError(f"degrees of freedom must be >= 1, got {df}")
-    if df <= len(_T975):
-        return _T975[df - 1]
-    z = _Z975
-    return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
-
-
-def _interval(xs: list[float]) -> tuple[float, float | None, float | None]:
-    """(mean, lo, hi) of the 95% Student-t interval; lo/hi None below two values (no interval)."""
-    mean = sum(xs) / len(xs)
-    if len(xs) < 2:
-        return mean, None, None
-    half = t_quantile_975(len(xs) - 1) * _sd(xs) / math.sqrt(len(xs))
-    return mean, mean - half, mean + half
-
-
-def _agrees(e: float, kind: str, margin: float | None, one_sided: bool) -> bool:
-    """Whether one seed's own effect points the paper's way."""
-    if kind == "directional":
-        return e > 0
-    if margin is None:
-        return False
-    return e >= -margin if one_sided else -margin < e < margin
-
-
-def _verdict(kind: str, lo: float, hi: float, margin: float | None, one_sided: bool) -> str:
-    if kind == "directional":
-        return "reproduced" if lo > 0 else "not reproduced" if hi < 0 else "inconclusive"
-    if margin is None:  # an equivalence part without its margin cannot be decided
-        return "inconclusive"
-    if one_sided:
-        return "reproduced" if lo >= -margin else "not reproduced" if hi < -margin else "inconclusive"
-    if -margin < lo and hi < margin:
-        return "reproduced"
-    return "not reproduced" if lo > margin or hi < -margin else "inconclusive"
-
-
-def effect_stats(per_seed: Mapping[int, float], kind: str = "directional", margin: float | None = None, *,
-                 one_sided: bool = False) -> dict:
-    """Mean, 95% Student-t interval, spread and verdict of one effect measured once per seed
-    (``docs/study-rules.md``, "From seeds to a verdict"; Thérien et al. 2025, arXiv 2503.05029).
-
-    ``e > 0`` is the paper's direction. ``kind="directional"``: reproduced when the interval lies above zero, not
-    reproduced when below, inconclusive otherwise. ``kind="equivalence"`` with margin ``τ``: reproduced when the
-    interval lies inside ``(-τ, τ)``, not reproduced when wholly outside, inconclusive otherwise; with
-    ``one_sided=True`` (F4 a): reproduced when ``lo >= -τ``, not reproduced when ``hi < -τ``. With one seed there
-    is no interval (``lo``/``hi`` None) and the verdict is inconclusive; with none it is untested.
-
-    Returns ``{"kind", "verdict", "n_seeds", "mean", "lo", "hi", "min", "max", "per_seed": {"<seed>": e},
-    "seeds_agreeing", "margin"}`` (numbers rounded to 5 significant digits; verdicts use the exact values).
-    """
-    vals = {int(s): v for s, v in ((s, _num(x)) for s, x in per_seed.items()) if v is not None}
-    n = len(vals)
-    out: dict[str, Any] = {"kind": kind, "verdict": "untested", "n_seeds": n, "mean": None, "lo": None, "hi": None,
-                           "min": None, "max": None, "per_seed": {str(s): _r(v) for s, v in sorted(vals.items())},
-                           "seeds_agreeing": sum(_agrees(v, kind, margin, one_sided) for v in vals.values()),
-                           "margin": _r(margin)}
-    if n == 0:
-        return out
-    xs = list(vals.values())
-    mean, lo, hi = _interval(xs)
-    out.update(mean=_r(mean), min=_r(min(xs)), max=_r(max(xs)), verdict="inconclusive")
-    if lo is not None:
-        out.update(lo=_r(lo), hi=_r(hi), verdict=_verdict(kind, lo, hi, margin, one_sided))
-    return out
-
-
-def _check_stats(per_seed: Mapping[int, float], limit: float) -> dict:
-    """An arithmetic check ``value <= limit`` (F4 b): decided on the mean over seeds, whatever their number (the
-    compute ratio is fixed by the recipe, so every seed gives the same value); ``margin`` holds the limit."""
-    vals = {int(s): v for s, v in ((s, _num(x)) for s, x in per_seed.items()) if v is not None}
-    xs = list(vals.values())
-    # 9 significant digits: float rounding in the mean of equal ratios (0.4, 0.4, 0.4) must not flip "at most"
-    mean = _r(sum(xs) / len(xs), 9) if xs else None
-    return {"kind": "check", "n_seeds": len(xs), "mean": _r(mean, 4), "lo": None, "hi": None,
-            "min": _r(min(xs), 4) if xs else None, "max": _r(max(xs), 4) if xs else None,
-            "per_seed": {str(s): _r(v, 4) for s, v in sorted(vals.items())},
-            "seeds_agreeing": sum(v <= limit for v in xs), "margin": limit,
-            "verdict": "untested" if mean is None else "reproduced" if mean <= limit else "not reproduced"}
-
 
 def _collect(acc: dict[int, list[float]], seed: int, value: float | None) -> None:
     if value is not None:
@@ -283,7 +180,7 @@ def _part(name: str, title: str, kind: str, acc: Mapping[int, list[float]], unte
     """One part of a rule: its per-seed effect decided by :func:`effect_stats` (or :func:`_check_stats` for a
     check). ``untested`` is the reason shown when no seed has the effect."""
     per_seed = _seed_means(acc)
-    st = (_check_stats(per_seed, limit) if kind == "check"
+    st = (check_stats(per_seed, limit) if kind == "check"
           else effect_stats(per_seed, kind, margin, one_sided=one_sided))
     st = {"name": name, "title": title, **st, "untested": None}
     if st["verdict"] == "untested":
@@ -344,25 +241,25 @@ def _entry(fid: str, rule: str, parts: list[dict], extra: Mapping[str, Any], det
 
 
 def _round_row(row: Mapping) -> dict:
-    return {k: (_r(v) if isinstance(v, float) else v) for k, v in row.items()}
+    return {k: (round_sig(v) if isinstance(v, float) else v) for k, v in row.items()}
 
 
-def _cpt_index(results: Mapping) -> dict[tuple, str]:
+def _cpt_index(results: StudyResults) -> dict[tuple, str]:
     """{(seed, model, variant): cpt run key} (first key wins for a duplicated cell)."""
-    runs = _runs(results)
+    runs = results.runs
     out: dict[tuple, str] = {}
     for k in sorted_run_keys(results, "cpt"):
-        out.setdefault((_seed(runs[k]), runs[k].get("model"), _variant(runs[k])), k)
+        out.setdefault((runs[k].seed, runs[k].model, _variant(runs[k])), k)
     return out
 
 
-def _replay_groups(results: Mapping) -> dict[tuple, dict[float, str]]:
+def _replay_groups(results: StudyResults) -> dict[tuple, dict[float, str]]:
     """{(seed, model, shift, schedule): {replay: cpt run key}}."""
-    runs = _runs(results)
+    runs = results.runs
     out: dict[tuple, dict[float, str]] = {}
     for k in sorted_run_keys(results, "cpt"):
         r = runs[k]
-        out.setdefault((_seed(r), r.get("model"), r.get("shift"), r.get("schedule")), {}).setdefault(_replay(r), k)
+        out.setdefault((r.seed, r.model, r.shift, r.schedule), {}).setdefault(r.replay_or_zero, k)
     return out
 
 
@@ -371,13 +268,13 @@ def _gname(g: tuple) -> str:
 
 
 # --------------------------------------------------------------------------------------------------- findings
-def _f1(results: Mapping) -> dict:
+def _f1(results: StudyResults) -> dict:
     rule = ("e = the dense model's final loss minus the MoE's, averaged over every (MoE, CPT variant, source) with a "
             "dense run of the same variant and seed; sources are the old sources and the shift. Directional: "
             "reproduced when the 95% t-interval over seeds lies above zero, not reproduced when below, inconclusive "
             "otherwise (one seed: inconclusive). The same difference at the CPT start is reported beside it.")
-    runs, index = _runs(results), _cpt_index(results)
-    models = _models(results)
+    runs, index = results.runs, _cpt_index(results)
+    models = results.models
     dense = [m for m in models if is_moe_model(results, m) is False]
     moes = [m for m in models if is_moe_model(results, m)]
     acc: dict[int, list[float]] = {}
@@ -396,7 +293,7 @@ def _f1(results: Mapping) -> dict:
                 if ld is None or lm is None:
                     continue
                 _collect(acc, seed, ld - lm)
-                sd_, sm = _start_loss(runs[kd], s), _start_loss(runs[km], s)
+                sd_, sm = start_loss(runs[kd], s), start_loss(runs[km], s)
                 _collect(acc_start, seed, None if sd_ is None or sm is None else sd_ - sm)
                 details.append(_round_row({"seed": seed, "dense_run": kd, "moe_run": km, "source": s,
                                            "dense_loss": ld, "moe_loss": lm, "e": ld - lm}))
@@ -408,7 +305,7 @@ def _f1(results: Mapping) -> dict:
                                       "start_hi": start["hi"]}, details)
 
 
-def _f2(results: Mapping) -> dict:
+def _f2(results: StudyResults) -> dict:
     rule = ("Training-MRI windows: W = max(3, ceil(0.1 N)) logged steps (N = the CPT run's); pre = the parent's last "
             "W steps up to the branch point, post = the run's first W, end = its last W; spike = max(post) - "
             "max(pre), noise = 2 sd(pre). (a) penalty spike above the control: e = spike(cpt) - spike(control) over "
@@ -418,21 +315,21 @@ def _f2(results: Mapping) -> dict:
             "mean(pre)), directional. (e) penalty ends below Sinkhorn: e = mean(end) of the Sinkhorn run minus that "
             "of the penalty run of the same architecture, variant and seed, directional. Directional: the 95% "
             "t-interval over seeds above zero; equivalence: inside the margin; one seed: inconclusive.")
-    runs = _runs(results)
+    runs = results.runs
     acc: dict[str, dict[int, list[float]]] = {p: {} for p in "abcde"}
     sb_noise: list[float] = []
     ends: dict[tuple, dict[str, float]] = {}
     details = []
     for k in sorted_run_keys(results, "cpt"):
         r = runs[k]
-        info = _info(results, r)
-        router = info.get("router")
-        if router not in ("penalty", "sinkhorn") or not is_moe_model(results, r.get("model")):
+        info = results.model_info(r.model)
+        router = info.router
+        if router not in ("penalty", "sinkhorn") or not is_moe_model(results, r.model):
             continue
         st = mri_shift_stats(results, k)
         if st is None or st["spike"] is None:
             continue
-        seed = _seed(r)
+        seed = r.seed
         ck = control_key(results, k)
         cst = mri_shift_stats(results, ck) if ck else None
         cspike = cst["spike"] if cst else None
@@ -445,7 +342,7 @@ def _f2(results: Mapping) -> dict:
             _collect(acc["c"], seed, shift_vs_control)
             if shift_vs_control is not None:
                 sb_noise.append(st["noise"])
-        ends.setdefault((seed, info.get("arch")) + _variant(r), {}).setdefault(router, st["end_mean"])
+        ends.setdefault((seed, info.arch) + _variant(r), {}).setdefault(router, st["end_mean"])
         details.append(_round_row({"seed": seed, "run": k, "router": router, "control": ck,
                                    "window": st["window"], "pre_mean": st["pre_mean"], "pre_max": st["pre_max"],
                                    "post_max": st["post_max"], "end_mean": st["end_mean"], "spike": st["spike"],
@@ -453,7 +350,7 @@ def _f2(results: Mapping) -> dict:
     for g, d in ends.items():
         if "penalty" in d and "sinkhorn" in d:
             _collect(acc["e"], g[0], d["sinkhorn"] - d["penalty"])
-    tau = _mean(sb_noise)
+    tau = finite_mean(sb_noise)
     parts = [
         _part("a", "penalty spike above the control", "directional", acc["a"],
               "no penalty-balanced CPT run with train MRI and a no-shift control with train MRI"),
@@ -469,14 +366,14 @@ def _f2(results: Mapping) -> dict:
     return _entry("F2", rule, parts, {}, details)
 
 
-def _f3(results: Mapping) -> dict:
+def _f3(results: StudyResults) -> dict:
     rule = ("Groups: (model, shift, schedule) with two or more replay fractions, per seed; forgetting = the old "
             "sources' mean loss rise from the CPT start checkpoint to the end of CPT. (a) the smallest replay "
             "forgets most: e = forgetting at the smallest replay minus the largest forgetting among the other "
             "replays, averaged over groups, directional. (b) replay slows adaptation: e = the shift's final loss at "
             "the largest replay minus at the smallest, averaged over groups, directional. Directional: the 95% "
             "t-interval over seeds above zero; one seed: inconclusive.")
-    runs = _runs(results)
+    runs = results.runs
     acc_a: dict[int, list[float]] = {}
     acc_b: dict[int, list[float]] = {}
     details = []
@@ -506,7 +403,7 @@ def _f3(results: Mapping) -> dict:
     return _entry("F3", rule, parts, {"groups": len(details)}, details)
 
 
-def _f4(results: Mapping) -> dict:
+def _f4(results: StudyResults) -> dict:
     rule = ("Pairs: (model, shift, seed) with a re-training run and inf CPT runs; the CPT run with the largest replay "
             "is taken. (a) matches: e = -(L_cpt / L_retrain - 1) on the mean final loss (e > 0: CPT better), "
             "averaged over pairs; one-sided equivalence: reproduced when the 95% t-interval's lower end is at least "
@@ -514,7 +411,7 @@ def _f4(results: Mapping) -> dict:
             f"τ = the seeds' relative sd of the re-training loss, at most {F4_TAU_MAX:.0%} ({F4_TAU_MAX:.0%} with "
             f"one seed). (b) compute: CPT FLOPs over re-training FLOPs at most {F4_COMPUTE_MAX:g} (the paper: about "
             "one third); an arithmetic check on the mean ratio, reproduced or not.")
-    runs = _runs(results)
+    runs = results.runs
     acc_a: dict[int, list[float]] = {}
     acc_b: dict[int, list[float]] = {}
     acc_bp: dict[int, list[float]] = {}
@@ -523,53 +420,53 @@ def _f4(results: Mapping) -> dict:
     cpts = sorted_run_keys(results, "cpt")
     for rk in sorted_run_keys(results, "retrain"):
         rr = runs[rk]
-        seed = _seed(rr)
-        cands = [k for k in cpts if runs[k].get("schedule") == "inf" and _seed(runs[k]) == seed
-                 and (runs[k].get("model"), runs[k].get("shift")) == (rr.get("model"), rr.get("shift"))]
+        seed = rr.seed
+        cands = [k for k in cpts if runs[k].schedule == "inf" and runs[k].seed == seed
+                 and (runs[k].model, runs[k].shift) == (rr.model, rr.shift)]
         if not cands:
             continue
-        ck = max(cands, key=lambda k: _replay(runs[k]))  # max keeps the first of equal replays
+        ck = max(cands, key=lambda k: runs[k].replay_or_zero)  # max keeps the first of equal replays
         cr = runs[ck]
         lc, lr = mean_final_loss(results, cr), mean_final_loss(results, rr)
         e = None if lc is None or lr is None or lr <= 0 else -(lc / lr - 1.0)
-        fc, fr = _num(cr.get("train_flops")), _num(rr.get("train_flops"))
+        fc, fr = finite(cr.train_flops), finite(rr.train_flops)
         ratio = fc / fr if fc is not None and fr else None
         fp = parent_flops_used(results, cr)
         _collect(acc_a, seed, e)
         _collect(retrain_loss, seed, lr if e is not None else None)
         _collect(acc_b, seed, ratio)
         _collect(acc_bp, seed, None if ratio is None or fp is None else (fc + fp) / fr)
-        details.append(_round_row({"seed": seed, "cpt_run": ck, "retrain_run": rk, "replay": _replay(cr),
+        details.append(_round_row({"seed": seed, "cpt_run": ck, "retrain_run": rk, "replay": cr.replay_or_zero,
                                    "cpt_mean_loss": lc, "retrain_mean_loss": lr, "e_a": e, "compute_ratio": ratio}))
     per_seed_retrain = list(_seed_means(retrain_loss).values())
     tau = F4_TAU_MAX
     if len(per_seed_retrain) >= 2:
-        tau = min(F4_TAU_MAX, _sd(per_seed_retrain) / abs(sum(per_seed_retrain) / len(per_seed_retrain)))
+        tau = min(F4_TAU_MAX, sample_sd(per_seed_retrain) / abs(sum(per_seed_retrain) / len(per_seed_retrain)))
     parts = [_part("a", "matches", "equivalence", acc_a,
                    "no (model, shift) with a re-training run and an inf CPT run with final losses",
                    margin=tau, one_sided=True),
              _part("b", "compute", "check", acc_b, "no re-training / inf CPT pair with training FLOPs",
                    limit=F4_COMPUTE_MAX)]
-    with_pre = _mean(_seed_means(acc_bp).values())
-    return _entry("F4", rule, parts, {"pairs": len(details), "compute_ratio_with_pretrain": _r(with_pre, 4)},
+    with_pre = finite_mean(_seed_means(acc_bp).values())
+    return _entry("F4", rule, parts, {"pairs": len(details), "compute_ratio_with_pretrain": round_sig(with_pre, 4)},
                   details)
 
 
-def _crs_layers(comp: Mapping | None) -> list[float] | None:
-    if not comp:
+def _crs_layers(comp: ComparisonRecord | None) -> list[float] | None:
+    if comp is None:
         return None
-    layers = [_num(x) for x in comp.get("crs_layers") or []]
+    layers = [finite(x) for x in comp.crs_layers]
     return None if not layers or any(v is None for v in layers) else layers
 
 
-def _crs_mean(comp: Mapping | None) -> float | None:
-    if not comp:
+def _crs_mean(comp: ComparisonRecord | None) -> float | None:
+    if comp is None:
         return None
-    m = _num(comp.get("crs_mean"))
-    return m if m is not None else _mean(comp.get("crs_layers") or [])
+    m = finite(comp.crs_mean)
+    return m if m is not None else finite_mean(comp.crs_layers)
 
 
-def _f5(results: Mapping) -> dict:
+def _f5(results: StudyResults) -> dict:
     rule = ("Routing change = the Continual Router Saturation (CRS) on the old source's held-out tokens between the "
             "CPT start checkpoint and the end of the run; lower CRS = more change. (a) early layers: per MoE layer "
             "the shift's share of the change is CRS(control) - CRS(cpt); e = its mean over the first half of the "
@@ -577,13 +474,13 @@ def _f5(results: Mapping) -> dict:
             "the MoE CPT runs, directional. (b) 0% replay: e = CRS at the largest replay minus CRS at the smallest, "
             "per (model, shift, schedule) group, averaged over groups, directional. Directional: the 95% t-interval "
             "over seeds above zero; one seed: inconclusive.")
-    runs = _runs(results)
+    runs = results.runs
     comps = comparisons(results)
     acc_a: dict[int, list[float]] = {}
     acc_b: dict[int, list[float]] = {}
     details = []
     for k in sorted_run_keys(results, "cpt"):
-        if not is_moe_model(results, runs[k].get("model")):
+        if not is_moe_model(results, runs[k].model):
             continue
         ck = control_key(results, k)
         cpt_l, ctl_l = _crs_layers(comps.get(k)), _crs_layers(comps.get(ck) if ck else None)
@@ -592,9 +489,9 @@ def _f5(results: Mapping) -> dict:
         share = [c - x for c, x in zip(ctl_l, cpt_l)]
         h = len(share) // 2
         e = sum(share[:h]) / h - sum(share[-h:]) / h
-        _collect(acc_a, _seed(runs[k]), e)
-        details.append(_round_row({"part": "a", "seed": _seed(runs[k]), "run": k, "control": ck,
-                                   "share_layers": [_r(x) for x in share], "e": e}))
+        _collect(acc_a, runs[k].seed, e)
+        details.append(_round_row({"part": "a", "seed": runs[k].seed, "run": k, "control": ck,
+                                   "share_layers": [round_sig(x) for x in share], "e": e}))
     for g, by_replay in _replay_groups(results).items():
         if not is_moe_model(results, g[1]):
             continue
@@ -613,11 +510,11 @@ def _f5(results: Mapping) -> dict:
     return _entry("F5", rule, parts, {}, details)
 
 
-def _pair_effects(results: Mapping, pair_ok, label: str) -> tuple[dict[int, list[float]], list[dict]]:
+def _pair_effects(results: StudyResults, pair_ok, label: str) -> tuple[dict[int, list[float]], list[dict]]:
     """e = mean final loss of model a minus model b on CPT runs of the same seed and variant, for every MoE pair
     (a, b) with ``pair_ok(info_a, info_b)``."""
-    runs, index = _runs(results), _cpt_index(results)
-    models = _models(results)
+    runs, index = results.runs, _cpt_index(results)
+    models = results.models
     acc: dict[int, list[float]] = {}
     details = []
     for (seed, a, v), ka in index.items():
@@ -636,15 +533,15 @@ def _pair_effects(results: Mapping, pair_ok, label: str) -> tuple[dict[int, list
     return acc, details
 
 
-def _f6(results: Mapping) -> dict:
+def _f6(results: StudyResults) -> dict:
     rule = ("On CPT runs matched by variant and seed: (a) e = Switch's mean final loss minus Granular's (same "
             "router), directional; (b) e = Sinkhorn's mean final loss minus the penalty-balanced model's (same "
             "architecture), directional. Directional: the 95% t-interval over seeds above zero; one seed: "
             "inconclusive.")
-    acc_a, det_a = _pair_effects(results, lambda a, b: a.get("arch") == "switch" and b.get("arch") == "granular"
-                                 and a.get("router") == b.get("router"), "a")
-    acc_b, det_b = _pair_effects(results, lambda a, b: a.get("router") == "sinkhorn" and b.get("router") == "penalty"
-                                 and a.get("arch") == b.get("arch"), "b")
+    acc_a, det_a = _pair_effects(results, lambda a, b: a.arch == "switch" and b.arch == "granular"
+                                 and a.router == b.router, "a")
+    acc_b, det_b = _pair_effects(results, lambda a, b: a.router == "sinkhorn" and b.router == "penalty"
+                                 and a.arch == b.arch, "b")
     parts = [_part("a", "Granular beats Switch", "directional", acc_a,
                    "needs a Granular and a Switch MoE with the same router and matching CPT runs"),
              _part("b", "penalty-balanced beats Sinkhorn", "directional", acc_b,
@@ -652,7 +549,7 @@ def _f6(results: Mapping) -> dict:
     return _entry("F6", rule, parts, {}, det_a + det_b)
 
 
-def evaluate_findings(results: Mapping) -> list[dict]:
+def evaluate_findings(results: StudyResults | Mapping) -> list[dict]:
     """Decide F1..F6 of Thérien et al. 2025 (arXiv 2503.05029) from a study's ``results``, by the rules of
     ``docs/study-rules.md`` (per-seed effects, 95% Student-t intervals over seeds; see the module docstring).
 
@@ -660,15 +557,20 @@ def evaluate_findings(results: Mapping) -> list[dict]:
         Six dicts, in order F1..F6: ``{"id", "title", "verdict", "reproduced": True | False | None, "rule",
         "evidence", "n_seeds", "parts": [...], "figures": {...}}``; ``reproduced`` is True only for "reproduced",
         False only for "not reproduced". Untested parts carry their reason and are listed in
-        ``figures["untested"]``. Never raises on a partial ``results`` (missing keys are treated as absent runs).
+        ``figures["untested"]``. A partial study is fine (what is missing counts as absent runs).
+
+    Raises:
+        MoecptError: ``results`` is a dict with a field missing or malformed
+            (:func:`moecpt.study.results.parse_results`).
     """
-    return [f(results) for f in (_f1, _f2, _f3, _f4, _f5, _f6)]
+    res = as_results(results)
+    return [f(res) for f in (_f1, _f2, _f3, _f4, _f5, _f6)]
 
 
 # -------------------------------------------------------------------------------------------------- questions
-def _q1_effects(results: Mapping) -> dict[int, list[float]]:
+def _q1_effects(results: StudyResults) -> dict[int, list[float]]:
     """e = (MoE final old loss - its control's) - (dense's - its control's), matched by seed and variant."""
-    runs, index = _runs(results), _cpt_index(results)
+    runs, index = results.runs, _cpt_index(results)
 
     def vs_control(k: str) -> float | None:
         ck = control_key(results, k)
@@ -688,22 +590,22 @@ def _q1_effects(results: Mapping) -> dict[int, list[float]]:
     return acc
 
 
-def _q2_effects(results: Mapping) -> tuple[dict[int, list[float]], list[float]]:
+def _q2_effects(results: StudyResults) -> tuple[dict[int, list[float]], list[float]]:
     """e = old-source eval MRI after CPT minus the control's, per MoE CPT run; and the controls' MRI."""
-    runs = _runs(results)
+    runs = results.runs
     acc: dict[int, list[float]] = {}
     ctl_mri: list[float] = []
     for k in sorted_run_keys(results, "cpt"):
         r = runs[k]
         ck = control_key(results, k)
-        if not is_moe_model(results, r.get("model")) or ck is None:
+        if not is_moe_model(results, r.model) or ck is None:
             continue
         old, _ = run_sources(results, r)
         a = [_final_mri(r, s) for s in old]
         b = [_final_mri(runs[ck], s) for s in old]
         if not old or any(x is None for x in a + b):
             continue
-        _collect(acc, _seed(r), sum(a) / len(a) - sum(b) / len(b))
+        _collect(acc, r.seed, sum(a) / len(a) - sum(b) / len(b))
         ctl_mri.append(sum(b) / len(b))
     return acc, ctl_mri
 
@@ -714,7 +616,7 @@ def _interval_text(st: Mapping) -> str:
     return f"{fmt(st['mean'])} [{fmt(st['lo'])}, {fmt(st['hi'])}] (95% t-interval over {fmt(st['n_seeds'])} seeds)"
 
 
-def _answer_q1(results: Mapping) -> dict:
+def _answer_q1(results: StudyResults) -> dict:
     st = effect_stats(_seed_means(_q1_effects(results)))
     figures = {k: st[k] for k in ("mean", "lo", "hi", "min", "max", "n_seeds", "seeds_agreeing")}
     verdict = {"reproduced": "yes", "not reproduced": "no"}.get(st["verdict"], st["verdict"])
@@ -729,20 +631,20 @@ def _answer_q1(results: Mapping) -> dict:
             "verdict": verdict, "answer": answer, "figures": figures}
 
 
-def _answer_q2(results: Mapping) -> dict:
+def _answer_q2(results: StudyResults) -> dict:
     acc, ctl_mri = _q2_effects(results)
     per_seed = _seed_means(acc)
     st = effect_stats(per_seed)
-    ctl = _mean(ctl_mri)
+    ctl = finite_mean(ctl_mri)
     thr = None if ctl is None else Q2_MRI_FRACTION * ctl
     figures = {k: st[k] for k in ("mean", "lo", "hi", "min", "max", "n_seeds")}
-    figures.update(control_mri=_r(ctl), threshold=_r(thr),
+    figures.update(control_mri=round_sig(ctl), threshold=round_sig(thr),
                    seeds_agreeing=sum(v <= thr for v in per_seed.values()) if thr is not None else 0)
     if st["verdict"] == "untested" or thr is None:
         verdict = "untested"
         answer = "Untested: needs MoE CPT runs with old-source eval MRI and their no-shift controls."
     else:
-        _, lo, hi = _interval(list(per_seed.values()))  # exact ends; one seed: none, inconclusive
+        _, lo, hi = t_interval(list(per_seed.values()))  # exact ends; one seed: none, inconclusive
         verdict = ("inconclusive" if lo is None else "yes" if hi <= thr else "no" if lo > thr else "inconclusive")
         answer = (f"{verdict.capitalize()}: the old source's eval MRI after CPT minus the control's is "
                   f"{_interval_text(st)}, against a limit of {fmt(figures['threshold'])} (10% of the control's "
@@ -784,7 +686,7 @@ def _answer_q3(fs: Mapping[str, Mapping]) -> dict:
             "verdict": verdict, "answer": answer, "figures": figures}
 
 
-def answer_questions(results: Mapping, findings: list[dict] | None = None) -> list[dict]:
+def answer_questions(results: StudyResults | Mapping, findings: list[dict] | None = None) -> list[dict]:
     """The paper's three questions (Thérien et al. 2025, arXiv 2503.05029), by ``docs/study-rules.md``:
 
     1. Do MoE routers make forgetting worse than in a FLOP-matched dense model? ``e`` = the MoE's final old-source
@@ -798,7 +700,8 @@ def answer_questions(results: Mapping, findings: list[dict] | None = None) -> li
 
     One seed gives no interval: inconclusive. Returns three dicts ``{"question", "verdict": "yes" | "no" |
     "inconclusive" | "untested", "answer", "figures"}``; every number in ``answer`` is a ``figures`` value
-    formatted by :func:`moecpt.analysis.results.fmt`.
+    formatted by :func:`moecpt.study.numbers.fmt`. ``results`` may be the dict: it is parsed.
     """
-    fs = {f["id"]: f for f in (findings if findings is not None else evaluate_findings(results))}
-    return [_answer_q1(results), _answer_q2(results), _answer_q3(fs)]
+    res = as_results(results)
+    fs = {f["id"]: f for f in (findings if findings is not None else evaluate_findings(res))}
+    return [_answer_q1(res), _answer_q2(res), _answer_q3(fs)]

@@ -36,6 +36,7 @@ from moecpt.config import (
     RouterKind,
     TrainConfig,
     _Strict,
+    apply_overrides,
     build_section,
     read_toml,
 )
@@ -238,7 +239,5 @@ def load_study_recipe(path, overrides: list[str] | None = None) -> StudyRecipe:
     Raises:
         MoecptError: one line naming the bad key.
     """
-    from moecpt.config import apply_overrides
-
     raw = apply_overrides(read_toml(path), overrides or [])
     return build_section(StudyRecipe, raw)
