@@ -41,6 +41,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_cpt)
 
 
+def check_diloco_rounds(recipe) -> None:
+    """Refuse ``distributed.sync = "diloco"`` whose ``distributed.local_steps`` (H) was left unset.
+
+    H's default, 1, is right for ``ddp`` / ``fsdp`` (they synchronise every step), but makes DiLoCo an outer
+    Nesterov step after every inner AdamW step, which is not the algorithm of Douillard et al. 2023 (arXiv
+    2311.08105, H = 500). An explicit ``local_steps = 1`` is accepted, as an ablation (docs/distributed.md).
+
+    Raises:
+        MoecptError: DiLoCo with ``local_steps`` unset, naming the ``--set`` that fixes it.
+    """
+    from moecpt.config import SyncKind
+    from moecpt.errors import MoecptError
+
+    d = recipe.distributed
+    if d.sync == SyncKind.DILOCO and "local_steps" not in d.model_fields_set:
+        raise MoecptError("distributed.sync = 'diloco' needs distributed.local_steps (H, inner steps per round; "
+                          "unset it is 1, an outer step after every inner step, which is not DiLoCo): add e.g. "
+                          "--set distributed.local_steps=16, a divisor of train.eval_every and checkpoint_every")
+
+
 def _train(args: argparse.Namespace, parent) -> int:
     from pathlib import Path
 
@@ -49,6 +69,7 @@ def _train(args: argparse.Namespace, parent) -> int:
 
     # Validate what needs no torch before importing it: a bad recipe or --from fails in a fraction of a second.
     recipe = load_recipe(args.recipe, args.set)
+    check_diloco_rounds(recipe)
     if parent is not None and not Path(parent).exists():
         raise MoecptError(f"--from {str(parent)!r} does not exist; give a checkpoint or run folder")
 

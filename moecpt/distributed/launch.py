@@ -2,7 +2,8 @@
 
 Launch with torchrun (one process per device; ``gloo`` on CPU, ``nccl`` on CUDA)::
 
-    torchrun --nproc-per-node 2 -m moecpt pretrain --recipe R.toml --out runs/x --set distributed.sync=diloco
+    torchrun --nproc-per-node 2 -m moecpt pretrain --recipe R.toml --out runs/x --set distributed.sync=diloco \
+        --set distributed.local_steps=16
 
 torchrun sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` / ``MASTER_PORT`` (and, for multi-node
 ``--rdzv-backend c10d``, its agent's store); :func:`session` initialises the default process group from them
