@@ -62,6 +62,25 @@ metric_list:
 """
 
 
+GEN_YAML = """task: moecpt_demo_gen
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {mc}
+test_split: test
+unsafe_code: true
+output_type: generate_until
+doc_to_text: "{{{{context}}}}"
+doc_to_target: "{{{{choices[0]}}}}"
+generation_kwargs:
+  until: [" "]
+  max_gen_toks: 8
+  do_sample: false
+metric_list:
+  - metric: exact_match
+"""
+
+
 def _demo_docs(n: int, source: str = "english") -> list[str]:
     """The first ``n`` held-out documents of a bundled demo source, as text."""
     data = PreparedData.open("demo")
@@ -86,6 +105,7 @@ def bench(tmp_path_factory):
     tasks.mkdir()
     (tasks / "ppl.yaml").write_text(PPL_YAML.format(docs=root / "docs.jsonl"))
     (tasks / "mc.yaml").write_text(MC_YAML.format(mc=root / "mc.jsonl"))
+    (tasks / "gen.yaml").write_text(GEN_YAML.format(mc=root / "mc.jsonl"))
     return {"run": run, "docs": docs, "tasks": tasks, "root": root}
 
 
@@ -229,3 +249,15 @@ def test_lm_eval_command_line_with_moecpt_registered(bench, tmp_path):
     assert "bits_per_byte" in res.stdout and "moecpt_demo_ppl" in res.stdout
     (written,) = (tmp_path / "out").rglob("results_*.json")
     assert "moecpt_demo_ppl" in json.loads(written.read_text())["results"]
+
+
+def test_unsafe_tasks_need_the_confirmation_flag(bench):
+    from moecpt.analysis.harness_run import run_harness
+
+    with pytest.raises(MoecptError, match="task moecpt_demo_gen runs the code the model writes: add "
+                                          "--confirm-run-unsafe-code"):
+        run_harness(str(bench["run"]), ["moecpt_demo_gen"], include_path=[str(bench["tasks"])], limit=2,
+                    device="cpu")
+    report = run_harness(str(bench["run"]), ["moecpt_demo_gen"], include_path=[str(bench["tasks"])], limit=2,
+                         device="cpu", confirm_run_unsafe_code=True)
+    assert 0 <= report["results"]["moecpt_demo_gen"]["exact_match,none"] <= 1

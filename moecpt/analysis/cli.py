@@ -25,6 +25,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     h.add_argument("--limit", type=float, default=None, help="examples per task (count, or fraction < 1)")
     h.add_argument("--num-fewshot", type=int, default=None)
     h.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    h.add_argument("--confirm-run-unsafe-code", action="store_true",
+                   help="allow tasks that execute the model's code (HumanEval; also set HF_ALLOW_CODE_EVAL=1)")
     h.add_argument("--out", default=None, help="write the results JSON here (a new file or an earlier one)")
     p.set_defaults(func=run_eval)
 
@@ -81,7 +83,8 @@ def run_eval_harness(args: argparse.Namespace) -> int:
 
     out = check_results_path(args.out, [args.checkpoint, *(args.include_path or [])]) if args.out else None
     report = run_harness(args.checkpoint, args.harness, include_path=args.include_path, limit=args.limit,
-                         batch_size=args.batch_size, device=args.device, num_fewshot=args.num_fewshot)
+                         batch_size=args.batch_size, device=args.device, num_fewshot=args.num_fewshot,
+                         confirm_run_unsafe_code=args.confirm_run_unsafe_code)
     if out is not None:
         write_results(out, report)
     if args.json:

@@ -51,7 +51,8 @@ def _task_manager(tasks: list[str], include_path: list[str] | None):
 
 def run_harness(checkpoint: str, tasks: list[str], *, include_path: list[str] | None = None,
                 limit: float | None = None, batch_size: int = 1, device: str = "auto",
-                num_fewshot: int | None = None, seed: int = 0) -> dict[str, Any]:
+                num_fewshot: int | None = None, seed: int = 0, confirm_run_unsafe_code: bool = False
+                ) -> dict[str, Any]:
     """Score ``checkpoint`` on lm-eval ``tasks`` with :class:`moecpt.analysis.harness.MoecptLM`.
 
     Args:
@@ -59,6 +60,8 @@ def run_harness(checkpoint: str, tasks: list[str], *, include_path: list[str] | 
         tasks: task or group names (built-in, or defined by a YAML under ``include_path``).
         limit: examples per task (an int count, or a fraction < 1), as lm-eval's ``--limit``.
         seed: the harness's random, numpy, torch and few-shot seeds.
+        confirm_run_unsafe_code: allow tasks marked ``unsafe_code`` (HumanEval executes the generated code;
+            its metric also needs ``HF_ALLOW_CODE_EVAL=1``).
 
     Returns:
         ``{"written_by", "checkpoint", "tasks", "results": {task: {metric: value}}, "n_samples", "config",
@@ -74,13 +77,21 @@ def run_harness(checkpoint: str, tasks: list[str], *, include_path: list[str] | 
 
     manager = _task_manager(tasks, include_path)
     lm = MoecptLM(checkpoint=checkpoint, batch_size=batch_size, device=device)
-    res = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit,
-                                  num_fewshot=num_fewshot, random_seed=seed, numpy_random_seed=seed,
-                                  torch_random_seed=seed, fewshot_random_seed=seed, log_samples=False)
+    try:
+        res = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit,
+                                      num_fewshot=num_fewshot, random_seed=seed, numpy_random_seed=seed,
+                                      torch_random_seed=seed, fewshot_random_seed=seed, log_samples=False,
+                                      confirm_run_unsafe_code=confirm_run_unsafe_code)
+    except ValueError as exc:
+        if "marked as unsafe" not in str(exc):
+            raise
+        raise MoecptError(f"{str(exc).split(' which')[0].replace('Attempted to run task: ', 'task ')} runs the "
+                          "code the model writes: add --confirm-run-unsafe-code (and set HF_ALLOW_CODE_EVAL=1) "
+                          "to allow it") from None
     return {SIGNATURE_KEY: SIGNATURE_VALUE, "checkpoint": str(checkpoint), "tasks": tasks,
             "results": res["results"], "n_samples": res.get("n-samples", {}),
             "config": {"limit": limit, "batch_size": batch_size, "device": str(lm.device),
-                       "num_fewshot": num_fewshot, "seed": seed},
+                       "num_fewshot": num_fewshot, "seed": seed, "confirm_run_unsafe_code": confirm_run_unsafe_code},
             "lm_eval_version": lm_eval.__version__}
 
 
