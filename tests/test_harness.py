@@ -184,6 +184,9 @@ def test_generate_until_stops_at_the_until_strings(lm, bench):
     (cut,) = lm.generate_until([_req("generate_until", prompt, {"until": ["\x00never", stop],
                                                                 "max_gen_toks": 24})])
     assert cut == free[: free.index(stop)]
+    (same,) = lm.generate_until([_req("generate_until", prompt, {"until": [], "max_gen_toks": 24,
+                                                                 "do_sample": False, "temperature": 0.7})])
+    assert same == free  # without do_sample the temperature is not used: greedy
     with pytest.raises(MoecptError, match="top_k"):
         lm.generate_until([_req("generate_until", prompt, {"until": [], "top_k": 5})])
 

@@ -189,38 +189,45 @@ class MoecptLM(TemplateLM):
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Continue each context until one of its ``until`` strings (cut off, as the harness expects), the eod
         token or ``max_gen_toks`` tokens (default 256). Greedy unless ``do_sample``; then ``temperature``
-        (default 1) and ``top_p`` (default 1) apply, seeded by the ``seed`` model arg.
+        (default 1) and ``top_p`` (default 1) apply, seeded by the ``seed`` model arg. An empty context starts
+        from the eod token.
 
         Raises:
-            MoecptError: an empty context or out-of-range sampling parameters.
+            MoecptError: a generation setting other than those, or out-of-range sampling parameters.
         """
         out = []
         for req in requests:
             context, gen_kwargs = req.args
-            kw = dict(gen_kwargs)
-            until = handle_stop_sequences(kw.pop("until", None), eos=None)
-            do_sample = bool(kw.pop("do_sample", False))
-            temperature = float(kw.pop("temperature", 1.0))
-            temperature = temperature if do_sample else 0.0
-            max_new, top_p = int(kw.pop("max_gen_toks", 256)), float(kw.pop("top_p", 1.0))
-            if kw:
-                raise MoecptError(f"generation setting(s) {', '.join(sorted(kw))} are not supported by the moecpt "
-                                  f"model; it knows until, max_gen_toks, do_sample, temperature, top_p")
-            prompt = self.tok_encode(context) or [self._eod]
+            until, settings = _generation_settings(gen_kwargs)
 
             def stop(ids: list[int], until=until) -> bool:
                 text = self.tok_decode(ids)
                 return any(s in text for s in until)
 
             with autocast_context(self._device, self.dtype):
-                ids = sample(self.model, prompt, max_new_tokens=max_new, temperature=temperature, top_p=top_p,
-                             eod_id=self._eod, seed=self.seed, stop=stop)
+                ids = sample(self.model, self.tok_encode(context) or [self._eod], eod_id=self._eod, seed=self.seed,
+                             stop=stop, **settings)
             text = self.tok_decode(ids)
             for s in until:
                 text = text.split(s)[0]
             self.cache_hook.add_partial("generate_until", req.args, text)
             out.append(text)
         return out
+
+
+def _generation_settings(gen_kwargs: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
+    """A task's ``generation_kwargs`` as ``(until strings, keyword arguments of moecpt's sampler)``."""
+    kw = dict(gen_kwargs)
+    until = handle_stop_sequences(kw.pop("until", None), eos=None)
+    temperature = float(kw.pop("temperature", 1.0))
+    if not kw.pop("do_sample", False):
+        temperature = 0.0  # greedy, as the harness means by do_sample = false
+    settings = {"max_new_tokens": int(kw.pop("max_gen_toks", 256)), "temperature": temperature,
+                "top_p": float(kw.pop("top_p", 1.0))}
+    if kw:
+        raise MoecptError(f"generation setting(s) {', '.join(sorted(kw))} are not supported by the moecpt model; it "
+                          "knows until, max_gen_toks, do_sample, temperature, top_p")
+    return until, settings
 
 
 def register() -> None:
