@@ -221,6 +221,7 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(REPO), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
 
 
+@pytest.mark.slow  # a fresh interpreter imports lm-eval and datasets: tens of seconds on 2 cores
 def test_moecpt_eval_harness_cli_writes_results_and_keeps_foreign_files(bench, tmp_path):
     out = tmp_path / "scores.json"
     cmd = [sys.executable, "-m", "moecpt", "eval", "--checkpoint", str(bench["run"]), "--harness",
@@ -242,6 +243,7 @@ def test_moecpt_eval_harness_cli_writes_results_and_keeps_foreign_files(bench, t
     assert "Traceback" not in bad.stderr + unknown.stderr
 
 
+@pytest.mark.slow  # a fresh interpreter imports lm-eval and datasets: tens of seconds on 2 cores
 def test_lm_eval_command_line_with_moecpt_registered(bench, tmp_path):
     """lm-eval's own CLI (the ``moecpt-lm-eval`` script's code) scores the demo checkpoint on the local task."""
     cmd = [sys.executable, "-m", "moecpt.analysis.harness_run", "--model", "moecpt", "--model_args",
