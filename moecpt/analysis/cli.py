@@ -19,6 +19,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seq-len", type=positive_int, default=None)
     p.add_argument("--coactivation", action="store_true", help="include co-activation matrices (k > 1)")
     p.add_argument("--json", action="store_true")
+    h = p.add_argument_group("lm-evaluation-harness (pip install 'moecpt[eval]'; docs/eval.md)")
+    h.add_argument("--harness", nargs="+", metavar="TASK", default=None,
+                   help="score the checkpoint on these lm-eval tasks instead (names or groups)")
+    h.add_argument("--include-path", action="append", default=None, help="folder of your own task YAMLs")
+    h.add_argument("--limit", type=float, default=None, help="examples per task (count, or fraction < 1)")
+    h.add_argument("--num-fewshot", type=int, default=None)
+    h.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    h.add_argument("--confirm-run-unsafe-code", action="store_true",
+                   help="allow tasks that execute the model's code (HumanEval; also set HF_ALLOW_CODE_EVAL=1)")
+    h.add_argument("--out", default=None, help="write the results JSON here (a new file or an earlier one)")
     p.set_defaults(func=run_eval)
 
     p = subparsers.add_parser("compare", help="routing change between two checkpoints (CRS, CVS, MRI, loss)")
@@ -47,12 +57,35 @@ def _print(obj, as_json: bool) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    if args.harness:
+        return run_eval_harness(args)
     report, _ = evaluate_checkpoint(args.checkpoint, args.data, args.sources, args.seq_len, args.batch_size,
                                     args.batches)
     if not args.coactivation:
         for vals in report["sources"].values():
             vals.pop("coactivation_layers", None)
     _print(report, args.json)
+    return 0
+
+
+def run_eval_harness(args: argparse.Namespace) -> int:
+    """``moecpt eval --harness TASKS``: lm-eval scores, printed one line per metric (or as JSON) and, with
+    ``--out``, written to a results file (docs/eval.md)."""
+    from moecpt.analysis.harness_run import check_results_path, run_harness, write_results
+
+    out = check_results_path(args.out, [args.checkpoint, *(args.include_path or [])]) if args.out else None
+    report = run_harness(args.checkpoint, args.harness, include_path=args.include_path, limit=args.limit,
+                         batch_size=args.batch_size, device=args.device, num_fewshot=args.num_fewshot,
+                         confirm_run_unsafe_code=args.confirm_run_unsafe_code)
+    if out is not None:
+        write_results(out, report)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    for task, metrics in report["results"].items():
+        for key, value in metrics.items():
+            if isinstance(value, float) and "stderr" not in key:
+                print(f"{task:>24}: {key:<24} {value:.4f}")
     return 0
 
 

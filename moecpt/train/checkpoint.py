@@ -536,6 +536,19 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> torch.nn
     return model.to(device).eval()
 
 
+def run_tokenizer_path(ckpt: Checkpoint) -> Path:
+    """The ``tokenizer.json`` of a checkpoint: the one beside it (``import-hf`` writes it there), else its run
+    folder's (``RUN/checkpoints/step_N`` -> ``RUN/tokenizer.json``, which the trainer writes).
+
+    Raises:
+        MoecptError: neither exists.
+    """
+    for folder in (ckpt.path, ckpt.path.parent.parent):
+        if (folder / "tokenizer.json").is_file():
+            return folder / "tokenizer.json"
+    raise MoecptError(f"no tokenizer.json next to {ckpt.path} or in its run folder; copy the run's tokenizer there")
+
+
 # ------------------------------------------------------------------------------------------------------------ RNG
 def capture_rng_state() -> dict:
     """Python, numpy (legacy global), torch CPU and, if CUDA is in use, the current CUDA device's RNG states.

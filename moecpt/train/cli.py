@@ -19,20 +19,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from tokenizers import Tokenizer
 
     from moecpt.errors import MoecptError
-    from moecpt.train.checkpoint import load_checkpoint, load_model
+    from moecpt.train.checkpoint import load_checkpoint, load_model, run_tokenizer_path
     from moecpt.train.generate import sample
 
     ck = load_checkpoint(args.checkpoint)
-    tok_path = next((p / "tokenizer.json" for p in (ck.path, ck.path.parent.parent) if (p / "tokenizer.json").is_file()),
-                    None)
-    if tok_path is None:
-        raise MoecptError(f"no tokenizer.json next to {ck.path} or in its run folder; copy the run's tokenizer there")
-    tok = Tokenizer.from_file(str(Path(tok_path)))
+    tok = Tokenizer.from_file(str(run_tokenizer_path(ck)))
     model = load_model(ck.path)
     eod = tok.token_to_id("<|endoftext|>")
     if args.seed is not None and not 0 <= args.seed < 2**63:

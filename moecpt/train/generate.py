@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -11,7 +12,8 @@ from moecpt.errors import MoecptError
 
 @torch.no_grad()
 def sample(model, prompt_ids: list[int], max_new_tokens: int = 64, temperature: float = 0.8, top_p: float = 0.95,
-           eod_id: int | None = None, seed: int | None = None) -> list[int]:
+           eod_id: int | None = None, seed: int | None = None,
+           stop: Callable[[list[int]], bool] | None = None) -> list[int]:
     """Autoregressively extend ``prompt_ids``.
 
     Args:
@@ -21,6 +23,8 @@ def sample(model, prompt_ids: list[int], max_new_tokens: int = 64, temperature: 
         temperature: > 0; 0 means greedy.
         top_p: nucleus mass in (0, 1].
         seed: seeds a private generator (reproducible samples).
+        stop: called with the ids generated so far after each new token; ``True`` ends the sample there (e.g. a
+            stop string appeared in the decoded text: the lm-evaluation-harness adapter's ``until``).
 
     Returns:
         the generated ids (prompt excluded). The context is truncated to the model's ``max_seq_len``.
@@ -52,7 +56,7 @@ def sample(model, prompt_ids: list[int], max_new_tokens: int = 64, temperature: 
             sorted_p = sorted_p * keep
             nxt = int(sorted_i[torch.multinomial(sorted_p / sorted_p.sum(), 1, generator=gen)])
         out.append(nxt)
-        if eod_id is not None and nxt == eod_id:
+        if (eod_id is not None and nxt == eod_id) or (stop is not None and stop(out)):
             break
         ids = torch.cat([ids, torch.tensor([[nxt]], device=device)], dim=1)
     return out

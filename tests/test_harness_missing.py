@@ -1,0 +1,30 @@
+"""Without lm-eval installed, the harness commands say in one line what to install (no traceback)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+# `sys.modules["lm_eval"] = None` makes every `import lm_eval` fail as if the package were absent
+HIDE = "import sys; sys.modules['lm_eval'] = None; "
+
+
+def _run(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", HIDE + code], capture_output=True, text=True, cwd=REPO,
+                          timeout=120, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+
+
+def test_eval_harness_without_lm_eval_names_the_extra():
+    res = _run("from moecpt.cli import main; sys.exit(main(['eval', '--checkpoint', 'x', '--harness', 'arc_easy']))")
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.strip().splitlines() == [
+        "moecpt: error: lm-evaluation-harness is not installed: pip install 'moecpt[eval]' "
+        "(or pip install 'lm-eval>=0.4.5')"]
+
+
+def test_moecpt_lm_eval_without_lm_eval_names_the_extra():
+    res = _run("from moecpt.analysis.harness_run import main; main(['--model', 'moecpt'])")
+    assert res.returncode == 1 and "pip install 'moecpt[eval]'" in res.stderr and "Traceback" not in res.stderr
