@@ -353,7 +353,8 @@ class TrainConfig(_Strict):
     compile: bool = False
     log_every: int = Field(1, ge=1)
     eval_every: int = Field(50, ge=1)
-    eval_batches: int = Field(4, ge=1, description="held-out batches per source per evaluation")
+    eval_batches: int = Field(4, ge=1, description="held-out batches of train.batch_size sequences per source per "
+                                                   "evaluation (micro-batching does not change them)")
     checkpoint_every: int = Field(50, ge=1)
     keep_last: int = Field(2, ge=1, description="recent checkpoints kept (milestones are kept anyway)")
     extra_checkpoints: list[int] = Field(default_factory=list, description="steps always checkpointed and kept")

@@ -90,6 +90,13 @@ def lm_loss(logits_BTV: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
     return cross_entropy(logits_BTV.float().flatten(0, 1), targets_BT.flatten())
 
 
+def token_losses(logits_BTV: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
+    """Per-token next-token cross-entropy in nats, fp32, ``[B * T]`` (no gradient path needed: evaluation).
+    Summing these in float64 gives a mean that does not depend on how the tokens were batched."""
+    logp = torch.log_softmax(logits_BTV.float().flatten(0, 1), dim=-1)
+    return -logp.gather(1, targets_BT.reshape(-1, 1)).squeeze(1)
+
+
 def _fingerprint(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -273,8 +280,10 @@ class Trainer:
 
         r, tcfg = self.recipe, self.recipe.train
         eval_sources = r.data.eval_sources or self.data.source_names
-        return {s: val_batches(self.data, s, r.data.seq_len, tcfg.micro_batch_size or tcfg.batch_size,
-                               tcfg.eval_batches) for s in eval_sources}
+        # a fixed layout: train.eval_batches batches of train.batch_size windows, whatever the micro-batching (the
+        # forward passes are cut to micro-batches in _evaluate, which only changes the memory it takes)
+        return {s: val_batches(self.data, s, r.data.seq_len, tcfg.batch_size, tcfg.eval_batches)
+                for s in eval_sources}
 
     def _milestones(self) -> list[int]:
         from moecpt.train.schedules import anneal_start_step
@@ -691,20 +700,26 @@ class Trainer:
 
     @torch.no_grad()
     def _evaluate(self, state: "TrainState", step: int) -> dict[str, float]:
-        """Held-out cross-entropy per source (never the aux losses) and routing diagnostics on it."""
+        """Held-out cross-entropy per source (never the aux losses) and routing diagnostics on it.
+
+        The loss is the token-weighted mean over the fixed windows of :meth:`_make_evals`, summed in float64 from
+        per-token losses, so it does not depend on ``train.micro_batch_size`` (the forward passes are cut to
+        micro-batches only to bound memory). With ``model.moe.capacity_factor`` the capacity, and so the dropped
+        tokens, is per forward pass and does depend on it."""
         model = state.model
         was_training = model.training
         model.eval()
+        micro = self.recipe.train.micro_batch_size or self.recipe.train.batch_size
         losses = {}
         for source, batches in state.evals.items():
             acc = RoutingAccumulator()
             total, n = 0.0, 0
-            for b in batches:
+            for b in (mb for batch in batches for mb in batch.split(micro)):
                 b = b.to(self.device)
                 with autocast_context(self.device, self.recipe.train.dtype):
                     logits, routing = model(b[:, :-1], return_routing=True)
-                total += lm_loss(logits, b[:, 1:]).item() * b.shape[0]
-                n += b.shape[0]
+                total += token_losses(logits, b[:, 1:]).double().sum().item()
+                n += b[:, 1:].numel()
                 acc.add(routing)
             losses[source] = total / n
             summ = acc.summary()
