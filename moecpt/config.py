@@ -483,6 +483,16 @@ def identity_json(recipe: "Recipe") -> dict[str, Any]:
     return raw
 
 
+def dotted_keys(raw: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested JSON dict flattened to ``{"train.steps": 40, "model.moe.top_k": 3, ...}`` (empty dicts kept as
+    values), as ``--set`` names the keys."""
+    out: dict[str, Any] = {}
+    for key, v in raw.items():
+        name = f"{prefix}.{key}" if prefix else key
+        out.update(dotted_keys(v, name) if isinstance(v, dict) and v else {name: v})
+    return out
+
+
 # ------------------------------------------------------------------------------------------------- loading helpers
 def format_validation_error(exc: ValidationError, prefix: str = "") -> str:
     """One line naming the first offending field and what is allowed."""
