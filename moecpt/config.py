@@ -368,7 +368,8 @@ class TrainConfig(_Strict):
         "those activations in the backward; same results, less memory")
     log_every: int = Field(1, ge=1)
     eval_every: int = Field(50, ge=1)
-    eval_batches: int = Field(4, ge=1, description="held-out batches per source per evaluation")
+    eval_batches: int = Field(4, ge=1, description="held-out batches of train.batch_size sequences per source per "
+                                                   "evaluation (micro-batching does not change them)")
     checkpoint_every: int = Field(50, ge=1)
     keep_last: int = Field(2, ge=1, description="recent checkpoints kept (milestones are kept anyway)")
     extra_checkpoints: list[int] = Field(default_factory=list, description="steps always checkpointed and kept")
@@ -495,6 +496,16 @@ def identity_json(recipe: "Recipe") -> dict[str, Any]:
     raw = recipe.model_dump(mode="json")
     raw["train"] = {k: v for k, v in raw["train"].items() if k not in OBSERVATION_KEYS}
     return raw
+
+
+def dotted_keys(raw: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested JSON dict flattened to ``{"train.steps": 40, "model.moe.top_k": 3, ...}`` (empty dicts kept as
+    values), as ``--set`` names the keys."""
+    out: dict[str, Any] = {}
+    for key, v in raw.items():
+        name = f"{prefix}.{key}" if prefix else key
+        out.update(dotted_keys(v, name) if isinstance(v, dict) and v else {name: v})
+    return out
 
 
 # ------------------------------------------------------------------------------------------------- loading helpers

@@ -29,6 +29,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from moecpt.train.reduce import ReduceType
+
 
 def allreduce_bytes(nbytes: int, workers: int) -> int:
     """Bytes one worker sends (and, as many, receives) in a ring all-reduce of ``nbytes``."""
@@ -165,6 +167,19 @@ class Comm:
     def all_reduce_sum(self, flats: list[torch.Tensor], kind: str) -> torch.Tensor:
         raise NotImplementedError
 
+    def all_reduce_max(self, flats: list[torch.Tensor], kind: str) -> torch.Tensor:
+        """The elementwise maximum over all workers' tensors."""
+        raise NotImplementedError
+
+    def all_reduce(self, flats: list[torch.Tensor], kind: str, op: ReduceType) -> torch.Tensor:
+        """:meth:`all_reduce_sum` or :meth:`all_reduce_max` by ``op`` (SUM or MAX: the two collectives of
+        :func:`moecpt.train.reduce.reduce_metrics`)."""
+        if op == ReduceType.MAX:
+            return self.all_reduce_max(flats, kind)
+        if op == ReduceType.SUM:
+            return self.all_reduce_sum(flats, kind)
+        raise ValueError(f"all_reduce op {op!r}; reduce_metrics sends SUM or MAX only")
+
     def all_gather(self, flats: list[torch.Tensor], kind: str) -> torch.Tensor:
         """``[W, N]``: every worker's tensor, in worker order."""
         raise NotImplementedError
@@ -178,9 +193,15 @@ class ProcessComm(Comm):
     """One worker per process: torch.distributed collectives on the default process group."""
 
     def all_reduce_sum(self, flats: list[torch.Tensor], kind: str) -> torch.Tensor:
+        return self._all_reduce(flats, kind, dist.ReduceOp.SUM)
+
+    def all_reduce_max(self, flats: list[torch.Tensor], kind: str) -> torch.Tensor:
+        return self._all_reduce(flats, kind, dist.ReduceOp.MAX)
+
+    def _all_reduce(self, flats: list[torch.Tensor], kind: str, op) -> torch.Tensor:
         (t,) = flats
         t0 = time.perf_counter()
-        dist.all_reduce(t)
+        dist.all_reduce(t, op=op)
         self._account(kind, allreduce_bytes(t.numel() * t.element_size(), self.workers), t0)
         return t
 

@@ -28,6 +28,9 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--simulate-workers", type=positive_int, default=None, metavar="K",
                    help="run K data-parallel workers in this one process, with the updates of a K-process run "
                         "(docs/distributed.md); for several processes use torchrun --nproc-per-node K -m moecpt ...")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate the recipe, data and --out, print the plan (parameters, memory, steps, tokens, a "
+                        "time estimate from a few timed steps) as JSON and exit; --out is not created or claimed")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -80,8 +83,9 @@ def _train(args: argparse.Namespace, parent) -> int:
     # under torchrun (WORLD_SIZE > 1) the session joins the job; otherwise it does nothing
     with session(recipe.distributed, recipe.train.device) as info:
         progress = ProgressKind.NONE if args.no_progress else ProgressKind(args.progress)
-        summary = Trainer(recipe, args.out, parent=parent, show_progress=progress,
-                          simulate_workers=args.simulate_workers, parallel=Distributed()).run()
+        trainer = Trainer(recipe, args.out, parent=parent, show_progress=progress,
+                          simulate_workers=args.simulate_workers, parallel=Distributed(), dry_run=args.dry_run)
+        summary = trainer.plan() if args.dry_run else trainer.run()
     if info.is_main:
         print(json.dumps(summary))
     return 0

@@ -15,7 +15,8 @@
 
 Both reduce, every step, one small vector per worker: cross-entropy, aux loss and every bias router's load counts
 (docs/design.md, rule R6: counts summed over micro-batches *and ranks*), so all ranks take the same skip decision
-and the same bias update.
+and the same bias update; each metric declares its reduction (:mod:`moecpt.train.reduce`), and the max-reduced
+ones (peak memory, at log steps) travel in a second, MAX all-reduce.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ from torch import nn
 from moecpt.distributed.accounting import ProcessComm, allreduce_bytes
 from moecpt.distributed.strategy import SYNC_KEY, OptimizerFactory, SyncStrategy, Worker
 from moecpt.train.metrics import RoutingAccumulator
+from moecpt.train.parallel import StepStats
+from moecpt.train.reduce import Metric, ReduceType, reduce_metrics
 
 
 def _router_loads(model: nn.Module) -> list[torch.Tensor]:
@@ -51,46 +54,29 @@ class DataParallelSync(SyncStrategy):
         if self.comm is None:
             self.comm = ProcessComm(self.acct)
 
-    def reduce_step(self, workers: list[Worker], stats: list[tuple[float, float, RoutingAccumulator]], log: bool
-                    ) -> tuple[float, float, list[torch.Tensor] | None, RoutingAccumulator]:
-        """One all-reduce of a float64 vector per worker: [ce, aux, every bias router's loads, and at log steps the
-        routing accumulator (token and micro-batch totals, per-layer counts, per-layer loss sums)]."""
+    def reduce_step(self, workers: list[Worker], stats: list[StepStats], log: bool
+                    ) -> tuple[dict[str, float], list[torch.Tensor] | None, RoutingAccumulator]:
+        """Every metric reduced as it declares (docs/design.md, rule D2; :func:`moecpt.train.reduce.reduce_metrics`):
+        one SUM all-reduce of a float64 vector per worker holding the means (cross-entropy, aux loss), every bias
+        router's load and, at log steps, the routing accumulator's totals (tokens, micro-batches, per-layer counts
+        and loss sums); plus one MAX all-reduce when a metric is a max or min (peak memory, at log steps)."""
+        acc0 = stats[0].routing
+        routing = log and bool(acc0.counts)
         loads0 = _router_loads(workers[0].model)
-        acc0 = stats[0][2]
-        keys = sorted(acc0.sums) if log and acc0.counts else []
-        vecs = []
-        for w, (ce, aux, acc) in zip(workers, stats):
-            parts = [torch.tensor([ce, aux], dtype=torch.float64),
-                     *(x.detach().to("cpu", torch.float64) for x in _router_loads(w.model))]
-            if keys:
-                parts += [torch.tensor([acc.tokens, acc.n], dtype=torch.float64), *acc.counts,
-                          torch.tensor([v for k in keys for v in acc.sums[k]], dtype=torch.float64)]
-            vecs.append(torch.cat(parts).to(self.device))
-        total = self.comm.all_reduce_sum(vecs, "stats").cpu()
-        n = self.num_workers
-        ce, aux = float(total[0]) / n, float(total[1]) / n
-        pos = 2
-        loads = None
-        if loads0:
-            loads = []
-            for x in loads0:
-                loads.append(total[pos:pos + x.numel()].round().to(x.device, x.dtype))
-                pos += x.numel()
-        if not keys:
-            return ce, aux, loads, acc0
+        per_worker = []
+        for w, st in zip(workers, stats):
+            m = dict(st.metrics)
+            m |= {f"bias_load/{i}": Metric(x, ReduceType.SUM) for i, x in enumerate(_router_loads(w.model))}
+            if routing:
+                m |= st.routing.as_metrics()
+            per_worker.append(m)
+        red = reduce_metrics(per_worker, lambda flats, op: self.comm.all_reduce(flats, "stats", op),
+                             self.num_workers, self.device)
+        scalars = {k: float(red[k][0]) for k in stats[0].metrics}
+        loads = [red[f"bias_load/{i}"].round().to(x.device, x.dtype) for i, x in enumerate(loads0)] or None
         # counts and token totals summed, loss sums added (their mean is then over every micro-batch of every
-        # worker): the diagnostics of the global batch (docs/design.md, rule D2: each metric declares its cross-rank
-        # reduction)
-        out = RoutingAccumulator()
-        out.tokens, out.n, out.k = int(total[pos]), int(total[pos + 1]), list(acc0.k)
-        pos += 2
-        for c in acc0.counts:
-            out.counts.append(total[pos:pos + c.numel()].clone())
-            pos += c.numel()
-        for k in keys:
-            out.sums[k] = total[pos:pos + len(acc0.counts)].tolist()
-            pos += len(acc0.counts)
-        return ce, aux, loads, out
+        # worker): the diagnostics of the global batch
+        return scalars, loads, RoutingAccumulator.from_reduced(red, acc0) if routing else acc0
 
     def after_optimizer_step(self, workers: list[Worker], step: int, boundary: bool) -> None:
         self.acct.rounds += 1  # one gradient synchronisation per step

@@ -32,8 +32,14 @@ class SimComm(Comm):
     """In-process collectives over the K workers' tensors (accounted as a K-worker ring)."""
 
     def all_reduce_sum(self, flats: list[torch.Tensor], kind: str) -> torch.Tensor:
+        return self._reduce(flats, kind, lambda stacked: stacked.sum(0))
+
+    def all_reduce_max(self, flats: list[torch.Tensor], kind: str) -> torch.Tensor:
+        return self._reduce(flats, kind, lambda stacked: stacked.amax(0))
+
+    def _reduce(self, flats: list[torch.Tensor], kind: str, op) -> torch.Tensor:
         t0 = time.perf_counter()
-        out = torch.stack(flats).sum(0) if len(flats) > 1 else flats[0].clone()
+        out = op(torch.stack(flats)) if len(flats) > 1 else flats[0].clone()
         self._account(kind, allreduce_bytes(flats[0].numel() * flats[0].element_size(), self.workers), t0)
         return out
 

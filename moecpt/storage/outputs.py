@@ -167,6 +167,32 @@ def claim_folder(
     """
     inputs = list(inputs)
     out = Path(out).expanduser()
+    if check_claimable(out, command, inputs, legacy=legacy, flag=flag):
+        return out
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        write_marker(out, command, inputs)
+    except OSError as exc:
+        raise MoecptError(os_error_line(exc, out)) from None
+    return out
+
+
+def check_claimable(
+    out: str | Path,
+    command: str,
+    inputs: Iterable[str | Path] = (),
+    *,
+    legacy: Callable[[Path], bool] | None = None,
+    flag: str = "--out",
+) -> bool:
+    """The checks of :func:`claim_folder`, writing nothing (``--dry-run``): True when ``out`` is already
+    ``command``'s folder, False when it would be created or adopted.
+
+    Raises:
+        MoecptError: as :func:`claim_folder`.
+    """
+    inputs = list(inputs)
+    out = Path(out).expanduser()
     check_outside_inputs(out, inputs, flag)
     if out.exists() and not out.is_dir():
         raise MoecptError(f"{flag} {str(out)!r} is a file; give a folder path")
@@ -178,7 +204,7 @@ def claim_folder(
                     f"{flag} {str(out)!r} holds the output of `moecpt {marker.get('command')}`, not of "
                     f"`moecpt {command}`; choose a new {flag}"
                 )
-            return out
+            return True
         if not (legacy is not None and legacy(out)):
             try:  # moecpt's own marker / lock of a process starting at this very moment do not count
                 non_empty = any(not p.name.startswith(".moecpt") for p in out.iterdir())
@@ -190,12 +216,7 @@ def claim_folder(
                     f"into it; choose a new or empty {flag}"
                 )
     check_writable_parent(out, flag)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        write_marker(out, command, inputs)
-    except OSError as exc:
-        raise MoecptError(os_error_line(exc, out)) from None
-    return out
+    return False
 
 
 def check_new_output(out: str | Path, inputs: Iterable[str | Path] = (), flag: str = "--out") -> Path:

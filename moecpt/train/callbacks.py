@@ -42,6 +42,7 @@ class RunInfo:
     end_step: int
     tokens_per_step: int
     config: dict[str, Any] = field(default_factory=dict)  # the resolved recipe (after presets and --set)
+    config_line: str = ""  # its keys that differ from the defaults, one line (Trainer.compact_config)
 
 
 class Callback(Protocol):
@@ -138,12 +139,14 @@ class ProgressKind(StrEnum):
 
 
 def start_line(info: RunInfo, params: int | None = None) -> str:
-    """The line a run prints first: what runs, how long, where the resolved config is kept."""
+    """The lines a run prints first: what runs, how long, where the resolved config is kept (``RUN/config.json``)
+    and, when known, its keys that differ from the defaults."""
     size = f", {params / 1e6:,.2f}M parameters" if params else ""
     tokens = info.tokens_per_step * (info.end_step - info.start_step)
     resume = f" (resuming at step {info.start_step})" if info.start_step else ""
-    return (f"moecpt: {info.mode} {info.name!r}{size}: steps {info.start_step}->{info.end_step}{resume}, "
-            f"{tokens:,} tokens -> {info.out_dir} (resolved recipe: {info.out_dir / 'run.json'})")
+    line = (f"moecpt: {info.mode} {info.name!r}{size}: steps {info.start_step}->{info.end_step}{resume}, "
+            f"{tokens:,} tokens -> {info.out_dir} (resolved recipe: {info.out_dir / 'config.json'})")
+    return line + (f"\nmoecpt: config: {info.config_line}" if info.config_line else "")
 
 
 class ProgressBar(CallbackBase):

@@ -21,6 +21,7 @@ from moecpt.config import WandbMode
 from moecpt.errors import MoecptError
 from moecpt.model.routing import RouterOutput, routing_entropy
 from moecpt.train.callbacks import CallbackBase, RunInfo
+from moecpt.train.reduce import Metric, ReduceType
 
 
 class RoutingAccumulator:
@@ -64,6 +65,26 @@ class RoutingAccumulator:
                     lst.append(0.0)
                 lst[i] += v
 
+    def as_metrics(self) -> dict[str, Metric]:
+        """The step's routing totals as :class:`~moecpt.train.reduce.Metric` s, all summed across workers (counts
+        before ratios, docs/design.md, rule D2): token and micro-batch totals, per-layer counts, per-layer loss
+        sums. Rebuilt with :meth:`from_reduced`."""
+        out = {"routing/tokens": Metric(self.tokens, ReduceType.SUM), "routing/n": Metric(self.n, ReduceType.SUM)}
+        out |= {f"routing/counts/{i}": Metric(c, ReduceType.SUM) for i, c in enumerate(self.counts)}
+        out |= {f"routing/sums/{k}": Metric(torch.tensor(v, dtype=torch.float64), ReduceType.SUM)
+                for k, v in sorted(self.sums.items())}
+        return out
+
+    @classmethod
+    def from_reduced(cls, reduced: dict[str, torch.Tensor], like: "RoutingAccumulator") -> "RoutingAccumulator":
+        """The accumulator of the global batch from :func:`~moecpt.train.reduce.reduce_metrics` of
+        :meth:`as_metrics`; ``like`` (a local accumulator) gives the layer count and top-k."""
+        out = cls()
+        out.tokens, out.n, out.k = int(reduced["routing/tokens"][0]), int(reduced["routing/n"][0]), list(like.k)
+        out.counts = [reduced[f"routing/counts/{i}"].clone() for i in range(len(like.counts))]
+        out.sums = {k: reduced[f"routing/sums/{k}"].tolist() for k in sorted(like.sums)}
+        return out
+
     def summary(self) -> dict[str, Any]:
         """Per-layer lists (``*_layers``) and layer means; empty dict for a dense model."""
         if not self.counts:
@@ -84,6 +105,7 @@ def flat_scalars(record: dict[str, Any]) -> dict[str, float]:
     """Dashboard tags for one ``metrics.jsonl`` record, grouped so that a dashboard stays usable:
 
     * train records: ``train/loss``, ``train/lr``, ... ; per-layer lists become ``train_layers/mri/layer_00``, ...;
+      number-valued dicts one tag per key (``train/tokens_per_source/<source>``);
       ``tokens_per_expert_layers`` (one vector per layer) is left to ``metrics.jsonl``;
     * validation records: ``val/<source>/loss``, ``val/<source>/mri_mean``, ...;
     * events: ``events/<event>/<key>``; communication counters (``comm_*``): ``comm/<key>``.
@@ -108,6 +130,8 @@ def flat_scalars(record: dict[str, Any]) -> dict[str, float]:
             continue
         if isinstance(v, (int, float)):
             out[prefix + key] = float(v)
+        elif isinstance(v, dict) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v.values()):
+            out.update({f"{prefix}{key}/{k}": float(x) for k, x in v.items()})  # e.g. train/tokens_per_source/code
         elif isinstance(v, list) and key.endswith("_layers") and all(isinstance(x, (int, float)) for x in v):
             group = prefix.rstrip("/") + "_layers/" + key[: -len("_layers")]
             out.update({f"{group}/layer_{i:02d}": float(x) for i, x in enumerate(v)})

@@ -26,6 +26,7 @@ from torch import nn
 
 from moecpt.config import Recipe, SyncKind
 from moecpt.errors import MoecptError
+from moecpt.train.reduce import Metric
 
 #: key of the strategy's own state inside the checkpoint's optimizer state (torch ignores unknown keys there, so a
 #: local-SGD parent's optimizer file still loads as a plain AdamW state for CPT)
@@ -85,6 +86,20 @@ def build_worker_optimizer(model: nn.Module, recipe: Recipe, device: torch.devic
     return build_optimizer(model, recipe.optim, device)
 
 
+@dataclass
+class StepStats:
+    """What one worker measured in one step, for :meth:`SingleSync.reduce_step`.
+
+    Attributes:
+        metrics: scalar step metrics (``loss``, ``aux_loss``, at log steps ``peak_memory_bytes``), each with its
+            :class:`~moecpt.train.reduce.ReduceType`.
+        routing: the worker's :class:`~moecpt.train.metrics.RoutingAccumulator` (summed across workers at log steps).
+    """
+
+    metrics: dict[str, Metric]
+    routing: Any
+
+
 class SingleSync:
     """One worker in one process: nothing to communicate, nothing reported. The interface the training loop calls
     and the base of :class:`moecpt.distributed.strategy.SyncStrategy` (which adds communication accounting).
@@ -97,7 +112,7 @@ class SingleSync:
             with sync.grad_sync(worker, last):               # DDP no_sync / FSDP2 gradient-sync switch
                 forward, backward
         sync.after_backward(workers)                         # simulated DDP: average gradients
-        ce, aux, loads, routing = sync.reduce_step(workers, stats, log)  # every-step modes: one small all-reduce
+        scalars, loads, routing = sync.reduce_step(workers, stats, log)  # every-step modes: one small all-reduce
         ... clip, optimizer step, bias update with `loads` ...
         sync.after_optimizer_step(workers, step, boundary)   # local-SGD family: a communication round every H steps
 
@@ -154,14 +169,14 @@ class SingleSync:
     def after_backward(self, workers: list[Worker]) -> None:
         """All micro-batches are done (simulated DDP averages the gradients here)."""
 
-    def reduce_step(self, workers: list[Worker], stats: list[tuple[float, float, Any]], log: bool
-                    ) -> tuple[float, float, list[torch.Tensor] | None, Any]:
-        """``stats`` = (cross-entropy, weighted aux loss, routing accumulator) per local worker -> the step's
-        ``(ce, aux, loads, routing)``: in every-step modes the means over all workers, each bias router's load
-        summed over micro-batches *and workers* (docs/design.md, rule R6), and at ``log`` steps the routing
+    def reduce_step(self, workers: list[Worker], stats: list[StepStats], log: bool
+                    ) -> tuple[dict[str, float], list[torch.Tensor] | None, Any]:
+        """``stats`` = one :class:`StepStats` per local worker -> the step's ``(scalars, loads, routing)``: in
+        every-step modes each scalar reduced over all workers as it declares (docs/design.md, rule D2), each bias
+        router's load summed over micro-batches *and workers* (rule R6), and at ``log`` steps the routing
         diagnostics of the global batch; otherwise worker 0's values and ``loads = None`` (each worker updates its
         biases from its own loads)."""
-        return stats[0][0], stats[0][1], None, stats[0][2]
+        return {k: float(m.value) for k, m in stats[0].metrics.items()}, None, stats[0].routing
 
     def after_optimizer_step(self, workers: list[Worker], step: int, boundary: bool) -> None:
         """After every worker's optimizer step (or skip) of 1-based ``step``. ``boundary``: the trainer evaluates,

@@ -3,6 +3,7 @@
 One :class:`Trainer` runs a recipe into a run folder::
 
     RUN/run.json            identity of the run (mode, recipe, parent): a folder holding another run is refused
+    RUN/config.json         the resolved configuration of the latest start (presets, --set and parent applied)
     RUN/metrics.jsonl       one JSON object per logged step and per validation (cross-entropy only)
     RUN/tokenizer.json      the tokenizer the run was trained with
     RUN/checkpoints/step_N  model (safetensors), optimizer, RNG, data-sampler state, lineage (meta.json)
@@ -45,10 +46,13 @@ from moecpt.train.compile import check_compile_backend, compile_module
 from moecpt.train.loss import cross_entropy
 from moecpt.train.callbacks import CallbackList, ProgressKind, RunInfo, StepResult, progress_callbacks
 from moecpt.train.metrics import JsonlSink, RoutingAccumulator, check_sink_packages
-from moecpt.train.parallel import SYNC_KEY, SingleProcess, build_worker_optimizer
+from moecpt.train.parallel import SYNC_KEY, SingleProcess, StepStats, build_worker_optimizer
+from moecpt.train.perf import device_peak_flops, mfu, step_memory_metrics
+from moecpt.train.reduce import Metric, ReduceType
 from moecpt.train.preemption import Preempted, PreemptionWatcher, signal_name
 
 RUN_FILE = "run.json"
+CONFIG_FILE = "config.json"  # the resolved configuration of the latest start
 
 
 def resolve_device(name: str) -> torch.device:
@@ -64,10 +68,14 @@ def resolve_device(name: str) -> torch.device:
 def autocast_context(device: torch.device, dtype: str):
     """bf16 autocast on devices that support it (``auto`` on CUDA, or ``bf16``); fp32 otherwise. ``dtype`` is a
     :class:`moecpt.config.DType` (validated with the recipe)."""
-    use_bf16 = dtype == "bf16" or (dtype == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
-    if use_bf16:
+    if uses_bf16(device, dtype):
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def uses_bf16(device: torch.device, dtype: str) -> bool:
+    """Whether a run with ``train.dtype = dtype`` computes in bf16 on ``device`` (see :func:`autocast_context`)."""
+    return dtype == "bf16" or (dtype == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
 
 
 @contextlib.contextmanager
@@ -88,6 +96,13 @@ def deterministic_on_cpu(device: torch.device):
 def lm_loss(logits_BTV: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy in nats, computed in fp32. ``logits [B, T, V]``, ``targets [B, T]``."""
     return cross_entropy(logits_BTV.float().flatten(0, 1), targets_BT.flatten())
+
+
+def token_losses(logits_BTV: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
+    """Per-token next-token cross-entropy in nats, fp32, ``[B * T]`` (no gradient path needed: evaluation).
+    Summing these in float64 gives a mean that does not depend on how the tokens were batched."""
+    logp = torch.log_softmax(logits_BTV.float().flatten(0, 1), dim=-1)
+    return -logp.gather(1, targets_BT.reshape(-1, 1)).squeeze(1)
 
 
 def _fingerprint(obj: Any) -> str:
@@ -120,6 +135,7 @@ class TrainState:
     workers: list[Any] = field(default_factory=list)
     evals: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     micro: int = 1
+    peak_flops: float | None = None  # one device's peak FLOP/s for MFU (moecpt.train.perf); None: unknown
     info: RunInfo | None = None
     callbacks: CallbackList = field(default_factory=lambda: CallbackList([]))
 
@@ -142,6 +158,8 @@ class Trainer:
             :class:`~moecpt.train.parallel.SingleProcess`: one process, no ``moecpt.distributed`` import. Pass
             ``moecpt.distributed.runtime.Distributed()`` for ``torchrun`` jobs, ``simulate_workers`` and the
             local-SGD family (``moecpt pretrain`` / ``moecpt cpt`` always do).
+        dry_run: validate everything :meth:`run` would (recipe, data, parent, folder, memory) without creating or
+            claiming ``out_dir``; then call :meth:`plan` instead of :meth:`run`.
 
     Raises:
         MoecptError: the folder holds another run, the parent is missing/corrupt/incompatible, data problems,
@@ -150,7 +168,8 @@ class Trainer:
 
     def __init__(self, recipe: Recipe, out_dir: str | Path, parent: str | Path | None = None,
                  show_progress: bool | ProgressKind = True, simulate_workers: int | None = None,
-                 outer_optimizer: Any = None, callbacks: list[Any] | None = None, parallel: Any = None):
+                 outer_optimizer: Any = None, callbacks: list[Any] | None = None, parallel: Any = None,
+                 dry_run: bool = False):
         from moecpt.data.prepared import PreparedData
         from moecpt.train.checkpoint import CheckpointManager, load_checkpoint
 
@@ -188,7 +207,11 @@ class Trainer:
         self._check_data()
         self._preflight()
         self._lock: FolderLock | None = None
-        self.parallel.run_on_main(self._claim_run_folder)  # rank 0 writes and locks; its refusal is raised on every rank
+        self.dry_run = dry_run
+        if dry_run:  # the folder's checks, writing nothing: --out is neither created nor locked
+            self.parallel.run_on_main(self._check_claimable)
+        else:
+            self.parallel.run_on_main(self._claim_run_folder)  # rank 0 writes and locks; refusals raise on every rank
         self.ckpts = CheckpointManager(self.out_dir, keep_last=recipe.train.keep_last,
                                        keep_steps=self._milestones())
 
@@ -273,8 +296,10 @@ class Trainer:
 
         r, tcfg = self.recipe, self.recipe.train
         eval_sources = r.data.eval_sources or self.data.source_names
-        return {s: val_batches(self.data, s, r.data.seq_len, tcfg.micro_batch_size or tcfg.batch_size,
-                               tcfg.eval_batches) for s in eval_sources}
+        # a fixed layout: train.eval_batches batches of train.batch_size windows, whatever the micro-batching (the
+        # forward passes are cut to micro-batches in _evaluate, which only changes the memory it takes)
+        return {s: val_batches(self.data, s, r.data.seq_len, tcfg.batch_size, tcfg.eval_batches)
+                for s in eval_sources}
 
     def _milestones(self) -> list[int]:
         from moecpt.train.schedules import anneal_start_step
@@ -309,7 +334,8 @@ class Trainer:
         if tcfg.compile:
             check_compile_backend(self.device)
         check_sink_packages(tcfg.tensorboard, tcfg.wandb)
-        params = self._params = int(model_stats(self.model_cfg, self.recipe.data.seq_len)["total_params"])
+        self._stats = model_stats(self.model_cfg, self.recipe.data.seq_len)
+        params = self._params = int(self._stats["total_params"])
         workers = self.simulate_workers or 1
         micro = min(tcfg.micro_batch_size or tcfg.batch_size, tcfg.batch_size)
         resident = params // self.dist.world_size if self.recipe.distributed.sync == SyncKind.FSDP else params
@@ -319,6 +345,7 @@ class Trainer:
         check_free_disk(self.out_dir, CHECKPOINT_BYTES_PER_PARAM * params * workers, "one checkpoint of this run")
 
     def _claim_run_folder(self) -> None:
+        from moecpt.storage.atomic import write_json_atomic
         from moecpt.storage.outputs import claim_folder
 
         run_file = self.out_dir / RUN_FILE
@@ -330,9 +357,33 @@ class Trainer:
         try:
             if not self._check_identity(run_file, fp):  # checked again: the folder is ours only now
                 self._write_identity(run_file, fp)
+            write_json_atomic(self.out_dir / CONFIG_FILE, self.resolved_config())  # this start's settings
         except BaseException:
             self.release()
             raise
+
+    def _check_claimable(self) -> None:
+        """:meth:`_claim_run_folder`'s refusals, writing nothing (a dry run)."""
+        from moecpt.storage.outputs import check_claimable
+
+        self._check_identity(self.out_dir / RUN_FILE, _fingerprint(self.identity))
+        check_claimable(self.out_dir, "train", self._inputs(), legacy=lambda d: (d / RUN_FILE).is_file())
+
+    def resolved_config(self) -> dict[str, Any]:
+        """The configuration this start runs with, after presets, ``--set`` and (CPT) the parent's architecture:
+        ``{"mode", "recipe", "model", "parent"}``, as saved in ``RUN/config.json`` at every start."""
+        return {"mode": self.mode, "recipe": self.recipe.model_dump(mode="json"),
+                "model": self.model_cfg.model_dump(mode="json"),
+                "parent": str(self.parent.path) if self.parent else None}
+
+    def compact_config(self) -> str:
+        """One line of the resolved configuration's keys that differ from their defaults (``train.steps=40 ...``;
+        the model's as resolved, e.g. a CPT parent's), for the start of a run; the full one is ``RUN/config.json``."""
+        from moecpt.config import dotted_keys
+
+        raw = self.recipe.model_dump(mode="json", exclude_defaults=True)
+        raw["model"] = self.model_cfg.model_dump(mode="json", exclude_defaults=True)
+        return " ".join(f"{k}={json.dumps(v, separators=(',', ':'))}" for k, v in dotted_keys(raw).items())
 
     def release(self) -> None:
         """Give up the run folder's lock (done by :meth:`run` on exit; only for a Trainer that is never run)."""
@@ -377,19 +428,70 @@ class Trainer:
         keep freed memory for reuse (:func:`moecpt.train.host_memory.retain_freed_memory`; opt out with
         ``MOECPT_MALLOC_TUNING=0``).
         """
+        if self.dry_run:
+            raise MoecptError("this Trainer was made with dry_run=True, which never trains; call plan()")
+        try:
+            with self._process_settings(), PreemptionWatcher() as self._preempt:
+                if not self.dist.distributed:
+                    return self._run()
+                return self._run_rank()
+        finally:
+            self.release()
+
+    @contextlib.contextmanager
+    def _process_settings(self):
+        """``train.threads``, deterministic CPU algorithms and the CPU allocator setting, for the block."""
         if self.device.type == "cpu":
             retain_freed_memory()
         threads = torch.get_num_threads()
         if self.recipe.train.threads:
             torch.set_num_threads(self.recipe.train.threads)
         try:
-            with deterministic_on_cpu(self.device), PreemptionWatcher() as self._preempt:
-                if not self.dist.distributed:
-                    return self._run()
-                return self._run_rank()
+            with deterministic_on_cpu(self.device):
+                yield
         finally:
             torch.set_num_threads(threads)
-            self.release()
+
+    def plan(self, timed_steps: int = 3) -> dict[str, Any]:
+        """The run's plan (:mod:`moecpt.train.plan`): parameters, memory, steps, tokens, FLOPs, and a time estimate
+        from ``timed_steps`` optimizer steps of a throwaway copy (a fresh model, or the parent's weights for CPT;
+        nothing is saved, and the run folder is not touched). Any Trainer may plan; ``dry_run=True`` makes one that
+        never claims its folder.
+
+        Raises:
+            MoecptError: ``timed_steps`` below 1, or what the timed steps raise (memory, a non-finite loss).
+        """
+        from moecpt.train.plan import memory_plan, run_plan
+
+        if timed_steps < 1:
+            raise MoecptError(f"timed_steps={timed_steps}; time at least one step")
+        found = self.ckpts.all()  # look only
+        start = int(found[-1].name.split("_")[-1]) if found else 0
+        with self._process_settings():
+            state, times = self._timed_steps(timed_steps)
+        tcfg = self.recipe.train
+        memory = memory_plan(self.recipe, self.model_cfg, self._params, state.micro, len(state.workers),
+                             self.dist.world_size, uses_bf16(self.device, tcfg.dtype))
+        return {"run_dir": str(self.out_dir), "mode": self.mode, "resumes_from_step": start if found else None,
+                **run_plan(self.recipe, self._stats, memory, start, state.end_step, times, state.peak_flops,
+                           self.dist.world_size),
+                "config": self.compact_config()}
+
+    def _timed_steps(self, n: int) -> tuple["TrainState", list[float]]:
+        """``n`` optimizer steps of a throwaway state (no callbacks, no checkpoint); their wall seconds."""
+        from moecpt.train.schedules import run_end_step
+
+        r, tcfg = self.recipe, self.recipe.train
+        torch.manual_seed(tcfg.seed)
+        model = build_model(self.model_cfg, device=self.device)
+        optimizer = build_worker_optimizer(model, r, self.device)
+        if self.parent is not None:
+            self._load_parent(model, optimizer)
+        sync = self.parallel.build_sync(r, self.dist, self.device, self.simulate_workers, self.outer_optimizer)
+        state = TrainState(model=model, optimizer=optimizer, sync=sync, sampler=self._make_sampler(),
+                           end_step=run_end_step(r.schedule, tcfg.steps))
+        self._prepare_workers(state)
+        return state, [self._train_step(state).step_time_s for _ in range(n)]
 
     def _run_rank(self) -> dict[str, Any]:
         """One rank of a job: a lost peer or a collective timeout becomes a MoecptError naming the rank(s) that
@@ -480,7 +582,7 @@ class Trainer:
             jsonl.truncate_after(state.step if latest is not None else -1)
         state.info = RunInfo(mode=self.mode, name=r.name, out_dir=self.out_dir, start_step=state.start_step,
                              end_step=state.end_step, tokens_per_step=tcfg.batch_size * r.data.seq_len,
-                             config=r.model_dump(mode="json"))
+                             config=r.model_dump(mode="json"), config_line=self.compact_config())
         state.callbacks = CallbackList(self._callbacks(jsonl, state) if self.dist.is_main else [])
         return state
 
@@ -508,6 +610,7 @@ class Trainer:
             w.forward = compile_module(w.module, self.device) if tcfg.compile else w.module
         state.model = state.workers[0].model
         state.evals = self._make_evals()
+        state.peak_flops = device_peak_flops(self.device, uses_bf16(self.device, tcfg.dtype))  # after train.threads
         rows = sync.local_batch_rows(tcfg.batch_size)  # rows of the global batch each worker trains on
         state.micro = min(tcfg.micro_batch_size or rows, rows)
         if rows % state.micro:
@@ -530,7 +633,10 @@ class Trainer:
         sync.after_backward(workers)
         done = state.step + 1  # steps are numbered 1.. in metrics.jsonl, checkpoints and messages
         log = done % tcfg.log_every == 0 or done == state.end_step
-        ce_mean, aux_mean, loads, acc = sync.reduce_step(workers, local, log)
+        stats = [StepStats({"loss": Metric(c, ReduceType.MEAN), "aux_loss": Metric(a, ReduceType.MEAN),
+                            **(step_memory_metrics(self.device) if log else {})}, routing) for c, a, routing in local]
+        scalars, loads, acc = sync.reduce_step(workers, stats, log)
+        ce_mean, aux_mean = scalars["loss"], scalars["aux_loss"]
         # every-step modes decide on the reduced loss (all ranks agree); local-SGD workers on their own
         grad_norms = [self._grad_norm(w.model) if math.isfinite(ce_mean + aux_mean if sync.every_step else c + a)
                       else None for w, (c, a, _) in zip(workers, local)]
@@ -553,10 +659,22 @@ class Trainer:
         if log:
             record = {"step": done, "tokens": state.tokens, "lr": lr, "loss": ce_mean, "aux_loss": aux_mean,
                       "grad_norm": grad_norm, "tokens_per_s": step_tokens / dt if dt > 0 else None,
-                      "step_time_s": dt, **acc.summary(), **bias_stats}
+                      "step_time_s": dt, **self._perf_fields(state, scalars, step_tokens / dt if dt > 0 else None),
+                      **acc.summary(), **bias_stats}
             record.setdefault("mri_mean", None)
         return StepResult(step=done, end_step=state.end_step, tokens=state.tokens, loss=ce_mean, lr=lr,
                           step_time_s=dt, record=record)
+
+    def _perf_fields(self, state: "TrainState", scalars: dict[str, float], tokens_per_s: float | None
+                     ) -> dict[str, Any]:
+        """A logged step's MFU (:mod:`moecpt.train.perf`; ``None`` where the device's peak is unknown), peak memory
+        (bytes, the largest rank's) and cumulative training tokens per mixture source (all ranks; they sum to
+        ``tokens``)."""
+        peak = scalars.get("peak_memory_bytes")
+        return {"mfu": mfu(float(self._stats["train_flops_per_token"]), tokens_per_s, state.peak_flops,
+                           self.dist.world_size),
+                "peak_memory_bytes": None if peak is None else int(peak),
+                "tokens_per_source": state.sampler.tokens_consumed()}
 
     def _skip_nonfinite(self, state: "TrainState", ce: float, aux: float, grad_norm: float | None) -> None:
         """A non-finite step: no update (the batch is consumed and the step's bookkeeping still happens, so the
@@ -692,20 +810,26 @@ class Trainer:
 
     @torch.no_grad()
     def _evaluate(self, state: "TrainState", step: int) -> dict[str, float]:
-        """Held-out cross-entropy per source (never the aux losses) and routing diagnostics on it."""
+        """Held-out cross-entropy per source (never the aux losses) and routing diagnostics on it.
+
+        The loss is the token-weighted mean over the fixed windows of :meth:`_make_evals`, summed in float64 from
+        per-token losses, so it does not depend on ``train.micro_batch_size`` (the forward passes are cut to
+        micro-batches only to bound memory). With ``model.moe.capacity_factor`` the capacity, and so the dropped
+        tokens, is per forward pass and does depend on it."""
         model = state.model
         was_training = model.training
         model.eval()
+        micro = self.recipe.train.micro_batch_size or self.recipe.train.batch_size
         losses = {}
         for source, batches in state.evals.items():
             acc = RoutingAccumulator()
             total, n = 0.0, 0
-            for b in batches:
+            for b in (mb for batch in batches for mb in batch.split(micro)):
                 b = b.to(self.device)
                 with autocast_context(self.device, self.recipe.train.dtype):
                     logits, routing = model(b[:, :-1], return_routing=True)
-                total += lm_loss(logits, b[:, 1:]).item() * b.shape[0]
-                n += b.shape[0]
+                total += token_losses(logits, b[:, 1:]).double().sum().item()
+                n += b[:, 1:].numel()
                 acc.add(routing)
             losses[source] = total / n
             summ = acc.summary()
