@@ -1,6 +1,6 @@
-"""GLM-4.5 (``glm4_moe``) import / export: DeepSeek-V3 routing (sigmoid, selection bias, groups, renormalised and
+"""GLM-4.5 (``glm4_moe``) and dots.llm1 (``dots1``) import / export: DeepSeek-V3 routing (sigmoid, selection bias, groups, renormalised and
 scaled gates), shared experts, dense first layers, partial RoPE, q/k/v biases and q/k norm. Tiny random models from
-transformers' own ``Glm4MoeConfig``, varied over those features, in fp32 and bf16, one file and sharded: the same
+transformers' own ``Glm4MoeConfig`` / ``Dots1Config``, varied over those features, in fp32 and bf16, one file and sharded: the same
 logits (printed: ``pytest -s -k max_logit``) and the same experts at every MoE layer as transformers, an export
 transformers loads to the same logits, a re-import to the same tensors; a moecpt model trained from scratch with
 the DeepSeek-V3-style router exports to GLM-4.5."""
@@ -25,19 +25,23 @@ from moecpt.model.transformer import build_model
 from moecpt.train.checkpoint import load_checkpoint, load_model, save_checkpoint
 
 transformers.utils.logging.disable_progress_bar()
-from transformers.models.glm4_moe.modeling_glm4_moe import Glm4MoeTopkRouter  # noqa: E402
 
 TOL = 1e-5
+#: name -> (family, config overrides over moecpt.interop.testing.TINY_CONFIGS)
 VARIANTS = {
-    "groups-scaled-dense1": {},  # the tiny default (moecpt.interop.testing.TINY_CONFIGS), sharded below
-    "one-group-unnormalised-all-moe": dict(n_group=1, topk_group=1, norm_topk_prob=False, routed_scaling_factor=1.0,
-                                           first_k_dense_replace=0, use_qk_norm=False, attention_bias=False,
-                                           partial_rotary_factor=1.0),
-    "four-groups-two-kept-top3": dict(n_group=4, topk_group=2, num_experts_per_tok=3, routed_scaling_factor=1.7,
-                                      n_shared_experts=2, partial_rotary_factor=0.25),
-    "bf16": dict(dtype="bfloat16"),
+    "glm-groups-scaled-dense1": ("glm4_moe", {}),  # sharded below
+    "glm-one-group-unnormalised-all-moe": ("glm4_moe", dict(
+        n_group=1, topk_group=1, norm_topk_prob=False, routed_scaling_factor=1.0, first_k_dense_replace=0,
+        use_qk_norm=False, attention_bias=False, partial_rotary_factor=1.0)),
+    "glm-four-groups-two-kept-top3": ("glm4_moe", dict(
+        n_group=4, topk_group=2, num_experts_per_tok=3, routed_scaling_factor=1.7, n_shared_experts=2,
+        partial_rotary_factor=0.25)),
+    "glm-bf16": ("glm4_moe", dict(dtype="bfloat16")),
+    "dots1-groups-scaled-dense1": ("dots1", {}),
+    "dots1-one-group-unnormalised-all-moe": ("dots1", dict(n_group=1, topk_group=1, norm_topk_prob=False,
+                                                           first_k_dense_replace=0, routed_scaling_factor=1.0)),
 }
-SHARDED = {"groups-scaled-dense1": "60KB"}
+SHARDED = {"glm-groups-scaled-dense1": "60KB", "dots1-groups-scaled-dense1": "40KB"}
 
 
 def _ids(seed: int = 1) -> torch.Tensor:
@@ -48,7 +52,7 @@ def hf_forward(model, ids):
     """Logits and each MoE layer's chosen experts, read from transformers' own router."""
     chosen: list[torch.Tensor] = []
     hooks = [m.register_forward_hook(lambda _m, _i, out: chosen.append(out[2]))
-             for m in model.modules() if isinstance(m, Glm4MoeTopkRouter)]
+             for m in model.modules() if type(m).__name__.endswith("TopkRouter")]
     try:
         with torch.no_grad():
             logits = model(ids).logits.float()
@@ -76,45 +80,45 @@ def root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module", params=list(VARIANTS))
 def variant(request, root):
     name = request.param
-    overrides = dict(VARIANTS[name])
+    family, overrides = VARIANTS[name][0], dict(VARIANTS[name][1])
     dtype = overrides.pop("dtype", None)
     folder = root / f"{name}-hf"
-    hf = save_tiny_hf("glm4_moe", folder, seed=len(name), max_shard_size=SHARDED.get(name), **overrides)
+    hf = save_tiny_hf(family, folder, seed=len(name), max_shard_size=SHARDED.get(name), **overrides)
     if dtype:  # re-save in bf16 (router weight and bias stay fp32: transformers keeps them so)
         hf = hf.to(getattr(torch, dtype))
         hf.save_pretrained(str(folder))
         hf = transformers.AutoModelForCausalLM.from_pretrained(str(folder)).eval()
     ckpt = root / f"{name}-ckpt"
     import_hf(folder, ckpt)
-    return name, hf, folder, ckpt
+    return name, family, hf, folder, ckpt
 
 
 def test_import_max_logit_difference_and_same_experts(variant):
-    name, hf, folder, ckpt = variant
+    name, family, hf, folder, ckpt = variant
     if name in SHARDED:
         assert (folder / "model.safetensors.index.json").is_file() and len(list(folder.glob("model-*"))) > 3
     ids = _ids()
-    hf_model = hf.float() if name == "bf16" else hf  # bf16 weights, both computed in fp32
+    hf_model = hf.float() if name.endswith("bf16") else hf  # bf16 weights, both computed in fp32
     hf_logits, hf_topk = hf_forward(hf_model, ids)
     logits, topk = ours_forward(load_model(ckpt), ids)
     diff = (hf_logits - logits).abs().max().item()
-    print(f"\nglm4_moe {name}: max |logit difference| = {diff:.2e}")
+    print(f"\n{family} {name}: max |logit difference| = {diff:.2e}")
     assert diff <= TOL
     assert same_topk(hf_topk, topk)
     cfg = ModelConfig.model_validate(load_checkpoint(ckpt).meta["model_config"])
     r = cfg.moe.router
     assert (r.kind.value, r.score_fn.value) == ("bias", "sigmoid")
     assert (r.n_group, r.routed_scale) == (hf.config.n_group, hf.config.routed_scaling_factor)
-    assert cfg.rotary_fraction == hf.config.rope_parameters["partial_rotary_factor"]
+    assert cfg.rotary_fraction == hf.config.rope_parameters.get("partial_rotary_factor", 1.0)
     assert any(load_checkpoint(ckpt).model_state()[k].abs().sum() > 0
                for k in load_checkpoint(ckpt).model_state() if k.endswith("expert_bias"))
 
 
 def test_export_loads_in_transformers_and_reimports(variant, root):
-    name, _, _, ckpt = variant
+    name, family, _, _, ckpt = variant
     out = root / f"{name}-export"
     summary = export_hf(ckpt, out, max_shard_size="50KB")
-    assert summary["family"] == "glm4_moe" and len(summary["shards"]) > 1
+    assert summary["family"] == family and len(summary["shards"]) > 1
     hf, info = transformers.AutoModelForCausalLM.from_pretrained(str(out), output_loading_info=True)
     assert not (info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"])
     ids = _ids(3)
@@ -220,3 +224,31 @@ def test_multi_token_prediction_layers_are_dropped_with_a_note(root):
     _edit_config(folder, num_nextn_predict_layers=1)
     summary = import_hf(folder, root / "mtp-ckpt")
     assert any("multi-token-prediction" in n for n in summary["notes"])
+
+
+def test_trainer_trains_a_deepseek_v3_router_that_exports_to_glm(root):
+    """The real trainer, from scratch: the biases move, the sequence-wise loss is logged and optimised, and the
+    checkpoint exports to GLM-4.5 with the same logits and experts."""
+    from tiny_recipes import raw_recipe
+
+    from moecpt.config import recipe_from_dict
+    from moecpt.train.trainer import Trainer
+
+    router = {"kind": "bias", "score_fn": "sigmoid", "n_group": 4, "topk_group": 2, "routed_scale": 2.5,
+              "seq_aux_loss_weight": 0.01, "bias_update_rate": 0.01}
+    recipe = recipe_from_dict(raw_recipe("smoke-switch", steps=3, checkpoint_every=3,
+                                         model={"moe": {"router": router}}))
+    run = root / "dsv3-run"
+    Trainer(recipe, run, show_progress=False).run()
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in recs if r.get("split") != "val" and "event" not in r]
+    assert all(r["seq_balance_mean"] > 0 and r["aux_loss"] > 0 for r in train)  # the only weighted loss
+    assert all(max(map(abs, r["bias_std_layers"])) > 0 for r in train)
+    out = root / "dsv3-run-hf"
+    assert export_hf(run, out)["family"] == "glm4_moe"
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    model = load_model(run)
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    hf_logits, hf_topk = hf_forward(hf, ids)
+    logits, topk = ours_forward(model, ids)
+    assert (hf_logits - logits).abs().max().item() <= TOL and same_topk(hf_topk, topk)

@@ -27,6 +27,9 @@ half-rotation layout (as moecpt), grouped-query attention and GLU experts ``down
   layers dense; partial RoPE (``partial_rotary_factor``, half-rotation on the first dims, as moecpt), q/k/v biases
   (``attention_bias``), optional per-head q/k norm (``use_qk_norm``). Its multi-token-prediction layers
   (``num_nextn_predict_layers``) are dropped on import with a note.
+* **dots.llm1** (``dots1``) -- rednote-hilab 2025, "dots.llm1 Technical Report" (arXiv 2506.05767); model card
+  ``rednote-hilab/dots.llm1.base``. The same routing, experts and dense first layers as GLM-4.5, with per-head q/k
+  norm always on, full RoPE and no attention biases (``attention_bias`` would also bias ``o_proj``: refused).
 
 Router balancing: the four softmax families train with a Switch-style load-balancing loss (``router_aux_loss_coef``), so an
 imported router is a moecpt ``penalty`` router. transformers' loss is ``E * sum_k sum_i f_ki P_i``, which is ``K``
@@ -644,19 +647,103 @@ class Qwen3MoE(_Qwen):
         return {**self._layers_extra(cfg), "attention_bias": False}
 
 
-# ---------------------------------------------------------------------------------------------------- GLM-4.5
-class Glm4Moe(Family):
+# ----------------------------------------------------------------------------------- DeepSeek-V3-routed families
+class _DeepSeekRouted(Family):
+    """Families with DeepSeek-V3 routing (DeepSeek-AI 2024, arXiv 2412.19437, Sec. 2.1.2) on a GQA backbone:
+    ``mlp.gate`` (sigmoid scores) with ``e_score_correction_bias``, ``mlp.shared_experts`` of
+    ``n_shared_experts * moe_intermediate_size``, the first ``first_k_dense_replace`` layers dense."""
+
+    num_experts_key = "n_routed_experts"
+    shared_name = "shared_experts"
+    has_shared = True
+
+    def shared(self, hf: dict) -> tuple[int, bool]:
+        return int(self.get(hf, "n_shared_experts") or 0) * self.expert_width(hf), False
+
+    def expert_width(self, hf: dict) -> int:
+        return int(self.get(hf, "moe_intermediate_size"))
+
+    def moe_layers(self, hf: dict, n_layers: int) -> list[bool]:
+        first = int(self.get(hf, "first_k_dense_replace") or 0)
+        return [i >= first for i in range(n_layers)]
+
+    def router(self, hf: dict, top_k: int, renorm: bool) -> RouterConfig:
+        """DeepSeek-V3 routing; balancing by the selection bias (gamma 1e-3 as DeepSeek-V3's first 14.3T tokens),
+        no sequence-wise loss unless a CPT recipe sets ``seq_aux_loss_weight``."""
+        return RouterConfig(kind=RouterKind.BIAS, score_fn=ScoreFn.SIGMOID, renormalize=renorm,
+                            n_group=int(self.get(hf, "n_group")), topk_group=int(self.get(hf, "topk_group")),
+                            routed_scale=float(self.get(hf, "routed_scaling_factor")), aux_loss_weight=0.0,
+                            z_loss_weight=0.0)
+
+    def routing_why_not(self, cfg: ModelConfig) -> str | None:
+        if cfg.moe.router.score_fn != ScoreFn.SIGMOID:
+            return f"{self.name} routes by sigmoid scores; this model has router.score_fn = 'softmax'"
+        return None
+
+    def why_not(self, cfg: ModelConfig) -> str | None:
+        moe = cfg.moe
+        if moe.shared_expert_gate:
+            return f"{self.name}'s shared experts have no sigmoid gate; this model has moe.shared_expert_gate"
+        first = next((i for i in range(cfg.n_layers) if cfg.is_moe_layer(i)), cfg.n_layers)
+        if first == cfg.n_layers or any(cfg.is_moe_layer(i) != (i >= first) for i in range(cfg.n_layers)):
+            return f"{self.name} has dense layers only before the first MoE layer (first_k_dense_replace)"
+        if _shared_width(cfg) % cfg.resolved_expert_width:
+            return (f"{self.name}'s shared width is a multiple of the expert width ({cfg.resolved_expert_width}); "
+                    f"this model's is {_shared_width(cfg)}")
+        return None
+
+    def adapt(self, cfg: ModelConfig) -> tuple[ModelConfig, dict[str, Callable], list[str]]:
+        """These families always have selection biases and a shared expert. A sigmoid router of another kind gets
+        zero biases (the same selection; re-imported it is a ``bias`` router); a model without shared expert gets
+        one of the expert width whose projections are zero (it adds exactly 0)."""
+        import torch
+
+        moe = cfg.moe
+        synth: dict[str, Callable] = {}
+        notes: list[str] = []
+        moe_update: dict[str, Any] = {}
+        layers = [i for i in range(cfg.n_layers) if cfg.is_moe_layer(i)]
+        E, D, F = moe.num_experts, cfg.d_model, cfg.resolved_expert_width
+        if moe.router.kind != RouterKind.BIAS:
+            notes.append(f"zero e_score_correction_bias added (router.kind = {moe.router.kind.value!r}: same "
+                         "selection; it imports back as a 'bias' router)")
+            moe_update["router"] = moe.router.model_copy(update={"kind": RouterKind.BIAS})
+            for i in layers:
+                synth[f"blocks.{i}.ffn.router.expert_bias"] = lambda get: torch.zeros(E)
+        if not _shared_width(cfg):
+            notes.append(f"a shared expert with zero projections added ({self.name} always has one; it adds 0)")
+            moe_update.update(num_shared_experts=1, shared_expert_width=None)
+            for i in layers:
+                synth[f"blocks.{i}.ffn.shared.w_in.weight"] = lambda get: torch.zeros(2 * F, D)
+                synth[f"blocks.{i}.ffn.shared.w_out.weight"] = lambda get: torch.zeros(D, F)
+        if moe_update:
+            cfg = cfg.model_copy(update={"moe": moe.model_copy(update=moe_update)})
+        return cfg, synth, notes
+
+    def hf_config(self, cfg: ModelConfig) -> dict[str, Any]:
+        out = super().hf_config(cfg)
+        del out["router_aux_loss_coef"]  # balanced by the bias: these configs have no aux-loss weight
+        return out
+
+    def hf_config_extra(self, cfg: ModelConfig) -> dict[str, Any]:
+        r = cfg.moe.router
+        return {"head_dim": cfg.resolved_head_dim, "intermediate_size": cfg.ffn_width,
+                "moe_intermediate_size": cfg.resolved_expert_width,
+                "n_shared_experts": _shared_width(cfg) // cfg.resolved_expert_width,
+                "first_k_dense_replace": next(i for i in range(cfg.n_layers) if cfg.is_moe_layer(i)),
+                "n_group": r.n_group, "topk_group": r.resolved_topk_group, "norm_topk_prob": _renorm(cfg),
+                "routed_scaling_factor": r.routed_scale}
+
+
+class Glm4Moe(_DeepSeekRouted):
     """GLM-4.5 / GLM-4.5-Air (GLM-4.5 Team 2025, arXiv 2508.06471; ``zai-org/GLM-4.5-Air``): DeepSeek-V3 routing
-    (DeepSeek-AI 2024, arXiv 2412.19437, Sec. 2.1.2) on a GQA backbone with partial RoPE."""
+    with partial RoPE, q/k/v biases, optional per-head q/k norm and multi-token-prediction layers."""
 
     name = "glm4_moe"
     model_types = ("glm4_moe",)
     architecture = "Glm4MoeForCausalLM"
     reference = ("GLM-4.5 Team 2025, GLM-4.5 (arXiv 2508.06471); zai-org/GLM-4.5-Air; routing of DeepSeek-V3 "
                  "(arXiv 2412.19437)")
-    num_experts_key = "n_routed_experts"
-    shared_name = "shared_experts"
-    has_shared = True
     #: transformers' Glm4MoeConfig defaults (``partial_rotary_factor`` 0.5 is its backward-compatible default)
     defaults: ClassVar[dict[str, Any]] = {"hidden_act": "silu", "max_position_embeddings": 131072,
         "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "n_routed_experts": 128, "num_experts_per_tok": 8,
@@ -676,24 +763,6 @@ class Glm4Moe(Family):
         inner = rope.get("partial_rotary_factor") if isinstance(rope, dict) else None
         return float(inner if inner is not None else self.get(hf, "partial_rotary_factor"))
 
-    def shared(self, hf: dict) -> tuple[int, bool]:
-        return int(self.get(hf, "n_shared_experts")) * self.expert_width(hf), False
-
-    def expert_width(self, hf: dict) -> int:
-        return int(self.get(hf, "moe_intermediate_size"))
-
-    def moe_layers(self, hf: dict, n_layers: int) -> list[bool]:
-        first = int(self.get(hf, "first_k_dense_replace"))
-        return [i >= first for i in range(n_layers)]
-
-    def router(self, hf: dict, top_k: int, renorm: bool) -> RouterConfig:
-        """DeepSeek-V3 routing; balancing by the selection bias (gamma 1e-3 as DeepSeek-V3's first 14.3T tokens),
-        no sequence-wise loss unless a CPT recipe sets ``seq_aux_loss_weight``."""
-        return RouterConfig(kind=RouterKind.BIAS, score_fn=ScoreFn.SIGMOID, renormalize=renorm,
-                            n_group=int(self.get(hf, "n_group")), topk_group=int(self.get(hf, "topk_group")),
-                            routed_scale=float(self.get(hf, "routed_scaling_factor")), aux_loss_weight=0.0,
-                            z_loss_weight=0.0)
-
     def ignored(self, hf: dict, name: str) -> bool:
         n, mtp = int(hf["num_hidden_layers"]), int(self.get(hf, "num_nextn_predict_layers") or 0)
         return any(name.startswith(f"model.layers.{n + j}.") for j in range(mtp))
@@ -702,73 +771,55 @@ class Glm4Moe(Family):
         return (f"{self.get(hf, 'num_nextn_predict_layers')} multi-token-prediction layer(s) "
                 f"(model.layers.{hf['num_hidden_layers']}.*) dropped: moecpt trains next-token prediction only")
 
-    def routing_why_not(self, cfg: ModelConfig) -> str | None:
-        if cfg.moe.router.score_fn != ScoreFn.SIGMOID:
-            return "GLM-4.5 routes by sigmoid scores; this model has router.score_fn = 'softmax'"
-        return None
-
     def why_not(self, cfg: ModelConfig) -> str | None:
-        moe = cfg.moe
         if cfg.qk_norm == QKNorm.FULL:
             return "GLM-4.5's q/k norm is per head (qk_norm = 'head'); this model has 'full'"
-        if moe.shared_expert_gate:
-            return "GLM-4.5's shared experts have no sigmoid gate; this model has moe.shared_expert_gate"
-        first = next((i for i in range(cfg.n_layers) if cfg.is_moe_layer(i)), cfg.n_layers)
-        if first == cfg.n_layers or any(cfg.is_moe_layer(i) != (i >= first) for i in range(cfg.n_layers)):
-            return "GLM-4.5 has dense layers only before the first MoE layer (first_k_dense_replace), and MoE ones"
-        if _shared_width(cfg) % cfg.resolved_expert_width:
-            return (f"GLM-4.5's shared width is a multiple of the expert width ({cfg.resolved_expert_width}); this "
-                    f"model's is {_shared_width(cfg)}")
-        return None
-
-    def adapt(self, cfg: ModelConfig) -> tuple[ModelConfig, dict[str, Callable], list[str]]:
-        """GLM-4.5 always has selection biases and a shared expert. A sigmoid router of another kind gets zero
-        biases (the same selection; re-imported it is a ``bias`` router); a model without shared expert gets one
-        of the expert width whose projections are zero (it adds exactly 0)."""
-        import torch
-
-        moe = cfg.moe
-        synth: dict[str, Callable] = {}
-        notes: list[str] = []
-        moe_update: dict[str, Any] = {}
-        layers = [i for i in range(cfg.n_layers) if cfg.is_moe_layer(i)]
-        E, D, F = moe.num_experts, cfg.d_model, cfg.resolved_expert_width
-        if moe.router.kind != RouterKind.BIAS:
-            notes.append(f"zero e_score_correction_bias added (router.kind = {moe.router.kind.value!r}: same "
-                         "selection; it imports back as a 'bias' router)")
-            moe_update["router"] = moe.router.model_copy(update={"kind": RouterKind.BIAS})
-            for i in layers:
-                synth[f"blocks.{i}.ffn.router.expert_bias"] = lambda get: torch.zeros(E)
-        if not _shared_width(cfg):
-            notes.append("a shared expert with zero projections added (GLM-4.5 always has one; it adds exactly 0)")
-            moe_update.update(num_shared_experts=1, shared_expert_width=None)
-            for i in layers:
-                synth[f"blocks.{i}.ffn.shared.w_in.weight"] = lambda get: torch.zeros(2 * F, D)
-                synth[f"blocks.{i}.ffn.shared.w_out.weight"] = lambda get: torch.zeros(D, F)
-        if moe_update:
-            cfg = cfg.model_copy(update={"moe": moe.model_copy(update=moe_update)})
-        return cfg, synth, notes
-
-    def hf_config(self, cfg: ModelConfig) -> dict[str, Any]:
-        out = super().hf_config(cfg)
-        del out["router_aux_loss_coef"]  # GLM-4.5 balances by the bias; its config has no aux-loss weight
-        return out
+        return super().why_not(cfg)
 
     def hf_config_extra(self, cfg: ModelConfig) -> dict[str, Any]:
-        moe = cfg.moe
-        r = moe.router
-        first = next(i for i in range(cfg.n_layers) if cfg.is_moe_layer(i))
-        return {"head_dim": cfg.resolved_head_dim, "intermediate_size": cfg.ffn_width,
-                "moe_intermediate_size": cfg.resolved_expert_width,
-                "n_shared_experts": _shared_width(cfg) // cfg.resolved_expert_width, "first_k_dense_replace": first,
-                "n_group": r.n_group, "topk_group": r.resolved_topk_group, "norm_topk_prob": _renorm(cfg),
-                "routed_scaling_factor": r.routed_scale, "use_qk_norm": cfg.qk_norm == QKNorm.HEAD,
+        return {**super().hf_config_extra(cfg), "use_qk_norm": cfg.qk_norm == QKNorm.HEAD,
                 "attention_bias": cfg.attn_bias, "partial_rotary_factor": cfg.rotary_fraction,
                 "num_nextn_predict_layers": 0}
 
 
+class Dots1(_DeepSeekRouted):
+    """dots.llm1 (rednote-hilab 2025, "dots.llm1 Technical Report", arXiv 2506.05767; ``rednote-hilab/dots.llm1.base``):
+    DeepSeek-V3 routing with per-head q/k norm always on, full RoPE, no attention biases."""
+
+    name = "dots1"
+    model_types = ("dots1",)
+    architecture = "Dots1ForCausalLM"
+    reference = "rednote-hilab 2025, dots.llm1 Technical Report (arXiv 2506.05767); rednote-hilab/dots.llm1.base"
+    defaults: ClassVar[dict[str, Any]] = {"hidden_act": "silu", "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "norm_topk_prob": False, "tie_word_embeddings": False,
+        "initializer_range": 0.02, "intermediate_size": 10944, "moe_intermediate_size": 1408,
+        "routed_scaling_factor": 1.0, "n_group": 1, "topk_group": 1, "first_k_dense_replace": 0}
+    qk_norm = QKNorm.HEAD
+
+    def sliding_window(self, hf: dict) -> int | None:
+        if "sliding_attention" not in (hf.get("layer_types") or []):
+            return None
+        return int(hf["sliding_window"])
+
+    def routing_why_not(self, cfg: ModelConfig) -> str | None:
+        if cfg.rotary_fraction != 1.0:
+            return f"dots1 rotates the whole head; this model has rotary_fraction = {cfg.rotary_fraction}"
+        return super().routing_why_not(cfg)
+
+    def why_not(self, cfg: ModelConfig) -> str | None:
+        if cfg.qk_norm != QKNorm.HEAD:
+            return f"dots1 always normalises q / k per head (qk_norm = 'head'), this model has {cfg.qk_norm.value!r}"
+        if cfg.attn_bias:
+            return "dots1's attention bias also covers the output projection; moecpt's q/k/v-only bias has no match"
+        return super().why_not(cfg)
+
+    def hf_config_extra(self, cfg: ModelConfig) -> dict[str, Any]:
+        return {**super().hf_config_extra(cfg), "attention_bias": False, "sliding_window": None,
+                "max_window_layers": cfg.n_layers}
+
+
 #: Supported families by name, in the order ``export-hf --family auto`` tries them.
-FAMILIES: dict[str, Family] = {f.name: f for f in (OLMoE(), Qwen3MoE(), Mixtral(), Qwen2MoE(), Glm4Moe())}
+FAMILIES: dict[str, Family] = {f.name: f for f in (OLMoE(), Qwen3MoE(), Mixtral(), Qwen2MoE(), Glm4Moe(), Dots1())}
 
 
 def supported() -> str:
