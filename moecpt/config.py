@@ -80,8 +80,8 @@ class RouterConfig(_Strict):
     @model_validator(mode="after")
     def _check(self) -> "RouterConfig":
         if self.kind == RouterKind.SINKHORN and (self.score_fn != ScoreFn.SOFTMAX or self.n_group > 1):
-            raise ValueError("router.kind = 'sinkhorn' selects by its balanced plan and gates by its own rule; "
-                             "it takes neither score_fn = 'sigmoid' nor n_group > 1 (use kind = 'bias')")
+            raise ValueError("router.kind = 'sinkhorn' selects by its balanced plan and gates by its own "
+                             "rule; it takes neither score_fn = 'sigmoid' nor n_group > 1 (use kind = 'bias')")
         if self.topk_group is not None and self.topk_group > self.n_group:
             raise ValueError(f"router.topk_group={self.topk_group} exceeds router.n_group={self.n_group}; "
                              "choose topk_group <= n_group")

@@ -1,9 +1,9 @@
-"""GLM-4.5 (``glm4_moe``) and dots.llm1 (``dots1``) import / export: DeepSeek-V3 routing (sigmoid, selection bias, groups, renormalised and
-scaled gates), shared experts, dense first layers, partial RoPE, q/k/v biases and q/k norm. Tiny random models from
-transformers' own ``Glm4MoeConfig`` / ``Dots1Config``, varied over those features, in fp32 and bf16, one file and sharded: the same
-logits (printed: ``pytest -s -k max_logit``) and the same experts at every MoE layer as transformers, an export
-transformers loads to the same logits, a re-import to the same tensors; a moecpt model trained from scratch with
-the DeepSeek-V3-style router exports to GLM-4.5."""
+"""GLM-4.5 (``glm4_moe``) and dots.llm1 (``dots1``) import / export: DeepSeek-V3 routing (sigmoid, selection
+bias, groups, renormalised and scaled gates), shared experts, dense first layers, partial RoPE, q/k/v biases and
+q/k norm. Tiny random models from transformers' own ``Glm4MoeConfig`` / ``Dots1Config``, varied over those
+features, in fp32 and bf16, one file and sharded: the same logits (printed: ``pytest -s -k max_logit``) and the
+same experts at every MoE layer as transformers, an export transformers loads to the same logits, a re-import to
+the same tensors; a moecpt model trained from scratch with the DeepSeek-V3-style router exports to GLM-4.5."""
 
 from __future__ import annotations
 

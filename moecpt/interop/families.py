@@ -1,7 +1,7 @@
 """The Hugging Face MoE families moecpt imports and exports: one small mapping per family.
 
 Each family says how its ``config.json`` maps onto :class:`moecpt.config.ModelConfig`, how its tensors are named,
-and which moecpt models it can represent exactly (export). All four are pre-norm RMSNorm decoders with RoPE in the
+and which moecpt models it can represent exactly (export). All six are pre-norm RMSNorm decoders with RoPE in the
 half-rotation layout (as moecpt), grouped-query attention and GLU experts ``down(act(gate(x)) * up(x))``:
 
 * **OLMoE** -- Muennighoff et al. 2024, "OLMoE: Open Mixture-of-Experts Language Models" (arXiv 2409.02060);
@@ -31,9 +31,10 @@ half-rotation layout (as moecpt), grouped-query attention and GLU experts ``down
   ``rednote-hilab/dots.llm1.base``. The same routing, experts and dense first layers as GLM-4.5, with per-head q/k
   norm always on, full RoPE and no attention biases (``attention_bias`` would also bias ``o_proj``: refused).
 
-Router balancing: the four softmax families train with a Switch-style load-balancing loss (``router_aux_loss_coef``), so an
-imported router is a moecpt ``penalty`` router. transformers' loss is ``E * sum_k sum_i f_ki P_i``, which is ``K``
-at perfect balance, while moecpt's is normalised to 1 for any ``K`` (docs/design.md, rule R3): the imported weight
+Router balancing: the four softmax families train with a Switch-style load-balancing loss
+(``router_aux_loss_coef``), so an imported router is a moecpt ``penalty`` router (GLM-4.5 and dots.llm1: a
+``bias`` router, :class:`Glm4Moe`). transformers' loss is ``E * sum_k sum_i f_ki P_i``, which is ``K`` at perfect
+balance, while moecpt's is normalised to 1 for any ``K`` (docs/design.md, rule R3): the imported weight
 is ``router_aux_loss_coef * K`` so the training signal keeps its strength (approximately: transformers pools the
 layers before taking the product). The z-loss weight is ``router_z_loss_coef`` where a config has one, else 0.
 """

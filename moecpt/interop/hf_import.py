@@ -320,7 +320,7 @@ def import_hf(path: str | Path, out: str | Path, *, dtype: str | torch.dtype | N
     """Convert a Hugging Face MoE folder into a moecpt checkpoint folder ``out``.
 
     Args:
-        path: local Hugging Face folder (OLMoE, Mixtral, Qwen2-MoE or Qwen3-MoE).
+        path: local Hugging Face folder of a supported family (:data:`~moecpt.interop.families.FAMILIES`).
         out: the checkpoint folder to create (must not exist).
         dtype: ``auto`` keeps the stored dtype; ``fp32`` / ``bf16`` / ``fp16`` convert.
         allow_missing_tokenizer: import a folder without ``tokenizer.json`` (the checkpoint then has none).
