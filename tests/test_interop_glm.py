@@ -157,16 +157,21 @@ def _trained_from_scratch(root: Path, name: str, router: dict, **model) -> Path:
     return path
 
 
-@pytest.mark.parametrize("name, router, model", [
-    ("dsv3", {"kind": "bias", "score_fn": "sigmoid", "n_group": 4, "topk_group": 2, "renormalize": True,
-              "routed_scale": 2.0, "seq_aux_loss_weight": 1e-4}, {}),
-    ("sigmoid-penalty-partial-rope", {"kind": "penalty", "score_fn": "sigmoid"}, {"rotary_fraction": 0.5}),
+DSV3 = {"kind": "bias", "score_fn": "sigmoid", "n_group": 4, "topk_group": 2, "renormalize": True,
+        "routed_scale": 2.0, "seq_aux_loss_weight": 1e-4}
+
+
+@pytest.mark.parametrize("name, router, model, family", [
+    ("dsv3", DSV3, {}, "auto"),
+    ("sigmoid-penalty-partial-rope", {"kind": "penalty", "score_fn": "sigmoid"}, {"rotary_fraction": 0.5}, "auto"),
+    ("dsv3-qk-norm-to-dots1", DSV3, {"qk_norm": "head"}, "dots1"),  # through the CLI's --family
 ])
-def test_moecpt_sigmoid_models_export_to_glm(name, router, model, root):
+def test_moecpt_sigmoid_models_export(name, router, model, family, root):
     ckpt = _trained_from_scratch(root, name, router, **model)
     out = root / f"native-{name}-hf"
-    summary = export_hf(ckpt, out)
-    assert summary["family"] == "glm4_moe"
+    assert main(["export-hf", str(ckpt), "--out", str(out), "--family", family]) == 0
+    want = "glm4_moe" if family == "auto" else family
+    assert json.loads((out / "config.json").read_text())["model_type"] == want
     hf, info = transformers.AutoModelForCausalLM.from_pretrained(str(out), output_loading_info=True)
     assert not (info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"])
     ids = _ids(6)
