@@ -171,3 +171,13 @@ def test_bad_router_configs_are_one_line_errors(router, moe, words):
     with pytest.raises(MoecptError) as exc:
         build_section(MoEConfig, {**moe, "router": router}, "model.moe")
     assert words in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_renormalised_sigmoid_gates_keep_summing_to_one_for_tiny_scores():
+    """docs/design.md, rule R5: the normaliser's epsilon (1e-20, as transformers) must not let a router shrink its
+    gates by driving every score towards 0: at sigmoid scores ~1e-13 the gates still sum to 1."""
+    r = Router(4, 4, 2, RouterConfig(kind="bias", score_fn="sigmoid", renormalize=True)).eval()
+    with torch.no_grad():
+        r.weight.copy_(torch.eye(4))
+    out = r(torch.full((3, 4), -30.0) + torch.arange(4.0) * 0.1)
+    assert out.topk_weight_TK.max() < 1.0 and (out.topk_weight_TK.sum(-1) - 1).abs().max().item() < 1e-6
