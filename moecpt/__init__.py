@@ -16,7 +16,8 @@ def load_model(path, device="cpu"):
     Args:
         path: a checkpoint folder written by ``moecpt pretrain`` / ``moecpt cpt`` / ``moecpt import-hf``, a run
             folder (its latest checkpoint is used), or a local Hugging Face folder of the OLMoE, Mixtral,
-            Qwen2-MoE or Qwen3-MoE family (``config.json`` + ``*.safetensors``, no ``meta.json``), which is
+            Qwen2-MoE, Qwen3-MoE, GLM-4.5 or dots.llm1 family (``config.json`` + ``*.safetensors``, no
+            ``meta.json``), which is
             imported in memory (fp32; see :func:`moecpt.interop.hf_import.load_hf_model`).
         device: torch device string.
 

@@ -42,16 +42,54 @@ class RouterKind(StrEnum):
     NONE = "none"  # plain softmax top-k, no balancing
 
 
+class ScoreFn(StrEnum):
+    """How router logits become the scores gates are taken from (``router.score_fn``)."""
+
+    SOFTMAX = "softmax"  # softmax over the experts (Switch, Mixtral, Qwen, OLMoE; DeepSeek-V2)
+    SIGMOID = "sigmoid"  # independent sigmoid per expert (DeepSeek-V3, GLM-4.5, dots1, Kimi-K2)
+
+
 class RouterConfig(_Strict):
+    """A router's balancing strategy and gate rules (docs/design.md, rules R1-R6).
+
+    ``kind = "bias"`` with ``score_fn = "sigmoid"`` and groups is DeepSeek-V3 routing (DeepSeek-AI 2024, arXiv
+    2412.19437, Sec. 2.1.2, eqs. 12-16): ``s = sigmoid(u . e)``; experts chosen as the top-k of ``s + b`` among the
+    ``topk_group`` best of ``n_group`` expert groups (a group scores the sum of its two best biased scores;
+    group-limited routing of DeepSeek-V2, arXiv 2405.04434, Sec. 2.1.2); gates the *unbiased* ``s`` of the chosen
+    experts, renormalised to sum to one (``renormalize``, transformers' ``norm_topk_prob``) and multiplied by
+    ``routed_scale`` (``routed_scaling_factor``). ``seq_aux_loss_weight`` adds the complementary sequence-wise
+    balance loss (eqs. 17-20). The defaults leave every router as it was before these fields existed.
+    """
+
     kind: RouterKind = RouterKind.PENALTY
     aux_loss_weight: float = Field(0.01, ge=0.0)
     z_loss_weight: float = Field(0.001, ge=0.0)
     renormalize: bool = Field(
-        False, description="renormalise the top-k softmax gates to sum to one (Mixtral, Qwen3-MoE); OLMoE: False"
+        False, description="renormalise the top-k gates to sum to one (Mixtral, Qwen3-MoE, GLM-4.5); OLMoE: False"
     )
     sinkhorn_tol: float = Field(0.01, gt=0.0)
     sinkhorn_max_iter: int = Field(100, ge=1)
     bias_update_rate: float = Field(1e-3, ge=0.0, description="DeepSeek-V3 gamma: bias step per optimizer step")
+    score_fn: ScoreFn = Field(ScoreFn.SOFTMAX, description="softmax | sigmoid (DeepSeek-V3 / GLM-4.5 scores)")
+    n_group: int = Field(1, ge=1, description="expert groups for group-limited top-k (DeepSeek-V2/V3); 1 = none")
+    topk_group: int | None = Field(None, ge=1, description="groups a token may route to; None = all n_group")
+    routed_scale: float = Field(1.0, gt=0.0, description="routed gates x this (DeepSeek-V3 routed_scaling_factor)")
+    seq_aux_loss_weight: float = Field(
+        0.0, ge=0.0, description="weight of DeepSeek-V3's sequence-wise balance loss (paper: 1e-4); 0 = off")
+
+    @model_validator(mode="after")
+    def _check(self) -> "RouterConfig":
+        if self.kind == RouterKind.SINKHORN and (self.score_fn != ScoreFn.SOFTMAX or self.n_group > 1):
+            raise ValueError("router.kind = 'sinkhorn' selects by its balanced plan and gates by its own "
+                             "rule; it takes neither score_fn = 'sigmoid' nor n_group > 1 (use kind = 'bias')")
+        if self.topk_group is not None and self.topk_group > self.n_group:
+            raise ValueError(f"router.topk_group={self.topk_group} exceeds router.n_group={self.n_group}; "
+                             "choose topk_group <= n_group")
+        return self
+
+    @property
+    def resolved_topk_group(self) -> int:
+        return self.n_group if self.topk_group is None else self.topk_group
 
 
 class MoELayout(StrEnum):
@@ -90,6 +128,15 @@ class MoEConfig(_Strict):
             raise ValueError(
                 f"moe.top_k={self.top_k} exceeds moe.num_experts={self.num_experts}; choose top_k <= num_experts"
             )
+        r = self.router
+        if r.n_group > 1:  # group-limited routing (DeepSeek-V2 arXiv 2405.04434, DeepSeek-V3 arXiv 2412.19437)
+            if self.num_experts % r.n_group or self.num_experts // r.n_group < 2:
+                raise ValueError(f"moe.router.n_group={r.n_group} must split moe.num_experts={self.num_experts} "
+                                 "into equal groups of at least 2 experts (a group scores its two best)")
+            if r.resolved_topk_group * (self.num_experts // r.n_group) < self.top_k:
+                raise ValueError(f"moe.router.topk_group={r.resolved_topk_group} groups of "
+                                 f"{self.num_experts // r.n_group} experts hold fewer than moe.top_k={self.top_k}; "
+                                 "raise topk_group or lower top_k")
         return self
 
 

@@ -19,10 +19,12 @@ def _one_line_os_errors(run, args: argparse.Namespace) -> int:
 
 def register(subparsers) -> None:
     """Add ``import-hf`` and ``export-hf`` to the top-level ``moecpt`` parser."""
+    from moecpt.interop.families import FAMILIES  # config-level imports only (no torch)
+
     p = subparsers.add_parser(
         "import-hf", help="convert a local Hugging Face MoE folder into a moecpt checkpoint",
         description="Convert a local Hugging Face folder (config.json, safetensors shards, tokenizer.json) of the "
-                    "OLMoE, Mixtral, Qwen2-MoE or Qwen3-MoE family into a moecpt checkpoint folder (step 0) "
+                    "OLMoE, Mixtral, Qwen2-MoE, Qwen3-MoE, GLM-4.5 or dots.llm1 family into a moecpt checkpoint folder (step 0) "
                     "that `moecpt cpt --from`, `moecpt eval` and `moecpt compare` accept. Shards are streamed: "
                     "peak memory is about the model plus one shard.",
     )
@@ -43,7 +45,7 @@ def register(subparsers) -> None:
     )
     e.add_argument("checkpoint", help="checkpoint folder or run folder")
     e.add_argument("--out", required=True, help="folder to create (must not exist)")
-    e.add_argument("--family", default="auto", choices=("auto", "olmoe", "mixtral", "qwen2_moe", "qwen3_moe"),
+    e.add_argument("--family", default="auto", choices=("auto", *FAMILIES),
                    help="target family (auto: the imported one if it fits, else the closest exact one)")
     e.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
                    help="weights dtype (auto: as stored)")

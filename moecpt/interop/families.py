@@ -1,7 +1,7 @@
 """The Hugging Face MoE families moecpt imports and exports: one small mapping per family.
 
 Each family says how its ``config.json`` maps onto :class:`moecpt.config.ModelConfig`, how its tensors are named,
-and which moecpt models it can represent exactly (export). All four are pre-norm RMSNorm decoders with RoPE in the
+and which moecpt models it can represent exactly (export). All six are pre-norm RMSNorm decoders with RoPE in the
 half-rotation layout (as moecpt), grouped-query attention and GLU experts ``down(act(gate(x)) * up(x))``:
 
 * **OLMoE** -- Muennighoff et al. 2024, "OLMoE: Open Mixture-of-Experts Language Models" (arXiv 2409.02060);
@@ -19,9 +19,22 @@ half-rotation layout (as moecpt), grouped-query attention and GLU experts ``down
   ``Qwen/Qwen3-30B-A3B``. As Qwen2-MoE without the shared expert and the q/k/v biases, plus per-head RMSNorm on
   queries and keys (moecpt ``qk_norm = "head"``); ``norm_topk_prob`` true in the released models.
 
-Router balancing: every family trains with a Switch-style load-balancing loss (``router_aux_loss_coef``), so an
-imported router is a moecpt ``penalty`` router. transformers' loss is ``E * sum_k sum_i f_ki P_i``, which is ``K``
-at perfect balance, while moecpt's is normalised to 1 for any ``K`` (docs/design.md, rule R3): the imported weight
+* **GLM-4.5** (``glm4_moe``) -- GLM-4.5 Team 2025, "GLM-4.5: Agentic, Reasoning, and Coding (ARC) Foundation
+  Models" (arXiv 2508.06471); model cards ``zai-org/GLM-4.5``, ``zai-org/GLM-4.5-Air``. DeepSeek-V3 routing
+  (DeepSeek-AI 2024, arXiv 2412.19437, Sec. 2.1.2): sigmoid scores, ``e_score_correction_bias`` for selection only
+  (moecpt ``router.kind = "bias"``, ``expert_bias``), group-limited top-k, ``norm_topk_prob``,
+  ``routed_scaling_factor``; ``n_shared_experts`` ungated shared experts; the first ``first_k_dense_replace``
+  layers dense; partial RoPE (``partial_rotary_factor``, half-rotation on the first dims, as moecpt), q/k/v biases
+  (``attention_bias``), optional per-head q/k norm (``use_qk_norm``). Its multi-token-prediction layers
+  (``num_nextn_predict_layers``) are dropped on import with a note.
+* **dots.llm1** (``dots1``) -- rednote-hilab 2025, "dots.llm1 Technical Report" (arXiv 2506.05767); model card
+  ``rednote-hilab/dots.llm1.base``. The same routing, experts and dense first layers as GLM-4.5, with per-head q/k
+  norm always on, full RoPE and no attention biases (``attention_bias`` would also bias ``o_proj``: refused).
+
+Router balancing: the four softmax families train with a Switch-style load-balancing loss
+(``router_aux_loss_coef``), so an imported router is a moecpt ``penalty`` router (GLM-4.5 and dots.llm1: a
+``bias`` router, :class:`Glm4Moe`). transformers' loss is ``E * sum_k sum_i f_ki P_i``, which is ``K`` at perfect
+balance, while moecpt's is normalised to 1 for any ``K`` (docs/design.md, rule R3): the imported weight
 is ``router_aux_loss_coef * K`` so the training signal keeps its strength (approximately: transformers pools the
 layers before taking the product). The z-loss weight is ``router_z_loss_coef`` where a config has one, else 0.
 """
@@ -40,6 +53,7 @@ from moecpt.config import (
     QKNorm,
     RouterConfig,
     RouterKind,
+    ScoreFn,
     build_section,
 )
 from moecpt.errors import MoecptError
@@ -134,6 +148,7 @@ class Family:
     qk_norm: QKNorm = QKNorm.NONE
     has_shared: bool = False
     has_dense_layers: bool = False  # decoder_sparse_step / mlp_only_layers
+    shared_name: str = "shared_expert"  # the shared FFN's module name (GLM-4.5 / DeepSeek: shared_experts)
 
     # -------------------------------------------------------------------------------------------- config
     def get(self, hf: dict, key: str, default: Any = None) -> Any:
@@ -160,6 +175,26 @@ class Family:
     def shared(self, hf: dict) -> tuple[int, bool]:
         """``(shared FFN width, sigmoid gate)``."""
         return 0, False
+
+    def qk_norm_of(self, hf: dict) -> QKNorm:
+        return self.qk_norm
+
+    def rotary_fraction(self, hf: dict) -> float:
+        return 1.0
+
+    def router(self, hf: dict, top_k: int, renorm: bool) -> RouterConfig:
+        """The imported router: a ``penalty`` router weighted as the module doc explains (hook)."""
+        aux = float(self.get(hf, "router_aux_loss_coef", 0.0) or 0.0)
+        z = float(hf.get("router_z_loss_coef") or 0.0)
+        return RouterConfig(kind=RouterKind.PENALTY, aux_loss_weight=aux * top_k, z_loss_weight=z,
+                            renormalize=renorm)
+
+    def ignored(self, hf: dict, name: str) -> bool:
+        """Whether checkpoint tensor ``name`` is knowingly left out of the import (hook; see :meth:`ignored_note`)."""
+        return False
+
+    def ignored_note(self, hf: dict) -> str:
+        return ""
 
     def num_experts(self, hf: dict) -> int:
         for key in (self.num_experts_key, "num_experts", "num_local_experts"):
@@ -215,13 +250,10 @@ class Family:
             raise self._fail(f"MoE layers at {[i for i, m in enumerate(moe_mask) if m]} match no moecpt layout "
                              "(every, every_nth, after_dense)")
         shared_width, shared_gate = self.shared(hf)
-        aux = float(self.get(hf, "router_aux_loss_coef", 0.0) or 0.0)
-        z = float(hf.get("router_z_loss_coef") or 0.0)
         for key in ("router_jitter_noise", "attention_dropout"):
             if hf.get(key):
                 notes.append(f"{key} = {hf[key]} is training-only and not reproduced")
-        router = RouterConfig(kind=RouterKind.PENALTY, aux_loss_weight=aux * K, z_loss_weight=z,
-                              renormalize=renorm)
+        router = self.router(hf, K, renorm)
         moe = {"num_experts": E, "top_k": K, "expert_width": self.expert_width(hf), "granularity": 1,
                "num_shared_experts": 1 if shared_width else 0, "shared_expert_width": shared_width or None,
                "shared_expert_gate": shared_gate, "capacity_factor": None, "router": router.model_dump(), **layout}
@@ -229,7 +261,8 @@ class Family:
             "vocab_size": int(hf["vocab_size"]), "d_model": d_model, "n_layers": n_layers, "n_heads": n_heads,
             "n_kv_heads": n_kv, "head_dim": head_dim, "ffn_width": int(self.get(hf, "intermediate_size")),
             "ffn_kind": _ACT_TO_FFN[act].value, "max_seq_len": max_seq, "rope_theta": float(theta),
-            "rotary_fraction": 1.0, "qk_norm": self.qk_norm.value, "attn_bias": self.attn_bias(hf),
+            "rotary_fraction": self.rotary_fraction(hf), "qk_norm": self.qk_norm_of(hf).value,
+            "attn_bias": self.attn_bias(hf),
             "tie_embeddings": bool(self.get(hf, "tie_word_embeddings", False)),
             "norm_eps": float(self.get(hf, "rms_norm_eps")),
             "init_std": float(self.get(hf, "initializer_range", 0.02)), "moe": moe,
@@ -250,6 +283,26 @@ class Family:
     # --------------------------------------------------------------------------------------------- export
     def why_not(self, cfg: ModelConfig) -> str | None:
         """Why ``cfg`` cannot be exported to this family exactly, or None (family-specific part)."""
+        return None
+
+    def routing_why_not(self, cfg: ModelConfig) -> str | None:
+        """Why the router (and RoPE) of ``cfg`` has no match here; default: the softmax-routed, full-RoPE families,
+        whose refusals name the family that does fit (GLM-4.5, DeepSeek-V3-style routing)."""
+        moe = cfg.moe
+        assert moe is not None
+        r, glm = moe.router, "export it with --family glm4_moe (DeepSeek-V3-style routing)"
+        if r.kind == RouterKind.BIAS:
+            fix = glm if r.score_fn == ScoreFn.SIGMOID else "no family has it with softmax scores; GLM-4.5 " \
+                "(glm4_moe) has it with router.score_fn = 'sigmoid'"
+            return ("router.kind = 'bias' selects experts with per-expert biases (auxiliary-loss-free balancing), "
+                    f"which the softmax-routed families lack; {fix}")
+        if r.score_fn == ScoreFn.SIGMOID or r.n_group > 1 or r.routed_scale != 1.0:
+            return f"sigmoid scores, expert groups and routed_scale are DeepSeek-V3 routing; {glm}"
+        if cfg.rotary_fraction != 1.0:
+            return (f"rotary_fraction = {cfg.rotary_fraction} (partial RoPE) is not supported by the softmax-routed "
+                    "families (glm4_moe has it, with sigmoid routing)")
+        if r.kind == RouterKind.SINKHORN and moe.top_k == 1:
+            return "Sinkhorn top-1 routers gate with sigmoid(logit); these families gate with a softmax"
         return None
 
     def adapt(self, cfg: ModelConfig) -> tuple[ModelConfig, dict[str, Callable], list[str]]:
@@ -336,9 +389,11 @@ class Family:
                     add(f"{X}.{g}.weight", f"{B}.ffn.experts.w_in", PieceOp.EXPERT_IN, (e, 0, F))
                     add(f"{X}.{u}.weight", f"{B}.ffn.experts.w_in", PieceOp.EXPERT_IN, (e, F, 2 * F))
                     add(f"{X}.{d}.weight", f"{B}.ffn.experts.w_out", PieceOp.EXPERT_OUT, (e,))
+            if moe.router.kind == RouterKind.BIAS:
+                add(f"{M}.gate.e_score_correction_bias", f"{B}.ffn.router.expert_bias")
             Fs = moe.shared_expert_width or moe.num_shared_experts * F
             if Fs:
-                S = f"{M}.shared_expert"
+                S = f"{M}.{self.shared_name}"
                 add(f"{S}.gate_proj.weight", f"{B}.ffn.shared.w_in.weight", PieceOp.ROWS, (0, Fs))
                 add(f"{S}.up_proj.weight", f"{B}.ffn.shared.w_in.weight", PieceOp.ROWS, (Fs, 2 * Fs))
                 add(f"{S}.down_proj.weight", f"{B}.ffn.shared.w_out.weight")
@@ -371,13 +426,6 @@ def _common_why_not(cfg: ModelConfig) -> str | None:
     if moe.capacity_factor is not None:
         return (f"moe.capacity_factor = {moe.capacity_factor} drops tokens (Switch capacity), which no Hugging Face "
                 "MoE family does")
-    if cfg.rotary_fraction != 1.0:
-        return f"rotary_fraction = {cfg.rotary_fraction} (partial RoPE) is not supported by these families"
-    if moe.router.kind == RouterKind.BIAS:
-        return ("router.kind = 'bias' selects experts with per-expert biases (auxiliary-loss-free balancing), "
-                "which none of these families has; dropping them would change the routing")
-    if moe.router.kind == RouterKind.SINKHORN and moe.top_k == 1:
-        return "Sinkhorn top-1 routers gate with sigmoid(logit); these families gate with a softmax"
     return None
 
 
@@ -600,8 +648,179 @@ class Qwen3MoE(_Qwen):
         return {**self._layers_extra(cfg), "attention_bias": False}
 
 
+# ----------------------------------------------------------------------------------- DeepSeek-V3-routed families
+class _DeepSeekRouted(Family):
+    """Families with DeepSeek-V3 routing (DeepSeek-AI 2024, arXiv 2412.19437, Sec. 2.1.2) on a GQA backbone:
+    ``mlp.gate`` (sigmoid scores) with ``e_score_correction_bias``, ``mlp.shared_experts`` of
+    ``n_shared_experts * moe_intermediate_size``, the first ``first_k_dense_replace`` layers dense."""
+
+    num_experts_key = "n_routed_experts"
+    shared_name = "shared_experts"
+    has_shared = True
+
+    def shared(self, hf: dict) -> tuple[int, bool]:
+        return int(self.get(hf, "n_shared_experts") or 0) * self.expert_width(hf), False
+
+    def expert_width(self, hf: dict) -> int:
+        return int(self.get(hf, "moe_intermediate_size"))
+
+    def moe_layers(self, hf: dict, n_layers: int) -> list[bool]:
+        first = int(self.get(hf, "first_k_dense_replace") or 0)
+        return [i >= first for i in range(n_layers)]
+
+    def router(self, hf: dict, top_k: int, renorm: bool) -> RouterConfig:
+        """DeepSeek-V3 routing; balancing by the selection bias (gamma 1e-3 as DeepSeek-V3's first 14.3T tokens),
+        no sequence-wise loss unless a CPT recipe sets ``seq_aux_loss_weight``."""
+        return RouterConfig(kind=RouterKind.BIAS, score_fn=ScoreFn.SIGMOID, renormalize=renorm,
+                            n_group=int(self.get(hf, "n_group")), topk_group=int(self.get(hf, "topk_group")),
+                            routed_scale=float(self.get(hf, "routed_scaling_factor")), aux_loss_weight=0.0,
+                            z_loss_weight=0.0)
+
+    def routing_why_not(self, cfg: ModelConfig) -> str | None:
+        if cfg.moe.router.score_fn != ScoreFn.SIGMOID:
+            return f"{self.name} routes by sigmoid scores; this model has router.score_fn = 'softmax'"
+        return None
+
+    def why_not(self, cfg: ModelConfig) -> str | None:
+        moe = cfg.moe
+        if moe.shared_expert_gate:
+            return f"{self.name}'s shared experts have no sigmoid gate; this model has moe.shared_expert_gate"
+        first = next((i for i in range(cfg.n_layers) if cfg.is_moe_layer(i)), cfg.n_layers)
+        if first == cfg.n_layers or any(cfg.is_moe_layer(i) != (i >= first) for i in range(cfg.n_layers)):
+            return f"{self.name} has dense layers only before the first MoE layer (first_k_dense_replace)"
+        if _shared_width(cfg) % cfg.resolved_expert_width:
+            return (f"{self.name}'s shared width is a multiple of the expert width ({cfg.resolved_expert_width}); "
+                    f"this model's is {_shared_width(cfg)}")
+        return None
+
+    def adapt(self, cfg: ModelConfig) -> tuple[ModelConfig, dict[str, Callable], list[str]]:
+        """These families always have selection biases and a shared expert. A sigmoid router of another kind gets
+        zero biases (the same selection; re-imported it is a ``bias`` router); a model without shared expert gets
+        one of the expert width whose projections are zero (it adds exactly 0)."""
+        import torch
+
+        moe = cfg.moe
+        synth: dict[str, Callable] = {}
+        notes: list[str] = []
+        moe_update: dict[str, Any] = {}
+        layers = [i for i in range(cfg.n_layers) if cfg.is_moe_layer(i)]
+        E, D, F = moe.num_experts, cfg.d_model, cfg.resolved_expert_width
+        if moe.router.kind != RouterKind.BIAS:
+            notes.append(f"zero e_score_correction_bias added (router.kind = {moe.router.kind.value!r}: same "
+                         "selection; it imports back as a 'bias' router)")
+            moe_update["router"] = moe.router.model_copy(update={"kind": RouterKind.BIAS})
+            for i in layers:
+                synth[f"blocks.{i}.ffn.router.expert_bias"] = lambda get: torch.zeros(E)
+        if not _shared_width(cfg):
+            notes.append(f"a shared expert with zero projections added ({self.name} always has one; it adds 0)")
+            moe_update.update(num_shared_experts=1, shared_expert_width=None)
+            for i in layers:
+                synth[f"blocks.{i}.ffn.shared.w_in.weight"] = lambda get: torch.zeros(2 * F, D)
+                synth[f"blocks.{i}.ffn.shared.w_out.weight"] = lambda get: torch.zeros(D, F)
+        if moe_update:
+            cfg = cfg.model_copy(update={"moe": moe.model_copy(update=moe_update)})
+        return cfg, synth, notes
+
+    def hf_config(self, cfg: ModelConfig) -> dict[str, Any]:
+        out = super().hf_config(cfg)
+        del out["router_aux_loss_coef"]  # balanced by the bias: these configs have no aux-loss weight
+        return out
+
+    def hf_config_extra(self, cfg: ModelConfig) -> dict[str, Any]:
+        r = cfg.moe.router
+        return {"head_dim": cfg.resolved_head_dim, "intermediate_size": cfg.ffn_width,
+                "moe_intermediate_size": cfg.resolved_expert_width,
+                "n_shared_experts": _shared_width(cfg) // cfg.resolved_expert_width,
+                "first_k_dense_replace": next(i for i in range(cfg.n_layers) if cfg.is_moe_layer(i)),
+                "n_group": r.n_group, "topk_group": r.resolved_topk_group, "norm_topk_prob": _renorm(cfg),
+                "routed_scaling_factor": r.routed_scale}
+
+
+class Glm4Moe(_DeepSeekRouted):
+    """GLM-4.5 / GLM-4.5-Air (GLM-4.5 Team 2025, arXiv 2508.06471; ``zai-org/GLM-4.5-Air``): DeepSeek-V3 routing
+    with partial RoPE, q/k/v biases, optional per-head q/k norm and multi-token-prediction layers."""
+
+    name = "glm4_moe"
+    model_types = ("glm4_moe",)
+    architecture = "Glm4MoeForCausalLM"
+    reference = ("GLM-4.5 Team 2025, GLM-4.5 (arXiv 2508.06471); zai-org/GLM-4.5-Air; routing of DeepSeek-V3 "
+                 "(arXiv 2412.19437)")
+    #: transformers' Glm4MoeConfig defaults (``partial_rotary_factor`` 0.5 is its backward-compatible default)
+    defaults: ClassVar[dict[str, Any]] = {"hidden_act": "silu", "max_position_embeddings": 131072,
+        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "n_routed_experts": 128, "num_experts_per_tok": 8,
+        "norm_topk_prob": True, "tie_word_embeddings": False, "initializer_range": 0.02, "intermediate_size": 10944,
+        "moe_intermediate_size": 1408, "n_shared_experts": 1, "routed_scaling_factor": 1.0, "n_group": 1,
+        "topk_group": 1, "first_k_dense_replace": 1, "use_qk_norm": False, "attention_bias": False,
+        "partial_rotary_factor": 0.5, "num_nextn_predict_layers": 0}
+
+    def attn_bias(self, hf: dict) -> bool:
+        return bool(self.get(hf, "attention_bias"))  # q/k/v only (o_proj has none), as moecpt's attn_bias
+
+    def qk_norm_of(self, hf: dict) -> QKNorm:
+        return QKNorm.HEAD if self.get(hf, "use_qk_norm") else QKNorm.NONE
+
+    def rotary_fraction(self, hf: dict) -> float:
+        rope = hf.get("rope_parameters")
+        inner = rope.get("partial_rotary_factor") if isinstance(rope, dict) else None
+        return float(inner if inner is not None else self.get(hf, "partial_rotary_factor"))
+
+    def ignored(self, hf: dict, name: str) -> bool:
+        n, mtp = int(hf["num_hidden_layers"]), int(self.get(hf, "num_nextn_predict_layers") or 0)
+        return any(name.startswith(f"model.layers.{n + j}.") for j in range(mtp))
+
+    def ignored_note(self, hf: dict) -> str:
+        return (f"{self.get(hf, 'num_nextn_predict_layers')} multi-token-prediction layer(s) "
+                f"(model.layers.{hf['num_hidden_layers']}.*) dropped: moecpt trains next-token prediction only")
+
+    def why_not(self, cfg: ModelConfig) -> str | None:
+        if cfg.qk_norm == QKNorm.FULL:
+            return "GLM-4.5's q/k norm is per head (qk_norm = 'head'); this model has 'full'"
+        return super().why_not(cfg)
+
+    def hf_config_extra(self, cfg: ModelConfig) -> dict[str, Any]:
+        return {**super().hf_config_extra(cfg), "use_qk_norm": cfg.qk_norm == QKNorm.HEAD,
+                "attention_bias": cfg.attn_bias, "partial_rotary_factor": cfg.rotary_fraction,
+                "num_nextn_predict_layers": 0}
+
+
+class Dots1(_DeepSeekRouted):
+    """dots.llm1 (rednote-hilab 2025, "dots.llm1 Technical Report", arXiv 2506.05767; ``rednote-hilab/dots.llm1.base``):
+    DeepSeek-V3 routing with per-head q/k norm always on, full RoPE, no attention biases."""
+
+    name = "dots1"
+    model_types = ("dots1",)
+    architecture = "Dots1ForCausalLM"
+    reference = "rednote-hilab 2025, dots.llm1 Technical Report (arXiv 2506.05767); rednote-hilab/dots.llm1.base"
+    defaults: ClassVar[dict[str, Any]] = {"hidden_act": "silu", "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "norm_topk_prob": False, "tie_word_embeddings": False,
+        "initializer_range": 0.02, "intermediate_size": 10944, "moe_intermediate_size": 1408,
+        "routed_scaling_factor": 1.0, "n_group": 1, "topk_group": 1, "first_k_dense_replace": 0}
+    qk_norm = QKNorm.HEAD
+
+    def sliding_window(self, hf: dict) -> int | None:
+        if "sliding_attention" not in (hf.get("layer_types") or []):
+            return None
+        return int(hf["sliding_window"])
+
+    def routing_why_not(self, cfg: ModelConfig) -> str | None:
+        if cfg.rotary_fraction != 1.0:
+            return f"dots1 rotates the whole head; this model has rotary_fraction = {cfg.rotary_fraction}"
+        return super().routing_why_not(cfg)
+
+    def why_not(self, cfg: ModelConfig) -> str | None:
+        if cfg.qk_norm != QKNorm.HEAD:
+            return f"dots1 always normalises q / k per head (qk_norm = 'head'), this model has {cfg.qk_norm.value!r}"
+        if cfg.attn_bias:
+            return "dots1's attention bias also covers the output projection; moecpt's q/k/v-only bias has no match"
+        return super().why_not(cfg)
+
+    def hf_config_extra(self, cfg: ModelConfig) -> dict[str, Any]:
+        return {**super().hf_config_extra(cfg), "attention_bias": False, "sliding_window": None,
+                "max_window_layers": cfg.n_layers}
+
+
 #: Supported families by name, in the order ``export-hf --family auto`` tries them.
-FAMILIES: dict[str, Family] = {f.name: f for f in (OLMoE(), Qwen3MoE(), Mixtral(), Qwen2MoE())}
+FAMILIES: dict[str, Family] = {f.name: f for f in (OLMoE(), Qwen3MoE(), Mixtral(), Qwen2MoE(), Glm4Moe(), Dots1())}
 
 
 def supported() -> str:
@@ -609,22 +828,27 @@ def supported() -> str:
 
 
 def family_of(hf: dict) -> Family:
-    """The family of a ``config.json`` dict (by ``model_type``).
+    """The family of a ``config.json`` dict: by ``model_type``, or, when that key is missing, by the first of
+    ``architectures`` (some hand-written configs have only that).
 
     Raises:
-        MoecptError: an unsupported family, naming the supported ones.
+        MoecptError: an unsupported family, naming the supported ones; neither key present.
     """
     mt = hf.get("model_type")
+    archs = hf.get("architectures") or []
+    arch = archs[0] if isinstance(archs, list) and archs else None
     for fam in FAMILIES.values():
-        if mt in fam.model_types:
+        if mt in fam.model_types or (mt is None and arch == fam.architecture):
             return fam
-    arch = (hf.get("architectures") or [None])[0]
+    if mt is None and arch is None:
+        raise MoecptError("config.json has neither model_type nor architectures; add \"model_type\" (one of: "
+                          f"{', '.join(f.model_types[0] for f in FAMILIES.values())})")
     raise MoecptError(f"model_type {mt!r} ({arch}) is not supported; supported families: {supported()}")
 
 
 def why_not(family: Family, cfg: ModelConfig) -> str | None:
     """Why ``cfg`` cannot be written as ``family`` exactly, or None."""
-    return _common_why_not(cfg) or family.why_not(cfg)
+    return _common_why_not(cfg) or family.routing_why_not(cfg) or family.why_not(cfg)
 
 
 def choose_family(cfg: ModelConfig, requested: str = "auto", preferred: str | None = None) -> Family:
@@ -648,10 +872,11 @@ def choose_family(cfg: ModelConfig, requested: str = "auto", preferred: str | No
     order = list(FAMILIES.values())
     if preferred in FAMILIES:
         order.insert(0, FAMILIES[preferred])
-    reasons = []
+    by_reason: dict[str, list[str]] = {}  # the softmax families often share one refusal: say it once
     for fam in order:
-        reason = fam.why_not(cfg)
+        reason = fam.routing_why_not(cfg) or fam.why_not(cfg)
         if reason is None:
             return fam
-        reasons.append(f"{fam.name}: {reason}")
-    raise MoecptError("no Hugging Face family represents this model exactly (" + "; ".join(reasons[-4:]) + ")")
+        by_reason.setdefault(reason, []).append(fam.name)
+    reasons = [f"{', '.join(dict.fromkeys(names))}: {reason}" for reason, names in by_reason.items()]
+    raise MoecptError("no Hugging Face family represents this model exactly (" + "; ".join(reasons) + ")")

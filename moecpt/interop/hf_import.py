@@ -216,7 +216,10 @@ def plan_import(folder: HFFolder):
     if missing:
         raise MoecptError(f"{len(missing)} tensor(s) that config.json implies are missing from {folder.path} "
                           f"(first: {missing[0]}); the weights do not match the config or a shard is incomplete")
-    extra = [n for n in folder.headers if n not in need and not _IGNORED.search(n)
+    dropped = {n for n in folder.headers if n not in need and fam.ignored(folder.config, n)}
+    if dropped:
+        notes.append(fam.ignored_note(folder.config))
+    extra = [n for n in folder.headers if n not in need and not _IGNORED.search(n) and n not in dropped
              and not (cfg.tie_embeddings and n == "lm_head.weight")]
     if extra:
         raise MoecptError(f"{len(extra)} tensor(s) in {folder.path} are not described by config.json "
@@ -317,7 +320,7 @@ def import_hf(path: str | Path, out: str | Path, *, dtype: str | torch.dtype | N
     """Convert a Hugging Face MoE folder into a moecpt checkpoint folder ``out``.
 
     Args:
-        path: local Hugging Face folder (OLMoE, Mixtral, Qwen2-MoE or Qwen3-MoE).
+        path: local Hugging Face folder of a supported family (:data:`~moecpt.interop.families.FAMILIES`).
         out: the checkpoint folder to create (must not exist).
         dtype: ``auto`` keeps the stored dtype; ``fp32`` / ``bf16`` / ``fp16`` convert.
         allow_missing_tokenizer: import a folder without ``tokenizer.json`` (the checkpoint then has none).
@@ -414,5 +417,8 @@ def load_hf_model(path: str | Path, device: str | torch.device = "cpu", dtype: t
         model.lm_head.weight = model.tok_emb.weight
     rot = int(cfg.resolved_head_dim * cfg.rotary_fraction)
     model.rope_cos, model.rope_sin = rope_cos_sin(cfg.max_seq_len, rot, cfg.rope_theta)
+    for router in model.routers():  # the other non-persistent buffer, still on the meta device
+        if router.is_bias_balanced:
+            router.step_load = torch.zeros(router.num_experts)
     model.imported_from = {"family": folder.family.name, "path": str(folder.path.resolve()), "notes": notes}
     return model.to(device).eval()

@@ -23,7 +23,9 @@ _COMMON = {"vocab_size": VOCAB, "hidden_size": 64, "num_attention_heads": 4, "nu
 
 #: config-class keyword arguments per family: GQA everywhere; Qwen2-MoE with a dense first layer
 #: (``mlp_only_layers``) and renormalised gates; Qwen3-MoE with a head_dim that is not hidden / heads and a
-#: dense layer every other layer (``decoder_sparse_step``).
+#: dense layer every other layer (``decoder_sparse_step``); GLM-4.5 with DeepSeek-V3 routing over 2 groups of 4
+#: (one kept), gates renormalised and scaled by 2.5, a dense first layer, a shared expert, q/k/v biases, per-head
+#: q/k norm and partial RoPE (transformers' default factor 0.5); dots1 with 4 groups of 2 (two kept).
 TINY_CONFIGS: dict[str, dict[str, Any]] = {
     "olmoe": dict(_COMMON, num_hidden_layers=2, intermediate_size=32, num_experts=8),
     "mixtral": dict(_COMMON, num_hidden_layers=2, intermediate_size=32, num_local_experts=8),
@@ -31,6 +33,13 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
                       shared_expert_intermediate_size=48, num_experts=8, mlp_only_layers=[0], norm_topk_prob=True),
     "qwen3_moe": dict(_COMMON, num_hidden_layers=2, intermediate_size=96, moe_intermediate_size=32, head_dim=24,
                       num_experts=8, decoder_sparse_step=2, norm_topk_prob=True),
+    "glm4_moe": dict(_COMMON, num_hidden_layers=3, intermediate_size=96, moe_intermediate_size=32, head_dim=24,
+                     n_routed_experts=8, n_shared_experts=1, n_group=2, topk_group=1, norm_topk_prob=True,
+                     routed_scaling_factor=2.5, first_k_dense_replace=1, use_qk_norm=True, attention_bias=True,
+                     num_nextn_predict_layers=0),
+    "dots1": dict(_COMMON, num_hidden_layers=3, intermediate_size=96, moe_intermediate_size=32, n_routed_experts=8,
+                  n_shared_experts=1, n_group=4, topk_group=2, norm_topk_prob=True, routed_scaling_factor=1.5,
+                  first_k_dense_replace=1),
 }
 
 
@@ -38,11 +47,14 @@ def config_class(family: str):
     import transformers
 
     return {"olmoe": transformers.OlmoeConfig, "mixtral": transformers.MixtralConfig,
-            "qwen2_moe": transformers.Qwen2MoeConfig, "qwen3_moe": transformers.Qwen3MoeConfig}[family]
+            "qwen2_moe": transformers.Qwen2MoeConfig, "qwen3_moe": transformers.Qwen3MoeConfig,
+            "glm4_moe": transformers.Glm4MoeConfig, "dots1": transformers.Dots1Config}[family]
 
 
 def tiny_hf_model(family: str, seed: int = 0, **overrides: Any):
-    """A randomised transformers model of ``family`` (eval mode, fp32): weights ~ N(0, 0.1), norms ~ 1 + N(0, 0.1)."""
+    """A randomised transformers model of ``family`` (eval mode, fp32): weights ~ N(0, 0.1), norms ~ 1 + N(0, 0.1),
+    DeepSeek-V3 selection biases (``e_score_correction_bias``, buffers) ~ N(0, 0.05): large enough to change
+    choices, so a bias used for the gates too, or not at all, shows."""
     from transformers import AutoModelForCausalLM
 
     cfg = config_class(family)(**{**TINY_CONFIGS[family], **overrides})
@@ -53,6 +65,9 @@ def tiny_hf_model(family: str, seed: int = 0, **overrides: Any):
         for name, p in model.named_parameters():
             noise = torch.randn(p.shape, generator=g)
             p.copy_(1 + 0.1 * noise if "norm" in name else 0.1 * noise)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(0.05 * torch.randn(b.shape, generator=g))
     return model
 
 

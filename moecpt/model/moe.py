@@ -135,11 +135,12 @@ class MoELayer(nn.Module):
         self.shared = GLUFeedForward(cfg.d_model, shared_width, cfg.ffn_kind) if shared_width else None
         self.shared_gate = nn.Linear(cfg.d_model, 1, bias=False) if (self.shared and moe.shared_expert_gate) else None
 
-    def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, RouterOutput]:
+    def forward(self, x_TD: torch.Tensor, seq_len: int | None = None) -> tuple[torch.Tensor, RouterOutput]:
+        """``x_TD [T, D]`` (sequences of ``seq_len`` tokens flattened; None = one sequence) -> ``(y_TD, record)``."""
         if x_TD.dim() != 2:
             raise ValueError(f"MoELayer expects tokens as [T, D], got shape {tuple(x_TD.shape)}; "
                              "flatten batch and time first")
-        r = self.router(x_TD)
+        r = self.router(x_TD, seq_len)
         T, K = r.topk_idx_TK.shape
         if self.dispatch == DispatchKind.LOOP:
             y_TD, keep_TK = self._forward_loop(x_TD, r)

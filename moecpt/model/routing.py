@@ -10,8 +10,14 @@ One router = a bias-free linear map ``d_model -> E`` plus a balancing strategy (
   plain top-k of the logits in evaluation.
 * ``bias``     DeepSeek-V3 auxiliary-loss-free balancing (Wang et al. 2024, arXiv 2408.15664; DeepSeek-AI 2024,
   arXiv 2412.19437 Sec. 2.1.2): a per-expert bias added to the scores for *selection only*, updated once per
-  optimizer step by ``gamma * sign(mean_load - load_i)``; a persistent buffer, so CPT carries it.
+  optimizer step by ``gamma * sign(mean_load - load_i)``; a persistent buffer, so CPT carries it. With
+  ``score_fn = "sigmoid"``, ``n_group`` / ``topk_group`` and ``routed_scale`` this is DeepSeek-V3 routing as a whole
+  (eqs. 12-16; transformers' ``DeepseekV3TopkRouter`` / ``Glm4MoeTopkRouter``), optionally with the
+  sequence-wise balance loss (eqs. 17-20, ``seq_aux_loss_weight``).
 * ``none``     plain softmax top-k.
+
+``score_fn = "sigmoid"`` and group-limited selection (:func:`group_limited_topk`) apply to ``penalty`` and ``none``
+too; with the defaults (softmax, one group, scale 1, no sequence loss) every router computes what it did before.
 
 All routing math runs in fp32 (autocast disabled), whatever the model's compute dtype.
 Every router returns one :class:`RouterOutput`; aux losses are named scalars on it, never stored in a global.
@@ -25,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moecpt.config import RouterConfig, RouterKind
+from moecpt.config import RouterConfig, RouterKind, ScoreFn
 
 
 # ------------------------------------------------------------------------------------------------ pure functions
@@ -104,6 +110,56 @@ def router_z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
         fp32 scalar.
     """
     return torch.logsumexp(logits_TE.float(), dim=-1).square().mean()
+
+
+@torch.no_grad()
+def group_limited_topk(choice_TE: torch.Tensor, top_k: int, n_group: int, topk_group: int) -> torch.Tensor:
+    """Group-limited top-k (DeepSeek-V2, arXiv 2405.04434, Sec. 2.1.2; DeepSeek-V3, arXiv 2412.19437, Sec. 2.1.2).
+
+    The ``E`` experts form ``n_group`` consecutive groups of ``E / n_group``; a group scores the sum of its two
+    highest choice scores (DeepSeek-V3's ``noaux_tc``); each token keeps its ``topk_group`` best groups and takes
+    the top-``top_k`` experts inside them. Same ops, hence same ties, as transformers' ``Glm4MoeTopkRouter``.
+
+    Args:
+        choice_TE: ``[T, E]`` selection scores (DeepSeek-V3: ``sigmoid(logits) + expert_bias``), fp32.
+        top_k: ``K``; n_group: groups (divides ``E``, groups of >= 2); topk_group: groups kept per token.
+
+    Returns:
+        ``[T, K]`` int64 chosen experts (unsorted, as transformers returns them).
+    """
+    T, E = choice_TE.shape
+    group_TG = choice_TE.view(T, n_group, E // n_group).topk(2, dim=-1)[0].sum(dim=-1)
+    keep_TG = torch.zeros_like(group_TG).scatter_(1, torch.topk(group_TG, k=topk_group, dim=-1, sorted=False)[1], 1)
+    keep_TE = keep_TG.unsqueeze(-1).expand(T, n_group, E // n_group).reshape(T, E).bool()
+    return torch.topk(choice_TE.masked_fill(~keep_TE, float("-inf")), k=top_k, dim=-1, sorted=False)[1]
+
+
+def sequence_balance_loss(probs_TE: torch.Tensor, topk_idx_TK: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """DeepSeek-V3's complementary sequence-wise balance loss (arXiv 2412.19437, eqs. 17-20), without its alpha.
+
+    Per sequence of ``seq_len`` tokens: ``sum_i f_i P_i`` with ``f_i = E / (K T) * #{t: i in top-k(t)}`` and
+    ``P_i`` the mean over the sequence of the token-normalised scores ``s'_{i,t} = s_{i,t} / sum_j s_{j,t}``;
+    averaged over the sequences. As :func:`load_balancing_loss` it reads 1.0 at balance for any ``K``
+    (docs/design.md, rule R3); the gradient flows through ``P`` only.
+
+    Args:
+        probs_TE: ``[T, E]`` token-normalised scores (rows sum to one), differentiable; ``T = B * seq_len``.
+        topk_idx_TK: ``[T, K]`` chosen experts.
+        seq_len: tokens per sequence (rows ``b * seq_len ... (b + 1) * seq_len - 1`` are sequence ``b``).
+
+    Raises:
+        ValueError: ``T`` is not a multiple of ``seq_len``.
+    """
+    T, E = probs_TE.shape
+    K = topk_idx_TK.shape[1]
+    if seq_len < 1 or T % seq_len:
+        raise ValueError(f"sequence_balance_loss: {T} tokens are not whole sequences of {seq_len}")
+    B = T // seq_len
+    counts_BE = torch.zeros(B, E, device=probs_TE.device).scatter_add_(
+        1, topk_idx_TK.reshape(B, seq_len * K), torch.ones(B, seq_len * K, device=probs_TE.device))
+    f_BE = counts_BE * (E / (K * seq_len))
+    P_BE = probs_TE.float().view(B, seq_len, E).mean(dim=1)
+    return (f_BE * P_BE).sum(dim=-1).mean()
 
 
 class _SoftmaxRouting(torch.autograd.Function):
@@ -252,29 +308,67 @@ class Router(nn.Module):
     def _sigmoid_gates(self) -> bool:
         return self.cfg.kind == RouterKind.SINKHORN and self.top_k == 1  # Megatron / GPT-NeoX reference for k = 1
 
+    @property
+    def _sigmoid_scores(self) -> bool:
+        return self.cfg.score_fn == ScoreFn.SIGMOID
+
+    @property
+    def _grouped(self) -> bool:
+        return self.cfg.n_group > 1 and self.cfg.resolved_topk_group < self.cfg.n_group
+
     def _gates(self, logits_TE: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(logits_TE) if self._sigmoid_gates else torch.softmax(logits_TE, dim=-1)
+        if self._sigmoid_gates or self._sigmoid_scores:
+            return torch.sigmoid(logits_TE)
+        return torch.softmax(logits_TE, dim=-1)
+
+    def _topk(self, choice_TE: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        if self._grouped:
+            return group_limited_topk(choice_TE, self.top_k, cfg.n_group, cfg.resolved_topk_group)
+        return torch.topk(choice_TE, self.top_k, dim=-1).indices
 
     @torch.no_grad()
     def _select(self, logits_TE: torch.Tensor) -> torch.Tensor | None:
-        """``[T, K]`` chosen experts (no gradient): Sinkhorn-balanced in training or biased scores; ``None`` for
-        plain top-k of the scores, which the softmax node takes itself (sigmoid gates: top-k of the sigmoid)."""
+        """``[T, K]`` chosen experts (no gradient): Sinkhorn-balanced in training, biased scores, sigmoid scores or
+        group-limited; ``None`` for plain top-k of softmax scores, which the softmax node takes itself."""
         cfg = self.cfg
         if cfg.kind == RouterKind.SINKHORN and self.training:
             return torch.topk(sinkhorn(logits_TE, cfg.sinkhorn_tol, cfg.sinkhorn_max_iter), self.top_k, dim=-1).indices
         if cfg.kind == RouterKind.BIAS:
             # bias enters selection only; gates come from the unbiased scores
-            return torch.topk(self._gates(logits_TE) + self.expert_bias, self.top_k, dim=-1).indices
-        if self._sigmoid_gates:
-            return torch.topk(torch.sigmoid(logits_TE), self.top_k, dim=-1).indices
+            return self._topk(self._gates(logits_TE) + self.expert_bias)
+        if self._sigmoid_gates or self._sigmoid_scores or self._grouped:
+            return self._topk(self._gates(logits_TE))
         return None
 
-    def forward(self, x_TD: torch.Tensor) -> RouterOutput:
+    def _sigmoid_route(self, logits_TE: torch.Tensor, topk_idx_TK: torch.Tensor):
+        """Gates and aux losses of sigmoid scores (plain autograd): ``(scores, counts, gates, probs, lb, z)``.
+
+        Gates are the unbiased sigmoid scores of the chosen experts, renormalised as transformers' DeepSeek-V3 /
+        GLM-4.5 routers do (``/ (sum + 1e-20)``: a tiny epsilon, docs/design.md, rule R5). The balancing
+        diagnostics use the token-normalised scores ``s / sum(s)`` (DeepSeek-V3 eq. 19) as probabilities.
+        """
+        scores_TE = torch.sigmoid(logits_TE)
+        counts_E = torch.bincount(topk_idx_TK.reshape(-1), minlength=self.num_experts)
+        w_TK = scores_TE.gather(1, topk_idx_TK)
+        if self.cfg.renormalize and self.top_k > 1:
+            w_TK = w_TK / (w_TK.sum(dim=-1, keepdim=True) + 1e-20)
+        probs_TE = scores_TE / scores_TE.sum(dim=-1, keepdim=True)
+        lb = load_balancing_loss(probs_TE, topk_idx_TK, self.num_experts)
+        return scores_TE.detach(), counts_E, w_TK, probs_TE, lb, router_z_loss(logits_TE)
+
+    def forward(self, x_TD: torch.Tensor, seq_len: int | None = None) -> RouterOutput:
+        """Route ``x_TD [T, D]``; ``seq_len`` (tokens per sequence; None = all ``T`` one sequence) delimits the
+        sequences of the sequence-wise balance loss, computed only when ``seq_aux_loss_weight > 0``."""
         cfg = self.cfg
+        probs_TE = None
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
             logits_TE = F.linear(x_TD.float(), self.weight.float())
             topk_idx_TK = self._select(logits_TE)
-            if self._sigmoid_gates:
+            if self._sigmoid_scores:
+                scores_TE, tokens_per_expert_E, topk_weight_TK, probs_TE, lb, z = self._sigmoid_route(
+                    logits_TE, topk_idx_TK)
+            elif self._sigmoid_gates:
                 tokens_per_expert_E = torch.bincount(topk_idx_TK.reshape(-1), minlength=self.num_experts)
                 scores_TE = torch.sigmoid(logits_TE)
                 topk_weight_TK = scores_TE.gather(1, topk_idx_TK)
@@ -285,11 +379,18 @@ class Router(nn.Module):
             else:
                 scores_TE, topk_idx_TK, tokens_per_expert_E, topk_weight_TK, lb, z = _SoftmaxRouting.apply(
                     logits_TE, topk_idx_TK, self.top_k, cfg.renormalize and self.top_k > 1)
+            if cfg.routed_scale != 1.0:
+                topk_weight_TK = topk_weight_TK * cfg.routed_scale
             aux = {"load_balancing": lb, "z_loss": z}
             weights = {
                 "load_balancing": cfg.aux_loss_weight if cfg.kind == RouterKind.PENALTY else 0.0,
                 "z_loss": cfg.z_loss_weight if cfg.kind == RouterKind.PENALTY else 0.0,
             }
+            if cfg.seq_aux_loss_weight > 0:
+                if probs_TE is None:  # the softmax node's scores carry no gradient: the loss needs its own
+                    probs_TE = torch.softmax(logits_TE, dim=-1)
+                aux["seq_balance"] = sequence_balance_loss(probs_TE, topk_idx_TK, seq_len or logits_TE.shape[0])
+                weights["seq_balance"] = cfg.seq_aux_loss_weight
         if cfg.kind == RouterKind.BIAS and self.training and torch.is_grad_enabled() and not self.recomputing:
             # count once per training forward: not in evaluation, not in no-grad or activation-checkpointing
             # recomputation (docs/design.md, rule R6)
@@ -345,9 +446,11 @@ def routing_entropy(scores_TE: torch.Tensor) -> float:
 __all__ = [
     "Router",
     "RouterOutput",
+    "group_limited_topk",
     "load_balancing_loss",
     "mri_from_counts",
     "router_z_loss",
     "routing_entropy",
+    "sequence_balance_loss",
     "sinkhorn",
 ]

@@ -140,9 +140,9 @@ class Block(nn.Module):
             return x_BTD + self.ffn(h_BTD), None
         B, T, D = h_BTD.shape
         if self.checkpoint_moe and self.training and torch.is_grad_enabled():
-            y_TD, routing = checkpointed(self.ffn, self.ffn, h_BTD.reshape(B * T, D))
+            y_TD, routing = checkpointed(self.ffn, self.ffn, h_BTD.reshape(B * T, D), T)
         else:
-            y_TD, routing = self.ffn(h_BTD.reshape(B * T, D))
+            y_TD, routing = self.ffn(h_BTD.reshape(B * T, D), T)
         return x_BTD + y_TD.view(B, T, D), routing
 
 

@@ -59,6 +59,9 @@ class RoutingAccumulator:
                 "routing_entropy": routing_entropy(r.scores_TE.detach()),
                 "dropped_fraction": float(r.dropped_fraction) if r.dropped_fraction is not None else 0.0,
             }
+            if "seq_balance" in r.aux_losses:  # DeepSeek-V3's sequence-wise loss, when its weight is on
+                sb = float(r.aux_losses["seq_balance"].detach())
+                vals.update(seq_balance=sb, seq_balance_weighted=sb * r.aux_weights.get("seq_balance", 0.0))
             for key, v in vals.items():
                 lst = self.sums.setdefault(key, [])
                 if len(lst) <= i:
