@@ -15,6 +15,7 @@ import sys
 from moecpt._version import __version__
 from moecpt.argtypes import int_at_least, positive_int  # noqa: F401  (re-exported for older imports)
 from moecpt.errors import MoecptError
+from moecpt.storage.outputs import os_error_line
 
 # Conditions of the machine, not of moecpt's code: reported in one line wherever they surface.
 _ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO,
@@ -66,7 +67,6 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         if exc.errno not in _ENVIRONMENT_ERRNOS:
             raise  # anything else is a bug and keeps its traceback
-        from moecpt.storage.outputs import os_error_line
 
         print(f"moecpt: error: {os_error_line(exc)}", file=sys.stderr)
         return 2

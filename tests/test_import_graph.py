@@ -150,3 +150,56 @@ def test_the_checker_sees_every_kind_of_import(tmp_path, monkeypatch, code, edge
     assert edge in found
     rank = layer_of()
     assert rank[edge[0]] < rank[edge[1]]  # a back-edge, which test_imports_only_go_down would refuse
+
+
+#: what a function may import (docs/design.md, rule A2): heavy libraries that are optional extras or that one
+#: command alone needs, and platform-specific modules; every other dependency is imported at the module's top, so
+#: the top of a file lists what it depends on
+LAZY_MODULES = ("transformers", "tensorboard", "torch.utils.tensorboard", "wandb", "lm_eval", "datasets", "pyarrow",
+                "huggingface_hub", "matplotlib", "sklearn", "torch._dynamo", "torch._inductor", "torch.utils._triton",
+                "resource")
+
+#: modules whose functions import more, each with why
+LAZY_EXCEPTIONS: dict[str, str] = {
+    "moecpt/__init__.py": "the load_model facade: `import moecpt` must not import torch",
+    "moecpt/study/cli.py": "`moecpt study` imports its runner (and so matplotlib, ~1.7 s) only when it runs",
+}
+
+
+def function_level_imports(path: Path) -> list[tuple[int, str]]:
+    """``(line, module)`` of every import inside a function of ``path``."""
+    out = []
+    for fn in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+        if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for node in ast.walk(fn):
+                if isinstance(node, ast.Import):
+                    out += [(node.lineno, a.name) for a in node.names]
+                elif isinstance(node, ast.ImportFrom):
+                    out.append((node.lineno, "." * node.level + (node.module or "")))
+    return out
+
+
+def _lazy_ok(module: str) -> bool:
+    return any(module == m or module.startswith(m + ".") for m in LAZY_MODULES)
+
+
+def test_function_level_imports_only_for_heavy_optional_libraries():
+    bad = [f"{path.relative_to(PACKAGE.parent)}:{line} imports {mod}"
+           for path in sorted(PACKAGE.rglob("*.py"))
+           if str(path.relative_to(PACKAGE.parent)) not in LAZY_EXCEPTIONS
+           for line, mod in function_level_imports(path) if not _lazy_ok(mod)]
+    assert not bad, ("move these imports to the top of their module (or, for a heavy optional library, add it to "
+                     "LAZY_MODULES):\n" + "\n".join(bad))
+
+
+def test_lazy_exceptions_are_still_needed():
+    stale = [f for f in LAZY_EXCEPTIONS
+             if not any(not _lazy_ok(m) for _, m in function_level_imports(PACKAGE.parent / f))]
+    assert not stale, f"remove these from LAZY_EXCEPTIONS (their functions import nothing else now): {stale}"
+
+
+def test_lazy_import_checker_sees_nested_imports(tmp_path):
+    f = tmp_path / "m.py"
+    f.write_text("import os\ndef f():\n    if True:\n        from moecpt.config import Recipe\n    import wandb\n")
+    assert sorted(function_level_imports(f)) == [(4, "moecpt.config"), (5, "wandb")]
+    assert not _lazy_ok("moecpt.config") and _lazy_ok("wandb") and _lazy_ok("matplotlib.pyplot")

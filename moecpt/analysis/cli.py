@@ -6,6 +6,7 @@ import argparse
 import json
 
 from moecpt.analysis.evaluate import compare_traces, evaluate_checkpoint
+from moecpt.analysis.harness_run import check_results_path, run_harness, write_results
 from moecpt.argtypes import positive_int
 
 
@@ -71,8 +72,6 @@ def run_eval(args: argparse.Namespace) -> int:
 def run_eval_harness(args: argparse.Namespace) -> int:
     """``moecpt eval --harness TASKS``: lm-eval scores, printed one line per metric (or as JSON) and, with
     ``--out``, written to a results file (docs/eval.md)."""
-    from moecpt.analysis.harness_run import check_results_path, run_harness, write_results
-
     out = check_results_path(args.out, [args.checkpoint, *(args.include_path or [])]) if args.out else None
     report = run_harness(args.checkpoint, args.harness, include_path=args.include_path, limit=args.limit,
                          batch_size=args.batch_size, device=args.device, num_fewshot=args.num_fewshot,

@@ -31,8 +31,10 @@ from lm_eval.api.registry import model_registry
 from lm_eval.models.utils import Collator, handle_stop_sequences
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from tokenizers import Tokenizer
 
 from moecpt.config import DType
+from moecpt.data.tokenizer import eod_id_of
 from moecpt.errors import MoecptError
 from moecpt.train.checkpoint import load_checkpoint, load_model, run_tokenizer_path
 from moecpt.train.generate import sample
@@ -94,9 +96,6 @@ class MoecptLM(TemplateLM):
     def __init__(self, **model_args: Any):
         super().__init__()
         args = parse_model_args(model_args)
-        from tokenizers import Tokenizer
-
-        from moecpt.data.tokenizer import eod_id_of
 
         ckpt = load_checkpoint(args.checkpoint)
         self._device = resolve_device(args.device)

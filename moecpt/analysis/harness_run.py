@@ -18,7 +18,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from moecpt.analysis.harness import MoecptLM, register
 from moecpt.errors import MoecptError
+from moecpt.storage.atomic import json_default, write_bytes_atomic
+from moecpt.storage.outputs import check_file_output
 
 #: written first into every results file, so that a later run may replace that file and no other one
 #: (:func:`moecpt.storage.outputs.check_file_output`)
@@ -73,8 +76,6 @@ def run_harness(checkpoint: str, tasks: list[str], *, include_path: list[str] | 
     require_lm_eval()
     import lm_eval
 
-    from moecpt.analysis.harness import MoecptLM
-
     manager = _task_manager(tasks, include_path)
     lm = MoecptLM(checkpoint=checkpoint, batch_size=batch_size, device=device)
     try:
@@ -101,15 +102,11 @@ def check_results_path(out: str | Path, inputs: list[str]) -> Path:
     Raises:
         MoecptError: ``out`` is a folder, an input, a file moecpt did not write, or in an unwritable folder.
     """
-    from moecpt.storage.outputs import check_file_output
-
     return check_file_output(out, json.dumps({SIGNATURE_KEY: SIGNATURE_VALUE})[1:-1].encode(), inputs)
 
 
 def write_results(out: Path, report: dict[str, Any]) -> None:
     """Write ``report`` (its signature key first) as indented JSON, atomically."""
-    from moecpt.storage.atomic import json_default, write_bytes_atomic
-
     write_bytes_atomic(out, (json.dumps(report, indent=2, default=json_default) + "\n").encode())
 
 
@@ -120,8 +117,6 @@ def main(argv: list[str] | None = None) -> None:
     except MoecptError as exc:
         sys.exit(f"moecpt-lm-eval: error: {exc}")
     from lm_eval.__main__ import cli_evaluate
-
-    from moecpt.analysis.harness import register
 
     register()
     if argv is not None:

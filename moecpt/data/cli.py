@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from moecpt.data.prepared import PreparedData
+from moecpt.data.shards import prepare
 from moecpt.errors import MoecptError
 
 
@@ -57,8 +59,6 @@ def _parse_sources(items: list[str]) -> dict[str, str]:
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from moecpt.data.shards import prepare
-
     manifest = prepare(
         _parse_sources(args.source), args.out, tokenizer=args.tokenizer, text_field=args.text_field,
         val_fraction=args.val_fraction, seed=args.seed, workers=args.workers, skip_bad_lines=args.skip_bad_lines,
@@ -71,8 +71,6 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from moecpt.data.prepared import PreparedData
-
     summary = PreparedData.open(args.dir).summary()
     if args.json:
         print(json.dumps(summary, indent=2))

@@ -11,9 +11,15 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from moecpt.argtypes import positive_int
+from moecpt.config import SyncKind, load_recipe
+from moecpt.distributed.launch import session
+from moecpt.distributed.runtime import Distributed
+from moecpt.errors import MoecptError
 from moecpt.train.callbacks import ProgressKind
+from moecpt.train.trainer import Trainer
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
@@ -54,9 +60,6 @@ def check_diloco_rounds(recipe) -> None:
     Raises:
         MoecptError: DiLoCo with ``local_steps`` unset, naming the ``--set`` that fixes it.
     """
-    from moecpt.config import SyncKind
-    from moecpt.errors import MoecptError
-
     d = recipe.distributed
     if d.sync == SyncKind.DILOCO and "local_steps" not in d.model_fields_set:
         raise MoecptError("distributed.sync = 'diloco' needs distributed.local_steps (H, inner steps per round; "
@@ -65,20 +68,11 @@ def check_diloco_rounds(recipe) -> None:
 
 
 def _train(args: argparse.Namespace, parent) -> int:
-    from pathlib import Path
-
-    from moecpt.config import load_recipe
-    from moecpt.errors import MoecptError
-
     # Validate what needs no torch before importing it: a bad recipe or --from fails in a fraction of a second.
     recipe = load_recipe(args.recipe, args.set)
     check_diloco_rounds(recipe)
     if parent is not None and not Path(parent).exists():
         raise MoecptError(f"--from {str(parent)!r} does not exist; give a checkpoint or run folder")
-
-    from moecpt.distributed.launch import session
-    from moecpt.distributed.runtime import Distributed
-    from moecpt.train.trainer import Trainer
 
     # under torchrun (WORLD_SIZE > 1) the session joins the job; otherwise it does nothing
     with session(recipe.distributed, recipe.train.device) as info:

@@ -29,9 +29,20 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from moecpt.distributed.accounting import ProcessComm, allreduce_bytes
+from moecpt.distributed.launch import gather_to_main
 from moecpt.distributed.strategy import SYNC_KEY, OptimizerFactory, SyncStrategy, Worker
+from moecpt.train.checkpoint import capture_rng_state
 from moecpt.train.metrics import RoutingAccumulator
 from moecpt.train.parallel import StepStats
 from moecpt.train.reduce import Metric, ReduceType, reduce_metrics
@@ -106,8 +117,6 @@ class DDPSync(DataParallelSync):
 
     def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer, make_optimizer: OptimizerFactory,
               state: dict | None) -> list[Worker]:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
         ids = [self.device.index if self.device.index is not None else self.info.local_rank] \
             if self.device.type == "cuda" else None
         # no buffer broadcast in forward (torch >= 2.13 names it forward_sync_buffers; older: broadcast_buffers)
@@ -128,9 +137,6 @@ class DDPSync(DataParallelSync):
 
 def _rank0_state(sync: SyncStrategy, model_state: dict | None, opt_state: dict | None):
     """Add the strategy marker and every rank's RNG state (gathered to rank 0)."""
-    from moecpt.distributed.launch import gather_to_main
-    from moecpt.train.checkpoint import capture_rng_state
-
     rngs = gather_to_main(capture_rng_state())
     if not sync.info.is_main:
         return None, None, None
@@ -145,10 +151,6 @@ class FSDPSync(DataParallelSync):
 
     def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer, make_optimizer: OptimizerFactory,
               state: dict | None) -> list[Worker]:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-
         mesh = init_device_mesh(self.device.type, (self.num_workers,))
         for block in model.blocks:
             fully_shard(block, mesh=mesh)
@@ -179,12 +181,6 @@ class FSDPSync(DataParallelSync):
         super().after_optimizer_step(workers, step, boundary)
 
     def checkpoint_state(self, workers: list[Worker]) -> tuple[dict | None, dict | None, dict | None]:
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_model_state_dict,
-            get_optimizer_state_dict,
-        )
-
         w = workers[0]
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
         model_state = get_model_state_dict(w.model, options=opts)  # full tensors on rank 0, empty elsewhere

@@ -48,9 +48,13 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from moecpt.distributed.accounting import ProcessComm
+from moecpt.distributed.launch import gather_to_main
+from moecpt.distributed.simulate import SimComm, make_replicas
 from moecpt.distributed.strategy import SYNC_KEY, OptimizerFactory, SyncStrategy, Worker
 from moecpt.errors import MoecptError
+from moecpt.lopt import load_pretrained
 from moecpt.lopt.optimizers import OuterOptimizer
+from moecpt.train.checkpoint import capture_rng_state
 
 TorchOptimizerFactory = Callable[[list[Tensor]], torch.optim.Optimizer]
 
@@ -113,8 +117,6 @@ def build_outer_optimizer(name: str, lr: float, momentum: float, workers: int) -
             raise MoecptError("distributed.outer_optimizer='nesterov' needs distributed.outer_momentum > 0")
         return TorchOuter(lambda ps: torch.optim.SGD(ps, lr=lr, momentum=momentum, nesterov=True))
     if name in ("lagg-a", "lopt-a") or name.endswith(".safetensors"):
-        from moecpt.lopt import load_pretrained
-
         return load_pretrained(name, workers=workers)
     raise MoecptError(f"distributed.outer_optimizer={name!r} is unknown; allowed: sgd, nesterov, lagg-a, lopt-a, "
                       "or a learned-optimizer .safetensors file")
@@ -151,8 +153,6 @@ class LocalSGDSync(SyncStrategy):
         self.outer_name = name if outer is None else type(outer).__name__
         self.outer = build_outer_optimizer(name, lr, momentum, num_workers) if outer is None else _as_outer(outer)
         if local_workers > 1 or not info.distributed:
-            from moecpt.distributed.simulate import SimComm
-
             self.comm = SimComm(self.acct)
         else:
             self.comm = ProcessComm(self.acct)
@@ -179,8 +179,6 @@ class LocalSGDSync(SyncStrategy):
                     f"{self.num_workers} of sync={self.kind!r}; resume with the same number of workers "
                     f"(torchrun --nproc-per-node {k}, or --simulate-workers {k})")
         if self.local_workers > 1:
-            from moecpt.distributed.simulate import make_replicas
-
             pairs = make_replicas(model, optimizer, make_optimizer, self.local_workers)
             workers = [Worker(i, m, m, o) for i, (m, o) in enumerate(pairs)]
         else:
@@ -240,9 +238,6 @@ class LocalSGDSync(SyncStrategy):
     def checkpoint_state(self, workers: list[Worker]) -> tuple[dict | None, dict | None, dict | None]:
         """θ (every worker holds it: checkpoints fall on round boundaries), worker 0's inner optimizer state as the
         ordinary optimizer state, and under ``moecpt_sync`` the outer state and every other worker's inner state."""
-        from moecpt.distributed.launch import gather_to_main
-        from moecpt.train.checkpoint import capture_rng_state
-
         if self.local_workers > 1 or not self.info.distributed:
             inner = [w.optimizer.state_dict() for w in workers]
             rngs = [capture_rng_state()]

@@ -17,6 +17,9 @@ import torch
 
 from moecpt.config import Recipe, SyncKind
 from moecpt.distributed import launch
+from moecpt.distributed.ddp import DDPSync, FSDPSync
+from moecpt.distributed.local_sgd import LocalSGDSync
+from moecpt.distributed.simulate import SimulatedDDPSync
 from moecpt.distributed.strategy import LOCAL_SYNCS, SyncStrategy
 from moecpt.errors import MoecptError
 from moecpt.train.parallel import DistInfo, SingleProcess
@@ -85,20 +88,12 @@ def build_sync(recipe: Recipe, info: DistInfo, device: torch.device, simulate_wo
     workers = simulate_workers or info.world_size
     local_workers = simulate_workers or 1
     if local:
-        from moecpt.distributed.local_sgd import LocalSGDSync
-
         sync: SyncStrategy = LocalSGDSync(recipe, info, workers, local_workers, device, outer=outer_optimizer)
     elif simulate_workers is not None:
-        from moecpt.distributed.simulate import SimulatedDDPSync
-
         sync = SimulatedDDPSync(recipe, info, workers, local_workers, device)
     elif info.distributed and kind == SyncKind.DDP:
-        from moecpt.distributed.ddp import DDPSync
-
         sync = DDPSync(recipe, info, workers, 1, device)
     elif info.distributed and kind == SyncKind.FSDP:
-        from moecpt.distributed.ddp import FSDPSync
-
         sync = FSDPSync(recipe, info, workers, 1, device)
     else:
         sync = SyncStrategy(recipe, info, 1, 1, device)

@@ -26,6 +26,7 @@ from torch import nn
 from moecpt.distributed.accounting import Comm, allgather_bytes, allreduce_bytes
 from moecpt.distributed.ddp import DataParallelSync
 from moecpt.distributed.strategy import SYNC_KEY, OptimizerFactory, Worker
+from moecpt.train.checkpoint import capture_rng_state
 
 
 class SimComm(Comm):
@@ -89,8 +90,6 @@ class SimulatedDDPSync(DataParallelSync):
                 pos += p.numel()
 
     def checkpoint_state(self, workers: list[Worker]) -> tuple[dict | None, dict | None, dict | None]:
-        from moecpt.train.checkpoint import capture_rng_state
-
         opt = dict(workers[0].optimizer.state_dict())
         opt[SYNC_KEY] = {"kind": self.kind, "workers": self.num_workers}
         return workers[0].model.state_dict(), opt, capture_rng_state()

@@ -14,6 +14,7 @@ Strategies: :class:`SyncStrategy` (one process, no communication), ``ddp.DDPSync
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
@@ -21,7 +22,13 @@ import torch
 from moecpt.config import Recipe
 from moecpt.distributed.accounting import CommAccountant, LinkEmulator
 from moecpt.train.parallel import (  # noqa: F401  (re-exported: the strategies' shared names)
-    LOCAL_SYNCS, SYNC_KEY, DistInfo, OptimizerFactory, SingleSync, Worker, build_worker_optimizer,
+    LOCAL_SYNCS,
+    SYNC_KEY,
+    DistInfo,
+    OptimizerFactory,
+    SingleSync,
+    Worker,
+    build_worker_optimizer,
 )
 
 
@@ -40,8 +47,6 @@ class SyncStrategy(SingleSync):
         self._step_comm0 = 0.0
 
     def begin_step(self) -> None:
-        import time
-
         self._step_t0 = time.perf_counter()
         self._step_comm0 = self.acct.comm_time_s
 
@@ -51,8 +56,6 @@ class SyncStrategy(SingleSync):
         self._end_step()
 
     def _end_step(self) -> None:
-        import time
-
         self.acct.add_step(time.perf_counter() - self._step_t0, self.acct.comm_time_s - self._step_comm0)
 
     def meta(self) -> dict[str, Any]:

@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 
+from moecpt.interop.families import FAMILIES
+from moecpt.interop.hf_export import export_hf
+from moecpt.interop.hf_import import import_hf, write_error
+
 
 def _one_line_os_errors(run, args: argparse.Namespace) -> int:
     """Run ``run(args)``; an ``OSError`` left over (the writers turn theirs into one line already, so this is
     mostly a failed read of an input) becomes a one-line ``MoecptError``, not a traceback."""
-    from moecpt.interop.hf_import import write_error
-
     try:
         return run(args)
     except OSError as exc:
@@ -19,8 +21,6 @@ def _one_line_os_errors(run, args: argparse.Namespace) -> int:
 
 def register(subparsers) -> None:
     """Add ``import-hf`` and ``export-hf`` to the top-level ``moecpt`` parser."""
-    from moecpt.interop.families import FAMILIES  # config-level imports only (no torch)
-
     p = subparsers.add_parser(
         "import-hf", help="convert a local Hugging Face MoE folder into a moecpt checkpoint",
         description="Convert a local Hugging Face folder (config.json, safetensors shards, tokenizer.json) of the "
@@ -55,8 +55,6 @@ def register(subparsers) -> None:
 
 
 def _import(args: argparse.Namespace) -> int:
-    from moecpt.interop.hf_import import import_hf
-
     s = import_hf(args.path, args.out, dtype=args.dtype, allow_missing_tokenizer=args.allow_missing_tokenizer)
     if args.json:
         print(json.dumps(s, indent=2))
@@ -69,8 +67,6 @@ def _import(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from moecpt.interop.hf_export import export_hf
-
     s = export_hf(args.checkpoint, args.out, family=args.family, dtype=args.dtype,
                   max_shard_size=args.max_shard_size)
     if args.json:

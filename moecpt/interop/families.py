@@ -46,17 +46,11 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, ClassVar
 
-from moecpt.config import (
-    FFNKind,
-    ModelConfig,
-    MoELayout,
-    QKNorm,
-    RouterConfig,
-    RouterKind,
-    ScoreFn,
-    build_section,
-)
+import torch
+
+from moecpt.config import FFNKind, ModelConfig, MoELayout, QKNorm, RouterConfig, RouterKind, ScoreFn, build_section
 from moecpt.errors import MoecptError
+from moecpt.model.transformer import build_model
 
 #: transformers ``hidden_act`` names -> moecpt FFN kind (``gelu_pytorch_tanh`` is moecpt's tanh-GELU GEGLU).
 _ACT_TO_FFN = {"silu": FFNKind.SWIGLU, "swish": FFNKind.SWIGLU, "gelu_pytorch_tanh": FFNKind.GEGLU}
@@ -351,8 +345,6 @@ class Family:
             fused: layer index -> the checkpoint stores that layer's experts stacked (transformers >= 5 names
                 ``experts.gate_up_proj`` / ``experts.down_proj``) instead of one tensor per expert.
         """
-        from moecpt.model.transformer import build_model
-
         shapes = {k: tuple(v.shape) for k, v in build_model(cfg, "meta").state_dict().items()}
         pieces: list[Piece] = []
 
@@ -579,8 +571,6 @@ class Qwen2MoE(_Qwen):
         added so that the function stays exactly the same: zero biases; without a shared expert, a width-1 one
         whose down projection is zero (it adds exactly 0); without the gate, a zero gate (sigmoid(0) = 1/2) and the
         shared down projection doubled (both factors are powers of two, so the product is bit-exact)."""
-        import torch
-
         moe = cfg.moe
         assert moe is not None
         synth: dict[str, Callable] = {}
@@ -697,8 +687,6 @@ class _DeepSeekRouted(Family):
         """These families always have selection biases and a shared expert. A sigmoid router of another kind gets
         zero biases (the same selection; re-imported it is a ``bias`` router); a model without shared expert gets
         one of the expert width whose projections are zero (it adds exactly 0)."""
-        import torch
-
         moe = cfg.moe
         synth: dict[str, Callable] = {}
         notes: list[str] = []

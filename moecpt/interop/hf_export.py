@@ -15,6 +15,7 @@ output marker (``.moecpt-output.json``, :func:`moecpt.storage.outputs.write_mark
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -22,7 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tokenizers import Tokenizer
 
+from moecpt.config import ModelConfig, build_section
+from moecpt.data.tokenizer import eod_id_of
 from moecpt.errors import MoecptError
 from moecpt.interop.families import choose_family, extract
 from moecpt.interop.hf_import import (
@@ -34,6 +40,9 @@ from moecpt.interop.hf_import import (
     resolve_dtype,
     write_error,
 )
+from moecpt.storage.atomic import apply_umask, dumps_json, fsync_file, publish_dir, temp_name
+from moecpt.storage.outputs import check_new_output, check_outside_inputs, write_marker
+from moecpt.train.checkpoint import load_checkpoint
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)?\s*$", re.IGNORECASE)
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -64,8 +73,6 @@ def _tokenizer_dir(ck_path: Path) -> Path | None:
 def _import_origin(ck) -> tuple[dict, Path | None]:
     """``(imported_from, hf side-file folder)`` of a checkpoint: its own, or that of the nearest ancestor in its CPT
     lineage that was imported (so a CPT of an imported model keeps the original token ids and tokenizer files)."""
-    import json
-
     meta, path = ck.meta, ck.path
     for _ in range(32):
         if meta.get("imported_from"):
@@ -103,11 +110,6 @@ def export_hf(ckpt: str | Path, out: str | Path, *, family: str = "auto", dtype:
             place for; writing fails (read-only file system, permission denied, disk full: one line naming the
             path). Nothing is left under ``out`` on failure.
     """
-    from moecpt.config import ModelConfig, build_section
-    from moecpt.storage.atomic import dumps_json, publish_dir, temp_name
-    from moecpt.storage.outputs import check_new_output, check_outside_inputs, write_marker
-    from moecpt.train.checkpoint import load_checkpoint
-
     out = check_new_output(out, [ckpt])
     limit = parse_size(max_shard_size)
     ck = load_checkpoint(ckpt)
@@ -168,8 +170,6 @@ def _target_dtype(src_file: Path, aliases: dict[str, str], pieces: list, fam_nam
     Raises:
         MoecptError: a checkpoint tensor no piece of family ``fam_name`` uses (it would be dropped).
     """
-    from safetensors import safe_open
-
     with safe_open(str(src_file), framework="pt", device="cpu") as f:
         stored = {name: f.get_slice(name).get_dtype() for name in f.keys()}  # noqa: SIM118
     used = {aliases.get(pc.dst, pc.dst) for pc in pieces}
@@ -186,10 +186,6 @@ def _eod_from_tokenizer(tok_dir: Path | None, hf_cfg: dict[str, Any]) -> str | N
     ``hf_cfg["eos_token_id"]`` to its id and return the token's text; else ``None`` (``hf_cfg`` untouched)."""
     eod_token = None
     if tok_dir is not None and "eos_token_id" not in hf_cfg:
-        from tokenizers import Tokenizer
-
-        from moecpt.data.tokenizer import eod_id_of
-
         tok = Tokenizer.from_file(str(tok_dir / TOKENIZER_FILE))
         try:
             eod = eod_id_of(tok)
@@ -205,11 +201,6 @@ def _write_shards(staging: Path, pieces: list, synth: dict, src_file: Path, alia
     """Stream the family's ``pieces`` from ``src_file`` into ``staging`` as safetensors shards of at most ``limit``
     bytes in dtype ``target`` (one shard: ``model.safetensors``; more: numbered shards plus the index file), and
     return the shard file names in order."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    from moecpt.storage.atomic import apply_umask, dumps_json, fsync_file
-
     parts: list[tuple[Path, list[str]]] = []
     total = 0
     cache: dict[str, torch.Tensor] = {}
@@ -265,8 +256,6 @@ def _copy_tokenizer_files(staging: Path, tok_dir: Path, side_dir: Path | None, m
     """Copy ``tokenizer.json`` from ``tok_dir`` and the HF side files found in ``side_dir`` into ``staging``; write
     a minimal ``tokenizer_config.json`` (``model_max_length`` = ``max_seq_len``, ``eos_token`` = ``eod_token`` if
     known) when the side files brought none."""
-    from moecpt.storage.atomic import dumps_json
-
     shutil.copyfile(tok_dir / TOKENIZER_FILE, staging / TOKENIZER_FILE)
     for n in SIDE_FILES:
         if side_dir is not None and (side_dir / n).is_file():

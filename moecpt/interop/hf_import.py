@@ -32,9 +32,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from tokenizers import Tokenizer
 
+from moecpt.data.tokenizer import ensure_eod, sha256_bytes, tokenizer_bytes
 from moecpt.errors import MoecptError
 from moecpt.interop.families import Family, Piece, family_of, place
+from moecpt.model.transformer import build_model, rope_cos_sin
+from moecpt.storage.atomic import fsync_dir, publish_dir, temp_name, write_bytes_atomic
+from moecpt.storage.outputs import check_new_output, os_error_line, write_marker
+from moecpt.train.checkpoint import save_checkpoint
 
 INDEX_FILE = "model.safetensors.index.json"
 TOKENIZER_FILE = "tokenizer.json"
@@ -61,8 +68,6 @@ def write_error(exc: BaseException, out: str | Path) -> MoecptError | None:
     folder ``out.tmp-*``): an ``OSError``, or a ``SafetensorError`` wrapping one (safetensors reports a full disk as
     ``I/O error: ... (os error 28)``). An ``OSError`` naming a path elsewhere is a failed read of an input.
     Returns ``None`` when ``exc`` is something else (a bug: it keeps its traceback)."""
-    from moecpt.storage.outputs import os_error_line
-
     if isinstance(exc, OSError):
         where = exc.filename
         mine = str(Path(out).expanduser().resolve(strict=False))  # ``out`` and ``out.tmp-*`` beside it
@@ -170,8 +175,6 @@ def open_hf_folder(path: str | Path) -> HFFolder:
                 if missing:
                     raise MoecptError(f"shard(s) {', '.join(missing[:3])} of {p} are missing; download them")
 
-    from safetensors import safe_open
-
     headers: dict[str, tuple[str, tuple[int, ...]]] = {}
     weight_map: dict[str, Path] = {}
     for shard in shards:
@@ -246,10 +249,6 @@ def read_state(folder: HFFolder, cfg, pieces: list[Piece], dtype: torch.dtype) -
 
     Tied embeddings: ``lm_head.weight`` is the same tensor as ``tok_emb.weight``.
     """
-    from safetensors import safe_open
-
-    from moecpt.model.transformer import build_model
-
     shapes = {k: tuple(v.shape) for k, v in build_model(cfg, "meta").state_dict().items()}
     state = {name: torch.empty(shapes[name], dtype=dtype) for name in dict.fromkeys(pc.dst for pc in pieces)}
     by_shard: dict[Path, list[Piece]] = {}
@@ -286,8 +285,6 @@ def canonical_tokenizer(folder: Path, vocab_size: int, allow_missing: bool = Fal
         MoecptError: no tokenizer.json (unless ``allow_missing``), an unreadable one, or one with more tokens
             than the model's vocabulary.
     """
-    from moecpt.data.tokenizer import ensure_eod, tokenizer_bytes
-
     f = folder / TOKENIZER_FILE
     if not f.is_file():
         if allow_missing:
@@ -298,7 +295,6 @@ def canonical_tokenizer(folder: Path, vocab_size: int, allow_missing: bool = Fal
                     "(AutoTokenizer.from_pretrained(PATH).save_pretrained(PATH))")
         raise MoecptError(f"{folder} has no {TOKENIZER_FILE}{hint}; add the model's tokenizer, or pass "
                           "--allow-missing-tokenizer")
-    from tokenizers import Tokenizer
 
     try:
         tok = Tokenizer.from_file(str(f))
@@ -334,11 +330,6 @@ def import_hf(path: str | Path, out: str | Path, *, dtype: str | torch.dtype | N
             created; writing fails (read-only file system, permission denied, disk full: one line naming the
             path). Nothing is left under ``out`` on failure.
     """
-    from moecpt.data.tokenizer import sha256_bytes
-    from moecpt.storage.atomic import fsync_dir, publish_dir, temp_name, write_bytes_atomic
-    from moecpt.storage.outputs import check_new_output, write_marker
-    from moecpt.train.checkpoint import save_checkpoint
-
     out = check_new_output(out, [path])
     folder = open_hf_folder(path)
     cfg, notes, pieces = plan_import(folder)
@@ -406,8 +397,6 @@ def load_hf_model(path: str | Path, device: str | torch.device = "cpu", dtype: t
     Raises:
         MoecptError: as :func:`import_hf` (the tokenizer is not needed).
     """
-    from moecpt.model.transformer import build_model, rope_cos_sin
-
     folder = open_hf_folder(path)
     cfg, notes, pieces = plan_import(folder)
     state = read_state(folder, cfg, pieces, dtype)

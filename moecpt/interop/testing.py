@@ -8,11 +8,16 @@ wrong transpose, a missing norm or a swapped gate/up half shows in the logits), 
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
+
+from moecpt.data.tokenizer import train_bpe
+from moecpt.interop.families import FAMILIES
 
 #: vocabulary of the tiny models (the tiny tokenizer has exactly this many tokens; id 0 is <|endoftext|>)
 VOCAB = 300
@@ -83,8 +88,6 @@ def synthetic_texts(seed: int, n_docs: int, words: int = 60, alphabet: str = "ae
 
 def tiny_tokenizer(vocab_size: int = VOCAB, seed: int = 0):
     """A byte-level BPE (``tokenizers.Tokenizer``) with exactly ``vocab_size`` tokens, ``<|endoftext|>`` = id 0."""
-    from moecpt.data.tokenizer import train_bpe
-
     texts = synthetic_texts(seed, 200) + synthetic_texts(seed + 1, 200, alphabet="aeiofhjvwxyz")
     tok = train_bpe(texts, vocab_size)
     assert tok.get_vocab_size(with_added_tokens=True) == vocab_size
@@ -117,12 +120,6 @@ def write_synthetic_hf(family: str, folder: str | Path, cfg, max_shard_bytes: in
     Returns:
         ``{"model_bytes": ..., "max_shard_bytes": ..., "shards": ...}`` (bytes of tensor data).
     """
-    import json
-
-    from safetensors.torch import save_file
-
-    from moecpt.interop.families import FAMILIES
-
     fam = FAMILIES[family]
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,13 @@ import argparse
 import json
 import math
 
+import torch
+
 from moecpt.errors import MoecptError
+from moecpt.lopt.bench import BenchConfig, format_table
+from moecpt.lopt.bench import run_bench as _run
+from moecpt.lopt.meta_train import MetaTrainConfig, meta_train
+from moecpt.lopt.tasks import BENCH_TASKS, META_TRAIN_TASK, TASKS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -65,7 +71,6 @@ def _threads(n: int | None) -> None:
         return
     if n < 1:
         raise MoecptError(f"--threads {n} must be a whole number >= 1")
-    import torch
 
     torch.set_num_threads(n)
 
@@ -80,8 +85,6 @@ def _max_seconds(minutes: float | None) -> float | None:
 
 
 def run_meta_train(args: argparse.Namespace) -> int:
-    from moecpt.lopt.meta_train import MetaTrainConfig, meta_train
-
     max_s = _max_seconds(args.max_minutes)
     cfg = MetaTrainConfig(
         kind=args.kind, workers=args.workers, tasks=tuple(t.strip() for t in args.task.split(",") if t.strip()),
@@ -96,9 +99,6 @@ def run_meta_train(args: argparse.Namespace) -> int:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    from moecpt.lopt.bench import BenchConfig, format_table
-    from moecpt.lopt.bench import run_bench as _run
-
     cfg = BenchConfig.make(quick=args.quick, tasks=args.tasks, local_steps=args.local_steps, rounds=args.rounds,
                            seeds=args.seeds, lagg=args.lagg, lopt=args.lopt, methods=args.methods)
     _threads(args.threads)
@@ -111,8 +111,6 @@ def run_bench(args: argparse.Namespace) -> int:
 
 
 def run_tasks(args: argparse.Namespace) -> int:
-    from moecpt.lopt.tasks import BENCH_TASKS, META_TRAIN_TASK, TASKS
-
     for name in TASKS:
         tag = " (default meta-training task)" if name == META_TRAIN_TASK else (
             " (benchmark, held out)" if name in BENCH_TASKS else "")

@@ -5,6 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 
+from moecpt.config import load_recipe, recipe_from_dict
+from moecpt.data.prepared import PreparedData
+from moecpt.errors import MoecptError
+from moecpt.model.flops import model_stats
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("inspect", help="parameters and FLOPs per token of a model preset or recipe")
@@ -18,10 +23,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from moecpt.config import load_recipe, recipe_from_dict
-    from moecpt.errors import MoecptError
-    from moecpt.model.flops import model_stats
-
     if args.vocab_size is not None and args.vocab_size < 2:
         raise MoecptError(f"--vocab-size {args.vocab_size} must be a whole number >= 2 (the tokenizer's vocabulary)")
     if args.preset:
@@ -36,8 +37,6 @@ def run(args: argparse.Namespace) -> int:
                           "to change it")
     if cfg.vocab_size is None:
         if args.vocab_size is None:
-            from moecpt.data.prepared import PreparedData
-
             try:
                 vocab = PreparedData.open(recipe.data.path).vocab_size
             except MoecptError:

@@ -15,6 +15,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol
 
+from tqdm import tqdm
+
 
 @dataclass
 class StepResult:
@@ -157,8 +159,6 @@ class ProgressBar(CallbackBase):
         self.bar = None
 
     def on_run_start(self, info: RunInfo) -> None:
-        from tqdm import tqdm
-
         print(start_line(info, self.params), file=sys.stderr)
         self.bar = tqdm(total=info.end_step, initial=info.start_step, desc=f"{info.mode} {info.name}", unit="step",
                         leave=False)

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import argparse
 
+from tokenizers import Tokenizer
+
 from moecpt.argtypes import positive_int
+from moecpt.errors import MoecptError
+from moecpt.train.checkpoint import load_checkpoint, load_model, run_tokenizer_path
+from moecpt.train.generate import sample
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -19,12 +24,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from tokenizers import Tokenizer
-
-    from moecpt.errors import MoecptError
-    from moecpt.train.checkpoint import load_checkpoint, load_model, run_tokenizer_path
-    from moecpt.train.generate import sample
-
     ck = load_checkpoint(args.checkpoint)
     tok = Tokenizer.from_file(str(run_tokenizer_path(ck)))
     model = load_model(ck.path)

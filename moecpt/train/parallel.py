@@ -22,10 +22,13 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from moecpt.config import Recipe, SyncKind
 from moecpt.errors import MoecptError
+from moecpt.train.checkpoint import capture_rng_state
+from moecpt.train.optim import build_optimizer, param_groups
 from moecpt.train.reduce import Metric
 
 #: key of the strategy's own state inside the checkpoint's optimizer state (torch ignores unknown keys there, so a
@@ -79,8 +82,6 @@ def build_worker_optimizer(model: nn.Module, recipe: Recipe, device: torch.devic
     """The per-worker (inner) optimizer: AdamW from ``[optim]``, or plain SGD (no momentum, the same decay groups,
     L2 weight decay ``optim.weight_decay``) with ``distributed.inner_optimizer = "sgd"``. The LR is set every step
     from the schedule."""
-    from moecpt.train.optim import build_optimizer, param_groups
-
     if recipe.distributed.inner_optimizer == "sgd":
         return torch.optim.SGD(param_groups(model, recipe.optim.weight_decay), lr=recipe.optim.lr, momentum=0.0)
     return build_optimizer(model, recipe.optim, device)
@@ -185,8 +186,6 @@ class SingleSync:
     # ------------------------------------------------------------------------------------------ checkpoints
     def checkpoint_state(self, workers: list[Worker]) -> tuple[dict | None, dict | None, dict | None]:
         """``(model_state, optimizer_state, rng_state)`` to save on rank 0 (None elsewhere). A collective."""
-        from moecpt.train.checkpoint import capture_rng_state
-
         w = workers[0]
         return w.model.state_dict(), w.optimizer.state_dict(), capture_rng_state()
 
@@ -223,8 +222,6 @@ class SingleProcess:
     def info(self) -> DistInfo:
         """Where this process stands (rank 0 of 1). Refuses a process group of several ranks: each would write the
         same run folder."""
-        import torch.distributed as dist
-
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             raise MoecptError("a torch.distributed process group of several ranks is running, but the Trainer got "
                               "the single-process runtime; pass parallel=moecpt.distributed.runtime.Distributed()")

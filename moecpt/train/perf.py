@@ -22,6 +22,7 @@ process's peak resident set size (``resource.getrusage``) on CPU; it is reduced 
 from __future__ import annotations
 
 import functools
+import sys
 import time
 
 import torch
@@ -92,7 +93,6 @@ def peak_memory_bytes(device: torch.device) -> int | None:
         return None
     try:
         import resource
-        import sys
     except ImportError:  # Windows
         return None
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

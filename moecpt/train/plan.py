@@ -24,6 +24,7 @@ import statistics
 from typing import Any
 
 from moecpt.config import ModelConfig, Recipe, SyncKind
+from moecpt.train.perf import mfu
 
 
 def memory_plan(recipe: Recipe, model_cfg: ModelConfig, total_params: int, micro: int, workers: int,
@@ -55,8 +56,6 @@ def run_plan(recipe: Recipe, stats: dict[str, Any], memory: dict[str, int], star
         peak_flops: one device's peak FLOP/s (:mod:`moecpt.train.perf`), None when unknown.
         devices: devices of the job (its ranks).
     """
-    from moecpt.train.perf import mfu
-
     tcfg = recipe.train
     tokens_per_step = tcfg.batch_size * recipe.data.seq_len
     timed = step_times_s[1:] if len(step_times_s) > 1 else step_times_s

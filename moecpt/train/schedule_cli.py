@@ -13,8 +13,13 @@ import argparse
 import io
 from pathlib import Path
 
+from moecpt._version import __version__
 from moecpt.argtypes import positive_int
+from moecpt.config import load_recipe
 from moecpt.errors import MoecptError
+from moecpt.storage.atomic import write_bytes_atomic
+from moecpt.storage.outputs import check_file_output, os_error_line
+from moecpt.train.schedules import anneal_start_step, run_end_step, schedule_phases, schedule_table
 
 #: the bytes that identify a figure written by ``moecpt schedule`` (in its metadata); not merely the command's
 #: name, which any note or shell script about moecpt may contain
@@ -47,8 +52,6 @@ _PHASE_COLORS = {
 
 def _metadata(fmt: str) -> dict[str, str]:
     """Matplotlib ``savefig`` metadata naming moecpt (the key each format keeps near its start)."""
-    from moecpt._version import __version__
-
     value = f"{SIGNATURE.decode()}, moecpt {__version__}"
     return {"png": {"Software": value}, "pdf": {"Creator": value}, "svg": {"Creator": value}}[fmt]
 
@@ -61,11 +64,6 @@ def func(args: argparse.Namespace) -> int:
             not write (it is left alone), or cannot be written (read-only, permission denied, disk full); a bad
             recipe or ``--steps``.
     """
-    from moecpt.config import load_recipe
-    from moecpt.storage.atomic import write_bytes_atomic
-    from moecpt.storage.outputs import check_file_output, os_error_line
-    from moecpt.train.schedules import anneal_start_step, run_end_step, schedule_phases, schedule_table
-
     fmt = Path(args.out).suffix.lower().lstrip(".")
     if fmt not in ("png", "pdf", "svg"):
         raise MoecptError(f"--out {args.out!r} must end in .png, .pdf or .svg")

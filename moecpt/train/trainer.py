@@ -30,6 +30,7 @@ import contextlib
 import hashlib
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,19 +38,28 @@ from typing import Any
 
 import torch
 
-from moecpt.config import Recipe, SyncKind, identity_json
+from moecpt.config import ModelConfig, Recipe, SyncKind, build_section, dotted_keys, identity_json
+from moecpt.data.mixture import MixtureSampler, val_batches
+from moecpt.data.prepared import PreparedData
 from moecpt.errors import MoecptError
+from moecpt.model.flops import model_stats
 from moecpt.model.transformer import Transformer, build_model
+from moecpt.storage.atomic import write_bytes_atomic, write_json_atomic
 from moecpt.storage.lock import FolderLock
-from moecpt.train.host_memory import retain_freed_memory
-from moecpt.train.compile import check_compile_backend, compile_module
-from moecpt.train.loss import cross_entropy
+from moecpt.storage.outputs import check_claimable, check_outside_inputs, check_writable_parent, claim_folder
+from moecpt.storage.preflight import CHECKPOINT_BYTES_PER_PARAM, check_free_disk, check_memory, training_memory_bytes
 from moecpt.train.callbacks import CallbackList, ProgressKind, RunInfo, StepResult, progress_callbacks
-from moecpt.train.metrics import JsonlSink, RoutingAccumulator, check_sink_packages
+from moecpt.train.checkpoint import CheckpointManager, load_checkpoint, restore_rng_state
+from moecpt.train.compile import check_compile_backend, compile_module
+from moecpt.train.host_memory import retain_freed_memory
+from moecpt.train.loss import cross_entropy
+from moecpt.train.metrics import JsonlSink, RoutingAccumulator, TensorBoardSink, WandbSink, check_sink_packages
 from moecpt.train.parallel import SYNC_KEY, SingleProcess, StepStats, build_worker_optimizer
 from moecpt.train.perf import device_peak_flops, mfu, step_memory_metrics
-from moecpt.train.reduce import Metric, ReduceType
+from moecpt.train.plan import memory_plan, run_plan
 from moecpt.train.preemption import Preempted, PreemptionWatcher, signal_name
+from moecpt.train.reduce import Metric, ReduceType
+from moecpt.train.schedules import anneal_start_step, lr_at, run_end_step
 
 RUN_FILE = "run.json"
 CONFIG_FILE = "config.json"  # the resolved configuration of the latest start
@@ -170,9 +180,6 @@ class Trainer:
                  show_progress: bool | ProgressKind = True, simulate_workers: int | None = None,
                  outer_optimizer: Any = None, callbacks: list[Any] | None = None, parallel: Any = None,
                  dry_run: bool = False):
-        from moecpt.data.prepared import PreparedData
-        from moecpt.train.checkpoint import CheckpointManager, load_checkpoint
-
         self.recipe = recipe
         self.out_dir = Path(out_dir)
         self.parallel = parallel if parallel is not None else SingleProcess()
@@ -226,8 +233,6 @@ class Trainer:
     def _resolve_model_config(self):
         cfg = self.recipe.model
         if self.parent is not None:
-            from moecpt.config import ModelConfig, build_section
-
             raw = self.parent.meta.get("model_config")
             if not isinstance(raw, dict):
                 raise MoecptError(f"--from {str(self.parent.path)!r} has no model_config in its meta.json; "
@@ -283,17 +288,12 @@ class Trainer:
         self._make_evals()
 
     def _make_sampler(self):
-        from moecpt.data.mixture import MixtureSampler
-        from moecpt.train.schedules import run_end_step
-
         r, tcfg = self.recipe, self.recipe.train
         return MixtureSampler(self.data, r.data.mixture, r.data.seq_len, tcfg.batch_size, seed=tcfg.seed,
                               rank=self.dist.rank, world_size=self.dist.world_size, allow_repeat=r.data.allow_repeat,
                               total_steps=run_end_step(r.schedule, tcfg.steps))
 
     def _make_evals(self) -> dict[str, list[torch.Tensor]]:
-        from moecpt.data.mixture import val_batches
-
         r, tcfg = self.recipe, self.recipe.train
         eval_sources = r.data.eval_sources or self.data.source_names
         # a fixed layout: train.eval_batches batches of train.batch_size windows, whatever the micro-batching (the
@@ -302,8 +302,6 @@ class Trainer:
                 for s in eval_sources}
 
     def _milestones(self) -> list[int]:
-        from moecpt.train.schedules import anneal_start_step
-
         steps = list(self.recipe.train.extra_checkpoints)
         a = anneal_start_step(self.recipe.schedule, self.recipe.train.steps)
         if a is not None:
@@ -321,12 +319,6 @@ class Trainer:
     def _preflight(self) -> None:
         """Fail in one line before anything is written: free disk for one checkpoint, memory for training, and
         (on the first start) a writable --out."""
-        from moecpt.model.flops import model_stats
-        from moecpt.storage.outputs import check_outside_inputs, check_writable_parent
-        from moecpt.storage.preflight import (
-            CHECKPOINT_BYTES_PER_PARAM, check_free_disk, check_memory, training_memory_bytes,
-        )
-
         check_outside_inputs(self.out_dir, self._inputs())
         if not (self.out_dir / RUN_FILE).exists():
             check_writable_parent(self.out_dir)
@@ -345,9 +337,6 @@ class Trainer:
         check_free_disk(self.out_dir, CHECKPOINT_BYTES_PER_PARAM * params * workers, "one checkpoint of this run")
 
     def _claim_run_folder(self) -> None:
-        from moecpt.storage.atomic import write_json_atomic
-        from moecpt.storage.outputs import claim_folder
-
         run_file = self.out_dir / RUN_FILE
         fp = _fingerprint(self.identity)
         self._check_identity(run_file, fp)  # a refused run changes nothing in the folder, not even the lock note
@@ -364,8 +353,6 @@ class Trainer:
 
     def _check_claimable(self) -> None:
         """:meth:`_claim_run_folder`'s refusals, writing nothing (a dry run)."""
-        from moecpt.storage.outputs import check_claimable
-
         self._check_identity(self.out_dir / RUN_FILE, _fingerprint(self.identity))
         check_claimable(self.out_dir, "train", self._inputs(), legacy=lambda d: (d / RUN_FILE).is_file())
 
@@ -379,8 +366,6 @@ class Trainer:
     def compact_config(self) -> str:
         """One line of the resolved configuration's keys that differ from their defaults (``train.steps=40 ...``;
         the model's as resolved, e.g. a CPT parent's), for the start of a run; the full one is ``RUN/config.json``."""
-        from moecpt.config import dotted_keys
-
         raw = self.recipe.model_dump(mode="json", exclude_defaults=True)
         raw["model"] = self.model_cfg.model_dump(mode="json", exclude_defaults=True)
         return " ".join(f"{k}={json.dumps(v, separators=(',', ':'))}" for k, v in dotted_keys(raw).items())
@@ -406,8 +391,6 @@ class Trainer:
         return True
 
     def _write_identity(self, run_file: Path, fp: str) -> None:
-        from moecpt.storage.atomic import write_bytes_atomic, write_json_atomic
-
         lineage = None
         if self.parent is not None:
             lineage = {"parent_checkpoint": str(self.parent.path), "parent_step": self.parent.step,
@@ -461,8 +444,6 @@ class Trainer:
         Raises:
             MoecptError: ``timed_steps`` below 1, or what the timed steps raise (memory, a non-finite loss).
         """
-        from moecpt.train.plan import memory_plan, run_plan
-
         if timed_steps < 1:
             raise MoecptError(f"timed_steps={timed_steps}; time at least one step")
         found = self.ckpts.all()  # look only
@@ -479,8 +460,6 @@ class Trainer:
 
     def _timed_steps(self, n: int) -> tuple["TrainState", list[float]]:
         """``n`` optimizer steps of a throwaway state (no callbacks, no checkpoint); their wall seconds."""
-        from moecpt.train.schedules import run_end_step
-
         r, tcfg = self.recipe, self.recipe.train
         torch.manual_seed(tcfg.seed)
         model = build_model(self.model_cfg, device=self.device)
@@ -546,9 +525,6 @@ class Trainer:
     def _start_or_resume(self) -> "TrainState":
         """Model, optimizer, sync strategy, sampler and callbacks; the newest intact checkpoint of this run loaded
         (weights, moments, sampler, RNG, counters), or for a new CPT run the parent's weights."""
-        from moecpt.train.checkpoint import load_checkpoint, restore_rng_state
-        from moecpt.train.schedules import run_end_step
-
         r, tcfg = self.recipe, self.recipe.train
         torch.manual_seed(tcfg.seed)
         model = build_model(self.model_cfg, device=self.device)
@@ -588,8 +564,6 @@ class Trainer:
 
     def _callbacks(self, jsonl: JsonlSink, state: "TrainState") -> list[Any]:
         """Rank 0's callbacks: the metric sinks the recipe asks for, then the progress display, then the caller's."""
-        from moecpt.train.metrics import TensorBoardSink, WandbSink
-
         tcfg = self.recipe.train
         cbs: list[Any] = [jsonl]
         if tcfg.tensorboard:
@@ -619,8 +593,6 @@ class Trainer:
 
     def _train_step(self, state: "TrainState") -> StepResult:
         """One optimizer step of every worker (or a skipped non-finite one); advances ``state.step``."""
-        from moecpt.train.schedules import lr_at
-
         r, tcfg, sync, workers = self.recipe, self.recipe.train, state.sync, state.workers
         t0 = time.perf_counter()
         sync.begin_step()
@@ -865,10 +837,6 @@ class Trainer:
         :class:`~moecpt.train.checkpoint.Checkpoint` (None: start from step 0). A damaged one (truncated, bit
         flips, missing file) is named, moved aside to ``step_N.damaged-<time>`` (never deleted) and the next older
         one is tried; each is reported in one line on stderr."""
-        import sys
-
-        from moecpt.train.checkpoint import load_checkpoint
-
         self.ckpts.clean_stale_temp()
         moved = []
         for path in reversed(self.ckpts.step_folders()):
