@@ -152,6 +152,33 @@ def test_study_recipe_validation():
     assert len(plan_stages(study)) == 2 * (3 + 1 + 3 + 6)
 
 
+@pytest.mark.parametrize("override, match", [
+    ("seeds=[true]", "seeds"),  # a bool is not a seed (pydantic's lax mode took it for 1)
+    ("seeds=[1.5]", "seeds"),
+    ("data.shifts=[]", "data.shifts"),  # no shift: a study with no CPT at all
+    ("data.old=[]", "data.old"),
+    ("cpt.replay=[]", "cpt.replay"),
+    ("cpt.schedules=[]", "cpt.schedules"),
+    ("cpt.models=[]", "cpt.models"),
+    ("cpt.cells=[]", "cpt.cells"),
+    ('cpt.cells=[{models=[]}]', "cpt.cells"),
+    ('controls.schedules=["rewarm"]', "controls.schedules"),  # with only inf CPT runs (below)
+])
+def test_study_recipe_refuses_a_study_that_would_silently_do_less(override, match):
+    extra = ['cpt.schedules=["inf"]'] if "controls.schedules" in override else []
+    with pytest.raises(MoecptError, match=match.replace(".", r"\.")):
+        load_study_recipe(SMOKE, [*extra, override])
+
+
+def test_controls_must_name_a_model_with_cpt_runs():
+    only_pb = ['cpt.cells=[{models=["granular-pb"]}]']  # dense and granular-sb are pre-trained, never continued
+    with pytest.raises(MoecptError, match="controls.models names 'dense', which has no CPT runs"):
+        load_study_recipe(SMOKE, [*only_pb, 'controls.models=["dense"]'])
+    assert load_study_recipe(SMOKE, [*only_pb, 'controls.models=["granular-pb"]']).control_cells() == [
+        ("granular-pb", "inf")]
+    assert load_study_recipe(SMOKE, ["controls.models=[]"]).control_cells() == []  # [] = no controls, as documented
+
+
 def test_plan_runs_every_stage_per_seed_with_its_controls():
     study = load_study_recipe(SMOKE, ["seeds=[3, 7]"])
     stages = {s.key: s for s in plan_stages(study)}

@@ -28,7 +28,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Any
 
-from pydantic import Field, model_validator
+from pydantic import Field, StrictInt, model_validator
 
 from moecpt.config import (
     MODEL_PRESETS,
@@ -95,8 +95,10 @@ class OptimizerState(StrEnum):
 
 class StudyData(_Strict):
     path: str = Field("demo", description="prepared data folder, or 'demo'")
-    old: list[str] = Field(default_factory=lambda: ["english"], description="pre-training sources (equal weights)")
-    shifts: list[str] = Field(default_factory=lambda: ["code"], description="new sources, one CPT target each")
+    old: list[str] = Field(default_factory=lambda: ["english"], min_length=1,
+                           description="pre-training sources (equal weights)")
+    shifts: list[str] = Field(default_factory=lambda: ["code"], min_length=1,
+                              description="new sources, one CPT target each")
     seq_len: int = Field(128, ge=2)
     allow_repeat: bool = False
 
@@ -109,10 +111,10 @@ class StudyPhase(_Strict):
 class CPTCells(_Strict):
     """A sub-grid of CPT runs: every combination of the listed values (None = the ``[cpt]`` table's value)."""
 
-    models: list[str] | None = None
-    shifts: list[str] | None = None
-    schedules: list[CPTSchedule] | None = None
-    replay: list[float] | None = None
+    models: list[str] | None = Field(None, min_length=1)
+    shifts: list[str] | None = Field(None, min_length=1)
+    schedules: list[CPTSchedule] | None = Field(None, min_length=1)
+    replay: list[float] | None = Field(None, min_length=1)
 
     @model_validator(mode="after")
     def _check(self) -> "CPTCells":
@@ -128,12 +130,12 @@ def _check_replays(values: list[float], where: str) -> None:
 
 class StudyCPT(_Strict):
     steps: int = Field(ge=1)
-    replay: list[float] = Field(default_factory=lambda: [0.0, 0.3])
-    schedules: list[CPTSchedule] = Field(default_factory=lambda: [CPTSchedule.INF, CPTSchedule.REWARM])
+    replay: list[float] = Field(default_factory=lambda: [0.0, 0.3], min_length=1)
+    schedules: list[CPTSchedule] = Field(default_factory=lambda: [CPTSchedule.INF, CPTSchedule.REWARM], min_length=1)
     rewarm_warmup_fraction: float = Field(0.01, ge=0, le=1)
-    models: list[str] | None = Field(None, description="models to continue; None = all")
+    models: list[str] | None = Field(None, min_length=1, description="models to continue; None = all")
     cells: list[CPTCells] | None = Field(
-        None, description="the CPT runs as a union of sub-grids; None = the full grid models x shifts x schedules x "
+        None, min_length=1, description="the CPT runs as a union of sub-grids; None = the full grid models x shifts x schedules x "
                           "replay")
     inf_optimizer: OptimizerState = Field(OptimizerState.CARRY, description="inf CPT: the parent's AdamW moments")
     rewarm_optimizer: OptimizerState = Field(OptimizerState.FRESH, description="rewarm CPT: the parent's moments")
@@ -171,7 +173,7 @@ class StudyRecipe(_Strict):
     """A whole study (one TOML file: ``recipes/study/*.toml``)."""
 
     name: str = "study"
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1,
+    seeds: list[StrictInt] = Field(default_factory=lambda: [0], min_length=1,
                              description="every stage runs once per seed (initialisation and data order)")
     data: StudyData = Field(default_factory=StudyData)
     models: list[StudyModel]
@@ -208,7 +210,21 @@ class StudyRecipe(_Strict):
         overlap = set(self.data.old) & set(self.data.shifts)
         if overlap:
             raise ValueError(f"sources {sorted(overlap)} are both old and shifted; a shift must be a new source")
+        self._check_controls()
         return self
+
+    def _check_controls(self) -> None:
+        """A control the recipe asks for by name must exist: a listed model or schedule without CPT runs would
+        silently give no control (and so no control-relative finding)."""
+        cells = self.cpt_cells()
+        for m in self.controls.models or []:
+            if all(m != c[0] for c in cells):
+                raise ValueError(f"controls.models names {m!r}, which has no CPT runs (a control continues a model "
+                                 "the study continually pre-trains); add it to the CPT runs or drop it")
+        for sch in self.controls.schedules or []:
+            if all(sch != c[2] for c in cells):
+                raise ValueError(f"controls.schedules names {sch.value!r}, which no CPT run uses; add it to "
+                                 "cpt.schedules / cpt.cells or drop it")
 
     def cpt_cells(self) -> list[tuple[str, str, CPTSchedule, float]]:
         """Every CPT run of one seed as ``(model, shift, schedule, replay)``, in recipe order, without repeats:
