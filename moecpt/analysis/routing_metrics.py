@@ -28,6 +28,7 @@ import math
 import torch
 
 from moecpt.errors import MoecptError
+from moecpt.model.routing import routing_entropy  # the one definition (the training metrics use it too)
 
 __all__ = [
     "tokens_per_expert",
@@ -372,33 +373,6 @@ def coactivation(topk_idx_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------
 # entropies
 # ----------------------------------------------------------------------------------------------------------
-def routing_entropy(probs_TE: torch.Tensor, atol: float = 1e-3) -> float:
-    """Mean per-token entropy of the router distribution, in nats.
-
-    ``H = (1/T) * sum_x -sum_i p_i(x) ln p_i(x)`` with ``0 ln 0 = 0``, computed in float64. In ``[0, ln E]``:
-    0 for one-hot routing, ``ln E`` for a uniform router. Low values mean confident (specialised) routing.
-
-    Args:
-        probs_TE: ``[T, E]`` router probabilities (softmax of the logits), *not* logits. For sigmoid routers
-            normalise the scores first.
-        atol: tolerance on each row summing to 1.
-
-    Raises:
-        MoecptError: not 2-D, empty, negative or non-finite entries, or rows not summing to 1 (logits passed?).
-    """
-    if not isinstance(probs_TE, torch.Tensor) or probs_TE.dim() != 2:
-        shape = tuple(probs_TE.shape) if isinstance(probs_TE, torch.Tensor) else type(probs_TE).__name__
-        raise MoecptError(f"probs_TE must be a 2-D tensor [T, E] of router probabilities, got {shape}")
-    if probs_TE.shape[0] == 0 or probs_TE.shape[1] == 0:
-        raise MoecptError(f"probs_TE is empty (shape {tuple(probs_TE.shape)}); need T >= 1 tokens and E >= 1 experts")
-    p = probs_TE.detach().double()
-    if not bool(torch.isfinite(p).all()) or bool((p < 0).any()):
-        raise MoecptError("probs_TE has negative or non-finite entries; pass softmax probabilities, not logits")
-    if not bool(torch.allclose(p.sum(dim=1), torch.ones_like(p[:, 0]), atol=atol, rtol=0.0)):
-        raise MoecptError("probs_TE rows do not sum to 1; pass softmax probabilities (not logits or top-k gates)")
-    return float((-torch.special.xlogy(p, p).sum(dim=1)).mean())
-
-
 def load_entropy(fractions_E: torch.Tensor, normalized: bool = False) -> float:
     """Entropy of the expert load distribution, in nats.
 

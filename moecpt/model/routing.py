@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moecpt.config import RouterConfig, RouterKind, ScoreFn
+from moecpt.errors import MoecptError
 
 
 # ------------------------------------------------------------------------------------------------ pure functions
@@ -436,11 +437,35 @@ def mri_from_counts(tokens_per_expert_E: torch.Tensor, num_tokens: int) -> float
     return float(tokens_per_expert_E.max().item() / max(num_tokens, 1))
 
 
-def routing_entropy(scores_TE: torch.Tensor) -> float:
-    """Mean per-token entropy of the router distribution, in nats (``scores_TE`` rows renormalised)."""
-    p = scores_TE.float()
-    p = p / p.sum(dim=-1, keepdim=True).clamp_min(1e-20)
-    return float(-(p * torch.log(p.clamp_min(1e-20))).sum(dim=-1).mean())
+def routing_entropy(probs_TE: torch.Tensor, atol: float = 1e-3, normalize: bool = False) -> float:
+    """Mean per-token entropy of the router distribution, in nats: the one definition, used by the training
+    metrics and by :mod:`moecpt.analysis.routing_metrics`.
+
+    ``H = (1/T) * sum_x -sum_i p_i(x) ln p_i(x)`` with ``0 ln 0 = 0``, computed in float64. In ``[0, ln E]``:
+    0 for one-hot routing, ``ln E`` for a uniform router. Low values mean confident (specialised) routing.
+
+    Args:
+        probs_TE: ``[T, E]`` router probabilities (softmax of the logits), *not* logits.
+        atol: tolerance on each row summing to 1.
+        normalize: rows are scores to renormalise first (sigmoid routers' scores, which do not sum to 1).
+
+    Raises:
+        MoecptError: not 2-D, empty, negative or non-finite entries, or (without ``normalize``) rows not summing
+            to 1 (logits passed?).
+    """
+    if not isinstance(probs_TE, torch.Tensor) or probs_TE.dim() != 2:
+        shape = tuple(probs_TE.shape) if isinstance(probs_TE, torch.Tensor) else type(probs_TE).__name__
+        raise MoecptError(f"probs_TE must be a 2-D tensor [T, E] of router probabilities, got {shape}")
+    if probs_TE.shape[0] == 0 or probs_TE.shape[1] == 0:
+        raise MoecptError(f"probs_TE is empty (shape {tuple(probs_TE.shape)}); need T >= 1 tokens and E >= 1 experts")
+    p = probs_TE.detach().double()
+    if not bool(torch.isfinite(p).all()) or bool((p < 0).any()):
+        raise MoecptError("probs_TE has negative or non-finite entries; pass softmax probabilities, not logits")
+    if normalize:
+        p = p / p.sum(dim=1, keepdim=True).clamp_min(1e-300)
+    elif not bool(torch.allclose(p.sum(dim=1), torch.ones_like(p[:, 0]), atol=atol, rtol=0.0)):
+        raise MoecptError("probs_TE rows do not sum to 1; pass softmax probabilities (not logits or top-k gates)")
+    return float((-torch.special.xlogy(p, p).sum(dim=1)).mean())
 
 
 __all__ = [

@@ -56,7 +56,9 @@ class RoutingAccumulator:
                 "lb_loss_weighted": lb * r.aux_weights.get("load_balancing", 0.0),
                 "z_loss": z,
                 "z_loss_weighted": z * r.aux_weights.get("z_loss", 0.0),
-                "routing_entropy": routing_entropy(r.scores_TE.detach()),
+                # a non-finite step is logged (and skipped or stopped by the trainer), not refused here
+                "routing_entropy": (routing_entropy(r.scores_TE.detach(), normalize=True)
+                                    if bool(torch.isfinite(r.scores_TE).all()) else math.nan),
                 "dropped_fraction": float(r.dropped_fraction) if r.dropped_fraction is not None else 0.0,
             }
             if "seq_balance" in r.aux_losses:  # DeepSeek-V3's sequence-wise loss, when its weight is on
