@@ -48,6 +48,7 @@ from moecpt.storage.atomic import write_bytes_atomic, write_json_atomic
 from moecpt.storage.lock import FolderLock
 from moecpt.storage.outputs import check_claimable, check_outside_inputs, check_writable_parent, claim_folder
 from moecpt.storage.preflight import CHECKPOINT_BYTES_PER_PARAM, check_free_disk, check_memory, training_memory_bytes
+from moecpt.train.bias_balance import BiasUpdateHook
 from moecpt.train.callbacks import CallbackList, ProgressKind, RunInfo, StepResult, progress_callbacks
 from moecpt.train.checkpoint import CheckpointManager, load_checkpoint, restore_rng_state
 from moecpt.train.compile import check_compile_backend, compile_module
@@ -146,6 +147,7 @@ class TrainState:
     evals: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     micro: int = 1
     peak_flops: float | None = None  # one device's peak FLOP/s for MFU (moecpt.train.perf); None: unknown
+    bias_hooks: list[Any] = field(default_factory=list)  # one BiasUpdateHook per worker with bias routers
     info: RunInfo | None = None
     callbacks: CallbackList = field(default_factory=lambda: CallbackList([]))
 
@@ -582,6 +584,8 @@ class Trainer:
                                    lambda m: build_worker_optimizer(m, self.recipe, self.device), state.sync_state)
         for w in state.workers:
             w.forward = compile_module(w.module, self.device) if tcfg.compile else w.module
+        hooks = [BiasUpdateHook.attach(w.model, w.optimizer) for w in state.workers]
+        state.bias_hooks = [h for h in hooks if h is not None]
         state.model = state.workers[0].model
         state.evals = self._make_evals()
         state.peak_flops = device_peak_flops(self.device, uses_bf16(self.device, tcfg.dtype))  # after train.threads
@@ -622,10 +626,12 @@ class Trainer:
             self._skip_nonfinite(state, ce_mean, aux_mean, grad_norm)
             return StepResult(step=done, end_step=state.end_step, tokens=state.tokens, loss=ce_mean, lr=lr,
                               step_time_s=time.perf_counter() - t0, skipped=True)
+        for hook in state.bias_hooks:
+            hook.loads = loads  # the optimizer's post-step hook moves the biases (moecpt.train.bias_balance)
         for w in workers:
             w.optimizer.step()
             w.optimizer.zero_grad(set_to_none=True)
-        bias_stats = [self._update_biases(w.model, loads) for w in workers][0]
+        bias_stats = state.bias_hooks[0].stats if state.bias_hooks else {}
         dt = time.perf_counter() - t0
         record = None
         if log:
@@ -768,17 +774,6 @@ class Trainer:
                 group["betas"] = (o.beta1, o.beta2)
                 group["eps"] = o.eps
                 group["weight_decay"] = 0.0 if group.get("name") == "no_decay" else o.weight_decay
-
-    def _update_biases(self, model: Transformer, loads: list[torch.Tensor] | None = None) -> dict[str, float]:
-        """Bias update of every router; ``loads`` (every-step modes) are the counts summed over workers."""
-        stats: dict[str, list[float]] = {}
-        biased = [rt for rt in model.routers() if rt.is_bias_balanced]
-        load_of = {id(rt): load for rt, load in zip(biased, loads or [])}
-        for router in model.routers():
-            for k, v in router.update_bias(load_of.get(id(router))).items():
-                stats.setdefault(k, []).append(v)
-        return {f"{k}_layers": v for k, v in stats.items()} | {
-            f"{k}_mean": sum(v) / len(v) for k, v in stats.items()}
 
     @torch.no_grad()
     def _evaluate(self, state: "TrainState", step: int) -> dict[str, float]:
