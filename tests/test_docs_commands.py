@@ -442,8 +442,8 @@ def run_page(page: str, root: Path, ran: set[tuple[str, str]]) -> list[str]:
         if rc == 0 and c.check:
             try:
                 c.check(output, ws)
-            except AssertionError as exc:
-                rc, output = "0 but its check failed", f"{output}\n{exc}"
+            except (AssertionError, ValueError) as exc:  # ValueError: output that is not the JSON it should be
+                rc, output = "0 but its check failed", f"{output}\n{exc!r}"
         if rc == 0:
             ran.add((page, c.command))
         else:
