@@ -1,8 +1,9 @@
 """Every shell command of README.md and docs/*.md runs as written, shrunk to seconds (issue 17).
 
 The commands are *extracted* from the fenced ``bash`` / ``sh`` / ``console`` blocks of the pages (a command is a
-line starting with ``moecpt``, ``python -m moecpt``, ``./scripts/``, ``torchrun``, ``srun``, ``sbatch`` or
-``lm_eval``; backslash continuations joined, comments dropped), so a command added to the docs later fails
+line starting with ``moecpt``, ``moecpt-lm-eval``, ``python -m moecpt[.module]``, ``./scripts/``, ``torchrun``,
+``srun``, ``sbatch`` or ``lm_eval``, after any leading ``NAME=value`` words, which are kept in the command and set
+in its environment; backslash continuations joined, comments dropped), so a command added to the docs later fails
 :func:`test_every_documented_command_is_mapped` until :data:`COMMANDS` says how to run it. Each entry of
 :data:`COMMANDS` is the command exactly as documented plus how it is shrunk:
 
@@ -10,16 +11,23 @@ line starting with ``moecpt``, ``python -m moecpt``, ``./scripts/``, ``torchrun`
   order, so an appended value wins over the documented one;
 * ``env_append``: the same, for a command the docs start through a script (``./scripts/demo``): the stand-in
   ``.venv`` of the workspace has a ``moecpt`` that appends these;
-* ``setup``: makes the inputs the page assumes the reader has (a corpus, a Hugging Face folder, ``my-cpt.toml``);
+* ``setup``: makes the inputs the page assumes the reader has (a corpus, a Hugging Face folder, ``my-cpt.toml``),
+  or runs a page's own non-moecpt step: docs/eval.md's ``mkdir -p tasks && python make_tasks.py`` line (not a
+  moecpt command, so not extracted) is :func:`local_tasks`, which runs the page's ``python`` block as
+  ``make_tasks.py`` and writes the task YAMLs from its ``yaml`` block and prose;
+* ``env``: what the page exports before the command (docs/eval.md's ``export HF_DATASETS_OFFLINE=1 ...``);
+* ``check``: asserts on a command's output and workspace beyond its exit status (README's ``--dry-run``);
 * ``same_as``: another page documents the identical command, which ran there: it is not run twice;
-* ``cannot_run``: why it cannot run here (several nodes, SLURM); it is then parsed by the real argument parsers
-  (torchrun's and moecpt's, :func:`moecpt.cli.build_parser`) and its ``--set`` values are validated.
+* ``cannot_run``: why it cannot run here (several nodes, SLURM, the Hugging Face Hub); it is then parsed by the
+  real argument parsers (torchrun's and moecpt's, :func:`moecpt.cli.build_parser`) and its ``--set`` values are
+  validated.
 
 Each page's commands run in the order of :data:`COMMANDS` in one workspace of their own (a clone: ``recipes``,
 ``moecpt``, ``tests`` linked, ``scripts`` and ``pyproject.toml`` copied, a ``.venv`` that is this interpreter), so
 a later command reads an earlier one's output and two commands of a page that write the same folder collide as they
 would for a reader. ``moecpt`` commands run in this process (``moecpt.cli.main``, which is the ``moecpt`` entry
-point); scripts and ``torchrun`` (2 gloo processes on the CPU) run in a shell.
+point); scripts, ``torchrun`` (2 gloo processes on the CPU) and ``moecpt-lm-eval`` (the installed console script)
+run in a shell.
 """
 
 from __future__ import annotations
@@ -34,9 +42,10 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
+from unittest import mock
 
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,15 +55,30 @@ APPEND_ENV = "MOECPT_DOCS_TEST_APPEND"  # read by the stand-in .venv/bin/moecpt 
 
 
 # ------------------------------------------------------------------------------------------------ extraction
+ENV_WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=")
+
+
+def split_env(words: list[str]) -> tuple[dict[str, str], list[str]]:
+    """A command's leading ``NAME=value`` words (the environment it runs with) and the rest."""
+    n = 0
+    while n < len(words) and ENV_WORD.match(words[n]):
+        n += 1
+    return dict(w.split("=", 1) for w in words[:n]), words[n:]
+
+
 def _is_command(tokens: list[str]) -> bool:
+    tokens = split_env(tokens)[1]
+    if not tokens:
+        return False
     head = tokens[0]
-    return (head in ("moecpt", "torchrun", "srun", "sbatch", "lm_eval") or head.startswith("./scripts/")
-            or tokens[:3] == ["python", "-m", "moecpt"])
+    return (head in ("moecpt", "moecpt-lm-eval", "torchrun", "srun", "sbatch", "lm_eval")
+            or head.startswith("./scripts/")
+            or (tokens[:2] == ["python", "-m"] and len(tokens) > 2 and tokens[2].split(".")[0] == "moecpt"))
 
 
 def extract_commands(text: str) -> list[str]:
     """The commands of a page's ``bash`` / ``sh`` / ``console`` blocks, each normalised to ``shlex.join`` of its
-    words (continuations joined, ``$ `` prompts and comments dropped)."""
+    words (continuations joined, ``$ `` prompts and comments dropped, leading ``NAME=value`` words kept)."""
     found = []
     for block in re.findall(r"^```(\w+)\n(.*?)^```", text, flags=re.S | re.M):
         lang, body = block
@@ -82,7 +106,8 @@ EVAL = ("--batches", "1", "--batch-size", "4", "--seq-len", "32")
 
 def study(recipe: str | None) -> Callable[[Path], tuple[str, ...]]:
     """The shrink of ``moecpt study RECIPE``: one seed, the recipe's models at the matching ``smoke-*`` size
-    (names, routers and so every cell kept), 4 + 2 steps of 4 windows of 32 tokens, one evaluation batch."""
+    (names, routers and so every cell kept), 4 + 2 steps of 4 windows of 32 tokens, two validation points per
+    run, one evaluation batch."""
 
     def shrink(ws: Path) -> tuple[str, ...]:
         from moecpt.config import read_toml
@@ -95,7 +120,7 @@ def study(recipe: str | None) -> Callable[[Path], tuple[str, ...]]:
             models.append(f'{{name="{m["name"]}", preset="smoke-{size}"{router}}}')
         sets = ["seeds=[0]", f"models=[{', '.join(models)}]", "pretrain.steps=4", "cpt.steps=2",
                 "train.checkpoint_every=2", "train.batch_size=4", "train.eval_batches=1", "data.seq_len=32",
-                "eval.batches=1", "eval.batch_size=4"]
+                "eval_points=2", "eval.batches=1", "eval.batch_size=4"]
         return tuple(a for s in sets for a in ("--set", s))
 
     return shrink
@@ -165,6 +190,42 @@ def cpt_recipe(name: str, data: str, mixture: str) -> Callable[[Path], None]:
     return setup
 
 
+def _eval_page() -> str:
+    return (ROOT / "docs/eval.md").read_text("utf-8")
+
+
+#: the environment docs/eval.md's offline example exports (``export HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1``)
+OFFLINE = dict(w.split("=", 1) for w in re.search(r"^export (.*?)\s*$", _eval_page(), re.M)[1].split())
+
+
+def local_tasks(ws: Path) -> None:
+    """docs/eval.md's ``mkdir -p tasks && python make_tasks.py`` (the page's ``python`` block, run as written)
+    and its two task YAMLs: ``tasks/demo_ppl.yaml`` as printed, ``tasks/demo_mc.yaml`` as the prose derives it."""
+    import runpy
+
+    import yaml
+
+    page = _eval_page()
+    (ws / "tasks").mkdir()
+    (ws / "make_tasks.py").write_text(re.search(r"```python\n(.*?)```", page, re.S)[1], "utf-8")
+    with contextlib.chdir(ws):
+        runpy.run_path("make_tasks.py", run_name="__main__")
+    ppl = yaml.safe_load(re.search(r"```yaml\n(task: demo_ppl\n.*?)```", page, re.S)[1])
+    mc = {**ppl, "task": "demo_mc", "dataset_kwargs": {"data_files": {"test": "tasks/demo_mc.jsonl"}},
+          "output_type": "multiple_choice", "doc_to_text": "{{context}}", "doc_to_choice": "{{choices}}",
+          "doc_to_target": "{{label}}", "metric_list": [{"metric": "acc"}, {"metric": "acc_norm"}]}
+    for name, task in (("demo_ppl", ppl), ("demo_mc", mc)):
+        (ws / f"tasks/{name}.yaml").write_text(yaml.safe_dump(task, sort_keys=False), "utf-8")
+
+
+def prints_plan(output: str, ws: Path) -> None:
+    """README's ``--dry-run``: "the plan, as JSON; writes nothing"."""
+    import json
+
+    assert isinstance(json.loads(output), dict), output
+    assert not (ws / "runs/smoke").exists()
+
+
 @dataclass(frozen=True)
 class C:
     """A documented command and how the test runs it (see the module docstring)."""
@@ -177,13 +238,18 @@ class C:
     same_as: str = ""  # a page whose identical command ran
     cannot_run: str = ""
     shell: bool = False  # run through bash (scripts, torchrun) instead of in this process
+    env: dict[str, str] = field(default_factory=dict)  # what the page exports before it (a command's own
+    # leading NAME=value words are applied too)
+    check: Callable[[str, Path], None] | None = None  # asserts on the output (stdout and stderr) and workspace
 
     def args(self, ws: Path, which: str) -> tuple[str, ...]:
         value = getattr(self, which)
         return value(ws) if callable(value) else value
 
 
-R, D, H, S = "README.md", "docs/distributed.md", "docs/interop.md", "docs/study.md"
+R, D, E, H, S = "README.md", "docs/distributed.md", "docs/eval.md", "docs/interop.md", "docs/study.md"
+HUB = "datasets from the Hugging Face Hub (network)"
+PAPER_EVAL = "moecpt eval --checkpoint runs/olmoe-code --device cuda --batch-size 32 --out scores-"
 SMOKE_DILOCO = ("moecpt pretrain --recipe recipes/smoke.toml --out runs/sim --simulate-workers 4 --set "
                 "distributed.sync=diloco --set distributed.local_steps=10")
 
@@ -201,11 +267,13 @@ COMMANDS: list[C] = [
          "'german=corpus/de/*.txt' --tokenizer train:32000 --out data/prepared", setup=own_corpus),
     C(R, "moecpt data inspect data/prepared --json"),
     C(R, "moecpt study my-study.toml --out runs/mine --jobs 4", setup=my_study,
-      append=lambda ws: (*study("my-study.toml")(ws), "--set", 'data.shifts=["code"]', "--jobs", "2")),
+      append=lambda ws: (*study("my-study.toml")(ws), "--jobs", "2")),
     # README: training by hand
+    C(R, "moecpt pretrain --recipe recipes/smoke.toml --out runs/smoke --dry-run", append=RUN, check=prints_plan),
     C(R, "moecpt pretrain --recipe recipes/smoke.toml --out runs/smoke", append=RUN),
     C(R, "moecpt cpt --recipe recipes/cpt-smoke.toml --from runs/smoke --out runs/smoke-cpt", append=RUN),
     C(R, "moecpt eval --checkpoint runs/smoke-cpt --json", append=EVAL),
+    C(R, "moecpt eval --checkpoint runs/smoke-cpt --harness hellaswag arc_easy", cannot_run=HUB),
     C(R, "moecpt compare runs/smoke runs/smoke-cpt --json", append=EVAL),
     C(R, "moecpt generate --checkpoint runs/smoke-cpt --prompt 'def '", append=("--max-tokens", "4")),
     C(R, "moecpt schedule --recipe recipes/smoke.toml --out schedule.png"),
@@ -235,6 +303,17 @@ COMMANDS: list[C] = [
          "/shared/runs/paper-diloco --set distributed.sync=diloco --set distributed.local_steps=500 --set "
          "distributed.timeout_s=900",
       cannot_run="a SLURM job of 4 nodes x 8 GPUs (srun, NCCL, a shared /shared file system)"),
+    # docs/eval.md: the local tasks, offline, on the page's smoke checkpoint; the paper's tasks need the Hub
+    C(E, "moecpt pretrain --recipe recipes/smoke.toml --out runs/smoke", append=RUN),
+    C(E, "moecpt eval --checkpoint runs/smoke --harness demo_ppl demo_mc --include-path tasks --out scores.json",
+      setup=local_tasks, env=OFFLINE, append=("--limit", "4", "--batch-size", "4")),
+    C(E, "moecpt-lm-eval --model moecpt --model_args checkpoint=runs/smoke --tasks demo_ppl --include_path tasks "
+         "--device cpu --batch_size 16 --output_path lmeval_out", env=OFFLINE,
+      append=("--limit", "4", "--batch_size", "4"), shell=True),
+    C(E, f"{PAPER_EVAL}en.json --harness hellaswag arc_easy arc_challenge piqa lambada_openai", cannot_run=HUB),
+    C(E, f"{PAPER_EVAL}de.json --harness hellaswag_de arc_de m_mmlu_de lambada_openai_mt_de", cannot_run=HUB),
+    C(E, "HF_ALLOW_CODE_EVAL=1 moecpt eval --checkpoint runs/olmoe-code --device cuda --out scores-code.json "
+         "--harness humaneval --confirm-run-unsafe-code", cannot_run=HUB),
     # docs/interop.md (the same flow as the README's, with the reader's folders)
     C(H, "moecpt import-hf '~/models/OLMoE-1B-7B-0924' --out ckpt/olmoe",
       setup=hf_folder("home/models/OLMoE-1B-7B-0924")),  # HOME is the workspace's home/
@@ -289,7 +368,8 @@ def _make_workspace(ws: Path) -> None:
 
 
 def _env(ws: Path, c: C) -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(ROOT), "HOME": str(ws / "home"), "PET_MASTER_PORT": str(_free_port()),
+    return {**os.environ, **c.env, **split_env(shlex.split(c.command))[0], "PYTHONPATH": str(ROOT),
+            "HOME": str(ws / "home"), "PET_MASTER_PORT": str(_free_port()),
             APPEND_ENV: shlex.join(c.args(ws, "env_append")),
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
 
@@ -305,10 +385,13 @@ def _run_in_process(c: C, ws: Path) -> tuple[int, str]:
 
     from moecpt.cli import main
 
-    words = [os.path.join(str(ws / "home"), w[2:]) if w.startswith("~/") else w for w in shlex.split(c.command)]
+    env, words = split_env(shlex.split(c.command))
+    words = [os.path.join(str(ws / "home"), w[2:]) if w.startswith("~/") else w for w in words]
     argv = words[3:] if words[0] == "python" else words[1:]
     out, threads = io.StringIO(), torch.get_num_threads()
-    with contextlib.chdir(ws), contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+    # the page's `export` and the command's NAME=value words, for this command only
+    with (contextlib.chdir(ws), mock.patch.dict(os.environ, {**c.env, **env}), contextlib.redirect_stdout(out),
+          contextlib.redirect_stderr(out)):
         try:
             rc = main([*argv, *c.args(ws, "append")])
         except SystemExit as exc:  # argparse
@@ -324,7 +407,7 @@ def _parse_only(c: C, ws: Path) -> None:
     from moecpt.cli import build_parser
     from moecpt.config import load_recipe
 
-    words = shlex.split(c.command)
+    words = split_env(shlex.split(c.command))[1]
     if "torchrun" in words:
         from torch.distributed.run import get_args_parser
 
@@ -356,6 +439,11 @@ def run_page(page: str, root: Path, ran: set[tuple[str, str]]) -> list[str]:
         t0 = time.perf_counter()
         rc, output = (_run_shell if c.shell else _run_in_process)(c, ws)
         print(f"{time.perf_counter() - t0:6.1f} s  {page}: {c.command}")  # shown by pytest -s, or on failure
+        if rc == 0 and c.check:
+            try:
+                c.check(output, ws)
+            except (AssertionError, ValueError) as exc:  # ValueError: output that is not the JSON it should be
+                rc, output = "0 but its check failed", f"{output}\n{exc!r}"
         if rc == 0:
             ran.add((page, c.command))
         else:

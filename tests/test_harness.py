@@ -208,6 +208,15 @@ def test_simple_evaluate_scores_local_tasks_and_matches_own_loss(lm, bench):
     assert ppl["bits_per_byte,none"] == pytest.approx(-ll / n_bytes / math.log(2), rel=1e-4)
 
 
+def test_local_tasks_index_only_the_include_path(bench):
+    """Names that are all tasks of --include-path skip lm-eval's index of its ~14,000 built-in YAMLs."""
+    from moecpt.analysis.harness_run import _task_manager
+
+    manager = _task_manager(["moecpt_demo_ppl", "moecpt_demo_mc"], [str(bench["tasks"])])
+    assert {"moecpt_demo_ppl", "moecpt_demo_mc"} <= set(manager.all_subtasks)
+    assert "hellaswag" not in manager.all_tasks
+
+
 def test_bad_model_args_are_one_line_errors(bench):
     with pytest.raises(MoecptError, match="known keys"):
         MoecptLM(checkpoint=str(bench["run"]), pretrained="gpt2")

@@ -96,6 +96,38 @@ def test_study_resumes_without_redoing_finished_stages(smoke_study, tmp_path):
     assert losses(run_dir) == losses(victim.run_dir(out))
 
 
+def test_a_finished_studys_evaluation_starts_no_worker_and_redoes_only_what_is_missing(smoke_study, tmp_path,
+                                                                                         monkeypatch):
+    """Re-running a finished study spawns no evaluation process (the cache holds every result); a lost cache file
+    is recomputed, identically, by the pool it is given (the study's own, whose workers trained the stages)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    from moecpt.study import evaluation
+
+    out, study, _ = smoke_study
+    copy = tmp_path / "again"
+    shutil.copytree(out, copy)
+    stages = plan_stages(study)
+
+    def no_pool(*a, **k):
+        raise AssertionError("a cached evaluation started worker processes")
+
+    monkeypatch.setattr(evaluation, "ProcessPoolExecutor", no_pool)
+    assert evaluation.evaluate_stages(copy, study, stages, jobs=2) == 0
+    lost = sorted((copy / "evals").iterdir())[0]
+    saved = json.loads(lost.read_text())
+    lost.unlink()
+    threads = torch.get_num_threads()
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            assert evaluation.evaluate_stages(copy, study, stages, jobs=2, pool=pool) == 1
+    finally:
+        torch.set_num_threads(threads)
+    assert json.loads(lost.read_text()) == saved
+
+
 def _cli(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "moecpt", *args], capture_output=True, text=True, cwd=cwd,
                           timeout=300)

@@ -6,8 +6,10 @@ of :mod:`moecpt.study.results`).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+from functools import cached_property
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
@@ -50,11 +52,15 @@ class _Evaluator:
         self.root, self.study = root, study
         self.data = PreparedData.open(study.data.path)
         self.sources = list(study.data.old) + list(study.data.shifts)
-        self.batches = eval_batches_for(self.data, self.sources, study.data.seq_len, study.eval.batch_size,
-                                        study.eval.batches)
         self.cache_dir = root / "evals"
         self.cache_dir.mkdir(exist_ok=True)
         self._traces: dict[str, dict] = {}
+
+    @cached_property
+    def batches(self) -> dict:
+        """The held-out batches per source; built only when a result is not cached."""
+        return eval_batches_for(self.data, self.sources, self.study.data.seq_len, self.study.eval.batch_size,
+                                self.study.eval.batches)
 
     def _key(self, ckpt: Path, extra: str = "") -> Path:
         meta_sha = hashlib.sha256((ckpt / "meta.json").read_bytes()).hexdigest()[:12]
@@ -80,8 +86,25 @@ class _Evaluator:
         write_json_atomic(cache, out)
         return out
 
+    def _compare_key(self, before: Path, after: Path, source: str) -> Path:
+        return self._key(after, f"compare|{before.relative_to(self.root)}|{source}")
+
+    def cached(self, final: Path, parent: Path | None) -> bool:
+        """Whether :func:`_eval_worker` would find every result of ``(final, parent)`` in the cache."""
+        fin = self._key(final)
+        if not fin.exists():
+            return False
+        if parent is None:
+            return True
+        if not self._key(parent).exists():
+            return False
+        old = self.study.data.old[0]
+        if "mri_mean" not in json.loads(fin.read_text(encoding="utf-8")).get(old, {}):  # dense: no comparison
+            return True
+        return self._compare_key(parent, final, old).exists()
+
     def compare(self, before: Path, after: Path, source: str) -> dict:
-        cache = self._key(after, f"compare|{before.relative_to(self.root)}|{source}")
+        cache = self._compare_key(before, after, source)
         if cache.exists():
             return json.loads(cache.read_text(encoding="utf-8"))
         tb, ta = self.traces(before)[source], self.traces(after)[source]
@@ -110,23 +133,37 @@ def _eval_worker(root: str, study_json: dict, pairs: list[tuple[str, str | None]
                 ev.compare(Path(parent), Path(final), study.data.old[0])
 
 
-def evaluate_stages(root: Path, study: StudyRecipe, stages: list[Stage], jobs: int) -> None:
+def evaluate_stages(root: Path, study: StudyRecipe, stages: list[Stage], jobs: int,
+                    pool: ProcessPoolExecutor | None = None) -> int:
     """Evaluate every stage's final checkpoint and CPT parent in ``jobs`` worker processes (one per pre-trained
     model's family of runs, so a parent's traces are computed once per worker), caching under ``DIR/evals``.
 
     Single-threaded workers side by side use a small CPU better than one multi-threaded process, and do not
-    collapse when other programs share the cores."""
+    collapse when other programs share the cores. ``pool`` (the study's, whose workers are already started) is
+    used when given; a family whose results are all cached starts no worker, so a finished study re-runs its
+    evaluation without starting a process.
+
+    Returns: the number of families evaluated (0 when every result was cached)."""
     groups: dict[str, list[tuple[str, str | None]]] = {}
     for st in stages:
         final = st.run_dir(root) / "checkpoints" / checkpoint_dir_name(st.end_step())
         parent = st.parent_checkpoint(root)
         groups.setdefault(st.parent.key if st.parent else st.key, []).append(
             (str(final), str(parent) if parent else None))
+    ev = _Evaluator(root, study)
+    todo = [pairs for pairs in groups.values()
+            if not all(ev.cached(Path(f), Path(p) if p else None) for f, p in pairs)]
+    if not todo:
+        return 0
     threads = threads_per_job(jobs)
     study_json = study.model_dump(mode="json")
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn"), initializer=worker_init) as pool:
-        for fut in [pool.submit(_eval_worker, str(root), study_json, pairs, threads) for pairs in groups.values()]:
+    with contextlib.ExitStack() as stack:
+        if pool is None:
+            pool = stack.enter_context(ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn"),
+                                                           initializer=worker_init))
+        for fut in [pool.submit(_eval_worker, str(root), study_json, pairs, threads) for pairs in todo]:
             fut.result()
+    return len(todo)
 
 
 def collect_results(root: Path, study: StudyRecipe, stages: list[Stage], summaries: dict[str, dict],

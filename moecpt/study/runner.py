@@ -39,7 +39,7 @@ from moecpt.study.workers import threads_per_job, worker_init
 from moecpt.train.preemption import Preempted, PreemptionWatcher, signal_name
 from moecpt.train.trainer import Trainer
 
-__all__ = ["run_study", "run_stages", "study_inputs", "PLAN_FILE", "DONE_FILE"]
+__all__ = ["run_study", "run_stages", "worker_pool", "study_inputs", "PLAN_FILE", "DONE_FILE"]
 
 PLAN_FILE = "study_plan.json"
 DONE_FILE = "STAGE_DONE.json"
@@ -122,8 +122,12 @@ def _claim_study_dir(root: Path, study: StudyRecipe, recipe_path: str | Path | N
     ledger.check_replaceable(*report_files(root))  # before hours of training, not after
 
 
-def run_stages(root: Path, stages: list[Stage], jobs: int, log=print) -> dict[str, dict]:
-    """Run every unfinished stage, ``jobs`` at a time, respecting dependencies; returns summaries by key."""
+def run_stages(root: Path, stages: list[Stage], jobs: int, log=print,
+               pool: ProcessPoolExecutor | None = None) -> dict[str, dict]:
+    """Run every unfinished stage, ``jobs`` at a time, respecting dependencies; returns summaries by key.
+
+    ``pool`` (the study's, of ``jobs`` workers; see :func:`worker_pool`) is used and left running when given, so
+    the evaluation after it reuses the started workers; otherwise one is made and shut down here."""
     threads = threads_per_job(jobs)
     summaries: dict[str, dict] = {}
     pending: list[Stage] = []
@@ -143,8 +147,8 @@ def run_stages(root: Path, stages: list[Stage], jobs: int, log=print) -> dict[st
     running: dict[Any, Stage] = {}
     finished_steps = cached
     t_start = time.perf_counter()
-    ctx = get_context("spawn")
-    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=worker_init)
+    own_pool = pool is None
+    pool = pool or worker_pool(jobs)
     preempt = PreemptionWatcher()
     stopped: list[str] = []
     try:
@@ -190,9 +194,16 @@ def run_stages(root: Path, stages: list[Stage], jobs: int, log=print) -> dict[st
         raise
     finally:
         preempt.__exit__()
-    pool.shutdown()
+    if own_pool:
+        pool.shutdown()
     bar.close()
     return summaries
+
+
+def worker_pool(jobs: int) -> ProcessPoolExecutor:
+    """The study's ``jobs`` worker processes (spawned, each started on first use, dying with the study): one pool
+    trains the stages and then evaluates them, so each worker imports torch and moecpt once per study."""
+    return ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn"), initializer=worker_init)
 
 
 def _eta(t_start: float, steps_done: int, steps_left: int) -> str:
@@ -258,9 +269,10 @@ def _run_claimed(study: StudyRecipe, root: Path, jobs: int | None, log) -> dict[
     stages = plan_stages(study)
     t0 = time.perf_counter()
     jobs = jobs or min(len(stages), max(1, os.cpu_count() or 1))
-    summaries = run_stages(root, stages, jobs, log=log)
-    log("study: evaluating checkpoints on the held-out splits")
-    evaluate_stages(root, study, stages, jobs)
+    with worker_pool(jobs) as pool:
+        summaries = run_stages(root, stages, jobs, log=log, pool=pool)
+        log("study: evaluating checkpoints on the held-out splits")
+        evaluate_stages(root, study, stages, jobs, pool=pool)
     results = collect_results(root, study, stages, summaries, time.perf_counter() - t0, log=log, jobs=jobs)
     write_report(results, root)
     log(f"study: report written to {root / 'report.md'} (and report.html, study.json)")
