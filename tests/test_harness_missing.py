@@ -28,3 +28,11 @@ def test_eval_harness_without_lm_eval_names_the_extra():
 def test_moecpt_lm_eval_without_lm_eval_names_the_extra():
     res = _run("from moecpt.analysis.harness_run import main; main(['--model', 'moecpt'])")
     assert res.returncode == 1 and "pip install 'moecpt[eval]'" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_every_other_command_works_without_lm_eval():
+    """lm-eval is an optional extra: building the CLI (every command) must not import it."""
+    res = _run("from moecpt.cli import main; "
+               "sys.exit(main(['inspect', '--preset', 'smoke-dense', '--vocab-size', '64', '--json']))")
+    assert res.returncode == 0, res.stderr
+    assert '"total_params"' in res.stdout or "params" in res.stdout

@@ -18,7 +18,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from moecpt.analysis.harness import MoecptLM, register
 from moecpt.errors import MoecptError
 from moecpt.storage.atomic import json_default, write_bytes_atomic
 from moecpt.storage.outputs import check_file_output
@@ -84,6 +83,8 @@ def run_harness(checkpoint: str, tasks: list[str], *, include_path: list[str] | 
     require_lm_eval()
     import lm_eval
 
+    from moecpt.analysis.harness import MoecptLM  # needs lm-eval (the optional extra moecpt[eval])
+
     manager = _task_manager(tasks, include_path)
     lm = MoecptLM(checkpoint=checkpoint, batch_size=batch_size, device=device)
     try:
@@ -125,6 +126,8 @@ def main(argv: list[str] | None = None) -> None:
     except MoecptError as exc:
         sys.exit(f"moecpt-lm-eval: error: {exc}")
     from lm_eval.__main__ import cli_evaluate
+
+    from moecpt.analysis.harness import register  # needs lm-eval (the optional extra moecpt[eval])
 
     register()
     if argv is not None:
