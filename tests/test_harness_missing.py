@@ -36,3 +36,11 @@ def test_every_other_command_works_without_lm_eval():
                "sys.exit(main(['inspect', '--preset', 'smoke-dense', '--vocab-size', '64', '--json']))")
     assert res.returncode == 0, res.stderr
     assert '"total_params"' in res.stdout or "params" in res.stdout
+
+
+def test_eval_out_without_harness_is_refused_not_ignored(tmp_path, capsys):
+    from moecpt.cli import main
+
+    assert main(["eval", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "s.json")]) == 2
+    assert "--out writes lm-evaluation-harness scores" in capsys.readouterr().err
+    assert not (tmp_path / "s.json").exists()

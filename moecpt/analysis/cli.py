@@ -8,6 +8,7 @@ import json
 from moecpt.analysis.evaluate import compare_traces, evaluate_checkpoint
 from moecpt.analysis.harness_run import check_results_path, run_harness, write_results
 from moecpt.argtypes import positive_int
+from moecpt.errors import MoecptError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -60,6 +61,9 @@ def _print(obj, as_json: bool) -> None:
 def run_eval(args: argparse.Namespace) -> int:
     if args.harness:
         return run_eval_harness(args)
+    if getattr(args, "out", None):
+        raise MoecptError("--out writes lm-evaluation-harness scores: add --harness TASKS, or drop --out "
+                          "(--json prints the evaluation)")
     report, _ = evaluate_checkpoint(args.checkpoint, args.data, args.sources, args.seq_len, args.batch_size,
                                     args.batches)
     if not args.coactivation:
