@@ -111,7 +111,8 @@ class MoEConfig(_Strict):
     )
     granularity: int = Field(1, ge=1, description="expert width = dense FFN width / granularity")
     num_shared_experts: int = Field(0, ge=0, description="always-on shared experts, each of expert_width")
-    shared_expert_width: int | None = Field(None, ge=1, description="total shared FFN width; default n_shared * expert_width")
+    shared_expert_width: int | None = Field(
+        None, ge=1, description="total shared FFN width; default n_shared * expert_width")
     shared_expert_gate: bool = Field(False, description="sigmoid gate on the shared expert output (Qwen2-MoE)")
     capacity_factor: float | None = Field(
         None, gt=0.0, description="Switch capacity factor with token dropping; None = dropless"
@@ -504,10 +505,24 @@ class DistributedConfig(_Strict):
     emulate_bandwidth_gbit: float | None = Field(
         None, gt=0, description="emulated link: sleep latency + bytes / bandwidth after every collective")
     emulate_latency_ms: float = Field(0.0, ge=0, description="emulated link latency per collective")
+    expert_parallel: int = Field(
+        1, ge=1, description="EP: ranks the routed experts of every MoE layer are split over (all-to-all dispatch)")
+    islands: int = Field(
+        1, ge=1, description="M: groups of ranks; data parallel inside each, the outer step (H steps) across them")
+    island_sync: SyncKind = Field(
+        SyncKind.DDP, description="data parallelism inside an island when islands > 1: ddp | fsdp")
 
     @model_validator(mode="after")
     def _check(self) -> "DistributedConfig":
         local = self.sync in (SyncKind.LOCAL_SGD, SyncKind.SLOWMO, SyncKind.DILOCO)
+        if self.island_sync not in (SyncKind.DDP, SyncKind.FSDP):
+            raise ValueError(f"distributed.island_sync={self.island_sync.value!r}: inside an island ranks "
+                             "synchronise every step; choose 'ddp' or 'fsdp'")
+        if self.islands > 1 and not local:
+            raise ValueError(f"distributed.islands={self.islands} needs sync = local-sgd, slowmo or diloco (the "
+                             f"outer step across islands); sync = {self.sync.value!r} has none")
+        if self.island_sync != SyncKind.DDP and self.islands == 1:
+            raise ValueError("distributed.island_sync applies only with islands > 1; remove it or set islands")
         if not local:
             for key in ("outer_optimizer", "outer_lr", "outer_momentum"):
                 if getattr(self, key) is not None:
