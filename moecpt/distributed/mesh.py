@@ -128,6 +128,6 @@ def build_mesh(recipe: Recipe, world: int) -> Mesh:
             raise MoecptError(f"distributed.expert_parallel={d.expert_parallel} with sync = {d.sync.value!r} needs "
                               "islands > 1 (EP inside an island, the outer step across islands)")
     if recipe.train.batch_size % world:
-        raise MoecptError(f"train.batch_size={recipe.train.batch_size} does not split over the {world} ranks "
-                          f"that read it; choose a multiple of {world}")
+        raise MoecptError(f"train.batch_size={recipe.train.batch_size} is not divisible by the {world} workers "
+                          "(every rank reads its own rows); choose a multiple of the number of workers")
     return Mesh(world=world, islands=d.islands, ep=d.expert_parallel)

@@ -19,6 +19,7 @@ from moecpt.config import Recipe, SyncKind
 from moecpt.distributed import launch
 from moecpt.distributed.ddp import DDPSync, FSDPSync
 from moecpt.distributed.local_sgd import LocalSGDSync
+from moecpt.distributed.mesh import build_mesh
 from moecpt.distributed.simulate import SimulatedDDPSync
 from moecpt.distributed.strategy import LOCAL_SYNCS, SyncStrategy
 from moecpt.errors import MoecptError
@@ -70,7 +71,8 @@ def build_sync(recipe: Recipe, info: DistInfo, device: torch.device, simulate_wo
 
     Raises:
         MoecptError: simulation under a multi-process launch or with FSDP; an outer optimizer for a sync that has
-            none; a batch not divisible by the workers.
+            none; a mesh that does not divide the world, the experts or the batch
+            (:func:`moecpt.distributed.mesh.build_mesh`).
     """
     kind = recipe.distributed.sync
     local = kind in LOCAL_SYNCS
@@ -87,6 +89,9 @@ def build_sync(recipe: Recipe, info: DistInfo, device: torch.device, simulate_wo
                               "simulate 'ddp' or a local-SGD strategy instead")
     workers = simulate_workers or info.world_size
     local_workers = simulate_workers or 1
+    mesh = build_mesh(recipe, workers)  # the plan's check, at start: a mesh that does not divide is one line
+    if mesh.ep > 1 or mesh.islands > 1:
+        raise MoecptError("distributed.expert_parallel / islands are not built yet in this version; set them to 1")
     if local:
         sync: SyncStrategy = LocalSGDSync(recipe, info, workers, local_workers, device, outer=outer_optimizer)
     elif simulate_workers is not None:
