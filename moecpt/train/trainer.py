@@ -711,7 +711,7 @@ class Trainer:
         tcfg = self.recipe.train
         w.model.train()
         acc = RoutingAccumulator()
-        ce_sum, aux_sum = 0.0, 0.0
+        ce_sum = aux_sum = torch.zeros((), device=batch.device, dtype=torch.float32)  # one host sync per step
         parts = batch.split(micro)
         n_micro = len(parts)
         for i, mb in enumerate(parts):
@@ -723,10 +723,11 @@ class Trainer:
                     if routing:
                         aux = aux / len(routing)  # mean over MoE layers (docs/design.md, rule R3)
                 ((ce + aux) / n_micro).backward()
-            ce_sum += ce.detach().item()
-            aux_sum += float(aux.detach())
+            ce_sum = ce_sum + ce.detach().float()
+            aux_sum = aux_sum + aux.detach().float()
             acc.add(routing)
-        return ce_sum / n_micro, aux_sum / n_micro, acc
+        ce_mean, aux_mean = (torch.stack([ce_sum, aux_sum]) / n_micro).tolist()
+        return ce_mean, aux_mean, acc
 
     def _grad_norm(self, model: Transformer) -> float:
         """Total gradient norm, clipped to ``optim.grad_clip`` when set (FSDP2's sharded gradients included)."""
