@@ -172,6 +172,13 @@ class ModelConfig(_Strict):
     tie_embeddings: bool = False
     norm_eps: float = Field(1e-5, gt=0)
     init_std: float = Field(0.02, gt=0)
+    # muP-style multipliers of Granite-MoE (IBM Granite 3.0 language models, 2024); 1 / None = the usual model
+    embedding_multiplier: float = Field(1.0, gt=0, allow_inf_nan=False, description="token embeddings × this")
+    residual_multiplier: float = Field(
+        1.0, gt=0, allow_inf_nan=False, description="attention and FFN outputs × this before each residual add")
+    attention_multiplier: float | None = Field(
+        None, gt=0, allow_inf_nan=False, description="softmax scale of q·k; None = 1 / sqrt(head_dim)")
+    logits_scaling: float = Field(1.0, gt=0, allow_inf_nan=False, description="logits ÷ this")
     moe: MoEConfig | None = None
 
     @model_validator(mode="after")

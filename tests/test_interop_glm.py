@@ -20,7 +20,7 @@ from moecpt.config import ModelConfig
 from moecpt.errors import MoecptError
 from moecpt.interop.hf_export import export_hf
 from moecpt.interop.hf_import import import_hf, load_hf_model
-from moecpt.interop.testing import VOCAB, save_tiny_hf
+from moecpt.interop.testing import VOCAB, hf_forward, ours_forward, same_topk, save_tiny_hf
 from moecpt.model.transformer import build_model
 from moecpt.train.checkpoint import load_checkpoint, load_model, save_checkpoint
 
@@ -46,30 +46,6 @@ SHARDED = {"glm-groups-scaled-dense1": "60KB", "dots1-groups-scaled-dense1": "40
 
 def _ids(seed: int = 1) -> torch.Tensor:
     return torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(seed))
-
-
-def hf_forward(model, ids):
-    """Logits and each MoE layer's chosen experts, read from transformers' own router."""
-    chosen: list[torch.Tensor] = []
-    hooks = [m.register_forward_hook(lambda _m, _i, out: chosen.append(out[2]))
-             for m in model.modules() if type(m).__name__.endswith("TopkRouter")]
-    try:
-        with torch.no_grad():
-            logits = model(ids).logits.float()
-    finally:
-        for h in hooks:
-            h.remove()
-    return logits, chosen
-
-
-def ours_forward(model, ids):
-    with torch.no_grad():
-        logits, routing = model(ids, return_routing=True)
-    return logits, [r.topk_idx_TK for r in routing]
-
-
-def same_topk(a, b) -> bool:
-    return len(a) == len(b) >= 1 and all(torch.equal(x.sort(-1).values, y.sort(-1).values) for x, y in zip(a, b))
 
 
 @pytest.fixture(scope="module")
