@@ -45,6 +45,10 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
     "dots1": dict(_COMMON, num_hidden_layers=3, intermediate_size=96, moe_intermediate_size=32, n_routed_experts=8,
                   n_shared_experts=1, n_group=4, topk_group=2, norm_topk_prob=True, routed_scaling_factor=1.5,
                   first_k_dense_replace=1),
+    "ernie4_5_moe": dict(_COMMON, num_hidden_layers=3, intermediate_size=96, moe_intermediate_size=32,
+                         moe_num_experts=8,
+                         moe_k=2, moe_num_shared_experts=1, moe_layer_start_index=1, moe_layer_interval=1,
+                         head_dim=24, tie_word_embeddings=True),
     "granitemoe": dict(_COMMON, num_hidden_layers=2, intermediate_size=32, num_local_experts=8,
                        embedding_multiplier=3.0, residual_multiplier=0.5, attention_multiplier=0.09,
                        logits_scaling=4.0),
@@ -60,7 +64,7 @@ def config_class(family: str):
     return {"olmoe": transformers.OlmoeConfig, "mixtral": transformers.MixtralConfig,
             "qwen2_moe": transformers.Qwen2MoeConfig, "qwen3_moe": transformers.Qwen3MoeConfig,
             "glm4_moe": transformers.Glm4MoeConfig, "dots1": transformers.Dots1Config,
-            "granitemoe": transformers.GraniteMoeConfig, "granitemoeshared": transformers.GraniteMoeSharedConfig}[family]
+            "ernie4_5_moe": transformers.Ernie4_5_MoeConfig, "granitemoe": transformers.GraniteMoeConfig, "granitemoeshared": transformers.GraniteMoeSharedConfig}[family]
 
 
 def tiny_hf_model(family: str, seed: int = 0, **overrides: Any):

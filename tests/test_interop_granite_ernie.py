@@ -1,10 +1,11 @@
-"""Granite-MoE (``granitemoe``) and Granite-MoE with a shared expert (``granitemoeshared``): the muP-style
-multipliers (embedding, residual, attention scale, logits) and the stacked expert tensors. Tiny random models from
-transformers' own config classes, in fp32 and bf16, one file and sharded, with the hub's tensor names and with
-transformers 5's in-memory names: the same logits (printed: ``pytest -s -k max_logit``), the same experts at every
-layer and the same greedy continuation as transformers; an export transformers loads to the same logits and a
-re-import to the same tensors; a few CPT steps, then export; a moecpt model with multipliers exports to Granite
-only."""
+"""Granite-MoE (``granitemoe``, ``granitemoeshared``: muP-style embedding / residual / attention / logits
+multipliers, stacked expert tensors) and Ernie-4.5-MoE (``ernie4_5_moe``: softmax scores with a selection bias,
+shared experts, MoE every n-th layer from a start index, RoPE on interleaved pairs). Tiny random models from
+transformers' own config classes, in fp32 and bf16, one file and sharded: the same logits (printed: ``pytest -s -k
+max_logit``), the same experts at every layer and the same greedy continuation as transformers; an export
+transformers loads to the same logits and a re-import to the same tensors; Granite's transformers-5 tensor names; a
+few CPT steps, then export; a moecpt model with multipliers exports to Granite only, one with a softmax bias router
+to Ernie-4.5."""
 
 from __future__ import annotations
 
@@ -38,8 +39,13 @@ VARIANTS = {
                                                          attention_multiplier=0.25)),
     "granite-bf16": ("granitemoe", dict(dtype="bfloat16")),
     "granite-shared-tied": ("granitemoeshared", {}),
+    "ernie-dense-first-shared-tied": ("ernie4_5_moe", {}),
+    "ernie-every-2nd-no-shared-sharded": ("ernie4_5_moe", dict(moe_layer_start_index=0, moe_layer_interval=2,
+                                                               moe_num_shared_experts=0, tie_word_embeddings=False,
+                                                               moe_k=3, head_dim=16)),
+    "ernie-bf16": ("ernie4_5_moe", dict(dtype="bfloat16")),
 }
-SHARDED = {"granite-sharded": "40KB"}
+SHARDED = {"granite-sharded": "40KB", "ernie-every-2nd-no-shared-sharded": "60KB"}
 
 
 def _ids(seed: int = 1, n: int = 24) -> torch.Tensor:
@@ -81,8 +87,12 @@ def test_import_max_logit_difference_same_experts_and_greedy_text(variant):
     assert diff <= TOL and same_topk(hf_topk, topk)
     cfg = ModelConfig.model_validate(load_checkpoint(ckpt).meta["model_config"])
     c = hf.config
-    assert (cfg.embedding_multiplier, cfg.residual_multiplier, cfg.attention_multiplier, cfg.logits_scaling) == (
-        c.embedding_multiplier, c.residual_multiplier, c.attention_multiplier, c.logits_scaling)
+    if family.startswith("granite"):
+        assert (cfg.embedding_multiplier, cfg.residual_multiplier, cfg.attention_multiplier, cfg.logits_scaling) == (
+            c.embedding_multiplier, c.residual_multiplier, c.attention_multiplier, c.logits_scaling)
+    else:
+        r = cfg.moe.router
+        assert (r.kind.value, r.score_fn.value, r.renormalize) == ("bias", "softmax", True)
     prompt = _ids(2, 6)[:1]
     with torch.no_grad():
         want = hf_model.generate(prompt, max_new_tokens=20, do_sample=False, min_new_tokens=20)[0, 6:]
@@ -126,34 +136,42 @@ def test_transformers_5_in_memory_names_import_too(root):
     assert (hf_forward(hf, ids)[0] - ours_forward(load_model(root / "v5-ckpt"), ids)[0]).abs().max().item() <= TOL
 
 
-def test_cpt_then_export(root):
-    save_tiny_hf("granitemoe", root / "cpt-hf", seed=5)
-    ckpt = root / "cpt-ckpt"
-    import_hf(root / "cpt-hf", ckpt)
+@pytest.mark.parametrize("family", ["granitemoe", "ernie4_5_moe"])
+def test_cpt_then_export(family, root):
+    save_tiny_hf(family, root / f"cpt-{family}-hf", seed=5)
+    ckpt, run = root / f"cpt-{family}-ckpt", root / f"cpt-{family}-run"
+    import_hf(root / f"cpt-{family}-hf", ckpt)
     new = root / "new.jsonl"
     new.write_text("".join(json.dumps({"text": t}) + "\n" for t in synthetic_texts(11, 200, alphabet="aeiofhjvwx")))
-    prepare({"new": str(new)}, root / "data", tokenizer=str(ckpt / "tokenizer.json"), val_fraction=0.1,
-            min_val_tokens=512, progress=False)
-    recipe = recipe_from_dict({"name": "granite-cpt", "data": {"path": str(root / "data"), "mixture": {"new": 1.0},
-                               "seq_len": 32}, "optim": {"lr": 3e-3, "min_lr": 3e-4},
+    data = root / f"data-{family}"
+    prepare({"new": str(new)}, data, tokenizer=str(ckpt / "tokenizer.json"), val_fraction=0.1, min_val_tokens=512,
+            progress=False)
+    recipe = recipe_from_dict({"name": "cpt", "data": {"path": str(data), "mixture": {"new": 1.0}, "seq_len": 32},
+                               "optim": {"lr": 3e-3, "min_lr": 3e-4},
                                "train": {"steps": 6, "batch_size": 4, "eval_every": 6, "eval_batches": 1,
                                          "checkpoint_every": 6, "device": "cpu", "seed": 0}})
-    summary = Trainer(recipe, root / "run", parent=ckpt, show_progress=False).run()
-    assert summary["steps"] == 6, summary
-    out = root / "cpt-export"
-    assert export_hf(root / "run", out)["family"] == "granitemoe"
+    assert Trainer(recipe, run, parent=ckpt, show_progress=False).run()["steps"] == 6
+    if family == "ernie4_5_moe":  # the bias-balancing update ran: the selection biases moved
+        before, after = load_checkpoint(ckpt).model_state(), load_checkpoint(run).model_state()
+        assert any(not torch.equal(before[k], after[k]) for k in before if k.endswith("expert_bias"))
+    out = root / f"cpt-{family}-export"
+    assert export_hf(run, out)["family"] == family
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(out)).eval()
     ids = _ids(8)
-    assert (hf_forward(hf, ids)[0] - ours_forward(load_model(root / "run"), ids)[0]).abs().max().item() <= TOL
+    assert (hf_forward(hf, ids)[0] - ours_forward(load_model(run), ids)[0]).abs().max().item() <= TOL
 
 
-def _native(root: Path, name: str, **model) -> Path:
+def _native(root: Path, name: str, router: dict | None = None, **model) -> Path:
     cfg = ModelConfig(vocab_size=VOCAB, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_width=64,
                       ffn_kind="swiglu", max_seq_len=64, moe={"num_experts": 8, "top_k": 2, "granularity": 2,
-                                                              "router": {"renormalize": True}}, **model)
+                                                              "router": router or {"renormalize": True}}, **model)
     torch.manual_seed(0)
+    net = build_model(cfg)
+    for r in net.routers():
+        if r.is_bias_balanced:  # random selection biases: a bias dropped, or used in the gates, shows
+            r.expert_bias.normal_(0.0, 0.05)
     path = root / f"native-{name}"
-    save_checkpoint(path, model_state=build_model(cfg).state_dict(),
+    save_checkpoint(path, model_state=net.state_dict(),
                     meta={"step": 1, "tokens": 0, "model_config": cfg.model_dump(mode="json")})
     return path
 
@@ -184,3 +202,24 @@ def test_granite_refusals_are_one_line(root):
     unshared = _native(root, "unshared", embedding_multiplier=2.0)
     with pytest.raises(MoecptError, match="granitemoeshared is Granite-MoE with a shared expert; this model has none"):
         export_hf(unshared, root / "x", family="granitemoeshared")
+
+
+def test_a_softmax_bias_router_exports_to_ernie(root):
+    """Auxiliary-loss-free balancing with softmax scores (moecpt's ``bias`` router) is Ernie-4.5-MoE's routing."""
+    ckpt = _native(root, "softmax-bias", router={"kind": "bias", "renormalize": True})
+    out = root / "softmax-bias-hf"
+    assert export_hf(ckpt, out)["family"] == "ernie4_5_moe"
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    ids = _ids(12)
+    hf_logits, hf_topk = hf_forward(hf, ids)
+    logits, topk = ours_forward(load_model(ckpt), ids)
+    assert (hf_logits - logits).abs().max().item() <= TOL and same_topk(hf_topk, topk)
+    with pytest.raises(MoecptError, match="--family ernie4_5_moe") as e:
+        export_hf(ckpt, root / "refused-qwen", family="qwen2_moe")
+    assert "\n" not in str(e.value)
+    folder = root / "ernie-biased"
+    save_tiny_hf("ernie4_5_moe", folder, seed=2)
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "use_bias": True}))
+    with pytest.raises(MoecptError, match="use_bias = true"):
+        import_hf(folder, root / "ernie-biased-ckpt")
