@@ -49,6 +49,15 @@ def test_activations_are_the_dry_runs_formula():
         {"weights": 4000, "grads": 4000, "optimizer_state": 8000, "activations": 355_328}
 
 
+def test_activation_checkpointing_keeps_only_what_it_does_not_recompute():
+    sbh, logits = 32 * 2 * 64, 3 * 4 * 2 * 32 * 100
+    assert activation_bytes(CFG, 32, 2, True, "full") == 2 * 2 * sbh + 34 * sbh + logits  # block inputs + one block
+    # both blocks are MoE: each drops its FFN's 19 sbh, and one MoE FFN is recomputed at a time
+    assert activation_bytes(CFG, 32, 2, True, "moe-only") == 2 * 34 * sbh - 2 * 19 * sbh + 19 * sbh + logits
+    dense = model_preset("smoke-dense", vocab_size=100)
+    assert activation_bytes(dense, 32, 2, True, "moe-only") == activation_bytes(dense, 32, 2, True)
+
+
 def test_dense_ddp_replicates_and_all_reduces_the_gradients():
     mem, comm = _plan(DENSE, 2)
     assert (mem["weights"], mem["grads"], mem["optimizer_state"], mem["outer_state"]) == (4000, 4000, 8000, 0)

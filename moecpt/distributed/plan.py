@@ -26,8 +26,9 @@ flat fp32 delta of the round (4; ``K × 4`` in gather mode, LAgg-A). FSDP also h
 block, or the root: embedding, final norm, head) unsharded while it computes: its fp32 weights and gradients, ``8 ×``
 its parameters (its expert part ``/ E``); the prefetched next unit is not counted. Activations of one micro-batch:
 Korthikanti et al. (arXiv 2205.05198, eq. 1) ``34 s b h`` per layer at 16 bits, without the attention scores SDPA
-does not keep, plus the fp32 logits (:func:`moecpt.train.plan.activation_bytes`); ``b`` is the per-rank micro-batch
-(every rank reads ``batch_size / W`` rows, EP included). Under EP with a balanced router each rank's experts see as
+does not keep, plus the fp32 logits, less what activation checkpointing recomputes
+(:func:`moecpt.train.plan.activation_bytes`); ``b`` is the per-rank micro-batch (every rank reads
+``batch_size / W`` rows, EP included). Under EP with a balanced router each rank's experts see as
 many token slots as without EP, so the estimate is the same (a skewed router concentrates them). The peak is the
 sum. ``train.dtype = "auto"`` is planned as bf16 unless ``train.device = "cpu"`` (the plan is of a GPU job).
 
@@ -156,7 +157,7 @@ def memory_per_rank(recipe: Recipe, model_cfg: ModelConfig, stats: dict[str, Any
                            "outer_state": sum(outer.values()),
                            "fsdp_gathered": fsdp_gathered_bytes(stats, mesh) if layout.step == SyncKind.FSDP else 0,
                            "activations": activation_bytes(model_cfg, recipe.data.seq_len, micro,
-                                                           planned_bf16(recipe))}
+                                                           planned_bf16(recipe), recipe.train.activation_checkpointing)}
     out["total"] = sum(out.values())
     return {**out, "outer_parts": outer, "resident": res, "micro_batch": micro}
 

@@ -87,10 +87,11 @@ def _b(n: int) -> str:
 def render(plan: dict[str, Any]) -> str:
     """The plan as text: one line per quantity, bytes in binary units (GiB), per rank."""
     m, lay, p, mem, comm = plan["mesh"], plan["layout"], plan["params"], plan["memory_bytes"], plan["comm_bytes"]
-    step = {"ddp": "DDP", "fsdp": "FSDP2", "none": "none (each rank is a worker)"}[lay["step"]]
+    step = ("nothing (each rank is a worker of its own)" if lay["step"] == "none"
+            else f"{ {'ddp': 'DDP', 'fsdp': 'FSDP2'}[lay['step']]} over {lay['step_group']} rank(s)")
     lines = [
         f"plan of {plan['recipe']!r} on {m['world']} ranks: {m['islands']} island(s) x {m['dp']} dp x {m['ep']} ep",
-        f"  every step: {step} over {lay['step_group']} rank(s)"
+        f"  every step: {step}"
         + (f"; outer {lay['outer']} every {lay['local_steps']} steps over {lay['outer_workers']} workers"
            if lay["outer"] else ""),
         f"  per rank: {lay['rows_per_rank']} sequences a step in micro-batches of {lay['micro_batch']}; "

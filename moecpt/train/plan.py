@@ -13,8 +13,9 @@ FLOPs per token as in PaLM, Chowdhery et al. 2022, App. B). Memory per process (
 * activations of one micro-batch, an estimate: ``34 s b h`` bytes per layer for 16-bit activations (Korthikanti et
   al. 2022, arXiv 2205.05198, eq. 1, without the ``5 a s^2 b`` attention-score term, which
   ``scaled_dot_product_attention`` does not keep), doubled for fp32, plus the fp32 logits, log-softmax and logit
-  gradient of :func:`moecpt.storage.preflight.logit_bytes`. The dense-block formula is used for MoE
-  blocks too (an approximation).
+  gradient of :func:`moecpt.storage.preflight.logit_bytes`; with ``train.activation_checkpointing`` only what
+  the backward does not recompute (:func:`activation_bytes`). The dense-block formula is used for MoE blocks too
+  (an approximation).
 
 The time estimate is the median of a few timed optimizer steps (the first, a warm-up, excluded) times the steps
 left; evaluations and checkpoints are not included.
@@ -25,7 +26,7 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
-from moecpt.config import InnerOptimizer, ModelConfig, Recipe, SyncKind
+from moecpt.config import ActivationCheckpointing, InnerOptimizer, ModelConfig, Recipe, SyncKind
 from moecpt.storage.preflight import logit_bytes
 from moecpt.train.perf import mfu
 
@@ -43,11 +44,25 @@ def state_bytes(resident_params: int, inner: InnerOptimizer, copies: int = 1) ->
             "optimizer_state": MOMENT_BYTES[inner] * resident_params * copies}
 
 
-def activation_bytes(model_cfg: ModelConfig, seq_len: int, micro: int, bf16: bool) -> int:
+def activation_bytes(model_cfg: ModelConfig, seq_len: int, micro: int, bf16: bool,
+                     checkpointing: ActivationCheckpointing = ActivationCheckpointing.NONE) -> int:
     """Activation bytes of one training micro-batch of ``micro`` sequences of ``seq_len`` tokens (module doc:
-    Korthikanti et al. 2022, eq. 1, without the attention-score term, plus the fp32 logits)."""
-    per_layer = 34 * seq_len * micro * model_cfg.d_model * (1 if bf16 else 2)
-    return model_cfg.n_layers * per_layer + logit_bytes(micro, seq_len, model_cfg.vocab_size)
+    Korthikanti et al. 2022, eq. 1, without the attention-score term, plus the fp32 logits).
+
+    With ``train.activation_checkpointing`` (Korthikanti et al., Sec. 4.1 and Table 2): ``full`` keeps each block's
+    input (``2 s b h``) and recomputes one block at a time (its ``34 s b h`` on top); ``moe-only`` drops the FFN
+    share of an MoE block (the ``19 s b h`` of eq. 1's MLP) and recomputes one MoE FFN at a time. Doubled for fp32.
+    """
+    sbh = seq_len * micro * model_cfg.d_model * (1 if bf16 else 2)
+    L = model_cfg.n_layers
+    if checkpointing == ActivationCheckpointing.FULL:
+        blocks = L * 2 * sbh + 34 * sbh
+    elif checkpointing == ActivationCheckpointing.MOE_ONLY:
+        moe = sum(model_cfg.is_moe_layer(i) for i in range(L))
+        blocks = L * 34 * sbh - moe * 19 * sbh + (19 * sbh if moe else 0)
+    else:
+        blocks = L * 34 * sbh
+    return blocks + logit_bytes(micro, seq_len, model_cfg.vocab_size)
 
 
 def memory_plan(recipe: Recipe, model_cfg: ModelConfig, total_params: int, micro: int, workers: int,
@@ -56,7 +71,8 @@ def memory_plan(recipe: Recipe, model_cfg: ModelConfig, total_params: int, micro
     (see the module doc for what each counts)."""
     resident = total_params // world_size if recipe.distributed.sync == SyncKind.FSDP else total_params
     out = {**state_bytes(resident, recipe.distributed.inner_optimizer, workers),
-           "activations": activation_bytes(model_cfg, recipe.data.seq_len, micro, bf16)}
+           "activations": activation_bytes(model_cfg, recipe.data.seq_len, micro, bf16,
+                                           recipe.train.activation_checkpointing)}
     out["total"] = sum(out.values())
     return out
 
