@@ -15,9 +15,10 @@ from typing import Any
 
 import torch
 
-from moecpt.config import Recipe, SyncKind
+from moecpt.config import DispatchKind, Recipe, SyncKind
 from moecpt.distributed import launch
 from moecpt.distributed.ddp import DDPSync, FSDPSync
+from moecpt.distributed.ep_sync import ExpertParallelSync
 from moecpt.distributed.local_sgd import LocalSGDSync
 from moecpt.distributed.mesh import build_mesh
 from moecpt.distributed.simulate import SimulatedDDPSync
@@ -90,12 +91,16 @@ def build_sync(recipe: Recipe, info: DistInfo, device: torch.device, simulate_wo
     workers = simulate_workers or info.world_size
     local_workers = simulate_workers or 1
     mesh = build_mesh(recipe, workers)  # the plan's check, at start: a mesh that does not divide is one line
-    if mesh.ep > 1 or mesh.islands > 1:
-        raise MoecptError("distributed.expert_parallel / islands are not built yet in this version; set them to 1")
+    if mesh.islands > 1:
+        raise MoecptError("distributed.islands is not built yet in this version; set it to 1")
+    if mesh.ep > 1:
+        _check_expert_parallel(recipe, info, simulate_workers)
     if local:
         sync: SyncStrategy = LocalSGDSync(recipe, info, workers, local_workers, device, outer=outer_optimizer)
     elif simulate_workers is not None:
         sync = SimulatedDDPSync(recipe, info, workers, local_workers, device)
+    elif mesh.ep > 1:
+        sync = ExpertParallelSync(recipe, info, workers, 1, device, mesh=mesh, timeout_s=recipe.distributed.timeout_s)
     elif info.distributed and kind == SyncKind.DDP:
         sync = DDPSync(recipe, info, workers, 1, device)
     elif info.distributed and kind == SyncKind.FSDP:
@@ -104,3 +109,17 @@ def build_sync(recipe: Recipe, info: DistInfo, device: torch.device, simulate_wo
         sync = SyncStrategy(recipe, info, 1, 1, device)
     sync.local_batch_rows(recipe.train.batch_size)
     return sync
+
+
+def _check_expert_parallel(recipe: Recipe, info: DistInfo, simulate_workers: int | None) -> None:
+    """One-line refusals of what EP does not run (the mesh itself is checked by ``build_mesh``)."""
+    d, moe = recipe.distributed, recipe.model.moe
+    if simulate_workers is not None or not info.distributed:
+        raise MoecptError(f"distributed.expert_parallel={d.expert_parallel} splits the experts over real ranks; "
+                          f"launch {d.expert_parallel} or more with torchrun (not --simulate-workers)")
+    if d.sync != SyncKind.DDP:
+        raise MoecptError(f"distributed.expert_parallel={d.expert_parallel} runs with sync = 'ddp' (data parallel "
+                          f"over the non-expert parameters); sync = {d.sync.value!r} is not supported with it")
+    if moe is not None and moe.dispatch == DispatchKind.LOOP:
+        raise MoecptError("model.moe.dispatch = 'loop' is the single-process reference path; use 'grouped' with "
+                          "distributed.expert_parallel > 1")

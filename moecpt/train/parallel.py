@@ -170,6 +170,18 @@ class SingleSync:
     def after_backward(self, workers: list[Worker]) -> None:
         """All micro-batches are done (simulated DDP averages the gradients here)."""
 
+    def grad_norm(self, model: nn.Module, clip: float | None) -> float:
+        """The worker's total gradient norm (all its parameters), clipped to ``clip`` when set (FSDP2's sharded
+        gradients included: torch reduces DTensor norms over the shards). Strategies whose ranks hold different
+        parameters (expert parallelism) override it with the global norm."""
+        if clip is not None:
+            return _scalar(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
+        grads = [p.grad.detach() for p in model.parameters() if p.grad is not None]
+        if grads and hasattr(grads[0], "full_tensor"):  # DTensor (FSDP2): let torch reduce over the shards
+            return _scalar(torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf")))
+        return float(torch.linalg.vector_norm(torch.stack(
+            [torch.linalg.vector_norm(g.float()) for g in grads]))) if grads else 0.0
+
     def reduce_step(self, workers: list[Worker], stats: list[StepStats], log: bool
                     ) -> tuple[dict[str, float], list[torch.Tensor] | None, Any]:
         """``stats`` = one :class:`StepStats` per local worker -> the step's ``(scalars, loads, routing)``: in
@@ -210,6 +222,10 @@ class SingleSync:
     def summary(self, tokens: int) -> dict[str, Any] | None:
         """The communication summary of the run (None: nothing communicated)."""
         return None
+
+
+def _scalar(t: Any) -> float:
+    return float(t.full_tensor() if hasattr(t, "full_tensor") else t)
 
 
 class SingleProcess:
