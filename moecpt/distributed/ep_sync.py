@@ -165,6 +165,9 @@ class ExpertParallelSync(DDPSync):
     def meta(self) -> dict[str, Any]:
         return {**super().meta(), "expert_parallel": self.mesh.ep}
 
+    def summary(self, tokens: int) -> dict[str, Any] | None:
+        return {**super().summary(tokens), "expert_parallel": self.mesh.ep}
+
     # ------------------------------------------------------------------------------------------ checkpoints
     def checkpoint_state(self, workers: list[Worker]) -> tuple[dict | None, dict | None, dict | None]:
         """The single-file format: rank 0 gathers the expert weights and their optimizer moments from its EP group

@@ -48,6 +48,10 @@ def _exchange(out: torch.Tensor, x: torch.Tensor, out_splits: list[int], in_spli
     return out
 
 
+def _not_counted(sent: int, received: int, seconds: float) -> None:
+    """The recorder of evaluation forwards: their exchanges are not training traffic."""
+
+
 class _AllToAll(torch.autograd.Function):
     """``x [sum(in_splits), D] -> [sum(out_splits), D]`` over ``group``; backward: the same exchange reversed."""
 
@@ -108,17 +112,18 @@ class ExpertParallelExperts(nn.Module):
             ``[T, D]`` in ``x_TD``'s dtype: ``sum_k gate[t, k] * expert_{idx[t, k]}(x[t])`` over the kept slots.
         """
         dtype, dev = _compute_dtype(x_TD), x_TD.device
+        record = self.record if self.training else _not_counted  # training traffic only (as every other kind)
         T, K = topk_idx_TK.shape
         N, El = self.ep, self.local_experts
         # 1. counts: recv_NL[r, j] = slots peer r sends for local expert j
         recv_NL = torch.empty(N * El, dtype=counts_E.dtype, device=dev)
-        _exchange(recv_NL, counts_E.contiguous(), [El] * N, [El] * N, self.group, self.index, self.record)
+        _exchange(recv_NL, counts_E.contiguous(), [El] * N, [El] * N, self.group, self.index, record)
         recv_NL = recv_NL.view(N, El)
         host = torch.cat([counts_E.view(N, El).sum(1), recv_NL.sum(1)]).tolist()  # the one host sync
         send_splits, recv_splits = host[:N], host[N:]
         # 2. dispatch: rows sorted by expert are sorted by destination rank
         xs_ND = x_TD.to(dtype).index_select(0, order_N // K)
-        xr_MD = _AllToAll.apply(xs_ND, recv_splits, send_splits, self.group, self.index, self.record)
+        xr_MD = _AllToAll.apply(xs_ND, recv_splits, send_splits, self.group, self.index, record)
         # 3. local experts; received rows come by source rank, then by local expert
         M = xr_MD.shape[0]
         if M == 0:  # keep the graph: every rank must run the backward exchange
@@ -137,7 +142,7 @@ class ExpertParallelExperts(nn.Module):
                 h_MD = grouped_experts(xr_MD, ones_M1, self.w_in.to(dtype), self.w_out.to(dtype), plan,
                                        self.kind).to(dtype)
         # 4. combine at home, as the single-process path sums: fixed order over k, fp32 for 16-bit
-        o_ND = _AllToAll.apply(h_MD, send_splits, recv_splits, self.group, self.index, self.record)
+        o_ND = _AllToAll.apply(h_MD, send_splits, recv_splits, self.group, self.index, record)
         o_TKD = o_ND.new_zeros(T * K, self.d_model).index_copy(0, order_N, o_ND).view(T, K, self.d_model)
         acc = torch.float32 if o_TKD.element_size() < 4 else o_TKD.dtype
         y_TD = (o_TKD.to(acc) * gate_TK.to(dtype).to(acc).unsqueeze(2)).sum(dim=1)

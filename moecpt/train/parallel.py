@@ -254,6 +254,10 @@ class SingleProcess:
         """Rank 0's ``obj`` on every rank (here: ``obj``)."""
         return obj
 
+    def check_launch(self, recipe: Recipe, info: DistInfo, simulate_workers: int | None = None) -> None:
+        """Refuse, before the run folder is claimed, a layout this launch cannot run (the distributed runtime checks
+        its device mesh here; :meth:`build_sync` refuses the rest)."""
+
     def build_sync(self, recipe: Recipe, info: DistInfo, device: torch.device, simulate_workers: int | None = None,
                    outer_optimizer: Any = None) -> SingleSync:
         """The sync strategy for this recipe and launch: :class:`SingleSync`.

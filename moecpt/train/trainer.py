@@ -213,6 +213,7 @@ class Trainer:
         }
         self.parallel.check_same_config(self.identity)  # every rank of a job must run the same thing (a no-op otherwise)
         # before claiming the folder: a recipe that cannot run must not leave a run.json behind
+        self.parallel.check_launch(recipe, self.dist, simulate_workers)
         self._check_data()
         self._preflight()
         self._lock: FolderLock | None = None

@@ -1,0 +1,122 @@
+"""Expert parallelism on CPU / gloo, one launch per world size checking many cases.
+
+* 2 and 4 ranks (``tests/ep_worker.py``): EP = 2 and 4 (at 4 ranks EP = 2 is a 2 x 2 DP x EP mesh) against the
+  single process on the global batch, for Switch, Granular + shared expert (grouped and padded layouts), penalty,
+  Sinkhorn, bias (sigmoid) routers, a capacity factor, and every token sent to one rank's single expert (the other
+  experts, and the other ranks, get none): logits, loss, every gradient, the global norm, the summed bias loads,
+  the all-to-all bytes, one AdamW step and the gathered checkpoint.
+* ``moecpt pretrain`` with EP = 2 launched as torchrun launches it: a rank killed mid-run stops the other in bounded
+  time with the one-line message; the same command resumes from the intact checkpoint to the weights of one
+  process on the combined batch; the all-to-all bytes are in metrics.jsonl apart from the gradient all-reduce;
+  ``moecpt eval`` reads the single-file checkpoint.
+* The CLI refuses EP in a single process, and EP that does not divide, in one line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from test_distributed import assert_close, finish, launch, weights
+from test_trainer import raw_recipe, records, write_toml
+
+from moecpt.cli import main as cli_main
+from moecpt.config import recipe_from_dict
+from moecpt.train.checkpoint import load_checkpoint
+from moecpt.train.trainer import Trainer
+
+WORKER = Path(__file__).resolve().parent / "ep_worker.py"
+ROOT = Path(__file__).resolve().parent.parent
+N_CASES = 7  # CASES in ep_worker.py
+
+
+def _run_worker(tmp: Path, world: int, ep_sizes: str) -> list[str]:
+    store = tmp / f"store-{uuid.uuid4().hex[:8]}"
+    procs = [subprocess.Popen([sys.executable, str(WORKER)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env={**os.environ, "RANK": str(r), "WORLD_SIZE": str(world),
+                                              "MOECPT_INIT_METHOD": f"file://{store}", "EP_SIZES": ep_sizes,
+                                              "OMP_NUM_THREADS": "1"})
+             for r in range(world)]
+    outs = []
+    for rank, (rc, out, err) in enumerate(finish(procs, timeout=240)):
+        assert rc == 0, f"rank {rank} failed:\n{err[-4000:]}"
+        outs.append(out)
+    return outs
+
+
+@pytest.mark.parametrize("world, ep_sizes", [(2, "2"), (4, "4,2")])
+def test_ep_equals_the_single_process(tmp_path, world, ep_sizes):
+    for out in _run_worker(tmp_path, world, ep_sizes):
+        done = [x for x in out.splitlines() if x.startswith("ok ")]
+        assert len(done) == N_CASES * len(ep_sizes.split(",")), out
+
+
+EP_SETS = ["distributed.expert_parallel=2", "distributed.inner_optimizer=sgd", "distributed.timeout_s=30"]
+STEPS = 16
+
+
+def test_pretrain_with_ep_survives_a_killed_rank_resumes_and_evaluates(tmp_path, capsys):
+    raw = raw_recipe("smoke-switch", optim={"lr": 0.05, "min_lr": 0.005},
+                     train={"steps": STEPS, "checkpoint_every": 4, "eval_every": 4, "log_every": 1})
+    recipe = write_toml(tmp_path / "ep.toml", raw)
+    out = tmp_path / "ep"
+    procs = launch(tmp_path, recipe, out, EP_SETS)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 90
+    while time.time() < deadline and procs[0].poll() is None:  # after the step-4 checkpoint, before the end
+        if metrics.exists() and any(json.loads(x).get("step", 0) >= 6 for x in metrics.read_text().splitlines()
+                                    if x.strip()):
+            break
+        time.sleep(0.02)
+    procs[1].send_signal(signal.SIGKILL)
+    t_kill = time.time()
+    (rc0, _, err0), (rc1, _, _) = finish(procs, timeout=60)
+    assert rc1 == -signal.SIGKILL, "the run finished before rank 1 could be killed"
+    assert rc0 == 2, f"rank 0 should stop with a one-line error, got rc {rc0}:\n{err0[-2000:]}"
+    assert "rank 1 stopped responding" in err0 and "run the same command again" in err0, err0[-2000:]
+    assert time.time() - t_kill < 30
+    assert 4 <= load_checkpoint(out).step < STEPS  # verified: intact
+
+    for rank, (rc, _, err) in enumerate(finish(launch(tmp_path, recipe, out, EP_SETS))):
+        assert rc == 0, f"resumed rank {rank} failed:\n{err[-3000:]}"
+    ck = load_checkpoint(out)
+    assert ck.step == STEPS and ck.meta["expert_parallel"] == 2
+    assert ck.model_state()["blocks.0.ffn.experts.w_in"].shape[0] == 8  # the single-file format: every expert
+    # = one process on the combined batch (the ranks' halves are its micro-batches; the aux loss is per rank)
+    single = recipe_from_dict({**raw, "train": {**raw["train"], "micro_batch_size": 4}},
+                              ["distributed.inner_optimizer=sgd"])
+    Trainer(single, tmp_path / "single", show_progress=False).run()
+    assert_close(weights(out), weights(tmp_path / "single"), atol=2e-5)
+    train = [r for r in records(out) if "lr" in r]
+    assert [r["step"] for r in train] == list(range(1, STEPS + 1))
+    assert all(r["a2a_bytes_step"] > 0 and r["a2a_bytes"] < r["comm_bytes"] for r in train)
+    (summary,) = [r for r in records(out) if r.get("event") == "comm_summary"]
+    assert summary["expert_parallel"] == 2 and {"all_to_all", "grads"} <= set(summary["by_kind"])
+
+    capsys.readouterr()
+    assert cli_main(["eval", "--checkpoint", str(out), "--batches", "1", "--batch-size", "4", "--json"]) == 0
+    assert "loss" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["distributed.expert_parallel=2"], "splits the experts over real ranks; launch 2 or more with torchrun"),
+    (["distributed.expert_parallel=3"], "distributed.expert_parallel=3 does not divide the model's 8 routed experts"),
+    (["distributed.expert_parallel=2", "distributed.sync=fsdp"], "runs with sync = 'ddp'"),
+    (["distributed.expert_parallel=2", "model.moe.dispatch=loop"], "use 'grouped' with distributed.expert_parallel"),
+    (["distributed.expert_parallel=2", "model.preset=smoke-dense"], "needs an MoE model"),
+])
+def test_cli_refuses_ep_in_one_line(tmp_path, capsys, sets, message):
+    recipe = write_toml(tmp_path / "r.toml", raw_recipe("smoke-switch"))
+    argv = ["pretrain", "--recipe", str(recipe), "--out", str(tmp_path / "run"), "--no-progress",
+            *[a for s in sets for a in ("--set", s)]]
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "run").exists()
