@@ -33,16 +33,21 @@ from moecpt.train.trainer import lm_loss  # noqa: E402
 
 GRANULAR = {"preset": "smoke-granular", "moe": {"num_experts": 32, "top_k": 3, "granularity": 4,
                                                 "num_shared_experts": 1}}
-#: name -> (model section, all tokens forced onto EP rank 0's first expert, padded bmm layout for the experts)
+#: name -> (model section, all tokens forced onto EP rank 0's first expert, padded bmm layout for the experts,
+#: activation checkpointing)
 CASES = {
-    "switch-penalty": ({"preset": "smoke-switch"}, False, False),
-    "granular-shared-penalty": (GRANULAR, False, False),
-    "granular-shared-padded": (GRANULAR, False, True),
-    "switch-sinkhorn": ({"preset": "smoke-switch", "moe": {"router": {"kind": "sinkhorn"}}}, False, False),
+    "switch-penalty": ({"preset": "smoke-switch"}, False, False, None),
+    "granular-shared-penalty": (GRANULAR, False, False, None),
+    "granular-shared-padded": (GRANULAR, False, True, None),
+    "switch-sinkhorn": ({"preset": "smoke-switch", "moe": {"router": {"kind": "sinkhorn"}}}, False, False, None),
     "granular-bias-sigmoid": ({**GRANULAR, "moe": {**GRANULAR["moe"], "router": {
-        "kind": "bias", "score_fn": "sigmoid", "bias_update_rate": 0.01}}}, False, False),
-    "switch-capacity": ({"preset": "smoke-switch", "moe": {"capacity_factor": 1.0}}, False, False),
-    "switch-bias-all-to-rank0": ({"preset": "smoke-switch", "moe": {"router": {"kind": "bias"}}}, True, False),
+        "kind": "bias", "score_fn": "sigmoid", "bias_update_rate": 0.01}}}, False, False, None),
+    "switch-capacity": ({"preset": "smoke-switch", "moe": {"capacity_factor": 1.0}}, False, False, None),
+    "switch-bias-all-to-rank0": ({"preset": "smoke-switch", "moe": {"router": {"kind": "bias"}}}, True, False, None),
+    # the replayed forward exchanges again in the backward, in the same order on every rank (one rank gets no row)
+    "all-to-rank0-moe-only-ckpt": ({"preset": "smoke-switch", "moe": {"router": {"kind": "bias"}}}, True, False,
+                                   "moe-only"),
+    "granular-full-ckpt": (GRANULAR, False, False, "full"),
 }
 ROWS, SEQ, VOCAB = 2, 16, 97
 TOL = dict(atol=2e-5, rtol=1e-4)
@@ -54,7 +59,8 @@ def rank_loss(model, rows):
     return logits, lm_loss(logits, rows[:, 1:]) + aux
 
 
-def run_case(name: str, model_raw: dict, force: bool, padded: bool, info: DistInfo, ep: int) -> None:
+def run_case(name: str, model_raw: dict, force: bool, padded: bool, ckpt: str | None, info: DistInfo,
+             ep: int) -> None:
     W, rank = info.world_size, info.rank
     model_raw = {**model_raw, "vocab_size": VOCAB, "max_seq_len": SEQ}
     recipe = recipe_from_dict(raw_recipe(model=model_raw, train={"batch_size": ROWS * W},
@@ -67,6 +73,7 @@ def run_case(name: str, model_raw: dict, force: bool, padded: bool, info: DistIn
             r.expert_bias.zero_()[0] = 100.0
     for b in full.blocks:
         b.ffn.use_grouped_mm = False if padded else None  # None: torch._grouped_mm where it runs
+    full.set_activation_checkpointing(ckpt or "none")
     batch = torch.randint(0, VOCAB, (ROWS * W, SEQ), generator=torch.Generator().manual_seed(2))
     mine = batch[rank * ROWS:(rank + 1) * ROWS]
 
@@ -125,7 +132,9 @@ def run_case(name: str, model_raw: dict, force: bool, padded: bool, info: DistIn
     slots_in = int(sum(t[rank] for t in every))
     counts = len(routing) * (ep - 1) * local * 8
     sent = sync.acct.kinds[A2A]["bytes_sent"]
-    assert sent == expected_a2a_bytes(int(to_rank.sum()), slots_in, D, torch.float32) + counts, (name, sent)
+    fwd = 2 if ckpt else 1  # a replayed forward exchanges its counts and tokens again
+    want = expected_a2a_bytes(int(to_rank.sum()), slots_in, D, torch.float32) * (fwd + 1) // 2 + fwd * counts
+    assert sent == want, (name, sent, want)
 
     # one AdamW step, then the gathered single-file checkpoint = the reference's state
     ref_opt = build_worker_optimizer(ref, recipe, dev)
@@ -151,8 +160,8 @@ def main() -> None:
     info = DistInfo(rank=rank, world_size=world, local_rank=rank, backend="gloo")
     eps = [int(x) for x in os.environ["EP_SIZES"].split(",")]
     for ep in eps:
-        for name, (model_raw, force, padded) in CASES.items():
-            run_case(f"{name}@ep{ep}", model_raw, force, padded, info, ep)
+        for name, (model_raw, force, padded, ckpt) in CASES.items():
+            run_case(f"{name}@ep{ep}", model_raw, force, padded, ckpt, info, ep)
     dist.destroy_process_group()
 
 

@@ -31,7 +31,7 @@ from moecpt.train.trainer import Trainer
 
 WORKER = Path(__file__).resolve().parent / "ep_worker.py"
 ROOT = Path(__file__).resolve().parent.parent
-N_CASES = 7  # CASES in ep_worker.py
+N_CASES = 9  # CASES in ep_worker.py
 
 
 def _run_worker(tmp: Path, world: int, ep_sizes: str) -> list[str]:
