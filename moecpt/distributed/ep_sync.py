@@ -140,14 +140,12 @@ class ExpertParallelSync(DDPSync):
         as ``torch.nn.utils.clip_grad_norm_`` clips (``clip / (norm + 1e-6)``, at most 1) when ``clip`` is set."""
         experts = {id(p) for p in self.expert_params}
         params = [p for p in model.parameters() if p.grad is not None]
-        sq = lambda ps: torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in ps]).square().sum() \
-            if ps else torch.zeros((), device=self.device)  # noqa: E731
-        exp_sq = sq([p for p in params if id(p) in experts]).reshape(1)
+        exp_sq = _sum_sq([p for p in params if id(p) in experts], self.device).reshape(1)
         t0 = time.perf_counter()
         dist.all_reduce(exp_sq, group=self.ep_group)
         self.acct.record("stats", allreduce_bytes(4, self.mesh.ep), allreduce_bytes(4, self.mesh.ep),
                          time.perf_counter() - t0)
-        total = torch.sqrt(sq([p for p in params if id(p) not in experts]) + exp_sq[0])
+        total = torch.sqrt(_sum_sq([p for p in params if id(p) not in experts], self.device) + exp_sq[0])
         if clip is not None:
             coef = torch.clamp(clip / (total + 1e-6), max=1.0)
             for p in params:
@@ -189,6 +187,13 @@ class ExpertParallelSync(DDPSync):
         parts = [torch.empty_like(t) for _ in range(self.mesh.ep)] if self.info.is_main else None
         dist.gather(t, parts, dst=0, group=self.ep_group0)
         return torch.cat(parts) if parts is not None else None
+
+
+def _sum_sq(params: list[nn.Parameter], device: torch.device) -> torch.Tensor:
+    """``sum |grad|^2`` over ``params`` in fp32 (per-tensor norms first, as ``clip_grad_norm_``); 0 for none."""
+    if not params:
+        return torch.zeros((), device=device)
+    return torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in params]).square().sum()
 
 
 def _is_expert_state(v: Any) -> bool:

@@ -81,8 +81,11 @@ class ExpertParallelExperts(nn.Module):
 
     Args:
         full: the layer's :class:`~moecpt.model.moe.RoutedExperts` (all ``E`` experts; its slice is copied).
-        group: the EP process group (``N`` ranks); index: this rank's place in it.
-        record: called after every exchange with bytes sent / received and seconds.
+        group: the EP process group; size: its ``N`` ranks; index: this rank's place in it.
+        record: called after every exchange of a training forward / backward with bytes sent, received, seconds.
+
+    Raises:
+        ValueError: ``N`` does not divide ``E`` (the recipe check refuses that first, in one line).
     """
 
     def __init__(self, full: nn.Module, group, size: int, index: int, record: Recorder):
