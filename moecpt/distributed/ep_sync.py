@@ -183,10 +183,11 @@ class ExpertParallelSync(DDPSync):
         return _rank0_state(self, model_state, opt_state)
 
     def _gather(self, t: torch.Tensor) -> torch.Tensor | None:
+        """The full ``[E, ...]`` tensor on rank 0 (on the host: one expert tensor at a time on the device)."""
         t = t.detach().contiguous()
-        parts = [torch.empty_like(t) for _ in range(self.mesh.ep)] if self.info.is_main else None
-        dist.gather(t, parts, dst=0, group=self.ep_group0)
-        return torch.cat(parts) if parts is not None else None
+        full = t.new_empty(self.mesh.ep * t.shape[0], *t.shape[1:]) if self.info.is_main else None
+        dist.gather(t, list(full.chunk(self.mesh.ep)) if full is not None else None, dst=0, group=self.ep_group0)
+        return full.cpu() if full is not None else None
 
 
 def _sum_sq(params: list[nn.Parameter], device: torch.device) -> torch.Tensor:
