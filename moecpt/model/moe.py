@@ -142,8 +142,9 @@ class MoELayer(nn.Module):
         self.shared_gate = nn.Linear(cfg.d_model, 1, bias=False) if (self.shared and moe.shared_expert_gate) else None
 
     def replace_experts(self, experts: nn.Module) -> nn.Module:
-        """Swap the routed-experts module for ``experts`` (same ``num_experts``, :meth:`RoutedExperts.forward_grouped`'s
-        signature; the grouped dispatch only, the ``loop`` reference path calls ``forward_expert`` of all experts).
+        """Swap the routed-experts module for ``experts`` (the same ``num_experts`` and the signature of
+        :meth:`RoutedExperts.forward_grouped`; grouped dispatch only: the ``loop`` reference path calls
+        ``forward_expert`` of every expert).
         Its parameters keep the names ``experts.w_in`` / ``experts.w_out``. Returns the module it replaced.
 
         Raises:

@@ -730,6 +730,7 @@ class Trainer:
             acc.add(routing)
         return ce_sum / n_micro, aux_sum / n_micro, acc
 
+    # ------------------------------------------------------------------------------------------------- pieces
     def _load_parent(self, model: Transformer, optimizer: torch.optim.Optimizer) -> None:
         ck = self._parent_ckpt
         state = ck.model_state(self.device)
