@@ -23,14 +23,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_trainer import raw_recipe, records, write_toml
 
 from moecpt.cli import main as cli_main
 from moecpt.config import recipe_from_dict
 from moecpt.distributed.runtime import Distributed
 from moecpt.train.checkpoint import load_checkpoint
 from moecpt.train.trainer import Trainer
-
-from test_trainer import raw_recipe, records, write_toml
 
 WORLD = 2
 SGD_NO_CLIP = {"optim": {"lr": 0.05, "min_lr": 0.005, "grad_clip": 1e9}}  # clipping is per worker in local SGD
@@ -70,6 +69,26 @@ def finish(procs: list[subprocess.Popen], timeout: float = 120) -> list[tuple[in
             so, se = p.communicate()
         out.append((p.returncode, so, se))
     return out
+
+
+def kill_rank1_and_check_the_stop(procs: list[subprocess.Popen], out: Path, step: int) -> None:
+    """Once rank 0 has logged ``step``, SIGKILL rank 1; rank 0 must stop within a bounded time with the one-line
+    message that names rank 1 and says to run the same command again."""
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 90
+    while time.time() < deadline and procs[0].poll() is None:
+        if metrics.exists() and any(json.loads(x).get("step", 0) >= step for x in metrics.read_text().splitlines()
+                                    if x.strip()):
+            break
+        time.sleep(0.02)
+    procs[1].send_signal(signal.SIGKILL)
+    t_kill = time.time()
+    (rc0, _, err0), (rc1, _, _) = finish(procs, timeout=60)
+    stopped_after = time.time() - t_kill
+    assert rc1 == -signal.SIGKILL, "the run finished before rank 1 could be killed"
+    assert rc0 == 2, f"rank 0 should stop with a one-line error, got rc {rc0}:\n{err0[-2000:]}"
+    assert "rank 1 stopped responding" in err0 and "run the same command again" in err0, err0[-2000:]
+    assert stopped_after < 30  # bounded: gloo sees the closed connection, plus the diagnosis window
 
 
 def run_job(tmp: Path, name: str, raw: dict, sets: list[str]) -> Path:
@@ -194,22 +213,7 @@ def test_killed_worker_stops_the_other_and_the_same_command_resumes(jobs):
     recipe = write_toml(tmp / "kill.toml", jobs["diloco_raw"])
     out = tmp / "kill"
     sets = [*DILOCO_SETS, "distributed.timeout_s=30"]
-    procs = launch(tmp, recipe, out, sets)
-    metrics = out / "metrics.jsonl"
-    deadline = time.time() + 90
-    while time.time() < deadline and procs[0].poll() is None:  # wait until rank 0 has logged step 5 (mid-round 3)
-        if metrics.exists() and any(json.loads(x).get("step", 0) >= 5 for x in metrics.read_text().splitlines()
-                                    if x.strip()):
-            break
-        time.sleep(0.02)
-    procs[1].send_signal(signal.SIGKILL)
-    t_kill = time.time()
-    (rc0, _, err0), (rc1, _, _) = finish(procs, timeout=60)
-    stopped_after = time.time() - t_kill
-    assert rc1 == -signal.SIGKILL
-    assert rc0 == 2, f"rank 0 should stop with a one-line error, got rc {rc0}:\n{err0[-2000:]}"
-    assert "rank 1 stopped responding" in err0 and "run the same command again" in err0, err0[-2000:]
-    assert stopped_after < 30  # bounded: gloo sees the closed connection, plus the diagnosis window
+    kill_rank1_and_check_the_stop(launch(tmp, recipe, out, sets), out, step=5)  # mid-round 3
     ck = load_checkpoint(out)  # verified (sha256): the last complete checkpoint is intact
     assert 4 <= ck.step < DILOCO_STEPS
     for rank, (rc, _, err) in enumerate(finish(launch(tmp, recipe, out, sets))):

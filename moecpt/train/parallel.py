@@ -170,6 +170,18 @@ class SingleSync:
     def after_backward(self, workers: list[Worker]) -> None:
         """All micro-batches are done (simulated DDP averages the gradients here)."""
 
+    def grad_norm(self, model: nn.Module, clip: float | None) -> float:
+        """The worker's total gradient norm (all its parameters), clipped to ``clip`` when set (FSDP2's sharded
+        gradients included: torch reduces DTensor norms over the shards). Strategies whose ranks hold different
+        parameters (expert parallelism) override it with the global norm."""
+        if clip is not None:
+            return _scalar(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
+        grads = [p.grad.detach() for p in model.parameters() if p.grad is not None]
+        if grads and hasattr(grads[0], "full_tensor"):  # DTensor (FSDP2): let torch reduce over the shards
+            return _scalar(torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf")))
+        return float(torch.linalg.vector_norm(torch.stack(
+            [torch.linalg.vector_norm(g.float()) for g in grads]))) if grads else 0.0
+
     def reduce_step(self, workers: list[Worker], stats: list[StepStats], log: bool
                     ) -> tuple[dict[str, float], list[torch.Tensor] | None, Any]:
         """``stats`` = one :class:`StepStats` per local worker -> the step's ``(scalars, loads, routing)``: in
@@ -212,6 +224,10 @@ class SingleSync:
         return None
 
 
+def _scalar(t: Any) -> float:
+    return float(t.full_tensor() if hasattr(t, "full_tensor") else t)
+
+
 class SingleProcess:
     """The trainer's runtime for one process with one worker (the default): every collective is the identity.
 
@@ -237,6 +253,10 @@ class SingleProcess:
     def broadcast_object(self, obj: Any) -> Any:
         """Rank 0's ``obj`` on every rank (here: ``obj``)."""
         return obj
+
+    def check_launch(self, recipe: Recipe, info: DistInfo, simulate_workers: int | None = None) -> None:
+        """Refuse, before the run folder is claimed, a layout this launch cannot run (the distributed runtime checks
+        its device mesh here; :meth:`build_sync` refuses the rest)."""
 
     def build_sync(self, recipe: Recipe, info: DistInfo, device: torch.device, simulate_workers: int | None = None,
                    outer_optimizer: Any = None) -> SingleSync:

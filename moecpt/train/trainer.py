@@ -251,6 +251,7 @@ class Trainer:
         }
         self.parallel.check_same_config(self.identity)  # every rank of a job must run the same thing (a no-op otherwise)
         # before claiming the folder: a recipe that cannot run must not leave a run.json behind
+        self.parallel.check_launch(recipe, self.dist, simulate_workers)
         self._check_data()
         self._preflight()
         self._lock: FolderLock | None = None
@@ -627,8 +628,9 @@ class Trainer:
         scalars, loads, acc = sync.reduce_step(workers, stats, log)
         ce_mean, aux_mean = scalars["loss"], scalars["aux_loss"]
         # every-step modes decide on the reduced loss (all ranks agree); local-SGD workers on their own
-        grad_norms = [self._grad_norm(w.model) if math.isfinite(ce_mean + aux_mean if sync.every_step else c + a)
-                      else None for w, (c, a, _) in zip(workers, local)]
+        grad_norms = [sync.grad_norm(w.model, r.optim.grad_clip)
+                      if math.isfinite(ce_mean + aux_mean if sync.every_step else c + a) else None
+                      for w, (c, a, _) in zip(workers, local)]
         grad_norm = grad_norms[0]
         # an overflowing gradient can come with a finite loss: it would write NaN into the weights (and the next
         # checkpoint), so it counts as non-finite too
@@ -741,17 +743,6 @@ class Trainer:
             acc.add(routing)
         ce_mean, aux_mean = (torch.stack([ce_sum, aux_sum]) / n_micro).tolist()
         return ce_mean, aux_mean, acc
-
-    def _grad_norm(self, model: Transformer) -> float:
-        """Total gradient norm, clipped to ``optim.grad_clip`` when set (FSDP2's sharded gradients included)."""
-        clip = self.recipe.optim.grad_clip
-        if clip is not None:
-            return _scalar(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
-        grads = [p.grad.detach() for p in model.parameters() if p.grad is not None]
-        if grads and hasattr(grads[0], "full_tensor"):  # DTensor (FSDP2): let torch reduce over the shards
-            return _scalar(torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf")))
-        return float(torch.linalg.vector_norm(torch.stack(
-            [torch.linalg.vector_norm(g.float()) for g in grads]))) if grads else 0.0
 
     # ------------------------------------------------------------------------------------------------- pieces
     def _load_parent(self, model: Transformer, optimizer: torch.optim.Optimizer) -> None:
@@ -896,10 +887,6 @@ def cpt_architecture_conflicts(recipe_model: Any, parent_model: Any) -> list[str
             theirs = "none (dense)" if key == "moe" and have.get(key) is None else repr(have.get(key))
             out.append(f"model.{key} = {shown}, the parent has {theirs}")
     return out
-
-
-def _scalar(t: Any) -> float:
-    return float(t.full_tensor() if hasattr(t, "full_tensor") else t)
 
 
 def _first_difference(a: Any, b: Any, path: str = "") -> str:
