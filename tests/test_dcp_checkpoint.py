@@ -1,8 +1,9 @@
 """Sharded (DCP) checkpoints: atomic per-rank shards, manifest checks, resharding on resume, consolidation.
 
 * one process: the DCP layout holds bit for bit the state the single-file layout holds; consolidation gives a
-  checkpoint eval reads with the same numbers; consolidate refuses bad input in one line; a truncated shard is
-  named, moved aside and the previous checkpoint resumed, to the uninterrupted run's weights;
+  checkpoint eval reads with the same numbers; consolidate refuses bad input in one line; a DCP parent gives the
+  same CPT run as a single-file one; a hostile ``.metadata`` pickle is refused; a truncated shard is named, moved
+  aside and the previous checkpoint resumed, to the uninterrupted run's weights;
 * FSDP2 on 4 gloo processes writes DCP (4 shards, each hashed); one launch of two world-2 jobs resumes (a) the DCP
   checkpoint itself, resharded 4 -> 2, after the newest one lost a shard's tail, and (b) its consolidated
   single-file form: both continue identically, bit for bit, and as the world-4 run did; a single process resumes
@@ -14,6 +15,7 @@ is per micro-batch) and differ only in reduction order.
 
 from __future__ import annotations
 
+import pickle
 import shutil
 from pathlib import Path
 
@@ -28,6 +30,7 @@ from moecpt.cli import main as cli_main
 from moecpt.config import recipe_from_dict
 from moecpt.errors import MoecptError
 from moecpt.train.checkpoint import load_checkpoint
+from moecpt.train.dcp_io import read_full
 from moecpt.train.trainer import Trainer
 
 STEPS = 4
@@ -121,6 +124,30 @@ def test_dcp_layout_holds_the_single_file_state_and_consolidates(local_runs, cap
     assert (tmp / "mine" / "notes.txt").read_text() == "user data" and not (tmp / "o1").exists()
     assert cli_main(["export-hf", str(tmp / "dcp"), "--out", str(tmp / "hf")]) == 2
     assert "run `moecpt checkpoint consolidate" in capsys.readouterr().err and not (tmp / "hf").exists()
+
+
+def test_cpt_from_a_dcp_parent_equals_cpt_from_the_single_file_parent(local_runs, tmp_path):
+    cpt = raw_recipe("smoke-switch", steps=2, checkpoint_every=2, train={"micro_batch_size": 2},
+                     cpt={"load_optimizer": True})
+    for fmt in ("single", "dcp"):
+        Trainer(recipe_from_dict(cpt), tmp_path / fmt, parent=local_runs / fmt, show_progress=False).run()
+    assert_same_state(tmp_path / "dcp", tmp_path / "single")
+
+
+def test_dcp_metadata_is_unpickled_with_an_allow_list(local_runs, tmp_path):
+    """DCP's .metadata is a pickle: one naming anything but DCP's metadata types is refused, never run."""
+
+    class Boom:
+        def __reduce__(self):
+            return (shutil.rmtree, (str(tmp_path / "victim"),))
+
+    (tmp_path / "victim").mkdir()
+    bad = tmp_path / "ck"
+    shutil.copytree(step_dir(local_runs / "dcp", STEPS), bad)
+    (bad / "dcp" / ".metadata").write_bytes(pickle.dumps(Boom()))
+    with pytest.raises(MoecptError, match="not a DCP metadata file moecpt reads safely"):
+        read_full(str(bad / "dcp"), "model")
+    assert (tmp_path / "victim").is_dir()
 
 
 def test_truncated_shard_is_moved_aside_and_the_previous_checkpoint_resumed(local_runs, tmp_path, capsys):

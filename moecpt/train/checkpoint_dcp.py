@@ -112,21 +112,16 @@ def save_sharded_checkpoint(
     Raises:
         MoecptError (on every rank): ``path`` exists, a shard is not visible to rank 0 (``--out`` not on a shared
             file system), the disk is full or the folder unwritable; nothing is published then.
-        TypeError / ValueError: a meta / RNG value that cannot be saved (on rank 0, before anything is written).
+        TypeError / ValueError: a meta / RNG value that cannot be saved (on rank 0, before anything is written;
+            the other ranks raise MoecptError quoting it).
     """
     path = Path(path)
     rank, _ = _group()
     plan: tuple[str, str] = ("ok", "")
+    failure: BaseException | None = None
     if rank == 0:
-        meta = dict(meta or {})
-        if MANIFEST_KEY in meta:
-            raise ValueError(f"meta key {MANIFEST_KEY!r} is reserved for the checkpoint manifest")
-        meta["step"] = _step_of(path, meta)
-        dumps_json(meta)
-        for name, obj in (("rng_state", rng_state), ("optimizer_extra", optimizer_extra)):
-            if obj is not None:
-                _check_weights_only_safe(obj, name)
         try:
+            meta = _checked_meta(path, meta, rng_state, optimizer_extra)
             if path.exists():
                 raise MoecptError(f"checkpoint {path} already exists; refusing to overwrite it (remove it, or write "
                                   "the run to a new folder)")
@@ -134,11 +129,15 @@ def save_sharded_checkpoint(
             tmp = path.parent / temp_name(path.name)
             tmp.mkdir()
             plan = ("ok", str(tmp))
-        except MoecptError as exc:
-            plan = ("error", str(exc))
         except OSError as exc:
-            plan = ("error", f"saving checkpoint {path}: {os_error_line(exc, path.parent)}")
+            failure = MoecptError(f"saving checkpoint {path}: {os_error_line(exc, path.parent)}")
+        except Exception as exc:  # told to every rank first, so that none waits for a save that never starts
+            failure = exc
+        if failure is not None:
+            plan = ("error", f"rank 0 could not start checkpoint {path}: {failure}")
     plan = _from_rank0(plan)
+    if failure is not None:
+        raise failure
     if plan[0] == "error":
         raise MoecptError(plan[1])
     tmp = Path(plan[1])
@@ -168,6 +167,21 @@ def save_sharded_checkpoint(
     if outcome is not None:
         raise MoecptError(outcome)
     return path
+
+
+def _checked_meta(path: Path, meta: Mapping[str, Any] | None, rng_state: dict | None,
+                  optimizer_extra: dict | None) -> dict:
+    """Rank 0's meta with its step, after the checks :func:`~moecpt.train.checkpoint.save_checkpoint` makes before
+    writing anything (reserved key, JSON-able, ``weights_only``-loadable RNG / optimizer extras)."""
+    meta = dict(meta or {})
+    if MANIFEST_KEY in meta:
+        raise ValueError(f"meta key {MANIFEST_KEY!r} is reserved for the checkpoint manifest")
+    meta["step"] = _step_of(path, meta)
+    dumps_json(meta)
+    for name, obj in (("rng_state", rng_state), ("optimizer_extra", optimizer_extra)):
+        if obj is not None:
+            _check_weights_only_safe(obj, name)
+    return meta
 
 
 def _finish(path: Path, tmp: Path, hashed: list[dict], meta: dict, rest: dict, optimizer_extra: dict | None,

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from tokenizers import Tokenizer
 
@@ -53,6 +54,9 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def run_consolidate(args: argparse.Namespace) -> int:
+    existed = Path(args.out).expanduser().exists()
     out = consolidate_checkpoint(args.path, args.out)
-    print(f"consolidated {load_checkpoint(out, verify=False).meta.get('consolidated_from', {}).get('path')} -> {out}")
+    source = load_checkpoint(out, verify=False).meta.get("consolidated_from", {}).get("path")
+    print(f"{out} already holds {source}, consolidated; left as it is" if existed
+          else f"consolidated {source} -> {out}")
     return 0
