@@ -28,6 +28,7 @@ from tiny_recipes import raw_recipe
 from moecpt.analysis.evaluate import evaluate_checkpoint
 from moecpt.cli import main as cli_main
 from moecpt.config import recipe_from_dict
+from moecpt.distributed.runtime import Distributed
 from moecpt.errors import MoecptError
 from moecpt.train.checkpoint import load_checkpoint
 from moecpt.train.dcp_io import read_full
@@ -122,6 +123,16 @@ def test_dcp_layout_holds_the_single_file_state_and_consolidates(local_runs, cap
         err = capsys.readouterr().err
         assert words in err and err.count("\n") == 1, err
     assert (tmp / "mine" / "notes.txt").read_text() == "user data" and not (tmp / "o1").exists()
+    # the same consolidation again is left as it is; another checkpoint into it is refused
+    assert cli_main(["checkpoint", "consolidate", str(tmp / "dcp" / "checkpoints" / "step_00000004" / "dcp"),
+                     "--out", str(out)]) == 0
+    assert "left as it is" in capsys.readouterr().out
+    assert cli_main(["checkpoint", "consolidate", str(step_dir(tmp / "dcp", 2)), "--out", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    with pytest.raises(MoecptError, match="'dcp' does not apply to distributed.sync = 'diloco'"):
+        Trainer(recipe_from_dict(RAW, ["distributed.sync=diloco", "train.checkpoint_format=dcp"]), tmp / "dil",
+                show_progress=False, parallel=Distributed())
+    assert not (tmp / "dil").exists()
     assert cli_main(["export-hf", str(tmp / "dcp"), "--out", str(tmp / "hf")]) == 2
     assert "run `moecpt checkpoint consolidate" in capsys.readouterr().err and not (tmp / "hf").exists()
 

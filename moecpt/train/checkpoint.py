@@ -541,6 +541,8 @@ def load_checkpoint(path: str | Path, *, verify: bool = True) -> Checkpoint:
             raise MoecptError(f"{p} is a file; give a checkpoint folder (…/checkpoints/step_N) or a run folder")
     if _TMP_RE.search(p.name):
         raise MoecptError(f"{p} is the temp folder of an interrupted save, not a checkpoint; load the run folder")
+    if p.name == DCP_DIR and (p.parent / META_FILE).is_file():  # the shard folder of a DCP checkpoint
+        p = p.parent
     if not (p / META_FILE).exists():
         root = p / CHECKPOINTS_DIR if (p / CHECKPOINTS_DIR).is_dir() else p
         candidates = _step_dirs(root)
