@@ -15,7 +15,6 @@ is per micro-batch) and differ only in reduction order.
 
 from __future__ import annotations
 
-import pickle
 import shutil
 from pathlib import Path
 
@@ -145,20 +144,25 @@ def test_cpt_from_a_dcp_parent_equals_cpt_from_the_single_file_parent(local_runs
     assert_same_state(tmp_path / "dcp", tmp_path / "single")
 
 
+def _reduce_pickle(module: str, name: str, arg: str) -> bytes:
+    """A protocol-4 pickle calling ``module.name(arg)`` (``name`` may be dotted, as pickle allows)."""
+    text = lambda x: b"\x8c" + bytes([len(x.encode())]) + x.encode()  # noqa: E731  SHORT_BINUNICODE
+    return b"\x80\x04" + text(module) + text(name) + b"\x93" + text(arg) + b"\x85R."
+
+
 def test_dcp_metadata_is_unpickled_with_an_allow_list(local_runs, tmp_path):
-    """DCP's .metadata is a pickle: one naming anything but DCP's metadata types is refused, never run."""
-
-    class Boom:
-        def __reduce__(self):
-            return (shutil.rmtree, (str(tmp_path / "victim"),))
-
-    (tmp_path / "victim").mkdir()
+    """DCP's .metadata is a pickle: one naming anything but DCP's metadata types is refused, never run, also when
+    it reaches a callable through an allowed module's imports (a dotted name)."""
+    victim = tmp_path / "victim"
     bad = tmp_path / "ck"
     shutil.copytree(step_dir(local_runs / "dcp", STEPS), bad)
-    (bad / "dcp" / ".metadata").write_bytes(pickle.dumps(Boom()))
-    with pytest.raises(MoecptError, match="not a DCP metadata file moecpt reads safely"):
-        read_full(str(bad / "dcp"), "model")
-    assert (tmp_path / "victim").is_dir()
+    for module, name in (("shutil", "rmtree"), ("torch.distributed.checkpoint.filesystem", "os.rmdir")):
+        victim.mkdir()
+        (bad / "dcp" / ".metadata").write_bytes(_reduce_pickle(module, name, str(victim)))
+        with pytest.raises(MoecptError, match="not a DCP metadata file moecpt reads safely"):
+            read_full(str(bad / "dcp"), "model")
+        assert victim.is_dir(), f"{module}.{name} ran"
+        victim.rmdir()
 
 
 def test_truncated_shard_is_moved_aside_and_the_previous_checkpoint_resumed(local_runs, tmp_path, capsys):

@@ -38,21 +38,24 @@ METADATA_FILE = ".metadata"
 MODEL_PREFIX = "model"
 OPTIM_PREFIX = "optim"
 
-# what a DCP ``.metadata`` pickle may name (torch 2.6 - 2.13); anything else is refused, never constructed
-_META_MODULES = frozenset({"torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem"})
-_TORCH_NAMES = frozenset({"Size", "device", "layout", "memory_format", "strided", "contiguous_format",
-                          "channels_last", "preserve_format"})
-_PATH_NAMES = frozenset({"PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath", "Path"})
+# what a DCP ``.metadata`` pickle may name (torch 2.6 - 2.13), by exact name: pickle resolves dotted names
+# (``module`` + ``"os.system"`` reaches whatever the module imported), so allowing a whole module would allow anything
+_META_CLASSES = {
+    "torch.distributed.checkpoint.metadata": frozenset({
+        "Metadata", "MetadataIndex", "ChunkStorageMetadata", "TensorStorageMetadata", "BytesStorageMetadata",
+        "TensorProperties", "StorageMeta", "_MEM_FORMAT_ENCODING"}),
+    "torch.distributed.checkpoint.filesystem": frozenset({"_StorageInfo"}),
+    "torch.serialization": frozenset({"_get_layout"}),
+    "torch": frozenset({"Size", "device", "layout", "memory_format"}),
+    "pathlib": frozenset({"PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath", "Path"}),
+    "collections": frozenset({"OrderedDict"}),
+}
 
 
 class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
-        ok = (module in _META_MODULES
-              or (module == "torch" and (name in _TORCH_NAMES or isinstance(getattr(torch, name, None), torch.dtype)))
-              or (module == "torch.serialization" and name == "_get_layout")
-              or (module in ("pathlib", "pathlib._local") and name in _PATH_NAMES)
-              or (module == "collections" and name == "OrderedDict"))
-        if not ok:
+        dtype = module == "torch" and "." not in name and isinstance(getattr(torch, name, None), torch.dtype)
+        if not (dtype or name in _META_CLASSES.get(module, ())):
             raise pickle.UnpicklingError(f"refusing {module}.{name}")
         return super().find_class(module, name)
 
