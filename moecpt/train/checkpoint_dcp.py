@@ -38,7 +38,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from moecpt.errors import MoecptError
-from moecpt.storage.atomic import dumps_json, publish_dir, temp_name
+from moecpt.storage.atomic import dumps_json, fsync_dir, publish_dir, temp_name
 from moecpt.storage.outputs import check_new_output, os_error_line, read_marker, write_marker
 from moecpt.train.checkpoint import (
     LAYOUT_DCP,
@@ -199,8 +199,11 @@ def _finish(path: Path, tmp: Path, hashed: list[dict], meta: dict, rest: dict, o
     from_disk = {f"{DCP_DIR}/{f.name}" for f in (tmp / DCP_DIR).iterdir()}
     if from_disk - files.keys():
         files |= {n: _file_entry(tmp / n) for n in sorted(from_disk - files.keys())}
-    _write_state_files(tmp, meta, {}, {**rest, **(optimizer_extra or {})}, rng_state, hashed=files,
-                       optimizer_file=OPTIMIZER_REST_FILE, layout=LAYOUT_DCP)
+    opt_rest = {**rest, **(optimizer_extra or {})}
+    _check_weights_only_safe(opt_rest, "optimizer_state")  # fail at save time, not at resume time
+    fsync_dir(tmp / DCP_DIR)  # the shard files are fsynced by DCP; their folder's entries here
+    _write_state_files(tmp, meta, {}, opt_rest, rng_state, hashed=files, optimizer_file=OPTIMIZER_REST_FILE,
+                       layout=LAYOUT_DCP)
     _publish(tmp, path)
 
 
