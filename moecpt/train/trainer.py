@@ -56,7 +56,7 @@ from moecpt.train.compile import check_compile_backend, compile_module
 from moecpt.train.host_memory import retain_freed_memory
 from moecpt.train.loss import cross_entropy
 from moecpt.train.metrics import JsonlSink, RoutingAccumulator, TensorBoardSink, WandbSink, check_sink_packages
-from moecpt.train.parallel import SYNC_KEY, SingleProcess, StepStats, build_worker_optimizer
+from moecpt.train.parallel import LOCAL_SYNCS, SYNC_KEY, SingleProcess, StepStats, build_worker_optimizer
 from moecpt.train.perf import device_peak_flops, mfu, step_memory_metrics
 from moecpt.train.plan import memory_plan, run_plan
 from moecpt.train.preemption import Preempted, PreemptionWatcher, signal_name
@@ -241,7 +241,7 @@ class Trainer:
         if self.recipe.train.checkpoint_format != CheckpointFormat.DCP:
             return
         sync = self.recipe.distributed.sync
-        if sync in (SyncKind.LOCAL_SGD, SyncKind.SLOWMO, SyncKind.DILOCO) or self.simulate_workers is not None:
+        if sync in LOCAL_SYNCS or self.simulate_workers is not None:
             what = "--simulate-workers" if self.simulate_workers is not None else f"distributed.sync = {sync.value!r}"
             raise MoecptError(f"train.checkpoint_format = 'dcp' does not apply to {what} (its checkpoints hold every "
                               "worker's state); use 'auto' or 'single'")
