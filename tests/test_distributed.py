@@ -161,11 +161,13 @@ def test_ddp_equals_one_process_on_the_combined_batch(jobs):
 
 
 def test_fsdp_equals_ddp(jobs):
-    """FSDP2 (fully_shard on a CPU device mesh, gloo) trains the same weights and writes ordinary checkpoints."""
-    fsdp = run_job(jobs["tmp"], "fsdp", jobs["ddp_raw"], [*DDP_SETS, "distributed.sync=fsdp"])
+    """FSDP2 (fully_shard on a CPU device mesh, gloo) trains the same weights and, asked for the single-file layout,
+    gathers ordinary checkpoints (its default DCP layout: tests/test_dcp_checkpoint.py)."""
+    fsdp = run_job(jobs["tmp"], "fsdp", jobs["ddp_raw"], [*DDP_SETS, "distributed.sync=fsdp",
+                                                          "train.checkpoint_format=single"])
     assert_close(weights(fsdp), weights(jobs["ddp"]), atol=1e-5)
     ck = load_checkpoint(fsdp)
-    assert ck.meta["sync"] == "fsdp" and set(ck.optimizer_state()["state"]) == set(
+    assert not ck.sharded and ck.meta["sync"] == "fsdp" and set(ck.optimizer_state()["state"]) == set(
         load_checkpoint(jobs["ddp"]).optimizer_state()["state"])  # index-keyed, as a plain run's
 
 

@@ -117,7 +117,8 @@ class SingleSync:
         ... clip, optimizer step, bias update with `loads` ...
         sync.after_optimizer_step(workers, step, boundary)   # local-SGD family: a communication round every H steps
 
-    and for checkpoints :meth:`checkpoint_state` (a collective: every rank calls it; rank 0 writes).
+    and for checkpoints :meth:`checkpoint_state` (single-file layout: a collective, rank 0 writes) or
+    :meth:`sharded_checkpoint_state` (DCP layout: every rank writes its shard).
 
     Attributes:
         kind: the recipe's ``distributed.sync`` value (``"single"`` here).
@@ -125,11 +126,17 @@ class SingleSync:
             whose workers drift apart between rounds (their per-step losses are then worker 0's own).
         num_workers: all workers of the job; local_workers: those this process runs.
         reports: whether communication fields appear in metrics, checkpoints and the summary.
+        dcp_capable: one model and optimizer per process, so checkpoints may use the sharded (DCP) layout; False
+            where a checkpoint holds several workers' states (local-SGD family, simulated workers).
+        shards_state: parameters and optimizer state are sharded over ranks (FSDP2), so
+            ``train.checkpoint_format = "auto"`` writes DCP.
     """
 
     kind = "single"
     every_step = True
     reports = False
+    dcp_capable = True
+    shards_state = False
 
     def __init__(self, recipe: Recipe, info: DistInfo, num_workers: int = 1, local_workers: int = 1,
                  device: torch.device | None = None):
@@ -200,6 +207,14 @@ class SingleSync:
         """``(model_state, optimizer_state, rng_state)`` to save on rank 0 (None elsewhere). A collective."""
         w = workers[0]
         return w.model.state_dict(), w.optimizer.state_dict(), capture_rng_state()
+
+    def sharded_checkpoint_state(self, workers: list[Worker]
+                                 ) -> tuple[nn.Module, torch.optim.Optimizer, dict | None, dict | None]:
+        """``(model, optimizer, rng_state, optimizer_extra)`` for a DCP save: this rank's model and optimizer (its
+        shards), and on rank 0 the RNG record and extra optimizer keys (the strategy's marker; None elsewhere).
+        A collective."""
+        w = workers[0]
+        return w.model, w.optimizer, capture_rng_state(), None
 
     def select_rng(self, saved: dict) -> dict:
         """This rank's part of a saved RNG state (a checkpoint of a distributed run keeps one per rank)."""
