@@ -14,6 +14,9 @@ Tasks (``TASKS``):
 * ``cancer-mlp32``: scikit-learn's bundled breast-cancer data (569 x 30 features, standardised with the train
   statistics, 2 classes), MLP 30-32-2 (benchmark).
 * ``wine-mlp32``: scikit-learn's bundled wine data (178 x 13, standardised, 3 classes), MLP 13-32-3.
+* ``digits-mlp16``, ``digits-mlp64``, ``digits4x4-mlp64``: other widths of the digits MLPs (64-16-10, 64-64-10,
+  16-64-10).
+* ``iris-mlp16``: scikit-learn's bundled iris data (150 x 4, standardised, 3 classes), MLP 4-16-3, b = 32.
 * ``english-lm``, ``german-lm``, ``code-lm``: a tiny decoder-only transformer (1 layer, d = 16, 2 heads, RMSNorm,
   learned positions, untied output, context 32) on a bundled demo corpus (``PreparedData.open("demo")``). To keep
   CPU cost tiny the 4096-token vocabulary is cut to the 255 most frequent train tokens of that source plus one
@@ -159,7 +162,8 @@ def _sklearn(name: str):
 @cache
 def _classification_data(dataset: str) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
     """``(x_train, y_train, x_heldout, y_heldout, classes)``: fixed 80/20 split (seed 0), float32 features."""
-    source = {"digits": "digits", "digits4x4": "digits", "cancer": "breast_cancer", "wine": "wine"}[dataset]
+    source = {"digits": "digits", "digits4x4": "digits", "cancer": "breast_cancer", "wine": "wine",
+              "iris": "iris"}[dataset]
     d = _sklearn(source)
     x = np.asarray(d.data, dtype=np.float32)
     y = np.asarray(d.target, dtype=np.int64)
@@ -350,14 +354,22 @@ TASKS: dict[str, Callable[[], Task]] = {
     "digits4x4-mlp32": lambda: MLPTask("digits4x4-mlp32", "digits4x4", (32,)),
     "digits-mlp128": lambda: MLPTask("digits-mlp128", "digits", (128,)),
     "digits-mlp64x2": lambda: MLPTask("digits-mlp64x2", "digits", (64, 64)),
+    "digits-mlp16": lambda: MLPTask("digits-mlp16", "digits", (16,)),
+    "digits-mlp64": lambda: MLPTask("digits-mlp64", "digits", (64,)),
+    "digits4x4-mlp64": lambda: MLPTask("digits4x4-mlp64", "digits4x4", (64,)),
     "cancer-mlp32": lambda: MLPTask("cancer-mlp32", "cancer", (32,)),
     "wine-mlp32": lambda: MLPTask("wine-mlp32", "wine", (32,), batch_size=32),
+    "iris-mlp16": lambda: MLPTask("iris-mlp16", "iris", (16,), batch_size=32),
     "english-lm": lambda: TinyLMTask("english-lm", "english"),
     "german-lm": lambda: TinyLMTask("german-lm", "german"),
     "code-lm": lambda: TinyLMTask("code-lm", "code"),
 }
-META_TRAIN_TASK = "digits-mlp32"
+META_TRAIN_TASK = "digits-mlp32"  # the first of the default set: meta-training's periodic evaluation runs on it
 BENCH_TASKS = ("digits-mlp128", "cancer-mlp32", "code-lm")
+#: the default meta-training distribution: MLPs of widths 16-64 and depths 1-2 on four data sets, and a transformer
+#: LM; none of the benchmark's held-out tasks (tests/test_lopt_meta_train.py checks this)
+META_TRAIN_TASKS = ("digits-mlp32", "digits-mlp16", "digits-mlp64", "digits4x4-mlp64", "digits-mlp64x2",
+                    "wine-mlp32", "iris-mlp16", "english-lm")
 
 
 def get_task(name: str) -> Task:
