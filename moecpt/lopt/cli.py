@@ -57,7 +57,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--local-steps", default=None, help="comma-separated H values (default 4,8,16)")
     p.add_argument("--rounds", type=int, default=None, help="communication rounds (default 60; quick 20)")
     p.add_argument("--methods", default=None, help="comma-separated subset of: lagg-a, lopt-a, local-sgd, slowmo, "
-                                                     "diloco, adam, sgd (default: all)")
+                                                     "diloco-adamw, diloco-sgd, adam, sgd (default: all)")
+    p.add_argument("--inner-schedule", default="constant", choices=["constant", "cosine"],
+                   help="the workers' LR over the rounds: constant, or cosine to 1e-3 of the peak (a decaying "
+                        "recipe's late phase; the rows then report the outer step against the deltas)")
     p.add_argument("--seeds", type=int, default=None, help="seeds (default 5; quick 2)")
     p.add_argument("--lagg", default="lagg-a", help="LAgg-A weights: shipped name or .safetensors path")
     p.add_argument("--lopt", default="lopt-a", help="LOpt-A weights: shipped name or .safetensors path")
@@ -105,7 +108,8 @@ def run_meta_train(args: argparse.Namespace) -> int:
 
 def run_bench(args: argparse.Namespace) -> int:
     cfg = BenchConfig.make(quick=args.quick, tasks=args.tasks, local_steps=args.local_steps, rounds=args.rounds,
-                           seeds=args.seeds, lagg=args.lagg, lopt=args.lopt, methods=args.methods)
+                           seeds=args.seeds, lagg=args.lagg, lopt=args.lopt, methods=args.methods,
+                           inner_schedule=args.inner_schedule)
     _threads(args.threads)
     rows, _ = _run(cfg, out=args.out, progress=not args.no_progress)
     if args.json:

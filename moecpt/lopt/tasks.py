@@ -25,10 +25,16 @@ Tasks (``TASKS``):
 
 Workers run plain SGD (no momentum, constant LR) on i.i.d. mini-batches drawn with replacement from the train
 split. Losses are in nats (mean cross-entropy).
+
+Validation split (hyperparameter tuning, ``moecpt lopt bench``): :meth:`Task.tuning_task` is the same task with
+:data:`VAL_FRACTION` of its train split set aside (a fixed random subset of the examples; the last tenth of the
+train tokens for the LMs): it trains on the rest and its ``"val"`` split is what it set aside. The held-out
+split is never used for tuning.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -43,6 +49,7 @@ from moecpt.data.prepared import PreparedData
 from moecpt.errors import MoecptError
 
 Batch = tuple[Tensor, ...]
+VAL_FRACTION = 0.2  # of the train examples (MLPs); the LMs set aside the last tenth of their train tokens
 
 
 class Task(ABC):
@@ -79,7 +86,13 @@ class Task(ABC):
 
     @abstractmethod
     def eval_batch(self, split: str) -> Batch:
-        """A fixed evaluation set of the ``"train"`` or ``"heldout"`` split (no leading model dim)."""
+        """A fixed evaluation set of the ``"train"`` or ``"heldout"`` split, or ``"val"`` of a :meth:`tuning_task`
+        (no leading model dim)."""
+
+    @abstractmethod
+    def tuning_task(self) -> Task:
+        """This task with a validation split set aside from its train split (see the module doc); the copy trains
+        on the rest of the train split, and ``eval_batch("val")`` is the set-aside part."""
 
     def loss_and_grads(self, params: list[Tensor], batch: Batch) -> tuple[Tensor, list[Tensor]]:
         """Per-model losses ``[M]`` and gradients (``[M, *S]`` each) of ``M`` independent models.
@@ -220,7 +233,19 @@ class MLPTask(Task):
         return F.cross_entropy(h.reshape(M * b, C), y.reshape(M * b), reduction="none").reshape(M, b).mean(1)
 
     def eval_batch(self, split: str) -> Batch:
+        if split == "val":
+            if not hasattr(self, "x_val"):
+                raise ValueError(f"{self.name} has no validation split; use tuning_task()")
+            return self.x_val, self.y_val
         return (self.x, self.y) if split == "train" else (self.x_ho, self.y_ho)
+
+    def tuning_task(self) -> MLPTask:
+        out = copy.copy(self)
+        perm = torch.randperm(len(self.y), generator=torch.Generator().manual_seed(1))
+        n_val = max(1, int(round(VAL_FRACTION * len(self.y))))
+        val, fit = perm[:n_val], perm[n_val:]
+        out.x, out.y, out.x_val, out.y_val = self.x[fit], self.y[fit], self.x[val], self.y[val]
+        return out
 
     def loss_and_grads(self, params: list[Tensor], batch: Batch) -> tuple[Tensor, list[Tensor]]:
         """Hand-written forward and backward pass (same values as autograd; tested)."""
@@ -345,7 +370,18 @@ class TinyLMTask(Task):
         return ce.reshape(M, b * T).mean(1)
 
     def eval_batch(self, split: str) -> Batch:
+        if split not in self._eval:
+            raise ValueError(f"{self.name} has no {split!r} split; use tuning_task() for 'val'")
         return (self._eval[split],)
+
+    def tuning_task(self) -> TinyLMTask:
+        out = copy.copy(self)
+        cut = int(len(self.train_ids) * (1 - VAL_FRACTION / 2))
+        out.train_ids = self.train_ids[:cut]
+        g = torch.Generator().manual_seed(4321)
+        out._eval = {"train": out._windows(out.train_ids, 64, g), "val": out._windows(self.train_ids[cut:], 64, g),
+                     "heldout": self._eval["heldout"]}
+        return out
 
 
 # ------------------------------------------------------------------------------------------------- registry
