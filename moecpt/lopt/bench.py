@@ -194,7 +194,9 @@ def run_method(task: Task, method: str, settings: list[dict], seeds: list[int], 
         settings: hyperparameters per setting (``lr_mult``, ``inner_lr``, ``outer_lr``, ``momentum``, ``slow_lr``,
             ``beta``, ``lr``, as the method takes them).
         schedule: the inner LR over the rounds (:func:`lr_factor`).
-        validation: ``task`` is a :meth:`~moecpt.lopt.tasks.Task.tuning_task`; also score its ``"val"`` split.
+        validation: ``task`` is a :meth:`~moecpt.lopt.tasks.Task.tuning_task`; also score its ``"val"`` split,
+            and skip the per-round train loss (tuning needs the final model only; the curve then holds the last
+            round's loss in every row).
 
     Returns:
         ``{"curve": [R, B] train loss of the global model after each round, "train": [B], "heldout": [B],
@@ -264,7 +266,10 @@ def run_method(task: Task, method: str, settings: list[dict], seeds: list[int], 
             else:  # pragma: no cover - guarded by BenchConfig
                 raise ValueError(method)
         step_rms[r] = _rms([q - p for q, p in zip(params, before)])
-        curve[r] = task.eval_loss(params, "train")
+        if not validation or r == R - 1:
+            curve[r] = task.eval_loss(params, "train")
+    if validation:
+        curve[:] = curve[-1]
     clip = 10 * math.log(task.num_classes)  # diverged runs count as a large finite loss
 
     def fix(x: Tensor) -> Tensor:
