@@ -4,8 +4,9 @@ DiLoCo, learned outer optimizers), an in-process simulator, and communication ac
 
 Module map: ``launch`` (process group start-up / teardown, rank info, config check, failure diagnosis),
 ``runtime`` (:class:`Distributed`, the runtime ``Trainer(parallel=...)`` receives, and :func:`build_sync`),
-``strategy`` (the strategies' base over the loop's interface in :mod:`moecpt.train.parallel`), ``ddp`` (DDP, FSDP2), ``local_sgd``
-(outer loop, pseudo-gradient, outer optimizers, gather mode), ``simulate`` (``--simulate-workers``),
+``strategy`` (the strategies' base over the loop's interface in :mod:`moecpt.train.parallel`), ``ddp`` (DDP,
+FSDP2), ``local_sgd`` (outer loop, pseudo-gradient, outer optimizers, gather mode), ``islands`` (the outer loop
+across islands, data parallel inside each), ``mesh`` (rank layout), ``simulate`` (``--simulate-workers``),
 ``accounting`` (bytes, rounds, times, emulated link).
 """
 

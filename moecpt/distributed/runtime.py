@@ -18,6 +18,7 @@ import torch
 from moecpt.config import Recipe, SyncKind
 from moecpt.distributed import launch
 from moecpt.distributed.ddp import DDPSync, FSDPSync
+from moecpt.distributed.islands import IslandSync
 from moecpt.distributed.local_sgd import LocalSGDSync
 from moecpt.distributed.mesh import build_mesh
 from moecpt.distributed.simulate import SimulatedDDPSync
@@ -90,10 +91,15 @@ def build_sync(recipe: Recipe, info: DistInfo, device: torch.device, simulate_wo
     workers = simulate_workers or info.world_size
     local_workers = simulate_workers or 1
     mesh = build_mesh(recipe, workers)  # the plan's check, at start: a mesh that does not divide is one line
-    if mesh.ep > 1 or mesh.islands > 1:
-        raise MoecptError("distributed.expert_parallel / islands are not built yet in this version; set them to 1")
-    if local:
-        sync: SyncStrategy = LocalSGDSync(recipe, info, workers, local_workers, device, outer=outer_optimizer)
+    if mesh.ep > 1:
+        raise MoecptError("distributed.expert_parallel is not built yet in this version; set it to 1")
+    if mesh.islands > 1 and recipe.distributed.island_sync == SyncKind.FSDP:
+        raise MoecptError("distributed.island_sync = 'fsdp' is not built yet in this version; use 'ddp' inside "
+                          "islands")
+    if mesh.islands > 1:
+        sync: SyncStrategy = IslandSync(recipe, info, mesh, local_workers, device, outer=outer_optimizer)
+    elif local:
+        sync = LocalSGDSync(recipe, info, workers, local_workers, device, outer=outer_optimizer)
     elif simulate_workers is not None:
         sync = SimulatedDDPSync(recipe, info, workers, local_workers, device)
     elif info.distributed and kind == SyncKind.DDP:
