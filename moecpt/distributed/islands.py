@@ -211,7 +211,8 @@ class IslandSync(LocalSGDSync):
         self._record("sync", allgather_bytes(shard_bytes, self.M) if gather else allreduce_bytes(shard_bytes, self.M),
                      t0)
         if self.S > 1:
-            self._record("island_gather", allgather_bytes(shard_bytes * (self.M if gather else 1), self.S), t0)
+            self._record("island_gather", allgather_bytes(shard_bytes * (self.M if gather else 1), self.S),
+                         time.perf_counter())
 
     def mean_delta(self, flats: list[Tensor]) -> Tensor:
         """``(1/M) Σ_i Δ_i`` over the islands, ``[N]``: each rank all-reduces its shard across islands, the island

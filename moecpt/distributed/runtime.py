@@ -20,10 +20,11 @@ from moecpt.distributed import launch
 from moecpt.distributed.ddp import DDPSync, FSDPSync
 from moecpt.distributed.islands import IslandSync
 from moecpt.distributed.local_sgd import LocalSGDSync
-from moecpt.distributed.mesh import build_mesh
+from moecpt.distributed.mesh import Mesh, build_mesh
 from moecpt.distributed.simulate import SimulatedDDPSync
 from moecpt.distributed.strategy import LOCAL_SYNCS, SyncStrategy
 from moecpt.errors import MoecptError
+from moecpt.lopt import load_pretrained
 from moecpt.train.parallel import DistInfo, SingleProcess
 
 
@@ -58,6 +59,41 @@ class Distributed(SingleProcess):
         return launch.diagnose()
 
 
+def check_launch(recipe: Recipe, info: DistInfo, simulate_workers: int | None = None,
+                 outer_optimizer: Any = None) -> Mesh:
+    """The checks of :func:`build_sync` that need no model, as one-line errors: ``moecpt pretrain`` / ``cpt`` run
+    them before the run folder is claimed, so a refused layout writes nothing. Returns the job's mesh.
+
+    Raises:
+        MoecptError: see :func:`build_sync`; also a learned outer optimizer meta-trained for another K than the
+            outer step's workers (the islands, or every worker).
+    """
+    kind = recipe.distributed.sync
+    local = kind in LOCAL_SYNCS
+    if outer_optimizer is not None and not local:
+        raise MoecptError(f"an outer optimizer applies to sync = local-sgd, slowmo or diloco, not {kind.value!r}")
+    if simulate_workers is not None:
+        if simulate_workers < 1:
+            raise MoecptError(f"--simulate-workers {simulate_workers}: give a number of workers >= 1")
+        if info.distributed:
+            raise MoecptError("--simulate-workers runs every worker in one process; do not combine it with torchrun "
+                              f"(this is rank {info.rank} of {info.world_size})")
+        if kind == SyncKind.FSDP:
+            raise MoecptError("sync = 'fsdp' cannot be simulated (it shards one model over real devices); "
+                              "simulate 'ddp' or a local-SGD strategy instead")
+    workers = simulate_workers or info.world_size
+    mesh = build_mesh(recipe, workers)  # the plan's check, at start: a mesh that does not divide is one line
+    if mesh.ep > 1:
+        raise MoecptError("distributed.expert_parallel is not built yet in this version; set it to 1")
+    if mesh.islands > 1 and recipe.distributed.island_sync == SyncKind.FSDP:
+        raise MoecptError("distributed.island_sync = 'fsdp' is not built yet in this version; use 'ddp' inside "
+                          "islands")
+    name = recipe.distributed.outer()[0] if local and outer_optimizer is None else None
+    if name in ("lagg-a", "lopt-a") or (name or "").endswith(".safetensors"):
+        load_pretrained(name, workers=mesh.islands if mesh.islands > 1 else workers)  # K checked, one line
+    return mesh
+
+
 def build_sync(recipe: Recipe, info: DistInfo, device: torch.device, simulate_workers: int | None = None,
                outer_optimizer: Any = None) -> SyncStrategy:
     """The strategy for this recipe and launch.
@@ -75,27 +111,11 @@ def build_sync(recipe: Recipe, info: DistInfo, device: torch.device, simulate_wo
             none; a mesh that does not divide the world, the experts or the batch
             (:func:`moecpt.distributed.mesh.build_mesh`).
     """
+    mesh = check_launch(recipe, info, simulate_workers, outer_optimizer)
+    local = recipe.distributed.sync in LOCAL_SYNCS
     kind = recipe.distributed.sync
-    local = kind in LOCAL_SYNCS
-    if outer_optimizer is not None and not local:
-        raise MoecptError(f"an outer optimizer applies to sync = local-sgd, slowmo or diloco, not {kind.value!r}")
-    if simulate_workers is not None:
-        if simulate_workers < 1:
-            raise MoecptError(f"--simulate-workers {simulate_workers}: give a number of workers >= 1")
-        if info.distributed:
-            raise MoecptError("--simulate-workers runs every worker in one process; do not combine it with torchrun "
-                              f"(this is rank {info.rank} of {info.world_size})")
-        if kind == SyncKind.FSDP:
-            raise MoecptError("sync = 'fsdp' cannot be simulated (it shards one model over real devices); "
-                              "simulate 'ddp' or a local-SGD strategy instead")
     workers = simulate_workers or info.world_size
     local_workers = simulate_workers or 1
-    mesh = build_mesh(recipe, workers)  # the plan's check, at start: a mesh that does not divide is one line
-    if mesh.ep > 1:
-        raise MoecptError("distributed.expert_parallel is not built yet in this version; set it to 1")
-    if mesh.islands > 1 and recipe.distributed.island_sync == SyncKind.FSDP:
-        raise MoecptError("distributed.island_sync = 'fsdp' is not built yet in this version; use 'ddp' inside "
-                          "islands")
     if mesh.islands > 1:
         sync: SyncStrategy = IslandSync(recipe, info, mesh, local_workers, device, outer=outer_optimizer)
     elif local:
