@@ -72,6 +72,17 @@ def finish(procs: list[subprocess.Popen], timeout: float = 120) -> list[tuple[in
     return out
 
 
+def wait_until_logged(rank0: subprocess.Popen, run: Path, step: int, timeout: float = 120) -> None:
+    """Wait until rank 0 has logged ``step`` in ``run/metrics.jsonl`` (or exited, or ``timeout`` passed)."""
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + timeout
+    while time.time() < deadline and rank0.poll() is None:
+        if metrics.exists() and any(json.loads(x).get("step", 0) >= step for x in metrics.read_text().splitlines()
+                                    if x.strip()):
+            return
+        time.sleep(0.02)
+
+
 def run_job(tmp: Path, name: str, raw: dict, sets: list[str]) -> Path:
     recipe = write_toml(tmp / f"{name}.toml", raw)
     out = tmp / name
@@ -195,13 +206,7 @@ def test_killed_worker_stops_the_other_and_the_same_command_resumes(jobs):
     out = tmp / "kill"
     sets = [*DILOCO_SETS, "distributed.timeout_s=30"]
     procs = launch(tmp, recipe, out, sets)
-    metrics = out / "metrics.jsonl"
-    deadline = time.time() + 90
-    while time.time() < deadline and procs[0].poll() is None:  # wait until rank 0 has logged step 5 (mid-round 3)
-        if metrics.exists() and any(json.loads(x).get("step", 0) >= 5 for x in metrics.read_text().splitlines()
-                                    if x.strip()):
-            break
-        time.sleep(0.02)
+    wait_until_logged(procs[0], out, 5)  # mid-round 3
     procs[1].send_signal(signal.SIGKILL)
     t_kill = time.time()
     (rc0, _, err0), (rc1, _, _) = finish(procs, timeout=60)

@@ -12,14 +12,13 @@ launched as torchrun launches ``python -m moecpt pretrain``, against the in-proc
 
 from __future__ import annotations
 
-import json
 import signal
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from test_distributed import assert_close, comm_summary, finish, launch, n_params, weights
+from test_distributed import assert_close, comm_summary, finish, launch, n_params, wait_until_logged, weights
 from test_trainer import raw_recipe, records, write_toml
 
 from moecpt.cli import main as cli_main
@@ -67,13 +66,7 @@ def runs(tmp_path_factory, one_thread):
 
     out = tmp / "real"
     procs = launch(tmp, recipe, out, SETS, world=4)
-    metrics = out / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and procs[0].poll() is None:
-        if metrics.exists() and any(json.loads(x).get("step", 0) >= 5 for x in metrics.read_text().splitlines()
-                                    if x.strip()):
-            break
-        time.sleep(0.02)
+    wait_until_logged(procs[0], out, 5)  # mid-round 3, past the checkpoint of step 4
     procs[3].send_signal(signal.SIGKILL)
     t_kill = time.time()
     killed = finish(procs, timeout=60)
