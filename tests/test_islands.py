@@ -30,7 +30,7 @@ from moecpt.lopt.pretrained import save_weights
 from moecpt.train.parallel import DistInfo
 from moecpt.train.trainer import Trainer
 
-STEPS, H, LATENCY_MS = 12, 2, 200
+STEPS, H, LATENCY_MS = 8, 2, 200
 SETS = ["distributed.sync=diloco", f"distributed.local_steps={H}", "distributed.islands=2", "distributed.timeout_s=30"]
 SLOW = [f"distributed.emulate_latency_ms={LATENCY_MS}"]  # the simulator only: it changes no number
 
@@ -127,7 +127,7 @@ def test_learned_aggregator_runs_with_k_equal_to_the_islands(runs, one_thread):
     tmp = runs["tmp"]
     spec = LOptSpec("lagg-a", 2)
     save_weights(tmp / "lagg2.safetensors", spec, init_meta_params(spec, torch.Generator().manual_seed(0)))
-    raw = _raw(steps=4, checkpoint_every=4)
+    raw = _raw(steps=2, checkpoint_every=2)
     sets = ["distributed.sync=diloco", f"distributed.local_steps={H}",
             f"distributed.outer_optimizer={tmp / 'lagg2.safetensors'}"]
     isl = recipe_from_dict(raw, [*sets, "distributed.islands=2"])
