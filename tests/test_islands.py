@@ -82,6 +82,8 @@ def test_killed_rank_stops_the_others_and_the_same_command_resumes(runs):
     assert rc0 == 2, f"rank 0 should stop with a one-line error, got rc {rc0}:\n{err0[-2000:]}"
     assert "rank 3 stopped responding" in err0 and "run the same command again" in err0, err0[-2000:]
     assert runs["stopped_after"] < 30
+    for rank, (rc, _, err) in enumerate(runs["killed"][:3]):  # every survivor stops with the one-line message
+        assert rc == 2 and "rank 3 stopped responding" in err, f"rank {rank}: rc {rc}\n{err[-2000:]}"
     for rank, (rc, _, err) in enumerate(runs["resumed"]):
         assert rc == 0, f"resumed rank {rank} failed:\n{err[-2000:]}"
     assert [r["step"] for r in records(runs["real"]) if "lr" in r] == list(range(1, STEPS + 1))
