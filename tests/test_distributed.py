@@ -71,16 +71,21 @@ def finish(procs: list[subprocess.Popen], timeout: float = 120) -> list[tuple[in
     return out
 
 
+def wait_until_logged(rank0: subprocess.Popen, run: Path, step: int, timeout: float = 120) -> None:
+    """Wait until rank 0 has logged ``step`` in ``run/metrics.jsonl`` (or exited, or ``timeout`` passed)."""
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + timeout
+    while time.time() < deadline and rank0.poll() is None:
+        if metrics.exists() and any(json.loads(x).get("step", 0) >= step for x in metrics.read_text().splitlines()
+                                    if x.strip()):
+            return
+        time.sleep(0.02)
+
+
 def kill_rank1_and_check_the_stop(procs: list[subprocess.Popen], out: Path, step: int) -> None:
     """Once rank 0 has logged ``step``, SIGKILL rank 1; rank 0 must stop within a bounded time with the one-line
     message that names rank 1 and says to run the same command again."""
-    metrics = out / "metrics.jsonl"
-    deadline = time.time() + 90
-    while time.time() < deadline and procs[0].poll() is None:
-        if metrics.exists() and any(json.loads(x).get("step", 0) >= step for x in metrics.read_text().splitlines()
-                                    if x.strip()):
-            break
-        time.sleep(0.02)
+    wait_until_logged(procs[0], out, step, timeout=90)
     procs[1].send_signal(signal.SIGKILL)
     t_kill = time.time()
     (rc0, _, err0), (rc1, _, _) = finish(procs, timeout=60)

@@ -6,8 +6,9 @@ Module map: ``launch`` (process group start-up / teardown, rank info, config che
 ``runtime`` (:class:`Distributed`, the runtime ``Trainer(parallel=...)`` receives, and :func:`build_sync`),
 ``strategy`` (the strategies' base over the loop's interface in :mod:`moecpt.train.parallel`), ``ddp`` (DDP,
 FSDP2), ``mesh`` (the islands x dp x ep layout), ``expert_parallel`` (the experts' all-to-all dispatch),
-``ep_sync`` (EP x DP), ``local_sgd`` (outer loop, pseudo-gradient, outer optimizers, gather mode), ``simulate``
-(``--simulate-workers``), ``accounting`` (bytes, rounds, times, emulated link).
+``ep_sync`` (EP x DP), ``local_sgd`` (outer loop, pseudo-gradient, outer optimizers, gather mode), ``islands`` (the
+outer loop across islands, data parallel inside each), ``simulate`` (``--simulate-workers``), ``accounting`` (bytes,
+rounds, times, emulated link).
 """
 
 from moecpt.distributed.launch import DistInfo, rank_info, session

@@ -64,6 +64,8 @@ class DataParallelSync(SyncStrategy):
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.kind = self.recipe.distributed.sync.value
+        self.grad_group = None  # every rank: gradients are averaged over the world
+        self.grad_workers = self.num_workers
         if self.comm is None:
             self.comm = ProcessComm(self.acct)
 
@@ -104,17 +106,31 @@ class DataParallelSync(SyncStrategy):
 
 
 # --------------------------------------------------------------------------------------------------------- DDP
+def wrap_ddp(model: nn.Module, sync: Any) -> DDP:
+    """``model`` in torch DDP over ``sync.grad_group`` (None: the world) with :func:`_allreduce_hook`; ``sync`` has
+    ``device``, ``info``, ``acct``, ``grad_group`` and ``grad_workers`` (the group's size)."""
+    dev = sync.device
+    ids = [dev.index if dev.index is not None else sync.info.local_rank] if dev.type == "cuda" else None
+    # no buffer broadcast in forward (torch >= 2.13 names it forward_sync_buffers; older: broadcast_buffers)
+    no_fwd_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                   else {"broadcast_buffers": False})
+    module = DDP(model, device_ids=ids, find_unused_parameters=False, process_group=sync.grad_group, **no_fwd_sync)
+    module.register_comm_hook(sync, _allreduce_hook)
+    return module
+
+
 def _allreduce_hook(sync, bucket):  # no annotations: DDP checks them and this module's are strings
-    """DDP's default all-reduce (divide by W, sum) plus byte / time accounting and the emulated link's delay."""
+    """DDP's default all-reduce (divide by the group's size, sum over ``sync.grad_group``: the world, or an island)
+    plus byte / time accounting and the emulated link's delay."""
     buf = bucket.buffer()
-    n = sync.num_workers
+    n = sync.grad_workers
     sent = allreduce_bytes(buf.numel() * buf.element_size(), n)
     t0 = time.perf_counter()
     buf.div_(n)
-    fut = dist.all_reduce(buf, async_op=True).get_future()
+    fut = dist.all_reduce(buf, group=sync.grad_group, async_op=True).get_future()
 
     def done(f):
-        sync.acct.link.delay(sent)
+        sync.acct.delay("grads", sent)
         sync.acct.record("grads", sent, sent, time.perf_counter() - t0)
         return f.value()[0]
 
@@ -126,14 +142,7 @@ class DDPSync(DataParallelSync):
 
     def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer, make_optimizer: OptimizerFactory,
               state: dict | None) -> list[Worker]:
-        ids = [self.device.index if self.device.index is not None else self.info.local_rank] \
-            if self.device.type == "cuda" else None
-        # no buffer broadcast in forward (torch >= 2.13 names it forward_sync_buffers; older: broadcast_buffers)
-        no_fwd_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
-                       else {"broadcast_buffers": False})
-        module = DDP(model, device_ids=ids, find_unused_parameters=False, **no_fwd_sync)
-        module.register_comm_hook(self, _allreduce_hook)
-        return [Worker(self.info.rank, model, module, optimizer)]
+        return [Worker(self.info.rank, model, wrap_ddp(model, self), optimizer)]
 
     def grad_sync(self, worker: Worker, last: bool):
         return contextlib.nullcontext() if last else worker.module.no_sync()
