@@ -229,10 +229,12 @@ class Family:
         act = self.get(hf, "hidden_act", "silu")
         if act not in _ACT_TO_FFN:
             raise self._fail(f"hidden_act = {act!r} has no moecpt equivalent; supported: {', '.join(_ACT_TO_FFN)}")
+        for rope in (hf.get("rope_parameters"), hf.get("rope_scaling")):  # either may carry the scaling
+            rope_type = rope.get("rope_type", rope.get("type")) if isinstance(rope, dict) else None
+            if rope_type not in (None, "default"):
+                raise self._fail(f"RoPE scaling {rope_type!r} is not supported (moecpt has plain RoPE only, so "
+                                 "no YaRN and no mscale softmax adjustment)")
         rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-        rope_type = rope.get("rope_type", rope.get("type")) if isinstance(rope, dict) else None
-        if rope_type not in (None, "default"):
-            raise self._fail(f"RoPE scaling {rope_type!r} is not supported (moecpt has plain RoPE only)")
         theta = (rope.get("rope_theta") if isinstance(rope, dict) else None) or self.get(hf, "rope_theta")
         d_model, n_heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
         n_layers = int(hf["num_hidden_layers"])

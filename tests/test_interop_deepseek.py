@@ -1,0 +1,305 @@
+"""DeepSeek-V3 (``deepseek_v3``) and DeepSeek-V2 (``deepseek_v2``) import / export: multi-head latent attention
+(query latent or full q projection, interleaved or half-rotation RoPE), DeepSeek-V3 routing (sigmoid, selection
+bias, groups) and DeepSeek-V2 routing (softmax, ``greedy`` / ``group_limited_greedy``, scaled gates), shared
+experts, dense first layers. Tiny random models from transformers' own ``DeepseekV3Config`` / ``DeepseekV2Config``
+in fp32 and bf16, one file and sharded with an index: the same logits (printed: ``pytest -s -k max_logit``), the
+same experts at every MoE layer and the same 24 greedy tokens (transformers' cached ``generate``) as transformers;
+an export transformers reloads to the same logits and that re-imports to the same tensors; moecpt MLA models
+trained from scratch (bias-balanced sigmoid, and softmax) export to deepseek_v3 / deepseek_v2; refusals in one
+line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from moecpt.cli import main
+from moecpt.config import ModelConfig
+from moecpt.errors import MoecptError
+from moecpt.interop.hf_export import export_hf
+from moecpt.interop.hf_import import import_hf, load_hf_model
+from moecpt.interop.testing import VOCAB, save_tiny_hf
+from moecpt.model.flops import model_stats
+from moecpt.model.transformer import build_model
+from moecpt.train.checkpoint import load_checkpoint, load_model, save_checkpoint
+
+transformers = pytest.importorskip("transformers")
+transformers.utils.logging.disable_progress_bar()
+
+TOL = 1e-5
+#: name -> (family, config overrides over moecpt.interop.testing.TINY_CONFIGS)
+VARIANTS = {
+    "v3-qlora-groups-dense1": ("deepseek_v3", {}),  # sharded below
+    "v3-full-q-halfrot-one-group-all-moe-2shared": ("deepseek_v3", dict(
+        q_lora_rank=None, rope_interleave=False, n_group=1, topk_group=1, norm_topk_prob=False,
+        routed_scaling_factor=1.0, first_k_dense_replace=0, n_shared_experts=2)),
+    "v3-bf16-four-groups-top3": ("deepseek_v3", dict(dtype="bfloat16", n_group=4, topk_group=2,
+                                                     num_experts_per_tok=3, first_k_dense_replace=2)),
+    "v2-lite-grouped-dense1": ("deepseek_v2", {}),  # sharded below
+    "v2-qlora-greedy-all-moe-1shared": ("deepseek_v2", dict(
+        q_lora_rank=20, topk_method="greedy", n_group=None, topk_group=None, first_k_dense_replace=0,
+        n_shared_experts=1, routed_scaling_factor=1.0)),
+    "v2-bf16": ("deepseek_v2", dict(dtype="bfloat16")),
+}
+SHARDED = {"v3-qlora-groups-dense1": "40KB", "v2-lite-grouped-dense1": "40KB"}
+#: variants whose greedy tokens are compared with transformers' generate (24 forwards each: kept to one per family)
+GREEDY = {"v3-qlora-groups-dense1", "v2-lite-grouped-dense1"}
+
+
+def _ids(seed: int = 1, n: int = 24) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (2, n), generator=torch.Generator().manual_seed(seed))
+
+
+def hf_forward(model, ids):
+    """Logits and each MoE layer's chosen experts, read from transformers' own router."""
+    chosen: list[torch.Tensor] = []
+    hooks = [m.register_forward_hook(lambda _m, _i, out: chosen.append(out[2]))
+             for m in model.modules() if type(m).__name__.endswith("TopkRouter")]
+    try:
+        with torch.no_grad():
+            logits = model(ids).logits.float()
+    finally:
+        for h in hooks:
+            h.remove()
+    return logits, chosen
+
+
+def ours_forward(model, ids):
+    with torch.no_grad():
+        logits, routing = model(ids, return_routing=True)
+    return logits, [r.topk_idx_TK for r in routing]
+
+
+def same_topk(a, b) -> bool:
+    return len(a) == len(b) >= 1 and all(torch.equal(x.sort(-1).values, y.sort(-1).values) for x, y in zip(a, b))
+
+
+def ours_greedy(model, ids: torch.Tensor, n: int) -> torch.Tensor:
+    """Greedy decoding by full recomputation (no cache): the reference for transformers' cached ``generate``."""
+    with torch.no_grad():
+        for _ in range(n):
+            ids = torch.cat([ids, model(ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return ids
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("deepseek")
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def variant(request, root):
+    name = request.param
+    family, overrides = VARIANTS[name][0], dict(VARIANTS[name][1])
+    dtype = overrides.pop("dtype", None)
+    folder = root / f"{name}-hf"
+    hf = save_tiny_hf(family, folder, seed=len(name), max_shard_size=SHARDED.get(name), **overrides)
+    if dtype:  # re-save in bf16 (router weight and bias stay fp32: transformers keeps them so)
+        hf = hf.to(getattr(torch, dtype))
+        hf.save_pretrained(str(folder))
+        hf = transformers.AutoModelForCausalLM.from_pretrained(str(folder)).eval()
+    ckpt = root / f"{name}-ckpt"
+    import_hf(folder, ckpt)
+    return name, family, hf, folder, ckpt
+
+
+def test_import_max_logit_difference_same_experts_and_greedy_tokens(variant):
+    """fp32: max |logit difference| <= 1e-5 (V3 measures 0 or < 1e-6, V2 about 2e-6: its complex rotation sums in
+    another order); the same experts per MoE layer; the same 24 greedy tokens as transformers' cached generate."""
+    name, family, hf, folder, ckpt = variant
+    if name in SHARDED:
+        assert (folder / "model.safetensors.index.json").is_file() and len(list(folder.glob("model-*"))) > 3
+    hf_model = hf.float() if "bf16" in name else hf  # bf16 weights, both computed in fp32
+    model = load_model(ckpt)
+    ids = _ids()
+    hf_logits, hf_topk = hf_forward(hf_model, ids)
+    logits, topk = ours_forward(model, ids)
+    diff = (hf_logits - logits).abs().max().item()
+    print(f"\n{family} {name}: max |logit difference| = {diff:.2e}")
+    assert diff <= TOL
+    assert same_topk(hf_topk, topk)
+    if name not in GREEDY:
+        return
+    prompt = _ids(2, 6)
+    with torch.no_grad():
+        hf_tokens = hf_model.generate(prompt, max_new_tokens=24, do_sample=False, min_new_tokens=24)
+    assert torch.equal(hf_tokens, ours_greedy(model, prompt, 24))
+
+
+def test_imported_config(variant):
+    name, family, hf, folder, ckpt = variant
+    cfg = ModelConfig.model_validate(load_checkpoint(ckpt).meta["model_config"])
+    c = hf.config
+    assert cfg.attention.value == "mla" and cfg.mla.q_lora_rank == c.q_lora_rank
+    assert (cfg.mla.kv_lora_rank, cfg.mla.qk_rope_head_dim, cfg.mla.v_head_dim) == (
+        c.kv_lora_rank, c.qk_rope_head_dim, c.v_head_dim)
+    r = cfg.moe.router
+    assert r.routed_scale == c.routed_scaling_factor
+    if family == "deepseek_v3":
+        assert (r.kind.value, r.score_fn.value, r.n_group) == ("bias", "sigmoid", c.n_group)
+        assert cfg.mla.rope_interleave == c.rope_interleave
+    else:
+        assert (r.kind.value, r.score_fn.value, r.renormalize) == ("penalty", "softmax", False)
+        assert r.n_group == (c.n_group if c.topk_method == "group_limited_greedy" else 1)
+
+
+def test_export_loads_in_transformers_and_reimports(variant, root):
+    name, family, _, _, ckpt = variant
+    out = root / f"{name}-export"
+    summary = export_hf(ckpt, out, max_shard_size="50KB")
+    assert summary["family"] == family and len(summary["shards"]) > 1
+    hf, info = transformers.AutoModelForCausalLM.from_pretrained(str(out), output_loading_info=True)
+    assert not (info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"])
+    ids = _ids(3)
+    hf_logits, hf_topk = hf_forward(hf.float().eval(), ids)
+    logits, topk = ours_forward(load_model(ckpt), ids)
+    assert (hf_logits - logits).abs().max().item() <= TOL and same_topk(hf_topk, topk)
+    again = root / f"{name}-reimported"
+    import_hf(out, again)
+    a, b = load_checkpoint(ckpt), load_checkpoint(again)
+    assert a.meta["model_config"] == b.meta["model_config"]
+    sa, sb = a.model_state(), b.model_state()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+MLA = {"q_lora_rank": 24, "kv_lora_rank": 16, "qk_nope_head_dim": 8, "qk_rope_head_dim": 8, "v_head_dim": 12}
+
+
+def _mla_cfg(router: dict, **model) -> ModelConfig:
+    return ModelConfig(vocab_size=VOCAB, d_model=64, n_layers=2, n_heads=4, ffn_width=64, ffn_kind="swiglu",
+                       max_seq_len=64, attention="mla", mla=model.pop("mla", MLA),
+                       moe={"num_experts": 8, "top_k": 2, "granularity": 2, "router": router}, **model)
+
+
+def test_trainer_trains_a_bias_balanced_mla_switch_model_that_exports_to_deepseek_v3(root):
+    """The real trainer, from scratch, on an MLA Switch recipe with DeepSeek-V3 routing: the loss falls, the biases
+    move, and the checkpoint exports (auto) to deepseek_v3 with its biases as e_score_correction_bias, the same
+    logits and experts after transformers reloads it."""
+    from tiny_recipes import raw_recipe
+
+    from moecpt.config import recipe_from_dict
+    from moecpt.train.trainer import Trainer
+
+    router = {"kind": "bias", "score_fn": "sigmoid", "n_group": 4, "topk_group": 2, "routed_scale": 2.5,
+              "bias_update_rate": 0.01}
+    recipe = recipe_from_dict(raw_recipe("smoke-switch", steps=3, checkpoint_every=3, model={
+        "attention": "mla", "mla": {"kv_lora_rank": 32, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8,
+                                    "v_head_dim": 16}, "ffn_kind": "swiglu", "moe": {"router": router}}))
+    run = root / "mla-run"
+    Trainer(recipe, run, show_progress=False).run()
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in recs if r.get("split") != "val" and "event" not in r]
+    assert len(train) == 3 and all(max(map(abs, r["bias_std_layers"])) > 0 for r in train)
+    out = root / "mla-run-hf"
+    assert export_hf(run, out)["family"] == "deepseek_v3"
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    model = load_model(run)
+    bias = hf.model.layers[1].mlp.gate.e_score_correction_bias
+    assert bias.abs().sum() > 0 and torch.equal(bias, model.blocks[1].ffn.router.expert_bias.float())
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    hf_logits, hf_topk = hf_forward(hf, ids)
+    logits, topk = ours_forward(model, ids)
+    assert (hf_logits - logits).abs().max().item() <= TOL and same_topk(hf_topk, topk)
+
+
+@pytest.mark.parametrize("name, router, family, model", [
+    ("softmax-grouped-full-q", {"kind": "penalty", "n_group": 4, "topk_group": 2, "group_score": "max",
+                                "routed_scale": 1.5, "seq_aux_loss_weight": 1e-3},
+     "deepseek_v2", {"mla": {**MLA, "q_lora_rank": None}}),
+    ("sigmoid-penalty-to-v3", {"kind": "penalty", "score_fn": "sigmoid", "renormalize": True}, "deepseek_v3", {}),
+])
+def test_moecpt_mla_models_export(name, router, family, model, root):
+    cfg = _mla_cfg(router, **model)
+    torch.manual_seed(0)
+    net = build_model(cfg).eval()
+    ckpt = root / f"native-{name}"
+    save_checkpoint(ckpt, model_state=net.state_dict(), meta={"step": 1, "tokens": 0,
+                                                              "model_config": cfg.model_dump(mode="json")})
+    out = root / f"native-{name}-hf"
+    assert main(["export-hf", str(ckpt), "--out", str(out)]) == 0
+    assert json.loads((out / "config.json").read_text())["model_type"] == family
+    hf, info = transformers.AutoModelForCausalLM.from_pretrained(str(out), output_loading_info=True)
+    assert not (info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"])
+    ids = _ids(6)
+    hf_logits, hf_topk = hf_forward(hf.eval(), ids)
+    logits, topk = ours_forward(load_model(ckpt), ids)
+    assert (hf_logits - logits).abs().max().item() <= TOL and same_topk(hf_topk, topk)
+
+
+def test_flops_count_latent_attention():
+    cfg = _mla_cfg({"kind": "bias", "score_fn": "sigmoid"})
+    s = model_stats(cfg, seq_len=64)
+    attn = 2 * 2 * 64 * 4 * ((8 + 8) + 12)  # 2 L T H (Dqk + Dv)
+    assert s["forward_flops_per_token"] == 2 * s["active_matmul_params"] + attn
+    per_layer_attn = 64 * 24 + 24 * 4 * 16 + 64 * (16 + 8) + 16 * 4 * (8 + 12) + 4 * 12 * 64
+    net = build_model(cfg, "meta")
+    assert sum(p.numel() for n, p in net.blocks[0].attn.named_parameters() if "norm" not in n) == per_layer_attn
+
+
+def _edit_config(folder: Path, **changes) -> None:
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update(changes)
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("family, changes, words", [
+    ("deepseek_v3", {"rope_scaling": {"rope_type": "yarn", "factor": 40.0}}, "'yarn' is not supported"),
+    ("deepseek_v3", {"rope_parameters": {"rope_type": "yarn", "factor": 40.0, "rope_theta": 1e4}}, "yarn"),
+    ("deepseek_v3", {"attention_bias": True}, "attention_bias"),
+    ("deepseek_v3", {"topk_method": "greedy"}, "topk_method = 'greedy'"),
+    ("deepseek_v3", {"num_key_value_heads": 2}, "num_key_value_heads"),
+    ("deepseek_v2", {"topk_method": "noaux_tc"}, "topk_method = 'noaux_tc' is not supported"),
+    ("deepseek_v2", {"norm_topk_prob": True}, "norm_topk_prob"),
+    ("deepseek_v2", {"mlp_bias": True}, "mlp_bias"),
+    ("deepseek_v2", {"moe_layer_freq": 2}, "moe_layer_freq"),
+])
+def test_unsupported_configs_are_refused_in_one_line(family, changes, words, root):
+    folder = root / f"refuse-{family}"
+    if not folder.exists():
+        save_tiny_hf(family, folder, seed=9, tokenizer=False)
+    original = (folder / "config.json").read_text()
+    try:
+        _edit_config(folder, **changes)
+        with pytest.raises(MoecptError) as exc:
+            load_hf_model(folder)
+    finally:
+        (folder / "config.json").write_text(original)
+    assert words in str(exc.value) and "\n" not in str(exc.value)
+
+
+@pytest.mark.parametrize("model, family, words", [
+    ({"attention": "mla", "mla": MLA, "moe": {"router": {"kind": "bias", "score_fn": "sigmoid"}}}, "glm4_moe",
+     "--family deepseek_v3"),
+    ({"attention": "mla", "mla": MLA, "moe": {"router": {"kind": "penalty"}}}, "mixtral", "deepseek_v2"),
+    ({"moe": {"router": {"kind": "bias", "score_fn": "sigmoid"}}}, "deepseek_v3", "attention = 'gqa'"),
+    ({"attention": "mla", "mla": MLA, "moe": {"router": {"kind": "bias", "score_fn": "softmax"}}}, "deepseek_v2",
+     "no selection biases"),
+    ({"attention": "mla", "mla": MLA, "moe": {"router": {"kind": "penalty", "renormalize": True}}}, "deepseek_v2",
+     "never renormalises"),
+    ({"attention": "mla", "mla": {**MLA, "latent_norm_eps": 1e-5}, "moe": {"router": {"score_fn": "sigmoid"}}},
+     "deepseek_v3", "eps 1e-6"),
+])
+def test_export_refusals_name_the_family(model, family, words, root):
+    moe = {"num_experts": 8, "top_k": 2, **model.pop("moe")}
+    cfg = ModelConfig(vocab_size=VOCAB, d_model=64, n_layers=2, n_heads=4, ffn_width=64, max_seq_len=64, moe=moe,
+                      **model)
+    ckpt = root / f"refuse-export-{family}-{len(words)}"
+    save_checkpoint(ckpt, model_state=build_model(cfg).state_dict(),
+                    meta={"step": 1, "tokens": 0, "model_config": cfg.model_dump(mode="json")})
+    with pytest.raises(MoecptError) as exc:
+        export_hf(ckpt, root / "refused", family=family)
+    assert words in str(exc.value) and "\n" not in str(exc.value)
+
+
+@pytest.mark.parametrize("model, words", [
+    ({"attention": "mla"}, "needs a [model.mla] table"),
+    ({"mla": MLA}, "attention = 'gqa'"),
+    ({"attention": "mla", "mla": MLA, "qk_norm": "head"}, "model.qk_norm is a grouped-query attention setting"),
+    ({"attention": "mla", "mla": {**MLA, "qk_rope_head_dim": 7}}, "must be even"),
+])
+def test_mla_config_validation(model, words):
+    with pytest.raises(ValueError, match=words.replace("[", r"\[").replace("]", r"\]")):
+        ModelConfig(vocab_size=VOCAB, d_model=64, n_heads=4, **model)
