@@ -15,12 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from hf_compare import TOL, check_export_reload_reimport, hf_forward, ids_of, ours_forward, same_topk, tiny_imported
 
 from moecpt.cli import main
 from moecpt.config import ModelConfig
 from moecpt.errors import MoecptError
 from moecpt.interop.hf_export import export_hf
-from moecpt.interop.hf_import import import_hf, load_hf_model
+from moecpt.interop.hf_import import load_hf_model
 from moecpt.interop.testing import VOCAB, save_tiny_hf
 from moecpt.model.flops import model_stats
 from moecpt.model.transformer import build_model
@@ -29,7 +30,6 @@ from moecpt.train.checkpoint import load_checkpoint, load_model, save_checkpoint
 transformers = pytest.importorskip("transformers")
 transformers.utils.logging.disable_progress_bar()
 
-TOL = 1e-5
 #: name -> (family, config overrides over moecpt.interop.testing.TINY_CONFIGS)
 VARIANTS = {
     "v3-qlora-groups-dense1": ("deepseek_v3", {}),  # sharded below
@@ -49,34 +49,6 @@ SHARDED = {"v3-qlora-groups-dense1": "40KB", "v2-lite-grouped-dense1": "40KB"}
 GREEDY = {"v3-qlora-groups-dense1", "v2-lite-grouped-dense1"}
 
 
-def _ids(seed: int = 1, n: int = 24) -> torch.Tensor:
-    return torch.randint(0, VOCAB, (2, n), generator=torch.Generator().manual_seed(seed))
-
-
-def hf_forward(model, ids):
-    """Logits and each MoE layer's chosen experts, read from transformers' own router."""
-    chosen: list[torch.Tensor] = []
-    hooks = [m.register_forward_hook(lambda _m, _i, out: chosen.append(out[2]))
-             for m in model.modules() if type(m).__name__.endswith("TopkRouter")]
-    try:
-        with torch.no_grad():
-            logits = model(ids).logits.float()
-    finally:
-        for h in hooks:
-            h.remove()
-    return logits, chosen
-
-
-def ours_forward(model, ids):
-    with torch.no_grad():
-        logits, routing = model(ids, return_routing=True)
-    return logits, [r.topk_idx_TK for r in routing]
-
-
-def same_topk(a, b) -> bool:
-    return len(a) == len(b) >= 1 and all(torch.equal(x.sort(-1).values, y.sort(-1).values) for x, y in zip(a, b))
-
-
 def ours_greedy(model, ids: torch.Tensor, n: int) -> torch.Tensor:
     """Greedy decoding by full recomputation (no cache): the reference for transformers' cached ``generate``."""
     with torch.no_grad():
@@ -93,17 +65,7 @@ def root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module", params=list(VARIANTS))
 def variant(request, root):
     name = request.param
-    family, overrides = VARIANTS[name][0], dict(VARIANTS[name][1])
-    dtype = overrides.pop("dtype", None)
-    folder = root / f"{name}-hf"
-    hf = save_tiny_hf(family, folder, seed=len(name), max_shard_size=SHARDED.get(name), **overrides)
-    if dtype:  # re-save in bf16 (router weight and bias stay fp32: transformers keeps them so)
-        hf = hf.to(getattr(torch, dtype))
-        hf.save_pretrained(str(folder))
-        hf = transformers.AutoModelForCausalLM.from_pretrained(str(folder)).eval()
-    ckpt = root / f"{name}-ckpt"
-    import_hf(folder, ckpt)
-    return name, family, hf, folder, ckpt
+    return tiny_imported(root, name, *VARIANTS[name], SHARDED.get(name))
 
 
 def test_import_max_logit_difference_same_experts_and_greedy_tokens(variant):
@@ -114,7 +76,7 @@ def test_import_max_logit_difference_same_experts_and_greedy_tokens(variant):
         assert (folder / "model.safetensors.index.json").is_file() and len(list(folder.glob("model-*"))) > 3
     hf_model = hf.float() if "bf16" in name else hf  # bf16 weights, both computed in fp32
     model = load_model(ckpt)
-    ids = _ids()
+    ids = ids_of()
     hf_logits, hf_topk = hf_forward(hf_model, ids)
     logits, topk = ours_forward(model, ids)
     diff = (hf_logits - logits).abs().max().item()
@@ -123,7 +85,7 @@ def test_import_max_logit_difference_same_experts_and_greedy_tokens(variant):
     assert same_topk(hf_topk, topk)
     if name not in GREEDY:
         return
-    prompt = _ids(2, 6)
+    prompt = ids_of(2, 6)
     with torch.no_grad():
         hf_tokens = hf_model.generate(prompt, max_new_tokens=24, do_sample=False, min_new_tokens=24)
     assert torch.equal(hf_tokens, ours_greedy(model, prompt, 24))
@@ -148,21 +110,7 @@ def test_imported_config(variant):
 
 def test_export_loads_in_transformers_and_reimports(variant, root):
     name, family, _, _, ckpt = variant
-    out = root / f"{name}-export"
-    summary = export_hf(ckpt, out, max_shard_size="50KB")
-    assert summary["family"] == family and len(summary["shards"]) > 1
-    hf, info = transformers.AutoModelForCausalLM.from_pretrained(str(out), output_loading_info=True)
-    assert not (info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"])
-    ids = _ids(3)
-    hf_logits, hf_topk = hf_forward(hf.float().eval(), ids)
-    logits, topk = ours_forward(load_model(ckpt), ids)
-    assert (hf_logits - logits).abs().max().item() <= TOL and same_topk(hf_topk, topk)
-    again = root / f"{name}-reimported"
-    import_hf(out, again)
-    a, b = load_checkpoint(ckpt), load_checkpoint(again)
-    assert a.meta["model_config"] == b.meta["model_config"]
-    sa, sb = a.model_state(), b.model_state()
-    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    check_export_reload_reimport(root, name, family, ckpt)
 
 
 MLA = {"q_lora_rank": 24, "kv_lora_rank": 16, "qk_nope_head_dim": 8, "qk_rope_head_dim": 8, "v_head_dim": 12}
@@ -223,7 +171,7 @@ def test_moecpt_mla_models_export(name, router, family, model, root):
     assert json.loads((out / "config.json").read_text())["model_type"] == family
     hf, info = transformers.AutoModelForCausalLM.from_pretrained(str(out), output_loading_info=True)
     assert not (info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"])
-    ids = _ids(6)
+    ids = ids_of(6)
     hf_logits, hf_topk = hf_forward(hf.eval(), ids)
     logits, topk = ours_forward(load_model(ckpt), ids)
     assert (hf_logits - logits).abs().max().item() <= TOL and same_topk(hf_topk, topk)
