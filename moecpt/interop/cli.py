@@ -24,7 +24,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "import-hf", help="convert a local Hugging Face MoE folder into a moecpt checkpoint",
         description="Convert a local Hugging Face folder (config.json, safetensors shards, tokenizer.json) of the "
-                    "OLMoE, Mixtral, Qwen2-MoE, Qwen3-MoE, GLM-4.5 or dots.llm1 family into a moecpt checkpoint folder (step 0) "
+                    "OLMoE, Mixtral, Qwen2-MoE, Qwen3-MoE, GLM-4.5, dots.llm1, DeepSeek-V3 or DeepSeek-V2 family into "
+                    "a moecpt checkpoint folder (step 0) "
                     "that `moecpt cpt --from`, `moecpt eval` and `moecpt compare` accept. Shards are streamed: "
                     "peak memory is about the model plus one shard.",
     )

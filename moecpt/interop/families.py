@@ -1,8 +1,9 @@
 """The Hugging Face MoE families moecpt imports and exports: one small mapping per family.
 
 Each family says how its ``config.json`` maps onto :class:`moecpt.config.ModelConfig`, how its tensors are named,
-and which moecpt models it can represent exactly (export). All six are pre-norm RMSNorm decoders with RoPE in the
-half-rotation layout (as moecpt), grouped-query attention and GLU experts ``down(act(gate(x)) * up(x))``:
+and which moecpt models it can represent exactly (export). All eight are pre-norm RMSNorm decoders with RoPE and
+GLU experts ``down(act(gate(x)) * up(x))``; the first six have grouped-query attention with RoPE in the
+half-rotation layout (as moecpt), the DeepSeek families multi-head latent attention (:mod:`moecpt.model.mla`):
 
 * **OLMoE** -- Muennighoff et al. 2024, "OLMoE: Open Mixture-of-Experts Language Models" (arXiv 2409.02060);
   model card ``allenai/OLMoE-1B-7B-0924``. Softmax top-k *without* renormalisation (``norm_topk_prob`` false),
@@ -30,6 +31,13 @@ half-rotation layout (as moecpt), grouped-query attention and GLU experts ``down
 * **dots.llm1** (``dots1``) -- rednote-hilab 2025, "dots.llm1 Technical Report" (arXiv 2506.05767); model card
   ``rednote-hilab/dots.llm1.base``. The same routing, experts and dense first layers as GLM-4.5, with per-head q/k
   norm always on, full RoPE and no attention biases (``attention_bias`` would also bias ``o_proj``: refused).
+
+* **DeepSeek-V3** (``deepseek_v3``; also Moonlight and Kimi-K2 checkpoints) -- DeepSeek-AI 2024, arXiv
+  2412.19437; ``deepseek-ai/DeepSeek-V3``. GLM-4.5's routing, experts and dense first layers, with MLA (a query
+  latent, ``rope_interleave``).
+* **DeepSeek-V2** (``deepseek_v2``) -- DeepSeek-AI 2024, arXiv 2405.04434; ``deepseek-ai/DeepSeek-V2-Lite``. MLA
+  (V2-Lite: no query latent) and softmax routing, ``greedy`` or ``group_limited_greedy`` (groups scored by their
+  best expert), gates scaled by ``routed_scaling_factor``; shared experts, dense first layers.
 
 Router balancing: the four softmax families train with a Switch-style load-balancing loss
 (``router_aux_loss_coef``), so an imported router is a moecpt ``penalty`` router (GLM-4.5 and dots.llm1: a
