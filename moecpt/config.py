@@ -167,7 +167,8 @@ class MLAConfig(_Strict):
     2412.19437, Sec. 2.1.1): keys and values of all heads are decompressed from one ``kv_lora_rank`` latent per
     token; each head's query and key are ``[nope | rope]`` with the rope part of the key one head shared by all
     heads (the decoupled RoPE key); the softmax scale is ``(qk_nope_head_dim + qk_rope_head_dim) ** -0.5``.
-    Defaults are DeepSeek-V2-Lite's shapes scaled to a CPU demo."""
+    The defaults are demo-sized (``d_model`` 128); DeepSeek-V2-Lite has ``q_lora_rank`` None, ``kv_lora_rank``
+    512 and head dims 128 (nope) / 64 (rope) / 128 (v); DeepSeek-V3 ``q_lora_rank`` 1536 with the same others."""
 
     q_lora_rank: int | None = Field(None, ge=1, description="query latent rank; None = a full q projection (V2-Lite)")
     kv_lora_rank: int = Field(64, ge=1, description="key/value latent rank (the cached per-token latent)")

@@ -197,6 +197,7 @@ def _edit_config(folder: Path, **changes) -> None:
     ("deepseek_v3", {"rope_scaling": {"rope_type": "yarn", "factor": 40.0}}, "'yarn' is not supported"),
     ("deepseek_v3", {"rope_parameters": {"rope_type": "yarn", "factor": 40.0, "rope_theta": 1e4}}, "yarn"),
     ("deepseek_v3", {"attention_bias": True}, "attention_bias"),
+    ("deepseek_v3", {"model_type": "kimi_k2", "rope_scaling": {"type": "yarn", "factor": 32.0}}, "yarn"),
     ("deepseek_v3", {"topk_method": "greedy"}, "topk_method = 'greedy'"),
     ("deepseek_v3", {"num_key_value_heads": 2}, "num_key_value_heads"),
     ("deepseek_v2", {"topk_method": "noaux_tc"}, "topk_method = 'noaux_tc' is not supported"),

@@ -916,7 +916,7 @@ class DeepseekV3(_MLA):
     layers dropped on import."""
 
     name = "deepseek_v3"
-    model_types = ("deepseek_v3",)
+    model_types = ("deepseek_v3", "kimi_k2")  # Kimi-K2 ships DeepseekV3ForCausalLM under its own model_type
     architecture = "DeepseekV3ForCausalLM"
     reference = "DeepSeek-AI 2024, DeepSeek-V3 Technical Report (arXiv 2412.19437); deepseek-ai/DeepSeek-V3"
     interleave_key = "rope_interleave"
