@@ -26,6 +26,7 @@ _COMMAND_MODULES = (
     "moecpt.model.cli",
     "moecpt.data.cli",
     "moecpt.distributed.cli",  # pretrain, cpt (they launch: torchrun, simulated workers)
+    "moecpt.distributed.plan_cli",  # plan (memory and communication of a job on a mesh)
     "moecpt.train.cli",  # generate
     "moecpt.train.schedule_cli",
     "moecpt.analysis.cli",  # eval, compare

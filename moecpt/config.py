@@ -217,6 +217,13 @@ class ModelConfig(_Strict):
     init_std: float = Field(0.02, gt=0)
     attention: AttentionKind = Field(AttentionKind.GQA, description="gqa | mla (multi-head latent, model.mla)")
     mla: MLAConfig | None = Field(None, description="MLA shapes; required with attention = 'mla'")
+    # muP-style multipliers of Granite-MoE (IBM Granite 3.0 language models, 2024); 1 / None = the usual model
+    embedding_multiplier: float = Field(1.0, gt=0, allow_inf_nan=False, description="token embeddings × this")
+    residual_multiplier: float = Field(
+        1.0, gt=0, allow_inf_nan=False, description="attention and FFN outputs × this before each residual add")
+    attention_multiplier: float | None = Field(
+        None, gt=0, allow_inf_nan=False, description="softmax scale of q·k; None = 1 / sqrt(head_dim)")
+    logits_scaling: float = Field(1.0, gt=0, allow_inf_nan=False, description="logits ÷ this")
     moe: MoEConfig | None = None
 
     @model_validator(mode="after")
@@ -655,7 +662,29 @@ def format_validation_error(exc: ValidationError, prefix: str = "") -> str:
         return f"{loc}={err.get('input')!r} is not allowed; allowed: {err['ctx']['expected']}"
     if err["type"] == "finite_number":
         return f"{loc}={err.get('input')!r} is not a finite number; give a finite value (inf and nan are not allowed)"
+    kind, ctx, got = err["type"], err.get("ctx", {}), err.get("input")
+    if kind in _TYPE_WANTED:
+        return f"{loc}={got!r} is not {_TYPE_WANTED[kind]}; give {_TYPE_WANTED[kind]}"
+    if kind in _BOUNDS:
+        op, key = _BOUNDS[kind]
+        return f"{loc}={got!r} is out of range; give a value {op} {ctx.get(key)}"
+    if kind == "too_short":
+        return f"{loc} has too few items ({msg.lower()}); give at least {ctx.get('min_length', 1)}"
+    if loc and (msg.startswith(f"{loc}") or msg.startswith(f"{loc.split('.')[-1]}.")) or f"{loc}." in msg:
+        return msg  # the section's own check already names its keys
     return f"{loc}: {msg}" if loc else msg
+
+
+#: pydantic error types of a wrongly typed value -> what to give instead
+_TYPE_WANTED = {
+    "int_parsing": "an integer", "int_type": "an integer", "int_from_float": "a whole number",
+    "float_parsing": "a number", "float_type": "a number", "bool_parsing": "true or false",
+    "bool_type": "true or false", "string_type": "a string", "list_type": "a list", "dict_type": "a table",
+    "model_type": "a table", "model_attributes_type": "a table",
+}
+#: pydantic error types of a value out of its bounds -> (the comparison to satisfy, its ctx key)
+_BOUNDS = {"greater_than": (">", "gt"), "greater_than_equal": (">=", "ge"), "less_than": ("<", "lt"),
+           "less_than_equal": ("<=", "le")}
 
 
 def build_section(cls: type[BaseModel], raw: dict[str, Any], prefix: str = "") -> Any:

@@ -1,5 +1,5 @@
-"""Helpers shared by the interop tests that compare moecpt with transformers: forwards that also return each MoE
-layer's chosen experts, the tiny-model fixture body (save, optionally re-save in bf16, import) and the
+"""Helpers shared by the interop tests that compare moecpt with transformers (the forwards themselves are in
+:mod:`moecpt.interop.testing`): the tiny-model fixture body (save, optionally re-save in bf16, import) and the
 export -> reload -> re-import check."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 
 from moecpt.interop.hf_export import export_hf
 from moecpt.interop.hf_import import import_hf
-from moecpt.interop.testing import VOCAB, save_tiny_hf
+from moecpt.interop.testing import VOCAB, hf_forward, ours_forward, same_topk, save_tiny_hf
 from moecpt.train.checkpoint import load_checkpoint, load_model
 
 TOL = 1e-5
@@ -18,30 +18,6 @@ TOL = 1e-5
 
 def ids_of(seed: int = 1, n: int = 24) -> torch.Tensor:
     return torch.randint(0, VOCAB, (2, n), generator=torch.Generator().manual_seed(seed))
-
-
-def hf_forward(model, ids):
-    """Logits and each MoE layer's chosen experts, read from transformers' own ``*TopkRouter`` modules."""
-    chosen: list[torch.Tensor] = []
-    hooks = [m.register_forward_hook(lambda _m, _i, out: chosen.append(out[2]))
-             for m in model.modules() if type(m).__name__.endswith("TopkRouter")]
-    try:
-        with torch.no_grad():
-            logits = model(ids).logits.float()
-    finally:
-        for h in hooks:
-            h.remove()
-    return logits, chosen
-
-
-def ours_forward(model, ids):
-    with torch.no_grad():
-        logits, routing = model(ids, return_routing=True)
-    return logits, [r.topk_idx_TK for r in routing]
-
-
-def same_topk(a, b) -> bool:
-    return len(a) == len(b) >= 1 and all(torch.equal(x.sort(-1).values, y.sort(-1).values) for x, y in zip(a, b))
 
 
 def tiny_imported(root: Path, name: str, family: str, overrides: dict, shard: str | None):

@@ -7,7 +7,7 @@ import moecpt.cli as cli
 
 def test_every_area_registers_its_commands():
     choices = cli.build_parser()._subparsers._group_actions[0].choices
-    for command in ("pretrain", "cpt", "data", "schedule", "lopt", "import-hf"):
+    for command in ("pretrain", "cpt", "plan", "data", "schedule", "lopt", "import-hf"):
         assert command in choices
 
 

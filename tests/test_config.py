@@ -116,3 +116,16 @@ def test_cli_inspect_paper_granular_json_on_meta_device():
     # 2.0B fp32 parameters would be 8 GB; on the meta device the process stays far below that
     peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     assert peak_kb < 2_000_000, f"child peak RSS {peak_kb} kB: the model was allocated"
+
+
+@pytest.mark.parametrize("override, line", [
+    ("train.batch_size=abc", "train.batch_size='abc' is not an integer; give an integer"),
+    ("train.batch_size=2.5", "train.batch_size=2.5 is not a whole number; give a whole number"),
+    ("model.moe.top_k=0", "model.moe.top_k=0 is out of range; give a value >= 1"),
+    ("optim.lr=-1", "optim.lr=-1 is out of range; give a value > 0"),
+    ("train.device=gpu", "train.device='gpu' is not allowed; allowed: auto, cpu, cuda, cuda:N, mps"),
+])
+def test_validation_errors_say_what_to_give(override, line):
+    with pytest.raises(MoecptError) as e:
+        recipe_from_dict({"model": {"moe": {}}}, [override])
+    assert str(e.value).startswith(line) and "\n" not in str(e.value)

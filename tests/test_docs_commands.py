@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import re
 import shlex
@@ -226,6 +227,33 @@ def prints_plan(output: str, ws: Path) -> None:
     assert not (ws / "runs/smoke").exists()
 
 
+def quoted_plan(name: str) -> Callable[[str, Path], None]:
+    """docs/distributed.md quotes ``moecpt plan``'s output for recipe ``name``: the command prints exactly that."""
+
+    def check(output: str, ws: Path) -> None:
+        page = (ROOT / "docs/distributed.md").read_text("utf-8")
+        quoted = re.search(rf"```\n(plan of '{name}' .*?)```", page, re.S)[1]
+        assert output.strip() == quoted.strip(), f"docs/distributed.md quotes another plan than:\n{output}"
+
+    return check
+
+
+def prints(*lines: str) -> Callable[[str, Path], None]:
+    """The output holds each of ``lines`` (figures the page's prose quotes)."""
+
+    def check(output: str, ws: Path) -> None:
+        missing = [line for line in lines if line not in output]
+        assert not missing, f"the page quotes {missing}, the command printed:\n{output}"
+
+    return check
+
+
+def plans_fsdp(output: str, ws: Path) -> None:
+    """docs/distributed.md's ``--json`` plan of the smoke recipe under FSDP2: JSON, sharded over the 4 ranks."""
+    plan = json.loads(output)
+    assert plan["layout"]["step"] == "fsdp" and plan["params"]["per_rank"]["total"] < plan["params"]["total"], output
+
+
 @dataclass(frozen=True)
 class C:
     """A documented command and how the test runs it (see the module docstring)."""
@@ -250,6 +278,7 @@ class C:
 R, D, E, H, S = "README.md", "docs/distributed.md", "docs/eval.md", "docs/interop.md", "docs/study.md"
 HUB = "datasets from the Hugging Face Hub (network)"
 PAPER_EVAL = "moecpt eval --checkpoint runs/olmoe-code --device cuda --batch-size 32 --out scores-"
+PLAN_EP = "moecpt plan --recipe recipes/paper-ep.toml --world 8 --gpu-memory-gib 80"
 SMOKE_DILOCO = ("moecpt pretrain --recipe recipes/smoke.toml --out runs/sim --simulate-workers 4 --set "
                 "distributed.sync=diloco --set distributed.local_steps=10")
 
@@ -291,6 +320,7 @@ COMMANDS: list[C] = [
     C(R, "torchrun --nproc-per-node 2 -m moecpt pretrain --recipe recipes/smoke.toml --out runs/diloco --set "
          "distributed.sync=diloco --set distributed.local_steps=10", append=RUN, shell=True),
     C(R, SMOKE_DILOCO, append=RUN),
+    C(R, PLAN_EP, check=quoted_plan("paper-ep")),
     # docs/distributed.md
     C(D, "torchrun --nproc-per-node 2 -m moecpt pretrain --recipe moecpt/recipes/smoke.toml --out runs/smoke-ddp",
       append=RUN, shell=True),
@@ -299,10 +329,16 @@ COMMANDS: list[C] = [
       setup=cpt_recipe("my-cpt.toml", "demo", "{ code = 0.7, english = 0.3 }"), append=RUN, shell=True),
     C(D, SMOKE_DILOCO.replace("recipes/", "moecpt/recipes/"), append=RUN),
     C(D, "srun torchrun --nnodes '$SLURM_NNODES' --nproc-per-node 8 --rdzv-id '$SLURM_JOB_ID' --rdzv-backend "
-         "c10d --rdzv-endpoint '$head:29500' --max-restarts 3 -m moecpt pretrain --recipe my-pretrain.toml --out "
-         "/shared/runs/paper-diloco --set distributed.sync=diloco --set distributed.local_steps=500 --set "
-         "distributed.timeout_s=900",
+         "c10d --rdzv-endpoint '$head:29500' --max-restarts 3 -m moecpt pretrain --recipe recipes/paper-diloco.toml "
+         "--out /shared/runs/paper-diloco",
       cannot_run="a SLURM job of 4 nodes x 8 GPUs (srun, NCCL, a shared /shared file system)"),
+    C(D, PLAN_EP, same_as=R),
+    C(D, "moecpt plan --recipe recipes/paper-ep-islands.toml --world 8 --gpu-memory-gib 80",
+      check=quoted_plan("paper-ep-islands")),
+    C(D, "moecpt plan --recipe recipes/paper-diloco.toml --world 32 --gpu-memory-gib 80",
+      check=prints("peak (sum)                    70.9 GiB", "outer round, every round      14.6 GiB")),
+    C(D, "moecpt plan --recipe moecpt/recipes/smoke.toml --world 4 --set distributed.sync=fsdp --json",
+      check=plans_fsdp),
     # docs/eval.md: the local tasks, offline, on the page's smoke checkpoint; the paper's tasks need the Hub
     C(E, "moecpt pretrain --recipe recipes/smoke.toml --out runs/smoke", append=RUN),
     C(E, "moecpt eval --checkpoint runs/smoke --harness demo_ppl demo_mc --include-path tasks --out scores.json",
@@ -403,7 +439,8 @@ def _run_in_process(c: C, ws: Path) -> tuple[int, str]:
 
 def _parse_only(c: C, ws: Path) -> None:
     """Parse with the real parsers: torchrun's (when present), then moecpt's; validate the ``--set`` values on
-    the bundled smoke recipe (the reader's own recipe is not here)."""
+    the recipe the command names where the clone has it (``recipes/paper-diloco.toml``), else on the bundled smoke
+    recipe (the reader's own recipe is not here)."""
     from moecpt.cli import build_parser
     from moecpt.config import load_recipe
 
@@ -416,7 +453,8 @@ def _parse_only(c: C, ws: Path) -> None:
         words = ["moecpt", *targs.training_script_args]
     assert words[0] == "moecpt", f"no parser known for {words[0]!r}: teach _parse_only in {__file__} to parse it"
     args = build_parser().parse_args(words[1:])
-    load_recipe(ws / "recipes/smoke.toml", getattr(args, "set", []))
+    named = ws / getattr(args, "recipe", None) if getattr(args, "recipe", None) else None
+    load_recipe(named if named is not None and named.is_file() else ws / "recipes/smoke.toml", getattr(args, "set", []))
 
 
 def run_page(page: str, root: Path, ran: set[tuple[str, str]]) -> list[str]:

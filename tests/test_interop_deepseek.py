@@ -15,14 +15,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from hf_compare import TOL, check_export_reload_reimport, hf_forward, ids_of, ours_forward, same_topk, tiny_imported
+from hf_compare import TOL, check_export_reload_reimport, ids_of, tiny_imported
 
 from moecpt.cli import main
 from moecpt.config import ModelConfig
 from moecpt.errors import MoecptError
 from moecpt.interop.hf_export import export_hf
 from moecpt.interop.hf_import import load_hf_model
-from moecpt.interop.testing import VOCAB, save_tiny_hf
+from moecpt.interop.testing import VOCAB, hf_forward, ours_forward, same_topk, save_tiny_hf
 from moecpt.model.flops import model_stats
 from moecpt.model.transformer import build_model
 from moecpt.train.checkpoint import load_checkpoint, load_model, save_checkpoint

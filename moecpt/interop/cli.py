@@ -23,11 +23,10 @@ def register(subparsers) -> None:
     """Add ``import-hf`` and ``export-hf`` to the top-level ``moecpt`` parser."""
     p = subparsers.add_parser(
         "import-hf", help="convert a local Hugging Face MoE folder into a moecpt checkpoint",
-        description="Convert a local Hugging Face folder (config.json, safetensors shards, tokenizer.json) of the "
-                    "OLMoE, Mixtral, Qwen2-MoE, Qwen3-MoE, GLM-4.5, dots.llm1, DeepSeek-V3 or DeepSeek-V2 family into "
-                    "a moecpt checkpoint folder (step 0) "
-                    "that `moecpt cpt --from`, `moecpt eval` and `moecpt compare` accept. Shards are streamed: "
-                    "peak memory is about the model plus one shard.",
+        description="Convert a local Hugging Face folder (config.json, safetensors shards, tokenizer.json) of a "
+                    f"supported family ({', '.join(FAMILIES)}) into a moecpt checkpoint folder (step 0) that "
+                    "`moecpt cpt --from`, `moecpt eval` and `moecpt compare` accept. Shards are streamed: peak "
+                    "memory is about the model plus one shard.",
     )
     p.add_argument("path", help="local Hugging Face model folder")
     p.add_argument("--out", required=True, help="checkpoint folder to create (must not exist)")

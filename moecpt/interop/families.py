@@ -1,9 +1,9 @@
 """The Hugging Face MoE families moecpt imports and exports: one small mapping per family.
 
 Each family says how its ``config.json`` maps onto :class:`moecpt.config.ModelConfig`, how its tensors are named,
-and which moecpt models it can represent exactly (export). All eight are pre-norm RMSNorm decoders with RoPE and
-GLU experts ``down(act(gate(x)) * up(x))``; the first six have grouped-query attention with RoPE in the
-half-rotation layout (as moecpt), the DeepSeek families multi-head latent attention (:mod:`moecpt.model.mla`):
+and which moecpt models it can represent exactly (export). All of them are pre-norm RMSNorm decoders with RoPE and
+GLU experts ``down(act(gate(x)) * up(x))``; all but the DeepSeek families have grouped-query attention with RoPE in
+the half-rotation layout (as moecpt), those multi-head latent attention (:mod:`moecpt.model.mla`):
 
 * **OLMoE** -- Muennighoff et al. 2024, "OLMoE: Open Mixture-of-Experts Language Models" (arXiv 2409.02060);
   model card ``allenai/OLMoE-1B-7B-0924``. Softmax top-k *without* renormalisation (``norm_topk_prob`` false),
@@ -32,6 +32,12 @@ half-rotation layout (as moecpt), the DeepSeek families multi-head latent attent
   ``rednote-hilab/dots.llm1.base``. The same routing, experts and dense first layers as GLM-4.5, with per-head q/k
   norm always on, full RoPE and no attention biases (``attention_bias`` would also bias ``o_proj``: refused).
 
+* **Ernie-4.5-MoE** (``ernie4_5_moe``) -- Baidu ERNIE Team 2025, "ERNIE 4.5 Technical Report"; model card
+  ``baidu/ERNIE-4.5-21B-A3B-PT``. Softmax scores with a selection-only bias, interleaved-pair RoPE permuted to the
+  half rotation on import (:class:`Ernie45MoE`).
+* **Granite-MoE** (``granitemoe``, ``granitemoeshared``) -- IBM 2024, Granite 3.0 language models; model cards
+  ``ibm-granite/granite-3.0-1b-a400m-base``, ``ibm-granite/granite-3.0-3b-a800m-base``. Mixtral's routing with
+  muP-style embedding / residual / attention / logits multipliers and stacked expert tensors (:class:`_Granite`).
 * **DeepSeek-V3** (``deepseek_v3``; also Moonlight and Kimi-K2 checkpoints) -- DeepSeek-AI 2024, arXiv
   2412.19437; ``deepseek-ai/DeepSeek-V3``. GLM-4.5's routing, experts and dense first layers, with MLA (a query
   latent, ``rope_interleave``).
@@ -50,7 +56,7 @@ layers before taking the product). The z-loss weight is ``router_z_loss_coef`` w
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Any, ClassVar
 
@@ -69,6 +75,7 @@ from moecpt.config import (
     build_section,
 )
 from moecpt.errors import MoecptError
+from moecpt.model.flops import attention_head_dims
 from moecpt.model.transformer import build_model
 
 #: transformers ``hidden_act`` names -> moecpt FFN kind (``gelu_pytorch_tanh`` is moecpt's tanh-GELU GEGLU).
@@ -86,6 +93,8 @@ class PieceOp(StrEnum):
     EXPERT_OUT = "expert_out"  # dst[e] = src.T, src [D, F]
     FUSED_IN = "fused_in"  # transformers >= 5 stacked experts: dst = src.transpose(1, 2)
     FUSED_OUT = "fused_out"
+    ROPE_PAIRS = "rope_pairs"  # q / k rows of interleaved-pair RoPE -> moecpt's half rotation (index: heads, A)
+    ROW = "row"  # dst [N] = src[0], src [1, N] (Ernie-4.5's e_score_correction_bias)
 
 
 @dataclass(frozen=True)
@@ -111,7 +120,24 @@ def _shape_of(dst_shape: tuple[int, ...], op: PieceOp, index: tuple[int, ...]) -
         return (index[2] - index[1], dst_shape[1])
     if op == PieceOp.EXPERT_OUT:  # dst [E, F, D] -> src [D, F]
         return (dst_shape[2], dst_shape[1])
+    if op == PieceOp.ROPE_PAIRS:
+        return dst_shape
+    if op == PieceOp.ROW:
+        return (1, *dst_shape)
     return (dst_shape[0], dst_shape[2], dst_shape[1])  # FUSED_IN / FUSED_OUT
+
+
+def rope_pair_order(head_dim: int) -> torch.Tensor:
+    """``[A]`` permutation taking a head's dims from interleaved-pair RoPE (pairs ``(2i, 2i+1)`` rotate by
+    frequency ``i``: GPT-J, Ernie-4.5, GLM's original layout) to the half rotation (pairs ``(i, i + A/2)``, as
+    moecpt and LLaMA): ``half = interleaved[..., order]``. Attention scores are unchanged when q and k are permuted
+    alike, so the conversion is exact (it is the permutation of Meta's LLaMA-to-transformers converter)."""
+    return torch.cat([torch.arange(0, head_dim, 2), torch.arange(1, head_dim, 2)])
+
+
+def _per_head(w, piece: Piece):
+    heads, head_dim = piece.index
+    return w.reshape(heads, head_dim, *w.shape[1:])
 
 
 def place(dst, src, piece: Piece) -> None:
@@ -119,6 +145,10 @@ def place(dst, src, piece: Piece) -> None:
     op, ix = piece.op, piece.index
     if op == PieceOp.COPY:
         dst.copy_(src)
+    elif op == PieceOp.ROPE_PAIRS:
+        _per_head(dst, piece).copy_(_per_head(src, piece)[:, rope_pair_order(ix[1])])
+    elif op == PieceOp.ROW:
+        dst.copy_(src[0])
     elif op == PieceOp.ROWS:
         dst[ix[0]:ix[1]].copy_(src)
     elif op == PieceOp.EXPERT_IN:
@@ -134,6 +164,10 @@ def extract(dst, piece: Piece):
     op, ix = piece.op, piece.index
     if op == PieceOp.COPY:
         out = dst
+    elif op == PieceOp.ROPE_PAIRS:
+        out = _per_head(dst, piece)[:, torch.argsort(rope_pair_order(ix[1]))].reshape(dst.shape)
+    elif op == PieceOp.ROW:
+        out = dst[None]
     elif op == PieceOp.ROWS:
         out = dst[ix[0]:ix[1]]
     elif op == PieceOp.EXPERT_IN:
@@ -162,6 +196,7 @@ class Family:
     has_shared: bool = False
     has_dense_layers: bool = False  # decoder_sparse_step / mlp_only_layers
     shared_name: str = "shared_expert"  # the shared FFN's module name (GLM-4.5 / DeepSeek: shared_experts)
+    multipliers: bool = False  # has Granite's embedding / residual / attention / logits multipliers
     attention: AttentionKind = AttentionKind.GQA
 
     # -------------------------------------------------------------------------------------------- config
@@ -310,8 +345,8 @@ class Family:
         assert moe is not None
         r, glm = moe.router, "export it with --family glm4_moe (DeepSeek-V3-style routing)"
         if r.kind == RouterKind.BIAS:
-            fix = glm if r.score_fn == ScoreFn.SIGMOID else "no family has it with softmax scores; GLM-4.5 " \
-                "(glm4_moe) has it with router.score_fn = 'sigmoid'"
+            fix = glm if r.score_fn == ScoreFn.SIGMOID else "export it with --family ernie4_5_moe (softmax " \
+                "scores with a selection bias)"
             return ("router.kind = 'bias' selects experts with per-expert biases (auxiliary-loss-free balancing), "
                     f"which the softmax-routed families lack; {fix}")
         if r.score_fn == ScoreFn.SIGMOID or r.n_group > 1 or r.routed_scale != 1.0:
@@ -683,6 +718,270 @@ class Qwen3MoE(_Qwen):
         return {**self._layers_extra(cfg), "attention_bias": False}
 
 
+# ----------------------------------------------------------------------------------------------- Granite-MoE
+class _Granite(Family):
+    """Granite-MoE and Granite-MoE with a shared expert (IBM Granite 3.0 language models, 2024;
+    ``ibm-granite/granite-3.0-1b-a400m-base``, ``ibm-granite/granite-3.0-3b-a800m-base``): a Mixtral-like block
+    (softmax over the top-k logits, i.e. renormalised top-k) with muP-style multipliers on the embeddings, each
+    residual branch and the logits, and an attention softmax scale of its own (moecpt ``embedding_multiplier``,
+    ``residual_multiplier``, ``logits_scaling``, ``attention_multiplier``). Experts are stored stacked:
+    ``block_sparse_moe.input_linear.weight`` ``[E, 2F, D]`` (gate rows, then up), ``output_linear.weight``
+    ``[E, D, F]``, router ``block_sparse_moe.router.layer.weight``; transformers >= 5 names them
+    ``experts.gate_up_proj`` / ``experts.down_proj`` / ``router.weight`` in memory and converts on load, and both
+    spellings import. The shared expert of ``granitemoeshared`` is ``shared_mlp.input_linear`` / ``output_linear``
+    (ungated, added to the routed output before the residual multiplier)."""
+
+    reference = "IBM 2024, Granite 3.0 language models; ibm-granite/granite-3.0-1b-a400m-base"
+    moe_block = "block_sparse_moe"
+    num_experts_key = "num_local_experts"
+    multipliers = True
+    defaults: ClassVar[dict[str, Any]] = {"hidden_act": "silu", "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "num_local_experts": 8, "num_experts_per_tok": 2,
+        "router_aux_loss_coef": 0.001, "tie_word_embeddings": False, "initializer_range": 0.02,
+        "intermediate_size": 11008, "embedding_multiplier": 1.0, "logits_scaling": 1.0, "residual_multiplier": 1.0,
+        "attention_multiplier": 1.0, "attention_bias": False}
+
+    def renormalize(self, hf: dict) -> bool:
+        return True  # softmax over the top-k logits
+
+    def head_dim(self, hf: dict, d_model: int, n_heads: int) -> int:
+        if d_model % n_heads:
+            raise self._fail(f"hidden_size {d_model} is not divisible by num_attention_heads {n_heads}")
+        return d_model // n_heads  # GraniteMoeAttention ignores head_dim
+
+    def expert_width(self, hf: dict) -> int:
+        return int(self.get(hf, "intermediate_size"))
+
+    def to_model_config(self, hf: dict) -> tuple[ModelConfig, list[str]]:
+        cfg, notes = super().to_model_config(hf)
+        mult = {"embedding_multiplier": float(self.get(hf, "embedding_multiplier")),
+                "residual_multiplier": float(self.get(hf, "residual_multiplier")),
+                "attention_multiplier": float(self.get(hf, "attention_multiplier")),
+                "logits_scaling": float(self.get(hf, "logits_scaling"))}
+        return build_section(ModelConfig, {**cfg.model_dump(), **mult}, f"{self.name} config"), notes
+
+    def why_not(self, cfg: ModelConfig) -> str | None:
+        if cfg.qk_norm != QKNorm.NONE:
+            return f"Granite-MoE has no q/k norm, this model has qk_norm = {cfg.qk_norm.value!r}"
+        if cfg.attn_bias:
+            return "Granite-MoE's attention bias also covers the output projection; moecpt's has no match"
+        if _shared_width(cfg) and cfg.moe.shared_expert_gate:
+            return "Granite-MoE's shared expert has no sigmoid gate; this model has moe.shared_expert_gate"
+        if not _all_moe(cfg):
+            return "Granite-MoE makes every layer MoE; this model has dense layers"
+        if not _renorm(cfg):
+            return "Granite-MoE always renormalises the top-k gates (k > 1); this model does not"
+        if cfg.resolved_head_dim * cfg.n_heads != cfg.d_model:
+            return "Granite-MoE needs n_heads * head_dim == d_model"
+        return None
+
+    def hf_config_extra(self, cfg: ModelConfig) -> dict[str, Any]:
+        extra = {"intermediate_size": cfg.resolved_expert_width, "attention_bias": False,
+                 "embedding_multiplier": cfg.embedding_multiplier, "residual_multiplier": cfg.residual_multiplier,
+                 "attention_multiplier": (cfg.attention_multiplier if cfg.attention_multiplier is not None
+                                          else cfg.resolved_head_dim ** -0.5),
+                 "logits_scaling": cfg.logits_scaling}
+        if _shared_width(cfg):
+            extra["shared_intermediate_size"] = _shared_width(cfg)
+        return extra
+
+    def plan(self, cfg: ModelConfig, fused: Callable[[int], bool] = lambda i: False) -> list[Piece]:
+        """The base plan with Granite's names: stacked experts and the router under ``block_sparse_moe``, the
+        shared expert as ``shared_mlp`` with fused gate/up rows."""
+        out: list[Piece] = []
+        for p in super().plan(cfg, lambda i: True):
+            M = p.hf.rsplit(f".{self.moe_block}.", 1)[0] + f".{self.moe_block}"
+            new = fused(int(p.hf.split(".")[2])) if p.hf.startswith("model.layers.") else False
+            if p.hf.endswith(".gate.weight"):
+                p = replace(p, hf=f"{M}.router.weight" if new else f"{M}.router.layer.weight")
+            elif p.hf.endswith(".experts.gate_up_proj") and not new:
+                p = replace(p, hf=f"{M}.input_linear.weight")
+            elif p.hf.endswith(".experts.down_proj") and not new:
+                p = replace(p, hf=f"{M}.output_linear.weight")
+            elif f".{self.moe_block}.{self.shared_name}." in p.hf:
+                L = M.rsplit(".", 1)[0]
+                if p.hf.endswith(".gate_proj.weight"):  # gate and up rows are one tensor: one COPY of w_in
+                    p = Piece(f"{L}.shared_mlp.input_linear.weight", p.dst, PieceOp.COPY,
+                              (2 * p.hf_shape[0], p.hf_shape[1]))
+                elif p.hf.endswith(".up_proj.weight"):
+                    continue
+                else:
+                    p = replace(p, hf=f"{L}.shared_mlp.output_linear.weight")
+            out.append(p)
+        return out
+
+
+class GraniteMoE(_Granite):
+    """Granite-MoE (``granitemoe``, ``GraniteMoeForCausalLM``): no shared expert."""
+
+    name = "granitemoe"
+    model_types = ("granitemoe",)
+    architecture = "GraniteMoeForCausalLM"
+
+    def why_not(self, cfg: ModelConfig) -> str | None:
+        if _shared_width(cfg):
+            return "granitemoe has no shared expert (granitemoeshared has)"
+        return super().why_not(cfg)
+
+
+class GraniteMoEShared(_Granite):
+    """Granite-MoE with a shared expert (``granitemoeshared``, ``GraniteMoeSharedForCausalLM``)."""
+
+    name = "granitemoeshared"
+    model_types = ("granitemoeshared",)
+    architecture = "GraniteMoeSharedForCausalLM"
+    reference = "IBM 2024, Granite 3.0 language models (Granite-MoE with a shared expert)"
+    has_shared = True
+    defaults: ClassVar[dict[str, Any]] = {**_Granite.defaults, "shared_intermediate_size": 0}
+
+    def shared(self, hf: dict) -> tuple[int, bool]:
+        return int(self.get(hf, "shared_intermediate_size") or 0), False
+
+    def why_not(self, cfg: ModelConfig) -> str | None:
+        if not _shared_width(cfg):
+            return "granitemoeshared is Granite-MoE with a shared expert; this model has none (use granitemoe)"
+        return super().why_not(cfg)
+
+
+# ---------------------------------------------------------------------------------------------- Ernie-4.5-MoE
+class Ernie45MoE(Family):
+    """Ernie-4.5-MoE (Baidu ERNIE Team 2025, "ERNIE 4.5 Technical Report"; ``baidu/ERNIE-4.5-21B-A3B-PT``,
+    ``baidu/ERNIE-4.5-300B-A47B-PT``): softmax scores with a selection-only bias (``moe_statics.
+    e_score_correction_bias``: auxiliary-loss-free balancing with softmax scores, moecpt ``router.kind = "bias"``,
+    ``score_fn = "softmax"``), top-k gates renormalised (``moe_norm_min`` clamps the sum at 1e-12), ungated shared
+    experts of ``moe_num_shared_experts * moe_intermediate_size``, MoE layers every ``moe_layer_interval`` from
+    ``moe_layer_start_index`` to ``moe_layer_end_index``, and RoPE on interleaved pairs, which import permutes to
+    moecpt's half rotation (:func:`rope_pair_order`; exact) and export permutes back."""
+
+    name = "ernie4_5_moe"
+    model_types = ("ernie4_5_moe",)
+    architecture = "Ernie4_5_MoeForCausalLM"
+    reference = "Baidu 2025, ERNIE 4.5 Technical Report; baidu/ERNIE-4.5-21B-A3B-PT"
+    num_experts_key = "moe_num_experts"
+    shared_name = "shared_experts"
+    has_shared = True
+    has_dense_layers = True
+    defaults: ClassVar[dict[str, Any]] = {"hidden_act": "silu", "max_position_embeddings": 131072,
+        "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "moe_num_experts": 64, "moe_k": 6,
+        "tie_word_embeddings": True, "initializer_range": 0.02, "intermediate_size": 12288,
+        "moe_intermediate_size": 1536, "moe_num_shared_experts": 2, "moe_layer_start_index": 1,
+        "moe_layer_end_index": -1, "moe_layer_interval": 1, "moe_norm_min": 1e-12, "use_bias": False}
+
+    def get(self, hf: dict, key: str, default: Any = None) -> Any:
+        key = {"num_experts_per_tok": "moe_k"}.get(key, key) if key not in hf else key
+        return super().get(hf, key, default)
+
+    def check(self, hf: dict) -> None:
+        if self.get(hf, "use_bias"):
+            raise self._fail("use_bias = true biases every projection (o_proj and lm_head too), which moecpt does "
+                             "not have; not supported")
+
+    def attn_bias(self, hf: dict) -> bool:
+        return False
+
+    def renormalize(self, hf: dict) -> bool:
+        return True
+
+    def shared(self, hf: dict) -> tuple[int, bool]:
+        return int(self.get(hf, "moe_num_shared_experts") or 0) * self.expert_width(hf), False
+
+    def expert_width(self, hf: dict) -> int:
+        return int(self.get(hf, "moe_intermediate_size"))
+
+    def moe_layers(self, hf: dict, n_layers: int) -> list[bool]:
+        start, step = int(self.get(hf, "moe_layer_start_index")), int(self.get(hf, "moe_layer_interval"))
+        end = int(self.get(hf, "moe_layer_end_index"))
+        end = n_layers - 1 if end == -1 else end
+        return [(i + 1) % step == 0 and start <= i <= end for i in range(n_layers)]
+
+    def router(self, hf: dict, top_k: int, renorm: bool) -> RouterConfig:
+        """Balanced by the selection bias (moecpt's aux-loss-free update); no aux loss unless a recipe sets one."""
+        return RouterConfig(kind=RouterKind.BIAS, score_fn=ScoreFn.SOFTMAX, renormalize=True, aux_loss_weight=0.0,
+                            z_loss_weight=0.0)
+
+    def routing_why_not(self, cfg: ModelConfig) -> str | None:
+        r = cfg.moe.router
+        if r.score_fn != ScoreFn.SOFTMAX or r.n_group > 1 or r.routed_scale != 1.0:
+            return "Ernie-4.5-MoE routes by softmax scores without groups or a routed scale"
+        if cfg.rotary_fraction != 1.0:
+            return f"Ernie-4.5-MoE rotates the whole head; this model has rotary_fraction = {cfg.rotary_fraction}"
+        if r.kind == RouterKind.SINKHORN and cfg.moe.top_k == 1:
+            return "Sinkhorn top-1 routers gate with sigmoid(logit); Ernie-4.5-MoE gates with a softmax"
+        return None
+
+    def why_not(self, cfg: ModelConfig) -> str | None:
+        moe = cfg.moe
+        if cfg.qk_norm != QKNorm.NONE:
+            return f"Ernie-4.5-MoE has no q/k norm, this model has qk_norm = {cfg.qk_norm.value!r}"
+        if cfg.attn_bias:
+            return "Ernie-4.5-MoE's use_bias biases every projection; moecpt's q/k/v-only bias has no match"
+        if moe.shared_expert_gate:
+            return "Ernie-4.5-MoE's shared experts have no sigmoid gate; this model has moe.shared_expert_gate"
+        if _shared_width(cfg) % cfg.resolved_expert_width:
+            return (f"Ernie-4.5-MoE's shared width is a multiple of the expert width ({cfg.resolved_expert_width}); "
+                    f"this model's is {_shared_width(cfg)}")
+        if not _renorm(cfg):
+            return "Ernie-4.5-MoE always renormalises the top-k gates (k > 1); this model does not"
+        if _ernie_layers(cfg) is None:
+            return "Ernie-4.5-MoE's MoE layers are every n-th from a start index; this model's are not"
+        return None
+
+    def adapt(self, cfg: ModelConfig) -> tuple[ModelConfig, dict[str, Callable], list[str]]:
+        """Ernie-4.5-MoE always has the selection bias: a softmax router of another kind gets a zero one (the same
+        selection; it imports back as a ``bias`` router)."""
+        moe = cfg.moe
+        if moe.router.kind == RouterKind.BIAS:
+            return cfg, {}, []
+        E = moe.num_experts
+        synth = {f"blocks.{i}.ffn.router.expert_bias": (lambda get: torch.zeros(E))
+                 for i in range(cfg.n_layers) if cfg.is_moe_layer(i)}
+        router = moe.router.model_copy(update={"kind": RouterKind.BIAS})
+        notes = [f"zero e_score_correction_bias added (router.kind = {moe.router.kind.value!r}: same selection; it "
+                 "imports back as a 'bias' router)"]
+        return cfg.model_copy(update={"moe": moe.model_copy(update={"router": router})}), synth, notes
+
+    def hf_config(self, cfg: ModelConfig) -> dict[str, Any]:
+        out = super().hf_config(cfg)
+        for key in ("router_aux_loss_coef", "output_router_logits", "num_experts_per_tok"):
+            out.pop(key, None)
+        return out
+
+    def hf_config_extra(self, cfg: ModelConfig) -> dict[str, Any]:
+        start, step, end = _ernie_layers(cfg)
+        return {"head_dim": cfg.resolved_head_dim, "intermediate_size": cfg.ffn_width, "use_bias": False,
+                "moe_k": cfg.moe.top_k, "moe_intermediate_size": cfg.resolved_expert_width,
+                "moe_num_shared_experts": _shared_width(cfg) // cfg.resolved_expert_width,
+                "moe_layer_start_index": start, "moe_layer_interval": step, "moe_layer_end_index": end,
+                "moe_norm_min": 1e-12}
+
+    def plan(self, cfg: ModelConfig, fused: Callable[[int], bool] = lambda i: False) -> list[Piece]:
+        """The base plan with q / k rows in interleaved-pair RoPE order and the bias under ``moe_statics``."""
+        out: list[Piece] = []
+        heads = {"wq": cfg.n_heads, "wk": cfg.resolved_kv_heads}
+        for p in super().plan(cfg, fused):
+            ours = p.dst.split(".")
+            if len(ours) == 5 and ours[2] == "attn" and ours[3] in heads and ours[4] == "weight":
+                p = replace(p, op=PieceOp.ROPE_PAIRS, index=(heads[ours[3]], cfg.resolved_head_dim))
+            elif p.hf.endswith(".gate.e_score_correction_bias"):
+                M = p.hf.removesuffix(".gate.e_score_correction_bias")
+                stat = ".gate.moe_statics" if fused(int(p.hf.split(".")[2])) else ".moe_statics"
+                p = Piece(f"{M}{stat}.e_score_correction_bias", p.dst, PieceOp.ROW, (1, *p.hf_shape))
+            out.append(p)
+        return out
+
+
+def _ernie_layers(cfg: ModelConfig) -> tuple[int, int, int] | None:
+    """``(moe_layer_start_index, moe_layer_interval, moe_layer_end_index)`` giving exactly ``cfg``'s MoE layers."""
+    mask = [cfg.is_moe_layer(i) for i in range(cfg.n_layers)]
+    if not any(mask):
+        return None
+    first, last = mask.index(True), len(mask) - 1 - mask[::-1].index(True)
+    for step in range(1, cfg.n_layers + 1):
+        if mask == [(i + 1) % step == 0 and first <= i <= last for i in range(cfg.n_layers)]:
+            return first, step, last
+    return None
+
+
 # ----------------------------------------------------------------------------------- DeepSeek-V3-routed families
 class _DeepSeekRouted(Family):
     """Families with DeepSeek-V3 routing (DeepSeek-AI 2024, arXiv 2412.19437, Sec. 2.1.2) on a GQA backbone:
@@ -1034,7 +1333,8 @@ class DeepseekV2(_MLA):
 
 #: Supported families by name, in the order ``export-hf --family auto`` tries them.
 FAMILIES: dict[str, Family] = {f.name: f for f in (OLMoE(), Qwen3MoE(), Mixtral(), Qwen2MoE(), Glm4Moe(), Dots1(),
-                                                    DeepseekV3(), DeepseekV2())}
+                                                   GraniteMoE(), GraniteMoEShared(), Ernie45MoE(), DeepseekV3(),
+                                                   DeepseekV2())}
 
 
 def supported() -> str:
@@ -1066,7 +1366,20 @@ def why_not(family: Family, cfg: ModelConfig) -> str | None:
 
 
 def _family_why_not(family: Family, cfg: ModelConfig) -> str | None:
-    return family.attention_why_not(cfg) or family.routing_why_not(cfg) or family.why_not(cfg)
+    return (family.attention_why_not(cfg) or _multipliers_why_not(family, cfg) or family.routing_why_not(cfg)
+            or family.why_not(cfg))
+
+
+def _multipliers_why_not(family: Family, cfg: ModelConfig) -> str | None:
+    """Granite-MoE's multipliers have no place in the other families' configs."""
+    if family.multipliers:
+        return None
+    odd = [k for k, unit in (("embedding_multiplier", 1.0), ("residual_multiplier", 1.0), ("logits_scaling", 1.0))
+           if getattr(cfg, k) != unit]
+    if cfg.attention_multiplier is not None and cfg.attention_multiplier != attention_head_dims(cfg)[0] ** -0.5:
+        odd.append("attention_multiplier")
+    return (f"{', '.join(odd)} (muP-style multipliers) exist only in Granite-MoE; export with --family granitemoe"
+            if odd else None)
 
 
 def choose_family(cfg: ModelConfig, requested: str = "auto", preferred: str | None = None) -> Family:

@@ -277,6 +277,21 @@ def read_state(folder: HFFolder, cfg, pieces: list[Piece], dtype: torch.dtype) -
 
 
 # ------------------------------------------------------------------------------------------------- tokenizer
+def model_eos_id(folder: Path) -> int | None:
+    """The model's end-of-sequence id: ``eos_token_id`` of ``generation_config.json``, else of ``config.json``
+    (the first of a list), or None."""
+    for name in ("generation_config.json", "config.json"):
+        try:
+            value = json.loads((folder / name).read_text()).get("eos_token_id")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(value, list):
+            value = value[0] if value else None
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return value
+    return None
+
+
 def canonical_tokenizer(folder: Path, vocab_size: int, allow_missing: bool = False):
     """``(tokenizer.json bytes or None, eod_id or None, notes)``: the folder's tokenizer in the canonical form
     ``moecpt data prepare`` writes (an end-of-document token added if it has none).
@@ -301,7 +316,7 @@ def canonical_tokenizer(folder: Path, vocab_size: int, allow_missing: bool = Fal
     except Exception as exc:  # noqa: BLE001 (tokenizers raises a plain Exception on a bad file)
         raise MoecptError(f"{f} is not a valid tokenizer.json ({_one_line(exc)})") from None
     before = tok.get_vocab_size(with_added_tokens=True)
-    eod = ensure_eod(tok)
+    eod = ensure_eod(tok, model_eos_id(folder))  # the model's own EOS, so CPT ends documents as it was trained to
     n = tok.get_vocab_size(with_added_tokens=True)
     notes = [f"tokenizer had no end-of-document token: '<|endoftext|>' added as id {eod}"] if n != before else []
     if n > vocab_size or eod >= vocab_size:

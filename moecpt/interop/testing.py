@@ -56,6 +56,16 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
                         moe_intermediate_size=32, n_routed_experts=8, n_shared_experts=2, n_group=4, topk_group=2,
                         topk_method="group_limited_greedy", routed_scaling_factor=1.5, first_k_dense_replace=1,
                         q_lora_rank=None, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12),
+    "ernie4_5_moe": dict(_COMMON, num_hidden_layers=3, intermediate_size=96, moe_intermediate_size=32,
+                         moe_num_experts=8,
+                         moe_k=2, moe_num_shared_experts=1, moe_layer_start_index=1, moe_layer_interval=1,
+                         head_dim=24, tie_word_embeddings=True),
+    "granitemoe": dict(_COMMON, num_hidden_layers=2, intermediate_size=32, num_local_experts=8,
+                       embedding_multiplier=3.0, residual_multiplier=0.5, attention_multiplier=0.09,
+                       logits_scaling=4.0),
+    "granitemoeshared": dict(_COMMON, num_hidden_layers=2, intermediate_size=32, num_local_experts=8,
+                             shared_intermediate_size=48, embedding_multiplier=2.0, residual_multiplier=0.7,
+                             attention_multiplier=0.2, logits_scaling=2.0, tie_word_embeddings=True),
 }
 
 
@@ -65,7 +75,9 @@ def config_class(family: str):
     return {"olmoe": transformers.OlmoeConfig, "mixtral": transformers.MixtralConfig,
             "qwen2_moe": transformers.Qwen2MoeConfig, "qwen3_moe": transformers.Qwen3MoeConfig,
             "glm4_moe": transformers.Glm4MoeConfig, "dots1": transformers.Dots1Config,
-            "deepseek_v3": transformers.DeepseekV3Config, "deepseek_v2": transformers.DeepseekV2Config}[family]
+            "deepseek_v3": transformers.DeepseekV3Config, "deepseek_v2": transformers.DeepseekV2Config,
+            "ernie4_5_moe": transformers.Ernie4_5_MoeConfig, "granitemoe": transformers.GraniteMoeConfig,
+            "granitemoeshared": transformers.GraniteMoeSharedConfig}[family]
 
 
 def tiny_hf_model(family: str, seed: int = 0, **overrides: Any):
@@ -157,3 +169,31 @@ def write_synthetic_hf(family: str, folder: str | Path, cfg, max_shard_bytes: in
         json.dumps({"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}))
     (folder / "config.json").write_text(json.dumps(fam.hf_config(cfg)))
     return {"model_bytes": sum(sizes), "max_shard_bytes": max(sizes), "shards": len(shards)}
+
+
+def hf_forward(model, ids: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """fp32 logits ``[B, T, V]`` of a transformers model and each MoE layer's chosen experts ``[B*T, K]``, read
+    from the family's own top-k router module (``*TopkRouter`` / ``*TopKRouter``, whose forward returns
+    ``(logits, weights, indices)``) through a forward hook, so a choice that depends on biases or groups shows."""
+    chosen: list[torch.Tensor] = []
+    hooks = [m.register_forward_hook(lambda _m, _i, out: chosen.append(out[2]))
+             for m in model.modules() if type(m).__name__.lower().endswith("topkrouter")]
+    try:
+        with torch.no_grad():
+            logits = model(ids).logits.float()
+    finally:
+        for h in hooks:
+            h.remove()
+    return logits, chosen
+
+
+def ours_forward(model, ids: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Logits and each MoE layer's top-k expert ids of a moecpt model, as :func:`hf_forward`."""
+    with torch.no_grad():
+        logits, routing = model(ids, return_routing=True)
+    return logits, [r.topk_idx_TK for r in routing]
+
+
+def same_topk(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    """The same set of experts for every token at every layer (order within a token's top-k ignored)."""
+    return len(a) == len(b) >= 1 and all(torch.equal(x.sort(-1).values, y.sort(-1).values) for x, y in zip(a, b))

@@ -47,18 +47,26 @@ def model_stats(cfg: ModelConfig, seq_len: int | None = None) -> dict[str, float
         seq_len: context length for the attention FLOPs; default ``cfg.max_seq_len``.
 
     Returns:
-        dict with ``total_params``, ``active_params``, ``embedding_params``, ``expert_params``,
-        ``active_matmul_params``, ``forward_flops_per_token``, ``train_flops_per_token``.
+        dict with ``total_params``, ``active_params``, ``embedding_params``, ``expert_params`` (routed experts
+        only: what expert parallelism splits; shared experts and routers are not), ``moe_layers``,
+        ``max_block_params`` and ``max_block_expert_params`` (the decoder block with the most parameters, and its
+        routed-expert part: what FSDP all-gathers at once), ``non_block_params`` (embedding, final norm, head:
+        FSDP's root unit), ``active_matmul_params``, ``forward_flops_per_token``, ``train_flops_per_token``,
+        ``seq_len``.
     """
     model = build_model(cfg, device="meta")
     T = seq_len or cfg.max_seq_len
     total = _numel(model.parameters())
-    expert_total = expert_active = 0
+    expert_total = expert_active = moe_layers = 0
     for m in model.modules():
         if isinstance(m, RoutedExperts):
             n = m.w_in.numel() + m.w_out.numel()
             expert_total += n
             expert_active += n * cfg.moe.top_k // m.num_experts
+            moe_layers += 1
+    blocks = [(_numel(b.parameters()), _numel(p for m in b.modules() if isinstance(m, RoutedExperts)
+                                               for p in m.parameters())) for b in model.blocks]
+    max_block, max_block_expert = max(blocks)
     active = total - expert_total + expert_active
     emb = model.tok_emb.weight.numel()
     norms = _numel(p for m in model.modules() if isinstance(m, nn.RMSNorm) for p in m.parameters())
@@ -72,6 +80,10 @@ def model_stats(cfg: ModelConfig, seq_len: int | None = None) -> dict[str, float
         "active_params": active,
         "embedding_params": emb,
         "expert_params": expert_total,
+        "moe_layers": moe_layers,
+        "max_block_params": max_block,
+        "max_block_expert_params": max_block_expert,
+        "non_block_params": total - sum(n for n, _ in blocks),
         "active_matmul_params": matmul_active,
         "forward_flops_per_token": fwd,
         "train_flops_per_token": 3 * fwd,

@@ -55,6 +55,7 @@ class MLAttention(nn.Module):
             m.kv_lora_rank
         self.A = m.qk_head_dim
         self.interleave = m.rope_interleave
+        self.scale = cfg.attention_multiplier or self.A ** -0.5  # Granite's multiplier when set, else DeepSeek's
         self.low_rank_q = m.q_lora_rank is not None
         if self.low_rank_q:
             self.wq_a = nn.Linear(D, m.q_lora_rank, bias=False)
@@ -82,5 +83,5 @@ class MLAttention(nn.Module):
         q_BHTA = torch.cat([q_BTHA[..., :U], q_rope_BTHR], dim=-1).transpose(1, 2)
         k_BHTA = torch.cat([k_nope_BTHU, k_rope_BT1R.expand(B, T, H, R)], dim=-1).transpose(1, 2)
         o_BHTM = F.scaled_dot_product_attention(q_BHTA, k_BHTA, v_BTHM.transpose(1, 2), is_causal=True,
-                                                scale=self.A ** -0.5)
+                                                scale=self.scale)
         return self.wo(o_BHTM.transpose(1, 2).reshape(B, T, H * M))

@@ -472,7 +472,13 @@ def routing_entropy(probs_TE: torch.Tensor, atol: float = 1e-3, normalize: bool 
         p = p / p.sum(dim=1, keepdim=True).clamp_min(1e-300)
     elif not bool(torch.allclose(p.sum(dim=1), torch.ones_like(p[:, 0]), atol=atol, rtol=0.0)):
         raise MoecptError("probs_TE rows do not sum to 1; pass softmax probabilities (not logits or top-k gates)")
-    return float((-torch.special.xlogy(p, p).sum(dim=1)).mean())
+    return float(entropy_nats(p))
+
+
+def entropy_nats(p_TE: torch.Tensor) -> torch.Tensor:
+    """``(1/T) sum_x -sum_i p_i(x) ln p_i(x)`` as a 0-d tensor on ``p_TE``'s device, without :func:`routing_entropy`'s
+    host-side checks (no device sync: the per-step training metrics; non-finite input gives NaN)."""
+    return (-torch.special.xlogy(p_TE, p_TE).sum(dim=1)).mean()
 
 
 __all__ = [
@@ -482,6 +488,7 @@ __all__ = [
     "load_balancing_loss",
     "mri_from_counts",
     "router_z_loss",
+    "entropy_nats",
     "routing_entropy",
     "sequence_balance_loss",
     "sinkhorn",

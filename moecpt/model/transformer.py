@@ -63,6 +63,7 @@ class Attention(nn.Module):
         self.wv = nn.Linear(D, self.n_kv_heads * A, bias=cfg.attn_bias)
         self.wo = nn.Linear(self.n_heads * A, D, bias=False)
         self.qk_norm = cfg.qk_norm
+        self.scale = cfg.attention_multiplier  # None: SDPA's 1 / sqrt(A)
         if cfg.qk_norm == QKNorm.HEAD:
             self.q_norm, self.k_norm = nn.RMSNorm(A, eps=cfg.norm_eps), nn.RMSNorm(A, eps=cfg.norm_eps)
         elif cfg.qk_norm == QKNorm.FULL:
@@ -86,7 +87,7 @@ class Attention(nn.Module):
             k_BHTA, v_BHTA = k_BGTA.repeat_interleave(rep, dim=1), v_BGTA.repeat_interleave(rep, dim=1)
         else:
             k_BHTA, v_BHTA = k_BGTA, v_BGTA
-        o_BHTA = F.scaled_dot_product_attention(q_BHTA, k_BHTA, v_BHTA, is_causal=True)
+        o_BHTA = F.scaled_dot_product_attention(q_BHTA, k_BHTA, v_BHTA, is_causal=True, scale=self.scale)
         return self.wo(o_BHTA.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
@@ -101,18 +102,22 @@ class Block(nn.Module):
         self.is_moe = cfg.is_moe_layer(layer_idx)
         self.ffn = MoELayer(cfg) if self.is_moe else GLUFeedForward(cfg.d_model, cfg.ffn_width, cfg.ffn_kind)
         self.checkpoint_moe = False  # recompute the MoE FFN in the backward (Transformer.set_activation_checkpointing)
+        self.residual_multiplier = cfg.residual_multiplier
+
+    def _scaled(self, y: torch.Tensor) -> torch.Tensor:
+        return y if self.residual_multiplier == 1.0 else y * self.residual_multiplier
 
     def forward(self, x_BTD, cos_TR, sin_TR) -> tuple[torch.Tensor, RouterOutput | None]:
-        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos_TR, sin_TR)
+        x_BTD = x_BTD + self._scaled(self.attn(self.attn_norm(x_BTD), cos_TR, sin_TR))
         h_BTD = self.ffn_norm(x_BTD)
         if not self.is_moe:
-            return x_BTD + self.ffn(h_BTD), None
+            return x_BTD + self._scaled(self.ffn(h_BTD)), None
         B, T, D = h_BTD.shape
         if self.checkpoint_moe and self.training and torch.is_grad_enabled():
             y_TD, routing = checkpointed(self.ffn, self.ffn, h_BTD.reshape(B * T, D), T)
         else:
             y_TD, routing = self.ffn(h_BTD.reshape(B * T, D), T)
-        return x_BTD + y_TD.view(B, T, D), routing
+        return x_BTD + self._scaled(y_TD.view(B, T, D)), routing
 
 
 class Transformer(nn.Module):
@@ -197,6 +202,8 @@ class Transformer(nn.Module):
         if T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {T} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}")
         x_BTD = self.tok_emb(input_ids_BT)
+        if self.cfg.embedding_multiplier != 1.0:
+            x_BTD = x_BTD * self.cfg.embedding_multiplier
         cos_TR, sin_TR = self.rope_cos[:T], self.rope_sin[:T]
         routing: list[RouterOutput] = []
         whole = (self.activation_checkpointing == ActivationCheckpointing.FULL and self.training
@@ -206,6 +213,8 @@ class Transformer(nn.Module):
             if r is not None:
                 routing.append(r)
         logits_BTV = self.lm_head(self.norm(x_BTD))
+        if self.cfg.logits_scaling != 1.0:
+            logits_BTV = logits_BTV / self.cfg.logits_scaling
         return (logits_BTV, routing) if return_routing else logits_BTV
 
 

@@ -78,7 +78,12 @@ def training_memory_bytes(total_params: int, micro_batch: int, seq_len: int, voc
     """Lower bound of the training memory of one process: ``workers`` copies of weights, gradients and AdamW
     moments (16 bytes / parameter in fp32), plus one micro-batch's fp32 logits, log-softmax and logit gradient
     (``3 * micro_batch * seq_len * vocab_size * 4`` bytes). Activations of the blocks come on top."""
-    return workers * TRAIN_BYTES_PER_PARAM * total_params + 3 * 4 * micro_batch * seq_len * vocab_size
+    return workers * TRAIN_BYTES_PER_PARAM * total_params + logit_bytes(micro_batch, seq_len, vocab_size)
+
+
+def logit_bytes(micro_batch: int, seq_len: int, vocab_size: int) -> int:
+    """Bytes of one micro-batch's fp32 logits, their log-softmax and the logit gradient, each ``[B, T, V]``."""
+    return 3 * 4 * micro_batch * seq_len * vocab_size
 
 
 def check_memory(need_bytes: int, device_type: str, what: str, device_index: int | None = None) -> None:

@@ -127,6 +127,14 @@ def _save(fig, path: str | Path) -> Path:
     return path
 
 
+def _finish(fig, axes, title: str, path: str | Path, fontsize: int = 12) -> Path:
+    """Title, layout, one legend below the panels, save: the common end of the multi-panel plots."""
+    fig.suptitle(title, fontsize=fontsize)
+    fig.tight_layout()
+    _fig_legend(fig, axes.ravel())
+    return _save(fig, path)
+
+
 def _fig_legend(fig, axes) -> None:
     """One legend for the whole figure, below the panels, with each label once."""
     seen: dict[str, Any] = {}
@@ -229,10 +237,7 @@ def plot_val_loss(results: StudyResults | Mapping, path: str | Path) -> Path | N
             _tokens_axis(ax)
             ax.set_ylabel("validation loss (nats)")
             ax.grid(alpha=0.3)
-    fig.suptitle("Validation loss across the distribution shift (mean over seeds, band: min-max)", fontsize=12)
-    fig.tight_layout()
-    _fig_legend(fig, axes.ravel())
-    return _save(fig, path)
+    return _finish(fig, axes, "Validation loss across the distribution shift (mean over seeds, band: min-max)", path)
 
 
 def _balanced_level(results: StudyResults, model: str) -> float | None:
@@ -300,11 +305,8 @@ def plot_mri_shift(results: StudyResults | Mapping, path: str | Path, pre_fracti
         ax.set_xlabel("training step (pre-training, then CPT)")
         ax.set_ylabel("train MRI, mean over MoE layers")
         ax.grid(alpha=0.3)
-    fig.suptitle("Routing imbalance around the shift: CPT vs no-shift control (mean over seeds, band: min-max)",
-                 fontsize=11)
-    fig.tight_layout()
-    _fig_legend(fig, axes.ravel())
-    return _save(fig, path)
+    return _finish(fig, axes, "Routing imbalance around the shift: CPT vs no-shift control (mean over seeds, band: "
+                   "min-max)", path, fontsize=11)
 
 
 def plot_crs_layers(results: StudyResults | Mapping, path: str | Path) -> Path | None:
@@ -357,11 +359,8 @@ def plot_crs_layers(results: StudyResults | Mapping, path: str | Path) -> Path |
             ax.set_ylim(0, 1.05)
             ax.set_title(f"{m}, {sched} schedule: {name}", fontsize=10)
             ax.grid(alpha=0.3)
-    fig.suptitle("Routing kept from the CPT start on the old source, per MoE layer (mean over seeds, band: "
-                 "min-max)", fontsize=11)
-    fig.tight_layout()
-    _fig_legend(fig, axes.ravel())
-    return _save(fig, path)
+    return _finish(fig, axes, "Routing kept from the CPT start on the old source, per MoE layer (mean over seeds, "
+                   "band: min-max)", path, fontsize=11)
 
 
 def plot_forgetting_vs_replay(results: StudyResults | Mapping, path: str | Path) -> Path | None:
@@ -410,10 +409,8 @@ def plot_forgetting_vs_replay(results: StudyResults | Mapping, path: str | Path)
         for ax in axes[i]:
             ax.set_xlabel("replay fraction of the CPT budget")
             ax.grid(alpha=0.3)
-    fig.suptitle("Replay: less forgetting, slightly slower adaptation (mean over seeds, band: min-max)", fontsize=12)
-    fig.tight_layout()
-    _fig_legend(fig, axes.ravel())
-    return _save(fig, path)
+    return _finish(fig, axes, "Replay: less forgetting, slightly slower adaptation (mean over seeds, band: min-max)",
+                   path)
 
 
 def plot_moe_vs_dense(results: StudyResults | Mapping, path: str | Path) -> Path | None:
@@ -472,10 +469,7 @@ def plot_moe_vs_dense(results: StudyResults | Mapping, path: str | Path) -> Path
             ax.grid(alpha=0.3)
         for j in range(len(srcs_by_shift[sh]), ncols):
             axes[i][j].axis("off")
-    fig.suptitle("MoE vs FLOP-matched dense through CPT (mean over seeds, band: min-max)", fontsize=12)
-    fig.tight_layout()
-    _fig_legend(fig, axes.ravel())
-    return _save(fig, path)
+    return _finish(fig, axes, "MoE vs FLOP-matched dense through CPT (mean over seeds, band: min-max)", path)
 
 
 def plot_compute(results: StudyResults | Mapping, path: str | Path) -> Path | None:

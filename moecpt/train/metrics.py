@@ -19,7 +19,7 @@ import torch
 
 from moecpt.config import WandbMode
 from moecpt.errors import MoecptError
-from moecpt.model.routing import RouterOutput, routing_entropy
+from moecpt.model.routing import RouterOutput, entropy_nats
 from moecpt.train.callbacks import CallbackBase, RunInfo
 from moecpt.train.reduce import Metric, ReduceType
 
@@ -27,14 +27,17 @@ from moecpt.train.reduce import Metric, ReduceType
 class RoutingAccumulator:
     """Sums routing statistics of one optimizer step over micro-batches, per MoE layer.
 
-    ``add(routing)`` after each micro-batch forward; ``summary()`` gives the step's diagnostics.
+    ``add(routing)`` after each micro-batch forward; ``summary()`` gives the step's diagnostics. The sums stay on
+    the routing tensors' device (float64, int64 counts; float32 on MPS, which has no float64) until
+    :meth:`as_metrics` or :meth:`summary` reads them, so a step costs one device-to-host copy per statistic, not
+    one per layer and micro-batch.
     """
 
     def __init__(self) -> None:
         self.counts: list[torch.Tensor] = []  # per layer [E] routed slots
         self.tokens = 0
         self.k: list[int] = []
-        self.sums: dict[str, list[float]] = {}
+        self.sums: dict[str, list[torch.Tensor | float]] = {}  # key -> per layer sum over micro-batches
         self.n = 0
 
     def add(self, routing: list[RouterOutput]) -> None:
@@ -44,31 +47,37 @@ class RoutingAccumulator:
         self.tokens += T
         self.n += 1
         for i, r in enumerate(routing):
-            c = r.tokens_per_expert_E.detach().to("cpu", torch.float64)
-            lb, z = float(r.aux_losses["load_balancing"].detach()), float(r.aux_losses["z_loss"].detach())
+            c = r.tokens_per_expert_E.detach().long()
             if len(self.counts) <= i:
-                self.counts.append(c)
+                self.counts.append(c.clone())
                 self.k.append(r.topk_idx_TK.shape[1])
             else:
                 self.counts[i] += c
+            f = torch.float32 if c.device.type == "mps" else torch.float64
+            lb, z = r.aux_losses["load_balancing"].detach().to(f), r.aux_losses["z_loss"].detach().to(f)
             vals = {
                 "lb_loss": lb,
                 "lb_loss_weighted": lb * r.aux_weights.get("load_balancing", 0.0),
                 "z_loss": z,
                 "z_loss_weighted": z * r.aux_weights.get("z_loss", 0.0),
-                # a non-finite step is logged (and skipped or stopped by the trainer), not refused here
-                "routing_entropy": (routing_entropy(r.scores_TE.detach(), normalize=True)
-                                    if bool(torch.isfinite(r.scores_TE).all()) else math.nan),
-                "dropped_fraction": float(r.dropped_fraction) if r.dropped_fraction is not None else 0.0,
+                # a non-finite step gives NaN here (logged, then skipped or stopped by the trainer), not an error
+                "routing_entropy": entropy_nats(_renormalised(r.scores_TE.detach().to(f))),
+                "dropped_fraction": (r.dropped_fraction.detach().to(f) if isinstance(r.dropped_fraction, torch.Tensor)
+                                     else lb.new_tensor(float(r.dropped_fraction or 0.0))),
             }
             if "seq_balance" in r.aux_losses:  # DeepSeek-V3's sequence-wise loss, when its weight is on
-                sb = float(r.aux_losses["seq_balance"].detach())
+                sb = r.aux_losses["seq_balance"].detach().to(f)
                 vals.update(seq_balance=sb, seq_balance_weighted=sb * r.aux_weights.get("seq_balance", 0.0))
             for key, v in vals.items():
                 lst = self.sums.setdefault(key, [])
                 if len(lst) <= i:
-                    lst.append(0.0)
-                lst[i] += v
+                    lst.append(v)
+                else:
+                    lst[i] = lst[i] + v
+
+    def _host_sums(self) -> dict[str, list[float]]:
+        return {k: torch.stack([torch.as_tensor(v) for v in vals]).to("cpu", torch.float64).tolist()
+                if vals and isinstance(vals[0], torch.Tensor) else list(vals) for k, vals in self.sums.items()}
 
     def as_metrics(self) -> dict[str, Metric]:
         """The step's routing totals as :class:`~moecpt.train.reduce.Metric` s, all summed across workers (counts
@@ -77,7 +86,7 @@ class RoutingAccumulator:
         out = {"routing/tokens": Metric(self.tokens, ReduceType.SUM), "routing/n": Metric(self.n, ReduceType.SUM)}
         out |= {f"routing/counts/{i}": Metric(c, ReduceType.SUM) for i, c in enumerate(self.counts)}
         out |= {f"routing/sums/{k}": Metric(torch.tensor(v, dtype=torch.float64), ReduceType.SUM)
-                for k, v in sorted(self.sums.items())}
+                for k, v in sorted(self._host_sums().items())}
         return out
 
     @classmethod
@@ -95,15 +104,21 @@ class RoutingAccumulator:
         if not self.counts:
             return {}
         out: dict[str, Any] = {}
-        per_layer: dict[str, list[float]] = {k: [v / self.n for v in vals] for k, vals in self.sums.items()}
-        per_layer["mri"] = [float(c.max() / self.tokens) for c in self.counts]
-        per_layer["load_max_over_mean"] = [float(c.max() / c.mean()) if c.sum() > 0 else math.nan for c in self.counts]
-        per_layer["dead_experts"] = [int((c == 0).sum()) for c in self.counts]
+        counts = [c.to("cpu", torch.float64) for c in self.counts]
+        per_layer: dict[str, list[float]] = {k: [v / self.n for v in vals] for k, vals in self._host_sums().items()}
+        per_layer["mri"] = [float(c.max() / self.tokens) for c in counts]
+        per_layer["load_max_over_mean"] = [float(c.max() / c.mean()) if c.sum() > 0 else math.nan for c in counts]
+        per_layer["dead_experts"] = [int((c == 0).sum()) for c in counts]
         for key, vals in per_layer.items():
             out[f"{key}_mean"] = sum(vals) / len(vals)
             out[f"{key}_layers"] = vals
-        out["tokens_per_expert_layers"] = [(c / self.tokens).tolist() for c in self.counts]
+        out["tokens_per_expert_layers"] = [(c / self.tokens).tolist() for c in counts]
         return out
+
+
+def _renormalised(scores_TE: torch.Tensor) -> torch.Tensor:
+    """Scores as per-token distributions (sigmoid routers' scores do not sum to 1)."""
+    return scores_TE / scores_TE.sum(dim=1, keepdim=True).clamp_min(1e-30)
 
 
 def flat_scalars(record: dict[str, Any]) -> dict[str, float]:

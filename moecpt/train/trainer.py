@@ -89,6 +89,44 @@ def uses_bf16(device: torch.device, dtype: str) -> bool:
     return dtype == "bf16" or (dtype == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
 
 
+def cpt_model_config(cfg: ModelConfig, parent_meta: dict[str, Any], parent_path: Path, seq_len: int) -> ModelConfig:
+    """The model a CPT run trains: the parent's architecture (``parent_meta["model_config"]``) with the routing
+    keys the recipe's ``cfg`` sets (only ``model.moe.router.*``, ``moe.capacity_factor`` and ``moe.dispatch`` may
+    change in CPT; docs/design.md, rule C2). Shared by the trainer and ``moecpt plan --from``.
+
+    Raises:
+        MoecptError: the parent has no model config; the recipe changes its architecture; ``seq_len`` exceeds the
+            parent's ``max_seq_len``.
+    """
+    raw = parent_meta.get("model_config")
+    if not isinstance(raw, dict):
+        raise MoecptError(f"--from {str(parent_path)!r} has no model_config in its meta.json; "
+                          "it was not written by moecpt pretrain/cpt")
+    parent_cfg = build_section(ModelConfig, raw, "parent model_config")
+    conflicts = cpt_architecture_conflicts(cfg, parent_cfg)
+    if conflicts:
+        raise MoecptError(
+            f"the CPT recipe sets {'; '.join(conflicts)}; CPT keeps the parent's architecture, so remove "
+            "these keys (only model.moe.router.*, moe.capacity_factor and moe.dispatch may change in CPT)")
+    if seq_len > parent_cfg.max_seq_len:
+        raise MoecptError(
+            f"data.seq_len={seq_len} exceeds the parent's max_seq_len="
+            f"{parent_cfg.max_seq_len} (--from {str(parent_path)!r}); use data.seq_len <= "
+            f"{parent_cfg.max_seq_len}")
+    # The architecture comes from the parent; a recipe may change the routing strategy only.
+    # Only the keys the recipe sets override the parent's, so an imported family keeps its gate semantics
+    # (e.g. Mixtral's renormalised top-k) when a recipe changes just the balancing strategy.
+    if cfg.moe is not None and parent_cfg.moe is not None:
+        rec_router = cfg.moe.router
+        router = parent_cfg.moe.router.model_copy(
+            update={k: getattr(rec_router, k) for k in rec_router.model_fields_set})
+        moe_update = {k: getattr(cfg.moe, k) for k in ("capacity_factor", "dispatch")
+                      if k in cfg.moe.model_fields_set}
+        parent_cfg = parent_cfg.model_copy(update={"moe": parent_cfg.moe.model_copy(
+            update={"router": router, **moe_update})})
+    return parent_cfg
+
+
 @contextlib.contextmanager
 def deterministic_on_cpu(device: torch.device):
     """``torch.use_deterministic_algorithms(True, warn_only=True)`` while the block runs on a CPU device; the
@@ -235,21 +273,7 @@ class Trainer:
     def _resolve_model_config(self):
         cfg = self.recipe.model
         if self.parent is not None:
-            raw = self.parent.meta.get("model_config")
-            if not isinstance(raw, dict):
-                raise MoecptError(f"--from {str(self.parent.path)!r} has no model_config in its meta.json; "
-                                  "it was not written by moecpt pretrain/cpt")
-            parent_cfg = build_section(ModelConfig, raw, "parent model_config")
-            conflicts = cpt_architecture_conflicts(cfg, parent_cfg)
-            if conflicts:
-                raise MoecptError(
-                    f"the CPT recipe sets {'; '.join(conflicts)}; CPT keeps the parent's architecture, so remove "
-                    "these keys (only model.moe.router.*, moe.capacity_factor and moe.dispatch may change in CPT)")
-            if self.recipe.data.seq_len > parent_cfg.max_seq_len:
-                raise MoecptError(
-                    f"data.seq_len={self.recipe.data.seq_len} exceeds the parent's max_seq_len="
-                    f"{parent_cfg.max_seq_len} (--from {str(self.parent.path)!r}); use data.seq_len <= "
-                    f"{parent_cfg.max_seq_len}")
+            parent_cfg = cpt_model_config(cfg, self.parent.meta, self.parent.path, self.recipe.data.seq_len)
             parent_tok = self.parent.meta.get("tokenizer_sha256")
             if self.data.vocab_size > parent_cfg.vocab_size or (
                     parent_tok is not None and parent_tok != self.data.tokenizer_sha256):
@@ -259,17 +283,6 @@ class Trainer:
                     f"{str(parent_tok)[:12]}); prepare the CPT data with the parent's tokenizer "
                     "(--tokenizer PARENT_RUN/tokenizer.json)"
                 )
-            # The architecture comes from the parent; a recipe may change the routing strategy only.
-            # Only the keys the recipe sets override the parent's, so an imported family keeps its gate semantics
-            # (e.g. Mixtral's renormalised top-k) when a recipe changes just the balancing strategy.
-            if cfg.moe is not None and parent_cfg.moe is not None:
-                rec_router = cfg.moe.router
-                router = parent_cfg.moe.router.model_copy(
-                    update={k: getattr(rec_router, k) for k in rec_router.model_fields_set})
-                moe_update = {k: getattr(cfg.moe, k) for k in ("capacity_factor", "dispatch")
-                              if k in cfg.moe.model_fields_set}
-                parent_cfg = parent_cfg.model_copy(update={"moe": parent_cfg.moe.model_copy(
-                    update={"router": router, **moe_update})})
             return parent_cfg
         if "model" not in self.recipe.model_fields_set:
             raise MoecptError("the recipe has no [model] table, so there is nothing to pre-train; add one, e.g. "
@@ -711,7 +724,7 @@ class Trainer:
         tcfg = self.recipe.train
         w.model.train()
         acc = RoutingAccumulator()
-        ce_sum, aux_sum = 0.0, 0.0
+        ce_sum = aux_sum = torch.zeros((), device=batch.device, dtype=torch.float32)  # one host sync per step
         parts = batch.split(micro)
         n_micro = len(parts)
         for i, mb in enumerate(parts):
@@ -723,10 +736,11 @@ class Trainer:
                     if routing:
                         aux = aux / len(routing)  # mean over MoE layers (docs/design.md, rule R3)
                 ((ce + aux) / n_micro).backward()
-            ce_sum += ce.detach().item()
-            aux_sum += float(aux.detach())
+            ce_sum = ce_sum + ce.detach().float()
+            aux_sum = aux_sum + aux.detach().float()
             acc.add(routing)
-        return ce_sum / n_micro, aux_sum / n_micro, acc
+        ce_mean, aux_mean = (torch.stack([ce_sum, aux_sum]) / n_micro).tolist()
+        return ce_mean, aux_mean, acc
 
     def _grad_norm(self, model: Transformer) -> float:
         """Total gradient norm, clipped to ``optim.grad_clip`` when set (FSDP2's sharded gradients included)."""
