@@ -38,13 +38,13 @@ def tiny_imported(root: Path, name: str, family: str, overrides: dict, shard: st
     return name, family, hf, folder, ckpt
 
 
-def check_export_reload_reimport(root: Path, name: str, family: str, ckpt: Path) -> None:
+def check_export_reload_reimport(root: Path, name: str, family: str, ckpt: Path, shard_size: str = "50KB") -> None:
     """Export ``ckpt`` in shards, reload it with ``AutoModelForCausalLM`` (no missing / unexpected / mismatched
     keys), compare logits and experts, re-import the export: the same config and bit-identical tensors."""
     import transformers
 
     out = root / f"{name}-export"
-    summary = export_hf(ckpt, out, max_shard_size="50KB")
+    summary = export_hf(ckpt, out, max_shard_size=shard_size)
     assert summary["family"] == family and len(summary["shards"]) > 1
     hf, info = transformers.AutoModelForCausalLM.from_pretrained(str(out), output_loading_info=True)
     assert not (info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"])
