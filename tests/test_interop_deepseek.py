@@ -245,3 +245,19 @@ def test_export_refusals_name_the_family(model, family, words, root):
 def test_mla_config_validation(model, words):
     with pytest.raises(ValueError, match=words.replace("[", r"\[").replace("]", r"\]")):
         ModelConfig(vocab_size=VOCAB, d_model=64, n_heads=4, **model)
+
+
+@pytest.mark.parametrize("seq_aux, field", [(True, "seq_aux_loss_weight"), (False, "aux_loss_weight")])
+def test_v2_aux_loss_alpha_becomes_the_balance_loss_weight(seq_aux, field, root):
+    """DeepSeek's ``aux_loss_alpha`` (expert-level balance loss, per sequence with ``seq_aux``) is the weight."""
+    folder = root / "refuse-deepseek_v2"
+    if not folder.exists():
+        save_tiny_hf("deepseek_v2", folder, seed=9, tokenizer=False)
+    original = (folder / "config.json").read_text()
+    try:
+        _edit_config(folder, aux_loss_alpha=0.003, seq_aux=seq_aux)
+        r = load_hf_model(folder).cfg.moe.router
+    finally:
+        (folder / "config.json").write_text(original)
+    other = "aux_loss_weight" if field == "seq_aux_loss_weight" else "seq_aux_loss_weight"
+    assert (getattr(r, field), getattr(r, other), r.z_loss_weight) == (0.003, 0.0, 0.0)
