@@ -197,6 +197,8 @@ def _edit_config(folder: Path, **changes) -> None:
     ("deepseek_v2", {"norm_topk_prob": True}, "norm_topk_prob"),
     ("deepseek_v2", {"mlp_bias": True}, "mlp_bias"),
     ("deepseek_v2", {"moe_layer_freq": 2}, "moe_layer_freq"),
+    ("deepseek_v3", {"moe_layer_freq": 2}, "moe_layer_freq"),
+    ("deepseek_v3", {"quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]}}, "(fp8)"),
 ])
 def test_unsupported_configs_are_refused_in_one_line(family, changes, words, root):
     folder = root / f"refuse-{family}"

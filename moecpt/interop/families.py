@@ -268,6 +268,11 @@ class Family:
             MoecptError: a feature with no moecpt equivalent (one line naming it).
         """
         notes: list[str] = []
+        quant = hf.get("quantization_config")
+        if quant:  # DeepSeek-V3 / Kimi-K2 ship fp8 blocks with scale tensors: refuse before the tensor check
+            method = quant.get("quant_method", "?") if isinstance(quant, dict) else quant
+            raise self._fail(f"quantization_config ({method}) is set: quantised checkpoints are not supported; "
+                             "import a bf16 / fp32 copy of the weights")
         self.check(hf)
         act = self.get(hf, "hidden_act", "silu")
         if act not in _ACT_TO_FFN:
@@ -1166,6 +1171,9 @@ class _MLA(_DeepSeekRouted):
     interleave_key: str | None = None  # the config key saying whether RoPE is interleaved (None: always)
 
     def check(self, hf: dict) -> None:
+        if int(hf.get("moe_layer_freq") or 1) != 1:
+            raise self._fail(f"moe_layer_freq = {hf['moe_layer_freq']} (MoE every n-th layer) is ignored by "
+                             f"transformers' {self.name}; not supported")
         n_heads = int(hf["num_attention_heads"])
         if int(self.get(hf, "num_key_value_heads") or n_heads) != n_heads:
             raise self._fail(f"num_key_value_heads = {hf['num_key_value_heads']} differs from num_attention_heads "
@@ -1271,9 +1279,6 @@ class DeepseekV2(_MLA):
         if self.get(hf, "norm_topk_prob") and int(self.get(hf, "num_experts_per_tok")) > 1:
             raise self._fail("norm_topk_prob = true: transformers' DeepSeek-V2 ignores it while DeepSeek's code "
                              "renormalises, so the model has no single meaning; set it false")
-        if int(hf.get("moe_layer_freq") or 1) != 1:
-            raise self._fail(f"moe_layer_freq = {hf['moe_layer_freq']} (MoE every n-th layer) is ignored by "
-                             "transformers' DeepSeek-V2; not supported")
         if hf.get("scoring_func") not in (None, "softmax"):
             raise self._fail(f"scoring_func = {hf['scoring_func']!r} is not DeepSeek-V2 routing ('softmax')")
 
