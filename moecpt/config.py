@@ -453,6 +453,20 @@ class WandbMode(StrEnum):
     DISABLED = "disabled"
 
 
+class CheckpointFormat(StrEnum):
+    """How checkpoints are written (``train.checkpoint_format``; layouts in ``docs/distributed.md``).
+
+    ``single``: one ``model.safetensors`` + ``optimizer.pt``, gathered on rank 0 (needs the full state in one
+    rank's CPU memory). ``dcp``: ``torch.distributed.checkpoint`` shards, each rank writing its own part; reshards
+    on load (another world size resumes it). ``auto``: ``dcp`` when the sync strategy shards the state (FSDP2 on
+    several ranks), else ``single``. Either layout resumes, whichever the recipe writes.
+    """
+
+    AUTO = "auto"
+    SINGLE = "single"
+    DCP = "dcp"
+
+
 class ActivationCheckpointing(StrEnum):
     """What the backward recomputes instead of keeping (``train.activation_checkpointing``; Chen et al. 2016,
     "Training Deep Nets with Sublinear Memory Cost"): nothing, each whole decoder block, or each MoE FFN only (the
@@ -473,9 +487,10 @@ class DType(StrEnum):
 
 #: train keys that change how a run is watched or how much memory it holds, never what it computes: left out of a
 #: run's identity, so that turning them on or off resumes the same run (and runs made before they existed still
-#: resume); activation checkpointing recomputes the same forward, bit for bit (tests/test_activation_checkpointing.py)
+#: resume); activation checkpointing recomputes the same forward, bit for bit (tests/test_activation_checkpointing.py),
+#: and either checkpoint format holds the same state (tests/test_dcp_checkpoint.py)
 OBSERVATION_KEYS = frozenset({"threads", "log_lines_every", "wandb_project", "wandb_mode",
-                              "activation_checkpointing"})
+                              "activation_checkpointing", "checkpoint_format"})
 
 
 class TrainConfig(_Strict):
@@ -496,6 +511,9 @@ class TrainConfig(_Strict):
     checkpoint_every: int = Field(50, ge=1)
     keep_last: int = Field(2, ge=1, description="recent checkpoints kept (milestones are kept anyway)")
     extra_checkpoints: list[int] = Field(default_factory=list, description="steps always checkpointed and kept")
+    checkpoint_format: CheckpointFormat = Field(
+        CheckpointFormat.AUTO, description="auto (dcp under fsdp on several ranks, else single) | single (one file, "
+        "gathered on rank 0) | dcp (torch.distributed.checkpoint shards, resharded on load)")
     skip_nonfinite: bool = Field(False, description="skip a batch with NaN/Inf loss instead of stopping")
     max_skips: int = Field(10, ge=0)
     threads: int | None = Field(None, ge=1, description="torch CPU threads of this process; None = torch's default")

@@ -403,3 +403,15 @@ def test_the_models_own_eos_ends_cpt_documents_when_moecpt_does_not_know_it(tmp_
     assert data.eod_id == VOCAB - 1 and data.tokenizer_sha256 == ckpt.meta["tokenizer_sha256"]
     export_hf(tmp_path / "ckpt", tmp_path / "out")
     assert json.loads((tmp_path / "out" / "config.json").read_text())["eos_token_id"] == VOCAB - 1
+
+
+def test_the_usual_end_token_is_kept_when_the_model_declares_it_too():
+    from moecpt.data.tokenizer import ensure_eod
+
+    tok = tiny_tokenizer(VOCAB - 1)
+    tok.add_special_tokens(["<|return|>"])
+    ret = VOCAB - 1
+    assert ensure_eod(tok, [ret, 0]) == 0  # GPT-OSS declares <|return|> and <|endoftext|>: the document end is kept
+    assert ensure_eod(tok, [ret]) == ret and ensure_eod(tok, ret) == ret
+    assert ensure_eod(tok) == 0 and ensure_eod(tok, [10_000]) == 0  # nothing (usable) declared: as before
+    assert tok.get_vocab_size(with_added_tokens=True) == VOCAB  # nothing added

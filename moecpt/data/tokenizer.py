@@ -128,12 +128,20 @@ def declared_eod_id(folder: str | Path) -> int | None:
     return None
 
 
-def ensure_eod(tok, declared: int | None = None) -> int:
-    """Id of the tokenizer's end-of-document token: ``declared`` (the model's own EOS, see
-    :func:`declared_eod_id`) when the tokenizer has that id, else the first of moecpt's usual end tokens, else
-    ``<|endoftext|>`` added as a special token."""
-    if declared is not None and tok.id_to_token(declared) is not None:
-        return declared
+def ensure_eod(tok, declared: int | list[int] | None = None) -> int:
+    """Id of the tokenizer's end-of-document token.
+
+    ``declared``: the id(s) the model itself ends sequences with (:func:`declared_eod_id`, or an imported model's
+    ``eos_token_id`` s). The first of moecpt's usual end tokens is used when it is one of them (or nothing is
+    declared); else the first declared id the tokenizer has; else, with nothing usable, ``<|endoftext|>`` is added
+    as a special token. So documents never end with a token the model's config does not know."""
+    ids = [declared] if isinstance(declared, int) else list(declared or [])
+    ids = [i for i in ids if tok.id_to_token(i) is not None]
+    usual = next((t for t in (tok.token_to_id(c) for c in _EOD_CANDIDATES) if t is not None), None)
+    if usual is not None and (not ids or usual in ids):
+        return usual
+    if ids:
+        return ids[0]
     for cand in _EOD_CANDIDATES:
         tid = tok.token_to_id(cand)
         if tid is not None:
@@ -143,7 +151,8 @@ def ensure_eod(tok, declared: int | None = None) -> int:
 
 
 def eod_id_of(tok, declared: int | None = None) -> int:
-    """The end-of-document id of a tokenizer prepared by moecpt (see :func:`ensure_eod`)."""
+    """The end-of-document id of a tokenizer prepared by moecpt (see :func:`ensure_eod`; ``declared`` is what its
+    folder declares, which :func:`ensure_eod` chose)."""
     if declared is not None and tok.id_to_token(declared) is not None:
         return declared
     for cand in _EOD_CANDIDATES:

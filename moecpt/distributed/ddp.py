@@ -7,9 +7,10 @@
   the same summed loads.
 * :class:`FSDPSync`: FSDP2 ``fully_shard`` on every transformer block and on the root, for models whose parameters,
   gradients and AdamW state do not fit one device. Works with gloo on CPU (torch >= 2.6) and NCCL on CUDA.
-  Checkpoints stay in the ordinary (full, unsharded) format: rank 0 gathers the full model and optimizer state to
-  CPU memory, and every rank loads the full state before sharding it. That keeps CPT and resume interchangeable
-  with DDP runs, at the price of one full copy in CPU memory while saving / loading (document: ``docs/distributed.md``).
+  Checkpoints use the sharded DCP layout by default (``train.checkpoint_format = "auto"``,
+  :mod:`moecpt.train.checkpoint_dcp`): each rank writes its own shards, nothing is gathered, and another world size
+  resumes it. With ``"single"`` rank 0 gathers the full model and optimizer state to CPU memory and every rank loads
+  the full state before sharding it (one full copy in CPU memory while saving / loading; ``docs/distributed.md``).
   FSDP2 exposes no communication hook, so its traffic is *estimated* (``3 (W-1)/W`` x the fp32 parameter bytes per
   step: all-gather in forward and backward, reduce-scatter of gradients) and the emulated link does not apply.
 
@@ -43,6 +44,7 @@ from moecpt.distributed.accounting import ProcessComm, allreduce_bytes
 from moecpt.distributed.launch import gather_to_main
 from moecpt.distributed.strategy import SYNC_KEY, OptimizerFactory, SyncStrategy, Worker
 from moecpt.train.checkpoint import capture_rng_state
+from moecpt.train.dcp_io import index_keyed
 from moecpt.train.metrics import RoutingAccumulator
 from moecpt.train.parallel import StepStats
 from moecpt.train.reduce import Metric, ReduceType, reduce_metrics
@@ -93,6 +95,13 @@ class DataParallelSync(SyncStrategy):
         self.acct.rounds += 1  # one gradient synchronisation per step
         self._end_step()
 
+    def sharded_checkpoint_state(self, workers: list[Worker]
+                                 ) -> tuple[nn.Module, torch.optim.Optimizer, dict | None, dict | None]:
+        """This rank's model / optimizer; on rank 0 every rank's RNG state and the strategy marker."""
+        rng = _rank0_rng(self)
+        extra = {SYNC_KEY: {"kind": self.kind, "workers": self.num_workers}} if self.info.is_main else None
+        return workers[0].model, workers[0].optimizer, rng, extra
+
 
 # --------------------------------------------------------------------------------------------------------- DDP
 def _allreduce_hook(sync, bucket):  # no annotations: DDP checks them and this module's are strings
@@ -135,19 +144,27 @@ class DDPSync(DataParallelSync):
         return model_state, opt_state, rng
 
 
+def _rank0_rng(sync: SyncStrategy) -> dict | None:
+    """Every rank's RNG state, gathered to rank 0 (None elsewhere); rank 0's own at the top level. A collective."""
+    rngs = gather_to_main(capture_rng_state())
+    return {**rngs[0], "ranks": rngs} if sync.info.is_main else None
+
+
 def _rank0_state(sync: SyncStrategy, model_state: dict | None, opt_state: dict | None):
     """Add the strategy marker and every rank's RNG state (gathered to rank 0)."""
-    rngs = gather_to_main(capture_rng_state())
+    rng = _rank0_rng(sync)
     if not sync.info.is_main:
         return None, None, None
     opt_state = dict(opt_state or {})
     opt_state[SYNC_KEY] = {"kind": sync.kind, "workers": sync.num_workers}
-    return model_state, opt_state, {**rngs[0], "ranks": rngs}
+    return model_state, opt_state, rng
 
 
 # -------------------------------------------------------------------------------------------------------- FSDP2
 class FSDPSync(DataParallelSync):
     """FSDP2 ``fully_shard`` (see module doc)."""
+
+    shards_state = True
 
     def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer, make_optimizer: OptimizerFactory,
               state: dict | None) -> list[Worker]:
@@ -185,7 +202,7 @@ class FSDPSync(DataParallelSync):
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
         model_state = get_model_state_dict(w.model, options=opts)  # full tensors on rank 0, empty elsewhere
         opt = get_optimizer_state_dict(w.model, w.optimizer, options=opts)
-        opt = _to_index(opt, w.optimizer, w.model) if self.info.is_main else None
+        opt = index_keyed(opt) if self.info.is_main else None
         return _rank0_state(self, model_state, opt)
 
 
@@ -201,9 +218,3 @@ def _to_fqn(state: dict, optimizer: torch.optim.Optimizer, model: nn.Module) -> 
     return {"state": {fqns[int(i)]: s for i, s in state["state"].items()},
             "param_groups": [{**g, "params": [fqns[int(i)] for i in g["params"]]} for g in state["param_groups"]]}
 
-
-def _to_index(state: dict, optimizer: torch.optim.Optimizer, model: nn.Module) -> dict:
-    """FQN-keyed -> index-keyed, so that an FSDP checkpoint loads like any other."""
-    index = {n: i for i, n in enumerate(_fqn_order(optimizer, model))}
-    return {"state": {index[n]: s for n, s in state["state"].items()},
-            "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in state["param_groups"]]}

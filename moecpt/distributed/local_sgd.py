@@ -142,6 +142,7 @@ class LocalSGDSync(SyncStrategy):
 
     every_step = False
     reports = True
+    dcp_capable = False  # a checkpoint holds the outer state and every worker's inner state: single-file layout
 
     def __init__(self, recipe, info, num_workers: int, local_workers: int, device: torch.device,
                  outer: Any = None):

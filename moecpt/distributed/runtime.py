@@ -15,11 +15,12 @@ from typing import Any
 
 import torch
 
-from moecpt.config import Recipe, SyncKind
+from moecpt.config import DispatchKind, Recipe, SyncKind
 from moecpt.distributed import launch
 from moecpt.distributed.ddp import DDPSync, FSDPSync
+from moecpt.distributed.ep_sync import ExpertParallelSync
 from moecpt.distributed.local_sgd import LocalSGDSync
-from moecpt.distributed.mesh import build_mesh
+from moecpt.distributed.mesh import Mesh, build_mesh, check_expert_split
 from moecpt.distributed.simulate import SimulatedDDPSync
 from moecpt.distributed.strategy import LOCAL_SYNCS, SyncStrategy
 from moecpt.errors import MoecptError
@@ -42,6 +43,9 @@ class Distributed(SingleProcess):
 
     def broadcast_object(self, obj: Any) -> Any:
         return launch.broadcast_object(obj)
+
+    def check_launch(self, recipe: Recipe, info: DistInfo, simulate_workers: int | None = None) -> None:
+        check_launch(recipe, info, simulate_workers)
 
     def build_sync(self, recipe: Recipe, info: DistInfo, device: torch.device, simulate_workers: int | None = None,
                    outer_optimizer: Any = None) -> SyncStrategy:
@@ -72,15 +76,15 @@ def build_sync(recipe: Recipe, info: DistInfo, device: torch.device, simulate_wo
     Raises:
         MoecptError: simulation under a multi-process launch or with FSDP; an outer optimizer for a sync that has
             none; a mesh that does not divide the world, the experts or the batch
-            (:func:`moecpt.distributed.mesh.build_mesh`).
+            (:func:`moecpt.distributed.mesh.build_mesh`); expert parallelism in one process, with simulated workers,
+            with a sync other than DDP or with the loop dispatch.
     """
     kind = recipe.distributed.sync
     local = kind in LOCAL_SYNCS
     if outer_optimizer is not None and not local:
         raise MoecptError(f"an outer optimizer applies to sync = local-sgd, slowmo or diloco, not {kind.value!r}")
+    mesh = check_launch(recipe, info, simulate_workers)
     if simulate_workers is not None:
-        if simulate_workers < 1:
-            raise MoecptError(f"--simulate-workers {simulate_workers}: give a number of workers >= 1")
         if info.distributed:
             raise MoecptError("--simulate-workers runs every worker in one process; do not combine it with torchrun "
                               f"(this is rank {info.rank} of {info.world_size})")
@@ -89,13 +93,12 @@ def build_sync(recipe: Recipe, info: DistInfo, device: torch.device, simulate_wo
                               "simulate 'ddp' or a local-SGD strategy instead")
     workers = simulate_workers or info.world_size
     local_workers = simulate_workers or 1
-    mesh = build_mesh(recipe, workers)  # the plan's check, at start: a mesh that does not divide is one line
-    if mesh.ep > 1 or mesh.islands > 1:
-        raise MoecptError("distributed.expert_parallel / islands are not built yet in this version; set them to 1")
     if local:
         sync: SyncStrategy = LocalSGDSync(recipe, info, workers, local_workers, device, outer=outer_optimizer)
     elif simulate_workers is not None:
         sync = SimulatedDDPSync(recipe, info, workers, local_workers, device)
+    elif mesh.ep > 1:
+        sync = ExpertParallelSync(recipe, info, workers, 1, device, mesh=mesh, timeout_s=recipe.distributed.timeout_s)
     elif info.distributed and kind == SyncKind.DDP:
         sync = DDPSync(recipe, info, workers, 1, device)
     elif info.distributed and kind == SyncKind.FSDP:
@@ -104,3 +107,32 @@ def build_sync(recipe: Recipe, info: DistInfo, device: torch.device, simulate_wo
         sync = SyncStrategy(recipe, info, 1, 1, device)
     sync.local_batch_rows(recipe.train.batch_size)
     return sync
+
+
+def check_launch(recipe: Recipe, info: DistInfo, simulate_workers: int | None = None) -> Mesh:
+    """The job's mesh, checked against the recipe and this launch (called before the run folder is claimed, and by
+    :func:`build_sync`). Raises MoecptError in one line (:func:`build_mesh`, and what EP does not run)."""
+    if simulate_workers is not None and simulate_workers < 1:
+        raise MoecptError(f"--simulate-workers {simulate_workers}: give a number of workers >= 1")
+    if recipe.distributed.expert_parallel > 1:
+        _check_expert_parallel(recipe, info, simulate_workers)
+    mesh = build_mesh(recipe, simulate_workers or info.world_size)  # a mesh that does not divide is one line
+    if mesh.islands > 1:
+        raise MoecptError("distributed.islands is not built yet in this version; set it to 1")
+    return mesh
+
+
+def _check_expert_parallel(recipe: Recipe, info: DistInfo, simulate_workers: int | None) -> None:
+    """One-line refusals of what EP does not run: a dense model or experts it does not divide, a sync other than DDP,
+    the loop dispatch, a single process or simulated workers (the world is checked by ``build_mesh``)."""
+    d, moe = recipe.distributed, recipe.model.moe
+    check_expert_split(recipe)
+    if d.sync != SyncKind.DDP:
+        raise MoecptError(f"distributed.expert_parallel={d.expert_parallel} runs with sync = 'ddp' (data parallel "
+                          f"over the non-expert parameters); sync = {d.sync.value!r} is not supported with it")
+    if moe is not None and moe.dispatch == DispatchKind.LOOP:
+        raise MoecptError("model.moe.dispatch = 'loop' is the single-process reference path; use 'grouped' with "
+                          "distributed.expert_parallel > 1")
+    if simulate_workers is not None or not info.distributed:
+        raise MoecptError(f"distributed.expert_parallel={d.expert_parallel} splits the experts over real ranks; "
+                          f"launch {d.expert_parallel} or more with torchrun (not --simulate-workers)")

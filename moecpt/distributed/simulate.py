@@ -69,6 +69,8 @@ def make_replicas(model: nn.Module, optimizer: torch.optim.Optimizer, make_optim
 class SimulatedDDPSync(DataParallelSync):
     """DDP with K in-process workers (see module doc)."""
 
+    dcp_capable = False  # K workers in one process: the single-file layout only
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.comm = SimComm(self.acct)

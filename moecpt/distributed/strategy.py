@@ -8,8 +8,8 @@ The trainer (``moecpt.train.trainer``) runs a list of :class:`Worker` objects: o
 rule A2).
 
 Strategies: :class:`SyncStrategy` (one process, no communication), ``ddp.DDPSync`` / ``ddp.FSDPSync``,
-``simulate.SimulatedDDPSync``, ``local_sgd.LocalSGDSync`` (local SGD, SlowMo, DiLoCo, learned outer optimizers);
-:func:`moecpt.distributed.runtime.build_sync` picks one.
+``ep_sync.ExpertParallelSync`` (EP x DP), ``simulate.SimulatedDDPSync``, ``local_sgd.LocalSGDSync`` (local SGD,
+SlowMo, DiLoCo, learned outer optimizers); :func:`moecpt.distributed.runtime.build_sync` picks one.
 """
 
 from __future__ import annotations

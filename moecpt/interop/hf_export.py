@@ -116,6 +116,9 @@ def export_hf(ckpt: str | Path, out: str | Path, *, family: str = "auto", dtype:
     limit = parse_size(max_shard_size)
     ck = load_checkpoint(ckpt)
     check_outside_inputs(out, [ck.path])  # ``ckpt`` may have named a file inside the checkpoint folder
+    if ck.sharded:  # the export streams tensors out of model.safetensors, which a DCP checkpoint does not have
+        raise MoecptError(f"{ck.path} is a sharded (DCP) checkpoint; run `moecpt checkpoint consolidate {ck.path} "
+                          "--out FOLDER` first and export FOLDER")
     raw = ck.meta.get("model_config")
     if not isinstance(raw, dict):
         raise MoecptError(f"checkpoint {ck.path} has no model_config in its meta.json; it holds no moecpt model")
