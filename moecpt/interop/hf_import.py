@@ -419,8 +419,7 @@ def load_hf_model(path: str | Path, device: str | torch.device = "cpu", dtype: t
     model.load_state_dict(state, strict=True, assign=True)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.tok_emb.weight
-    rot = int(cfg.resolved_head_dim * cfg.rotary_fraction)
-    model.rope_cos, model.rope_sin = rope_cos_sin(cfg.max_seq_len, rot, cfg.rope_theta)
+    model.rope_cos, model.rope_sin = rope_cos_sin(cfg.max_seq_len, cfg.rotary_dims, cfg.rope_theta)
     for router in model.routers():  # the other non-persistent buffer, still on the meta device
         if router.is_bias_balanced:
             router.step_load = torch.zeros(router.num_experts)
