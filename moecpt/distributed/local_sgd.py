@@ -54,6 +54,7 @@ from moecpt.distributed.strategy import SYNC_KEY, OptimizerFactory, SyncStrategy
 from moecpt.errors import MoecptError
 from moecpt.lopt import load_pretrained
 from moecpt.lopt.optimizers import OuterOptimizer
+from moecpt.lopt.schedule_check import fixed_step_schedule_warning
 from moecpt.train.checkpoint import capture_rng_state
 
 TorchOptimizerFactory = Callable[[list[Tensor]], torch.optim.Optimizer]
@@ -162,6 +163,9 @@ class LocalSGDSync(SyncStrategy):
             self.comm = ProcessComm(self.acct)
         self.global_params: list[Tensor] = []
         self._warn_intervals()
+        late_kicks = fixed_step_schedule_warning(recipe) if outer is None and info.is_main else None
+        if late_kicks:
+            warnings.warn(late_kicks, stacklevel=3)
 
     def _warn_intervals(self) -> None:
         t = self.recipe.train
