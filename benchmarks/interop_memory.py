@@ -2,7 +2,8 @@
 
 For each size a synthetic OLMoE-family folder is written with safetensors (random weights, shards of the given
 size), then a fresh Python process, with torch and moecpt already imported, measures the growth of its peak resident
-memory (``VmHWM`` of ``/proc/self/status``, reset through ``/proc/self/clear_refs`` right before each call) for
+memory (``VmHWM`` of ``/proc/self/status``, reset through ``/proc/self/clear_refs`` right before the call), one
+process per call, for
 
 * ``import_hf(folder, ckpt)`` (streaming: the model plus at most one shard is the target),
 * ``load_hf_model(folder)`` (the same, in memory),
@@ -28,6 +29,7 @@ from moecpt.config import ModelConfig
 from moecpt.interop.testing import write_synthetic_hf
 
 MB = 2**20
+OPS = ("import_hf", "load_hf_model", "load_model", "export_hf")  # import first: the others read its checkpoint
 
 #: name -> (moecpt config of the synthetic OLMoE model, shard size)
 SIZES = {
@@ -64,15 +66,15 @@ def grow(fn):
     gc.collect()
     return out
 
-folder, ckpt, shard = sys.argv[1:4]
+op, folder, ckpt, shard = sys.argv[1:5]
 build_model(model_preset("smoke-switch", vocab_size=64), "meta")  # library code loaded once, not counted
 torch.ones(8).sum()
-print(json.dumps({
-    "import_hf": grow(lambda: import_hf(folder, ckpt, allow_missing_tokenizer=True)),
-    "load_hf_model": grow(lambda: load_hf_model(folder)),
-    "load_model": grow(lambda: load_model(ckpt)),
-    "export_hf": grow(lambda: export_hf(ckpt, ckpt + "-hf", max_shard_size=shard)),
-}))
+print(json.dumps(grow({
+    "import_hf": lambda: import_hf(folder, ckpt, allow_missing_tokenizer=True),
+    "load_hf_model": lambda: load_hf_model(folder),
+    "load_model": lambda: load_model(ckpt),
+    "export_hf": lambda: export_hf(ckpt, ckpt + "-hf", max_shard_size=shard),
+}[op])))
 """
 
 
@@ -81,11 +83,13 @@ def measure(name: str, work: Path) -> dict:
     folder = work / f"{name}-hf"
     sizes = write_synthetic_hf("olmoe", folder, ModelConfig.model_validate(cfg),
                                max_shard_bytes=int(shard.removesuffix("MB")) * MB)
-    proc = subprocess.run([sys.executable, "-c", _MEASURE, str(folder), str(work / f"{name}-ckpt"), shard],
-                          capture_output=True, text=True, check=False)
-    if proc.returncode:
-        raise SystemExit(f"{name}: the measuring process failed:\n{proc.stderr[-3000:]}")
-    grew = json.loads(proc.stdout.strip().splitlines()[-1])
+    grew = {}
+    for op in OPS:  # each in a fresh process: memory freed by one would otherwise be reused by the next
+        proc = subprocess.run([sys.executable, "-c", _MEASURE, op, str(folder), str(work / f"{name}-ckpt"), shard],
+                              capture_output=True, text=True, check=False)
+        if proc.returncode:
+            raise SystemExit(f"{name} {op}: the measuring process failed:\n{proc.stderr[-3000:]}")
+        grew[op] = json.loads(proc.stdout.strip().splitlines()[-1])
     return {"model_MB": round(sizes["model_bytes"] / MB, 1), "shards": sizes["shards"],
             "max_shard_MB": round(sizes["max_shard_bytes"] / MB, 1),
             **{f"{k}_MB": round(v / MB, 1) for k, v in grew.items()}}

@@ -1,4 +1,4 @@
-"""Streaming import: importing a multi-shard Hugging Face checkpoint grows the process's peak resident memory by
+"""Streaming import and load: importing a multi-shard Hugging Face checkpoint grows the process's peak resident memory by
 at most the model's size plus its largest shard plus a little slack (measured in a fresh subprocess through
 ``VmHWM`` of ``/proc/self/status``, reset by ``/proc/self/clear_refs`` right before the import). Loading every
 shard first, or holding the model twice, would exceed the bound."""
@@ -51,7 +51,9 @@ grow_import, _ = measure(lambda: import_hf(folder, out, allow_missing_tokenizer=
 grow_load, model = measure(lambda: load_hf_model(folder))
 del model
 grow_export, _ = measure(lambda: export_hf(out, out + "-hf", max_shard_size=sys.argv[3]))
-print(json.dumps({"import": grow_import, "load_hf_model": grow_load, "export": grow_export}))
+from moecpt.train.checkpoint import load_model
+grow_ckpt, model = measure(lambda: load_model(out))
+print(json.dumps({"import": grow_import, "load_hf_model": grow_load, "export": grow_export, "load_model": grow_ckpt}))
 """
 
 
@@ -73,6 +75,8 @@ def test_streaming_import_peak_memory(tmp_path):
     print("peak memory growth (MB):", report)
     assert grew["import"] <= bound, report
     assert grew["load_hf_model"] <= bound, report
+    # a moecpt checkpoint streams into the model tensor by tensor: the model once, not twice
+    assert grew["load_model"] <= sizes["model_bytes"] + SLACK, report
     # export holds one output shard and one source tensor (a layer's stacked experts), never the model
     layer_experts = 16 * 256 * 1024 * 4
     assert grew["export"] <= shard + 2 * layer_experts + SLACK, report

@@ -46,6 +46,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from moecpt.config import ModelConfig, build_section
@@ -161,6 +162,46 @@ class Checkpoint:
         for alias, canonical in self.manifest.get("aliases", {}).items():
             state[alias] = state[canonical]
         return state
+
+    def load_into(self, model: torch.nn.Module) -> None:
+        """Copy the weights into ``model`` (strict: the same names and shapes), one tensor at a time, so the peak
+        is the model plus its largest tensor rather than twice the model (a DCP checkpoint is assembled whole, as
+        :meth:`model_state` does). The file is opened anew for each tensor: ``safe_open`` memory-maps it, and
+        pages it has touched stay in the process's resident set until the map is closed.
+
+        Raises:
+            MoecptError: the file is missing or unreadable; names or shapes that do not fit ``model``.
+        """
+        if self.sharded:
+            _load_strict(model, self.model_state(), self.path)
+            return
+        f = self.path / MODEL_FILE
+        if not f.is_file():
+            raise MoecptError(f"checkpoint {self.path} has no {MODEL_FILE}; it is incomplete, use another checkpoint")
+        aliases = self.manifest.get("aliases", {})
+        targets = model.state_dict(keep_vars=True)
+        try:
+            with safe_open(str(f), framework="pt", device="cpu") as src:
+                stored = set(src.keys())
+            names = stored | {a for a, c in aliases.items() if c in stored}
+            missing, unexpected = sorted(set(targets) - names), sorted(names - set(targets))
+            if missing or unexpected:
+                raise MoecptError(f"checkpoint {self.path} does not fit the model built from its model_config: "
+                                  f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+            with torch.no_grad():
+                for name, dst in targets.items():
+                    with safe_open(str(f), framework="pt", device="cpu") as src:
+                        t = src.get_tensor(aliases.get(name, name))
+                    if tuple(t.shape) != tuple(dst.shape):
+                        raise MoecptError(f"checkpoint {self.path}: {name} has shape {list(t.shape)}, the model "
+                                          f"built from its model_config has {list(dst.shape)}")
+                    dst.copy_(t)
+                    del t
+        except MoecptError:
+            raise
+        except Exception as exc:  # safetensors raises its own SafetensorError; keep the one-line contract
+            raise MoecptError(f"checkpoint {self.path}: {MODEL_FILE} is unreadable ({_one_line(exc)}); it is "
+                              "corrupted, use another checkpoint") from None
 
     def optimizer_state(self) -> dict | None:
         """The optimizer state dict (tensors on CPU; ``Optimizer.load_state_dict`` moves them), or ``None`` if the
@@ -590,13 +631,17 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> torch.nn
     if not isinstance(raw, dict):
         raise MoecptError(f"checkpoint {ckpt.path} has no 'model_config' in {META_FILE}; it holds no moecpt model")
     model = Transformer(build_section(ModelConfig, raw, "model_config"))
+    ckpt.load_into(model)  # streamed: the model once, not twice
+    return model.to(device).eval()
+
+
+def _load_strict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], where: Path) -> None:
     try:
-        model.load_state_dict(ckpt.model_state(device="cpu"), strict=True)
+        model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise MoecptError(
-            f"checkpoint {ckpt.path} does not fit the model built from its model_config: {_one_line(exc)}"
+            f"checkpoint {where} does not fit the model built from its model_config: {_one_line(exc)}"
         ) from None
-    return model.to(device).eval()
 
 
 def run_tokenizer_path(ckpt: Checkpoint) -> Path:

@@ -586,7 +586,7 @@ class Trainer:
                 state.resume_sharded = ck
                 state.sync_state = (ck.optimizer_rest() or {}).get(SYNC_KEY)
             else:
-                model.load_state_dict(ck.model_state(self.device), strict=True)
+                ck.load_into(model)  # streamed: the model is not held twice
                 opt_state = ck.optimizer_state()
                 if opt_state is not None:
                     state.sync_state = opt_state.get(SYNC_KEY)  # the strategy's own part (outer state, other workers')
