@@ -76,6 +76,7 @@ class RouterConfig(_Strict):
     routed_scale: float = Field(1.0, gt=0.0, description="routed gates x this (DeepSeek-V3 routed_scaling_factor)")
     seq_aux_loss_weight: float = Field(
         0.0, ge=0.0, description="weight of DeepSeek-V3's sequence-wise balance loss (paper: 1e-4); 0 = off")
+    logit_bias: bool = Field(False, description="a learned bias on the router logits (GPT-OSS mlp.router.bias)")
 
     @model_validator(mode="after")
     def _check(self) -> "RouterConfig":
@@ -114,6 +115,7 @@ class MoEConfig(_Strict):
     shared_expert_width: int | None = Field(
         None, ge=1, description="total shared FFN width; default n_shared * expert_width")
     shared_expert_gate: bool = Field(False, description="sigmoid gate on the shared expert output (Qwen2-MoE)")
+    expert_bias: bool = Field(False, description="biases on the routed experts' in / out projections (GPT-OSS)")
     capacity_factor: float | None = Field(
         None, gt=0.0, description="Switch capacity factor with token dropping; None = dropless"
     )
@@ -150,6 +152,16 @@ class QKNorm(StrEnum):
 class FFNKind(StrEnum):
     GEGLU = "geglu"
     SWIGLU = "swiglu"
+    #: GPT-OSS's clamped SwiGLU (OpenAI 2025, arXiv 2508.10925): ``(clamp(up, ±7) + 1) * g * sigmoid(1.702 g)``,
+    #: ``g = min(gate, 7)`` (moecpt.model.glu.clamped_swiglu)
+    SWIGLU_CLAMPED = "swiglu_clamped"
+
+
+class AttnKind(StrEnum):
+    """A layer's attention span (transformers' ``layer_types``)."""
+
+    FULL = "full"  # every earlier position
+    SLIDING = "sliding"  # the last ``sliding_window`` positions, itself included: keys in (t - W, t]
 
 
 class ModelConfig(_Strict):
@@ -169,6 +181,12 @@ class ModelConfig(_Strict):
     rotary_fraction: float = Field(1.0, gt=0.0, le=1.0, description="share of each head's dims that RoPE rotates")
     qk_norm: QKNorm = Field(QKNorm.NONE, description="RMSNorm on queries/keys: per head (Qwen3-MoE) or full (OLMoE)")
     attn_bias: bool = Field(False, description="bias on q/k/v projections (Qwen2-MoE)")
+    attn_out_bias: bool = Field(False, description="bias on the attention output projection (GPT-OSS)")
+    attn_sinks: bool = Field(False, description="a learned per-head logit in the softmax denominator (GPT-OSS)")
+    sliding_window: int | None = Field(
+        None, ge=1, description="window W of the sliding layers: token t attends to keys (t - W, t]; None = none")
+    layer_types: list[AttnKind] | None = Field(
+        None, description="per-layer full | sliding; None = every layer sliding if sliding_window is set, else full")
     tie_embeddings: bool = False
     norm_eps: float = Field(1e-5, gt=0)
     init_std: float = Field(0.02, gt=0)
@@ -196,6 +214,11 @@ class ModelConfig(_Strict):
                 f"model.rotary_fraction={self.rotary_fraction} gives {rot} rotary dims; it must give an even "
                 f"number >= 2 of the head's {self.resolved_head_dim}"
             )
+        if self.layer_types is not None and len(self.layer_types) != self.n_layers:
+            raise ValueError(f"model.layer_types has {len(self.layer_types)} entries for model.n_layers="
+                             f"{self.n_layers}; give one 'full' or 'sliding' per layer")
+        if self.sliding_window is None and AttnKind.SLIDING in (self.layer_types or []):
+            raise ValueError("model.layer_types has 'sliding' layers but model.sliding_window is not set; set it")
         if self.moe is not None and self.moe.expert_width is None and self.ffn_width % self.moe.granularity:
             raise ValueError(
                 f"model.moe.granularity={self.moe.granularity} does not divide model.ffn_width={self.ffn_width}; "
@@ -215,6 +238,14 @@ class ModelConfig(_Strict):
     def resolved_expert_width(self) -> int:
         assert self.moe is not None
         return self.moe.expert_width or self.ffn_width // self.moe.granularity
+
+    def window_of(self, layer_idx: int) -> int | None:
+        """The attention window of layer ``layer_idx``: ``sliding_window`` on a sliding layer, else None (full)."""
+        if self.sliding_window is None:
+            return None
+        if self.layer_types is None or self.layer_types[layer_idx] == AttnKind.SLIDING:
+            return self.sliding_window
+        return None
 
     def is_moe_layer(self, layer_idx: int) -> bool:
         moe = self.moe

@@ -22,10 +22,31 @@ def activation(gate: torch.Tensor, kind: FFNKind) -> torch.Tensor:
     return F.gelu(gate, approximate="tanh") if kind == FFNKind.GEGLU else F.silu(gate)
 
 
-def glu_activation(h_NW: torch.Tensor, kind: FFNKind) -> torch.Tensor:
-    """``act(gate) * up`` for ``h = [gate | up]`` of shape ``[..., 2F]`` -> ``[..., F]`` (autograd)."""
-    gate, up = h_NW.chunk(2, dim=-1)
+#: GPT-OSS's clamped SwiGLU constants (transformers ``GptOssConfig.swiglu_alpha`` / ``swiglu_limit``)
+SWIGLU_ALPHA, SWIGLU_LIMIT = 1.702, 7.0
+
+
+def clamped_swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """GPT-OSS's expert activation (OpenAI 2025, arXiv 2508.10925, Sec. 2.1; transformers
+    ``GptOssExperts._apply_gate``): ``g = min(gate, 7)``, ``u = clamp(up, -7, 7)``, ``(u + 1) * g * sigmoid(1.702 g)``.
+    The clamps bound the activations; the ``+ 1`` keeps a unit path through ``up``. Shapes ``[..., F]`` (autograd)."""
+    g = gate.clamp(max=SWIGLU_LIMIT)
+    u = up.clamp(min=-SWIGLU_LIMIT, max=SWIGLU_LIMIT)
+    return (u + 1) * (g * torch.sigmoid(g * SWIGLU_ALPHA))
+
+
+def glu_combine(gate: torch.Tensor, up: torch.Tensor, kind: FFNKind) -> torch.Tensor:
+    """The GLU output of pre-activations ``gate`` and ``up`` (``[..., F]`` each, autograd): ``act(gate) * up``, or
+    :func:`clamped_swiglu` for ``swiglu_clamped``."""
+    if kind == FFNKind.SWIGLU_CLAMPED:
+        return clamped_swiglu(gate, up)
     return activation(gate, kind) * up
+
+
+def glu_activation(h_NW: torch.Tensor, kind: FFNKind) -> torch.Tensor:
+    """:func:`glu_combine` for ``h = [gate | up]`` of shape ``[..., 2F]`` -> ``[..., F]`` (autograd)."""
+    gate, up = h_NW.chunk(2, dim=-1)
+    return glu_combine(gate, up, kind)
 
 
 def glu_forward(gate_NF: torch.Tensor, up_NF: torch.Tensor, kind: FFNKind) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,11 +16,11 @@ import contextlib
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from moecpt.config import ActivationCheckpointing, ModelConfig, QKNorm
+from moecpt.model.attention_ops import attend
 from moecpt.model.moe import GLUFeedForward, MoELayer, RoutedExperts
 from moecpt.model.routing import Router, RouterOutput
 
@@ -83,16 +83,19 @@ def checkpointed(fn, module: nn.Module, *args):
 
 
 class Attention(nn.Module):
-    """Causal self-attention with RoPE and optional grouped-query heads / q-k norms, via SDPA."""
+    """Causal self-attention with RoPE and optional grouped-query heads / q-k norms, via SDPA; optionally windowed
+    (``window``: this layer's ``cfg.window_of``) and with per-head sinks (:mod:`moecpt.model.attention_ops`)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, window: int | None = None):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.resolved_kv_heads, cfg.resolved_head_dim
         D, A = cfg.d_model, self.head_dim
         self.wq = nn.Linear(D, self.n_heads * A, bias=cfg.attn_bias)
         self.wk = nn.Linear(D, self.n_kv_heads * A, bias=cfg.attn_bias)
         self.wv = nn.Linear(D, self.n_kv_heads * A, bias=cfg.attn_bias)
-        self.wo = nn.Linear(self.n_heads * A, D, bias=False)
+        self.wo = nn.Linear(self.n_heads * A, D, bias=cfg.attn_out_bias)
+        self.window = window
+        self.sinks = nn.Parameter(torch.zeros(self.n_heads)) if cfg.attn_sinks else None  # [H] logits
         self.qk_norm = cfg.qk_norm
         self.scale = cfg.attention_multiplier  # None: SDPA's 1 / sqrt(A)
         if cfg.qk_norm == QKNorm.HEAD:
@@ -118,7 +121,7 @@ class Attention(nn.Module):
             k_BHTA, v_BHTA = k_BGTA.repeat_interleave(rep, dim=1), v_BGTA.repeat_interleave(rep, dim=1)
         else:
             k_BHTA, v_BHTA = k_BGTA, v_BGTA
-        o_BHTA = F.scaled_dot_product_attention(q_BHTA, k_BHTA, v_BHTA, is_causal=True, scale=self.scale)
+        o_BHTA = attend(q_BHTA, k_BHTA, v_BHTA, scale=self.scale, window=self.window, sinks_H=self.sinks)
         return self.wo(o_BHTA.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
@@ -128,7 +131,7 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.attn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.attn = Attention(cfg)
+        self.attn = Attention(cfg, cfg.window_of(layer_idx))
         self.ffn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.is_moe = cfg.is_moe_layer(layer_idx)
         self.ffn = MoELayer(cfg) if self.is_moe else GLUFeedForward(cfg.d_model, cfg.ffn_width, cfg.ffn_kind)
@@ -217,6 +220,11 @@ class Transformer(nn.Module):
                 module.reset_parameters(std)
             elif isinstance(module, nn.RMSNorm):
                 nn.init.ones_(module.weight)
+            if isinstance(module, Attention) and module.sinks is not None:
+                nn.init.zeros_(module.sinks)  # a zero logit: the sink starts as one more (empty) key
+            if isinstance(module, RoutedExperts) and module.b_in is not None:
+                nn.init.zeros_(module.b_in)
+                nn.init.zeros_(module.b_out)
         cos, sin = rope_cos_sin(self.cfg.max_seq_len, self.rope_cos.shape[-1], self.cfg.rope_theta,
                                 device=self.rope_cos.device)
         self.rope_cos.copy_(cos)
