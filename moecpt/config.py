@@ -164,6 +164,18 @@ class AttnKind(StrEnum):
     SLIDING = "sliding"  # the last ``sliding_window`` positions, itself included: keys in (t - W, t]
 
 
+class YarnConfig(_Strict):
+    """YaRN RoPE scaling (Peng et al. 2024, arXiv 2309.00071; transformers ``rope_type = "yarn"``); see
+    :mod:`moecpt.model.yarn`."""
+
+    factor: float = Field(gt=0, description="context extension factor (GPT-OSS: 32)")
+    original_max_position_embeddings: int = Field(ge=1, description="the pre-extension context (GPT-OSS: 4096)")
+    beta_fast: float = Field(32.0, gt=0, description="dims turning more often than this keep their frequency")
+    beta_slow: float = Field(1.0, gt=0, description="dims turning less often than this are interpolated")
+    truncate: bool = Field(True, description="floor / ceil the correction range (GPT-OSS: false)")
+    attention_factor: float | None = Field(None, gt=0, description="cos / sin multiplier; None = 0.1 ln(factor) + 1")
+
+
 class ModelConfig(_Strict):
     """Decoder-only transformer; ``moe=None`` gives the dense model."""
 
@@ -179,6 +191,7 @@ class ModelConfig(_Strict):
     max_seq_len: int = Field(128, ge=1)
     rope_theta: float = Field(500_000.0, gt=0)
     rotary_fraction: float = Field(1.0, gt=0.0, le=1.0, description="share of each head's dims that RoPE rotates")
+    rope_yarn: YarnConfig | None = Field(None, description="YaRN RoPE scaling (GPT-OSS); None = plain RoPE")
     qk_norm: QKNorm = Field(QKNorm.NONE, description="RMSNorm on queries/keys: per head (Qwen3-MoE) or full (OLMoE)")
     attn_bias: bool = Field(False, description="bias on q/k/v projections (Qwen2-MoE)")
     attn_out_bias: bool = Field(False, description="bias on the attention output projection (GPT-OSS)")

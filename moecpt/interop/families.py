@@ -214,6 +214,7 @@ class Family:
     shared_name: str = "shared_expert"  # the shared FFN's module name (GLM-4.5 / DeepSeek: shared_experts)
     multipliers: bool = False  # has Granite's embedding / residual / attention / logits multipliers
     gptoss_features: bool = False  # has GPT-OSS's sinks, o-proj / router / expert biases, clamped SwiGLU
+    yarn: bool = False  # reads / writes YaRN rope_parameters (moecpt.model.yarn)
 
     # -------------------------------------------------------------------------------------------- config
     def get(self, hf: dict, key: str, default: Any = None) -> Any:
@@ -294,8 +295,9 @@ class Family:
             raise self._fail(f"hidden_act = {act!r} has no moecpt equivalent; supported: {', '.join(_ACT_TO_FFN)}")
         rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
         rope_type = rope.get("rope_type", rope.get("type")) if isinstance(rope, dict) else None
-        if rope_type not in (None, "default"):
-            raise self._fail(f"RoPE scaling {rope_type!r} is not supported (moecpt has plain RoPE only)")
+        if rope_type not in (None, "default") and not (rope_type == "yarn" and self.yarn):
+            raise self._fail(f"RoPE scaling {rope_type!r} is not supported (moecpt has plain RoPE, and YaRN for "
+                             "gpt_oss)")
         theta = (rope.get("rope_theta") if isinstance(rope, dict) else None) or self.get(hf, "rope_theta")
         d_model, n_heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
         n_kv = int(self.get(hf, "num_key_value_heads") or n_heads)
@@ -328,6 +330,7 @@ class Family:
             "n_kv_heads": n_kv, "head_dim": head_dim, "ffn_width": int(self.get(hf, "intermediate_size")),
             "ffn_kind": _ACT_TO_FFN[act].value, "max_seq_len": max_seq, "rope_theta": float(theta),
             "rotary_fraction": self.rotary_fraction(hf), "qk_norm": self.qk_norm_of(hf).value,
+            "rope_yarn": _yarn_of(self, rope) if rope_type == "yarn" else None,
             "attn_bias": self.attn_bias(hf), "sliding_window": window,
             "layer_types": None if layer_types is None else [t.value for t in layer_types],
             "tie_embeddings": bool(self.get(hf, "tie_word_embeddings", False)),
@@ -476,6 +479,32 @@ class Family:
         if not cfg.tie_embeddings:
             add("lm_head.weight", "lm_head.weight")
         return pieces
+
+
+def _yarn_of(family: Family, rope: dict) -> dict[str, Any]:
+    """moecpt's ``rope_yarn`` of a transformers YaRN ``rope_parameters`` dict (DeepSeek's mscale keys refused)."""
+    for key in ("mscale", "mscale_all_dim"):
+        if rope.get(key):
+            raise family._fail(f"YaRN with {key} (DeepSeek-V2/V3's attention scaling) is not supported")
+    if rope.get("factor") is None or rope.get("original_max_position_embeddings") is None:
+        raise family._fail("YaRN rope_parameters need factor and original_max_position_embeddings")
+    return {"factor": float(rope["factor"]),
+            "original_max_position_embeddings": int(rope["original_max_position_embeddings"]),
+            "beta_fast": float(rope.get("beta_fast") or 32.0), "beta_slow": float(rope.get("beta_slow") or 1.0),
+            "truncate": bool(rope.get("truncate", True)), "attention_factor": rope.get("attention_factor")}
+
+
+def _yarn_params(cfg: ModelConfig) -> dict[str, Any]:
+    """transformers 5's ``rope_parameters`` of ``cfg`` (default, or YaRN from ``cfg.rope_yarn``)."""
+    if cfg.rope_yarn is None:
+        return {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    y = cfg.rope_yarn
+    out = {"rope_type": "yarn", "rope_theta": cfg.rope_theta, "factor": y.factor, "beta_fast": y.beta_fast,
+           "beta_slow": y.beta_slow, "truncate": y.truncate,
+           "original_max_position_embeddings": y.original_max_position_embeddings}
+    if y.attention_factor is not None:
+        out["attention_factor"] = y.attention_factor
+    return out
 
 
 def _layout_of(moe_mask: list[bool]) -> dict[str, Any] | None:
@@ -1244,7 +1273,8 @@ class GptOss(Family):
     (``ffn_kind = "swiglu_clamped"``) whose gate / up columns are interleaved in ``gate_up_proj [E, D, 2F]`` (import
     de-interleaves them into moecpt's ``[gate | up]``; export interleaves). MXFP4 checkpoints
     (``quantization_config.quant_method = "mxfp4"``) are dequantised on import (:mod:`moecpt.interop.mxfp4`);
-    export writes bf16 / fp32 tensors without a quantization config. Its YaRN RoPE scaling is refused."""
+    export writes bf16 / fp32 tensors without a quantization config. Its YaRN RoPE scaling is moecpt's
+    ``rope_yarn`` (:mod:`moecpt.model.yarn`)."""
 
     name = "gpt_oss"
     model_types = ("gpt_oss",)
@@ -1252,7 +1282,12 @@ class GptOss(Family):
     reference = "OpenAI 2025, gpt-oss-120b & gpt-oss-20b Model Card (arXiv 2508.10925); openai/gpt-oss-20b"
     num_experts_key = "num_local_experts"
     gptoss_features = True
-    #: transformers' GptOssConfig defaults (its YaRN rope_parameters default is not taken: import refuses YaRN)
+    yarn = True
+    #: GptOssConfig's rope_parameters when a config.json has none (YaRN x32 over 4096, untruncated)
+    default_rope: ClassVar[dict[str, Any]] = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0,
+                                              "beta_slow": 1.0, "truncate": False,
+                                              "original_max_position_embeddings": 4096}
+    #: transformers' GptOssConfig defaults
     defaults: ClassVar[dict[str, Any]] = {"hidden_act": "silu", "max_position_embeddings": 131072,
         "rms_norm_eps": 1e-5, "rope_theta": 150000.0, "num_local_experts": 128, "num_experts_per_tok": 4,
         "router_aux_loss_coef": 0.001, "tie_word_embeddings": False, "initializer_range": 0.02,
@@ -1264,9 +1299,6 @@ class GptOss(Family):
             if float(self.get(hf, key)) != want:
                 raise self._fail(f"{key} = {hf[key]} differs from GPT-OSS's {want}, the only value moecpt's "
                                  "swiglu_clamped has")
-        if "rope_parameters" not in hf and "rope_scaling" not in hf:
-            raise self._fail("no rope_parameters: transformers would apply GPT-OSS's default YaRN scaling, which "
-                             "moecpt does not implement")
         q = hf.get("quantization_config")
         if q and q.get("quant_method") != "mxfp4":
             raise self._fail(f"quantization {q.get('quant_method')!r} is not supported (mxfp4 is dequantised)")
@@ -1300,6 +1332,8 @@ class GptOss(Family):
         return None
 
     def to_model_config(self, hf: dict) -> tuple[ModelConfig, list[str]]:
+        if not hf.get("rope_parameters") and not hf.get("rope_scaling"):
+            hf = {**hf, "rope_parameters": dict(self.default_rope)}
         cfg, notes = super().to_model_config(hf)
         raw = cfg.model_dump()
         raw.update(ffn_kind=FFNKind.SWIGLU_CLAMPED.value, attn_sinks=True, attn_out_bias=cfg.attn_bias)
@@ -1371,7 +1405,7 @@ class GptOss(Family):
         return {"intermediate_size": cfg.resolved_expert_width, "head_dim": cfg.resolved_head_dim,
                 "attention_bias": cfg.attn_bias, "swiglu_alpha": SWIGLU_ALPHA, "swiglu_limit": SWIGLU_LIMIT,
                 "sliding_window": cfg.sliding_window if slides else None, "layer_types": _hf_types(cfg),
-                "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta}}
+                "rope_parameters": _yarn_params(cfg)}
 
     def plan(self, cfg: ModelConfig, fused: Callable[[int], bool] = lambda i: False) -> list[Piece]:
         """GPT-OSS's names: ``self_attn.sinks``, ``mlp.router.{weight,bias}``, stacked experts with biases."""
@@ -1450,7 +1484,10 @@ def why_not(family: Family, cfg: ModelConfig) -> str | None:
 
 
 def _gptoss_why_not(family: Family, cfg: ModelConfig) -> str | None:
-    """GPT-OSS's attention sinks, output / router / expert biases and clamped SwiGLU exist in no other family."""
+    """GPT-OSS's attention sinks, output / router / expert biases and clamped SwiGLU exist in no other family
+    (nor does moecpt export YaRN to another)."""
+    if cfg.rope_yarn is not None and not family.yarn:
+        return "rope_yarn (YaRN RoPE scaling) is exported to gpt_oss only; export with --family gpt_oss"
     if family.gptoss_features:
         return None
     moe = cfg.moe

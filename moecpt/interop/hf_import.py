@@ -38,7 +38,7 @@ from tokenizers import Tokenizer
 from moecpt.data.tokenizer import ensure_eod, sha256_bytes, tokenizer_bytes
 from moecpt.errors import MoecptError
 from moecpt.interop.families import Family, Piece, PieceOp, family_of, place
-from moecpt.model.transformer import build_model, rope_cos_sin
+from moecpt.model.transformer import build_model, rope_tables
 from moecpt.storage.atomic import fsync_dir, publish_dir, temp_name, write_bytes_atomic
 from moecpt.storage.outputs import check_new_output, os_error_line, write_marker
 from moecpt.train.checkpoint import save_checkpoint
@@ -432,8 +432,7 @@ def load_hf_model(path: str | Path, device: str | torch.device = "cpu", dtype: t
     model.load_state_dict(state, strict=True, assign=True)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.tok_emb.weight
-    rot = int(cfg.resolved_head_dim * cfg.rotary_fraction)
-    model.rope_cos, model.rope_sin = rope_cos_sin(cfg.max_seq_len, rot, cfg.rope_theta)
+    model.rope_cos, model.rope_sin = rope_tables(cfg)
     for router in model.routers():  # the other non-persistent buffer, still on the meta device
         if router.is_bias_balanced:
             router.step_load = torch.zeros(router.num_experts)

@@ -23,6 +23,7 @@ from moecpt.config import ActivationCheckpointing, ModelConfig, QKNorm
 from moecpt.model.attention_ops import attend
 from moecpt.model.moe import GLUFeedForward, MoELayer, RoutedExperts
 from moecpt.model.routing import Router, RouterOutput
+from moecpt.model.yarn import yarn_attention_factor, yarn_inv_freq
 
 
 def rope_cos_sin(seq_len: int, rot_dim: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,6 +36,19 @@ def rope_cos_sin(seq_len: int, rot_dim: int, theta: float, device=None) -> tuple
     freqs = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)  # [T, R / 2]
     emb_TR = torch.cat([freqs, freqs], dim=-1)
     return emb_TR.cos(), emb_TR.sin()
+
+
+def rope_tables(cfg: ModelConfig, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cos_TR, sin_TR`` of ``cfg`` for ``T = max_seq_len`` positions: plain RoPE, or YaRN-scaled
+    (:mod:`moecpt.model.yarn`: blended frequencies, tables times the attention factor) with ``cfg.rope_yarn``."""
+    rot = int(cfg.resolved_head_dim * cfg.rotary_fraction)
+    if cfg.rope_yarn is None:
+        return rope_cos_sin(cfg.max_seq_len, rot, cfg.rope_theta, device)
+    inv_freq = yarn_inv_freq(rot, cfg.rope_theta, cfg.rope_yarn, device)
+    freqs = torch.outer(torch.arange(cfg.max_seq_len, device=device, dtype=torch.float32), inv_freq)
+    emb_TR = torch.cat([freqs, freqs], dim=-1)
+    scale = yarn_attention_factor(cfg.rope_yarn)
+    return emb_TR.cos() * scale, emb_TR.sin() * scale
 
 
 def apply_rope(x_BTHA: torch.Tensor, cos_TR: torch.Tensor, sin_TR: torch.Tensor) -> torch.Tensor:
@@ -179,8 +193,7 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
-        rot = int(cfg.resolved_head_dim * cfg.rotary_fraction)
-        cos, sin = rope_cos_sin(cfg.max_seq_len, rot, cfg.rope_theta)
+        cos, sin = rope_tables(cfg)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.activation_checkpointing = ActivationCheckpointing.NONE
@@ -225,8 +238,7 @@ class Transformer(nn.Module):
             if isinstance(module, RoutedExperts) and module.b_in is not None:
                 nn.init.zeros_(module.b_in)
                 nn.init.zeros_(module.b_out)
-        cos, sin = rope_cos_sin(self.cfg.max_seq_len, self.rope_cos.shape[-1], self.cfg.rope_theta,
-                                device=self.rope_cos.device)
+        cos, sin = rope_tables(self.cfg, device=self.rope_cos.device)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
 
