@@ -31,7 +31,7 @@ from moecpt.interop.testing import (  # noqa: E402
     ours_forward,
     same_topk,
     save_tiny_hf,
-    synthetic_texts,
+    synthetic_texts,  # noqa: E402
 )
 from moecpt.model.transformer import build_model  # noqa: E402
 from moecpt.model.yarn import yarn_attention_factor, yarn_inv_freq  # noqa: E402

@@ -29,7 +29,8 @@ def yarn_inv_freq(rot_dim: int, theta: float, y: YarnConfig, device=None) -> tor
     """YaRN's ``[rot_dim / 2]`` fp32 inverse frequencies for base ``theta`` (see the module doc)."""
 
     def correction_dim(rotations: float) -> float:
-        return rot_dim * math.log(y.original_max_position_embeddings / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+        turns = y.original_max_position_embeddings / (rotations * 2 * math.pi)
+        return rot_dim * math.log(turns) / (2 * math.log(theta))
 
     low, high = correction_dim(y.beta_fast), correction_dim(y.beta_slow)
     if y.truncate:
