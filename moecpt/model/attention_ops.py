@@ -8,8 +8,11 @@
   after Xiao et al. 2024, "Efficient Streaming Language Models with Attention Sinks"): each head ``h`` has a
   learned logit ``s_h`` that joins the softmax denominator and attends to nothing:
   ``p_ts = exp(l_ts) / (exp(s_h) + sum_s' exp(l_ts'))``. It is computed exactly inside
-  ``scaled_dot_product_attention`` by one extra key column whose key and value are zero and whose additive mask is
-  ``s_h``: its score is ``0 + s_h`` and its value adds nothing.
+  ``scaled_dot_product_attention`` as one extra key with a zero value: queries gain a constant coordinate 1 and
+  keys a coordinate 0, the sink key is ``s_h / scale`` there and 0 elsewhere, so its score is ``scale * s_h /
+  scale = s_h`` for every query while the real scores are unchanged. The mask stays one ``[T, T + 1]`` bool shared
+  by all heads (no ``[H, T, T + 1]`` float bias is built); the extra coordinates are padded to 8 (kernels' head-dim
+  alignment).
 
 The plain causal path (no window, no sinks) stays ``is_causal=True`` with no mask (SDPA's fastest kernels).
 Shape suffixes: B batch, H heads, T positions, A head dim.
@@ -51,12 +54,15 @@ def attend(q_BHTA: torch.Tensor, k_BHTA: torch.Tensor, v_BHTA: torch.Tensor, *, 
     if sinks_H is None:
         return F.scaled_dot_product_attention(q_BHTA, k_BHTA, v_BHTA, attn_mask=keep_TT, scale=scale)
     B, H, _, A = q_BHTA.shape
-    dtype = q_BHTA.dtype
-    zero = q_BHTA.new_zeros(B, H, 1, A)
-    k_BHSA = torch.cat([k_BHTA, zero], dim=2)  # S = T + 1: the sink's key and value are zero
-    v_BHSA = torch.cat([v_BHTA, zero], dim=2)
-    neg = torch.finfo(dtype).min
-    bias_TT = torch.zeros(T, T, dtype=dtype, device=q_BHTA.device).masked_fill_(~keep_TT, neg)
-    sink_HT1 = sinks_H.to(dtype)[:, None, None].expand(H, T, 1)
-    bias_HTS = torch.cat([bias_TT.expand(H, T, T), sink_HT1], dim=2)
-    return F.scaled_dot_product_attention(q_BHTA, k_BHSA, v_BHSA, attn_mask=bias_HTS[None], scale=scale)
+    scale = A ** -0.5 if scale is None else scale
+    pad = 8  # one used coordinate, padded to the head-dim alignment SDPA's kernels like
+    q_pad = q_BHTA.new_zeros(B, H, T, pad)
+    q_pad[..., 0] = 1.0
+    k_pad = k_BHTA.new_zeros(B, H, T, pad)
+    sink_key = k_BHTA.new_zeros(B, H, 1, A + pad)
+    sink_key[..., A] = (sinks_H.to(k_BHTA.dtype) / scale)[None, :, None]
+    k_BHSB = torch.cat([torch.cat([k_BHTA, k_pad], dim=-1), sink_key], dim=2)  # S = T + 1, A + pad dims
+    v_BHSA = torch.cat([v_BHTA, v_BHTA.new_zeros(B, H, 1, A)], dim=2)  # the sink's value is zero
+    keep_TS = torch.cat([keep_TT, keep_TT.new_ones(T, 1)], dim=1)
+    return F.scaled_dot_product_attention(torch.cat([q_BHTA, q_pad], dim=-1), k_BHSB, v_BHSA, attn_mask=keep_TS,
+                                          scale=scale)
