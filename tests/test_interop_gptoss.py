@@ -95,7 +95,9 @@ def test_import_max_logit_difference_same_experts_and_greedy_text_past_the_windo
     unwindowed = load_model(ckpt)
     for b in unwindowed.blocks:
         b.attn.window = None
-    assert (ours_forward(unwindowed, ids)[0] - hf_logits).abs().max().item() > 100 * TOL
+    off = (ours_forward(unwindowed, ids)[0] - hf_logits).abs().max().item()
+    print(f"{family} {name}: the same model unwindowed (as the old export ran it) is off by {off:.2f}")
+    assert off > 100 * TOL
     if name in ("gpt_oss", "mixtral-window"):  # greedy text through the window: generate-side, family-independent
         prompt = _ids(2, 6)[:1]
         with torch.no_grad():
