@@ -33,6 +33,7 @@ from moecpt.interop.testing import (  # noqa: E402
     save_tiny_hf,
     synthetic_texts,  # noqa: E402
 )
+from moecpt.model.flops import model_stats  # noqa: E402
 from moecpt.model.transformer import build_model  # noqa: E402
 from moecpt.model.yarn import yarn_attention_factor, yarn_inv_freq  # noqa: E402
 from moecpt.train.checkpoint import load_checkpoint, load_model, save_checkpoint  # noqa: E402
@@ -227,3 +228,14 @@ def test_refusals_are_one_line(root):
     assert export_hf(root / "mixed", root / "mixed-hf")["family"] == "qwen2_moe"  # layer_types carries it
     with pytest.raises(ValueError, match="layer_types has 3 entries"):
         ModelConfig(n_layers=2, sliding_window=4, layer_types=["full", "sliding", "full"])
+
+
+def test_windows_and_expert_biases_in_the_model_stats():
+    """A sliding layer's attention FLOPs count its window, not the context; expert biases are expert parameters."""
+    base = dict(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, ffn_width=32, max_seq_len=64, ffn_kind="swiglu",
+                moe={"num_experts": 4, "top_k": 2, "router": {"renormalize": True}})
+    full = model_stats(ModelConfig(**base))
+    windowed = model_stats(ModelConfig(**base, sliding_window=4, layer_types=["sliding", "full"]))
+    assert full["forward_flops_per_token"] - windowed["forward_flops_per_token"] == 4 * (64 - 4) * 4 * 8
+    biased = model_stats(ModelConfig(**{**base, "moe": {**base["moe"], "expert_bias": True}}))
+    assert biased["expert_params"] - full["expert_params"] == 2 * 4 * (2 * 32 + 32)
