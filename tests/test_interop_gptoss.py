@@ -33,6 +33,7 @@ from moecpt.interop.testing import (  # noqa: E402
     save_tiny_hf,
     synthetic_texts,  # noqa: E402
 )
+from moecpt.model.attention_ops import attend  # noqa: E402
 from moecpt.model.flops import model_stats  # noqa: E402
 from moecpt.model.transformer import build_model  # noqa: E402
 from moecpt.model.yarn import yarn_attention_factor, yarn_inv_freq  # noqa: E402
@@ -239,3 +240,23 @@ def test_windows_and_expert_biases_in_the_model_stats():
     assert full["forward_flops_per_token"] - windowed["forward_flops_per_token"] == 4 * (64 - 4) * 4 * 8
     biased = model_stats(ModelConfig(**{**base, "moe": {**base["moe"], "expert_bias": True}}))
     assert biased["expert_params"] - full["expert_params"] == 2 * 4 * (2 * 32 + 32)
+
+
+@pytest.mark.parametrize("window", [3, None])
+def test_sink_attention_equals_the_eager_softmax_with_gradients(window):
+    """``attend`` against transformers' eager GPT-OSS attention written out (fp64): the sink joins the softmax
+    denominator and attends nothing; outputs and the gradients of q, k, v and the sinks agree."""
+    g = torch.Generator().manual_seed(0)
+    B, H, T, A = 2, 3, 9, 4
+    q, k, v = (torch.randn(B, H, T, A, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    sinks = torch.randn(H, generator=g, dtype=torch.float64, requires_grad=True)
+    out = attend(q, k, v, window=window, sinks_H=sinks)
+    t = torch.arange(T)
+    keep = (t[None] <= t[:, None]) & ((t[None] > t[:, None] - window) if window else True)
+    scores = (q @ k.transpose(-1, -2) / A ** 0.5).masked_fill(~keep, float("-inf"))
+    probs = torch.softmax(torch.cat([scores, sinks[None, :, None, None].expand(B, H, T, 1)], -1), -1)[..., :-1]
+    want = probs @ v
+    assert (out - want).abs().max().item() < 1e-12
+    grads = torch.autograd.grad((out * want.detach()).sum(), [q, k, v, sinks])
+    ref = torch.autograd.grad((want * want.detach()).sum(), [q, k, v, sinks])
+    assert all((a - b).abs().max().item() < 1e-12 for a, b in zip(grads, ref))

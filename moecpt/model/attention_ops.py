@@ -62,7 +62,10 @@ def attend(q_BHTA: torch.Tensor, k_BHTA: torch.Tensor, v_BHTA: torch.Tensor, *, 
     sink_key = k_BHTA.new_zeros(B, H, 1, A + pad)
     sink_key[..., A] = (sinks_H.to(k_BHTA.dtype) / scale)[None, :, None]
     k_BHSB = torch.cat([torch.cat([k_BHTA, k_pad], dim=-1), sink_key], dim=2)  # S = T + 1, A + pad dims
-    v_BHSA = torch.cat([v_BHTA, v_BHTA.new_zeros(B, H, 1, A)], dim=2)  # the sink's value is zero
+    # values padded alike (the sink's value and the pad are zero): one head dim for q, k and v, which the fused
+    # (memory-efficient) kernels need; the pad columns of the output are dropped
+    v_BHSB = F.pad(v_BHTA, (0, pad, 0, 1))
     keep_TS = torch.cat([keep_TT, keep_TT.new_ones(T, 1)], dim=1)
-    return F.scaled_dot_product_attention(torch.cat([q_BHTA, q_pad], dim=-1), k_BHSB, v_BHSA, attn_mask=keep_TS,
-                                          scale=scale)
+    o_BHTB = F.scaled_dot_product_attention(torch.cat([q_BHTA, q_pad], dim=-1), k_BHSB, v_BHSB, attn_mask=keep_TS,
+                                            scale=scale)
+    return o_BHTB[..., :A]
