@@ -63,9 +63,8 @@ class RoutedExperts(nn.Module):
         num_experts: ``E``; d_model: ``D``; width: ``F``; kind: an :class:`FFNKind`.
         bias: biases on both projections, ``b_in [E, 2F]`` (``[gate | up]``) and ``b_out [E, D]`` (GPT-OSS).
 
-    Experts with biases or the clamped SwiGLU run the per-expert autograd path (:meth:`forward_expert`, as
-    ``dispatch = "loop"``): the fused grouped kernel of :mod:`moecpt.model.expert_dispatch` has neither
-    (:attr:`needs_loop`).
+    Biases and the clamped SwiGLU run in the fused grouped kernel of :mod:`moecpt.model.expert_dispatch` as
+    well as on the per-expert reference path (:meth:`forward_expert`).
     """
 
     def __init__(self, num_experts: int, d_model: int, width: int, kind: FFNKind, bias: bool = False):
@@ -75,7 +74,6 @@ class RoutedExperts(nn.Module):
         self.w_out = nn.Parameter(torch.empty(num_experts, width, d_model))  # [E, F, D]
         self.b_in = nn.Parameter(torch.zeros(num_experts, 2 * width)) if bias else None  # [E, 2F]
         self.b_out = nn.Parameter(torch.zeros(num_experts, d_model)) if bias else None  # [E, D]
-        self.needs_loop = bias or kind == FFNKind.SWIGLU_CLAMPED
 
     def forward_grouped(self, x_TD: torch.Tensor, gate_TK: torch.Tensor, topk_idx_TK: torch.Tensor,
                         order_N: torch.Tensor, counts_E: torch.Tensor, overhead_rows: int,
@@ -101,8 +99,10 @@ class RoutedExperts(nn.Module):
             topk_idx_TK, order_N, counts_E, overhead_rows=overhead_rows, grouped_mm=use_grouped_mm,
             batch_quantum=torch.get_num_threads() if dev.type == "cpu" else 1)
         with torch.autocast(device_type=dev.type, enabled=False):
+            b_in = None if self.b_in is None else self.b_in.to(dtype)
+            b_out = None if self.b_out is None else self.b_out.to(dtype)
             y_TD = grouped_experts(x_TD.to(dtype), gate_TK.to(dtype), self.w_in.to(dtype), self.w_out.to(dtype),
-                                   plan, self.kind)
+                                   plan, self.kind, b_in, b_out)
         return y_TD.to(x_TD.dtype)
 
     def forward_expert(self, e: int, x_ND: torch.Tensor) -> torch.Tensor:
@@ -154,7 +154,7 @@ class MoELayer(nn.Module):
                              "flatten batch and time first")
         r = self.router(x_TD, seq_len)
         T, K = r.topk_idx_TK.shape
-        if self.dispatch == DispatchKind.LOOP or self.experts.needs_loop:
+        if self.dispatch == DispatchKind.LOOP:
             y_TD, keep_TK = self._forward_loop(x_TD, r)
         else:
             y_TD, keep_TK = self._forward_grouped(x_TD, r)
