@@ -161,8 +161,7 @@ def place(dst, src, piece: Piece) -> None:
     elif op == PieceOp.DEINTERLEAVE:
         dst.copy_(deinterleave(src))
     elif op == PieceOp.MXFP4:
-        w = dequantize_mxfp4(*src)
-        dst.copy_(deinterleave(w) if ix[0] else w)
+        dequantize_mxfp4(*src, out=dst, transform=deinterleave if ix[0] else None)  # expert by expert
     elif op == PieceOp.ROWS:
         dst[ix[0]:ix[1]].copy_(src)
     elif op == PieceOp.EXPERT_IN:
