@@ -38,6 +38,14 @@ half-rotation layout (as moecpt), grouped-query attention and GLU experts ``down
   ``ibm-granite/granite-3.0-1b-a400m-base``, ``ibm-granite/granite-3.0-3b-a800m-base``. Mixtral's routing with
   muP-style embedding / residual / attention / logits multipliers and stacked expert tensors (:class:`_Granite`).
 
+* **GPT-OSS** (``gpt_oss``) -- OpenAI 2025, "gpt-oss-120b & gpt-oss-20b Model Card" (arXiv 2508.10925); model
+  cards ``openai/gpt-oss-20b``, ``openai/gpt-oss-120b``. Attention sinks, alternating sliding-window / full layers,
+  biases on q/k/v/o, the router and the experts, the clamped SwiGLU with gate / up interleaved, YaRN RoPE and MXFP4
+  experts (dequantised on import) (:class:`GptOss`).
+
+Sliding windows (Mixtral, Qwen2/3-MoE, dots1, GPT-OSS) are kept as moecpt's ``sliding_window`` / ``layer_types``,
+mapped as transformers 5 builds its masks (:meth:`Family.attention_layers`).
+
 Router balancing: the four softmax families train with a Switch-style load-balancing loss
 (``router_aux_loss_coef``), so an imported router is a moecpt ``penalty`` router (GLM-4.5 and dots.llm1: a
 ``bias`` router, :class:`Glm4Moe`). transformers' loss is ``E * sum_k sum_i f_ki P_i``, which is ``K`` at perfect
