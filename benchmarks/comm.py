@@ -14,6 +14,13 @@ wall-clock time of the training loop (rank 0), the final training loss of worker
 bytes per token (expected H) and the wall-clock speed-up. ``modelled_comm_s`` is what the link model predicts from
 the bytes (latency x collectives + bytes / bandwidth) as a check on the measured sleep.
 
+EP row (``--ep N``, default 2; 0 skips it): ``ddp`` with ``distributed.expert_parallel = N`` at the same world size,
+experts split over N ranks, tokens by all-to-all. Its ``a2a_bytes_per_token`` (all-to-all bytes sent + received by
+one worker per token it trained on, from the ``all_to_all`` kind) is set against the analytic figure for uniform
+routing, ``2 x 4 (N - 1) / N x K x D x 4 bytes`` per MoE layer (dispatch and combine, forward and backward, each
+way; ``moecpt.distributed.expert_parallel.expected_a2a_bytes``), and its step time against the replicated-expert DDP
+run under the same emulated link (``speedup_vs_ddp``).
+
 Run: ``.venv/bin/python benchmarks/comm.py [--workers 2] [--steps 64] [--hs 4 16 64] [--bandwidth-gbit 1]
 [--latency-ms 10] [--preset smoke-switch]``; prints one JSON object (wall time per configuration: ``README.md``).
 Step times on a shared machine are noisy; bytes are exact.
@@ -30,11 +37,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parent.parent
 BASE_RECIPE = ROOT / "moecpt" / "recipes" / "smoke.toml"
 
 
-def run_one(out: Path, args: argparse.Namespace, sync: str, h: int) -> dict:
+def run_one(out: Path, args: argparse.Namespace, sync: str, h: int, ep: int = 1) -> dict:
     sets = {
         "model.preset": args.preset,
         "data.seq_len": args.seq_len,
@@ -51,6 +60,8 @@ def run_one(out: Path, args: argparse.Namespace, sync: str, h: int) -> dict:
     }
     if sync != "ddp":
         sets["distributed.local_steps"] = h
+    if ep > 1:
+        sets["distributed.expert_parallel"] = ep
     cmd = [str(Path(sys.executable).with_name("torchrun")), "--standalone", f"--nproc-per-node={args.workers}",
            "-m", "moecpt", "pretrain", "--recipe", str(BASE_RECIPE), "--out", str(out), "--no-progress"]
     for k, v in sets.items():
@@ -60,7 +71,7 @@ def run_one(out: Path, args: argparse.Namespace, sync: str, h: int) -> dict:
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
     elapsed = time.perf_counter() - t0
     if proc.returncode != 0:
-        raise SystemExit(f"{sync} H={h} failed:\n{proc.stderr[-3000:]}")
+        raise SystemExit(f"{sync} H={h} EP={ep} failed:\n{proc.stderr[-3000:]}")
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     summ = next(r for r in recs if r.get("event") == "comm_summary")
     last = [r for r in recs if "lr" in r][-1]
@@ -68,8 +79,9 @@ def run_one(out: Path, args: argparse.Namespace, sync: str, h: int) -> dict:
     collectives = sum(k["collectives"] for k in kinds.values())
     sent = summ["bytes_sent"]
     modelled = collectives * args.latency_ms / 1e3 + sent * 8 / (args.bandwidth_gbit * 1e9)
+    a2a = kinds.get("all_to_all", {})
     return {
-        "sync": sync,
+        "sync": sync if ep == 1 else f"{sync}+ep{ep}",
         "H": h,
         "rounds": summ["rounds"],
         "bytes_per_token": summ["bytes_per_token"],
@@ -82,6 +94,8 @@ def run_one(out: Path, args: argparse.Namespace, sync: str, h: int) -> dict:
         "train_wall_s": round(summ["wall_time_s"], 3),
         "process_wall_s": round(elapsed, 1),
         "final_loss": round(last["loss"], 4),
+        **({"a2a_bytes_per_token": (a2a["bytes_sent"] + a2a["bytes_received"]) / (summ["tokens"] / args.workers),
+            "a2a_time_s": round(a2a["time_s"], 3)} if ep > 1 else {}),
     }
 
 
@@ -90,18 +104,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--steps", type=int, default=64)
     p.add_argument("--hs", type=int, nargs="+", default=[4, 16, 64])
-    p.add_argument("--syncs", nargs="+", default=["local-sgd", "diloco"])
+    p.add_argument("--syncs", nargs="*", default=["local-sgd", "diloco"])
     p.add_argument("--bandwidth-gbit", type=float, default=1.0)
     p.add_argument("--latency-ms", type=float, default=10.0)
     p.add_argument("--preset", default="smoke-switch")
     p.add_argument("--seq-len", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=8, help="global sequences per step")
     p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS per rank")
+    p.add_argument("--ep", type=int, default=2, help="expert-parallel row: DDP with experts over N ranks (0: none)")
     args = p.parse_args(argv)
 
     runs = []
     with tempfile.TemporaryDirectory(prefix="moecpt-comm-") as tmp:
         runs.append(run_one(Path(tmp) / "ddp", args, "ddp", 1))
+        if args.ep > 1:
+            runs.append(run_one(Path(tmp) / f"ep{args.ep}", args, "ddp", 1, args.ep))
         for sync in args.syncs:
             for h in args.hs:
                 runs.append(run_one(Path(tmp) / f"{sync}-{h}", args, sync, h))
@@ -110,15 +127,24 @@ def main(argv: list[str] | None = None) -> None:
         r["bytes_per_token_ddp_over_this"] = round(ddp["bytes_per_token"] / r["bytes_per_token"], 3)
         r["speedup_vs_ddp"] = round(ddp["train_wall_s"] / r["train_wall_s"], 3)
     from moecpt.config import model_preset
+    from moecpt.distributed.expert_parallel import expected_a2a_bytes
     from moecpt.model.transformer import build_model
+
+    cfg = model_preset(args.preset, vocab_size=_vocab())
+    for r in runs:
+        if "a2a_bytes_per_token" in r:  # uniform routing: (N-1)/N of each token's K slots leave, as many arrive
+            n, moe = args.ep, cfg.moe
+            slots = (n - 1) / n * moe.top_k
+            layers = sum(cfg.is_moe_layer(i) for i in range(cfg.n_layers))
+            r["a2a_bytes_per_token_analytic"] = 2 * layers * expected_a2a_bytes(slots, slots, cfg.d_model,
+                                                                                 torch.float32)
 
     print(json.dumps({
         "benchmark": "comm",
         "workers": args.workers,
         "steps": args.steps,
         "preset": args.preset,
-        "parameters": sum(p.numel() for p in build_model(model_preset(args.preset, vocab_size=_vocab()),
-                                                          "meta").parameters()),
+        "parameters": sum(p.numel() for p in build_model(cfg, "meta").parameters()),
         "tokens_per_step": args.batch_size * args.seq_len,
         "link": {"bandwidth_gbit": args.bandwidth_gbit, "latency_ms": args.latency_ms},
         "load_avg": os.getloadavg()[0],

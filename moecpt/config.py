@@ -49,6 +49,13 @@ class ScoreFn(StrEnum):
     SIGMOID = "sigmoid"  # independent sigmoid per expert (DeepSeek-V3, GLM-4.5, dots1, Kimi-K2)
 
 
+class GroupScore(StrEnum):
+    """How an expert group is scored for group-limited top-k (``router.group_score``)."""
+
+    TOP2_SUM = "top2_sum"  # the sum of its two best choice scores (DeepSeek-V3 ``noaux_tc``, GLM-4.5, dots1)
+    MAX = "max"  # its best score (DeepSeek-V2 ``group_limited_greedy``)
+
+
 class RouterConfig(_Strict):
     """A router's balancing strategy and gate rules (docs/design.md, rules R1-R6).
 
@@ -73,6 +80,7 @@ class RouterConfig(_Strict):
     score_fn: ScoreFn = Field(ScoreFn.SOFTMAX, description="softmax | sigmoid (DeepSeek-V3 / GLM-4.5 scores)")
     n_group: int = Field(1, ge=1, description="expert groups for group-limited top-k (DeepSeek-V2/V3); 1 = none")
     topk_group: int | None = Field(None, ge=1, description="groups a token may route to; None = all n_group")
+    group_score: GroupScore = Field(GroupScore.TOP2_SUM, description="group score: top2_sum (V3) | max (V2)")
     routed_scale: float = Field(1.0, gt=0.0, description="routed gates x this (DeepSeek-V3 routed_scaling_factor)")
     seq_aux_loss_weight: float = Field(
         0.0, ge=0.0, description="weight of DeepSeek-V3's sequence-wise balance loss (paper: 1e-4); 0 = off")
@@ -149,6 +157,41 @@ class QKNorm(StrEnum):
     FULL = "full"  # RMSNorm over the whole q / k projection (OLMoE)
 
 
+class AttentionKind(StrEnum):
+    """The attention of every layer (``model.attention``)."""
+
+    GQA = "gqa"  # multi-head / grouped-query attention (n_kv_heads, head_dim, qk_norm, attn_bias)
+    MLA = "mla"  # multi-head latent attention of DeepSeek-V2/V3 (``model.mla``)
+
+
+class MLAConfig(_Strict):
+    """Multi-head latent attention (DeepSeek-V2, arXiv 2405.04434, Sec. 2.1, eqs. 9-19; DeepSeek-V3, arXiv
+    2412.19437, Sec. 2.1.1): keys and values of all heads are decompressed from one ``kv_lora_rank`` latent per
+    token; each head's query and key are ``[nope | rope]`` with the rope part of the key one head shared by all
+    heads (the decoupled RoPE key); the softmax scale is ``(qk_nope_head_dim + qk_rope_head_dim) ** -0.5``.
+    The defaults are demo-sized (``d_model`` 128); DeepSeek-V2-Lite has ``q_lora_rank`` None, ``kv_lora_rank``
+    512 and head dims 128 (nope) / 64 (rope) / 128 (v); DeepSeek-V3 ``q_lora_rank`` 1536 with the same others."""
+
+    q_lora_rank: int | None = Field(None, ge=1, description="query latent rank; None = a full q projection (V2-Lite)")
+    kv_lora_rank: int = Field(64, ge=1, description="key/value latent rank (the cached per-token latent)")
+    qk_nope_head_dim: int = Field(32, ge=1, description="per-head query/key dims without RoPE")
+    qk_rope_head_dim: int = Field(16, ge=2, description="per-head query dims (and the shared key's) with RoPE")
+    v_head_dim: int = Field(32, ge=1, description="per-head value dims")
+    rope_interleave: bool = Field(True, description="RoPE rotates pairs (0,1),(2,3),... as DeepSeek's weights "
+                                  "expect; false: the half-rotation layout (Llama)")
+    latent_norm_eps: float = Field(1e-6, gt=0, description="eps of the q / kv latent RMSNorms (DeepSeek: 1e-6)")
+
+    @model_validator(mode="after")
+    def _check(self) -> "MLAConfig":
+        if self.qk_rope_head_dim % 2:
+            raise ValueError(f"model.mla.qk_rope_head_dim={self.qk_rope_head_dim} must be even (RoPE rotates pairs)")
+        return self
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+
 class FFNKind(StrEnum):
     GEGLU = "geglu"
     SWIGLU = "swiglu"
@@ -203,6 +246,8 @@ class ModelConfig(_Strict):
     tie_embeddings: bool = False
     norm_eps: float = Field(1e-5, gt=0)
     init_std: float = Field(0.02, gt=0)
+    attention: AttentionKind = Field(AttentionKind.GQA, description="gqa | mla (multi-head latent, model.mla)")
+    mla: MLAConfig | None = Field(None, description="MLA shapes; required with attention = 'mla'")
     # muP-style multipliers of Granite-MoE (IBM Granite 3.0 language models, 2024); 1 / None = the usual model
     embedding_multiplier: float = Field(1.0, gt=0, allow_inf_nan=False, description="token embeddings × this")
     residual_multiplier: float = Field(
@@ -221,8 +266,16 @@ class ModelConfig(_Strict):
             raise ValueError(
                 f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}; set head_dim"
             )
+        if self.attention == AttentionKind.MLA:
+            self._check_mla()
+            odd = [k for k in ("sliding_window", "attn_sinks", "attn_out_bias") if getattr(self, k)]
+            if odd:
+                raise ValueError(f"model.{', model.'.join(odd)} apply to attention = 'gqa' only (MLA has none); "
+                                 "drop them or use attention = 'gqa'")
+        elif self.mla is not None:
+            raise ValueError("model.mla is set but model.attention = 'gqa'; set attention = 'mla' or drop [model.mla]")
         rot = int(self.resolved_head_dim * self.rotary_fraction)
-        if rot < 2 or rot % 2:
+        if self.attention == AttentionKind.GQA and (rot < 2 or rot % 2):
             raise ValueError(
                 f"model.rotary_fraction={self.rotary_fraction} gives {rot} rotary dims; it must give an even "
                 f"number >= 2 of the head's {self.resolved_head_dim}"
@@ -238,6 +291,25 @@ class ModelConfig(_Strict):
                 "choose a divisor or set model.moe.expert_width"
             )
         return self
+
+    def _check_mla(self) -> None:
+        if self.mla is None:
+            raise ValueError("model.attention = 'mla' needs a [model.mla] table (kv_lora_rank, qk_nope_head_dim, ...)")
+        gqa_only = {"n_kv_heads": self.n_kv_heads is not None and self.n_kv_heads != self.n_heads,
+                    "head_dim": self.head_dim is not None, "qk_norm": self.qk_norm != QKNorm.NONE,
+                    "attn_bias": self.attn_bias, "rotary_fraction": self.rotary_fraction != 1.0}
+        bad = [k for k, v in gqa_only.items() if v]
+        if bad:
+            raise ValueError(f"model.{bad[0]} is a grouped-query attention setting; with attention = 'mla' the "
+                             "head shapes are in [model.mla] (leave it unset)")
+
+    @property
+    def rotary_dims(self) -> int:
+        """RoPE dims of a query head: ``mla.qk_rope_head_dim`` for MLA, else ``head_dim * rotary_fraction``."""
+        if self.attention == AttentionKind.MLA:
+            assert self.mla is not None
+            return self.mla.qk_rope_head_dim
+        return int(self.resolved_head_dim * self.rotary_fraction)
 
     @property
     def resolved_head_dim(self) -> int:
@@ -429,6 +501,20 @@ class WandbMode(StrEnum):
     DISABLED = "disabled"
 
 
+class CheckpointFormat(StrEnum):
+    """How checkpoints are written (``train.checkpoint_format``; layouts in ``docs/distributed.md``).
+
+    ``single``: one ``model.safetensors`` + ``optimizer.pt``, gathered on rank 0 (needs the full state in one
+    rank's CPU memory). ``dcp``: ``torch.distributed.checkpoint`` shards, each rank writing its own part; reshards
+    on load (another world size resumes it). ``auto``: ``dcp`` when the sync strategy shards the state (FSDP2 on
+    several ranks), else ``single``. Either layout resumes, whichever the recipe writes.
+    """
+
+    AUTO = "auto"
+    SINGLE = "single"
+    DCP = "dcp"
+
+
 class ActivationCheckpointing(StrEnum):
     """What the backward recomputes instead of keeping (``train.activation_checkpointing``; Chen et al. 2016,
     "Training Deep Nets with Sublinear Memory Cost"): nothing, each whole decoder block, or each MoE FFN only (the
@@ -449,9 +535,10 @@ class DType(StrEnum):
 
 #: train keys that change how a run is watched or how much memory it holds, never what it computes: left out of a
 #: run's identity, so that turning them on or off resumes the same run (and runs made before they existed still
-#: resume); activation checkpointing recomputes the same forward, bit for bit (tests/test_activation_checkpointing.py)
+#: resume); activation checkpointing recomputes the same forward, bit for bit (tests/test_activation_checkpointing.py),
+#: and either checkpoint format holds the same state (tests/test_dcp_checkpoint.py)
 OBSERVATION_KEYS = frozenset({"threads", "log_lines_every", "wandb_project", "wandb_mode",
-                              "activation_checkpointing"})
+                              "activation_checkpointing", "checkpoint_format"})
 
 
 class TrainConfig(_Strict):
@@ -472,6 +559,9 @@ class TrainConfig(_Strict):
     checkpoint_every: int = Field(50, ge=1)
     keep_last: int = Field(2, ge=1, description="recent checkpoints kept (milestones are kept anyway)")
     extra_checkpoints: list[int] = Field(default_factory=list, description="steps always checkpointed and kept")
+    checkpoint_format: CheckpointFormat = Field(
+        CheckpointFormat.AUTO, description="auto (dcp under fsdp on several ranks, else single) | single (one file, "
+        "gathered on rank 0) | dcp (torch.distributed.checkpoint shards, resharded on load)")
     skip_nonfinite: bool = Field(False, description="skip a batch with NaN/Inf loss instead of stopping")
     max_skips: int = Field(10, ge=0)
     threads: int | None = Field(None, ge=1, description="torch CPU threads of this process; None = torch's default")

@@ -23,14 +23,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_trainer import raw_recipe, records, write_toml
 
 from moecpt.cli import main as cli_main
 from moecpt.config import recipe_from_dict
 from moecpt.distributed.runtime import Distributed
 from moecpt.train.checkpoint import load_checkpoint
 from moecpt.train.trainer import Trainer
-
-from test_trainer import raw_recipe, records, write_toml
 
 WORLD = 2
 SGD_NO_CLIP = {"optim": {"lr": 0.05, "min_lr": 0.005, "grad_clip": 1e9}}  # clipping is per worker in local SGD
@@ -70,6 +69,31 @@ def finish(procs: list[subprocess.Popen], timeout: float = 120) -> list[tuple[in
             so, se = p.communicate()
         out.append((p.returncode, so, se))
     return out
+
+
+def wait_until_logged(rank0: subprocess.Popen, run: Path, step: int, timeout: float = 120) -> None:
+    """Wait until rank 0 has logged ``step`` in ``run/metrics.jsonl`` (or exited, or ``timeout`` passed)."""
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + timeout
+    while time.time() < deadline and rank0.poll() is None:
+        if metrics.exists() and any(json.loads(x).get("step", 0) >= step for x in metrics.read_text().splitlines()
+                                    if x.strip()):
+            return
+        time.sleep(0.02)
+
+
+def kill_rank1_and_check_the_stop(procs: list[subprocess.Popen], out: Path, step: int) -> None:
+    """Once rank 0 has logged ``step``, SIGKILL rank 1; rank 0 must stop within a bounded time with the one-line
+    message that names rank 1 and says to run the same command again."""
+    wait_until_logged(procs[0], out, step, timeout=90)
+    procs[1].send_signal(signal.SIGKILL)
+    t_kill = time.time()
+    (rc0, _, err0), (rc1, _, _) = finish(procs, timeout=60)
+    stopped_after = time.time() - t_kill
+    assert rc1 == -signal.SIGKILL, "the run finished before rank 1 could be killed"
+    assert rc0 == 2, f"rank 0 should stop with a one-line error, got rc {rc0}:\n{err0[-2000:]}"
+    assert "rank 1 stopped responding" in err0 and "run the same command again" in err0, err0[-2000:]
+    assert stopped_after < 30  # bounded: gloo sees the closed connection, plus the diagnosis window
 
 
 def run_job(tmp: Path, name: str, raw: dict, sets: list[str]) -> Path:
@@ -142,11 +166,13 @@ def test_ddp_equals_one_process_on_the_combined_batch(jobs):
 
 
 def test_fsdp_equals_ddp(jobs):
-    """FSDP2 (fully_shard on a CPU device mesh, gloo) trains the same weights and writes ordinary checkpoints."""
-    fsdp = run_job(jobs["tmp"], "fsdp", jobs["ddp_raw"], [*DDP_SETS, "distributed.sync=fsdp"])
+    """FSDP2 (fully_shard on a CPU device mesh, gloo) trains the same weights and, asked for the single-file layout,
+    gathers ordinary checkpoints (its default DCP layout: tests/test_dcp_checkpoint.py)."""
+    fsdp = run_job(jobs["tmp"], "fsdp", jobs["ddp_raw"], [*DDP_SETS, "distributed.sync=fsdp",
+                                                          "train.checkpoint_format=single"])
     assert_close(weights(fsdp), weights(jobs["ddp"]), atol=1e-5)
     ck = load_checkpoint(fsdp)
-    assert ck.meta["sync"] == "fsdp" and set(ck.optimizer_state()["state"]) == set(
+    assert not ck.sharded and ck.meta["sync"] == "fsdp" and set(ck.optimizer_state()["state"]) == set(
         load_checkpoint(jobs["ddp"]).optimizer_state()["state"])  # index-keyed, as a plain run's
 
 
@@ -194,22 +220,7 @@ def test_killed_worker_stops_the_other_and_the_same_command_resumes(jobs):
     recipe = write_toml(tmp / "kill.toml", jobs["diloco_raw"])
     out = tmp / "kill"
     sets = [*DILOCO_SETS, "distributed.timeout_s=30"]
-    procs = launch(tmp, recipe, out, sets)
-    metrics = out / "metrics.jsonl"
-    deadline = time.time() + 90
-    while time.time() < deadline and procs[0].poll() is None:  # wait until rank 0 has logged step 5 (mid-round 3)
-        if metrics.exists() and any(json.loads(x).get("step", 0) >= 5 for x in metrics.read_text().splitlines()
-                                    if x.strip()):
-            break
-        time.sleep(0.02)
-    procs[1].send_signal(signal.SIGKILL)
-    t_kill = time.time()
-    (rc0, _, err0), (rc1, _, _) = finish(procs, timeout=60)
-    stopped_after = time.time() - t_kill
-    assert rc1 == -signal.SIGKILL
-    assert rc0 == 2, f"rank 0 should stop with a one-line error, got rc {rc0}:\n{err0[-2000:]}"
-    assert "rank 1 stopped responding" in err0 and "run the same command again" in err0, err0[-2000:]
-    assert stopped_after < 30  # bounded: gloo sees the closed connection, plus the diagnosis window
+    kill_rank1_and_check_the_stop(launch(tmp, recipe, out, sets), out, step=5)  # mid-round 3
     ck = load_checkpoint(out)  # verified (sha256): the last complete checkpoint is intact
     assert 4 <= ck.step < DILOCO_STEPS
     for rank, (rc, _, err) in enumerate(finish(launch(tmp, recipe, out, sets))):

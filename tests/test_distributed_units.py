@@ -5,6 +5,7 @@ accounting and the emulated link, configuration rules, and simulated DDP against
 from __future__ import annotations
 
 import copy
+import warnings
 import time
 
 import pytest
@@ -231,3 +232,19 @@ def test_simulated_ddp_equals_one_process(tmp_path):
         torch.testing.assert_close(v, b.model_state()[k], rtol=0, atol=1e-6)
     assert any(float(v.abs().sum()) > 0 for k, v in a.model_state().items() if k.endswith("expert_bias"))
     assert a.meta["workers"] == 2 and "workers" not in b.meta  # a single process's checkpoints are unchanged
+
+
+@pytest.mark.parametrize("schedule, warns", [("cosine", True), ("constant", False)])
+def test_a_fixed_step_learned_outer_optimizer_under_a_decaying_schedule_warns(schedule, warns):
+    """The shipped LOpt-A takes the paper's fixed-size step: with the inner LR decaying it keeps kicking the model
+    at the end of training (docs/lopt.md), so the runtime says so once, at set-up."""
+    raw = raw_recipe()
+    raw["schedule"] = {"kind": schedule}
+    raw["distributed"] = {"sync": "diloco", "local_steps": 2, "outer_optimizer": "lopt-a"}
+    recipe = recipe_from_dict(raw)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        LocalSGDSync(recipe, DistInfo(), 2, 2, torch.device("cpu"))
+    lines = [str(w.message) for w in caught if "lopt-a" in str(w.message) or "fixed" in str(w.message)]
+    assert bool(lines) == warns, [str(w.message) for w in caught]
+    assert all("\n" not in line for line in lines)

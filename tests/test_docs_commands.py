@@ -337,6 +337,11 @@ COMMANDS: list[C] = [
          "--set distributed.sync=diloco --set distributed.local_steps=10",
       setup=cpt_recipe("my-cpt.toml", "demo", "{ code = 0.7, english = 0.3 }"), append=RUN, shell=True),
     C(D, SMOKE_DILOCO.replace("recipes/", "moecpt/recipes/"), append=RUN),
+    C(D, "torchrun --nproc-per-node 2 -m moecpt pretrain --recipe moecpt/recipes/smoke.toml --out runs/smoke-ep "
+         "--set model.preset=smoke-switch --set distributed.expert_parallel=2", append=RUN, shell=True),
+    C(D, "torchrun --nproc-per-node 4 -m moecpt pretrain --recipe moecpt/recipes/smoke.toml --out runs/islands "
+         "--set distributed.sync=diloco --set distributed.local_steps=10 --set distributed.islands=2",
+      append=RUN, shell=True),
     C(D, "srun torchrun --nnodes '$SLURM_NNODES' --nproc-per-node 8 --rdzv-id '$SLURM_JOB_ID' --rdzv-backend "
          "c10d --rdzv-endpoint '$head:29500' --max-restarts 3 -m moecpt pretrain --recipe recipes/paper-diloco.toml "
          "--out /shared/runs/paper-diloco",

@@ -377,3 +377,41 @@ def test_config_missing_a_required_key(root, capsys):
     del cfg["hidden_size"]
     (folder / "config.json").write_text(json.dumps(cfg))
     _fails(folder, root, "hidden_size", capsys)
+
+
+def test_the_models_own_eos_ends_cpt_documents_when_moecpt_does_not_know_it(tmp_path):
+    """A tokenizer whose EOS is outside moecpt's usual end tokens (here ``<|return|>``, GPT-OSS's): import, data
+    prepare and export all use the model's ``eos_token_id``; nothing is added to the tokenizer."""
+    from moecpt.data.prepared import PreparedData
+    from moecpt.data.shards import prepare
+    from moecpt.interop.testing import save_tokenizer, synthetic_texts
+
+    folder = tmp_path / "hf"
+    save_tiny_hf("mixtral", folder, seed=1, tokenizer=False, eos_token_id=VOCAB - 1)
+    tok = tiny_tokenizer(VOCAB - 1)
+    tok.add_special_tokens(["<|return|>"])
+    assert tok.token_to_id("<|return|>") == VOCAB - 1 and tok.token_to_id("<|endoftext|>") == 0
+    save_tokenizer(tok, folder)
+    import_hf(folder, tmp_path / "ckpt")
+    ckpt = load_checkpoint(tmp_path / "ckpt")
+    assert ckpt.meta["imported_from"]["eod_id"] == VOCAB - 1
+    docs = tmp_path / "new.jsonl"
+    docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in synthetic_texts(3, 60)))
+    prepare({"new": str(docs)}, tmp_path / "data", tokenizer=str(tmp_path / "ckpt" / "tokenizer.json"),
+            val_fraction=0.1, min_val_tokens=64, progress=False)
+    data = PreparedData.open(tmp_path / "data")
+    assert data.eod_id == VOCAB - 1 and data.tokenizer_sha256 == ckpt.meta["tokenizer_sha256"]
+    export_hf(tmp_path / "ckpt", tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["eos_token_id"] == VOCAB - 1
+
+
+def test_the_usual_end_token_is_kept_when_the_model_declares_it_too():
+    from moecpt.data.tokenizer import ensure_eod
+
+    tok = tiny_tokenizer(VOCAB - 1)
+    tok.add_special_tokens(["<|return|>"])
+    ret = VOCAB - 1
+    assert ensure_eod(tok, [ret, 0]) == 0  # GPT-OSS declares <|return|> and <|endoftext|>: the document end is kept
+    assert ensure_eod(tok, [ret]) == ret and ensure_eod(tok, ret) == ret
+    assert ensure_eod(tok) == 0 and ensure_eod(tok, [10_000]) == 0  # nothing (usable) declared: as before
+    assert tok.get_vocab_size(with_added_tokens=True) == VOCAB  # nothing added

@@ -15,6 +15,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from hf_compare import TOL, check_export_reload_reimport, ids_of, tiny_imported
+
 from moecpt.cli import main
 from moecpt.config import ModelConfig
 from moecpt.errors import MoecptError
@@ -26,7 +28,6 @@ from moecpt.train.checkpoint import load_checkpoint, load_model, save_checkpoint
 
 transformers.utils.logging.disable_progress_bar()
 
-TOL = 1e-5
 #: name -> (family, config overrides over moecpt.interop.testing.TINY_CONFIGS)
 VARIANTS = {
     "glm-groups-scaled-dense1": ("glm4_moe", {}),  # sharded below
@@ -44,10 +45,6 @@ VARIANTS = {
 SHARDED = {"glm-groups-scaled-dense1": "60KB", "dots1-groups-scaled-dense1": "40KB"}
 
 
-def _ids(seed: int = 1) -> torch.Tensor:
-    return torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(seed))
-
-
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("glm")
@@ -56,24 +53,14 @@ def root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module", params=list(VARIANTS))
 def variant(request, root):
     name = request.param
-    family, overrides = VARIANTS[name][0], dict(VARIANTS[name][1])
-    dtype = overrides.pop("dtype", None)
-    folder = root / f"{name}-hf"
-    hf = save_tiny_hf(family, folder, seed=len(name), max_shard_size=SHARDED.get(name), **overrides)
-    if dtype:  # re-save in bf16 (router weight and bias stay fp32: transformers keeps them so)
-        hf = hf.to(getattr(torch, dtype))
-        hf.save_pretrained(str(folder))
-        hf = transformers.AutoModelForCausalLM.from_pretrained(str(folder)).eval()
-    ckpt = root / f"{name}-ckpt"
-    import_hf(folder, ckpt)
-    return name, family, hf, folder, ckpt
+    return tiny_imported(root, name, *VARIANTS[name], SHARDED.get(name))
 
 
 def test_import_max_logit_difference_and_same_experts(variant):
     name, family, hf, folder, ckpt = variant
     if name in SHARDED:
         assert (folder / "model.safetensors.index.json").is_file() and len(list(folder.glob("model-*"))) > 3
-    ids = _ids()
+    ids = ids_of()
     hf_model = hf.float() if name.endswith("bf16") else hf  # bf16 weights, both computed in fp32
     hf_logits, hf_topk = hf_forward(hf_model, ids)
     logits, topk = ours_forward(load_model(ckpt), ids)
@@ -92,21 +79,7 @@ def test_import_max_logit_difference_and_same_experts(variant):
 
 def test_export_loads_in_transformers_and_reimports(variant, root):
     name, family, _, _, ckpt = variant
-    out = root / f"{name}-export"
-    summary = export_hf(ckpt, out, max_shard_size="50KB")
-    assert summary["family"] == family and len(summary["shards"]) > 1
-    hf, info = transformers.AutoModelForCausalLM.from_pretrained(str(out), output_loading_info=True)
-    assert not (info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"])
-    ids = _ids(3)
-    hf_logits, hf_topk = hf_forward(hf.float().eval(), ids)
-    logits, topk = ours_forward(load_model(ckpt), ids)
-    assert (hf_logits - logits).abs().max().item() <= TOL and same_topk(hf_topk, topk)
-    again = root / f"{name}-reimported"
-    import_hf(out, again)
-    a, b = load_checkpoint(ckpt), load_checkpoint(again)
-    assert a.meta["model_config"] == b.meta["model_config"]
-    sa, sb = a.model_state(), b.model_state()
-    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    check_export_reload_reimport(root, name, family, ckpt)
 
 
 def _trained_from_scratch(root: Path, name: str, router: dict, **model) -> Path:
@@ -118,7 +91,7 @@ def _trained_from_scratch(root: Path, name: str, router: dict, **model) -> Path:
     net = build_model(cfg).train()
     opt = torch.optim.AdamW(net.parameters(), lr=3e-3)
     for step in range(4):
-        ids = _ids(10 + step)
+        ids = ids_of(10 + step)
         logits, routing = net(ids, return_routing=True)
         loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), ids[:, 1:].reshape(-1))
         (loss + sum(r.weighted_aux_loss() for r in routing)).backward()
@@ -150,7 +123,7 @@ def test_moecpt_sigmoid_models_export(name, router, model, family, root):
     assert json.loads((out / "config.json").read_text())["model_type"] == want
     hf, info = transformers.AutoModelForCausalLM.from_pretrained(str(out), output_loading_info=True)
     assert not (info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"])
-    ids = _ids(6)
+    ids = ids_of(6)
     hf_logits, hf_topk = hf_forward(hf.eval(), ids)
     logits, topk = ours_forward(load_model(ckpt), ids)
     assert (hf_logits - logits).abs().max().item() <= TOL and same_topk(hf_topk, topk)
@@ -183,7 +156,7 @@ def test_model_type_is_inferred_from_architectures(root, capsys):
     folder = root / "no-model-type"
     hf = save_tiny_hf("glm4_moe", folder, seed=5)
     _edit_config(folder, model_type=None)
-    ids = _ids(7)
+    ids = ids_of(7)
     assert (hf_forward(hf, ids)[0] - ours_forward(load_hf_model(folder), ids)[0]).abs().max().item() <= TOL
     _edit_config(folder, architectures=None)
     capsys.readouterr()

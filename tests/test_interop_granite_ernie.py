@@ -18,6 +18,8 @@ from safetensors.torch import load_file, save_file
 
 transformers = pytest.importorskip("transformers")
 
+from hf_compare import TOL, check_export_reload_reimport, ids_of, tiny_imported
+
 from moecpt.config import ModelConfig, recipe_from_dict
 from moecpt.data.shards import prepare
 from moecpt.errors import MoecptError
@@ -31,7 +33,6 @@ from moecpt.train.trainer import Trainer
 
 transformers.utils.logging.disable_progress_bar()
 
-TOL = 1e-5
 VARIANTS = {
     "granite-sharded": ("granitemoe", {}),
     "granite-top3-unit-multipliers": ("granitemoe", dict(num_experts_per_tok=3, embedding_multiplier=1.0,
@@ -48,10 +49,6 @@ VARIANTS = {
 SHARDED = {"granite-sharded": "40KB", "ernie-every-2nd-no-shared-sharded": "60KB"}
 
 
-def _ids(seed: int = 1, n: int = 24) -> torch.Tensor:
-    return torch.randint(0, VOCAB, (2, n), generator=torch.Generator().manual_seed(seed))
-
-
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("granite")
@@ -60,24 +57,14 @@ def root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module", params=list(VARIANTS))
 def variant(request, root):
     name = request.param
-    family, overrides = VARIANTS[name][0], dict(VARIANTS[name][1])
-    dtype = overrides.pop("dtype", None)
-    folder = root / f"{name}-hf"
-    hf = save_tiny_hf(family, folder, seed=len(name), max_shard_size=SHARDED.get(name), **overrides)
-    if dtype:
-        hf = hf.to(getattr(torch, dtype))
-        hf.save_pretrained(str(folder))
-        hf = transformers.AutoModelForCausalLM.from_pretrained(str(folder)).eval()
-    ckpt = root / f"{name}-ckpt"
-    import_hf(folder, ckpt)
-    return name, family, hf, folder, ckpt
+    return tiny_imported(root, name, *VARIANTS[name], SHARDED.get(name))
 
 
 def test_import_max_logit_difference_same_experts_and_greedy_text(variant):
     name, family, hf, folder, ckpt = variant
     if name in SHARDED:
         assert (folder / "model.safetensors.index.json").is_file() and len(list(folder.glob("model-*"))) > 2
-    ids = _ids()
+    ids = ids_of()
     hf_model = hf.float() if name.endswith("bf16") else hf
     hf_logits, hf_topk = hf_forward(hf_model, ids)
     ours = load_model(ckpt)
@@ -93,7 +80,7 @@ def test_import_max_logit_difference_same_experts_and_greedy_text(variant):
     else:
         r = cfg.moe.router
         assert (r.kind.value, r.score_fn.value, r.renormalize) == ("bias", "softmax", True)
-    prompt = _ids(2, 6)[:1]
+    prompt = ids_of(2, 6)[:1]
     with torch.no_grad():
         want = hf_model.generate(prompt, max_new_tokens=20, do_sample=False, min_new_tokens=20)[0, 6:]
     got = sample(ours, prompt[0].tolist(), max_new_tokens=20, temperature=0.0)
@@ -102,21 +89,7 @@ def test_import_max_logit_difference_same_experts_and_greedy_text(variant):
 
 def test_export_loads_in_transformers_and_reimports(variant, root):
     name, family, _, _, ckpt = variant
-    out = root / f"{name}-export"
-    summary = export_hf(ckpt, out, max_shard_size="40KB")
-    assert summary["family"] == family and len(summary["shards"]) > 1
-    hf, info = transformers.AutoModelForCausalLM.from_pretrained(str(out), output_loading_info=True)
-    assert not (info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"])
-    ids = _ids(3)
-    hf_logits, hf_topk = hf_forward(hf.float().eval(), ids)
-    logits, topk = ours_forward(load_model(ckpt), ids)
-    assert (hf_logits - logits).abs().max().item() <= TOL and same_topk(hf_topk, topk)
-    again = root / f"{name}-reimported"
-    import_hf(out, again)
-    a, b = load_checkpoint(ckpt), load_checkpoint(again)
-    assert a.meta["model_config"] == b.meta["model_config"]
-    sa, sb = a.model_state(), b.model_state()
-    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    check_export_reload_reimport(root, name, family, ckpt, shard_size="40KB")
 
 
 def test_transformers_5_in_memory_names_import_too(root):
@@ -132,7 +105,7 @@ def test_transformers_5_in_memory_names_import_too(root):
     assert renamed.keys() != state.keys()
     save_file(renamed, str(folder / "model.safetensors"), metadata={"format": "pt"})
     import_hf(folder, root / "v5-ckpt")
-    ids = _ids(4)
+    ids = ids_of(4)
     assert (hf_forward(hf, ids)[0] - ours_forward(load_model(root / "v5-ckpt"), ids)[0]).abs().max().item() <= TOL
 
 
@@ -157,7 +130,7 @@ def test_cpt_then_export(family, root):
     out = root / f"cpt-{family}-export"
     assert export_hf(run, out)["family"] == family
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(out)).eval()
-    ids = _ids(8)
+    ids = ids_of(8)
     assert (hf_forward(hf, ids)[0] - ours_forward(load_model(run), ids)[0]).abs().max().item() <= TOL
 
 
@@ -181,7 +154,7 @@ def test_a_moecpt_model_with_multipliers_exports_to_granite_only(root):
     out = root / "native-mup-hf"
     assert export_hf(ckpt, out)["family"] == "granitemoe"
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(out)).eval()
-    ids = _ids(6)
+    ids = ids_of(6)
     assert (hf_forward(hf, ids)[0] - ours_forward(load_model(ckpt), ids)[0]).abs().max().item() <= TOL
     with pytest.raises(MoecptError, match="exist only in Granite-MoE; export with --family granitemoe") as e:
         export_hf(ckpt, root / "refused", family="mixtral")
@@ -210,7 +183,7 @@ def test_a_softmax_bias_router_exports_to_ernie(root):
     out = root / "softmax-bias-hf"
     assert export_hf(ckpt, out)["family"] == "ernie4_5_moe"
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(out)).eval()
-    ids = _ids(12)
+    ids = ids_of(12)
     hf_logits, hf_topk = hf_forward(hf, ids)
     logits, topk = ours_forward(load_model(ckpt), ids)
     assert (hf_logits - logits).abs().max().item() <= TOL and same_topk(hf_topk, topk)

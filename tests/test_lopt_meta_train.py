@@ -11,8 +11,7 @@ from moecpt.cli import main
 from moecpt.errors import MoecptError
 from moecpt.lopt.meta_train import MetaTrainConfig, meta_lr, meta_train
 from moecpt.lopt.pretrained import load_weights
-from moecpt.lopt.tasks import get_task
-
+from moecpt.lopt.tasks import BENCH_TASKS, META_TRAIN_TASKS, get_task
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # fixture in conftest.py
 
@@ -34,6 +33,8 @@ def test_interrupted_meta_training_resumes_exactly(tmp_path, kind):
     assert torch.equal(a, b)
     hist = json.loads((tmp_path / "resumed" / "history.json").read_text())
     assert len(hist["meta_loss"]["wine-mlp32"]) == 2
+    assert hist["progress"]["iterations_done"] == 2 and hist["progress"]["eta_seconds"] == 0.0
+    assert hist["progress"]["seconds_per_iteration"] > 0
     assert (tmp_path / "resumed" / "curve.png").stat().st_size > 1000
 
 
@@ -41,6 +42,26 @@ def test_resume_with_other_settings_is_refused(tmp_path):
     meta_train(MetaTrainConfig(kind="lopt", **TINY), tmp_path, progress=False)
     with pytest.raises(MoecptError, match="other settings.*sigma"):
         meta_train(MetaTrainConfig(kind="lopt", **{**TINY, "sigma": 0.02}), tmp_path, progress=False)
+
+
+def test_task_distribution_deals_pairs_out_and_old_fixed_runs_resume(tmp_path):
+    assert not set(META_TRAIN_TASKS) & set(BENCH_TASKS)  # the benchmark's tasks stay held out
+    widths = {get_task(n).hidden for n in META_TRAIN_TASKS if n.endswith(("mlp16", "mlp32", "mlp64", "mlp64x2"))}
+    assert len(widths) >= 3 and any(n.endswith("-lm") for n in META_TRAIN_TASKS)
+    assert MetaTrainConfig().step_scale == "delta-rms" and MetaTrainConfig().tasks == META_TRAIN_TASKS
+    cfg = MetaTrainConfig(kind="lopt", **{**TINY, "tasks": ("wine-mlp32", "iris-mlp16"), "pairs": 3,
+                                          "iterations": 1}, step_scale="fixed")
+    assert cfg.task_pairs() == [2, 1]
+    assert meta_train(cfg, tmp_path, progress=False)["iterations_done"] == 1
+    saved = json.loads((tmp_path / "config.json").read_text())
+    del saved["step_scale"]  # a run folder from before the option: it had the fixed step
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    assert meta_train(cfg, tmp_path, progress=False)["iterations_done"] == 1  # resumes (nothing left to do)
+    cfg.iterations = 2
+    with pytest.raises(MoecptError, match=r"other settings \(iterations\)"):  # still compared key by key
+        meta_train(cfg, tmp_path, progress=False)
+    with pytest.raises(MoecptError, match="--pairs 1 is below the number of tasks"):
+        MetaTrainConfig(**{**TINY, "tasks": ("wine-mlp32", "iris-mlp16"), "pairs": 1}).validate()
 
 
 def test_meta_lr_warmup_then_cosine():

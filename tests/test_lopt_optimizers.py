@@ -112,10 +112,11 @@ def test_slowmo_with_unit_lr_and_no_momentum_is_local_sgd():
     assert torch.allclose(p1[0], p2[0])
 
 
-def test_chunked_mlp_matches_unchunked(monkeypatch):
+@pytest.mark.parametrize("step_scale", ["fixed", "delta-rms"])
+def test_chunked_mlp_matches_unchunked(monkeypatch, step_scale):
     from moecpt.lopt import optimizers
 
-    spec = LOptSpec("lagg-a", 2)
+    spec = LOptSpec("lagg-a", 2, step_scale=step_scale)
     meta = spec.unflatten(init_meta_params(spec, torch.Generator().manual_seed(0)))
     params = [torch.randn(1, 30, 10)]
     deltas = [torch.randn(1, 2, 30, 10) * 0.01]

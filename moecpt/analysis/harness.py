@@ -22,6 +22,7 @@ This module imports ``lm_eval`` at import time: import it only where lm-eval is 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tokenizers import Tokenizer
 
 from moecpt.config import DType
-from moecpt.data.tokenizer import eod_id_of
+from moecpt.data.tokenizer import declared_eod_id, eod_id_of
 from moecpt.errors import MoecptError
 from moecpt.train.checkpoint import load_checkpoint, load_model, run_tokenizer_path
 from moecpt.train.generate import sample
@@ -105,7 +106,7 @@ class MoecptLM(TemplateLM):
             self.tokenizer_ = Tokenizer.from_file(str(tok_path))
         except Exception as exc:  # tokenizers raises a plain Exception on a bad file
             raise MoecptError(f"{tok_path} is not a readable tokenizer.json ({exc})") from None
-        self._eod = eod_id_of(self.tokenizer_)
+        self._eod = eod_id_of(self.tokenizer_, declared_eod_id(Path(tok_path).parent))
         limit = self.model.cfg.max_seq_len
         if args.max_length is not None and args.max_length > limit:
             raise MoecptError(f"max_length={args.max_length} exceeds the model's max_seq_len={limit}")

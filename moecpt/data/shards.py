@@ -202,10 +202,10 @@ def _setup_tokenizer(
                 return tok, ensure_eod(tok), sha256_bytes(existing)
         tok = _train_tokenizer(sources, text_field, skip_bad_lines, sample_chars, vocab)
         meta: dict[str, Any] = {"spec": spec, "trained_on": trained_on}
+        eod = ensure_eod(tok)
     else:
-        tok, _ = load_tokenizer(spec)
+        tok, eod = load_tokenizer(spec)  # the eod its folder declares (an imported model's own EOS), or the usual
         meta = {"spec": spec}
-    eod = ensure_eod(tok)
     data = tokenizer_bytes(tok)
     sha = sha256_bytes(data)
     if existing is not None and sha256_bytes(existing) == sha:

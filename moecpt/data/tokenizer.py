@@ -8,8 +8,10 @@ without one keeps its own EOS if it has a common one, else ``<|endoftext|>`` is 
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -105,11 +107,41 @@ def load_tokenizer(path: str | Path):
         tok = Tokenizer.from_file(str(p))
     except Exception as exc:  # tokenizers raises a plain Exception on a bad file
         raise MoecptError(f"{p} is not a valid tokenizer.json ({exc})") from None
-    return tok, ensure_eod(tok)
+    return tok, ensure_eod(tok, declared_eod_id(p.parent))
 
 
-def ensure_eod(tok) -> int:
-    """Id of the tokenizer's end-of-document token, adding ``<|endoftext|>`` as special if it has none."""
+def declared_eod_id(folder: str | Path) -> int | None:
+    """The end-of-document id a moecpt folder declares for the ``tokenizer.json`` it holds, or None: a checkpoint
+    imported from Hugging Face (``meta.json`` -> ``imported_from.eod_id``: the model's own ``eos_token_id``, which
+    may be a token outside moecpt's list, e.g. DeepSeek's ``<｜end▁of▁sentence｜>`` or GPT-OSS's ``<|return|>``),
+    or prepared data (``manifest.json`` -> ``eod_id``). Unreadable files count as no declaration."""
+    folder = Path(folder)
+    for name, keys in (("meta.json", ("imported_from", "eod_id")), ("manifest.json", ("eod_id",))):
+        try:
+            value: Any = json.loads((folder / name).read_text())
+            for k in keys:
+                value = value[k]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return value
+    return None
+
+
+def ensure_eod(tok, declared: int | list[int] | None = None) -> int:
+    """Id of the tokenizer's end-of-document token.
+
+    ``declared``: the id(s) the model itself ends sequences with (:func:`declared_eod_id`, or an imported model's
+    ``eos_token_id`` s). The first of moecpt's usual end tokens is used when it is one of them (or nothing is
+    declared); else the first declared id the tokenizer has; else, with nothing usable, ``<|endoftext|>`` is added
+    as a special token. So documents never end with a token the model's config does not know."""
+    ids = [declared] if isinstance(declared, int) else list(declared or [])
+    ids = [i for i in ids if tok.id_to_token(i) is not None]
+    usual = next((t for t in (tok.token_to_id(c) for c in _EOD_CANDIDATES) if t is not None), None)
+    if usual is not None and (not ids or usual in ids):
+        return usual
+    if ids:
+        return ids[0]
     for cand in _EOD_CANDIDATES:
         tid = tok.token_to_id(cand)
         if tid is not None:
@@ -118,8 +150,11 @@ def ensure_eod(tok) -> int:
     return tok.token_to_id(EOD_TOKEN)
 
 
-def eod_id_of(tok) -> int:
-    """The end-of-document id of a tokenizer prepared by moecpt (see :func:`ensure_eod`)."""
+def eod_id_of(tok, declared: int | None = None) -> int:
+    """The end-of-document id of a tokenizer prepared by moecpt (see :func:`ensure_eod`; ``declared`` is what its
+    folder declares, which :func:`ensure_eod` chose)."""
+    if declared is not None and tok.id_to_token(declared) is not None:
+        return declared
     for cand in _EOD_CANDIDATES:
         tid = tok.token_to_id(cand)
         if tid is not None:

@@ -13,10 +13,14 @@ gathers are not counted: the accountant counts training traffic only.
 
 Kinds: ``grads`` (DDP gradient buckets), ``sync`` (local-SGD-family rounds), ``stats`` (the small per-step
 all-reduce of losses and router loads in every-step modes), ``fsdp`` (FSDP2's all-gathers and reduce-scatters,
-*estimated*, as FSDP2 exposes no hook).
+*estimated*, as FSDP2 exposes no hook). Hierarchical runs (``distributed.islands > 1``) add ``island_gather`` (the
+all-gather that re-assembles the outer step's shards inside an island) and give every kind a *link*: ``grads``,
+``stats`` and ``island_gather`` travel on the fast ``intra_island`` link, ``sync`` on the slow ``inter_island`` one;
+each link's cumulative bytes appear as ``bytes_<link>`` in metrics and the summary.
 
 :class:`LinkEmulator` turns a fast local link into a slow one: after every collective the calling worker sleeps
-``latency + bytes_sent * 8 / bandwidth``. ``comm_time_s`` includes that sleep.
+``latency + bytes_sent * 8 / bandwidth``. ``comm_time_s`` includes that sleep. With links, only the collectives
+of the ``slow`` link (the inter-island one) are delayed: the emulated link stands for the slow wire between sites.
 """
 
 from __future__ import annotations
@@ -70,11 +74,20 @@ class CommAccountant:
 
     The trainer adds ``rounds`` (one per gradient sync or per local-SGD round) and the step times; everything is
     checkpointed (:meth:`state_dict`) so a resumed run continues the totals.
+
+    Args:
+        workers: all workers of the job (per-token figures use this worker's share of the tokens).
+        link: the emulated link (default: none).
+        links: kind -> link name (e.g. ``{"sync": "inter_island", "grads": "intra_island"}``); None: one link.
+        slow: the link name the emulator delays (None: every collective).
     """
 
-    def __init__(self, workers: int, link: LinkEmulator | None = None):
+    def __init__(self, workers: int, link: LinkEmulator | None = None, links: dict[str, str] | None = None,
+                 slow: str | None = None):
         self.workers = workers
         self.link = link or LinkEmulator()
+        self.links = dict(links or {})
+        self.slow = slow
         self._lock = threading.Lock()
         self.kinds: dict[str, dict[str, float]] = {}
         self.rounds = 0
@@ -88,6 +101,20 @@ class CommAccountant:
             k["bytes_received"] += int(received)
             k["collectives"] += 1
             k["time_s"] += float(seconds)
+
+    def delay(self, kind: str, nbytes_sent: int) -> None:
+        """The emulated link's sleep after a collective of ``kind`` (only the ``slow`` link's, when there is one)."""
+        if self.slow is None or self.links.get(kind) == self.slow:
+            self.link.delay(nbytes_sent)
+
+    def link_bytes(self) -> dict[str, int]:
+        """``bytes_<link>``: bytes sent + received on each link (empty without links)."""
+        out = {f"bytes_{name}": 0 for name in sorted(set(self.links.values()))}
+        with self._lock:
+            for kind, k in self.kinds.items():
+                if kind in self.links:
+                    out[f"bytes_{self.links[kind]}"] += int(k["bytes_sent"] + k["bytes_received"])
+        return out
 
     def _total(self, key: str) -> float:
         with self._lock:
@@ -113,7 +140,8 @@ class CommAccountant:
     def record_fields(self) -> dict[str, Any]:
         """Cumulative fields for every ``metrics.jsonl`` train record."""
         return {"comm_bytes": self.bytes_sent + self.bytes_received, "comm_rounds": self.rounds,
-                "comm_time_s": round(self.comm_time_s, 6), "compute_time_s": round(self.compute_time_s, 6)}
+                "comm_time_s": round(self.comm_time_s, 6), "compute_time_s": round(self.compute_time_s, 6),
+                **self.link_bytes()}
 
     def summary(self, tokens: int) -> dict[str, Any]:
         """End-of-run summary; ``tokens`` = training tokens of all workers together. Per-token figures use this
@@ -122,6 +150,8 @@ class CommAccountant:
         total = self.bytes_sent + self.bytes_received
         with self._lock:
             kinds = {k: dict(v) for k, v in self.kinds.items()}
+        links = self.link_bytes()
+        per_round = {f"{k}_per_round": v / self.rounds if self.rounds else 0.0 for k, v in links.items()}
         return {
             "workers": self.workers,
             "rounds": self.rounds,
@@ -135,6 +165,8 @@ class CommAccountant:
             "wall_time_s": self.wall_time_s,
             "link": {"bandwidth_gbit": self.link.bandwidth_gbit, "latency_ms": self.link.latency_ms},
             "by_kind": kinds,
+            **links,
+            **per_round,
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -185,7 +217,7 @@ class Comm:
         raise NotImplementedError
 
     def _account(self, kind: str, sent: int, t0: float) -> None:
-        self.acct.link.delay(sent)
+        self.acct.delay(kind, sent)
         self.acct.record(kind, sent, sent, time.perf_counter() - t0)
 
 

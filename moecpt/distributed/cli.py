@@ -16,7 +16,7 @@ from pathlib import Path
 from moecpt.argtypes import positive_int
 from moecpt.config import SyncKind, load_recipe
 from moecpt.distributed.launch import session
-from moecpt.distributed.runtime import Distributed
+from moecpt.distributed.runtime import Distributed, check_launch
 from moecpt.errors import MoecptError
 from moecpt.train.callbacks import ProgressKind
 from moecpt.train.trainer import Trainer
@@ -76,6 +76,7 @@ def _train(args: argparse.Namespace, parent) -> int:
 
     # under torchrun (WORLD_SIZE > 1) the session joins the job; otherwise it does nothing
     with session(recipe.distributed, recipe.train.device) as info:
+        check_launch(recipe, info, args.simulate_workers)  # a layout that cannot run is refused before --out exists
         progress = ProgressKind.NONE if args.no_progress else ProgressKind(args.progress)
         trainer = Trainer(recipe, args.out, parent=parent, show_progress=progress,
                           simulate_workers=args.simulate_workers, parallel=Distributed(), dry_run=args.dry_run)

@@ -7,9 +7,10 @@
   the same summed loads.
 * :class:`FSDPSync`: FSDP2 ``fully_shard`` on every transformer block and on the root, for models whose parameters,
   gradients and AdamW state do not fit one device. Works with gloo on CPU (torch >= 2.6) and NCCL on CUDA.
-  Checkpoints stay in the ordinary (full, unsharded) format: rank 0 gathers the full model and optimizer state to
-  CPU memory, and every rank loads the full state before sharding it. That keeps CPT and resume interchangeable
-  with DDP runs, at the price of one full copy in CPU memory while saving / loading (document: ``docs/distributed.md``).
+  Checkpoints use the sharded DCP layout by default (``train.checkpoint_format = "auto"``,
+  :mod:`moecpt.train.checkpoint_dcp`): each rank writes its own shards, nothing is gathered, and another world size
+  resumes it. With ``"single"`` rank 0 gathers the full model and optimizer state to CPU memory and every rank loads
+  the full state before sharding it (one full copy in CPU memory while saving / loading; ``docs/distributed.md``).
   FSDP2 exposes no communication hook, so its traffic is *estimated* (``3 (W-1)/W`` x the fp32 parameter bytes per
   step: all-gather in forward and backward, reduce-scatter of gradients) and the emulated link does not apply.
 
@@ -43,6 +44,7 @@ from moecpt.distributed.accounting import ProcessComm, allreduce_bytes
 from moecpt.distributed.launch import gather_to_main
 from moecpt.distributed.strategy import SYNC_KEY, OptimizerFactory, SyncStrategy, Worker
 from moecpt.train.checkpoint import capture_rng_state
+from moecpt.train.dcp_io import index_keyed
 from moecpt.train.metrics import RoutingAccumulator
 from moecpt.train.parallel import StepStats
 from moecpt.train.reduce import Metric, ReduceType, reduce_metrics
@@ -62,6 +64,8 @@ class DataParallelSync(SyncStrategy):
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.kind = self.recipe.distributed.sync.value
+        self.grad_group = None  # every rank: gradients are averaged over the world
+        self.grad_workers = self.num_workers
         if self.comm is None:
             self.comm = ProcessComm(self.acct)
 
@@ -93,19 +97,40 @@ class DataParallelSync(SyncStrategy):
         self.acct.rounds += 1  # one gradient synchronisation per step
         self._end_step()
 
+    def sharded_checkpoint_state(self, workers: list[Worker]
+                                 ) -> tuple[nn.Module, torch.optim.Optimizer, dict | None, dict | None]:
+        """This rank's model / optimizer; on rank 0 every rank's RNG state and the strategy marker."""
+        rng = _rank0_rng(self)
+        extra = {SYNC_KEY: {"kind": self.kind, "workers": self.num_workers}} if self.info.is_main else None
+        return workers[0].model, workers[0].optimizer, rng, extra
+
 
 # --------------------------------------------------------------------------------------------------------- DDP
+def wrap_ddp(model: nn.Module, sync: Any) -> DDP:
+    """``model`` in torch DDP over ``sync.grad_group`` (None: the world) with :func:`_allreduce_hook`; ``sync`` has
+    ``device``, ``info``, ``acct``, ``grad_group`` and ``grad_workers`` (the group's size)."""
+    dev = sync.device
+    ids = [dev.index if dev.index is not None else sync.info.local_rank] if dev.type == "cuda" else None
+    # no buffer broadcast in forward (torch >= 2.13 names it forward_sync_buffers; older: broadcast_buffers)
+    no_fwd_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                   else {"broadcast_buffers": False})
+    module = DDP(model, device_ids=ids, find_unused_parameters=False, process_group=sync.grad_group, **no_fwd_sync)
+    module.register_comm_hook(sync, _allreduce_hook)
+    return module
+
+
 def _allreduce_hook(sync, bucket):  # no annotations: DDP checks them and this module's are strings
-    """DDP's default all-reduce (divide by W, sum) plus byte / time accounting and the emulated link's delay."""
+    """DDP's default all-reduce (divide by the group's size, sum over ``sync.grad_group``: the world, or an island)
+    plus byte / time accounting and the emulated link's delay."""
     buf = bucket.buffer()
-    n = sync.num_workers
+    n = sync.grad_workers
     sent = allreduce_bytes(buf.numel() * buf.element_size(), n)
     t0 = time.perf_counter()
     buf.div_(n)
-    fut = dist.all_reduce(buf, async_op=True).get_future()
+    fut = dist.all_reduce(buf, group=sync.grad_group, async_op=True).get_future()
 
     def done(f):
-        sync.acct.link.delay(sent)
+        sync.acct.delay("grads", sent)
         sync.acct.record("grads", sent, sent, time.perf_counter() - t0)
         return f.value()[0]
 
@@ -117,14 +142,7 @@ class DDPSync(DataParallelSync):
 
     def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer, make_optimizer: OptimizerFactory,
               state: dict | None) -> list[Worker]:
-        ids = [self.device.index if self.device.index is not None else self.info.local_rank] \
-            if self.device.type == "cuda" else None
-        # no buffer broadcast in forward (torch >= 2.13 names it forward_sync_buffers; older: broadcast_buffers)
-        no_fwd_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
-                       else {"broadcast_buffers": False})
-        module = DDP(model, device_ids=ids, find_unused_parameters=False, **no_fwd_sync)
-        module.register_comm_hook(self, _allreduce_hook)
-        return [Worker(self.info.rank, model, module, optimizer)]
+        return [Worker(self.info.rank, model, wrap_ddp(model, self), optimizer)]
 
     def grad_sync(self, worker: Worker, last: bool):
         return contextlib.nullcontext() if last else worker.module.no_sync()
@@ -135,19 +153,27 @@ class DDPSync(DataParallelSync):
         return model_state, opt_state, rng
 
 
+def _rank0_rng(sync: SyncStrategy) -> dict | None:
+    """Every rank's RNG state, gathered to rank 0 (None elsewhere); rank 0's own at the top level. A collective."""
+    rngs = gather_to_main(capture_rng_state())
+    return {**rngs[0], "ranks": rngs} if sync.info.is_main else None
+
+
 def _rank0_state(sync: SyncStrategy, model_state: dict | None, opt_state: dict | None):
     """Add the strategy marker and every rank's RNG state (gathered to rank 0)."""
-    rngs = gather_to_main(capture_rng_state())
+    rng = _rank0_rng(sync)
     if not sync.info.is_main:
         return None, None, None
     opt_state = dict(opt_state or {})
     opt_state[SYNC_KEY] = {"kind": sync.kind, "workers": sync.num_workers}
-    return model_state, opt_state, {**rngs[0], "ranks": rngs}
+    return model_state, opt_state, rng
 
 
 # -------------------------------------------------------------------------------------------------------- FSDP2
 class FSDPSync(DataParallelSync):
     """FSDP2 ``fully_shard`` (see module doc)."""
+
+    shards_state = True
 
     def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer, make_optimizer: OptimizerFactory,
               state: dict | None) -> list[Worker]:
@@ -185,7 +211,7 @@ class FSDPSync(DataParallelSync):
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
         model_state = get_model_state_dict(w.model, options=opts)  # full tensors on rank 0, empty elsewhere
         opt = get_optimizer_state_dict(w.model, w.optimizer, options=opts)
-        opt = _to_index(opt, w.optimizer, w.model) if self.info.is_main else None
+        opt = index_keyed(opt) if self.info.is_main else None
         return _rank0_state(self, model_state, opt)
 
 
@@ -201,9 +227,3 @@ def _to_fqn(state: dict, optimizer: torch.optim.Optimizer, model: nn.Module) -> 
     return {"state": {fqns[int(i)]: s for i, s in state["state"].items()},
             "param_groups": [{**g, "params": [fqns[int(i)] for i in g["params"]]} for g in state["param_groups"]]}
 
-
-def _to_index(state: dict, optimizer: torch.optim.Optimizer, model: nn.Module) -> dict:
-    """FQN-keyed -> index-keyed, so that an FSDP checkpoint loads like any other."""
-    index = {n: i for i, n in enumerate(_fqn_order(optimizer, model))}
-    return {"state": {index[n]: s for n, s in state["state"].items()},
-            "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in state["param_groups"]]}

@@ -54,6 +54,7 @@ from moecpt.distributed.strategy import SYNC_KEY, OptimizerFactory, SyncStrategy
 from moecpt.errors import MoecptError
 from moecpt.lopt import load_pretrained
 from moecpt.lopt.optimizers import OuterOptimizer
+from moecpt.lopt.schedule_check import fixed_step_schedule_warning
 from moecpt.train.checkpoint import capture_rng_state
 
 TorchOptimizerFactory = Callable[[list[Tensor]], torch.optim.Optimizer]
@@ -142,22 +143,29 @@ class LocalSGDSync(SyncStrategy):
 
     every_step = False
     reports = True
+    dcp_capable = False  # a checkpoint holds the outer state and every worker's inner state: single-file layout
 
     def __init__(self, recipe, info, num_workers: int, local_workers: int, device: torch.device,
-                 outer: Any = None):
+                 outer: Any = None, outer_workers: int | None = None):
         super().__init__(recipe, info, num_workers, local_workers, device)
         d = recipe.distributed
         self.kind = d.sync.value
         self.H = d.local_steps
+        #: K of the outer step: the workers whose deltas it combines (the islands of a hierarchical run)
+        self.outer_workers = outer_workers or num_workers
         name, lr, momentum = d.outer()
         self.outer_name = name if outer is None else type(outer).__name__
-        self.outer = build_outer_optimizer(name, lr, momentum, num_workers) if outer is None else _as_outer(outer)
+        self.outer = (build_outer_optimizer(name, lr, momentum, self.outer_workers) if outer is None
+                      else _as_outer(outer))
         if local_workers > 1 or not info.distributed:
             self.comm = SimComm(self.acct)
         else:
             self.comm = ProcessComm(self.acct)
         self.global_params: list[Tensor] = []
         self._warn_intervals()
+        late_kicks = fixed_step_schedule_warning(recipe) if outer is None and info.is_main else None
+        if late_kicks:
+            warnings.warn(late_kicks, stacklevel=3)
 
     def _warn_intervals(self) -> None:
         t = self.recipe.train
@@ -210,6 +218,14 @@ class LocalSGDSync(SyncStrategy):
         parts += [b.detach().float().flatten() for b in persistent_float_buffers(w.model)]
         return torch.cat(parts)
 
+    def mean_delta(self, flats: list[Tensor]) -> Tensor:
+        """Mean mode's collective: the local workers' flat deltas ``[N]`` each -> ``(1/K) Σ_k Δ_k`` ``[N]``."""
+        return self.comm.all_reduce_sum(flats, "sync") / self.num_workers
+
+    def gather_deltas(self, flats: list[Tensor]) -> Tensor:
+        """Gather mode's collective: the local workers' flat deltas -> every worker's, ``[K, N]`` in worker order."""
+        return self.comm.all_gather(flats, "sync")
+
     @torch.no_grad()
     def sync_round(self, workers: list[Worker]) -> None:
         """One communication round: collective, outer step, every worker restarts from the new global θ."""
@@ -218,11 +234,12 @@ class LocalSGDSync(SyncStrategy):
         shapes = [g.shape for g in self.global_params]
         sizes = [g.numel() for g in self.global_params]
         if self.outer.needs_worker_deltas:
-            every = self.comm.all_gather(flats, "sync")  # [K, N]
-            deltas = [d.reshape(self.num_workers, *s) for d, s in zip(every[:, :n_param].split(sizes, dim=1), shapes)]
+            every = self.gather_deltas(flats)  # [K, N]
+            deltas = [d.reshape(self.outer_workers, *s)
+                      for d, s in zip(every[:, :n_param].split(sizes, dim=1), shapes)]
             buffers = every[:, n_param:].mean(0)
         else:
-            mean = self.comm.all_reduce_sum(flats, "sync") / self.num_workers
+            mean = self.mean_delta(flats)
             deltas = [d.reshape(s) for d, s in zip(mean[:n_param].split(sizes), shapes)]
             buffers = mean[n_param:]
         self.outer.step(self.global_params, deltas)

@@ -96,6 +96,20 @@ class Mesh:
         return seen
 
 
+def check_expert_split(recipe: Recipe) -> None:
+    """Refuse, in one line, ``distributed.expert_parallel`` on a dense model or one whose routed experts it does not
+    divide (whatever the world size: part of :func:`build_mesh`, and asked first by the runtime)."""
+    ep, moe = recipe.distributed.expert_parallel, recipe.model.moe
+    if ep == 1:
+        return
+    if moe is None:
+        raise MoecptError(f"distributed.expert_parallel={ep} needs an MoE model; the recipe's model has no "
+                          "[model.moe] (set expert_parallel = 1)")
+    if moe.num_experts % ep:
+        raise MoecptError(f"distributed.expert_parallel={ep} does not divide the model's {moe.num_experts} routed "
+                          f"experts; choose a divisor of {moe.num_experts}")
+
+
 def build_mesh(recipe: Recipe, world: int) -> Mesh:
     """The mesh of ``recipe.distributed`` on ``world`` ranks, checked against the model and the batch.
 
@@ -113,17 +127,10 @@ def build_mesh(recipe: Recipe, world: int) -> Mesh:
                           f"{d.islands} ranks or change islands")
     island = world // d.islands
     if d.expert_parallel > 1:
-        moe = recipe.model.moe
-        if moe is None:
-            raise MoecptError(f"distributed.expert_parallel={d.expert_parallel} needs an MoE model; the recipe's "
-                              "model has no [model.moe] (set expert_parallel = 1)")
+        check_expert_split(recipe)
         if island % d.expert_parallel:
             raise MoecptError(f"distributed.expert_parallel={d.expert_parallel} does not divide the {island} ranks "
                               f"of {'an island' if d.islands > 1 else 'the job'}; choose a divisor of {island}")
-        experts = moe.num_experts
-        if experts % d.expert_parallel:
-            raise MoecptError(f"distributed.expert_parallel={d.expert_parallel} does not divide the model's "
-                              f"{experts} routed experts; choose a divisor of {experts}")
         if d.sync in LOCAL_KINDS and d.islands == 1:
             raise MoecptError(f"distributed.expert_parallel={d.expert_parallel} with sync = {d.sync.value!r} needs "
                               "islands > 1 (EP inside an island, the outer step across islands)")

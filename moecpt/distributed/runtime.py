@@ -15,14 +15,17 @@ from typing import Any
 
 import torch
 
-from moecpt.config import Recipe, SyncKind
+from moecpt.config import DispatchKind, Recipe, SyncKind
 from moecpt.distributed import launch
 from moecpt.distributed.ddp import DDPSync, FSDPSync
+from moecpt.distributed.ep_sync import ExpertParallelSync
+from moecpt.distributed.islands import IslandSync
 from moecpt.distributed.local_sgd import LocalSGDSync
-from moecpt.distributed.mesh import build_mesh
+from moecpt.distributed.mesh import Mesh, build_mesh, check_expert_split
 from moecpt.distributed.simulate import SimulatedDDPSync
 from moecpt.distributed.strategy import LOCAL_SYNCS, SyncStrategy
 from moecpt.errors import MoecptError
+from moecpt.lopt import load_pretrained
 from moecpt.train.parallel import DistInfo, SingleProcess
 
 
@@ -43,6 +46,9 @@ class Distributed(SingleProcess):
     def broadcast_object(self, obj: Any) -> Any:
         return launch.broadcast_object(obj)
 
+    def check_launch(self, recipe: Recipe, info: DistInfo, simulate_workers: int | None = None) -> None:
+        check_launch(recipe, info, simulate_workers)
+
     def build_sync(self, recipe: Recipe, info: DistInfo, device: torch.device, simulate_workers: int | None = None,
                    outer_optimizer: Any = None) -> SyncStrategy:
         return build_sync(recipe, info, device, simulate_workers, outer_optimizer)
@@ -55,6 +61,41 @@ class Distributed(SingleProcess):
 
     def diagnose(self) -> str:
         return launch.diagnose()
+
+
+def check_launch(recipe: Recipe, info: DistInfo, simulate_workers: int | None = None,
+                 outer_optimizer: Any = None) -> Mesh:
+    """The checks of :func:`build_sync` that need no model, as one-line errors: ``moecpt pretrain`` / ``cpt`` run
+    them before the run folder is claimed, so a refused layout writes nothing. Returns the job's mesh.
+
+    Raises:
+        MoecptError: see :func:`build_sync`; also a learned outer optimizer meta-trained for another K than the
+            outer step's workers (the islands, or every worker).
+    """
+    kind = recipe.distributed.sync
+    local = kind in LOCAL_SYNCS
+    if outer_optimizer is not None and not local:
+        raise MoecptError(f"an outer optimizer applies to sync = local-sgd, slowmo or diloco, not {kind.value!r}")
+    if simulate_workers is not None:
+        if simulate_workers < 1:
+            raise MoecptError(f"--simulate-workers {simulate_workers}: give a number of workers >= 1")
+        if info.distributed:
+            raise MoecptError("--simulate-workers runs every worker in one process; do not combine it with torchrun "
+                              f"(this is rank {info.rank} of {info.world_size})")
+        if kind == SyncKind.FSDP:
+            raise MoecptError("sync = 'fsdp' cannot be simulated (it shards one model over real devices); "
+                              "simulate 'ddp' or a local-SGD strategy instead")
+    workers = simulate_workers or info.world_size
+    if recipe.distributed.expert_parallel > 1:
+        _check_expert_parallel(recipe, info, simulate_workers)
+    mesh = build_mesh(recipe, workers)  # the plan's check, at start: a mesh that does not divide is one line
+    if mesh.islands > 1 and recipe.distributed.island_sync == SyncKind.FSDP:
+        raise MoecptError("distributed.island_sync = 'fsdp' is not built yet in this version; use 'ddp' inside "
+                          "islands")
+    name = recipe.distributed.outer()[0] if local and outer_optimizer is None else None
+    if name in ("lagg-a", "lopt-a") or (name or "").endswith(".safetensors"):
+        load_pretrained(name, workers=mesh.islands if mesh.islands > 1 else workers)  # K checked, one line
+    return mesh
 
 
 def build_sync(recipe: Recipe, info: DistInfo, device: torch.device, simulate_workers: int | None = None,
@@ -72,30 +113,22 @@ def build_sync(recipe: Recipe, info: DistInfo, device: torch.device, simulate_wo
     Raises:
         MoecptError: simulation under a multi-process launch or with FSDP; an outer optimizer for a sync that has
             none; a mesh that does not divide the world, the experts or the batch
-            (:func:`moecpt.distributed.mesh.build_mesh`).
+            (:func:`moecpt.distributed.mesh.build_mesh`); expert parallelism in one process, with simulated workers,
+            with a sync other than DDP, with islands or with the loop dispatch.
     """
+    mesh = check_launch(recipe, info, simulate_workers, outer_optimizer)
+    local = recipe.distributed.sync in LOCAL_SYNCS
     kind = recipe.distributed.sync
-    local = kind in LOCAL_SYNCS
-    if outer_optimizer is not None and not local:
-        raise MoecptError(f"an outer optimizer applies to sync = local-sgd, slowmo or diloco, not {kind.value!r}")
-    if simulate_workers is not None:
-        if simulate_workers < 1:
-            raise MoecptError(f"--simulate-workers {simulate_workers}: give a number of workers >= 1")
-        if info.distributed:
-            raise MoecptError("--simulate-workers runs every worker in one process; do not combine it with torchrun "
-                              f"(this is rank {info.rank} of {info.world_size})")
-        if kind == SyncKind.FSDP:
-            raise MoecptError("sync = 'fsdp' cannot be simulated (it shards one model over real devices); "
-                              "simulate 'ddp' or a local-SGD strategy instead")
     workers = simulate_workers or info.world_size
     local_workers = simulate_workers or 1
-    mesh = build_mesh(recipe, workers)  # the plan's check, at start: a mesh that does not divide is one line
-    if mesh.ep > 1 or mesh.islands > 1:
-        raise MoecptError("distributed.expert_parallel / islands are not built yet in this version; set them to 1")
-    if local:
-        sync: SyncStrategy = LocalSGDSync(recipe, info, workers, local_workers, device, outer=outer_optimizer)
+    if mesh.islands > 1:
+        sync: SyncStrategy = IslandSync(recipe, info, mesh, local_workers, device, outer=outer_optimizer)
+    elif local:
+        sync = LocalSGDSync(recipe, info, workers, local_workers, device, outer=outer_optimizer)
     elif simulate_workers is not None:
         sync = SimulatedDDPSync(recipe, info, workers, local_workers, device)
+    elif mesh.ep > 1:
+        sync = ExpertParallelSync(recipe, info, workers, 1, device, mesh=mesh, timeout_s=recipe.distributed.timeout_s)
     elif info.distributed and kind == SyncKind.DDP:
         sync = DDPSync(recipe, info, workers, 1, device)
     elif info.distributed and kind == SyncKind.FSDP:
@@ -104,3 +137,22 @@ def build_sync(recipe: Recipe, info: DistInfo, device: torch.device, simulate_wo
         sync = SyncStrategy(recipe, info, 1, 1, device)
     sync.local_batch_rows(recipe.train.batch_size)
     return sync
+
+
+def _check_expert_parallel(recipe: Recipe, info: DistInfo, simulate_workers: int | None) -> None:
+    """One-line refusals of what EP does not run: a dense model or experts it does not divide, a sync other than DDP,
+    the loop dispatch, a single process or simulated workers (the world is checked by ``build_mesh``)."""
+    d, moe = recipe.distributed, recipe.model.moe
+    check_expert_split(recipe)
+    if d.islands > 1:
+        raise MoecptError(f"distributed.expert_parallel={d.expert_parallel} inside islands is not built yet in this "
+                          "version; use expert parallelism (sync = 'ddp') or islands, not both")
+    if d.sync != SyncKind.DDP:
+        raise MoecptError(f"distributed.expert_parallel={d.expert_parallel} runs with sync = 'ddp' (data parallel "
+                          f"over the non-expert parameters); sync = {d.sync.value!r} is not supported with it")
+    if moe is not None and moe.dispatch == DispatchKind.LOOP:
+        raise MoecptError("model.moe.dispatch = 'loop' is the single-process reference path; use 'grouped' with "
+                          "distributed.expert_parallel > 1")
+    if simulate_workers is not None or not info.distributed:
+        raise MoecptError(f"distributed.expert_parallel={d.expert_parallel} splits the experts over real ranks; "
+                          f"launch {d.expert_parallel} or more with torchrun (not --simulate-workers)")

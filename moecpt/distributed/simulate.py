@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import time
+from typing import Callable
 
 import torch
 from torch import nn
@@ -66,8 +67,25 @@ def make_replicas(model: nn.Module, optimizer: torch.optim.Optimizer, make_optim
     return out
 
 
+@torch.no_grad()
+def average_grads(workers: list[Worker], all_reduce_sum: Callable[[list[torch.Tensor]], torch.Tensor]) -> None:
+    """Average the workers' gradients as DDP's default hook does: each worker's flat gradient pre-divided by the
+    number of workers, then summed in worker order (``all_reduce_sum``: ``[N]`` per worker -> ``[N]``); every
+    worker's ``.grad`` gets the result."""
+    params = [[p for p in w.model.parameters() if p.grad is not None] for w in workers]
+    flats = [torch.cat([p.grad.flatten() for p in ps]) / len(workers) for ps in params]
+    mean = all_reduce_sum(flats)
+    for ps in params:
+        pos = 0
+        for p in ps:
+            p.grad.copy_(mean[pos:pos + p.numel()].view_as(p.grad))
+            pos += p.numel()
+
+
 class SimulatedDDPSync(DataParallelSync):
     """DDP with K in-process workers (see module doc)."""
+
+    dcp_capable = False  # K workers in one process: the single-file layout only
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -78,16 +96,8 @@ class SimulatedDDPSync(DataParallelSync):
         return [Worker(i, m, m, o) for i, (m, o) in enumerate(make_replicas(model, optimizer, make_optimizer,
                                                                                self.local_workers))]
 
-    @torch.no_grad()
     def after_backward(self, workers: list[Worker]) -> None:
-        params = [[p for p in w.model.parameters() if p.grad is not None] for w in workers]
-        flats = [torch.cat([p.grad.flatten() for p in ps]) / self.num_workers for ps in params]
-        mean = self.comm.all_reduce_sum(flats, "grads")
-        for ps in params:
-            pos = 0
-            for p in ps:
-                p.grad.copy_(mean[pos:pos + p.numel()].view_as(p.grad))
-                pos += p.numel()
+        average_grads(workers, lambda flats: self.comm.all_reduce_sum(flats, "grads"))
 
     def checkpoint_state(self, workers: list[Worker]) -> tuple[dict | None, dict | None, dict | None]:
         opt = dict(workers[0].optimizer.state_dict())

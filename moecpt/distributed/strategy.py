@@ -8,8 +8,8 @@ The trainer (``moecpt.train.trainer``) runs a list of :class:`Worker` objects: o
 rule A2).
 
 Strategies: :class:`SyncStrategy` (one process, no communication), ``ddp.DDPSync`` / ``ddp.FSDPSync``,
-``simulate.SimulatedDDPSync``, ``local_sgd.LocalSGDSync`` (local SGD, SlowMo, DiLoCo, learned outer optimizers);
-:func:`moecpt.distributed.runtime.build_sync` picks one.
+``ep_sync.ExpertParallelSync`` (EP x DP), ``simulate.SimulatedDDPSync``, ``local_sgd.LocalSGDSync`` (local SGD,
+SlowMo, DiLoCo, learned outer optimizers); :func:`moecpt.distributed.runtime.build_sync` picks one.
 """
 
 from __future__ import annotations
@@ -35,13 +35,20 @@ from moecpt.train.parallel import (  # noqa: F401  (re-exported: the strategies'
 class SyncStrategy(SingleSync):
     """One worker in one process, with communication accounting (bytes, rounds, step and communication time,
     an emulated link): the base of the strategies of this package. Its set-up, step and checkpoint hooks are
-    :class:`~moecpt.train.parallel.SingleSync`'s; what it reports appears only where ``reports`` is True."""
+    :class:`~moecpt.train.parallel.SingleSync`'s; what it reports appears only where ``reports`` is True.
+
+    ``links`` (kind -> link name) and ``slow_link`` (the link the emulator delays) split the accounting by link
+    (:class:`~moecpt.distributed.accounting.CommAccountant`); None: one link for everything."""
+
+    links: dict[str, str] | None = None
+    slow_link: str | None = None
 
     def __init__(self, recipe: Recipe, info: DistInfo, num_workers: int = 1, local_workers: int = 1,
                  device: torch.device | None = None):
         super().__init__(recipe, info, num_workers, local_workers, device)
         d = recipe.distributed
-        self.acct = CommAccountant(num_workers, LinkEmulator(d.emulate_bandwidth_gbit, d.emulate_latency_ms))
+        self.acct = CommAccountant(num_workers, LinkEmulator(d.emulate_bandwidth_gbit, d.emulate_latency_ms),
+                                   links=self.links, slow=self.slow_link)
         self.comm = None
         self._step_t0 = 0.0
         self._step_comm0 = 0.0

@@ -1,8 +1,9 @@
 """The Hugging Face MoE families moecpt imports and exports: one small mapping per family.
 
 Each family says how its ``config.json`` maps onto :class:`moecpt.config.ModelConfig`, how its tensors are named,
-and which moecpt models it can represent exactly (export). All of them are pre-norm RMSNorm decoders with RoPE in the
-half-rotation layout (as moecpt), grouped-query attention and GLU experts ``down(act(gate(x)) * up(x))``:
+and which moecpt models it can represent exactly (export). All of them are pre-norm RMSNorm decoders with RoPE and
+GLU experts ``down(act(gate(x)) * up(x))``; all but the DeepSeek families have grouped-query attention with RoPE in
+the half-rotation layout (as moecpt), those multi-head latent attention (:mod:`moecpt.model.mla`):
 
 * **OLMoE** -- Muennighoff et al. 2024, "OLMoE: Open Mixture-of-Experts Language Models" (arXiv 2409.02060);
   model card ``allenai/OLMoE-1B-7B-0924``. Softmax top-k *without* renormalisation (``norm_topk_prob`` false),
@@ -37,6 +38,12 @@ half-rotation layout (as moecpt), grouped-query attention and GLU experts ``down
 * **Granite-MoE** (``granitemoe``, ``granitemoeshared``) -- IBM 2024, Granite 3.0 language models; model cards
   ``ibm-granite/granite-3.0-1b-a400m-base``, ``ibm-granite/granite-3.0-3b-a800m-base``. Mixtral's routing with
   muP-style embedding / residual / attention / logits multipliers and stacked expert tensors (:class:`_Granite`).
+* **DeepSeek-V3** (``deepseek_v3``; also Moonlight and Kimi-K2 checkpoints) -- DeepSeek-AI 2024, arXiv
+  2412.19437; ``deepseek-ai/DeepSeek-V3``. GLM-4.5's routing, experts and dense first layers, with MLA (a query
+  latent, ``rope_interleave``).
+* **DeepSeek-V2** (``deepseek_v2``) -- DeepSeek-AI 2024, arXiv 2405.04434; ``deepseek-ai/DeepSeek-V2-Lite``. MLA
+  (V2-Lite: no query latent) and softmax routing, ``greedy`` or ``group_limited_greedy`` (groups scored by their
+  best expert), gates scaled by ``routed_scaling_factor``; shared experts, dense first layers.
 
 * **GPT-OSS** (``gpt_oss``) -- OpenAI 2025, "gpt-oss-120b & gpt-oss-20b Model Card" (arXiv 2508.10925); model
   cards ``openai/gpt-oss-20b``, ``openai/gpt-oss-120b``. Attention sinks, alternating sliding-window / full layers,
@@ -64,8 +71,10 @@ from typing import Any, ClassVar
 import torch
 
 from moecpt.config import (
+    AttentionKind,
     AttnKind,
     FFNKind,
+    GroupScore,
     ModelConfig,
     MoELayout,
     QKNorm,
@@ -76,6 +85,7 @@ from moecpt.config import (
 )
 from moecpt.errors import MoecptError
 from moecpt.interop.mxfp4 import dequantize_mxfp4, mxfp4_shapes
+from moecpt.model.flops import attention_head_dims
 from moecpt.model.glu import SWIGLU_ALPHA, SWIGLU_LIMIT
 from moecpt.model.transformer import build_model
 
@@ -222,6 +232,8 @@ class Family:
     multipliers: bool = False  # has Granite's embedding / residual / attention / logits multipliers
     gptoss_features: bool = False  # has GPT-OSS's sinks, o-proj / router / expert biases, clamped SwiGLU
     yarn: bool = False  # reads / writes YaRN rope_parameters (moecpt.model.yarn)
+    mxfp4: bool = False  # dequantises MXFP4 checkpoints (quantization_config.quant_method = "mxfp4")
+    attention: AttentionKind = AttentionKind.GQA
 
     # -------------------------------------------------------------------------------------------- config
     def get(self, hf: dict, key: str, default: Any = None) -> Any:
@@ -296,19 +308,25 @@ class Family:
             MoecptError: a feature with no moecpt equivalent (one line naming it).
         """
         notes: list[str] = []
+        quant = hf.get("quantization_config")
+        mxfp4 = self.mxfp4 and isinstance(quant, dict) and quant.get("quant_method") == "mxfp4"
+        if quant and not mxfp4:  # DeepSeek-V3 / Kimi-K2's fp8 blocks + scale tensors: refuse before the tensor check
+            method = quant.get("quant_method", "?") if isinstance(quant, dict) else quant
+            raise self._fail(f"quantization_config ({method}) is set: quantised checkpoints are not supported; "
+                             "import a bf16 / fp32 copy of the weights")
         self.check(hf)
         act = self.get(hf, "hidden_act", "silu")
         if act not in _ACT_TO_FFN:
             raise self._fail(f"hidden_act = {act!r} has no moecpt equivalent; supported: {', '.join(_ACT_TO_FFN)}")
+        for rope in (hf.get("rope_parameters"), hf.get("rope_scaling")):  # either may carry the scaling
+            rope_type = rope.get("rope_type", rope.get("type")) if isinstance(rope, dict) else None
+            if rope_type not in (None, "default") and not (rope_type == "yarn" and self.yarn):
+                raise self._fail(f"RoPE scaling {rope_type!r} is not supported (moecpt has plain RoPE, and YaRN "
+                                 "for gpt_oss only; no mscale softmax adjustment)")
         rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
         rope_type = rope.get("rope_type", rope.get("type")) if isinstance(rope, dict) else None
-        if rope_type not in (None, "default") and not (rope_type == "yarn" and self.yarn):
-            raise self._fail(f"RoPE scaling {rope_type!r} is not supported (moecpt has plain RoPE, and YaRN for "
-                             "gpt_oss)")
         theta = (rope.get("rope_theta") if isinstance(rope, dict) else None) or self.get(hf, "rope_theta")
         d_model, n_heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
-        n_kv = int(self.get(hf, "num_key_value_heads") or n_heads)
-        head_dim = self.head_dim(hf, d_model, n_heads)
         n_layers = int(hf["num_hidden_layers"])
         max_seq = int(self.get(hf, "max_position_embeddings"))
         window, layer_types = _normal_windows(*self.attention_layers(hf, n_layers))
@@ -334,17 +352,21 @@ class Family:
                "shared_expert_gate": shared_gate, "capacity_factor": None, "router": router.model_dump(), **layout}
         raw = {
             "vocab_size": int(hf["vocab_size"]), "d_model": d_model, "n_layers": n_layers, "n_heads": n_heads,
-            "n_kv_heads": n_kv, "head_dim": head_dim, "ffn_width": int(self.get(hf, "intermediate_size")),
+            **self.attention_fields(hf, d_model, n_heads), "ffn_width": int(self.get(hf, "intermediate_size")),
             "ffn_kind": _ACT_TO_FFN[act].value, "max_seq_len": max_seq, "rope_theta": float(theta),
-            "rotary_fraction": self.rotary_fraction(hf), "qk_norm": self.qk_norm_of(hf).value,
-            "rope_yarn": _yarn_of(self, rope) if rope_type == "yarn" else None,
-            "attn_bias": self.attn_bias(hf), "sliding_window": window,
+            "rope_yarn": _yarn_of(self, rope) if rope_type == "yarn" else None, "sliding_window": window,
             "layer_types": None if layer_types is None else [t.value for t in layer_types],
             "tie_embeddings": bool(self.get(hf, "tie_word_embeddings", False)),
             "norm_eps": float(self.get(hf, "rms_norm_eps")),
             "init_std": float(self.get(hf, "initializer_range", 0.02)), "moe": moe,
         }
         return build_section(ModelConfig, raw, f"{self.name} config"), notes
+
+    def attention_fields(self, hf: dict, d_model: int, n_heads: int) -> dict[str, Any]:
+        """The attention fields of the imported ``ModelConfig`` (hook; default: grouped-query attention)."""
+        return {"n_kv_heads": int(self.get(hf, "num_key_value_heads") or n_heads),
+                "head_dim": self.head_dim(hf, d_model, n_heads), "rotary_fraction": self.rotary_fraction(hf),
+                "qk_norm": self.qk_norm_of(hf).value, "attn_bias": self.attn_bias(hf)}
 
     def head_dim(self, hf: dict, d_model: int, n_heads: int) -> int:
         hd = hf.get("head_dim")
@@ -447,13 +469,8 @@ class Family:
         for i in range(cfg.n_layers):
             L, B = f"model.layers.{i}", f"blocks.{i}"
             add(f"{L}.input_layernorm.weight", f"{B}.attn_norm.weight")
-            for hf_name, ours in (("q_proj", "wq"), ("k_proj", "wk"), ("v_proj", "wv"), ("o_proj", "wo")):
-                add(f"{L}.self_attn.{hf_name}.weight", f"{B}.attn.{ours}.weight")
-                if cfg.attn_bias and ours != "wo":
-                    add(f"{L}.self_attn.{hf_name}.bias", f"{B}.attn.{ours}.bias")
-            if cfg.qk_norm != QKNorm.NONE:
-                add(f"{L}.self_attn.q_norm.weight", f"{B}.attn.q_norm.weight")
-                add(f"{L}.self_attn.k_norm.weight", f"{B}.attn.k_norm.weight")
+            for hf_name, ours in self.attention_tensors(cfg):
+                add(f"{L}.self_attn.{hf_name}", f"{B}.attn.{ours}")
             add(f"{L}.post_attention_layernorm.weight", f"{B}.ffn_norm.weight")
             if not cfg.is_moe_layer(i):
                 F = cfg.ffn_width
@@ -486,6 +503,26 @@ class Family:
         if not cfg.tie_embeddings:
             add("lm_head.weight", "lm_head.weight")
         return pieces
+
+
+    def attention_tensors(self, cfg: ModelConfig) -> list[tuple[str, str]]:
+        """``(HF name, moecpt name)`` of one layer's attention tensors, under ``self_attn.`` / ``attn.`` (hook)."""
+        out = []
+        for hf_name, ours in (("q_proj", "wq"), ("k_proj", "wk"), ("v_proj", "wv"), ("o_proj", "wo")):
+            out.append((f"{hf_name}.weight", f"{ours}.weight"))
+            if cfg.attn_bias and ours != "wo":
+                out.append((f"{hf_name}.bias", f"{ours}.bias"))
+        if cfg.qk_norm != QKNorm.NONE:
+            out += [("q_norm.weight", "q_norm.weight"), ("k_norm.weight", "k_norm.weight")]
+        return out
+
+    def attention_why_not(self, cfg: ModelConfig) -> str | None:
+        if cfg.attention == self.attention:
+            return None
+        if self.attention == AttentionKind.GQA:
+            return ("multi-head latent attention (attention = 'mla') is DeepSeek-V2/V3's; export it with --family "
+                    "deepseek_v3 (sigmoid routing) or deepseek_v2 (softmax routing)")
+        return f"{self.name} has multi-head latent attention; this model has attention = {cfg.attention.value!r}"
 
 
 def _yarn_of(family: Family, rope: dict) -> dict[str, Any]:
@@ -593,6 +630,14 @@ def _renorm(cfg: ModelConfig) -> bool:
 
 def _all_moe(cfg: ModelConfig) -> bool:
     return all(cfg.is_moe_layer(i) for i in range(cfg.n_layers))
+
+
+def _synth_zero_shared(synth: dict[str, Callable], layers: list[int], D: int, F: int) -> None:
+    """Synthesise, at each MoE layer of ``layers``, a shared expert of width ``F`` whose projections are zero: it
+    adds exactly 0, for a family that always has one."""
+    for i in layers:
+        synth[f"blocks.{i}.ffn.shared.w_in.weight"] = lambda get: torch.zeros(2 * F, D)
+        synth[f"blocks.{i}.ffn.shared.w_out.weight"] = lambda get: torch.zeros(D, F)
 
 
 def _shared_width(cfg: ModelConfig) -> int:
@@ -777,11 +822,9 @@ class Qwen2MoE(_Qwen):
         if not width:
             notes.append("a width-1 shared expert with a zero down projection added (it adds exactly 0)")
             moe_update.update(num_shared_experts=1, shared_expert_width=1, shared_expert_gate=True)
+            _synth_zero_shared(synth, moe_layers, D, 1)
             for i in moe_layers:
-                B = f"blocks.{i}.ffn"
-                synth[f"{B}.shared.w_in.weight"] = lambda get: torch.zeros(2, D)
-                synth[f"{B}.shared.w_out.weight"] = lambda get: torch.zeros(D, 1)
-                synth[f"{B}.shared_gate.weight"] = lambda get: torch.zeros(1, D)
+                synth[f"blocks.{i}.ffn.shared_gate.weight"] = lambda get: torch.zeros(1, D)
         elif not moe.shared_expert_gate:
             notes.append("shared-expert gate added: zero weight (sigmoid = 1/2) and the shared down projection x2")
             moe_update.update(shared_expert_gate=True)
@@ -1118,9 +1161,22 @@ class _DeepSeekRouted(Family):
                             routed_scale=float(self.get(hf, "routed_scaling_factor")), aux_loss_weight=0.0,
                             z_loss_weight=0.0)
 
+    def ignored(self, hf: dict, name: str) -> bool:
+        """The multi-token-prediction layers (``model.layers.{n}.*`` on, DeepSeek-V3 Sec. 2.2) are not imported."""
+        n, mtp = int(hf["num_hidden_layers"]), int(self.get(hf, "num_nextn_predict_layers") or 0)
+        return any(name.startswith(f"model.layers.{n + j}.") for j in range(mtp))
+
+    def ignored_note(self, hf: dict) -> str:
+        return (f"{self.get(hf, 'num_nextn_predict_layers')} multi-token-prediction layer(s) "
+                f"(model.layers.{hf['num_hidden_layers']}.*) dropped: moecpt trains next-token prediction only")
+
     def routing_why_not(self, cfg: ModelConfig) -> str | None:
-        if cfg.moe.router.score_fn != ScoreFn.SIGMOID:
+        r = cfg.moe.router
+        if r.score_fn != ScoreFn.SIGMOID:
             return f"{self.name} routes by sigmoid scores; this model has router.score_fn = 'softmax'"
+        if r.n_group > 1 and r.group_score != GroupScore.TOP2_SUM:
+            return (f"{self.name} scores an expert group by its two best experts; this model has "
+                    f"router.group_score = {r.group_score.value!r}")
         return None
 
     def why_not(self, cfg: ModelConfig) -> str | None:
@@ -1154,9 +1210,7 @@ class _DeepSeekRouted(Family):
         if not _shared_width(cfg):
             notes.append(f"a shared expert with zero projections added ({self.name} always has one; it adds 0)")
             moe_update.update(num_shared_experts=1, shared_expert_width=None)
-            for i in layers:
-                synth[f"blocks.{i}.ffn.shared.w_in.weight"] = lambda get: torch.zeros(2 * F, D)
-                synth[f"blocks.{i}.ffn.shared.w_out.weight"] = lambda get: torch.zeros(D, F)
+            _synth_zero_shared(synth, layers, D, F)
         if moe_update:
             cfg = cfg.model_copy(update={"moe": moe.model_copy(update=moe_update)})
         return cfg, synth, notes
@@ -1203,14 +1257,6 @@ class Glm4Moe(_DeepSeekRouted):
         rope = hf.get("rope_parameters")
         inner = rope.get("partial_rotary_factor") if isinstance(rope, dict) else None
         return float(inner if inner is not None else self.get(hf, "partial_rotary_factor"))
-
-    def ignored(self, hf: dict, name: str) -> bool:
-        n, mtp = int(hf["num_hidden_layers"]), int(self.get(hf, "num_nextn_predict_layers") or 0)
-        return any(name.startswith(f"model.layers.{n + j}.") for j in range(mtp))
-
-    def ignored_note(self, hf: dict) -> str:
-        return (f"{self.get(hf, 'num_nextn_predict_layers')} multi-token-prediction layer(s) "
-                f"(model.layers.{hf['num_hidden_layers']}.*) dropped: moecpt trains next-token prediction only")
 
     def why_not(self, cfg: ModelConfig) -> str | None:
         if cfg.qk_norm == QKNorm.FULL:
@@ -1290,6 +1336,7 @@ class GptOss(Family):
     num_experts_key = "num_local_experts"
     gptoss_features = True
     yarn = True
+    mxfp4 = True
     #: GptOssConfig's rope_parameters when a config.json has none (YaRN x32 over 4096, untruncated)
     default_rope: ClassVar[dict[str, Any]] = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0,
                                               "beta_slow": 1.0, "truncate": False,
@@ -1360,7 +1407,6 @@ class GptOss(Family):
         return None
 
     def why_not(self, cfg: ModelConfig) -> str | None:
-        moe = cfg.moe
         if cfg.qk_norm != QKNorm.NONE:
             return f"GPT-OSS has no q/k norm, this model has qk_norm = {cfg.qk_norm.value!r}"
         if cfg.attn_bias != cfg.attn_out_bias:
@@ -1456,9 +1502,187 @@ class GptOss(Family):
         return out
 
 
+# ------------------------------------------------------------------------------------------ DeepSeek-V2 / V3
+class _MLA(_DeepSeekRouted):
+    """DeepSeek's own families: multi-head latent attention (:mod:`moecpt.model.mla`; DeepSeek-V2, arXiv
+    2405.04434, Sec. 2.1) under ``self_attn.{q_proj | q_a_proj, q_a_layernorm, q_b_proj}``,
+    ``kv_a_proj_with_mqa`` (latent then the shared rope key), ``kv_a_layernorm``, ``kv_b_proj`` (per head: key nope
+    dims then value dims), ``o_proj``; interleaved RoPE on ``qk_rope_head_dim`` dims; the latent norms have
+    transformers' fixed eps 1e-6."""
+
+    attention = AttentionKind.MLA
+    interleave_key: str | None = None  # the config key saying whether RoPE is interleaved (None: always)
+
+    def check(self, hf: dict) -> None:
+        if int(hf.get("moe_layer_freq") or 1) != 1:
+            raise self._fail(f"moe_layer_freq = {hf['moe_layer_freq']} (MoE every n-th layer) is ignored by "
+                             f"transformers' {self.name}; not supported")
+        n_heads = int(hf["num_attention_heads"])
+        if int(self.get(hf, "num_key_value_heads") or n_heads) != n_heads:
+            raise self._fail(f"num_key_value_heads = {hf['num_key_value_heads']} differs from num_attention_heads "
+                             f"= {n_heads}; latent attention decompresses every head's key (not supported)")
+
+    def attention_fields(self, hf: dict, d_model: int, n_heads: int) -> dict[str, Any]:
+        self.attn_bias(hf)  # refuses attention_bias (it would bias q_a / kv_a / o_proj)
+        q_lora = hf["q_lora_rank"] if "q_lora_rank" in hf else self.defaults["q_lora_rank"]
+        interleave = bool(self.get(hf, self.interleave_key, True)) if self.interleave_key else True
+        mla = {"q_lora_rank": None if q_lora is None else int(q_lora), "rope_interleave": interleave,
+               **{k: int(self.get(hf, k)) for k in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
+                                                   "v_head_dim")}}
+        return {"attention": AttentionKind.MLA.value, "mla": mla}
+
+    def attention_tensors(self, cfg: ModelConfig) -> list[tuple[str, str]]:
+        assert cfg.mla is not None
+        q = [("q_proj.weight", "wq.weight")] if cfg.mla.q_lora_rank is None else [
+            ("q_a_proj.weight", "wq_a.weight"), ("q_a_layernorm.weight", "q_norm.weight"),
+            ("q_b_proj.weight", "wq_b.weight")]
+        return q + [("kv_a_proj_with_mqa.weight", "wkv_a.weight"), ("kv_a_layernorm.weight", "kv_norm.weight"),
+                    ("kv_b_proj.weight", "wkv_b.weight"), ("o_proj.weight", "wo.weight")]
+
+    def why_not(self, cfg: ModelConfig) -> str | None:
+        if cfg.mla.latent_norm_eps != 1e-6:
+            return (f"{self.name}'s latent RMSNorms have eps 1e-6; this model has mla.latent_norm_eps = "
+                    f"{cfg.mla.latent_norm_eps}")
+        if not self.interleave_key and not cfg.mla.rope_interleave:
+            return f"{self.name} always interleaves RoPE pairs; this model has mla.rope_interleave = false"
+        return super().why_not(cfg)
+
+    def hf_config_extra(self, cfg: ModelConfig) -> dict[str, Any]:
+        m = cfg.mla
+        out = {**super().hf_config_extra(cfg), "q_lora_rank": m.q_lora_rank, "kv_lora_rank": m.kv_lora_rank,
+               "qk_nope_head_dim": m.qk_nope_head_dim, "qk_rope_head_dim": m.qk_rope_head_dim,
+               "v_head_dim": m.v_head_dim, "attention_bias": False}
+        del out["head_dim"]  # derived by transformers (qk_rope_head_dim)
+        if self.interleave_key:
+            out[self.interleave_key] = m.rope_interleave
+        return out
+
+
+class DeepseekV3(_MLA):
+    """DeepSeek-V3 (DeepSeek-AI 2024, arXiv 2412.19437; ``deepseek-ai/DeepSeek-V3``; also Moonlight and the
+    Kimi-K2 checkpoints, saved as ``deepseek_v3``): MLA with an optional query latent and ``rope_interleave``,
+    DeepSeek-V3 routing (sigmoid, ``e_score_correction_bias``, groups scored by their two best experts,
+    ``norm_topk_prob``, ``routed_scaling_factor``), shared experts, dense first layers, multi-token-prediction
+    layers dropped on import."""
+
+    name = "deepseek_v3"
+    model_types = ("deepseek_v3", "kimi_k2")  # Kimi-K2 ships DeepseekV3ForCausalLM under its own model_type
+    architecture = "DeepseekV3ForCausalLM"
+    reference = "DeepSeek-AI 2024, DeepSeek-V3 Technical Report (arXiv 2412.19437); deepseek-ai/DeepSeek-V3"
+    interleave_key = "rope_interleave"
+    #: transformers' DeepseekV3Config defaults
+    defaults: ClassVar[dict[str, Any]] = {"hidden_act": "silu", "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "n_routed_experts": 256, "num_experts_per_tok": 8,
+        "norm_topk_prob": True, "tie_word_embeddings": False, "initializer_range": 0.02, "intermediate_size": 18432,
+        "moe_intermediate_size": 2048, "n_shared_experts": 1, "routed_scaling_factor": 2.5, "n_group": 8,
+        "topk_group": 4, "first_k_dense_replace": 3, "attention_bias": False, "q_lora_rank": 1536,
+        "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128,
+        "rope_interleave": True, "num_nextn_predict_layers": 0}
+
+    def check(self, hf: dict) -> None:
+        super().check(hf)
+        for key, want in (("topk_method", "noaux_tc"), ("scoring_func", "sigmoid")):
+            if hf.get(key) not in (None, want):
+                raise self._fail(f"{key} = {hf[key]!r} is not DeepSeek-V3 routing ({want!r}); not supported")
+
+    def hf_config_extra(self, cfg: ModelConfig) -> dict[str, Any]:
+        return {**super().hf_config_extra(cfg), "num_nextn_predict_layers": 0}
+
+
+class DeepseekV2(_MLA):
+    """DeepSeek-V2 / V2-Lite (DeepSeek-AI 2024, arXiv 2405.04434; ``deepseek-ai/DeepSeek-V2-Lite``): MLA (V2-Lite:
+    no query latent) with RoPE in interleaved pairs, softmax routing, ``topk_method`` ``greedy`` or
+    ``group_limited_greedy`` (groups scored by their best expert, Sec. 2.1.2 "device-limited routing"), gates scaled
+    by ``routed_scaling_factor`` and never renormalised (transformers' ``DeepseekV2TopkRouter`` ignores
+    ``norm_topk_prob``, so a config setting it is refused), shared experts, dense first layers. Balanced by a
+    softmax aux loss: ``aux_loss_alpha`` (DeepSeek's config; per sequence when ``seq_aux``) is imported as
+    ``seq_aux_loss_weight`` (or ``aux_loss_weight``), the expert-level balance loss of Sec. 2.2.3 eq. 21-23."""
+
+    name = "deepseek_v2"
+    model_types = ("deepseek_v2",)
+    architecture = "DeepseekV2ForCausalLM"
+    reference = "DeepSeek-AI 2024, DeepSeek-V2 (arXiv 2405.04434); deepseek-ai/DeepSeek-V2-Lite"
+    #: transformers' DeepseekV2Config defaults
+    defaults: ClassVar[dict[str, Any]] = {"hidden_act": "silu", "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "n_routed_experts": 64, "norm_topk_prob": False,
+        "tie_word_embeddings": False, "initializer_range": 0.02, "intermediate_size": 11008,
+        "moe_intermediate_size": 1407, "n_shared_experts": 2, "routed_scaling_factor": 1.0,
+        "first_k_dense_replace": 0, "attention_bias": False, "mlp_bias": False, "topk_method": "greedy",
+        "q_lora_rank": 1536, "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
+        "v_head_dim": 128, "num_nextn_predict_layers": 0}
+    topk_methods = ("greedy", "group_limited_greedy")
+
+    def check(self, hf: dict) -> None:
+        super().check(hf)
+        method = self.get(hf, "topk_method")
+        if method not in self.topk_methods:
+            raise self._fail(f"topk_method = {method!r} is not supported; supported: {', '.join(self.topk_methods)}")
+        if self.get(hf, "mlp_bias"):
+            raise self._fail("mlp_bias = true (biases on the FFN projections) is not supported by moecpt")
+        if self.get(hf, "norm_topk_prob") and int(self.get(hf, "num_experts_per_tok")) > 1:
+            raise self._fail("norm_topk_prob = true: transformers' DeepSeek-V2 ignores it while DeepSeek's code "
+                             "renormalises, so the model has no single meaning; set it false")
+        if hf.get("scoring_func") not in (None, "softmax"):
+            raise self._fail(f"scoring_func = {hf['scoring_func']!r} is not DeepSeek-V2 routing ('softmax')")
+
+    def router(self, hf: dict, top_k: int, renorm: bool) -> RouterConfig:
+        grouped = self.get(hf, "topk_method") == "group_limited_greedy"
+        alpha = float(hf.get("aux_loss_alpha") or 0.0)
+        per_seq = bool(hf.get("seq_aux", True))
+        return RouterConfig(kind=RouterKind.PENALTY, score_fn=ScoreFn.SOFTMAX, renormalize=False,
+                            n_group=int(self.get(hf, "n_group")) if grouped else 1,
+                            topk_group=int(self.get(hf, "topk_group")) if grouped else None,
+                            group_score=GroupScore.MAX, routed_scale=float(self.get(hf, "routed_scaling_factor")),
+                            aux_loss_weight=0.0 if per_seq else alpha, seq_aux_loss_weight=alpha if per_seq else 0.0,
+                            z_loss_weight=0.0)
+
+    def routing_why_not(self, cfg: ModelConfig) -> str | None:
+        moe = cfg.moe
+        r = moe.router
+        if r.score_fn != ScoreFn.SOFTMAX:
+            return "deepseek_v2 routes by softmax scores; a sigmoid-routed MLA model exports to deepseek_v3"
+        if r.kind == RouterKind.BIAS:
+            return ("deepseek_v2 has no selection biases (router.kind = 'bias'); deepseek_v3 has them, with "
+                    "router.score_fn = 'sigmoid'")
+        if r.kind == RouterKind.SINKHORN and moe.top_k == 1:
+            return "Sinkhorn top-1 routers gate with sigmoid(logit); deepseek_v2 gates with a softmax"
+        if _renorm(cfg):
+            return "transformers' deepseek_v2 never renormalises the top-k gates; this model does"
+        if r.n_group > 1 and r.group_score != GroupScore.MAX:
+            return ("deepseek_v2 scores an expert group by its best expert (group_limited_greedy); this model has "
+                    f"router.group_score = {r.group_score.value!r}")
+        return None
+
+    def adapt(self, cfg: ModelConfig) -> tuple[ModelConfig, dict[str, Callable], list[str]]:
+        """A shared expert is always there: a model without one gets one of zero projections (it adds 0)."""
+        if _shared_width(cfg):
+            return cfg, {}, []
+        synth: dict[str, Callable] = {}
+        _synth_zero_shared(synth, [i for i in range(cfg.n_layers) if cfg.is_moe_layer(i)], cfg.d_model,
+                           cfg.resolved_expert_width)
+        moe = cfg.moe.model_copy(update={"num_shared_experts": 1, "shared_expert_width": None})
+        return (cfg.model_copy(update={"moe": moe}), synth,
+                ["a shared expert with zero projections added (deepseek_v2 always has one; it adds 0)"])
+
+    def why_not(self, cfg: ModelConfig) -> str | None:
+        if cfg.d_model % cfg.n_heads:
+            return f"deepseek_v2 needs d_model ({cfg.d_model}) divisible by n_heads ({cfg.n_heads})"
+        return super().why_not(cfg)
+
+    def hf_config_extra(self, cfg: ModelConfig) -> dict[str, Any]:
+        r = cfg.moe.router
+        grouped = r.n_group > 1
+        alpha = r.seq_aux_loss_weight or (r.aux_loss_weight if r.kind == RouterKind.PENALTY else 0.0)
+        return {**super().hf_config_extra(cfg), "topk_method": "group_limited_greedy" if grouped else "greedy",
+                "n_group": r.n_group if grouped else None, "topk_group": r.resolved_topk_group if grouped else None,
+                "norm_topk_prob": False, "mlp_bias": False, "aux_loss_alpha": alpha,
+                "seq_aux": r.seq_aux_loss_weight > 0 or not r.aux_loss_weight}
+
+
 #: Supported families by name, in the order ``export-hf --family auto`` tries them.
 FAMILIES: dict[str, Family] = {f.name: f for f in (OLMoE(), Qwen3MoE(), Mixtral(), Qwen2MoE(), Glm4Moe(), Dots1(),
-                                                   GraniteMoE(), GraniteMoEShared(), Ernie45MoE(), GptOss())}
+                                                   GraniteMoE(), GraniteMoEShared(), Ernie45MoE(), DeepseekV3(),
+                                                   DeepseekV2(), GptOss())}
 
 
 def supported() -> str:
@@ -1486,7 +1710,11 @@ def family_of(hf: dict) -> Family:
 
 def why_not(family: Family, cfg: ModelConfig) -> str | None:
     """Why ``cfg`` cannot be written as ``family`` exactly, or None."""
-    return (_common_why_not(cfg) or _gptoss_why_not(family, cfg) or _multipliers_why_not(family, cfg)
+    return _common_why_not(cfg) or _family_why_not(family, cfg)
+
+
+def _family_why_not(family: Family, cfg: ModelConfig) -> str | None:
+    return (family.attention_why_not(cfg) or _gptoss_why_not(family, cfg) or _multipliers_why_not(family, cfg)
             or family.window_why_not(cfg) or family.routing_why_not(cfg) or family.why_not(cfg))
 
 
@@ -1511,7 +1739,7 @@ def _multipliers_why_not(family: Family, cfg: ModelConfig) -> str | None:
         return None
     odd = [k for k, unit in (("embedding_multiplier", 1.0), ("residual_multiplier", 1.0), ("logits_scaling", 1.0))
            if getattr(cfg, k) != unit]
-    if cfg.attention_multiplier is not None and cfg.attention_multiplier != cfg.resolved_head_dim ** -0.5:
+    if cfg.attention_multiplier is not None and cfg.attention_multiplier != attention_head_dims(cfg)[0] ** -0.5:
         odd.append("attention_multiplier")
     return (f"{', '.join(odd)} (muP-style multipliers) exist only in Granite-MoE; export with --family granitemoe"
             if odd else None)
@@ -1540,8 +1768,7 @@ def choose_family(cfg: ModelConfig, requested: str = "auto", preferred: str | No
         order.insert(0, FAMILIES[preferred])
     by_reason: dict[str, list[str]] = {}  # the softmax families often share one refusal: say it once
     for fam in order:
-        reason = (_gptoss_why_not(fam, cfg) or _multipliers_why_not(fam, cfg) or fam.window_why_not(cfg)
-                  or fam.routing_why_not(cfg) or fam.why_not(cfg))
+        reason = _family_why_not(fam, cfg)
         if reason is None:
             return fam
         by_reason.setdefault(reason, []).append(fam.name)

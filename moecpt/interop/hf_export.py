@@ -1,9 +1,10 @@
 """``moecpt export-hf``: a moecpt checkpoint -> a Hugging Face folder that ``AutoModelForCausalLM`` loads.
 
 The family is the one the model was imported from when it still fits, else the first of OLMoE, Qwen3-MoE, Mixtral,
-Qwen2-MoE that represents the model *exactly* (:func:`moecpt.interop.families.choose_family`; the mapping is in
-``docs/interop.md``). A feature no family has (Switch capacity dropping, partial RoPE, bias-balanced selection,
-Sinkhorn top-1's sigmoid gates, a dense model) is refused with one line naming it.
+Qwen2-MoE, GLM-4.5, dots.llm1, DeepSeek-V3, DeepSeek-V2 that represents the model *exactly*
+(:func:`moecpt.interop.families.choose_family`; the mapping is in ``docs/interop.md``). A feature no family has
+(Switch capacity dropping, a softmax bias-balanced router, Sinkhorn top-1's sigmoid gates, a dense model) is
+refused with one line naming it.
 
 Tensors are written in the per-expert layout every transformers version reads (``experts.{e}.gate_proj`` ...;
 transformers >= 5 fuses them on load), streamed from the checkpoint's safetensors one tensor at a time into shards
@@ -96,7 +97,8 @@ def export_hf(ckpt: str | Path, out: str | Path, *, family: str = "auto", dtype:
     """Write checkpoint ``ckpt`` (a checkpoint or run folder) as a Hugging Face folder ``out``.
 
     Args:
-        family: ``auto`` or one of ``olmoe``, ``mixtral``, ``qwen2_moe``, ``qwen3_moe``.
+        family: ``auto`` or a name of :data:`~moecpt.interop.families.FAMILIES` (``olmoe``, ``mixtral``,
+            ``qwen2_moe``, ``qwen3_moe``, ``glm4_moe``, ``dots1``, ``deepseek_v3``, ``deepseek_v2``).
         dtype: ``auto`` (as stored), ``fp32``, ``bf16`` or ``fp16``.
         max_shard_size: largest shard, e.g. ``"5GB"``; one shard gives ``model.safetensors``, more give
             ``model-0000i-of-0000N.safetensors`` and ``model.safetensors.index.json``.
@@ -114,6 +116,9 @@ def export_hf(ckpt: str | Path, out: str | Path, *, family: str = "auto", dtype:
     limit = parse_size(max_shard_size)
     ck = load_checkpoint(ckpt)
     check_outside_inputs(out, [ck.path])  # ``ckpt`` may have named a file inside the checkpoint folder
+    if ck.sharded:  # the export streams tensors out of model.safetensors, which a DCP checkpoint does not have
+        raise MoecptError(f"{ck.path} is a sharded (DCP) checkpoint; run `moecpt checkpoint consolidate {ck.path} "
+                          "--out FOLDER` first and export FOLDER")
     raw = ck.meta.get("model_config")
     if not isinstance(raw, dict):
         raise MoecptError(f"checkpoint {ck.path} has no model_config in its meta.json; it holds no moecpt model")

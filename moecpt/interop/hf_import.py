@@ -305,6 +305,21 @@ def read_state(folder: HFFolder, cfg, pieces: list[Piece], dtype: torch.dtype) -
 
 
 # ------------------------------------------------------------------------------------------------- tokenizer
+def model_eos_ids(folder: Path) -> list[int]:
+    """The ids the model ends sequences with: ``eos_token_id`` of ``config.json``, then of
+    ``generation_config.json`` (each an id or a list), in that order, each once."""
+    out: list[int] = []
+    for name in ("config.json", "generation_config.json"):
+        try:
+            value = json.loads((folder / name).read_text()).get("eos_token_id")
+        except (OSError, ValueError, AttributeError):
+            continue
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, int) and not isinstance(v, bool) and v >= 0 and v not in out:
+                out.append(v)
+    return out
+
+
 def canonical_tokenizer(folder: Path, vocab_size: int, allow_missing: bool = False):
     """``(tokenizer.json bytes or None, eod_id or None, notes)``: the folder's tokenizer in the canonical form
     ``moecpt data prepare`` writes (an end-of-document token added if it has none).
@@ -329,7 +344,7 @@ def canonical_tokenizer(folder: Path, vocab_size: int, allow_missing: bool = Fal
     except Exception as exc:  # noqa: BLE001 (tokenizers raises a plain Exception on a bad file)
         raise MoecptError(f"{f} is not a valid tokenizer.json ({_one_line(exc)})") from None
     before = tok.get_vocab_size(with_added_tokens=True)
-    eod = ensure_eod(tok)
+    eod = ensure_eod(tok, model_eos_ids(folder))  # the model's own EOS, so CPT ends documents as it was trained to
     n = tok.get_vocab_size(with_added_tokens=True)
     notes = [f"tokenizer had no end-of-document token: '<|endoftext|>' added as id {eod}"] if n != before else []
     if n > vocab_size or eod >= vocab_size:

@@ -30,7 +30,9 @@ _COMMON = {"vocab_size": VOCAB, "hidden_size": 64, "num_attention_heads": 4, "nu
 #: (``mlp_only_layers``) and renormalised gates; Qwen3-MoE with a head_dim that is not hidden / heads and a
 #: dense layer every other layer (``decoder_sparse_step``); GLM-4.5 with DeepSeek-V3 routing over 2 groups of 4
 #: (one kept), gates renormalised and scaled by 2.5, a dense first layer, a shared expert, q/k/v biases, per-head
-#: q/k norm and partial RoPE (transformers' default factor 0.5); dots1 with 4 groups of 2 (two kept).
+#: q/k norm and partial RoPE (transformers' default factor 0.5); dots1 with 4 groups of 2 (two kept); DeepSeek-V3
+#: with latent attention (a query latent, interleaved RoPE), 2 groups of 4 (one kept), scale 2.5, a dense first
+#: layer; DeepSeek-V2 as V2-Lite (no query latent) with group_limited_greedy over 4 groups of 2 (two kept).
 TINY_CONFIGS: dict[str, dict[str, Any]] = {
     "olmoe": dict(_COMMON, num_hidden_layers=2, intermediate_size=32, num_experts=8),
     "mixtral": dict(_COMMON, num_hidden_layers=2, intermediate_size=32, num_local_experts=8),
@@ -45,6 +47,15 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
     "dots1": dict(_COMMON, num_hidden_layers=3, intermediate_size=96, moe_intermediate_size=32, n_routed_experts=8,
                   n_shared_experts=1, n_group=4, topk_group=2, norm_topk_prob=True, routed_scaling_factor=1.5,
                   first_k_dense_replace=1),
+    "deepseek_v3": dict(_COMMON, num_key_value_heads=4, num_hidden_layers=3, intermediate_size=96,
+                        moe_intermediate_size=32, n_routed_experts=8, n_shared_experts=1, n_group=2, topk_group=1,
+                        norm_topk_prob=True, routed_scaling_factor=2.5, first_k_dense_replace=1, q_lora_rank=24,
+                        kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12,
+                        num_nextn_predict_layers=0),
+    "deepseek_v2": dict(_COMMON, num_key_value_heads=4, num_hidden_layers=3, intermediate_size=96,
+                        moe_intermediate_size=32, n_routed_experts=8, n_shared_experts=2, n_group=4, topk_group=2,
+                        topk_method="group_limited_greedy", routed_scaling_factor=1.5, first_k_dense_replace=1,
+                        q_lora_rank=None, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12),
     "ernie4_5_moe": dict(_COMMON, num_hidden_layers=3, intermediate_size=96, moe_intermediate_size=32,
                          moe_num_experts=8,
                          moe_k=2, moe_num_shared_experts=1, moe_layer_start_index=1, moe_layer_interval=1,
@@ -67,8 +78,9 @@ def config_class(family: str):
     return {"olmoe": transformers.OlmoeConfig, "mixtral": transformers.MixtralConfig,
             "qwen2_moe": transformers.Qwen2MoeConfig, "qwen3_moe": transformers.Qwen3MoeConfig,
             "glm4_moe": transformers.Glm4MoeConfig, "dots1": transformers.Dots1Config,
-            "ernie4_5_moe": transformers.Ernie4_5_MoeConfig, "granitemoe": transformers.GraniteMoeConfig, "granitemoeshared": transformers.GraniteMoeSharedConfig,
-            "gpt_oss": transformers.GptOssConfig}[family]
+            "deepseek_v3": transformers.DeepseekV3Config, "deepseek_v2": transformers.DeepseekV2Config,
+            "ernie4_5_moe": transformers.Ernie4_5_MoeConfig, "granitemoe": transformers.GraniteMoeConfig,
+            "granitemoeshared": transformers.GraniteMoeSharedConfig, "gpt_oss": transformers.GptOssConfig}[family]
 
 
 def tiny_hf_model(family: str, seed: int = 0, **overrides: Any):

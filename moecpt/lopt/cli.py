@@ -12,7 +12,7 @@ from moecpt.errors import MoecptError
 from moecpt.lopt.bench import BenchConfig, format_table
 from moecpt.lopt.bench import run_bench as _run
 from moecpt.lopt.meta_train import MetaTrainConfig, meta_train
-from moecpt.lopt.tasks import BENCH_TASKS, META_TRAIN_TASK, TASKS
+from moecpt.lopt.tasks import BENCH_TASKS, META_TRAIN_TASKS, TASKS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -21,8 +21,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     lopt.set_defaults(func=lambda args: (lopt.print_help(), 2)[1])
 
     p = sub.add_parser("meta-train", help="meta-train a learned optimizer with truncated PES (resumable)")
-    p.add_argument("--task", required=True,
-                   help="task name, or several separated by commas (a family); see `moecpt lopt tasks`")
+    p.add_argument("--task", default=",".join(META_TRAIN_TASKS),
+                   help="task name, or several separated by commas (a distribution; the pairs are dealt out "
+                        "among them); default: the meta-training set of `moecpt lopt tasks`")
     p.add_argument("--out", required=True, help="run folder (re-running the same command resumes)")
     p.add_argument("--kind", default="lagg-a", choices=["lagg-a", "lopt-a", "lagg", "lopt"])
     p.add_argument("--workers", type=int, default=8, help="K, workers per round (default 8)")
@@ -36,6 +37,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=3e-3, help="peak meta learning rate (AdamW)")
     p.add_argument("--final-lr", type=float, default=1e-3)
     p.add_argument("--init", default="sgd-like", choices=["sgd-like", "paper"])
+    p.add_argument("--step-scale", default="delta-rms", choices=["delta-rms", "fixed"],
+                   help="delta-rms (default): the step in units of the mean delta's per-tensor RMS, so it shrinks "
+                        "with the workers' LR; fixed: the paper's 0.001 * d * exp(0.001 m)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-every", type=int, default=25)
     p.add_argument("--threads", type=int, default=1,
@@ -53,7 +57,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--local-steps", default=None, help="comma-separated H values (default 4,8,16)")
     p.add_argument("--rounds", type=int, default=None, help="communication rounds (default 60; quick 20)")
     p.add_argument("--methods", default=None, help="comma-separated subset of: lagg-a, lopt-a, local-sgd, slowmo, "
-                                                     "diloco, adam, sgd (default: all)")
+                                                     "diloco-adamw, diloco-sgd, adam, sgd (default: all)")
+    p.add_argument("--inner-schedule", default="constant", choices=["constant", "cosine"],
+                   help="the workers' LR over the rounds: constant, or cosine to 1e-3 of the peak (a decaying "
+                        "recipe's late phase; the rows then report the outer step against the deltas)")
     p.add_argument("--seeds", type=int, default=None, help="seeds (default 5; quick 2)")
     p.add_argument("--lagg", default="lagg-a", help="LAgg-A weights: shipped name or .safetensors path")
     p.add_argument("--lopt", default="lopt-a", help="LOpt-A weights: shipped name or .safetensors path")
@@ -90,7 +97,8 @@ def run_meta_train(args: argparse.Namespace) -> int:
         kind=args.kind, workers=args.workers, tasks=tuple(t.strip() for t in args.task.split(",") if t.strip()),
         iterations=args.iterations, pairs=args.pairs, sigma=args.sigma, truncation=args.truncation,
         min_length=args.min_length, max_length=args.max_length, local_steps=args.local_steps, lr=args.lr,
-        final_lr=args.final_lr, init=args.init, seed=args.seed, eval_every=args.eval_every,
+        final_lr=args.final_lr, init=args.init, step_scale=args.step_scale, seed=args.seed,
+        eval_every=args.eval_every,
     )
     cfg.validate()  # before the threads are set and before anything is written
     _threads(args.threads)
@@ -100,7 +108,8 @@ def run_meta_train(args: argparse.Namespace) -> int:
 
 def run_bench(args: argparse.Namespace) -> int:
     cfg = BenchConfig.make(quick=args.quick, tasks=args.tasks, local_steps=args.local_steps, rounds=args.rounds,
-                           seeds=args.seeds, lagg=args.lagg, lopt=args.lopt, methods=args.methods)
+                           seeds=args.seeds, lagg=args.lagg, lopt=args.lopt, methods=args.methods,
+                           inner_schedule=args.inner_schedule)
     _threads(args.threads)
     rows, _ = _run(cfg, out=args.out, progress=not args.no_progress)
     if args.json:
@@ -112,7 +121,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
 def run_tasks(args: argparse.Namespace) -> int:
     for name in TASKS:
-        tag = " (default meta-training task)" if name == META_TRAIN_TASK else (
+        tag = " (meta-training set)" if name in META_TRAIN_TASKS else (
             " (benchmark, held out)" if name in BENCH_TASKS else "")
         print(f"{name}{tag}")
     return 0

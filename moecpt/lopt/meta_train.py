@@ -6,8 +6,13 @@ loss clipped at 1.5 ln(classes); AdamW meta-optimizer (β = 0.9, 0.999, weight d
 the first 5% of meta-iterations to 3e-3 then cosine to 1e-3. The paper runs 5k-10k meta-iterations on GPUs;
 the shipped weights use a few hundred on a CPU (see docs/lopt.md).
 
-Several tasks (a family) may be given: the pairs are split evenly among them and each task's gradient estimate
-is divided by ``ln(classes)`` before averaging, so tasks with larger losses do not dominate.
+A distribution of tasks (``--task a,b,...``; the default is :data:`moecpt.lopt.tasks.META_TRAIN_TASKS`): the
+PES pairs are dealt out among the tasks as evenly as they go (the first ``pairs % n`` tasks get one more), each
+pair keeps its own persistent trajectory on its task, and each task's estimate is weighted by its share of the
+pairs and divided by ``ln(classes)`` (the loss of a uniform guess), so every pair counts the same and tasks with
+larger losses (the LM's ln 256 against digits' ln 10) do not dominate. Sampling a subset of tasks per iteration
+would stall the other tasks' trajectories while φ moves on; dealing the pairs out keeps every estimate a plain
+truncated PES one.
 
 Run folder ``OUT/``:
 
@@ -18,7 +23,9 @@ Run folder ``OUT/``:
 * ``<kind>.safetensors``: the current meta-parameters as a weight file (:mod:`moecpt.lopt.pretrained`).
 * ``history.json`` and ``curve.png``: the meta-training curve (mean clipped meta-loss of the PES particles per
   iteration, and a periodic evaluation of the unperturbed optimizer against local SGD on the first task); the
-  PNG is redrawn every 5th save and at the end.
+  PNG is redrawn every 5th save and at the end. ``history.json`` also holds ``progress``: iterations done, the
+  mean seconds per meta-iteration over the last 20 and the projected seconds left (ETA, the same figure as the
+  progress line's ``eta``).
 """
 
 from __future__ import annotations
@@ -35,11 +42,11 @@ from torch import Tensor
 from tqdm import tqdm
 
 from moecpt.errors import MoecptError
-from moecpt.lopt.mlp import LOptKind, LOptSpec, MetaInit, init_meta_params
+from moecpt.lopt.mlp import LOptKind, LOptSpec, MetaInit, StepScale, init_meta_params
 from moecpt.lopt.optimizers import init_lopt_state, lopt_step
 from moecpt.lopt.pes import PESConfig, init_pes_state, pes_gradient
 from moecpt.lopt.pretrained import save_weights
-from moecpt.lopt.tasks import Task, get_task, local_round
+from moecpt.lopt.tasks import META_TRAIN_TASKS, Task, get_task, local_round
 from moecpt.storage.atomic import write_bytes_atomic, write_json_atomic
 from moecpt.storage.lock import FolderLock
 from moecpt.storage.outputs import claim_folder
@@ -49,6 +56,7 @@ STATE_FILE = "meta_state.pt"
 CONFIG_FILE = "config.json"
 HISTORY_FILE = "history.json"
 CURVE_FILE = "curve.png"
+ETA_WINDOW = 20  # meta-iterations the ETA averages over (recent ones: the machine's load changes)
 
 
 @dataclass
@@ -57,7 +65,7 @@ class MetaTrainConfig:
 
     kind: LOptKind = LOptKind.LAGG_A
     workers: int = 8
-    tasks: tuple[str, ...] = ("digits-mlp32",)
+    tasks: tuple[str, ...] = META_TRAIN_TASKS
     iterations: int = 200
     pairs: int = 8
     sigma: float = 0.01
@@ -70,6 +78,7 @@ class MetaTrainConfig:
     warmup_fraction: float = 0.05
     weight_decay: float = 1e-4
     init: MetaInit = MetaInit.SGD_LIKE
+    step_scale: StepScale = StepScale.DELTA_RMS
     sgd_scale: float = 10.0
     seed: int = 0
     eval_every: int = 25
@@ -94,7 +103,9 @@ class MetaTrainConfig:
             raise MoecptError(f"--kind {self.kind!r} is unknown; use one of: {', '.join(LOptKind)}")
         if self.init not in tuple(MetaInit):
             raise MoecptError(f"--init {self.init!r} is unknown; use one of: {', '.join(MetaInit)}")
-        self.kind, self.init = LOptKind(self.kind), MetaInit(self.init)
+        if self.step_scale not in tuple(StepScale):
+            raise MoecptError(f"--step-scale {self.step_scale!r} is unknown; use one of: {', '.join(StepScale)}")
+        self.kind, self.init, self.step_scale = LOptKind(self.kind), MetaInit(self.init), StepScale(self.step_scale)
         counts = (("--workers", self.workers), ("--iterations", self.iterations), ("--pairs", self.pairs),
                   ("--truncation", self.truncation), ("--min-length", self.min_length),
                   ("--max-length", self.max_length), ("--local-steps", self.local_steps),
@@ -115,18 +126,28 @@ class MetaTrainConfig:
                                   "(inf and nan are not allowed)")
             if value < 0 or (strict and value == 0):
                 raise MoecptError(f"{name} {value!r} must be {'> 0' if strict else '>= 0'}")
+        if self.pairs < len(self.tasks):
+            raise MoecptError(f"--pairs {self.pairs} is below the number of tasks ({len(self.tasks)}); every task "
+                              "needs at least one antithetic pair: give --pairs >= the number of tasks")
         if self.warmup_fraction > 1:
             raise MoecptError(f"warmup_fraction {self.warmup_fraction!r} must be in [0, 1]")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or abs(self.seed) >= 2**62:
             raise MoecptError(f"--seed {self.seed!r} is out of range; give a whole number between -2**62 and 2**62")
 
     def spec(self) -> LOptSpec:
-        return LOptSpec(self.kind, self.workers if self.kind.startswith("lagg") else None)
+        return LOptSpec(self.kind, self.workers if self.kind.startswith("lagg") else None,
+                        step_scale=self.step_scale)
 
-    def pes(self) -> PESConfig:
-        return PESConfig(pairs=self.pairs // len(self.tasks), sigma=self.sigma, truncation=self.truncation,
-                         min_length=self.min_length, max_length=self.max_length, workers=self.workers,
-                         local_steps=self.local_steps)
+    def task_pairs(self) -> list[int]:
+        """Antithetic pairs per task: ``pairs`` dealt out in task order (the first ``pairs % n`` get one more)."""
+        n = len(self.tasks)
+        return [self.pairs // n + (i < self.pairs % n) for i in range(n)]
+
+    def pes(self) -> list[PESConfig]:
+        """One :class:`PESConfig` per task (they differ in their number of pairs only)."""
+        return [PESConfig(pairs=p, sigma=self.sigma, truncation=self.truncation, min_length=self.min_length,
+                          max_length=self.max_length, workers=self.workers, local_steps=self.local_steps)
+                for p in self.task_pairs()]
 
     def as_json(self) -> dict:
         d = asdict(self)
@@ -236,14 +257,14 @@ def meta_train(cfg: MetaTrainConfig, out: str | Path, progress: bool = True, max
     """Run (or resume) meta-training into folder ``out``; returns a summary dict.
 
     Args:
-        cfg: settings (tasks must exist; ``pairs`` must be divisible by the number of tasks).
+        cfg: settings (tasks must exist; ``pairs`` at least the number of tasks).
         out: run folder, created if missing; an existing run with the same settings is resumed.
         progress: show a tqdm bar.
         max_seconds: stop cleanly (after saving) once this much wall time has passed; re-run to continue.
 
     Raises:
         MoecptError: an invalid setting (:meth:`MetaTrainConfig.validate`), a non-finite or negative
-            ``max_seconds``, unknown task or kind, pairs not divisible by the number of tasks, ``out`` holding a
+            ``max_seconds``, unknown task or kind, fewer pairs than tasks, ``out`` holding a
             run with other settings, or a damaged ``meta_state.pt``.
     """
     cfg.validate()
@@ -252,8 +273,6 @@ def meta_train(cfg: MetaTrainConfig, out: str | Path, progress: bool = True, max
     out = Path(out)
     spec = cfg.spec()
     tasks = [get_task(n) for n in cfg.tasks]
-    if cfg.pairs % len(tasks):
-        raise MoecptError(f"--pairs {cfg.pairs} must be divisible by the number of tasks ({len(tasks)})")
     if cfg.iterations < 1:
         raise MoecptError("--iterations must be >= 1")
     pes_cfg = cfg.pes()
@@ -270,6 +289,7 @@ def _check_saved_config(out: Path, cfg_json: dict) -> None:
     except (OSError, ValueError):
         raise MoecptError(f"{out / CONFIG_FILE} is damaged; use a new --out (or restore the file to resume)"
                           ) from None
+    saved.setdefault("step_scale", StepScale.FIXED)  # runs from before the option had the paper's fixed step
     if saved != cfg_json:
         diff = sorted(k for k in set(saved) | set(cfg_json) if saved.get(k) != cfg_json.get(k))
         raise MoecptError(f"{out} holds a meta-training run with other settings ({', '.join(diff)}); "
@@ -277,7 +297,7 @@ def _check_saved_config(out: Path, cfg_json: dict) -> None:
 
 
 def _resume_or_start(cfg: MetaTrainConfig, out: Path, spec: LOptSpec, tasks: list[Task],
-                     pes_cfg: PESConfig) -> tuple:
+                     pes_cfg: list[PESConfig]) -> tuple:
     """The run's state, resumed from ``out`` or fresh: ``(gen, phi, adam_m, adam_v, start, pes_states, history)``."""
     cfg_json = cfg.as_json()
     if (out / CONFIG_FILE).is_file() and (out / STATE_FILE).is_file():
@@ -290,7 +310,7 @@ def _resume_or_start(cfg: MetaTrainConfig, out: Path, spec: LOptSpec, tasks: lis
     gen = torch.Generator().manual_seed(cfg.seed)
     phi = init_meta_params(spec, gen, cfg.init, cfg.sgd_scale)
     m, v = torch.zeros_like(phi), torch.zeros_like(phi)
-    pes_states = [init_pes_state(t, spec, pes_cfg, gen) for t in tasks]
+    pes_states = [init_pes_state(t, spec, c, gen) for t, c in zip(tasks, pes_cfg)]
     history = {"meta_loss": {t.name: [] for t in tasks}, "seconds": [], "eval": [], "lr": []}
     egen = torch.Generator().manual_seed(10_000 + cfg.seed)
     curve, final = run_outer(tasks[0], None, None, cfg.eval_rounds, cfg.eval_seeds, cfg.workers,
@@ -301,18 +321,41 @@ def _resume_or_start(cfg: MetaTrainConfig, out: Path, spec: LOptSpec, tasks: lis
     return gen, phi, m, v, 0, pes_states, history
 
 
-def _meta_step(cfg: MetaTrainConfig, spec: LOptSpec, tasks: list[Task], pes_cfg: PESConfig, phi: Tensor,
+def _meta_step(cfg: MetaTrainConfig, spec: LOptSpec, tasks: list[Task], pes_cfg: list[PESConfig], phi: Tensor,
                m: Tensor, v: Tensor, pes_states: list, history: dict, gen: torch.Generator,
                it: int) -> tuple[Tensor, float]:
     """One meta-iteration: the tasks' PES gradients (updating ``pes_states``, ``history`` and the AdamW moments in
     place) and an AdamW step -> (new ``phi``, the meta learning rate used)."""
     grad = torch.zeros_like(phi)
     for i, task in enumerate(tasks):
-        g, loss, pes_states[i] = pes_gradient(task, spec, phi, pes_states[i], pes_cfg, gen)
-        grad += g / (math.log(task.num_classes) * len(tasks))
+        g, loss, pes_states[i] = pes_gradient(task, spec, phi, pes_states[i], pes_cfg[i], gen)
+        grad += g * (pes_cfg[i].pairs / cfg.pairs) / math.log(task.num_classes)
         history["meta_loss"][task.name].append(loss)
     lr = meta_lr(it, cfg)
     return adamw_update(phi, grad, m, v, it + 1, lr, cfg.weight_decay), lr
+
+
+def progress_info(history: dict, cfg: MetaTrainConfig, it: int) -> dict:
+    """``{iterations_done, iterations, seconds_per_iteration, eta_seconds}`` after meta-iteration ``it``.
+
+    The rate is the mean of the last :data:`ETA_WINDOW` meta-iterations (the machine's load changes); the ETA adds
+    the evaluations still to come at the mean cost of the ones done (seconds of wall time).
+    """
+    recent = history["seconds"][-ETA_WINDOW:]
+    rate = sum(recent) / len(recent) if recent else 0.0
+    evals = [e["seconds"] for e in history["eval"] if "seconds" in e]
+    n, e = cfg.iterations, cfg.eval_every
+    evals_left = (n // e - it // e + (n % e != 0)) if it < n else 0  # at multiples of e and at the last one
+    eta = rate * (cfg.iterations - it) + (sum(evals) / len(evals) if evals else 0.0) * evals_left
+    return {"iterations_done": it, "iterations": cfg.iterations, "seconds_per_iteration": rate, "eta_seconds": eta}
+
+
+def format_duration(seconds: float) -> str:
+    """``3725`` -> ``"1h02m"``; ``95`` -> ``"1m35s"``."""
+    s = int(round(seconds))
+    if s >= 3600:
+        return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+    return f"{s // 60}m{s % 60:02d}s"
 
 
 def _summary(cfg: MetaTrainConfig, out: Path, spec: LOptSpec, history: dict, it: int) -> dict:
@@ -325,6 +368,7 @@ def _summary(cfg: MetaTrainConfig, out: Path, spec: LOptSpec, history: dict, it:
         "iterations_done": it,
         "iterations": cfg.iterations,
         "seconds_per_iteration": (sum(history["seconds"]) / len(history["seconds"])) if history["seconds"] else None,
+        "progress": history.get("progress"),
         "last_eval": ev,
         "local_sgd_reference": history.get("local_sgd"),
         "weights": str(out / f"{cfg.kind}.safetensors"),
@@ -337,11 +381,12 @@ def _meta_train_in(cfg: MetaTrainConfig, out: Path, spec, tasks, pes_cfg, progre
     gen, phi, m, v, start, pes_states, history = _resume_or_start(cfg, out, spec, tasks, pes_cfg)
 
     def evaluate(it: int) -> None:
+        te = time.time()
         egen = torch.Generator().manual_seed(10_000 + cfg.seed)  # same seeds as the local-SGD reference
         curve, final = run_outer(tasks[0], spec, phi, cfg.eval_rounds, cfg.eval_seeds, cfg.workers,
                                  cfg.local_steps, egen)
         history["eval"].append({"iteration": it, "final_train_loss": float(final.mean()),
-                                "mean_loss": sum(curve) / len(curve)})
+                                "mean_loss": sum(curve) / len(curve), "seconds": time.time() - te})
 
     def save(it: int, plot: bool) -> None:
         _save_state(out, {"iteration": torch.tensor(it), "phi": phi, "adam_m": m, "adam_v": v,
@@ -371,9 +416,11 @@ def _meta_train_in(cfg: MetaTrainConfig, out: Path, spec, tasks, pes_cfg, progre
             history["lr"].append(lr)
             if it % cfg.eval_every == 0 or it == cfg.iterations:
                 evaluate(it)
+            history["progress"] = progress_info(history, cfg, it)
             bar.update(1)
             bar.set_postfix(meta_loss=f"{sum(h[-1] for h in history['meta_loss'].values()) / len(tasks):.4f}",
-                            lr=f"{lr:.1e}")
+                            lr=f"{lr:.1e}", s_per_it=f"{history['progress']['seconds_per_iteration']:.1f}",
+                            eta=format_duration(history["progress"]["eta_seconds"]))
             stop = bool(preempt.signum) or (max_seconds is not None and time.time() - t0 > max_seconds)
             if it % cfg.save_every == 0 or it == cfg.iterations or stop:
                 save(it, plot=stop or it == cfg.iterations or it % (5 * cfg.save_every) == 0)

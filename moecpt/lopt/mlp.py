@@ -2,8 +2,16 @@
 
 Joseph et al., arXiv 2312.02204, Sec. 3 (after ``small_fc_lopt``, Metz et al. arXiv 2203.11860): every element of
 every parameter tensor goes through the same MLP ``F -> 32 -> 32 -> 2`` (ReLU) giving a direction ``d`` and a
-magnitude ``m``; the outer update is ``θ ← θ − d · exp(0.001 · m) · 0.001``. The Adafactor variants also meta-learn
-the 7 accumulator decays (offsets on ``log(1 − β) / 10``, see :func:`moecpt.lopt.features.decays_from_offsets`).
+magnitude ``m``; the outer update is ``θ ← θ − d · exp(0.001 · m) · 0.001`` (``step_scale = "fixed"``, the
+paper's). The Adafactor variants also meta-learn the 7 accumulator decays (offsets on ``log(1 − β) / 10``, see
+:func:`moecpt.lopt.features.decays_from_offsets`).
+
+``step_scale = "delta-rms"`` (moecpt's scale-aware form, docs/lopt.md): per tensor and round, the pseudo-gradients
+are divided by ``s``, the RMS of the mean pseudo-gradient, before they reach the accumulators and features, and
+the step is multiplied by ``s · DELTA_RMS_MULT``: ``θ ← θ − s · 0.1 · sqrt(1 + 1e-5) · d · exp(0.001 m)``. Every
+input is then invariant to the deltas' scale, so scaling all deltas by ``c`` scales the step by exactly ``c``
+(a decaying local LR shrinks the outer step with it), and the ``sgd-like`` initialisation is local SGD,
+``θ ← θ + mean Δ``, exactly for LOpt(-A) (and for LAgg(-A) when the workers' deltas have equal RMS).
 
 Meta-parameters are one flat float32 vector (what evolution strategies perturb); :meth:`LOptSpec.unflatten` views
 it, or a batch ``[B, N]`` of them, as named tensors ``w0 [B, F, 32]``, ``b0 [B, 32]``, ``w1 [B, 32, 32]``,
@@ -21,8 +29,7 @@ import torch
 from torch import Tensor
 
 from moecpt.errors import MoecptError
-from moecpt.lopt.features import NUM_DECAYS, num_features
-
+from moecpt.lopt.features import NORM_EPS, NUM_DECAYS, num_features
 
 
 class LOptKind(StrEnum):
@@ -32,6 +39,13 @@ class LOptKind(StrEnum):
     LOPT_A = "lopt-a"  # the mean delta, Adafactor features
     LAGG = "lagg"  # the K worker deltas, parameter and time features only
     LOPT = "lopt"  # the mean delta, parameter and time features only
+
+
+class StepScale(StrEnum):
+    """How the MLP's output becomes a parameter step (:func:`step_from_outputs`)."""
+
+    FIXED = "fixed"  # the paper's: 0.001 · d · exp(0.001 m), whatever the deltas' size
+    DELTA_RMS = "delta-rms"  # the same in units of the per-tensor RMS of the mean pseudo-gradient
 
 
 class MetaInit(StrEnum):
@@ -44,6 +58,11 @@ class MetaInit(StrEnum):
 KINDS = tuple(k.value for k in LOptKind)
 STEP_MULT = 0.001
 EXP_MULT = 0.001
+SGD_SCALE = 10.0  # the sgd-like init's direction weight: d = SGD_SCALE · (normalised mean pseudo-gradient)
+#: delta-rms: with d = SGD_SCALE · g / sqrt(NORM_EPS + 1) (the unit-RMS channel after normalisation), the step
+#: STEP_MULT · DELTA_RMS_MULT · s · d is exactly s · g, the raw mean pseudo-gradient (local SGD)
+DELTA_RMS_MULT = math.sqrt(1.0 + NORM_EPS) / (STEP_MULT * SGD_SCALE)
+RMS_FLOOR = 1e-30  # s below this (an all-zero delta) counts as this: the features are 0 and so is the step
 
 
 @dataclass(frozen=True)
@@ -55,19 +74,25 @@ class LOptSpec:
             Adafactor features), ``"lagg"`` / ``"lopt"`` (deltas, parameter and time features only).
         workers: K, the number of worker deltas an aggregator (``lagg*``) sees; must be None or 1 for ``lopt*``.
         hidden: width of the two hidden layers (32 in the paper).
+        step_scale: ``"fixed"`` (the paper's step, the default so that weight files without the key keep their
+            meaning) or ``"delta-rms"`` (scale-aware; see the module doc).
 
     Raises:
-        MoecptError: unknown kind, or an aggregator without ``workers >= 1``.
+        MoecptError: unknown kind or step scale, or an aggregator without ``workers >= 1``.
     """
 
     kind: LOptKind
     workers: int | None = None
     hidden: int = 32
+    step_scale: StepScale = StepScale.FIXED
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise MoecptError(f"unknown learned optimizer kind {self.kind!r}; use one of {', '.join(KINDS)}")
         object.__setattr__(self, "kind", LOptKind(self.kind))
+        if self.step_scale not in tuple(StepScale):
+            raise MoecptError(f"unknown step scale {self.step_scale!r}; use one of: {', '.join(StepScale)}")
+        object.__setattr__(self, "step_scale", StepScale(self.step_scale))
         if self.aggregator and (self.workers is None or self.workers < 1):
             raise MoecptError(f"{self.kind} needs the number of workers K (>= 1), e.g. workers=8")
         if not self.aggregator and self.workers not in (None, 1):
@@ -127,10 +152,12 @@ class LOptSpec:
 
     def describe(self) -> str:
         k = f", K={self.workers}" if self.aggregator else ""
-        return f"{self.kind}{k} ({self.input_width} inputs, {self.num_meta_params} meta-parameters)"
+        return (f"{self.kind}{k} ({self.input_width} inputs, {self.num_meta_params} meta-parameters, "
+                f"{self.step_scale} step)")
 
 
-def init_meta_params(spec: LOptSpec, generator: torch.Generator, init: str = "sgd-like", sgd_scale: float = 10.0) -> Tensor:
+def init_meta_params(spec: LOptSpec, generator: torch.Generator, init: str = "sgd-like",
+                     sgd_scale: float = SGD_SCALE) -> Tensor:
     """Initial flat meta-parameters ``[N]`` (float32).
 
     * ``"paper"``: weights ~ truncated normal(0, 1/sqrt(fan_in)) cut at 2 std, biases and decay offsets 0
@@ -140,7 +167,9 @@ def init_meta_params(spec: LOptSpec, generator: torch.Generator, init: str = "sg
       rest of the output layer is scaled by 0.1. The initial optimizer then takes a step of about
       ``0.001 · sgd_scale`` times the normalised mean delta (a per-tensor normalised local-SGD step): a sensible
       starting point, so that our CPU budget of a few hundred meta-iterations (the paper uses 5k-10k) is spent
-      on improving it rather than on discovering descent. The MLP architecture is unchanged.
+      on improving it rather than on discovering descent. The MLP architecture is unchanged. With
+      ``spec.step_scale = "delta-rms"`` the rest of the output layer is zeroed instead (the magnitude output is
+      then 0), so that with the default ``sgd_scale`` the initial step is local SGD's exactly.
     """
     if init not in tuple(MetaInit):
         raise MoecptError(f"unknown meta-parameter init {init!r}; use 'paper' or 'sgd-like'")
@@ -162,7 +191,7 @@ def init_meta_params(spec: LOptSpec, generator: torch.Generator, init: str = "sg
         w1[:, :2] = 0.0
         w1[0, 0] = 1.0
         w1[1, 1] = 1.0
-        w2.mul_(0.1)
+        w2.mul_(0.0 if spec.step_scale == StepScale.DELTA_RMS else 0.1)
         w2[:2, :] = 0.0
         w2[0, 0] = sgd_scale
         w2[1, 0] = -sgd_scale
@@ -181,6 +210,12 @@ def mlp_forward(meta: dict[str, Tensor], x: Tensor) -> tuple[Tensor, Tensor]:
     return out[..., 0], out[..., 1]
 
 
-def step_from_outputs(direction: Tensor, magnitude: Tensor) -> Tensor:
-    """``d · exp(0.001 · m) · 0.001`` (the step subtracted from the parameter)."""
-    return direction * torch.exp(EXP_MULT * magnitude) * STEP_MULT
+def step_from_outputs(direction: Tensor, magnitude: Tensor, scale: Tensor | None = None) -> Tensor:
+    """``d · exp(0.001 · m) · 0.001`` (the step subtracted from the parameter), ``[B, N]``.
+
+    Args:
+        scale: ``[B]`` per-copy ``s`` of the delta-rms step (the step is multiplied by ``s · DELTA_RMS_MULT``);
+            None for the fixed step.
+    """
+    step = direction * torch.exp(EXP_MULT * magnitude) * STEP_MULT
+    return step if scale is None else step * (scale * DELTA_RMS_MULT)[:, None]

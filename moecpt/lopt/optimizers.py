@@ -39,7 +39,7 @@ from moecpt.lopt.features import (
     iter_features,
     update_accumulators,
 )
-from moecpt.lopt.mlp import LOptSpec, mlp_forward, step_from_outputs
+from moecpt.lopt.mlp import RMS_FLOOR, LOptSpec, StepScale, mlp_forward, step_from_outputs
 
 MLP_CHUNK = 1 << 16  # elements per feature block and MLP call: bounds a large tensor's transient memory
 
@@ -119,7 +119,10 @@ def lopt_step(
         state: from :func:`init_lopt_state` (or a previous call).
 
     Returns:
-        ``(new_params, new_state)``; ``new_params[i] = params[i] − d · exp(0.001 m) · 0.001`` (float32).
+        ``(new_params, new_state)``; ``new_params[i] = params[i] − d · exp(0.001 m) · 0.001`` (float32), times
+        ``s · DELTA_RMS_MULT`` with ``spec.step_scale = "delta-rms"`` (``s`` ``[B]`` the RMS of tensor ``i``'s mean
+        pseudo-gradient, which also divides the deltas before the accumulators and features see them; one extra
+        delta-sized float32 buffer per tensor).
     """
     B = params[0].shape[0]
     meta = {k: (v.expand(B, *v.shape[1:]) if v.shape[0] == 1 and B > 1 else v) for k, v in meta.items()}
@@ -132,6 +135,11 @@ def lopt_step(
         small = p[0].numel() <= MLP_CHUNK
         # pseudo-gradients g = -Δ; on a large tensor the K worker channels stay a view of Δ, negated per block
         g = -(d.mean(dim=1) if spec.aggregator else d)
+        scale = None
+        if spec.step_scale == StepScale.DELTA_RMS:  # the optimizer sees unit-RMS deltas, steps in units of s
+            scale = g.reshape(B, -1).square().mean(dim=1).sqrt().clamp_min(RMS_FLOOR)  # [B]
+            d = d / scale.reshape(B, *([1] * (d.dim() - 1)))
+            g = g / scale.reshape(B, *([1] * (g.dim() - 1)))
         if small:
             chans = (-d).movedim(1, -1) if spec.aggregator else g[..., None]
         else:
@@ -141,9 +149,9 @@ def lopt_step(
         if acc is not None:
             new_acc.append(acc)
         if small:
-            step = step_from_outputs(*mlp_forward(meta, build_features(chans, p, t, acc, fac_g)))
+            step = step_from_outputs(*mlp_forward(meta, build_features(chans, p, t, acc, fac_g)), scale)
         else:  # features and MLP activations a block of rows at a time: bounded memory on large tensors
-            step = torch.cat([step_from_outputs(*mlp_forward(meta, x))
+            step = torch.cat([step_from_outputs(*mlp_forward(meta, x), scale)
                               for x in iter_features(chans, p, t, g, acc, MLP_CHUNK, negate_deltas=True)], dim=1)
         new_params.append(p - step.reshape(p.shape))
     return new_params, {"t": t + 1, "acc": new_acc}

@@ -2,8 +2,9 @@
 
 A weight file is a safetensors file holding the meta-parameters as named float32 tensors (``w0``, ``b0``, ``w1``,
 ``b1``, ``w2``, ``b2`` and, for the Adafactor kinds, ``decays``; see :class:`moecpt.lopt.mlp.LOptSpec`) and string
-metadata: ``format = moecpt-lopt``, ``version``, ``kind``, ``workers`` (K, aggregators only), ``hidden`` and
-free-form provenance (task, meta-iterations, command). A few KB each.
+metadata: ``format = moecpt-lopt``, ``version``, ``kind``, ``workers`` (K, aggregators only), ``hidden``,
+``step_scale`` (``fixed`` or ``delta-rms``; files written before it existed have none and are ``fixed``, which is
+what they were trained with) and free-form provenance (task, meta-iterations, command). A few KB each.
 
 Shipped (``moecpt/lopt/weights/``): ``lagg-a`` (LAgg-A, K = 8) and ``lopt-a`` (LOpt-A), meta-trained on CPU with
 the commands recorded in ``docs/lopt.md``.
@@ -19,7 +20,7 @@ from safetensors.torch import save
 from torch import Tensor
 
 from moecpt.errors import MoecptError
-from moecpt.lopt.mlp import LOptSpec
+from moecpt.lopt.mlp import LOptSpec, StepScale
 from moecpt.lopt.optimizers import LearnedOuterOptimizer
 from moecpt.storage.atomic import write_bytes_atomic
 
@@ -32,7 +33,8 @@ PRETRAINED: dict[str, str] = {"lagg-a": "lagg-a.safetensors", "lopt-a": "lopt-a.
 def weights_bytes(spec: LOptSpec, phi: Tensor, info: dict[str, object] | None = None) -> bytes:
     """The safetensors bytes of flat meta-parameters ``phi`` ``[N]`` (write them with an atomic writer)."""
     named = {k: v[0].contiguous().clone() for k, v in spec.unflatten(phi.detach().float().cpu()).items()}
-    meta = {"format": FORMAT, "version": VERSION, "kind": spec.kind, "hidden": str(spec.hidden)}
+    meta = {"format": FORMAT, "version": VERSION, "kind": spec.kind, "hidden": str(spec.hidden),
+            "step_scale": spec.step_scale}
     if spec.aggregator:
         meta["workers"] = str(spec.workers)
     for k, v in (info or {}).items():
@@ -68,7 +70,8 @@ def load_weights(path: str | Path) -> tuple[LOptSpec, Tensor, dict[str, str]]:
         raise MoecptError(f"{p} is not a moecpt learned-optimizer file (format {meta.get('format')!r}); "
                           "write one with `moecpt lopt meta-train`")
     try:
-        spec = LOptSpec(meta["kind"], int(meta["workers"]) if "workers" in meta else None, int(meta["hidden"]))
+        spec = LOptSpec(meta["kind"], int(meta["workers"]) if "workers" in meta else None, int(meta["hidden"]),
+                        meta.get("step_scale", StepScale.FIXED))
     except (KeyError, ValueError):
         raise MoecptError(f"{p} has incomplete metadata (kind / workers / hidden); re-run meta-training") from None
     shapes = spec.shapes()

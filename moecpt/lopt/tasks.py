@@ -7,13 +7,17 @@ matmuls, so a whole population trains at the cost of a few large kernels rather 
 Tasks (``TASKS``):
 
 * ``digits-mlp32``: scikit-learn's bundled 8x8 digits (1,797 images, 10 classes; 80/20 fixed split), an MLP
-  64-32-10 (ReLU). The paper's early small task; the default meta-training task.
+  64-32-10 (ReLU). The paper's early small task; the first of the meta-training set (its periodic evaluation
+  runs on it).
 * ``digits4x4-mlp32``: the same images average-pooled to 4x4, MLP 16-32-10.
 * ``digits-mlp128``: 8x8 digits with a 4x wider MLP 64-128-10 (held out from meta-training; benchmark).
 * ``digits-mlp64x2``: 8x8 digits, a deeper MLP 64-64-64-10.
 * ``cancer-mlp32``: scikit-learn's bundled breast-cancer data (569 x 30 features, standardised with the train
   statistics, 2 classes), MLP 30-32-2 (benchmark).
 * ``wine-mlp32``: scikit-learn's bundled wine data (178 x 13, standardised, 3 classes), MLP 13-32-3.
+* ``digits-mlp16``, ``digits-mlp64``, ``digits4x4-mlp64``: other widths of the digits MLPs (64-16-10, 64-64-10,
+  16-64-10).
+* ``iris-mlp16``: scikit-learn's bundled iris data (150 x 4, standardised, 3 classes), MLP 4-16-3, b = 32.
 * ``english-lm``, ``german-lm``, ``code-lm``: a tiny decoder-only transformer (1 layer, d = 16, 2 heads, RMSNorm,
   learned positions, untied output, context 32) on a bundled demo corpus (``PreparedData.open("demo")``). To keep
   CPU cost tiny the 4096-token vocabulary is cut to the 255 most frequent train tokens of that source plus one
@@ -22,10 +26,16 @@ Tasks (``TASKS``):
 
 Workers run plain SGD (no momentum, constant LR) on i.i.d. mini-batches drawn with replacement from the train
 split. Losses are in nats (mean cross-entropy).
+
+Validation split (hyperparameter tuning, ``moecpt lopt bench``): :meth:`Task.tuning_task` is the same task with
+:data:`VAL_FRACTION` of its train split set aside (a fixed random subset of the examples; the last tenth of the
+train tokens for the LMs): it trains on the rest and its ``"val"`` split is what it set aside. The held-out
+split is never used for tuning.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -40,6 +50,7 @@ from moecpt.data.prepared import PreparedData
 from moecpt.errors import MoecptError
 
 Batch = tuple[Tensor, ...]
+VAL_FRACTION = 0.2  # of the train examples (MLPs); the LMs set aside the last tenth of their train tokens
 
 
 class Task(ABC):
@@ -76,7 +87,13 @@ class Task(ABC):
 
     @abstractmethod
     def eval_batch(self, split: str) -> Batch:
-        """A fixed evaluation set of the ``"train"`` or ``"heldout"`` split (no leading model dim)."""
+        """A fixed evaluation set of the ``"train"`` or ``"heldout"`` split, or ``"val"`` of a :meth:`tuning_task`
+        (no leading model dim)."""
+
+    @abstractmethod
+    def tuning_task(self) -> Task:
+        """This task with a validation split set aside from its train split (see the module doc); the copy trains
+        on the rest of the train split, and ``eval_batch("val")`` is the set-aside part."""
 
     def loss_and_grads(self, params: list[Tensor], batch: Batch) -> tuple[Tensor, list[Tensor]]:
         """Per-model losses ``[M]`` and gradients (``[M, *S]`` each) of ``M`` independent models.
@@ -159,7 +176,8 @@ def _sklearn(name: str):
 @cache
 def _classification_data(dataset: str) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
     """``(x_train, y_train, x_heldout, y_heldout, classes)``: fixed 80/20 split (seed 0), float32 features."""
-    source = {"digits": "digits", "digits4x4": "digits", "cancer": "breast_cancer", "wine": "wine"}[dataset]
+    source = {"digits": "digits", "digits4x4": "digits", "cancer": "breast_cancer", "wine": "wine",
+              "iris": "iris"}[dataset]
     d = _sklearn(source)
     x = np.asarray(d.data, dtype=np.float32)
     y = np.asarray(d.target, dtype=np.int64)
@@ -216,7 +234,19 @@ class MLPTask(Task):
         return F.cross_entropy(h.reshape(M * b, C), y.reshape(M * b), reduction="none").reshape(M, b).mean(1)
 
     def eval_batch(self, split: str) -> Batch:
+        if split == "val":
+            if not hasattr(self, "x_val"):
+                raise ValueError(f"{self.name} has no validation split; use tuning_task()")
+            return self.x_val, self.y_val
         return (self.x, self.y) if split == "train" else (self.x_ho, self.y_ho)
+
+    def tuning_task(self) -> MLPTask:
+        out = copy.copy(self)
+        perm = torch.randperm(len(self.y), generator=torch.Generator().manual_seed(1))
+        n_val = max(1, int(round(VAL_FRACTION * len(self.y))))
+        val, fit = perm[:n_val], perm[n_val:]
+        out.x, out.y, out.x_val, out.y_val = self.x[fit], self.y[fit], self.x[val], self.y[val]
+        return out
 
     def loss_and_grads(self, params: list[Tensor], batch: Batch) -> tuple[Tensor, list[Tensor]]:
         """Hand-written forward and backward pass (same values as autograd; tested)."""
@@ -341,7 +371,18 @@ class TinyLMTask(Task):
         return ce.reshape(M, b * T).mean(1)
 
     def eval_batch(self, split: str) -> Batch:
+        if split not in self._eval:
+            raise ValueError(f"{self.name} has no {split!r} split; use tuning_task() for 'val'")
         return (self._eval[split],)
+
+    def tuning_task(self) -> TinyLMTask:
+        out = copy.copy(self)
+        cut = int(len(self.train_ids) * (1 - VAL_FRACTION / 2))
+        out.train_ids = self.train_ids[:cut]
+        g = torch.Generator().manual_seed(4321)
+        out._eval = {"train": out._windows(out.train_ids, 64, g), "val": out._windows(self.train_ids[cut:], 64, g),
+                     "heldout": self._eval["heldout"]}
+        return out
 
 
 # ------------------------------------------------------------------------------------------------- registry
@@ -350,14 +391,22 @@ TASKS: dict[str, Callable[[], Task]] = {
     "digits4x4-mlp32": lambda: MLPTask("digits4x4-mlp32", "digits4x4", (32,)),
     "digits-mlp128": lambda: MLPTask("digits-mlp128", "digits", (128,)),
     "digits-mlp64x2": lambda: MLPTask("digits-mlp64x2", "digits", (64, 64)),
+    "digits-mlp16": lambda: MLPTask("digits-mlp16", "digits", (16,)),
+    "digits-mlp64": lambda: MLPTask("digits-mlp64", "digits", (64,)),
+    "digits4x4-mlp64": lambda: MLPTask("digits4x4-mlp64", "digits4x4", (64,)),
     "cancer-mlp32": lambda: MLPTask("cancer-mlp32", "cancer", (32,)),
     "wine-mlp32": lambda: MLPTask("wine-mlp32", "wine", (32,), batch_size=32),
+    "iris-mlp16": lambda: MLPTask("iris-mlp16", "iris", (16,), batch_size=32),
     "english-lm": lambda: TinyLMTask("english-lm", "english"),
     "german-lm": lambda: TinyLMTask("german-lm", "german"),
     "code-lm": lambda: TinyLMTask("code-lm", "code"),
 }
-META_TRAIN_TASK = "digits-mlp32"
 BENCH_TASKS = ("digits-mlp128", "cancer-mlp32", "code-lm")
+#: the default meta-training distribution: MLPs of widths 16-64 and depths 1-2 on four data sets, and a transformer
+#: LM; none of the benchmark's held-out tasks (tests/test_lopt_meta_train.py checks this); the first task is where
+#: meta-training's periodic evaluation runs
+META_TRAIN_TASKS = ("digits-mlp32", "digits-mlp16", "digits-mlp64", "digits4x4-mlp64", "digits-mlp64x2",
+                    "wine-mlp32", "iris-mlp16", "english-lm")
 
 
 def get_task(name: str) -> Task:

@@ -1,5 +1,6 @@
-"""moecpt.model: the decoder (:mod:`.transformer`), the MoE layer (:mod:`.moe`, :mod:`.expert_dispatch`,
-:mod:`.glu`), routers and balancing strategies (:mod:`.routing`) and FLOP counts (:mod:`.flops`).
+"""moecpt.model: the decoder (:mod:`.transformer`), RoPE (:mod:`.rope`), latent attention (:mod:`.mla`), the MoE
+layer (:mod:`.moe`, :mod:`.expert_dispatch`, :mod:`.glu`), routers and balancing strategies (:mod:`.routing`) and
+FLOP counts (:mod:`.flops`).
 
 Shape legend. Tensor names end in one capital letter per dimension (``x_BTD`` is ``[batch, tokens, d_model]``);
 a letter means the same thing in every file of this package:
@@ -10,7 +11,10 @@ T           tokens: sequence positions in the decoder; in the MoE layer and rout
 D           ``d_model``, the residual-stream width
 V           vocabulary
 H           query heads; G key/value heads (grouped-query attention: ``H / G`` query heads share one); A head dim
-R           rotary dims of a head (``R <= A``; partial rotary when smaller)
+R           rotary dims of a head (``R <= A``; partial rotary when smaller; MLA: ``qk_rope_head_dim``)
+L, C        multi-head latent attention: the query latent (``q_lora_rank``) and the key/value latent
+            (``kv_lora_rank``); there A = U + R is the query/key head dim, U its un-rotated part
+            (``qk_nope_head_dim``), M the value head dim (``v_head_dim``)
 E           routed experts
 K           routed slots per token (top-k)
 S           routed slots, ``T * K``, in token order (slot ``t * K + k``)

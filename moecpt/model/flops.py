@@ -4,9 +4,12 @@ Conventions (documented so that figures are comparable):
 
 * *total* parameters count every weight once (tied embeddings once).
 * *active* parameters per token count the routed experts a token uses (``top_k`` of ``E``) plus everything else.
-* forward FLOPs per token = ``2 * (active matmul parameters)`` + attention ``4 * L * T * H * Dh`` (scores and
-  weighted values over the full context, as in PaLM's MFU formula, Chowdhery et al. 2022, App. B); the embedding
-  lookup is free, the LM head is a matmul. Training FLOPs per token = 3 x forward.
+* forward FLOPs per token = ``2 * (active matmul parameters)`` + attention ``2 * L * T * H * (Dqk + Dv)`` (scores
+  over query/key head dims ``Dqk`` and weighted values over value head dims ``Dv``, the full context, as in PaLM's
+  MFU formula, Chowdhery et al. 2022, App. B: ``4 * L * T * H * Dh`` when ``Dqk = Dv = Dh``; multi-head latent
+  attention has ``Dqk = qk_nope_head_dim + qk_rope_head_dim``, ``Dv = v_head_dim``, its latent projections are
+  matmul parameters); the embedding lookup is free, the LM head is a matmul. Training FLOPs per token = 3 x
+  forward.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moecpt.config import ModelConfig
+from moecpt.config import AttentionKind, ModelConfig
 from moecpt.model.moe import RoutedExperts
 from moecpt.model.transformer import build_model
 
@@ -26,6 +29,14 @@ def _numel(params) -> int:
             seen.add(id(p))
             total += p.numel()
     return total
+
+
+def attention_head_dims(cfg: ModelConfig) -> tuple[int, int]:
+    """``(query/key head dims, value head dims)`` of ``cfg``'s attention (both ``head_dim`` for GQA)."""
+    if cfg.attention == AttentionKind.MLA:
+        assert cfg.mla is not None
+        return cfg.mla.qk_head_dim, cfg.mla.v_head_dim
+    return cfg.resolved_head_dim, cfg.resolved_head_dim
 
 
 def model_stats(cfg: ModelConfig, seq_len: int | None = None) -> dict[str, float | int]:
@@ -65,7 +76,7 @@ def model_stats(cfg: ModelConfig, seq_len: int | None = None) -> dict[str, float
     matmul_active = active - norms - (0 if cfg.tie_embeddings else emb)
     # q.k and p.v over the keys a token sees: all T, or a sliding layer's window W
     keys = sum(min(T, cfg.window_of(i) or T) for i in range(cfg.n_layers))
-    attn = 4 * keys * cfg.n_heads * cfg.resolved_head_dim
+    attn = 2 * keys * cfg.n_heads * sum(attention_head_dims(cfg))
     fwd = 2 * matmul_active + attn
     return {
         "total_params": total,

@@ -14,6 +14,12 @@ Dispatch paths (docs/design.md, rule R9):
 Dropless by default (Thérien et al. 2025 train dropless). With ``capacity_factor`` set, each expert takes at most
 ``ceil(cf * T * K / E)`` slots in token order (Switch Transformer, Fedus et al. 2022, Sec. 2.2); dropped slots
 contribute nothing (the residual stream carries the token) and their share is reported.
+
+The routed experts are a replaceable module (:meth:`MoELayer.replace_experts`): anything with ``num_experts`` and
+:meth:`RoutedExperts.forward_grouped`'s signature computes the gate-weighted expert outputs of the layer's routed
+slots. Routing, capacity and the shared experts stay here, so a replacement changes *where* experts compute, never
+*what* is computed: expert parallelism (:mod:`moecpt.distributed.expert_parallel`) plugs in this way, and the
+layer's hot path has no branch on it.
 """
 
 from __future__ import annotations
@@ -146,6 +152,23 @@ class MoELayer(nn.Module):
         shared_width = moe.shared_expert_width or moe.num_shared_experts * width
         self.shared = GLUFeedForward(cfg.d_model, shared_width, cfg.ffn_kind) if shared_width else None
         self.shared_gate = nn.Linear(cfg.d_model, 1, bias=False) if (self.shared and moe.shared_expert_gate) else None
+
+    def replace_experts(self, experts: nn.Module) -> nn.Module:
+        """Swap the routed-experts module for ``experts`` (the same ``num_experts`` and the signature of
+        :meth:`RoutedExperts.forward_grouped`; grouped dispatch only: the ``loop`` reference path calls
+        ``forward_expert`` of every expert).
+        Its parameters keep the names ``experts.w_in`` / ``experts.w_out``. Returns the module it replaced.
+
+        Raises:
+            ValueError: a different expert count, or a layer on the ``loop`` dispatch.
+        """
+        if getattr(experts, "num_experts", None) != self.num_experts:
+            raise ValueError(f"replacement experts hold {getattr(experts, 'num_experts', None)} experts; the layer "
+                             f"routes to {self.num_experts}")
+        if self.dispatch == DispatchKind.LOOP:
+            raise ValueError("the loop dispatch runs RoutedExperts.forward_expert itself; use dispatch = 'grouped'")
+        old, self.experts = self.experts, experts
+        return old
 
     def forward(self, x_TD: torch.Tensor, seq_len: int | None = None) -> tuple[torch.Tensor, RouterOutput]:
         """``x_TD [T, D]`` (sequences of ``seq_len`` tokens flattened; None = one sequence) -> ``(y_TD, record)``."""

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moecpt.config import RouterConfig, RouterKind, ScoreFn
+from moecpt.config import GroupScore, RouterConfig, RouterKind, ScoreFn
 from moecpt.errors import MoecptError
 
 
@@ -114,12 +114,15 @@ def router_z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def group_limited_topk(choice_TE: torch.Tensor, top_k: int, n_group: int, topk_group: int) -> torch.Tensor:
+def group_limited_topk(choice_TE: torch.Tensor, top_k: int, n_group: int, topk_group: int,
+                       group_score: GroupScore = GroupScore.TOP2_SUM) -> torch.Tensor:
     """Group-limited top-k (DeepSeek-V2, arXiv 2405.04434, Sec. 2.1.2; DeepSeek-V3, arXiv 2412.19437, Sec. 2.1.2).
 
     The ``E`` experts form ``n_group`` consecutive groups of ``E / n_group``; a group scores the sum of its two
-    highest choice scores (DeepSeek-V3's ``noaux_tc``); each token keeps its ``topk_group`` best groups and takes
-    the top-``top_k`` experts inside them. Same ops, hence same ties, as transformers' ``Glm4MoeTopkRouter``.
+    highest choice scores (DeepSeek-V3's ``noaux_tc``) or, with ``group_score = "max"``, its highest one
+    (DeepSeek-V2's ``group_limited_greedy``); each token keeps its ``topk_group`` best groups and takes the
+    top-``top_k`` experts inside them. Same ops, hence same ties, as transformers' ``Glm4MoeTopkRouter`` /
+    ``DeepseekV2TopkRouter`` (which masks with 0 instead of -inf: the same choice for positive softmax scores).
 
     Args:
         choice_TE: ``[T, E]`` selection scores (DeepSeek-V3: ``sigmoid(logits) + expert_bias``), fp32.
@@ -129,7 +132,11 @@ def group_limited_topk(choice_TE: torch.Tensor, top_k: int, n_group: int, topk_g
         ``[T, K]`` int64 chosen experts (unsorted, as transformers returns them).
     """
     T, E = choice_TE.shape
-    group_TG = choice_TE.view(T, n_group, E // n_group).topk(2, dim=-1)[0].sum(dim=-1)
+    grouped_TGE = choice_TE.view(T, n_group, E // n_group)
+    if group_score == GroupScore.MAX:
+        group_TG = grouped_TGE.max(dim=-1).values
+    else:
+        group_TG = grouped_TGE.topk(2, dim=-1)[0].sum(dim=-1)
     keep_TG = torch.zeros_like(group_TG).scatter_(1, torch.topk(group_TG, k=topk_group, dim=-1, sorted=False)[1], 1)
     keep_TE = keep_TG.unsqueeze(-1).expand(T, n_group, E // n_group).reshape(T, E).bool()
     return torch.topk(choice_TE.masked_fill(~keep_TE, float("-inf")), k=top_k, dim=-1, sorted=False)[1]
@@ -329,7 +336,7 @@ class Router(nn.Module):
     def _topk(self, choice_TE: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
         if self._grouped:
-            return group_limited_topk(choice_TE, self.top_k, cfg.n_group, cfg.resolved_topk_group)
+            return group_limited_topk(choice_TE, self.top_k, cfg.n_group, cfg.resolved_topk_group, cfg.group_score)
         return torch.topk(choice_TE, self.top_k, dim=-1).indices
 
     @torch.no_grad()

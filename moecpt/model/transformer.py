@@ -1,6 +1,7 @@
 """Decoder-only transformer (Llama-3-style backbone of Thérien et al. 2025, Sec. 3): pre-norm RMSNorm, RoPE
-(full or partial rotary fraction), multi-head / grouped-query attention through ``scaled_dot_product_attention``,
-GEGLU or SwiGLU feed-forwards, dense or MoE per layer, tied or untied embeddings.
+(full or partial rotary fraction, :mod:`.rope`), multi-head / grouped-query attention through
+``scaled_dot_product_attention`` or multi-head latent attention (:mod:`.mla`, DeepSeek-V2/V3), GEGLU or SwiGLU
+feed-forwards, dense or MoE per layer, tied or untied embeddings.
 
 Initialisation (documented choice, as GPT-2 / OLMo): every linear and embedding weight ~ N(0, init_std); the output
 projections of attention and of every FFN/expert (``wo``, ``w_out``) are further scaled by ``1/sqrt(2 n_layers)``
@@ -19,29 +20,19 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from moecpt.config import ActivationCheckpointing, ModelConfig, QKNorm
+from moecpt.config import ActivationCheckpointing, AttentionKind, ModelConfig, QKNorm
 from moecpt.model.attention_ops import attend
+from moecpt.model.mla import MLAttention
 from moecpt.model.moe import GLUFeedForward, MoELayer, RoutedExperts
+from moecpt.model.rope import apply_rope, rope_cos_sin
 from moecpt.model.routing import Router, RouterOutput
 from moecpt.model.yarn import yarn_attention_factor, yarn_inv_freq
-
-
-def rope_cos_sin(seq_len: int, rot_dim: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """RoPE tables (Su et al. 2021) in the half-rotation layout of Llama / GPT-NeoX.
-
-    Returns:
-        ``cos_TR, sin_TR`` fp32 of shape ``[T, rot_dim]`` (frequencies repeated for the two halves).
-    """
-    inv_freq = 1.0 / (theta ** (torch.arange(0, rot_dim, 2, device=device, dtype=torch.float32) / rot_dim))
-    freqs = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)  # [T, R / 2]
-    emb_TR = torch.cat([freqs, freqs], dim=-1)
-    return emb_TR.cos(), emb_TR.sin()
 
 
 def rope_tables(cfg: ModelConfig, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """``cos_TR, sin_TR`` of ``cfg`` for ``T = max_seq_len`` positions: plain RoPE, or YaRN-scaled
     (:mod:`moecpt.model.yarn`: blended frequencies, tables times the attention factor) with ``cfg.rope_yarn``."""
-    rot = int(cfg.resolved_head_dim * cfg.rotary_fraction)
+    rot = cfg.rotary_dims
     if cfg.rope_yarn is None:
         return rope_cos_sin(cfg.max_seq_len, rot, cfg.rope_theta, device)
     inv_freq = yarn_inv_freq(rot, cfg.rope_theta, cfg.rope_yarn, device)
@@ -49,28 +40,6 @@ def rope_tables(cfg: ModelConfig, device=None) -> tuple[torch.Tensor, torch.Tens
     emb_TR = torch.cat([freqs, freqs], dim=-1)
     scale = yarn_attention_factor(cfg.rope_yarn)
     return emb_TR.cos() * scale, emb_TR.sin() * scale
-
-
-def apply_rope(x_BTHA: torch.Tensor, cos_TR: torch.Tensor, sin_TR: torch.Tensor) -> torch.Tensor:
-    """Rotate the first ``R = cos_TR.shape[-1]`` dims of each head (partial rotary when ``R < A``).
-
-    ``x`` is laid out ``[B, T, heads, A]`` (query or key heads), as the q/k projections produce it, so the
-    elementwise ops run on a contiguous tensor; the half rotation ``(x1, x2) -> (-x2, x1)`` is
-    ``roll(x, R/2) * [-sin | sin]`` (one op fewer), and at full rotary nothing is sliced or concatenated (their
-    backwards write zero tensors).
-    ``benchmarks/components.py`` (``rope_ms``) times it against rotate-half on the ``[B, H, T, A]`` view, with and
-    without that slicing; the figures are in ``benchmarks/README.md``.
-    """
-    R, A = cos_TR.shape[-1], x_BTHA.shape[-1]
-    half = R // 2
-    cos_T1R = cos_TR[:, None, :]
-    sin_T1R = torch.cat([-sin_TR[:, :half], sin_TR[:, half:]], dim=-1)[:, None, :]
-    # full rotary: no slicing (a slice's backward writes a zero tensor first); roll = cat(x2, x1), its backward a roll
-    x_rot = (x_BTHA if R == A else x_BTHA[..., :R]).float()
-    out = x_rot * cos_T1R + torch.roll(x_rot, half, dims=-1) * sin_T1R
-    if R == A:
-        return out.to(x_BTHA.dtype)
-    return torch.cat([out.to(x_BTHA.dtype), x_BTHA[..., R:]], dim=-1)
 
 
 @contextlib.contextmanager
@@ -145,7 +114,8 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.attn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.attn = Attention(cfg, cfg.window_of(layer_idx))
+        self.attn = (MLAttention(cfg) if cfg.attention == AttentionKind.MLA
+                     else Attention(cfg, cfg.window_of(layer_idx)))
         self.ffn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.is_moe = cfg.is_moe_layer(layer_idx)
         self.ffn = MoELayer(cfg) if self.is_moe else GLUFeedForward(cfg.d_model, cfg.ffn_width, cfg.ffn_kind)

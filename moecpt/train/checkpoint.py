@@ -1,6 +1,6 @@
 """Checkpoints: atomic save, verified load, retention, RNG capture.
 
-Layout of a run folder::
+Layout of a run folder (the single-file layout, ``train.checkpoint_format = "single"``)::
 
     RUN/checkpoints/step_00000123/
         model.safetensors   model state dict (buffers such as expert biases included); tied tensors stored once
@@ -9,6 +9,13 @@ Layout of a run folder::
         meta.json           the caller's meta (step, config, data-sampler state, lineage, metrics, ...) plus a
                             "_checkpoint" manifest: format, version, byte size and sha256 of every other file,
                             aliases of tied tensors
+
+The sharded layout (``"dcp"``, written by :mod:`moecpt.train.checkpoint_dcp`, manifest ``layout = "dcp"``,
+version 2) replaces the first two files by ``dcp/`` (``torch.distributed.checkpoint``: ``.metadata`` and one
+``__<rank>_0.distcp`` per rank, model parameters and optimizer tensors) and ``optimizer_rest.pt`` (param groups and
+non-tensor optimizer state); ``rng.pt`` and ``meta.json`` are as above, and the manifest lists and hashes every
+shard. :class:`Checkpoint` reads both layouts (a DCP one as full tensors), so every command that takes a checkpoint
+reads either.
 
 What a checkpoint holds follows docs/design.md, rule C1. Saving is atomic (rule C5): everything is written into
 ``step_X.tmp-<pid>-<rand>`` next to the final folder, every file and the temp folder are fsynced, the folder is
@@ -55,6 +62,7 @@ from moecpt.storage.atomic import (
     write_json_atomic,
 )
 from moecpt.storage.outputs import os_error_line
+from moecpt.train.dcp_io import DCP_DIR, MODEL_PREFIX, OPTIM_PREFIX, index_keyed, join_optimizer_state, read_full
 
 __all__ = [
     "Checkpoint",
@@ -70,12 +78,17 @@ __all__ = [
 ]
 
 FORMAT = "moecpt-checkpoint"
-FORMAT_VERSION = 1
+#: the newest manifest version this moecpt reads: 1 = single-file layout, 2 = the sharded (DCP) layout
+FORMAT_VERSION = 2
+SINGLE_VERSION = 1
 MANIFEST_KEY = "_checkpoint"
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 RNG_FILE = "rng.pt"
 META_FILE = "meta.json"
+OPTIMIZER_REST_FILE = "optimizer_rest.pt"
+LAYOUT_SINGLE = "single"
+LAYOUT_DCP = "dcp"
 CHECKPOINTS_DIR = "checkpoints"
 
 _STEP_RE = re.compile(r"^step_(\d+)$")
@@ -104,12 +117,34 @@ class Checkpoint:
     meta: dict
     manifest: dict = field(default_factory=dict, repr=False)
 
+    @property
+    def layout(self) -> str:
+        """:data:`LAYOUT_SINGLE` (``model.safetensors``) or :data:`LAYOUT_DCP` (``dcp/`` shards)."""
+        return str(self.manifest.get("layout", LAYOUT_SINGLE))
+
+    @property
+    def sharded(self) -> bool:
+        return self.layout == LAYOUT_DCP
+
+    @property
+    def content_sha256(self) -> str | None:
+        """A digest of the weights' bytes as saved: ``model.safetensors``'s sha256, or for a DCP checkpoint the
+        sha256 of its shard files' hashes (in name order)."""
+        files = self.manifest.get("files", {})
+        if not self.sharded:
+            return files.get(MODEL_FILE, {}).get("sha256")
+        shards = sorted((n, f["sha256"]) for n, f in files.items() if n.startswith(f"{DCP_DIR}/"))
+        return hashlib.sha256(json.dumps(shards).encode()).hexdigest()
+
     def model_state(self, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-        """The model state dict on ``device``; tied names map to the same tensor object.
+        """The model state dict on ``device`` (full tensors; a DCP checkpoint's shards are assembled in this
+        process, needing no process group); tied names map to the same tensor object.
 
         Raises:
-            MoecptError: ``model.safetensors`` is missing or unreadable.
+            MoecptError: ``model.safetensors`` (or a shard) is missing or unreadable.
         """
+        if self.sharded:
+            return {k: v.to(device) for k, v in read_full(str(self.path / DCP_DIR), MODEL_PREFIX).items()}
         f = self.path / MODEL_FILE
         if not f.is_file():
             raise MoecptError(f"checkpoint {self.path} has no {MODEL_FILE}; it is incomplete, use another checkpoint")
@@ -131,10 +166,24 @@ class Checkpoint:
         """The optimizer state dict (tensors on CPU; ``Optimizer.load_state_dict`` moves them), or ``None`` if the
         checkpoint holds none. Its param-group LRs are stale by design: the trainer sets the LR from the schedule.
 
+        A DCP checkpoint's state is assembled from its shards and ``optimizer_rest.pt`` into the same index-keyed
+        form ``optimizer.pt`` holds.
+
         Raises:
             MoecptError: unreadable file, or one holding objects ``weights_only`` loading refuses.
         """
-        return self._torch_file(OPTIMIZER_FILE)
+        if not self.sharded:
+            return self._torch_file(OPTIMIZER_FILE)
+        rest = self.optimizer_rest()
+        if rest is None:
+            return None
+        state = index_keyed(join_optimizer_state(read_full(str(self.path / DCP_DIR), OPTIM_PREFIX), rest))
+        return {**state, **{k: v for k, v in rest.items() if k not in ("state", "param_groups")}}
+
+    def optimizer_rest(self) -> dict | None:
+        """A DCP checkpoint's non-tensor optimizer state (FQN-keyed param groups, non-tensor entries, the sync
+        strategy's marker); ``None`` for a single-file checkpoint or one without optimizer state."""
+        return self._torch_file(OPTIMIZER_REST_FILE) if self.sharded else None
 
     def rng_state(self) -> dict | None:
         """The RNG state as captured by :func:`capture_rng_state`, or ``None`` if the checkpoint holds none."""
@@ -227,22 +276,29 @@ def _write_state_files(
     aliases: dict,
     optimizer_state: dict | None,
     rng_state: dict | None,
+    *,
+    hashed: Mapping[str, dict] | None = None,
+    optimizer_file: str = OPTIMIZER_FILE,
+    layout: str = LAYOUT_SINGLE,
 ) -> dict[str, dict]:
     """Write the optimizer / RNG files (those given) and ``meta.json`` with its manifest into ``tmp``, fsync every
-    file and the folder, and return the manifest's ``files`` entry (name -> bytes and sha256; the model file, which
-    must already be in ``tmp``, included)."""
-    written = [MODEL_FILE]
-    for name, obj in ((OPTIMIZER_FILE, optimizer_state), (RNG_FILE, rng_state)):
+    file and the folder, and return the manifest's ``files`` entry (name -> bytes and sha256).
+
+    ``hashed``: files already in ``tmp`` with their entries (a DCP save: each rank hashed its own shard); by default
+    the model file, which must already be in ``tmp``, hashed here. ``layout``: recorded in the manifest (the
+    sharded layout is manifest version 2, so an older moecpt says to upgrade instead of missing the model file)."""
+    files = dict(hashed) if hashed is not None else {MODEL_FILE: _file_entry(tmp / MODEL_FILE)}
+    for name, obj in ((optimizer_file, optimizer_state), (RNG_FILE, rng_state)):
         if obj is not None:
             with open(tmp / name, "wb") as f:
                 torch.save(obj, f)
                 f.flush()
                 os.fsync(f.fileno())
-            written.append(name)
-    files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)} for name in written}
+            files[name] = _file_entry(tmp / name)
     manifest = {
         "format": FORMAT,
-        "version": FORMAT_VERSION,
+        "version": SINGLE_VERSION if layout == LAYOUT_SINGLE else FORMAT_VERSION,
+        **({} if layout == LAYOUT_SINGLE else {"layout": layout}),
         "files": files,
         "aliases": aliases,
         "saved_unix": time.time(),
@@ -254,6 +310,11 @@ def _write_state_files(
         os.fsync(f.fileno())
     fsync_dir(tmp)
     return files
+
+
+def _file_entry(path: Path) -> dict:
+    """The manifest entry of one written file: byte size and sha256."""
+    return {"bytes": path.stat().st_size, "sha256": _sha256(path)}
 
 
 def _publish(tmp: Path, path: Path) -> None:
@@ -474,12 +535,14 @@ def load_checkpoint(path: str | Path, *, verify: bool = True) -> Checkpoint:
     if not p.exists():
         raise MoecptError(f"no checkpoint at {p}: the path does not exist")
     if p.is_file():
-        if p.name in (META_FILE, MODEL_FILE, OPTIMIZER_FILE, RNG_FILE):
+        if p.name in (META_FILE, MODEL_FILE, OPTIMIZER_FILE, RNG_FILE, OPTIMIZER_REST_FILE):
             p = p.parent
         else:
             raise MoecptError(f"{p} is a file; give a checkpoint folder (…/checkpoints/step_N) or a run folder")
     if _TMP_RE.search(p.name):
         raise MoecptError(f"{p} is the temp folder of an interrupted save, not a checkpoint; load the run folder")
+    if p.name == DCP_DIR and (p.parent / META_FILE).is_file():  # the shard folder of a DCP checkpoint
+        p = p.parent
     if not (p / META_FILE).exists():
         root = p / CHECKPOINTS_DIR if (p / CHECKPOINTS_DIR).is_dir() else p
         candidates = _step_dirs(root)

@@ -117,7 +117,8 @@ class SingleSync:
         ... clip, optimizer step, bias update with `loads` ...
         sync.after_optimizer_step(workers, step, boundary)   # local-SGD family: a communication round every H steps
 
-    and for checkpoints :meth:`checkpoint_state` (a collective: every rank calls it; rank 0 writes).
+    and for checkpoints :meth:`checkpoint_state` (single-file layout: a collective, rank 0 writes) or
+    :meth:`sharded_checkpoint_state` (DCP layout: every rank writes its shard).
 
     Attributes:
         kind: the recipe's ``distributed.sync`` value (``"single"`` here).
@@ -125,11 +126,17 @@ class SingleSync:
             whose workers drift apart between rounds (their per-step losses are then worker 0's own).
         num_workers: all workers of the job; local_workers: those this process runs.
         reports: whether communication fields appear in metrics, checkpoints and the summary.
+        dcp_capable: one model and optimizer per process, so checkpoints may use the sharded (DCP) layout; False
+            where a checkpoint holds several workers' states (local-SGD family, simulated workers).
+        shards_state: parameters and optimizer state are sharded over ranks (FSDP2), so
+            ``train.checkpoint_format = "auto"`` writes DCP.
     """
 
     kind = "single"
     every_step = True
     reports = False
+    dcp_capable = True
+    shards_state = False
 
     def __init__(self, recipe: Recipe, info: DistInfo, num_workers: int = 1, local_workers: int = 1,
                  device: torch.device | None = None):
@@ -170,6 +177,18 @@ class SingleSync:
     def after_backward(self, workers: list[Worker]) -> None:
         """All micro-batches are done (simulated DDP averages the gradients here)."""
 
+    def grad_norm(self, model: nn.Module, clip: float | None) -> float:
+        """The worker's total gradient norm (all its parameters), clipped to ``clip`` when set (FSDP2's sharded
+        gradients included: torch reduces DTensor norms over the shards). Strategies whose ranks hold different
+        parameters (expert parallelism) override it with the global norm."""
+        if clip is not None:
+            return _scalar(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
+        grads = [p.grad.detach() for p in model.parameters() if p.grad is not None]
+        if grads and hasattr(grads[0], "full_tensor"):  # DTensor (FSDP2): let torch reduce over the shards
+            return _scalar(torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf")))
+        return float(torch.linalg.vector_norm(torch.stack(
+            [torch.linalg.vector_norm(g.float()) for g in grads]))) if grads else 0.0
+
     def reduce_step(self, workers: list[Worker], stats: list[StepStats], log: bool
                     ) -> tuple[dict[str, float], list[torch.Tensor] | None, Any]:
         """``stats`` = one :class:`StepStats` per local worker -> the step's ``(scalars, loads, routing)``: in
@@ -188,6 +207,14 @@ class SingleSync:
         """``(model_state, optimizer_state, rng_state)`` to save on rank 0 (None elsewhere). A collective."""
         w = workers[0]
         return w.model.state_dict(), w.optimizer.state_dict(), capture_rng_state()
+
+    def sharded_checkpoint_state(self, workers: list[Worker]
+                                 ) -> tuple[nn.Module, torch.optim.Optimizer, dict | None, dict | None]:
+        """``(model, optimizer, rng_state, optimizer_extra)`` for a DCP save: this rank's model and optimizer (its
+        shards), and on rank 0 the RNG record and extra optimizer keys (the strategy's marker; None elsewhere).
+        A collective."""
+        w = workers[0]
+        return w.model, w.optimizer, capture_rng_state(), None
 
     def select_rng(self, saved: dict) -> dict:
         """This rank's part of a saved RNG state (a checkpoint of a distributed run keeps one per rank)."""
@@ -210,6 +237,10 @@ class SingleSync:
     def summary(self, tokens: int) -> dict[str, Any] | None:
         """The communication summary of the run (None: nothing communicated)."""
         return None
+
+
+def _scalar(t: Any) -> float:
+    return float(t.full_tensor() if hasattr(t, "full_tensor") else t)
 
 
 class SingleProcess:
@@ -237,6 +268,10 @@ class SingleProcess:
     def broadcast_object(self, obj: Any) -> Any:
         """Rank 0's ``obj`` on every rank (here: ``obj``)."""
         return obj
+
+    def check_launch(self, recipe: Recipe, info: DistInfo, simulate_workers: int | None = None) -> None:
+        """Refuse, before the run folder is claimed, a layout this launch cannot run (the distributed runtime checks
+        its device mesh here; :meth:`build_sync` refuses the rest)."""
 
     def build_sync(self, recipe: Recipe, info: DistInfo, device: torch.device, simulate_workers: int | None = None,
                    outer_optimizer: Any = None) -> SingleSync:

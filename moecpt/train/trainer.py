@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from moecpt.config import ModelConfig, Recipe, SyncKind, build_section, dotted_keys, identity_json
+from moecpt.config import CheckpointFormat, ModelConfig, Recipe, SyncKind, build_section, dotted_keys, identity_json
 from moecpt.data.mixture import MixtureSampler, val_batches
 from moecpt.data.prepared import PreparedData
 from moecpt.errors import MoecptError
@@ -50,12 +50,13 @@ from moecpt.storage.outputs import check_claimable, check_outside_inputs, check_
 from moecpt.storage.preflight import CHECKPOINT_BYTES_PER_PARAM, check_free_disk, check_memory, training_memory_bytes
 from moecpt.train.bias_balance import BiasUpdateHook
 from moecpt.train.callbacks import CallbackList, ProgressKind, RunInfo, StepResult, progress_callbacks
-from moecpt.train.checkpoint import CheckpointManager, load_checkpoint, restore_rng_state
+from moecpt.train.checkpoint import Checkpoint, CheckpointManager, load_checkpoint, restore_rng_state
+from moecpt.train.checkpoint_dcp import load_sharded_checkpoint, save_sharded_checkpoint
 from moecpt.train.compile import check_compile_backend, compile_module
 from moecpt.train.host_memory import retain_freed_memory
 from moecpt.train.loss import cross_entropy
 from moecpt.train.metrics import JsonlSink, RoutingAccumulator, TensorBoardSink, WandbSink, check_sink_packages
-from moecpt.train.parallel import SYNC_KEY, SingleProcess, StepStats, build_worker_optimizer
+from moecpt.train.parallel import LOCAL_SYNCS, SYNC_KEY, SingleProcess, StepStats, build_worker_optimizer
 from moecpt.train.perf import device_peak_flops, mfu, step_memory_metrics
 from moecpt.train.plan import memory_plan, run_plan
 from moecpt.train.preemption import Preempted, PreemptionWatcher, signal_name
@@ -181,6 +182,8 @@ class TrainState:
     tokens: int = 0
     skips: int = 0
     sync_state: Any = None  # the strategy's own part of a resumed optimizer state
+    checkpoint_format: CheckpointFormat = CheckpointFormat.SINGLE  # the layout this run writes (resolved)
+    resume_sharded: Checkpoint | None = None  # a DCP checkpoint to load once the workers are wrapped (resharding)
     workers: list[Any] = field(default_factory=list)
     evals: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     micro: int = 1
@@ -250,7 +253,9 @@ class Trainer:
             "data_tokenizer_sha256": self.data.tokenizer_sha256,
         }
         self.parallel.check_same_config(self.identity)  # every rank of a job must run the same thing (a no-op otherwise)
+        self._check_checkpoint_format()
         # before claiming the folder: a recipe that cannot run must not leave a run.json behind
+        self.parallel.check_launch(recipe, self.dist, simulate_workers)
         self._check_data()
         self._preflight()
         self._lock: FolderLock | None = None
@@ -266,9 +271,29 @@ class Trainer:
     def _parent_identity(self) -> dict[str, Any] | None:
         if self.parent is None:
             return None
-        files = self._parent_ckpt.manifest.get("files", {})
         return {"step": self.parent.step, "run_name": self.parent.meta.get("run_name"),
-                "model_sha256": files.get("model.safetensors", {}).get("sha256")}
+                "model_sha256": self._parent_ckpt.content_sha256}
+
+    def _check_checkpoint_format(self) -> None:
+        """Refuse, before the folder is claimed, ``train.checkpoint_format = "dcp"`` for a run whose checkpoints hold
+        several workers' states (local-SGD family, simulated workers): those are single-file only."""
+        if self.recipe.train.checkpoint_format != CheckpointFormat.DCP:
+            return
+        sync = self.recipe.distributed.sync
+        if sync in LOCAL_SYNCS or self.simulate_workers is not None:
+            what = "--simulate-workers" if self.simulate_workers is not None else f"distributed.sync = {sync.value!r}"
+            raise MoecptError(f"train.checkpoint_format = 'dcp' does not apply to {what} (its checkpoints hold every "
+                              "worker's state); use 'auto' or 'single'")
+
+    def _resolve_checkpoint_format(self, sync) -> CheckpointFormat:
+        """``auto`` -> ``dcp`` when the strategy shards the state over ranks (FSDP2), else ``single``."""
+        fmt = self.recipe.train.checkpoint_format
+        if fmt == CheckpointFormat.AUTO:
+            return CheckpointFormat.DCP if sync.shards_state else CheckpointFormat.SINGLE
+        if fmt == CheckpointFormat.DCP and not sync.dcp_capable:
+            raise MoecptError(f"train.checkpoint_format = 'dcp' does not apply to sync {sync.kind!r}; use 'auto' or "
+                              "'single'")
+        return fmt
 
     def _resolve_model_config(self):
         cfg = self.recipe.model
@@ -547,18 +572,25 @@ class Trainer:
         optimizer = build_worker_optimizer(model, r, self.device)
         sync = self.parallel.build_sync(r, self.dist, self.device, self.simulate_workers, self.outer_optimizer)
         state = TrainState(model=model, optimizer=optimizer, sync=sync, sampler=self._make_sampler(),
-                           end_step=run_end_step(r.schedule, tcfg.steps))
+                           end_step=run_end_step(r.schedule, tcfg.steps),
+                           checkpoint_format=self._resolve_checkpoint_format(sync))
         jsonl = JsonlSink(self.out_dir / "metrics.jsonl") if self.dist.is_main else None
         # rank 0 picks the checkpoint (and cleans stale temp folders); every rank loads the same one
         verified = self._intact_latest() if self.dist.is_main else None
         latest = self.parallel.broadcast_object(verified.path if verified is not None else None)
         if latest is not None:  # resume our own run
-            ck = verified if verified is not None else load_checkpoint(latest)
-            model.load_state_dict(ck.model_state(self.device), strict=True)
-            opt_state = ck.optimizer_state()
-            if opt_state is not None:
-                state.sync_state = opt_state.get(SYNC_KEY)  # the strategy's own part (outer state, other workers')
-                optimizer.load_state_dict(opt_state)
+            # rank 0 has just checked every hash; the other ranks check sizes only (a DCP checkpoint would otherwise
+            # be read whole by every rank)
+            ck = verified if verified is not None else load_checkpoint(latest, verify=False)
+            if ck.sharded:  # loaded into the wrapped model by _prepare_workers: each rank reads only its shards
+                state.resume_sharded = ck
+                state.sync_state = (ck.optimizer_rest() or {}).get(SYNC_KEY)
+            else:
+                model.load_state_dict(ck.model_state(self.device), strict=True)
+                opt_state = ck.optimizer_state()
+                if opt_state is not None:
+                    state.sync_state = opt_state.get(SYNC_KEY)  # the strategy's own part (outer state, other workers')
+                    optimizer.load_state_dict(opt_state)
             state.sampler.load_state_dict(ck.meta["sampler"])
             state.step, state.tokens, state.skips = ck.step, ck.meta["tokens"], ck.meta.get("skipped_steps", 0)
             rng = ck.rng_state()
@@ -595,6 +627,11 @@ class Trainer:
         sync = state.sync
         state.workers = sync.setup(state.model, state.optimizer,
                                    lambda m: build_worker_optimizer(m, self.recipe, self.device), state.sync_state)
+        if state.resume_sharded is not None:  # a collective: resharded to this run's world size
+            if len(state.workers) != 1:
+                raise MoecptError(f"{state.resume_sharded.path} is a sharded (DCP) checkpoint; simulated workers "
+                                  "resume single-file checkpoints only: run `moecpt checkpoint consolidate` first")
+            load_sharded_checkpoint(state.resume_sharded, state.workers[0].model, state.workers[0].optimizer)
         for w in state.workers:
             w.forward = compile_module(w.module, self.device) if tcfg.compile else w.module
         hooks = [BiasUpdateHook.attach(w.model, w.optimizer) for w in state.workers]
@@ -627,8 +664,9 @@ class Trainer:
         scalars, loads, acc = sync.reduce_step(workers, stats, log)
         ce_mean, aux_mean = scalars["loss"], scalars["aux_loss"]
         # every-step modes decide on the reduced loss (all ranks agree); local-SGD workers on their own
-        grad_norms = [self._grad_norm(w.model) if math.isfinite(ce_mean + aux_mean if sync.every_step else c + a)
-                      else None for w, (c, a, _) in zip(workers, local)]
+        grad_norms = [sync.grad_norm(w.model, r.optim.grad_clip)
+                      if math.isfinite(ce_mean + aux_mean if sync.every_step else c + a) else None
+                      for w, (c, a, _) in zip(workers, local)]
         grad_norm = grad_norms[0]
         # an overflowing gradient can come with a finite loss: it would write NaN into the weights (and the next
         # checkpoint), so it counts as non-finite too
@@ -704,13 +742,26 @@ class Trainer:
         if evaluate:
             self._evaluate(state, done)
         if save:
+            self._save(state, done)
+        return stop
+
+    def _save(self, state: "TrainState", done: int) -> None:
+        """Checkpoint after step ``done`` in the run's layout (a collective); rank 0 prunes and reports it."""
+        meta = {**self._meta(done, state.tokens, state.skips, state.sampler), **state.sync.meta()} \
+            if self.dist.is_main else None
+        if state.checkpoint_format == CheckpointFormat.DCP:  # every rank writes its shard
+            model, optimizer, rng_state, extra = state.sync.sharded_checkpoint_state(state.workers)
+            path = save_sharded_checkpoint(self.ckpts.path_for(done), model=model, optimizer=optimizer, meta=meta,
+                                           rng_state=rng_state, optimizer_extra=extra)
+            if self.dist.is_main:
+                self.ckpts.prune(protect=done)
+        else:
             model_state, opt_state, rng_state = state.sync.checkpoint_state(state.workers)  # a collective
             if self.dist.is_main:
                 path = self.ckpts.save(done, model_state=model_state, optimizer_state=opt_state, rng_state=rng_state,
-                                       meta={**self._meta(done, state.tokens, state.skips, state.sampler),
-                                             **state.sync.meta()})
-                state.callbacks.on_checkpoint(done, path)
-        return stop
+                                       meta=meta)
+        if self.dist.is_main:
+            state.callbacks.on_checkpoint(done, path)
 
     def _emit(self, state: "TrainState", record: dict[str, Any]) -> None:
         """Hand a metrics record to the sinks (rank 0), with the cumulative communication counters when the sync
@@ -741,17 +792,6 @@ class Trainer:
             acc.add(routing)
         ce_mean, aux_mean = (torch.stack([ce_sum, aux_sum]) / n_micro).tolist()
         return ce_mean, aux_mean, acc
-
-    def _grad_norm(self, model: Transformer) -> float:
-        """Total gradient norm, clipped to ``optim.grad_clip`` when set (FSDP2's sharded gradients included)."""
-        clip = self.recipe.optim.grad_clip
-        if clip is not None:
-            return _scalar(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
-        grads = [p.grad.detach() for p in model.parameters() if p.grad is not None]
-        if grads and hasattr(grads[0], "full_tensor"):  # DTensor (FSDP2): let torch reduce over the shards
-            return _scalar(torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf")))
-        return float(torch.linalg.vector_norm(torch.stack(
-            [torch.linalg.vector_norm(g.float()) for g in grads]))) if grads else 0.0
 
     # ------------------------------------------------------------------------------------------------- pieces
     def _load_parent(self, model: Transformer, optimizer: torch.optim.Optimizer) -> None:
@@ -896,10 +936,6 @@ def cpt_architecture_conflicts(recipe_model: Any, parent_model: Any) -> list[str
             theirs = "none (dense)" if key == "moe" and have.get(key) is None else repr(have.get(key))
             out.append(f"model.{key} = {shown}, the parent has {theirs}")
     return out
-
-
-def _scalar(t: Any) -> float:
-    return float(t.full_tensor() if hasattr(t, "full_tensor") else t)
 
 
 def _first_difference(a: Any, b: Any, path: str = "") -> str:

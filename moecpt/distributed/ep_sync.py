@@ -1,0 +1,217 @@
+"""Expert parallelism × data parallelism (``distributed.expert_parallel = N``): :class:`ExpertParallelSync`.
+
+The 2-D layout of :mod:`moecpt.distributed.mesh` (``[dp D, ep N]``, EP groups of consecutive ranks), built as
+torchtitan and Megatron-Core build it: EP borrows from DP, every rank reads its own rows of the batch.
+
+* **Experts**: each rank keeps its ``E / N`` experts of every MoE layer
+  (:class:`~moecpt.distributed.expert_parallel.ExpertParallelExperts`); tokens travel by all-to-all.
+* **Gradients**: the non-expert parameters are averaged over all ``W`` ranks by torch DDP, with the expert
+  parameters excluded from it (``_set_params_and_buffers_to_ignore_for_model``); the expert gradients, which already
+  hold the sum over the EP group's tokens, are summed over the expert-DP group (the ``D`` ranks holding the same
+  shard) in one bucketed all-reduce after the last micro-batch and divided by ``W``: exactly DDP's averaged gradient
+  ``(1/W) sum_r dL_r/dw``. DDP rather than FSDP2 on a 2-D mesh: the experts are the bulk of an MoE and are already
+  split ``N`` ways, DDP keeps the comm hook (bytes and the emulated link counted as for plain DDP) and the
+  checkpoint path stays the single-file one.
+* **Semantics** = DDP at world ``W``: the router, its aux / z losses (per rank and micro-batch, averaged through
+  the gradients, as DDP), capacity dropping (per rank, on its own ``T``) and the shared expert run on the token's
+  rank; bias-router loads and routing metrics are summed over all ``W`` ranks by the same per-step all-reduce as
+  DDP (:meth:`~moecpt.distributed.ddp.DataParallelSync.reduce_step`). The gradient norm (and clipping) is the
+  global one: non-expert part once, expert part summed over the EP group.
+* **Checkpoints** stay one file with the full model: rank 0 gathers the expert shards (weights and AdamW moments)
+  from its EP group; every rank loads the full file and keeps its slice (the scatter).
+* **Traffic**: ``all_to_all`` (dispatch, combine and their backward, plus the count exchange) apart from ``grads``
+  (DDP buckets) and ``expert_grads``; the emulated link delays each exchange.
+"""
+
+from __future__ import annotations
+
+import datetime
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from moecpt.distributed.accounting import allreduce_bytes
+from moecpt.distributed.ddp import DDPSync, _rank0_state
+from moecpt.distributed.expert_parallel import ExpertParallelExperts, routed_experts_of
+from moecpt.distributed.mesh import Mesh
+from moecpt.distributed.strategy import OptimizerFactory, Worker
+
+#: expert gradients are all-reduced in flat buckets of at most this many bytes (DDP's default bucket size)
+BUCKET_BYTES = 25 * 2**20
+A2A = "all_to_all"
+
+
+class ExpertParallelSync(DDPSync):
+    """DDP over the non-expert parameters, experts split over EP groups (module docstring). Every rank builds every
+    EP and expert-DP process group (``new_group`` is collective) in :meth:`__init__`."""
+
+    def __init__(self, *args: Any, mesh: Mesh, timeout_s: float, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.mesh = mesh
+        rank = self.info.rank
+        timeout = datetime.timedelta(seconds=timeout_s)
+        self.ep_group = self.expert_dp_group = None
+        self.ep_group0 = None  # rank 0's EP group: the checkpoint gather
+        for ranks in mesh.all_groups("ep"):
+            g = dist.new_group(ranks, timeout=timeout)
+            if rank in ranks:
+                self.ep_group = g
+            if 0 in ranks:
+                self.ep_group0 = g if rank in ranks else None
+        for ranks in mesh.all_groups("expert_dp"):
+            g = dist.new_group(ranks, timeout=timeout)
+            if rank in ranks:
+                self.expert_dp_group = g
+        self.ep_index = mesh.coords(rank)[2]
+        self.expert_names: list[str] = []
+        self.expert_params: list[nn.Parameter] = []
+        self._a2a_step0 = 0
+        self.a2a_bytes_last_step = 0
+
+    # ------------------------------------------------------------------------------------------------ set-up
+    def _record_a2a(self, sent: int, received: int, seconds: float) -> None:
+        t0 = time.perf_counter()
+        self.acct.link.delay(sent)
+        self.acct.record(A2A, sent, received, seconds + time.perf_counter() - t0)
+
+    def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer, make_optimizer: OptimizerFactory,
+              state: dict | None) -> list[Worker]:
+        """Cut every MoE layer's experts to this rank's shard, move the (loaded, full) optimizer state to a new
+        optimizer over the shards, and wrap the rest in DDP."""
+        full_state = optimizer.state_dict()
+        index = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
+        sliced: dict[int, slice] = {}
+        for fqn, layer in routed_experts_of(model):
+            full = layer.experts
+            ep = ExpertParallelExperts(full, self.ep_group, self.mesh.ep, self.ep_index, self._record_a2a)
+            lo = self.ep_index * ep.local_experts
+            for name in ("w_in", "w_out"):
+                sliced[index[id(getattr(full, name))]] = slice(lo, lo + ep.local_experts)
+                self.expert_names.append(f"{fqn}.experts.{name}")
+            layer.replace_experts(ep)
+            self.expert_params += [ep.w_in, ep.w_out]
+        sharded = make_optimizer(model)
+        if full_state["state"]:
+            st = dict(full_state["state"])
+            for i, sl in sliced.items():
+                if i in st:
+                    st[i] = {k: v[sl].clone() if _is_expert_state(v) else v for k, v in st[i].items()}
+            sharded.load_state_dict({**full_state, "state": st})
+        self._expert_index = sorted(sliced)
+        DDP._set_params_and_buffers_to_ignore_for_model(model, self.expert_names)
+        return super().setup(model, sharded, make_optimizer, state)
+
+    # ------------------------------------------------------------------------------------------------ the step
+    def begin_step(self) -> None:
+        super().begin_step()
+        self._a2a_step0 = self._a2a_total()
+
+    def _a2a_total(self) -> int:
+        k = self.acct.kinds.get(A2A, {})
+        return int(k.get("bytes_sent", 0) + k.get("bytes_received", 0))
+
+    def after_backward(self, workers: list[Worker]) -> None:
+        """Expert gradients: sum over the expert-DP group, divide by ``W`` (= DDP's mean). An expert shard that got no
+        token on any rank gets a zero gradient, as in one process (AdamW then steps it like every other)."""
+        for p in self.expert_params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        grads = [p.grad for p in self.expert_params]
+        W, D = self.num_workers, self.mesh.dp
+        for bucket in _buckets(grads, BUCKET_BYTES):
+            flat = torch.cat([g.reshape(-1) for g in bucket]).div_(W)
+            if D > 1:
+                t0 = time.perf_counter()
+                dist.all_reduce(flat, group=self.expert_dp_group)
+                sent = allreduce_bytes(flat.numel() * flat.element_size(), D)
+                self.acct.link.delay(sent)
+                self.acct.record("expert_grads", sent, sent, time.perf_counter() - t0)
+            off = 0
+            for g in bucket:
+                g.copy_(flat[off:off + g.numel()].view_as(g))
+                off += g.numel()
+
+    def grad_norm(self, model: nn.Module, clip: float | None) -> float:
+        """The global gradient norm ``sqrt(|non-expert|^2 + sum over the EP group of |expert shard|^2)``, clipped
+        as ``torch.nn.utils.clip_grad_norm_`` clips (``clip / (norm + 1e-6)``, at most 1) when ``clip`` is set."""
+        experts = {id(p) for p in self.expert_params}
+        params = [p for p in model.parameters() if p.grad is not None]
+        exp_sq = _sum_sq([p for p in params if id(p) in experts], self.device).reshape(1)
+        t0 = time.perf_counter()
+        dist.all_reduce(exp_sq, group=self.ep_group)
+        self.acct.record("stats", allreduce_bytes(4, self.mesh.ep), allreduce_bytes(4, self.mesh.ep),
+                         time.perf_counter() - t0)
+        total = torch.sqrt(_sum_sq([p for p in params if id(p) not in experts], self.device) + exp_sq[0])
+        if clip is not None:
+            coef = torch.clamp(clip / (total + 1e-6), max=1.0)
+            for p in params:
+                p.grad.mul_(coef.to(p.grad.dtype))
+        return float(total)
+
+    def after_optimizer_step(self, workers: list[Worker], step: int, boundary: bool) -> None:
+        self.a2a_bytes_last_step = self._a2a_total() - self._a2a_step0
+        super().after_optimizer_step(workers, step, boundary)
+
+    def record_fields(self) -> dict[str, Any]:
+        """DDP's cumulative fields, plus the all-to-all's: cumulative bytes (sent + received) and the last step's."""
+        return {**super().record_fields(), "a2a_bytes": self._a2a_total(), "a2a_bytes_step": self.a2a_bytes_last_step}
+
+    def meta(self) -> dict[str, Any]:
+        return {**super().meta(), "expert_parallel": self.mesh.ep}
+
+    def summary(self, tokens: int) -> dict[str, Any] | None:
+        return {**super().summary(tokens), "expert_parallel": self.mesh.ep}
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+    def checkpoint_state(self, workers: list[Worker]) -> tuple[dict | None, dict | None, dict | None]:
+        """The single-file format: rank 0 gathers the expert weights and their optimizer moments from its EP group
+        (a collective of that group; the RNG gather of every rank follows)."""
+        w = workers[0]
+        model_state, opt_state = w.model.state_dict(), w.optimizer.state_dict()
+        if self.ep_group0 is not None:
+            for name in self.expert_names:
+                model_state[name] = self._gather(model_state[name])
+            st = dict(opt_state["state"])
+            for i in self._expert_index:
+                if i in st:  # the same set on every rank: all stepped the same parameters
+                    st[i] = {k: self._gather(v) if _is_expert_state(v) else v for k, v in st[i].items()}
+            opt_state = {**opt_state, "state": st}
+        return _rank0_state(self, model_state, opt_state)
+
+    def _gather(self, t: torch.Tensor) -> torch.Tensor | None:
+        """The full ``[E, ...]`` tensor on rank 0 (on the host: one expert tensor at a time on the device)."""
+        t = t.detach().contiguous()
+        full = t.new_empty(self.mesh.ep * t.shape[0], *t.shape[1:]) if self.info.is_main else None
+        dist.gather(t, list(full.chunk(self.mesh.ep)) if full is not None else None, dst=0, group=self.ep_group0)
+        return full.cpu() if full is not None else None
+
+
+def _sum_sq(params: list[nn.Parameter], device: torch.device) -> torch.Tensor:
+    """``sum |grad|^2`` over ``params`` in fp32 (per-tensor norms first, as ``clip_grad_norm_``); 0 for none."""
+    if not params:
+        return torch.zeros((), device=device)
+    return torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in params]).square().sum()
+
+
+def _is_expert_state(v: Any) -> bool:
+    """An optimizer state entry shaped like its expert parameter (AdamW's moments), not a scalar ``step``."""
+    return isinstance(v, torch.Tensor) and v.dim() >= 3
+
+
+def _buckets(tensors: list[torch.Tensor], limit: int) -> list[list[torch.Tensor]]:
+    """Consecutive groups of at most ``limit`` bytes each (a larger tensor alone), grouped by dtype and device."""
+    out: list[list[torch.Tensor]] = []
+    size = 0
+    for t in tensors:
+        n = t.numel() * t.element_size()
+        if out and size + n <= limit and (out[-1][0].dtype, out[-1][0].device) == (t.dtype, t.device):
+            out[-1].append(t)
+            size += n
+        else:
+            out.append([t])
+            size = n
+    return out

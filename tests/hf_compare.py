@@ -1,0 +1,60 @@
+"""Helpers shared by the interop tests that compare moecpt with transformers (the forwards themselves are in
+:mod:`moecpt.interop.testing`): the tiny-model fixture body (save, optionally re-save in bf16, import) and the
+export -> reload -> re-import check."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from moecpt.interop.hf_export import export_hf
+from moecpt.interop.hf_import import import_hf
+from moecpt.interop.testing import VOCAB, hf_forward, ours_forward, same_topk, save_tiny_hf
+from moecpt.train.checkpoint import load_checkpoint, load_model
+
+TOL = 1e-5
+
+
+def ids_of(seed: int = 1, n: int = 24) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (2, n), generator=torch.Generator().manual_seed(seed))
+
+
+def tiny_imported(root: Path, name: str, family: str, overrides: dict, shard: str | None):
+    """Save a tiny transformers model of ``family`` (``overrides``; ``dtype`` re-saves it in that dtype: router
+    weight and bias stay fp32, as transformers keeps them), import it; ``(name, family, hf, folder, ckpt)``."""
+    import transformers
+
+    overrides = dict(overrides)
+    dtype = overrides.pop("dtype", None)
+    folder = root / f"{name}-hf"
+    hf = save_tiny_hf(family, folder, seed=len(name), max_shard_size=shard, **overrides)
+    if dtype:
+        hf = hf.to(getattr(torch, dtype))
+        hf.save_pretrained(str(folder))
+        hf = transformers.AutoModelForCausalLM.from_pretrained(str(folder)).eval()
+    ckpt = root / f"{name}-ckpt"
+    import_hf(folder, ckpt)
+    return name, family, hf, folder, ckpt
+
+
+def check_export_reload_reimport(root: Path, name: str, family: str, ckpt: Path, shard_size: str = "50KB") -> None:
+    """Export ``ckpt`` in shards, reload it with ``AutoModelForCausalLM`` (no missing / unexpected / mismatched
+    keys), compare logits and experts, re-import the export: the same config and bit-identical tensors."""
+    import transformers
+
+    out = root / f"{name}-export"
+    summary = export_hf(ckpt, out, max_shard_size=shard_size)
+    assert summary["family"] == family and len(summary["shards"]) > 1
+    hf, info = transformers.AutoModelForCausalLM.from_pretrained(str(out), output_loading_info=True)
+    assert not (info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"])
+    ids = ids_of(3)
+    hf_logits, hf_topk = hf_forward(hf.float().eval(), ids)
+    logits, topk = ours_forward(load_model(ckpt), ids)
+    assert (hf_logits - logits).abs().max().item() <= TOL and same_topk(hf_topk, topk)
+    again = root / f"{name}-reimported"
+    import_hf(out, again)
+    a, b = load_checkpoint(ckpt), load_checkpoint(again)
+    assert a.meta["model_config"] == b.meta["model_config"]
+    sa, sb = a.model_state(), b.model_state()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
