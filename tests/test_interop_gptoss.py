@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 transformers = pytest.importorskip("transformers")
 
+from hf_compare import TOL, check_export_reload_reimport, ids_of, tiny_imported  # noqa: E402
 from transformers.integrations.mxfp4 import _convert_moe_packed_tensors  # noqa: E402
 
 from moecpt.config import ModelConfig, YarnConfig, recipe_from_dict  # noqa: E402
@@ -44,7 +45,6 @@ from moecpt.train.trainer import Trainer  # noqa: E402
 
 transformers.utils.logging.disable_progress_bar()
 
-TOL = 1e-5
 #: every window (4) is shorter than the 24-token test sequences and the 26-token greedy runs
 VARIANTS = {
     "gpt_oss": ("gpt_oss", {}),
@@ -59,8 +59,7 @@ VARIANTS = {
 }
 
 
-def _ids(seed: int = 1, n: int = 24) -> torch.Tensor:
-    return torch.randint(0, VOCAB, (2, n), generator=torch.Generator().manual_seed(seed))
+_ids = ids_of
 
 
 @pytest.fixture(scope="module")
@@ -72,12 +71,7 @@ def root(tmp_path_factory) -> Path:
 def variant(request, root):
     name = request.param
     family, overrides = VARIANTS[name]
-    folder = root / f"{name}-hf"
-    hf = save_tiny_hf(family, folder, seed=len(name), max_shard_size="60KB" if "sharded" in name else None,
-                      **overrides)
-    ckpt = root / f"{name}-ckpt"
-    import_hf(folder, ckpt)
-    return name, family, hf, folder, ckpt
+    return tiny_imported(root, name, family, overrides, "60KB" if "sharded" in name else None)
 
 
 def test_import_max_logit_difference_same_experts_and_greedy_text_past_the_window(variant):
@@ -110,24 +104,11 @@ def test_import_max_logit_difference_same_experts_and_greedy_text_past_the_windo
 
 def test_export_loads_in_transformers_and_reimports(variant, root):
     name, family, hf_src, _, ckpt = variant
-    out = root / f"{name}-export"
-    assert export_hf(ckpt, out)["family"] == family
-    written = json.loads((out / "config.json").read_text())
+    check_export_reload_reimport(root, name, family, ckpt)
+    written = json.loads((root / f"{name}-export" / "config.json").read_text())
     assert written["max_position_embeddings"] == hf_src.config.max_position_embeddings
-    hf, info = transformers.AutoModelForCausalLM.from_pretrained(str(out), output_loading_info=True)
-    assert not (info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"])
     if hasattr(hf_src.config, "layer_types"):
-        assert hf.config.layer_types == hf_src.config.layer_types
-    ids = _ids(3)
-    hf_logits, hf_topk = hf_forward(hf.float().eval(), ids)
-    logits, topk = ours_forward(load_model(ckpt), ids)
-    assert (hf_logits - logits).abs().max().item() <= TOL and same_topk(hf_topk, topk)
-    again = root / f"{name}-reimported"
-    import_hf(out, again)
-    a, b = load_checkpoint(ckpt), load_checkpoint(again)
-    assert a.meta["model_config"] == b.meta["model_config"]
-    sa, sb = a.model_state(), b.model_state()
-    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+        assert written["layer_types"] == hf_src.config.layer_types
 
 
 def test_gptoss_cpt_then_export(root):
