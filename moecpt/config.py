@@ -84,6 +84,7 @@ class RouterConfig(_Strict):
     routed_scale: float = Field(1.0, gt=0.0, description="routed gates x this (DeepSeek-V3 routed_scaling_factor)")
     seq_aux_loss_weight: float = Field(
         0.0, ge=0.0, description="weight of DeepSeek-V3's sequence-wise balance loss (paper: 1e-4); 0 = off")
+    logit_bias: bool = Field(False, description="a learned bias on the router logits (GPT-OSS mlp.router.bias)")
 
     @model_validator(mode="after")
     def _check(self) -> "RouterConfig":
@@ -122,6 +123,7 @@ class MoEConfig(_Strict):
     shared_expert_width: int | None = Field(
         None, ge=1, description="total shared FFN width; default n_shared * expert_width")
     shared_expert_gate: bool = Field(False, description="sigmoid gate on the shared expert output (Qwen2-MoE)")
+    expert_bias: bool = Field(False, description="biases on the routed experts' in / out projections (GPT-OSS)")
     capacity_factor: float | None = Field(
         None, gt=0.0, description="Switch capacity factor with token dropping; None = dropless"
     )
@@ -193,6 +195,28 @@ class MLAConfig(_Strict):
 class FFNKind(StrEnum):
     GEGLU = "geglu"
     SWIGLU = "swiglu"
+    #: GPT-OSS's clamped SwiGLU (OpenAI 2025, arXiv 2508.10925): ``(clamp(up, ±7) + 1) * g * sigmoid(1.702 g)``,
+    #: ``g = min(gate, 7)`` (moecpt.model.glu.clamped_swiglu)
+    SWIGLU_CLAMPED = "swiglu_clamped"
+
+
+class AttnKind(StrEnum):
+    """A layer's attention span (transformers' ``layer_types``)."""
+
+    FULL = "full"  # every earlier position
+    SLIDING = "sliding"  # the last ``sliding_window`` positions, itself included: keys in (t - W, t]
+
+
+class YarnConfig(_Strict):
+    """YaRN RoPE scaling (Peng et al. 2024, arXiv 2309.00071; transformers ``rope_type = "yarn"``); see
+    :mod:`moecpt.model.yarn`."""
+
+    factor: float = Field(gt=0, description="context extension factor (GPT-OSS: 32)")
+    original_max_position_embeddings: int = Field(ge=1, description="the pre-extension context (GPT-OSS: 4096)")
+    beta_fast: float = Field(32.0, gt=0, description="dims turning more often than this keep their frequency")
+    beta_slow: float = Field(1.0, gt=0, description="dims turning less often than this are interpolated")
+    truncate: bool = Field(True, description="floor / ceil the correction range (GPT-OSS: false)")
+    attention_factor: float | None = Field(None, gt=0, description="cos / sin multiplier; None = 0.1 ln(factor) + 1")
 
 
 class ModelConfig(_Strict):
@@ -210,8 +234,15 @@ class ModelConfig(_Strict):
     max_seq_len: int = Field(128, ge=1)
     rope_theta: float = Field(500_000.0, gt=0)
     rotary_fraction: float = Field(1.0, gt=0.0, le=1.0, description="share of each head's dims that RoPE rotates")
+    rope_yarn: YarnConfig | None = Field(None, description="YaRN RoPE scaling (GPT-OSS); None = plain RoPE")
     qk_norm: QKNorm = Field(QKNorm.NONE, description="RMSNorm on queries/keys: per head (Qwen3-MoE) or full (OLMoE)")
     attn_bias: bool = Field(False, description="bias on q/k/v projections (Qwen2-MoE)")
+    attn_out_bias: bool = Field(False, description="bias on the attention output projection (GPT-OSS)")
+    attn_sinks: bool = Field(False, description="a learned per-head logit in the softmax denominator (GPT-OSS)")
+    sliding_window: int | None = Field(
+        None, ge=1, description="window W of the sliding layers: token t attends to keys (t - W, t]; None = none")
+    layer_types: list[AttnKind] | None = Field(
+        None, description="per-layer full | sliding; None = every layer sliding if sliding_window is set, else full")
     tie_embeddings: bool = False
     norm_eps: float = Field(1e-5, gt=0)
     init_std: float = Field(0.02, gt=0)
@@ -237,6 +268,10 @@ class ModelConfig(_Strict):
             )
         if self.attention == AttentionKind.MLA:
             self._check_mla()
+            odd = [k for k in ("sliding_window", "attn_sinks", "attn_out_bias") if getattr(self, k)]
+            if odd:
+                raise ValueError(f"model.{', model.'.join(odd)} apply to attention = 'gqa' only (MLA has none); "
+                                 "drop them or use attention = 'gqa'")
         elif self.mla is not None:
             raise ValueError("model.mla is set but model.attention = 'gqa'; set attention = 'mla' or drop [model.mla]")
         rot = int(self.resolved_head_dim * self.rotary_fraction)
@@ -245,6 +280,11 @@ class ModelConfig(_Strict):
                 f"model.rotary_fraction={self.rotary_fraction} gives {rot} rotary dims; it must give an even "
                 f"number >= 2 of the head's {self.resolved_head_dim}"
             )
+        if self.layer_types is not None and len(self.layer_types) != self.n_layers:
+            raise ValueError(f"model.layer_types has {len(self.layer_types)} entries for model.n_layers="
+                             f"{self.n_layers}; give one 'full' or 'sliding' per layer")
+        if self.sliding_window is None and AttnKind.SLIDING in (self.layer_types or []):
+            raise ValueError("model.layer_types has 'sliding' layers but model.sliding_window is not set; set it")
         if self.moe is not None and self.moe.expert_width is None and self.ffn_width % self.moe.granularity:
             raise ValueError(
                 f"model.moe.granularity={self.moe.granularity} does not divide model.ffn_width={self.ffn_width}; "
@@ -283,6 +323,14 @@ class ModelConfig(_Strict):
     def resolved_expert_width(self) -> int:
         assert self.moe is not None
         return self.moe.expert_width or self.ffn_width // self.moe.granularity
+
+    def window_of(self, layer_idx: int) -> int | None:
+        """The attention window of layer ``layer_idx``: ``sliding_window`` on a sliding layer, else None (full)."""
+        if self.sliding_window is None:
+            return None
+        if self.layer_types is None or self.layer_types[layer_idx] == AttnKind.SLIDING:
+            return self.sliding_window
+        return None
 
     def is_moe_layer(self, layer_idx: int) -> bool:
         moe = self.moe

@@ -156,13 +156,14 @@ def my_study(ws: Path) -> None:
     (ws / "my-study.toml").write_text(re.search(r'```toml\n(name = "my-study".*?)```', text, re.S)[1], "utf-8")
 
 
-def hf_folder(where: str) -> Callable[[Path], None]:
-    """A tiny random OLMoE saved by transformers (config.json, safetensors, tokenizer.json) at ``where``."""
+def hf_folder(where: str, family: str = "olmoe") -> Callable[[Path], None]:
+    """A tiny random model of ``family`` saved by transformers (config.json, safetensors, tokenizer.json) at
+    ``where``."""
 
     def setup(ws: Path) -> None:
         from moecpt.interop.testing import save_tiny_hf
 
-        save_tiny_hf("olmoe", ws / where)
+        save_tiny_hf(family, ws / where)
 
     return setup
 
@@ -314,6 +315,14 @@ COMMANDS: list[C] = [
     C(R, "moecpt cpt --recipe my-cpt.toml --from ckpt/olmoe --out runs/olmoe-code",
       setup=cpt_recipe("my-cpt.toml", "data/code", "{ code = 1.0 }"), append=("--progress", "none")),
     C(R, "moecpt export-hf runs/olmoe-code --out hf/olmoe-code"),
+    # README: GPT-OSS (a tiny random GPT-OSS with a window of 4 stands in for gpt-oss-20b)
+    C(R, "moecpt import-hf path/to/gpt-oss-20b --out ckpt/gpt-oss",
+      setup=hf_folder("path/to/gpt-oss-20b", "gpt_oss")),
+    C(R, "moecpt data prepare --source 'code=my-code/*.jsonl' --tokenizer ckpt/gpt-oss/tokenizer.json --out "
+         "data/code-gptoss"),
+    C(R, "moecpt cpt --recipe my-gptoss-cpt.toml --from ckpt/gpt-oss --out runs/gpt-oss-code",
+      setup=cpt_recipe("my-gptoss-cpt.toml", "data/code-gptoss", "{ code = 1.0 }"), append=("--progress", "none")),
+    C(R, "moecpt export-hf runs/gpt-oss-code --out hf/gpt-oss-code --dtype bf16"),
     # README: many machines (torchrun: 2 gloo processes on the CPU)
     C(R, "torchrun --nproc-per-node 2 -m moecpt pretrain --recipe recipes/smoke.toml --out runs/ddp",
       append=RUN, shell=True),

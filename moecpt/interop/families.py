@@ -45,6 +45,14 @@ the half-rotation layout (as moecpt), those multi-head latent attention (:mod:`m
   (V2-Lite: no query latent) and softmax routing, ``greedy`` or ``group_limited_greedy`` (groups scored by their
   best expert), gates scaled by ``routed_scaling_factor``; shared experts, dense first layers.
 
+* **GPT-OSS** (``gpt_oss``) -- OpenAI 2025, "gpt-oss-120b & gpt-oss-20b Model Card" (arXiv 2508.10925); model
+  cards ``openai/gpt-oss-20b``, ``openai/gpt-oss-120b``. Attention sinks, alternating sliding-window / full layers,
+  biases on q/k/v/o, the router and the experts, the clamped SwiGLU with gate / up interleaved, YaRN RoPE and MXFP4
+  experts (dequantised on import) (:class:`GptOss`).
+
+Sliding windows (Mixtral, Qwen2/3-MoE, dots1, GPT-OSS) are kept as moecpt's ``sliding_window`` / ``layer_types``,
+mapped as transformers 5 builds its masks (:meth:`Family.attention_layers`).
+
 Router balancing: the four softmax families train with a Switch-style load-balancing loss
 (``router_aux_loss_coef``), so an imported router is a moecpt ``penalty`` router (GLM-4.5 and dots.llm1: a
 ``bias`` router, :class:`Glm4Moe`). transformers' loss is ``E * sum_k sum_i f_ki P_i``, which is ``K`` at perfect
@@ -64,6 +72,7 @@ import torch
 
 from moecpt.config import (
     AttentionKind,
+    AttnKind,
     FFNKind,
     GroupScore,
     ModelConfig,
@@ -75,12 +84,15 @@ from moecpt.config import (
     build_section,
 )
 from moecpt.errors import MoecptError
+from moecpt.interop.mxfp4 import dequantize_mxfp4, mxfp4_shapes
 from moecpt.model.flops import attention_head_dims
+from moecpt.model.glu import SWIGLU_ALPHA, SWIGLU_LIMIT
 from moecpt.model.transformer import build_model
 
 #: transformers ``hidden_act`` names -> moecpt FFN kind (``gelu_pytorch_tanh`` is moecpt's tanh-GELU GEGLU).
 _ACT_TO_FFN = {"silu": FFNKind.SWIGLU, "swish": FFNKind.SWIGLU, "gelu_pytorch_tanh": FFNKind.GEGLU}
-_FFN_TO_ACT = {FFNKind.SWIGLU: "silu", FFNKind.GEGLU: "gelu_pytorch_tanh"}
+_FFN_TO_ACT = {FFNKind.SWIGLU: "silu", FFNKind.GEGLU: "gelu_pytorch_tanh",
+               FFNKind.SWIGLU_CLAMPED: "silu"}  # GPT-OSS's config says silu; its experts apply the clamped form
 
 
 # ---------------------------------------------------------------------------------------------- tensor pieces
@@ -95,6 +107,8 @@ class PieceOp(StrEnum):
     FUSED_OUT = "fused_out"
     ROPE_PAIRS = "rope_pairs"  # q / k rows of interleaved-pair RoPE -> moecpt's half rotation (index: heads, A)
     ROW = "row"  # dst [N] = src[0], src [1, N] (Ernie-4.5's e_score_correction_bias)
+    DEINTERLEAVE = "deinterleave"  # GPT-OSS gate_up [..., 2F] with gate / up interleaved -> [gate | up]
+    MXFP4 = "mxfp4"  # src = (blocks, scales) of GPT-OSS's MXFP4 experts, dequantised (index: (deinterleave,))
 
 
 @dataclass(frozen=True)
@@ -120,8 +134,10 @@ def _shape_of(dst_shape: tuple[int, ...], op: PieceOp, index: tuple[int, ...]) -
         return (index[2] - index[1], dst_shape[1])
     if op == PieceOp.EXPERT_OUT:  # dst [E, F, D] -> src [D, F]
         return (dst_shape[2], dst_shape[1])
-    if op == PieceOp.ROPE_PAIRS:
+    if op in (PieceOp.ROPE_PAIRS, PieceOp.DEINTERLEAVE):
         return dst_shape
+    if op == PieceOp.MXFP4:
+        return mxfp4_shapes(dst_shape)[0]
     if op == PieceOp.ROW:
         return (1, *dst_shape)
     return (dst_shape[0], dst_shape[2], dst_shape[1])  # FUSED_IN / FUSED_OUT
@@ -133,6 +149,17 @@ def rope_pair_order(head_dim: int) -> torch.Tensor:
     moecpt and LLaMA): ``half = interleaved[..., order]``. Attention scores are unchanged when q and k are permuted
     alike, so the conversion is exact (it is the permutation of Meta's LLaMA-to-transformers converter)."""
     return torch.cat([torch.arange(0, head_dim, 2), torch.arange(1, head_dim, 2)])
+
+
+def deinterleave(src):
+    """``[..., 2F]`` with gate / up interleaved (GPT-OSS ``gate_up[..., ::2]`` / ``[..., 1::2]``) -> ``[gate | up]``."""
+    return torch.cat([src[..., 0::2], src[..., 1::2]], dim=-1)
+
+
+def interleave(dst):
+    """Inverse of :func:`deinterleave`: ``[gate | up]`` -> gate / up interleaved (a contiguous copy)."""
+    gate, up = dst.chunk(2, dim=-1)
+    return torch.stack([gate, up], dim=-1).flatten(-2)
 
 
 def _per_head(w, piece: Piece):
@@ -149,6 +176,10 @@ def place(dst, src, piece: Piece) -> None:
         _per_head(dst, piece).copy_(_per_head(src, piece)[:, rope_pair_order(ix[1])])
     elif op == PieceOp.ROW:
         dst.copy_(src[0])
+    elif op == PieceOp.DEINTERLEAVE:
+        dst.copy_(deinterleave(src))
+    elif op == PieceOp.MXFP4:
+        dequantize_mxfp4(*src, out=dst, transform=deinterleave if ix[0] else None)  # expert by expert
     elif op == PieceOp.ROWS:
         dst[ix[0]:ix[1]].copy_(src)
     elif op == PieceOp.EXPERT_IN:
@@ -168,6 +199,8 @@ def extract(dst, piece: Piece):
         out = _per_head(dst, piece)[:, torch.argsort(rope_pair_order(ix[1]))].reshape(dst.shape)
     elif op == PieceOp.ROW:
         out = dst[None]
+    elif op == PieceOp.DEINTERLEAVE:
+        out = interleave(dst)
     elif op == PieceOp.ROWS:
         out = dst[ix[0]:ix[1]]
     elif op == PieceOp.EXPERT_IN:
@@ -197,6 +230,9 @@ class Family:
     has_dense_layers: bool = False  # decoder_sparse_step / mlp_only_layers
     shared_name: str = "shared_expert"  # the shared FFN's module name (GLM-4.5 / DeepSeek: shared_experts)
     multipliers: bool = False  # has Granite's embedding / residual / attention / logits multipliers
+    gptoss_features: bool = False  # has GPT-OSS's sinks, o-proj / router / expert biases, clamped SwiGLU
+    yarn: bool = False  # reads / writes YaRN rope_parameters (moecpt.model.yarn)
+    mxfp4: bool = False  # dequantises MXFP4 checkpoints (quantization_config.quant_method = "mxfp4")
     attention: AttentionKind = AttentionKind.GQA
 
     # -------------------------------------------------------------------------------------------- config
@@ -245,6 +281,10 @@ class Family:
     def ignored_note(self, hf: dict) -> str:
         return ""
 
+    def checkpoint_pieces(self, hf: dict, pieces: list[Piece]) -> list[Piece]:
+        """The pieces as this checkpoint stores them (hook: GPT-OSS's MXFP4 experts); default unchanged."""
+        return pieces
+
     def num_experts(self, hf: dict) -> int:
         for key in (self.num_experts_key, "num_experts", "num_local_experts"):
             if hf.get(key) is not None:
@@ -269,7 +309,8 @@ class Family:
         """
         notes: list[str] = []
         quant = hf.get("quantization_config")
-        if quant:  # DeepSeek-V3 / Kimi-K2 ship fp8 blocks with scale tensors: refuse before the tensor check
+        mxfp4 = self.mxfp4 and isinstance(quant, dict) and quant.get("quant_method") == "mxfp4"
+        if quant and not mxfp4:  # DeepSeek-V3 / Kimi-K2's fp8 blocks + scale tensors: refuse before the tensor check
             method = quant.get("quant_method", "?") if isinstance(quant, dict) else quant
             raise self._fail(f"quantization_config ({method}) is set: quantised checkpoints are not supported; "
                              "import a bf16 / fp32 copy of the weights")
@@ -279,18 +320,16 @@ class Family:
             raise self._fail(f"hidden_act = {act!r} has no moecpt equivalent; supported: {', '.join(_ACT_TO_FFN)}")
         for rope in (hf.get("rope_parameters"), hf.get("rope_scaling")):  # either may carry the scaling
             rope_type = rope.get("rope_type", rope.get("type")) if isinstance(rope, dict) else None
-            if rope_type not in (None, "default"):
-                raise self._fail(f"RoPE scaling {rope_type!r} is not supported (moecpt has plain RoPE only, so "
-                                 "no YaRN and no mscale softmax adjustment)")
+            if rope_type not in (None, "default") and not (rope_type == "yarn" and self.yarn):
+                raise self._fail(f"RoPE scaling {rope_type!r} is not supported (moecpt has plain RoPE, and YaRN "
+                                 "for gpt_oss only; no mscale softmax adjustment)")
         rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type")) if isinstance(rope, dict) else None
         theta = (rope.get("rope_theta") if isinstance(rope, dict) else None) or self.get(hf, "rope_theta")
         d_model, n_heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
         n_layers = int(hf["num_hidden_layers"])
         max_seq = int(self.get(hf, "max_position_embeddings"))
-        window = self.sliding_window(hf)
-        if window is not None and window < max_seq:
-            notes.append(f"sliding window {window}: max_seq_len set to {window} (attention is then unwindowed)")
-            max_seq = window
+        window, layer_types = _normal_windows(*self.attention_layers(hf, n_layers))
         E, K = self.num_experts(hf), int(self.get(hf, "num_experts_per_tok"))
         if E < 1:
             raise self._fail("num_experts = 0: the model has no MoE layers; import MoE models only")
@@ -315,6 +354,8 @@ class Family:
             "vocab_size": int(hf["vocab_size"]), "d_model": d_model, "n_layers": n_layers, "n_heads": n_heads,
             **self.attention_fields(hf, d_model, n_heads), "ffn_width": int(self.get(hf, "intermediate_size")),
             "ffn_kind": _ACT_TO_FFN[act].value, "max_seq_len": max_seq, "rope_theta": float(theta),
+            "rope_yarn": _yarn_of(self, rope) if rope_type == "yarn" else None, "sliding_window": window,
+            "layer_types": None if layer_types is None else [t.value for t in layer_types],
             "tie_embeddings": bool(self.get(hf, "tie_word_embeddings", False)),
             "norm_eps": float(self.get(hf, "rms_norm_eps")),
             "init_std": float(self.get(hf, "initializer_range", 0.02)), "moe": moe,
@@ -335,7 +376,15 @@ class Family:
             raise self._fail(f"hidden_size {d_model} is not divisible by num_attention_heads {n_heads}")
         return d_model // n_heads
 
-    def sliding_window(self, hf: dict) -> int | None:
+    def attention_layers(self, hf: dict, n_layers: int) -> tuple[int | None, list[AttnKind] | None]:
+        """``(window, per-layer kinds)`` of the config, as transformers 5 builds its masks (hook; default: every
+        layer full). ``kinds = None`` with a window means every layer sliding."""
+        return None, None
+
+    def window_why_not(self, cfg: ModelConfig) -> str | None:
+        """Why this family cannot hold ``cfg``'s attention windows (hook; default: it has none)."""
+        if any(t == AttnKind.SLIDING for t in attn_kinds(cfg)):
+            return f"{self.name} has no sliding-window attention; this model has sliding_window = {cfg.sliding_window}"
         return None
 
     # --------------------------------------------------------------------------------------------- export
@@ -476,6 +525,32 @@ class Family:
         return f"{self.name} has multi-head latent attention; this model has attention = {cfg.attention.value!r}"
 
 
+def _yarn_of(family: Family, rope: dict) -> dict[str, Any]:
+    """moecpt's ``rope_yarn`` of a transformers YaRN ``rope_parameters`` dict (DeepSeek's mscale keys refused)."""
+    for key in ("mscale", "mscale_all_dim"):
+        if rope.get(key):
+            raise family._fail(f"YaRN with {key} (DeepSeek-V2/V3's attention scaling) is not supported")
+    if rope.get("factor") is None or rope.get("original_max_position_embeddings") is None:
+        raise family._fail("YaRN rope_parameters need factor and original_max_position_embeddings")
+    return {"factor": float(rope["factor"]),
+            "original_max_position_embeddings": int(rope["original_max_position_embeddings"]),
+            "beta_fast": float(rope.get("beta_fast") or 32.0), "beta_slow": float(rope.get("beta_slow") or 1.0),
+            "truncate": bool(rope.get("truncate", True)), "attention_factor": rope.get("attention_factor")}
+
+
+def _yarn_params(cfg: ModelConfig) -> dict[str, Any]:
+    """transformers 5's ``rope_parameters`` of ``cfg`` (default, or YaRN from ``cfg.rope_yarn``)."""
+    if cfg.rope_yarn is None:
+        return {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    y = cfg.rope_yarn
+    out = {"rope_type": "yarn", "rope_theta": cfg.rope_theta, "factor": y.factor, "beta_fast": y.beta_fast,
+           "beta_slow": y.beta_slow, "truncate": y.truncate,
+           "original_max_position_embeddings": y.original_max_position_embeddings}
+    if y.attention_factor is not None:
+        out["attention_factor"] = y.attention_factor
+    return out
+
+
 def _layout_of(moe_mask: list[bool]) -> dict[str, Any] | None:
     """moecpt layout fields that make exactly the layers of ``moe_mask`` MoE, or None."""
     n = len(moe_mask)
@@ -487,6 +562,54 @@ def _layout_of(moe_mask: list[bool]) -> dict[str, Any] | None:
     first = moe_mask.index(True) if any(moe_mask) else n
     if first < n and moe_mask == [i >= first for i in range(n)]:
         return {"layout": MoELayout.AFTER_DENSE.value, "first_dense": first}
+    return None
+
+
+def attn_kinds(cfg: ModelConfig) -> list[AttnKind]:
+    """Every layer's attention kind (``full`` / ``sliding``) of ``cfg``."""
+    return [AttnKind.FULL if cfg.window_of(i) is None else AttnKind.SLIDING for i in range(cfg.n_layers)]
+
+
+_HF_KINDS = {"full_attention": AttnKind.FULL, "sliding_attention": AttnKind.SLIDING}
+
+
+def hf_layer_types(hf: dict, family: str) -> list[AttnKind] | None:
+    """transformers' ``layer_types`` of ``hf`` as :class:`AttnKind` (None when the config has none).
+
+    Raises:
+        MoecptError: a kind other than full / sliding attention, or not one per layer.
+    """
+    types = hf.get("layer_types")
+    if types is None:
+        return None
+    bad = sorted({t for t in types if t not in _HF_KINDS})
+    if bad:
+        raise MoecptError(f"{family} config: layer_types {bad} are not supported (full_attention and "
+                          "sliding_attention are)")
+    if len(types) != int(hf["num_hidden_layers"]):
+        raise MoecptError(f"{family} config: layer_types has {len(types)} entries for num_hidden_layers = "
+                          f"{hf['num_hidden_layers']}; give one per layer")
+    return [_HF_KINDS[t] for t in types]
+
+
+def _hf_types(cfg: ModelConfig) -> list[str]:
+    return [{AttnKind.FULL: "full_attention", AttnKind.SLIDING: "sliding_attention"}[t] for t in attn_kinds(cfg)]
+
+
+def _normal_windows(window: int | None, types: list[AttnKind] | None) -> tuple[int | None, list[AttnKind] | None]:
+    """One spelling per attention pattern: no window when no layer slides, ``layer_types = None`` when all do."""
+    if window is None or (types is not None and AttnKind.SLIDING not in types):
+        return None, None
+    if types is None or all(t == AttnKind.SLIDING for t in types):
+        return window, None
+    return window, types
+
+
+def _uniform_window_why_not(name: str, cfg: ModelConfig) -> str | None:
+    """For families with one window for every layer or none (Mixtral, Qwen3-MoE)."""
+    kinds = attn_kinds(cfg)
+    if AttnKind.SLIDING in kinds and AttnKind.FULL in kinds:
+        return f"{name} windows every layer or none; this model mixes full and sliding layers (layer_types)"
     return None
 
 
@@ -584,9 +707,12 @@ class Mixtral(Family):
     def renormalize(self, hf: dict) -> bool:
         return True  # softmax over the top-k logits == softmax top-k renormalised
 
-    def sliding_window(self, hf: dict) -> int | None:
+    def attention_layers(self, hf: dict, n_layers: int) -> tuple[int | None, list[AttnKind] | None]:
         w = hf.get("sliding_window")
-        return int(w) if w else None
+        return (int(w) if w else None), None  # one window for every layer
+
+    def window_why_not(self, cfg: ModelConfig) -> str | None:
+        return _uniform_window_why_not(self.name, cfg)
 
     def why_not(self, cfg: ModelConfig) -> str | None:
         if cfg.qk_norm != QKNorm.NONE:
@@ -603,25 +729,29 @@ class Mixtral(Family):
 
     def hf_config_extra(self, cfg: ModelConfig) -> dict[str, Any]:
         return {"intermediate_size": cfg.resolved_expert_width, "head_dim": cfg.resolved_head_dim,
-                "sliding_window": None, "router_jitter_noise": 0.0}
+                "sliding_window": cfg.sliding_window if AttnKind.SLIDING in attn_kinds(cfg) else None,
+                "router_jitter_noise": 0.0}
 
 
 # ------------------------------------------------------------------------------------------------- Qwen2-MoE
 class _Qwen(Family):
     has_dense_layers = True
 
-    def sliding_window(self, hf: dict) -> int | None:
-        if not hf.get("use_sliding_window"):
-            return None
+    def attention_layers(self, hf: dict, n_layers: int) -> tuple[int | None, list[AttnKind] | None]:
+        """Qwen3-MoE (transformers 5): ``sliding_window`` on every layer when ``use_sliding_window``."""
         w = hf.get("sliding_window")
-        return int(w) if w else None
+        return (int(w) if hf.get("use_sliding_window") and w else None), None
+
+    def window_why_not(self, cfg: ModelConfig) -> str | None:
+        return _uniform_window_why_not(self.name, cfg)
 
     def _layers_extra(self, cfg: ModelConfig) -> dict[str, Any]:
+        slides = AttnKind.SLIDING in attn_kinds(cfg)
         return {"intermediate_size": cfg.ffn_width, "moe_intermediate_size": cfg.resolved_expert_width,
                 "decoder_sparse_step": 1, "norm_topk_prob": _renorm(cfg),
                 "mlp_only_layers": [i for i in range(cfg.n_layers) if not cfg.is_moe_layer(i)],
-                "head_dim": cfg.resolved_head_dim, "use_sliding_window": False, "sliding_window": None,
-                "max_window_layers": cfg.n_layers}
+                "head_dim": cfg.resolved_head_dim, "use_sliding_window": slides,
+                "sliding_window": cfg.sliding_window if slides else None, "max_window_layers": cfg.n_layers}
 
 
 class Qwen2MoE(_Qwen):
@@ -641,6 +771,21 @@ class Qwen2MoE(_Qwen):
 
     def attn_bias(self, hf: dict) -> bool:
         return bool(self.get(hf, "qkv_bias", True))  # transformers < 5 hard-codes the q/k/v biases
+
+    def attention_layers(self, hf: dict, n_layers: int) -> tuple[int | None, list[AttnKind] | None]:
+        """transformers 5's Qwen2-MoE: ``layer_types`` if the config has them, else sliding on the even-numbered
+        layers (0, 2, ...) below ``max_window_layers`` when ``use_sliding_window``."""
+        w = hf.get("sliding_window")
+        if not hf.get("use_sliding_window") or not w:
+            return None, None
+        types = hf_layer_types(hf, self.name)
+        if types is None:
+            m = int(self.get(hf, "max_window_layers", 28))
+            types = [AttnKind.SLIDING if (i + 1) % 2 and i < m else AttnKind.FULL for i in range(n_layers)]
+        return int(w), types
+
+    def window_why_not(self, cfg: ModelConfig) -> str | None:
+        return None  # layer_types carries any pattern
 
     def shared(self, hf: dict) -> tuple[int, bool]:
         width = int(self.get(hf, "shared_expert_intermediate_size") or 0)
@@ -692,7 +837,8 @@ class Qwen2MoE(_Qwen):
         return (cfg.model_copy(update=update) if update else cfg), synth, notes
 
     def hf_config_extra(self, cfg: ModelConfig) -> dict[str, Any]:
-        return {**self._layers_extra(cfg), "shared_expert_intermediate_size": _shared_width(cfg), "qkv_bias": True}
+        return {**self._layers_extra(cfg), "shared_expert_intermediate_size": _shared_width(cfg), "qkv_bias": True,
+                "layer_types": _hf_types(cfg)}
 
 
 # ------------------------------------------------------------------------------------------------- Qwen3-MoE
@@ -1137,10 +1283,19 @@ class Dots1(_DeepSeekRouted):
         "routed_scaling_factor": 1.0, "n_group": 1, "topk_group": 1, "first_k_dense_replace": 0}
     qk_norm = QKNorm.HEAD
 
-    def sliding_window(self, hf: dict) -> int | None:
-        if "sliding_attention" not in (hf.get("layer_types") or []):
-            return None
-        return int(hf["sliding_window"])
+    def attention_layers(self, hf: dict, n_layers: int) -> tuple[int | None, list[AttnKind] | None]:
+        """``layer_types``, else (transformers 5) sliding from layer ``max_window_layers`` on when a window is set."""
+        w = hf.get("sliding_window")
+        if not w:
+            return None, None
+        types = hf_layer_types(hf, self.name)
+        if types is None:
+            m = int(self.get(hf, "max_window_layers", 62))
+            types = [AttnKind.SLIDING if i >= m else AttnKind.FULL for i in range(n_layers)]
+        return int(w), types
+
+    def window_why_not(self, cfg: ModelConfig) -> str | None:
+        return None
 
     def routing_why_not(self, cfg: ModelConfig) -> str | None:
         if cfg.rotary_fraction != 1.0:
@@ -1155,8 +1310,196 @@ class Dots1(_DeepSeekRouted):
         return super().why_not(cfg)
 
     def hf_config_extra(self, cfg: ModelConfig) -> dict[str, Any]:
-        return {**super().hf_config_extra(cfg), "attention_bias": False, "sliding_window": None,
-                "max_window_layers": cfg.n_layers}
+        slides = AttnKind.SLIDING in attn_kinds(cfg)
+        return {**super().hf_config_extra(cfg), "attention_bias": False,
+                "sliding_window": cfg.sliding_window if slides else None, "max_window_layers": cfg.n_layers,
+                "layer_types": _hf_types(cfg)}
+
+
+# ---------------------------------------------------------------------------------------------------- GPT-OSS
+class GptOss(Family):
+    """GPT-OSS (OpenAI 2025, "gpt-oss-120b & gpt-oss-20b Model Card", arXiv 2508.10925; ``openai/gpt-oss-20b``,
+    ``openai/gpt-oss-120b``): attention sinks (``self_attn.sinks [H]``), biases on q/k/v *and* o (moecpt
+    ``attn_bias`` + ``attn_out_bias``), sliding-window (128) and full layers alternating (``layer_types``), a router
+    with a logit bias whose gates are the softmax over the top-k logits (moecpt's renormalised softmax top-k,
+    ``router.logit_bias``), every layer MoE, experts with biases (``moe.expert_bias``) and the clamped SwiGLU
+    (``ffn_kind = "swiglu_clamped"``) whose gate / up columns are interleaved in ``gate_up_proj [E, D, 2F]`` (import
+    de-interleaves them into moecpt's ``[gate | up]``; export interleaves). MXFP4 checkpoints
+    (``quantization_config.quant_method = "mxfp4"``) are dequantised on import (:mod:`moecpt.interop.mxfp4`);
+    export writes bf16 / fp32 tensors without a quantization config. Its YaRN RoPE scaling is moecpt's
+    ``rope_yarn`` (:mod:`moecpt.model.yarn`)."""
+
+    name = "gpt_oss"
+    model_types = ("gpt_oss",)
+    architecture = "GptOssForCausalLM"
+    reference = "OpenAI 2025, gpt-oss-120b & gpt-oss-20b Model Card (arXiv 2508.10925); openai/gpt-oss-20b"
+    num_experts_key = "num_local_experts"
+    gptoss_features = True
+    yarn = True
+    mxfp4 = True
+    #: GptOssConfig's rope_parameters when a config.json has none (YaRN x32 over 4096, untruncated)
+    default_rope: ClassVar[dict[str, Any]] = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0,
+                                              "beta_slow": 1.0, "truncate": False,
+                                              "original_max_position_embeddings": 4096}
+    #: transformers' GptOssConfig defaults
+    defaults: ClassVar[dict[str, Any]] = {"hidden_act": "silu", "max_position_embeddings": 131072,
+        "rms_norm_eps": 1e-5, "rope_theta": 150000.0, "num_local_experts": 128, "num_experts_per_tok": 4,
+        "router_aux_loss_coef": 0.001, "tie_word_embeddings": False, "initializer_range": 0.02,
+        "intermediate_size": 2880, "head_dim": 64, "sliding_window": 128, "attention_bias": True,
+        "swiglu_alpha": SWIGLU_ALPHA, "swiglu_limit": SWIGLU_LIMIT}
+
+    def check(self, hf: dict) -> None:
+        for key, want in (("swiglu_alpha", SWIGLU_ALPHA), ("swiglu_limit", SWIGLU_LIMIT)):
+            if float(self.get(hf, key)) != want:
+                raise self._fail(f"{key} = {hf[key]} differs from GPT-OSS's {want}, the only value moecpt's "
+                                 "swiglu_clamped has")
+        q = hf.get("quantization_config")
+        if q and q.get("quant_method") != "mxfp4":
+            raise self._fail(f"quantization {q.get('quant_method')!r} is not supported (mxfp4 is dequantised)")
+
+    def attn_bias(self, hf: dict) -> bool:
+        return bool(self.get(hf, "attention_bias"))  # q/k/v here, o via attn_out_bias (to_model_config)
+
+    def renormalize(self, hf: dict) -> bool:
+        return True  # softmax over the top-k logits
+
+    def expert_width(self, hf: dict) -> int:
+        return int(self.get(hf, "intermediate_size"))
+
+    def head_dim(self, hf: dict, d_model: int, n_heads: int) -> int:
+        return int(self.get(hf, "head_dim") or d_model // n_heads)
+
+    def router(self, hf: dict, top_k: int, renorm: bool) -> RouterConfig:
+        return super().router(hf, top_k, renorm).model_copy(update={"logit_bias": True})
+
+    def attention_layers(self, hf: dict, n_layers: int) -> tuple[int | None, list[AttnKind] | None]:
+        """``layer_types``, else (transformers 5) sliding on the even-numbered layers 0, 2, ..."""
+        w = self.get(hf, "sliding_window")
+        if not w:
+            return None, None
+        types = hf_layer_types(hf, self.name)
+        if types is None:
+            types = [AttnKind.SLIDING if (i + 1) % 2 else AttnKind.FULL for i in range(n_layers)]
+        return int(w), types
+
+    def window_why_not(self, cfg: ModelConfig) -> str | None:
+        return None
+
+    def to_model_config(self, hf: dict) -> tuple[ModelConfig, list[str]]:
+        if not hf.get("rope_parameters") and not hf.get("rope_scaling"):
+            hf = {**hf, "rope_parameters": dict(self.default_rope)}
+        cfg, notes = super().to_model_config(hf)
+        raw = cfg.model_dump()
+        raw.update(ffn_kind=FFNKind.SWIGLU_CLAMPED.value, attn_sinks=True, attn_out_bias=cfg.attn_bias)
+        raw["moe"]["expert_bias"] = True
+        if (hf.get("quantization_config") or {}).get("quant_method") == "mxfp4":
+            notes.append("MXFP4 expert weights dequantised (exact); export-hf writes them unquantised")
+        return build_section(ModelConfig, raw, f"{self.name} config"), notes
+
+    def routing_why_not(self, cfg: ModelConfig) -> str | None:
+        r = cfg.moe.router
+        if r.kind == RouterKind.BIAS or r.score_fn != ScoreFn.SOFTMAX or r.n_group > 1 or r.routed_scale != 1.0:
+            return "GPT-OSS gates with a softmax over the top-k logits (no selection bias, groups or routed scale)"
+        if r.kind == RouterKind.SINKHORN and cfg.moe.top_k == 1:
+            return "Sinkhorn top-1 routers gate with sigmoid(logit); GPT-OSS gates with a softmax"
+        if cfg.rotary_fraction != 1.0:
+            return f"GPT-OSS rotates the whole head; this model has rotary_fraction = {cfg.rotary_fraction}"
+        return None
+
+    def why_not(self, cfg: ModelConfig) -> str | None:
+        if cfg.qk_norm != QKNorm.NONE:
+            return f"GPT-OSS has no q/k norm, this model has qk_norm = {cfg.qk_norm.value!r}"
+        if cfg.attn_bias != cfg.attn_out_bias:
+            return "GPT-OSS's attention_bias covers q/k/v and o together; this model has only one of attn_bias / " \
+                   "attn_out_bias"
+        if _shared_width(cfg):
+            return "GPT-OSS has no shared expert"
+        if not _all_moe(cfg):
+            return "GPT-OSS makes every layer MoE; this model has dense layers"
+        if not _renorm(cfg):
+            return "GPT-OSS gates with a softmax over the top-k logits (renormalised, k > 1); this model does not"
+        if cfg.ffn_kind != FFNKind.SWIGLU_CLAMPED:
+            return f"GPT-OSS's experts use the clamped SwiGLU (ffn_kind = 'swiglu_clamped'); this model has " \
+                   f"{cfg.ffn_kind.value!r}"
+        if cfg.tie_embeddings:
+            return "GPT-OSS does not tie its embeddings"  # its config has the key, its model ignores a tie
+        if cfg.attention_multiplier is not None and cfg.attention_multiplier != cfg.resolved_head_dim ** -0.5:
+            return "GPT-OSS scales attention by 1 / sqrt(head_dim)"
+        if not cfg.attn_sinks:
+            return "GPT-OSS always has attention sinks; this model has attn_sinks = false"
+        return None
+
+    def adapt(self, cfg: ModelConfig) -> tuple[ModelConfig, dict[str, Callable], list[str]]:
+        """GPT-OSS always has router and expert biases: a model without them gets zero ones (they change
+        nothing). Sinks are not synthesised (only a logit of -inf would leave attention unchanged): a model
+        without them is refused (:meth:`why_not`)."""
+        moe = cfg.moe
+        synth: dict[str, Callable] = {}
+        notes: list[str] = []
+        E, D, F = moe.num_experts, cfg.d_model, cfg.resolved_expert_width
+        moe_update: dict[str, Any] = {}
+        if not moe.router.logit_bias:
+            notes.append("zero router biases added (GPT-OSS always has them)")
+            moe_update["router"] = moe.router.model_copy(update={"logit_bias": True})
+            for i in range(cfg.n_layers):
+                synth[f"blocks.{i}.ffn.router.logit_bias"] = lambda get: torch.zeros(E)
+        if not moe.expert_bias:
+            notes.append("zero expert biases added (GPT-OSS always has them)")
+            moe_update["expert_bias"] = True
+            for i in range(cfg.n_layers):
+                synth[f"blocks.{i}.ffn.experts.b_in"] = lambda get: torch.zeros(E, 2 * F)
+                synth[f"blocks.{i}.ffn.experts.b_out"] = lambda get: torch.zeros(E, D)
+        if moe_update:
+            cfg = cfg.model_copy(update={"moe": moe.model_copy(update=moe_update)})
+        return cfg, synth, notes
+
+    def hf_config_extra(self, cfg: ModelConfig) -> dict[str, Any]:
+        slides = AttnKind.SLIDING in attn_kinds(cfg)
+        return {"intermediate_size": cfg.resolved_expert_width, "head_dim": cfg.resolved_head_dim,
+                "attention_bias": cfg.attn_bias, "swiglu_alpha": SWIGLU_ALPHA, "swiglu_limit": SWIGLU_LIMIT,
+                "sliding_window": cfg.sliding_window if slides else None, "layer_types": _hf_types(cfg),
+                "rope_parameters": _yarn_params(cfg)}
+
+    def plan(self, cfg: ModelConfig, fused: Callable[[int], bool] = lambda i: False) -> list[Piece]:
+        """GPT-OSS's names: ``self_attn.sinks``, ``mlp.router.{weight,bias}``, stacked experts with biases."""
+        shapes = {k: tuple(v.shape) for k, v in build_model(cfg, "meta").state_dict().items()}
+        pieces: list[Piece] = []
+
+        def add(hf: str, dst: str, op: PieceOp = PieceOp.COPY) -> None:
+            pieces.append(Piece(hf, dst, op, _shape_of(shapes[dst], op, ()), ()))
+
+        add("model.embed_tokens.weight", "tok_emb.weight")
+        for i in range(cfg.n_layers):
+            L, B = f"model.layers.{i}", f"blocks.{i}"
+            add(f"{L}.input_layernorm.weight", f"{B}.attn_norm.weight")
+            for hf_name, ours in (("q_proj", "wq"), ("k_proj", "wk"), ("v_proj", "wv"), ("o_proj", "wo")):
+                add(f"{L}.self_attn.{hf_name}.weight", f"{B}.attn.{ours}.weight")
+                if (cfg.attn_out_bias if ours == "wo" else cfg.attn_bias):
+                    add(f"{L}.self_attn.{hf_name}.bias", f"{B}.attn.{ours}.bias")
+            add(f"{L}.self_attn.sinks", f"{B}.attn.sinks")
+            add(f"{L}.post_attention_layernorm.weight", f"{B}.ffn_norm.weight")
+            M, X = f"{L}.mlp", f"{B}.ffn"
+            add(f"{M}.router.weight", f"{X}.router.weight")
+            add(f"{M}.router.bias", f"{X}.router.logit_bias")
+            add(f"{M}.experts.gate_up_proj", f"{X}.experts.w_in", PieceOp.DEINTERLEAVE)
+            add(f"{M}.experts.gate_up_proj_bias", f"{X}.experts.b_in", PieceOp.DEINTERLEAVE)
+            add(f"{M}.experts.down_proj", f"{X}.experts.w_out")
+            add(f"{M}.experts.down_proj_bias", f"{X}.experts.b_out")
+        add("model.norm.weight", "norm.weight")
+        add("lm_head.weight", "lm_head.weight")
+        return pieces
+
+    def checkpoint_pieces(self, hf: dict, pieces: list[Piece]) -> list[Piece]:
+        """MXFP4 checkpoints store ``experts.gate_up_proj`` / ``down_proj`` as ``*_blocks`` + ``*_scales``."""
+        if (hf.get("quantization_config") or {}).get("quant_method") != "mxfp4":
+            return pieces
+        out = []
+        for p in pieces:
+            if p.hf.endswith((".experts.gate_up_proj", ".experts.down_proj")):
+                blocks, _ = mxfp4_shapes(p.hf_shape)
+                p = Piece(f"{p.hf}_blocks", p.dst, PieceOp.MXFP4, blocks, (int(p.op == PieceOp.DEINTERLEAVE),))
+            out.append(p)
+        return out
 
 
 # ------------------------------------------------------------------------------------------ DeepSeek-V2 / V3
@@ -1339,7 +1682,7 @@ class DeepseekV2(_MLA):
 #: Supported families by name, in the order ``export-hf --family auto`` tries them.
 FAMILIES: dict[str, Family] = {f.name: f for f in (OLMoE(), Qwen3MoE(), Mixtral(), Qwen2MoE(), Glm4Moe(), Dots1(),
                                                    GraniteMoE(), GraniteMoEShared(), Ernie45MoE(), DeepseekV3(),
-                                                   DeepseekV2())}
+                                                   DeepseekV2(), GptOss())}
 
 
 def supported() -> str:
@@ -1371,8 +1714,23 @@ def why_not(family: Family, cfg: ModelConfig) -> str | None:
 
 
 def _family_why_not(family: Family, cfg: ModelConfig) -> str | None:
-    return (family.attention_why_not(cfg) or _multipliers_why_not(family, cfg) or family.routing_why_not(cfg)
-            or family.why_not(cfg))
+    return (family.attention_why_not(cfg) or _gptoss_why_not(family, cfg) or _multipliers_why_not(family, cfg)
+            or family.window_why_not(cfg) or family.routing_why_not(cfg) or family.why_not(cfg))
+
+
+def _gptoss_why_not(family: Family, cfg: ModelConfig) -> str | None:
+    """GPT-OSS's attention sinks, output / router / expert biases and clamped SwiGLU exist in no other family
+    (nor does moecpt export YaRN to another)."""
+    if cfg.rope_yarn is not None and not family.yarn:
+        return "rope_yarn (YaRN RoPE scaling) is exported to gpt_oss only; export with --family gpt_oss"
+    if family.gptoss_features:
+        return None
+    moe = cfg.moe
+    odd = [k for k, on in (("attn_sinks", cfg.attn_sinks), ("attn_out_bias", cfg.attn_out_bias),
+                           ("ffn_kind = 'swiglu_clamped'", cfg.ffn_kind == FFNKind.SWIGLU_CLAMPED),
+                           ("moe.expert_bias", moe.expert_bias), ("moe.router.logit_bias", moe.router.logit_bias))
+           if on]
+    return f"{', '.join(odd)} exist only in GPT-OSS; export with --family gpt_oss" if odd else None
 
 
 def _multipliers_why_not(family: Family, cfg: ModelConfig) -> str | None:

@@ -139,6 +139,9 @@ def export_hf(ckpt: str | Path, out: str | Path, *, family: str = "auto", dtype:
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         if key in orig:
             hf_cfg[key] = orig[key]
+    if orig.get("quantization_config"):
+        notes.append(f"the source's {orig['quantization_config'].get('quant_method', 'quantised')} weights are "
+                     f"written unquantised ({dtype_name}), without a quantization_config")
     tok_dir = _tokenizer_dir(ck.path)
     eod_token = _eod_from_tokenizer(tok_dir, hf_cfg)
     if tok_dir is None:

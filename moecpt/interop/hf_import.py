@@ -37,8 +37,8 @@ from tokenizers import Tokenizer
 
 from moecpt.data.tokenizer import ensure_eod, sha256_bytes, tokenizer_bytes
 from moecpt.errors import MoecptError
-from moecpt.interop.families import Family, Piece, family_of, place
-from moecpt.model.transformer import build_model, rope_cos_sin
+from moecpt.interop.families import Family, Piece, PieceOp, family_of, place
+from moecpt.model.transformer import build_model, rope_tables
 from moecpt.storage.atomic import fsync_dir, publish_dir, temp_name, write_bytes_atomic
 from moecpt.storage.outputs import check_new_output, os_error_line, write_marker
 from moecpt.train.checkpoint import save_checkpoint
@@ -213,12 +213,18 @@ def plan_import(folder: HFFolder):
         raise MoecptError(f"{folder.path / 'config.json'}: missing or invalid {fam.name} setting "
                           f"({_one_line(exc)})") from None
     fused = lambda i: f"model.layers.{i}.{fam.moe_block}.experts.gate_up_proj" in folder.headers
-    pieces = fam.plan(cfg, fused)
+    pieces = fam.checkpoint_pieces(folder.config, fam.plan(cfg, fused))
     need = {pc.hf: pc for pc in pieces}
+    scales = {_scales_name(pc): pc for pc in pieces if pc.op == PieceOp.MXFP4}
     missing = [n for n in need if n not in folder.headers]
     if missing:
         raise MoecptError(f"{len(missing)} tensor(s) that config.json implies are missing from {folder.path} "
                           f"(first: {missing[0]}); the weights do not match the config or a shard is incomplete")
+    missing = [n for n in scales if n not in folder.headers]
+    if missing:
+        raise MoecptError(f"{len(missing)} MXFP4 scale tensor(s) are missing from {folder.path} (first: "
+                          f"{missing[0]}); the weights do not match the config or a shard is incomplete")
+    need.update(scales)
     dropped = {n for n in folder.headers if n not in need and fam.ignored(folder.config, n)}
     if dropped:
         notes.append(fam.ignored_note(folder.config))
@@ -229,6 +235,9 @@ def plan_import(folder: HFFolder):
                           f"(first: {extra[0]}); the weights do not match the config")
     for pc in pieces:
         dt, shape = folder.headers[pc.hf]
+        if pc.op == PieceOp.MXFP4:
+            _check_mxfp4(folder, pc)
+            continue
         if shape != pc.hf_shape:
             raise MoecptError(f"tensor {pc.hf} has shape {list(shape)} but config.json implies "
                               f"{list(pc.hf_shape)}; the weights do not match the config")
@@ -238,9 +247,26 @@ def plan_import(folder: HFFolder):
     return cfg, notes, pieces
 
 
+def _scales_name(pc: Piece) -> str:
+    return pc.hf.removesuffix("_blocks") + "_scales"
+
+
+def _check_mxfp4(folder: HFFolder, pc: Piece) -> None:
+    """An MXFP4 tensor: uint8 blocks and scales of the shapes the config implies, in one shard."""
+    want_scales = pc.hf_shape[:-1]
+    for name, want in ((pc.hf, pc.hf_shape), (_scales_name(pc), want_scales)):
+        dt, shape = folder.headers[name]
+        if dt != "U8" or shape != want:
+            raise MoecptError(f"MXFP4 tensor {name} is {dt} {list(shape)}; config.json implies U8 {list(want)}")
+    if folder.weight_map[pc.hf] != folder.weight_map[_scales_name(pc)]:
+        raise MoecptError(f"MXFP4 tensor {pc.hf} and its scales lie in different shards; moecpt reads them from "
+                          "one (re-save the model with transformers)")
+
+
 def stored_dtype(folder: HFFolder, pieces: list[Piece]) -> torch.dtype:
-    """The dtype all weights share, or fp32 when they differ."""
-    kinds = {folder.headers[pc.hf][0] for pc in pieces}
+    """The dtype all weights share, or fp32 when they differ (MXFP4 tensors do not count: they dequantise to
+    any dtype exactly)."""
+    kinds = {folder.headers[pc.hf][0] for pc in pieces if pc.op != PieceOp.MXFP4}
     return SAFETENSORS_DTYPES[kinds.pop()] if len(kinds) == 1 else torch.float32
 
 
@@ -262,6 +288,8 @@ def read_state(folder: HFFolder, cfg, pieces: list[Piece], dtype: torch.dtype) -
             with safe_open(str(shard), framework="pt", device="cpu") as f:
                 for pc in todo:
                     t = f.get_tensor(pc.hf)
+                    if pc.op == PieceOp.MXFP4:
+                        t = (t, f.get_tensor(_scales_name(pc)))
                     with torch.no_grad():
                         place(state[pc.dst], t, pc)
                     del t
@@ -419,7 +447,7 @@ def load_hf_model(path: str | Path, device: str | torch.device = "cpu", dtype: t
     model.load_state_dict(state, strict=True, assign=True)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.tok_emb.weight
-    model.rope_cos, model.rope_sin = rope_cos_sin(cfg.max_seq_len, cfg.rotary_dims, cfg.rope_theta)
+    model.rope_cos, model.rope_sin = rope_tables(cfg)
     for router in model.routers():  # the other non-persistent buffer, still on the meta device
         if router.is_bias_balanced:
             router.step_load = torch.zeros(router.num_experts)

@@ -66,6 +66,9 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
     "granitemoeshared": dict(_COMMON, num_hidden_layers=2, intermediate_size=32, num_local_experts=8,
                              shared_intermediate_size=48, embedding_multiplier=2.0, residual_multiplier=0.7,
                              attention_multiplier=0.2, logits_scaling=2.0, tie_word_embeddings=True),
+    # GPT-OSS with a window of 4 (shorter than the test sequences) on alternating layers, plain RoPE
+    "gpt_oss": dict(_COMMON, num_hidden_layers=2, intermediate_size=32, num_local_experts=8, head_dim=16,
+                    sliding_window=4, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
 }
 
 
@@ -77,7 +80,7 @@ def config_class(family: str):
             "glm4_moe": transformers.Glm4MoeConfig, "dots1": transformers.Dots1Config,
             "deepseek_v3": transformers.DeepseekV3Config, "deepseek_v2": transformers.DeepseekV2Config,
             "ernie4_5_moe": transformers.Ernie4_5_MoeConfig, "granitemoe": transformers.GraniteMoeConfig,
-            "granitemoeshared": transformers.GraniteMoeSharedConfig}[family]
+            "granitemoeshared": transformers.GraniteMoeSharedConfig, "gpt_oss": transformers.GptOssConfig}[family]
 
 
 def tiny_hf_model(family: str, seed: int = 0, **overrides: Any):

@@ -244,6 +244,23 @@ def _experts_weight_grad(a_PI: torch.Tensor, g_PO: torch.Tensor, plan: DispatchP
     return _bmm_runs_weight_grad(a_PI, g_PO, plan.groups, num_experts)
 
 
+def _row_experts(plan: DispatchPlan, num_experts: int, device) -> torch.Tensor:
+    """``[P]`` int64 expert of every row (a padding row: its run's expert; its gate is 0)."""
+    if plan.offs_E is not None:
+        counts = torch.diff(plan.offs_E.long(), prepend=plan.offs_E.new_zeros(1).long())
+        return torch.repeat_interleave(torch.arange(num_experts, device=device), counts, output_size=plan.num_rows)
+    ids = [e for e0, e1, C, _ in plan.groups for e in range(e0, e1) for _ in range(C)]
+    return torch.tensor(ids, dtype=torch.long, device=device)
+
+
+def _experts_bias_grad(g_PO: torch.Tensor, plan: DispatchPlan, num_experts: int) -> torch.Tensor:
+    """``dL/db[e] = sum of g over the rows of e``: ``[E, O]``, as the weight gradient of an all-ones input (the
+    same grouped / padded matmuls: a fixed summation order, no scatter-add). The ones are 8 columns wide (16-byte
+    rows for ``_grouped_mm``); column 0 is the result."""
+    ones_P8 = g_PO.new_ones(g_PO.shape[0], 8)
+    return _experts_weight_grad(ones_P8, g_PO, plan, num_experts)[:, 0]
+
+
 class _GroupedExperts(torch.autograd.Function):
     """``y_TD = sum_k gate_TK[t, k] * expert_{idx[t, k]}(x_TD[t])`` through the row layout of a :class:`DispatchPlan`.
 
@@ -254,21 +271,28 @@ class _GroupedExperts(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x_TD, gate_TK, w_in_EDW, w_out_EFD, plan: DispatchPlan, kind: FFNKind):
+    def forward(ctx, x_TD, gate_TK, w_in_EDW, w_out_EFD, plan: DispatchPlan, kind: FFNKind, b_in_EW=None,
+                b_out_ED=None):
         T, D = x_TD.shape
         K = gate_TK.shape[1]
-        F_ = w_out_EFD.shape[1]
+        E, F_ = w_out_EFD.shape[:2]
         xs_PD = x_TD.index_select(0, plan.token_P)
         # gate and up as two contiguous [P, F] products (see moecpt.model.glu)
         gate_PF = _experts_mm(xs_PD, w_in_EDW[:, :, :F_], plan)
         up_PF = _experts_mm(xs_PD, w_in_EDW[:, :, F_:], plan)
+        expert_P = _row_experts(plan, E, x_TD.device) if (b_in_EW is not None or b_out_ED is not None) else None
+        if b_in_EW is not None:  # GPT-OSS's expert biases: each row gets its expert's (a gather)
+            gate_PF += b_in_EW[:, :F_].index_select(0, expert_P)
+            up_PF += b_in_EW[:, F_:].index_select(0, expert_P)
         act_PF, a_PF = glu_forward(gate_PF, up_PF, kind)
         o_QD = _experts_mm(a_PF, w_out_EFD, plan, zero_row=plan.dropped)
+        if b_out_ED is not None:
+            o_QD[:plan.num_rows] += b_out_ED.index_select(0, expert_P)
         o_TKD = o_QD.index_select(0, plan.row_S).view(T, K, D)
         acc = _sum_dtype(o_TKD)
         y_TD = (o_TKD.to(acc) * gate_TK.to(acc).unsqueeze(2)).sum(dim=1)  # fixed summation order over k
         ctx.save_for_backward(xs_PD, gate_PF, up_PF, act_PF, a_PF, o_TKD, gate_TK, w_in_EDW, w_out_EFD)
-        ctx.plan, ctx.kind = plan, kind
+        ctx.plan, ctx.kind, ctx.biases = plan, kind, (b_in_EW is not None, b_out_ED is not None)
         return y_TD
 
     @staticmethod
@@ -286,25 +310,29 @@ class _GroupedExperts(torch.autograd.Function):
         gate_P1 = _with_zero_row(gate_TK.reshape(-1, 1)).index_select(0, plan.slot_P)
         go_PD = g_TD.index_select(0, plan.token_P).mul_(gate_P1)
         g_w_out = _experts_weight_grad(a_PF, go_PD, plan, E) if need_w_out else None
+        g_b_out = _experts_bias_grad(go_PD, plan, E) if ctx.biases[1] and ctx.needs_input_grad[7] else None
         ga_PF = _experts_mm(go_PD, w_out_EFD, plan, transpose_w=True)
         gh_PW = glu_backward(gate_PF, up_PF, act_PF, ga_PF, ctx.kind)
         g_w_in = _experts_weight_grad(xs_PD, gh_PW, plan, E) if need_w_in else None
+        g_b_in = _experts_bias_grad(gh_PW, plan, E) if ctx.biases[0] and ctx.needs_input_grad[6] else None
         g_x = None
         if need_x:
             gxs_QD = _experts_mm(gh_PW, w_in_EDW, plan, transpose_w=True, zero_row=plan.dropped)
             # the K rows of a token are gathered and summed in a fixed order
             g_x = gxs_QD.index_select(0, plan.row_S).view(T, K, D).sum(dim=1)
-        return g_x, g_gate_TK, g_w_in, g_w_out, None, None
+        return g_x, g_gate_TK, g_w_in, g_w_out, None, None, g_b_in, g_b_out
 
 
 def grouped_experts(x_TD: torch.Tensor, gate_TK: torch.Tensor, w_in_EDW: torch.Tensor, w_out_EFD: torch.Tensor,
-                    plan: DispatchPlan, kind: FFNKind) -> torch.Tensor:
+                    plan: DispatchPlan, kind: FFNKind, b_in_EW: torch.Tensor | None = None,
+                    b_out_ED: torch.Tensor | None = None) -> torch.Tensor:
     """Routed-expert output through the row layout of ``plan`` (differentiable in all four tensors).
 
     Args:
         x_TD: ``[T, D]`` layer input; gate_TK: ``[T, K]`` gate values (anything for dropped slots: their rows are
             zero); w_in_EDW: ``[E, D, 2F]`` (``[gate | up]``); w_out_EFD: ``[E, F, D]``; all in one dtype.
-        plan: from :func:`build_dispatch_plan`; kind: GEGLU or SwiGLU.
+        plan: from :func:`build_dispatch_plan`; kind: an :class:`FFNKind` (the clamped SwiGLU included).
+        b_in_EW, b_out_ED: optional expert biases ``[E, 2F]`` / ``[E, D]`` (GPT-OSS), in the same dtype.
 
     Returns:
         ``[T, D]`` ``sum_k gate[t, k] * expert_{idx[t, k]}(x[t])`` over the kept slots (fp32 for 16-bit inputs).
@@ -312,4 +340,4 @@ def grouped_experts(x_TD: torch.Tensor, gate_TK: torch.Tensor, w_in_EDW: torch.T
     if plan.num_rows == 0:  # no rows at all (an empty batch): zeros, keeping the graph
         acc = _sum_dtype(x_TD)
         return x_TD.new_zeros(x_TD.shape, dtype=acc) + 0 * gate_TK.sum().to(acc)
-    return _GroupedExperts.apply(x_TD, gate_TK, w_in_EDW, w_out_EFD, plan, kind)
+    return _GroupedExperts.apply(x_TD, gate_TK, w_in_EDW, w_out_EFD, plan, kind, b_in_EW, b_out_ED)

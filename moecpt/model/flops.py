@@ -44,7 +44,8 @@ def model_stats(cfg: ModelConfig, seq_len: int | None = None) -> dict[str, float
 
     Args:
         cfg: model config with ``vocab_size`` set.
-        seq_len: context length for the attention FLOPs; default ``cfg.max_seq_len``.
+        seq_len: context length for the attention FLOPs (a sliding layer counts ``min(seq_len, window)`` keys);
+            default ``cfg.max_seq_len``.
 
     Returns:
         dict with ``total_params``, ``active_params``, ``embedding_params``, ``expert_params`` (routed experts
@@ -60,7 +61,7 @@ def model_stats(cfg: ModelConfig, seq_len: int | None = None) -> dict[str, float
     expert_total = expert_active = moe_layers = 0
     for m in model.modules():
         if isinstance(m, RoutedExperts):
-            n = m.w_in.numel() + m.w_out.numel()
+            n = _numel(m.parameters())  # w_in, w_out (and GPT-OSS's per-expert biases)
             expert_total += n
             expert_active += n * cfg.moe.top_k // m.num_experts
             moe_layers += 1
@@ -73,7 +74,9 @@ def model_stats(cfg: ModelConfig, seq_len: int | None = None) -> dict[str, float
     # every non-embedding, non-norm parameter multiplies an activation once per token (the LM head included;
     # with tied embeddings the shared table counts once as the head)
     matmul_active = active - norms - (0 if cfg.tie_embeddings else emb)
-    attn = 2 * cfg.n_layers * T * cfg.n_heads * sum(attention_head_dims(cfg))
+    # q.k and p.v over the keys a token sees: all T, or a sliding layer's window W
+    keys = sum(min(T, cfg.window_of(i) or T) for i in range(cfg.n_layers))
+    attn = 2 * keys * cfg.n_heads * sum(attention_head_dims(cfg))
     fwd = 2 * matmul_active + attn
     return {
         "total_params": total,

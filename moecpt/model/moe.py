@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moecpt.config import DispatchKind, FFNKind, ModelConfig
-from moecpt.model.glu import activation, glu_activation
+from moecpt.model.glu import glu_activation, glu_combine
 from moecpt.model.expert_dispatch import (  # noqa: F401  (plan_expert_groups: re-exported)
     build_dispatch_plan,
     grouped_experts,
@@ -54,7 +54,7 @@ class GLUFeedForward(nn.Module):
         # gate and up as two matmuls on the weight's contiguous row halves: the activation then runs on contiguous
         # tensors (see moecpt.model.glu); same values as chunking one [N, 2F] product
         w_gate, w_up = self.w_in.weight.chunk(2, dim=0)
-        return self.w_out(activation(F.linear(x_ND, w_gate), self.kind) * F.linear(x_ND, w_up))
+        return self.w_out(glu_combine(F.linear(x_ND, w_gate), F.linear(x_ND, w_up), self.kind))
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -66,14 +66,20 @@ class RoutedExperts(nn.Module):
     """``E`` GLU experts of width ``F`` with stacked weights.
 
     Args:
-        num_experts: ``E``; d_model: ``D``; width: ``F``; kind: GEGLU or SwiGLU.
+        num_experts: ``E``; d_model: ``D``; width: ``F``; kind: an :class:`FFNKind`.
+        bias: biases on both projections, ``b_in [E, 2F]`` (``[gate | up]``) and ``b_out [E, D]`` (GPT-OSS).
+
+    Biases and the clamped SwiGLU run in the fused grouped kernel of :mod:`moecpt.model.expert_dispatch` as
+    well as on the per-expert reference path (:meth:`forward_expert`).
     """
 
-    def __init__(self, num_experts: int, d_model: int, width: int, kind: FFNKind):
+    def __init__(self, num_experts: int, d_model: int, width: int, kind: FFNKind, bias: bool = False):
         super().__init__()
         self.num_experts, self.d_model, self.width, self.kind = num_experts, d_model, width, kind
         self.w_in = nn.Parameter(torch.empty(num_experts, d_model, 2 * width))  # [E, D, 2F]
         self.w_out = nn.Parameter(torch.empty(num_experts, width, d_model))  # [E, F, D]
+        self.b_in = nn.Parameter(torch.zeros(num_experts, 2 * width)) if bias else None  # [E, 2F]
+        self.b_out = nn.Parameter(torch.zeros(num_experts, d_model)) if bias else None  # [E, D]
 
     def forward_grouped(self, x_TD: torch.Tensor, gate_TK: torch.Tensor, topk_idx_TK: torch.Tensor,
                         order_N: torch.Tensor, counts_E: torch.Tensor, overhead_rows: int,
@@ -99,13 +105,19 @@ class RoutedExperts(nn.Module):
             topk_idx_TK, order_N, counts_E, overhead_rows=overhead_rows, grouped_mm=use_grouped_mm,
             batch_quantum=torch.get_num_threads() if dev.type == "cpu" else 1)
         with torch.autocast(device_type=dev.type, enabled=False):
+            b_in = None if self.b_in is None else self.b_in.to(dtype)
+            b_out = None if self.b_out is None else self.b_out.to(dtype)
             y_TD = grouped_experts(x_TD.to(dtype), gate_TK.to(dtype), self.w_in.to(dtype), self.w_out.to(dtype),
-                                   plan, self.kind)
+                                   plan, self.kind, b_in, b_out)
         return y_TD.to(x_TD.dtype)
 
     def forward_expert(self, e: int, x_ND: torch.Tensor) -> torch.Tensor:
-        """Expert ``e`` alone on ``x_ND [N, D]`` (reference path)."""
-        return glu_activation(x_ND @ self.w_in[e].to(x_ND.dtype), self.kind) @ self.w_out[e].to(x_ND.dtype)
+        """Expert ``e`` alone on ``x_ND [N, D]`` (reference path; the one for biased / clamped experts)."""
+        h_NW = x_ND @ self.w_in[e].to(x_ND.dtype)
+        if self.b_in is not None:
+            h_NW = h_NW + self.b_in[e].to(x_ND.dtype)
+        y_ND = glu_activation(h_NW, self.kind) @ self.w_out[e].to(x_ND.dtype)
+        return y_ND if self.b_out is None else y_ND + self.b_out[e].to(x_ND.dtype)
 
 
 def capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
@@ -136,7 +148,7 @@ class MoELayer(nn.Module):
         #: grouped dispatch layout: None = ``torch._grouped_mm`` wherever it runs, False = padded ``bmm`` runs
         self.use_grouped_mm: bool | None = None
         self.router = Router(cfg.d_model, moe.num_experts, moe.top_k, moe.router)
-        self.experts = RoutedExperts(moe.num_experts, cfg.d_model, width, cfg.ffn_kind)
+        self.experts = RoutedExperts(moe.num_experts, cfg.d_model, width, cfg.ffn_kind, bias=moe.expert_bias)
         shared_width = moe.shared_expert_width or moe.num_shared_experts * width
         self.shared = GLUFeedForward(cfg.d_model, shared_width, cfg.ffn_kind) if shared_width else None
         self.shared_gate = nn.Linear(cfg.d_model, 1, bias=False) if (self.shared and moe.shared_expert_gate) else None

@@ -281,6 +281,8 @@ class Router(nn.Module):
         self.top_k = top_k
         self.cfg = cfg
         self.weight = nn.Parameter(torch.empty(num_experts, d_model))  # [E, D], bias-free (paper Sec. 3)
+        # GPT-OSS's learned logit bias (cfg.logit_bias; not the selection-only expert_bias below)
+        self.logit_bias = nn.Parameter(torch.zeros(num_experts)) if cfg.logit_bias else None
         if self.is_bias_balanced:
             # persistent: CPT must carry the learned bias (docs/design.md, rule R6)
             self.register_buffer("expert_bias", torch.zeros(num_experts), persistent=True)
@@ -293,6 +295,8 @@ class Router(nn.Module):
 
     def reset_parameters(self, std: float = 0.02) -> None:
         nn.init.normal_(self.weight, std=std)
+        if self.logit_bias is not None:
+            nn.init.zeros_(self.logit_bias)
 
     # -- balancing strategies --------------------------------------------------------------------------------
     @property
@@ -371,7 +375,8 @@ class Router(nn.Module):
         cfg = self.cfg
         probs_TE = None
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
-            logits_TE = F.linear(x_TD.float(), self.weight.float())
+            logits_TE = F.linear(x_TD.float(), self.weight.float(),
+                                 None if self.logit_bias is None else self.logit_bias.float())
             topk_idx_TK = self._select(logits_TE)
             if self._sigmoid_scores:
                 scores_TE, tokens_per_expert_E, topk_weight_TK, probs_TE, lb, z = self._sigmoid_route(

@@ -17,15 +17,29 @@ import contextlib
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from moecpt.config import ActivationCheckpointing, AttentionKind, ModelConfig, QKNorm
+from moecpt.model.attention_ops import attend
 from moecpt.model.mla import MLAttention
 from moecpt.model.moe import GLUFeedForward, MoELayer, RoutedExperts
 from moecpt.model.rope import apply_rope, rope_cos_sin
 from moecpt.model.routing import Router, RouterOutput
+from moecpt.model.yarn import yarn_attention_factor, yarn_inv_freq
+
+
+def rope_tables(cfg: ModelConfig, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cos_TR, sin_TR`` of ``cfg`` for ``T = max_seq_len`` positions: plain RoPE, or YaRN-scaled
+    (:mod:`moecpt.model.yarn`: blended frequencies, tables times the attention factor) with ``cfg.rope_yarn``."""
+    rot = cfg.rotary_dims
+    if cfg.rope_yarn is None:
+        return rope_cos_sin(cfg.max_seq_len, rot, cfg.rope_theta, device)
+    inv_freq = yarn_inv_freq(rot, cfg.rope_theta, cfg.rope_yarn, device)
+    freqs = torch.outer(torch.arange(cfg.max_seq_len, device=device, dtype=torch.float32), inv_freq)
+    emb_TR = torch.cat([freqs, freqs], dim=-1)
+    scale = yarn_attention_factor(cfg.rope_yarn)
+    return emb_TR.cos() * scale, emb_TR.sin() * scale
 
 
 @contextlib.contextmanager
@@ -52,16 +66,19 @@ def checkpointed(fn, module: nn.Module, *args):
 
 
 class Attention(nn.Module):
-    """Causal self-attention with RoPE and optional grouped-query heads / q-k norms, via SDPA."""
+    """Causal self-attention with RoPE and optional grouped-query heads / q-k norms, via SDPA; optionally windowed
+    (``window``: this layer's ``cfg.window_of``) and with per-head sinks (:mod:`moecpt.model.attention_ops`)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, window: int | None = None):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.resolved_kv_heads, cfg.resolved_head_dim
         D, A = cfg.d_model, self.head_dim
         self.wq = nn.Linear(D, self.n_heads * A, bias=cfg.attn_bias)
         self.wk = nn.Linear(D, self.n_kv_heads * A, bias=cfg.attn_bias)
         self.wv = nn.Linear(D, self.n_kv_heads * A, bias=cfg.attn_bias)
-        self.wo = nn.Linear(self.n_heads * A, D, bias=False)
+        self.wo = nn.Linear(self.n_heads * A, D, bias=cfg.attn_out_bias)
+        self.window = window
+        self.sinks = nn.Parameter(torch.zeros(self.n_heads)) if cfg.attn_sinks else None  # [H] logits
         self.qk_norm = cfg.qk_norm
         self.scale = cfg.attention_multiplier  # None: SDPA's 1 / sqrt(A)
         if cfg.qk_norm == QKNorm.HEAD:
@@ -87,7 +104,7 @@ class Attention(nn.Module):
             k_BHTA, v_BHTA = k_BGTA.repeat_interleave(rep, dim=1), v_BGTA.repeat_interleave(rep, dim=1)
         else:
             k_BHTA, v_BHTA = k_BGTA, v_BGTA
-        o_BHTA = F.scaled_dot_product_attention(q_BHTA, k_BHTA, v_BHTA, is_causal=True, scale=self.scale)
+        o_BHTA = attend(q_BHTA, k_BHTA, v_BHTA, scale=self.scale, window=self.window, sinks_H=self.sinks)
         return self.wo(o_BHTA.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
@@ -97,7 +114,8 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.attn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.attn = MLAttention(cfg) if cfg.attention == AttentionKind.MLA else Attention(cfg)
+        self.attn = (MLAttention(cfg) if cfg.attention == AttentionKind.MLA
+                     else Attention(cfg, cfg.window_of(layer_idx)))
         self.ffn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.is_moe = cfg.is_moe_layer(layer_idx)
         self.ffn = MoELayer(cfg) if self.is_moe else GLUFeedForward(cfg.d_model, cfg.ffn_width, cfg.ffn_kind)
@@ -145,7 +163,7 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
-        cos, sin = rope_cos_sin(cfg.max_seq_len, cfg.rotary_dims, cfg.rope_theta)
+        cos, sin = rope_tables(cfg)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.activation_checkpointing = ActivationCheckpointing.NONE
@@ -185,8 +203,12 @@ class Transformer(nn.Module):
                 module.reset_parameters(std)
             elif isinstance(module, nn.RMSNorm):
                 nn.init.ones_(module.weight)
-        cos, sin = rope_cos_sin(self.cfg.max_seq_len, self.rope_cos.shape[-1], self.cfg.rope_theta,
-                                device=self.rope_cos.device)
+            if isinstance(module, Attention) and module.sinks is not None:
+                nn.init.zeros_(module.sinks)  # a zero logit: the sink starts as one more (empty) key
+            if isinstance(module, RoutedExperts) and module.b_in is not None:
+                nn.init.zeros_(module.b_in)
+                nn.init.zeros_(module.b_out)
+        cos, sin = rope_tables(self.cfg, device=self.rope_cos.device)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
 

@@ -27,7 +27,9 @@ def sample(model, prompt_ids: list[int], max_new_tokens: int = 64, temperature: 
             stop string appeared in the decoded text: the lm-evaluation-harness adapter's ``until``).
 
     Returns:
-        the generated ids (prompt excluded). The context is truncated to the model's ``max_seq_len``.
+        the generated ids (prompt excluded). The context is truncated to the model's ``max_seq_len`` (its RoPE
+        positions); within it a model with sliding-window layers attends within its window
+        (:mod:`moecpt.model.attention_ops`), as transformers does.
 
     Raises:
         MoecptError: empty prompt or out-of-range sampling parameters.
