@@ -217,6 +217,10 @@ class YarnConfig(_Strict):
     beta_slow: float = Field(1.0, gt=0, description="dims turning less often than this are interpolated")
     truncate: bool = Field(True, description="floor / ceil the correction range (GPT-OSS: false)")
     attention_factor: float | None = Field(None, gt=0, description="cos / sin multiplier; None = 0.1 ln(factor) + 1")
+    mscale: float | None = Field(None, ge=0, description="DeepSeek-V2/V3: numerator scalar of the attention factor")
+    mscale_all_dim: float | None = Field(
+        None, ge=0, description="DeepSeek-V2/V3: denominator scalar of the attention factor; MLA also multiplies its "
+        "softmax scale by (0.1 mscale_all_dim ln(factor) + 1)^2")
 
 
 class ModelConfig(_Strict):

@@ -44,6 +44,13 @@ VARIANTS = {
         q_lora_rank=20, topk_method="greedy", n_group=None, topk_group=None, first_k_dense_replace=0,
         n_shared_experts=1, routed_scaling_factor=1.0)),
     "v2-bf16": ("deepseek_v2", dict(dtype="bfloat16")),
+    # YaRN as DeepSeek ships it (V3: factor 40, mscale = mscale_all_dim = 1; V2: 0.707 each), shrunk to 64 positions
+    "v3-yarn-mscale-1": ("deepseek_v3", dict(rope_parameters={
+        "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16,
+        "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0})),
+    "v2-yarn-mscale-0.707": ("deepseek_v2", dict(rope_parameters={
+        "rope_type": "yarn", "rope_theta": 10000.0, "factor": 8.0, "original_max_position_embeddings": 8,
+        "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 0.707, "mscale_all_dim": 0.707})),
 }
 SHARDED = {"v3-qlora-groups-dense1": "40KB", "v2-lite-grouped-dense1": "40KB"}
 #: variants whose greedy tokens are compared with transformers' generate (24 forwards each: kept to one per family)
@@ -187,10 +194,10 @@ def _edit_config(folder: Path, **changes) -> None:
 
 
 @pytest.mark.parametrize("family, changes, words", [
-    ("deepseek_v3", {"rope_scaling": {"rope_type": "yarn", "factor": 40.0}}, "'yarn' is not supported"),
-    ("deepseek_v3", {"rope_parameters": {"rope_type": "yarn", "factor": 40.0, "rope_theta": 1e4}}, "yarn"),
+    ("deepseek_v3", {"rope_scaling": {"rope_type": "yarn", "factor": 40.0}}, "original_max_position_embeddings"),
+    ("deepseek_v3", {"rope_parameters": {"rope_type": "longrope", "factor": 4.0, "rope_theta": 1e4}}, "'longrope'"),
     ("deepseek_v3", {"attention_bias": True}, "attention_bias"),
-    ("deepseek_v3", {"model_type": "kimi_k2", "rope_scaling": {"type": "yarn", "factor": 32.0}}, "yarn"),
+    ("deepseek_v3", {"model_type": "kimi_k2", "rope_scaling": {"type": "dynamic", "factor": 32.0}}, "'dynamic'"),
     ("deepseek_v3", {"topk_method": "greedy"}, "topk_method = 'greedy'"),
     ("deepseek_v3", {"num_key_value_heads": 2}, "num_key_value_heads"),
     ("deepseek_v2", {"topk_method": "noaux_tc"}, "topk_method = 'noaux_tc' is not supported"),

@@ -176,7 +176,9 @@ def test_mxfp4_dequantisation_matches_transformers_and_imports(root):
                                       original_max_position_embeddings=4096),  # GPT-OSS's
                                  dict(factor=4.0, original_max_position_embeddings=2048),  # defaults, truncated
                                  dict(factor=8.0, beta_fast=16.0, beta_slow=2.0, attention_factor=1.3,
-                                      original_max_position_embeddings=512)])
+                                      original_max_position_embeddings=512),
+                                 dict(factor=40.0, mscale=0.707, mscale_all_dim=1.0,  # DeepSeek's attention factor
+                                      original_max_position_embeddings=4096)])
 def test_yarn_matches_transformers(rope):
     from transformers.modeling_rope_utils import _compute_yarn_parameters
 
@@ -192,11 +194,11 @@ def test_refusals_are_one_line(root):
     save_tiny_hf("gpt_oss", folder, seed=2)
     import_hf(folder, root / "plain-ckpt")
     cfg = json.loads((folder / "config.json").read_text())
-    cfg["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 32.0, "mscale": 1.0,
-                              "mscale_all_dim": 1.0, "original_max_position_embeddings": 16}
+    cfg["rope_parameters"] = {"rope_type": "longrope", "rope_theta": 10000.0, "factor": 32.0,
+                              "original_max_position_embeddings": 16}
     (folder / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(MoecptError, match="YaRN with mscale") as e:
-        import_hf(folder, root / "mscale-ckpt")
+    with pytest.raises(MoecptError, match="RoPE scaling 'longrope' is not supported") as e:
+        import_hf(folder, root / "longrope-ckpt")
     assert "\n" not in str(e.value)
     with pytest.raises(MoecptError, match="exist only in GPT-OSS; export with --family gpt_oss") as e:
         export_hf(root / "plain-ckpt", root / "refused", family="mixtral")

@@ -322,10 +322,12 @@ class Family:
             rope_type = rope.get("rope_type", rope.get("type")) if isinstance(rope, dict) else None
             if rope_type not in (None, "default") and not (rope_type == "yarn" and self.yarn):
                 raise self._fail(f"RoPE scaling {rope_type!r} is not supported (moecpt has plain RoPE, and YaRN "
-                                 "for gpt_oss only; no mscale softmax adjustment)")
-        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-        rope_type = rope.get("rope_type", rope.get("type")) if isinstance(rope, dict) else None
-        theta = (rope.get("rope_theta") if isinstance(rope, dict) else None) or self.get(hf, "rope_theta")
+                                 "for gpt_oss, deepseek_v3 and deepseek_v2)")
+        ropes = [r for r in (hf.get("rope_parameters"), hf.get("rope_scaling")) if isinstance(r, dict)]
+        scaled = [r for r in ropes if r.get("rope_type", r.get("type")) not in (None, "default")]
+        rope = (scaled or ropes or [{}])[0]  # a scaling dict wins over a default one beside it (older configs)
+        rope_type = rope.get("rope_type", rope.get("type"))
+        theta = next((r["rope_theta"] for r in ropes if r.get("rope_theta")), None) or self.get(hf, "rope_theta")
         d_model, n_heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
         n_layers = int(hf["num_hidden_layers"])
         max_seq = int(self.get(hf, "max_position_embeddings"))
@@ -526,16 +528,15 @@ class Family:
 
 
 def _yarn_of(family: Family, rope: dict) -> dict[str, Any]:
-    """moecpt's ``rope_yarn`` of a transformers YaRN ``rope_parameters`` dict (DeepSeek's mscale keys refused)."""
-    for key in ("mscale", "mscale_all_dim"):
-        if rope.get(key):
-            raise family._fail(f"YaRN with {key} (DeepSeek-V2/V3's attention scaling) is not supported")
+    """moecpt's ``rope_yarn`` of a transformers YaRN ``rope_parameters`` dict (DeepSeek's ``mscale`` /
+    ``mscale_all_dim`` included)."""
     if rope.get("factor") is None or rope.get("original_max_position_embeddings") is None:
         raise family._fail("YaRN rope_parameters need factor and original_max_position_embeddings")
     return {"factor": float(rope["factor"]),
             "original_max_position_embeddings": int(rope["original_max_position_embeddings"]),
             "beta_fast": float(rope.get("beta_fast") or 32.0), "beta_slow": float(rope.get("beta_slow") or 1.0),
-            "truncate": bool(rope.get("truncate", True)), "attention_factor": rope.get("attention_factor")}
+            "truncate": bool(rope.get("truncate", True)), "attention_factor": rope.get("attention_factor"),
+            "mscale": rope.get("mscale"), "mscale_all_dim": rope.get("mscale_all_dim")}
 
 
 def _yarn_params(cfg: ModelConfig) -> dict[str, Any]:
@@ -546,8 +547,9 @@ def _yarn_params(cfg: ModelConfig) -> dict[str, Any]:
     out = {"rope_type": "yarn", "rope_theta": cfg.rope_theta, "factor": y.factor, "beta_fast": y.beta_fast,
            "beta_slow": y.beta_slow, "truncate": y.truncate,
            "original_max_position_embeddings": y.original_max_position_embeddings}
-    if y.attention_factor is not None:
-        out["attention_factor"] = y.attention_factor
+    for key in ("attention_factor", "mscale", "mscale_all_dim"):
+        if getattr(y, key) is not None:
+            out[key] = getattr(y, key)
     return out
 
 
@@ -1512,6 +1514,7 @@ class _MLA(_DeepSeekRouted):
 
     attention = AttentionKind.MLA
     interleave_key: str | None = None  # the config key saying whether RoPE is interleaved (None: always)
+    yarn = True  # DeepSeek's YaRN with mscale / mscale_all_dim (moecpt.model.yarn; the MLA softmax mscale^2)
 
     def check(self, hf: dict) -> None:
         if int(hf.get("moe_layer_freq") or 1) != 1:
@@ -1555,6 +1558,8 @@ class _MLA(_DeepSeekRouted):
         del out["head_dim"]  # derived by transformers (qk_rope_head_dim)
         if self.interleave_key:
             out[self.interleave_key] = m.rope_interleave
+        if cfg.rope_yarn is not None:
+            out["rope_parameters"] = _yarn_params(cfg)
         return out
 
 
@@ -1722,7 +1727,8 @@ def _gptoss_why_not(family: Family, cfg: ModelConfig) -> str | None:
     """GPT-OSS's attention sinks, output / router / expert biases and clamped SwiGLU exist in no other family
     (nor does moecpt export YaRN to another)."""
     if cfg.rope_yarn is not None and not family.yarn:
-        return "rope_yarn (YaRN RoPE scaling) is exported to gpt_oss only; export with --family gpt_oss"
+        return ("rope_yarn (YaRN RoPE scaling) is exported to gpt_oss, deepseek_v3 and deepseek_v2 only; export "
+                "with one of those --family")
     if family.gptoss_features:
         return None
     moe = cfg.moe

@@ -28,6 +28,7 @@ from torch import nn
 
 from moecpt.config import ModelConfig
 from moecpt.model.rope import apply_rope
+from moecpt.model.yarn import yarn_softmax_mscale
 
 
 def deinterleave(x_BTHR: torch.Tensor) -> torch.Tensor:
@@ -55,7 +56,8 @@ class MLAttention(nn.Module):
             m.kv_lora_rank
         self.A = m.qk_head_dim
         self.interleave = m.rope_interleave
-        self.scale = cfg.attention_multiplier or self.A ** -0.5  # Granite's multiplier when set, else DeepSeek's
+        # Granite's multiplier when set, else DeepSeek's A^-1/2 (times its YaRN mscale^2 under rope scaling)
+        self.scale = cfg.attention_multiplier or self.A ** -0.5 * yarn_softmax_mscale(cfg.rope_yarn)
         self.low_rank_q = m.q_lora_rank is not None
         if self.low_rank_q:
             self.wq_a = nn.Linear(D, m.q_lora_rank, bias=False)

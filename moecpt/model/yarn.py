@@ -18,11 +18,29 @@ import torch
 from moecpt.config import YarnConfig
 
 
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """``0.1 mscale ln(factor) + 1`` (1 for ``factor <= 1``): YaRN's attention temperature, eq. 22's ``sqrt(1/t)``."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
 def yarn_attention_factor(y: YarnConfig) -> float:
-    """The cos / sin multiplier: ``y.attention_factor``, else ``0.1 ln(factor) + 1`` (1 for ``factor <= 1``)."""
+    """The cos / sin multiplier: ``y.attention_factor``; else, with DeepSeek's ``mscale`` and ``mscale_all_dim``,
+    ``yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)`` (1 in DeepSeek-V3, where both are 1);
+    else ``yarn_mscale(factor)``."""
     if y.attention_factor is not None:
         return y.attention_factor
-    return 1.0 if y.factor <= 1 else 0.1 * math.log(y.factor) + 1.0
+    if y.mscale and y.mscale_all_dim:
+        return yarn_mscale(y.factor, y.mscale) / yarn_mscale(y.factor, y.mscale_all_dim)
+    return yarn_mscale(y.factor)
+
+
+def yarn_softmax_mscale(y: YarnConfig | None) -> float:
+    """DeepSeek-V2/V3's multiplier of the MLA softmax scale under YaRN: ``yarn_mscale(factor, mscale_all_dim)^2``
+    (DeepSeek-V2, arXiv 2405.04434, App. B; 1 without ``mscale_all_dim``), so that with both mscales 1 the
+    temperature moves from the rotary tables into the scores."""
+    if y is None or not y.mscale_all_dim:
+        return 1.0
+    return yarn_mscale(y.factor, y.mscale_all_dim) ** 2
 
 
 def yarn_inv_freq(rot_dim: int, theta: float, y: YarnConfig, device=None) -> torch.Tensor:
