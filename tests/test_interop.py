@@ -415,3 +415,26 @@ def test_the_usual_end_token_is_kept_when_the_model_declares_it_too():
     assert ensure_eod(tok, [ret]) == ret and ensure_eod(tok, ret) == ret
     assert ensure_eod(tok) == 0 and ensure_eod(tok, [10_000]) == 0  # nothing (usable) declared: as before
     assert tok.get_vocab_size(with_added_tokens=True) == VOCAB  # nothing added
+
+
+@pytest.mark.parametrize("family, extra", [("qwen3_moe", {}), ("mixtral", {"head_dim": 16}), ("glm4_moe", {}),
+                                           ("ernie4_5_moe", {})])
+def test_yarn_rope_scaling_imports_and_exports_in_every_family(family, extra, tmp_path):
+    """YaRN (Peng et al. 2024) as transformers applies it to any family (e.g. Qwen3's long-context recipe):
+    positions past ``original_max_position_embeddings`` give the same logits as transformers, before and after
+    export; export writes ``rope_scaling``."""
+    from moecpt.interop.testing import hf_forward, ours_forward
+
+    rope = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16}
+    hf = save_tiny_hf(family, tmp_path / "hf", seed=4, rope_parameters=dict(rope), **extra)
+    import_hf(tmp_path / "hf", tmp_path / "ckpt")
+    ours = load_model(tmp_path / "ckpt")
+    assert ours.cfg.rope_yarn is not None and ours.cfg.rope_yarn.factor == 4.0
+    ids = _ids(5, T=48)
+    logits = ours_forward(ours, ids)[0]
+    assert (hf_forward(hf, ids)[0] - logits).abs().max().item() <= 1e-5
+    export_hf(tmp_path / "ckpt", tmp_path / "out")
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert written["rope_scaling"]["rope_type"] == "yarn" and written["rope_scaling"]["factor"] == 4.0
+    again = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out")).eval()
+    assert (hf_forward(again, ids)[0] - logits).abs().max().item() <= 1e-5

@@ -231,7 +231,8 @@ class Family:
     shared_name: str = "shared_expert"  # the shared FFN's module name (GLM-4.5 / DeepSeek: shared_experts)
     multipliers: bool = False  # has Granite's embedding / residual / attention / logits multipliers
     gptoss_features: bool = False  # has GPT-OSS's sinks, o-proj / router / expert biases, clamped SwiGLU
-    yarn: bool = False  # reads / writes YaRN rope_parameters (moecpt.model.yarn)
+    yarn: bool = True  # reads / writes YaRN rope scaling (moecpt.model.yarn): every family's transformers class
+    # builds its RoPE through transformers' rope utils, whose "yarn" is the one moecpt implements
     mxfp4: bool = False  # dequantises MXFP4 checkpoints (quantization_config.quant_method = "mxfp4")
     attention: AttentionKind = AttentionKind.GQA
 
@@ -321,8 +322,8 @@ class Family:
         for rope in (hf.get("rope_parameters"), hf.get("rope_scaling")):  # either may carry the scaling
             rope_type = rope.get("rope_type", rope.get("type")) if isinstance(rope, dict) else None
             if rope_type not in (None, "default") and not (rope_type == "yarn" and self.yarn):
-                raise self._fail(f"RoPE scaling {rope_type!r} is not supported (moecpt has plain RoPE, and YaRN "
-                                 "for gpt_oss, deepseek_v3 and deepseek_v2)")
+                raise self._fail(f"RoPE scaling {rope_type!r} is not supported (moecpt has plain RoPE and YaRN); "
+                                 "import a checkpoint without it, or with rope_type 'yarn'")
         ropes = [r for r in (hf.get("rope_parameters"), hf.get("rope_scaling")) if isinstance(r, dict)]
         scaled = [r for r in ropes if r.get("rope_type", r.get("type")) not in (None, "default")]
         rope = (scaled or ropes or [{}])[0]  # a scaling dict wins over a default one beside it (older configs)
@@ -446,7 +447,11 @@ class Family:
             "attention_dropout": 0.0,
             "use_cache": True,
         }
+        if cfg.rope_yarn is not None:  # the key transformers 4 reads and 5 converts (rope_parameters)
+            out["rope_scaling"] = _yarn_params(cfg)
         out.update(self.hf_config_extra(cfg))
+        if "rope_parameters" in out:
+            out.pop("rope_scaling", None)
         return out
 
     def hf_config_extra(self, cfg: ModelConfig) -> dict[str, Any]:
