@@ -315,6 +315,14 @@ COMMANDS: list[C] = [
     C(R, "moecpt cpt --recipe my-cpt.toml --from ckpt/olmoe --out runs/olmoe-code",
       setup=cpt_recipe("my-cpt.toml", "data/code", "{ code = 1.0 }"), append=("--progress", "none")),
     C(R, "moecpt export-hf runs/olmoe-code --out hf/olmoe-code"),
+    # README: DeepSeek-V3 (a tiny random deepseek_v3 stands in for the 671B one)
+    C(R, "moecpt import-hf path/to/DeepSeek-V3-bf16 --out ckpt/dsv3",
+      setup=hf_folder("path/to/DeepSeek-V3-bf16", "deepseek_v3")),
+    C(R, "moecpt data prepare --source 'code=my-code/*.jsonl' --tokenizer ckpt/dsv3/tokenizer.json --out "
+         "data/code-ds"),
+    C(R, "moecpt cpt --recipe my-ds-cpt.toml --from ckpt/dsv3 --out runs/dsv3-code",
+      setup=cpt_recipe("my-ds-cpt.toml", "data/code-ds", "{ code = 1.0 }"), append=("--progress", "none")),
+    C(R, "moecpt export-hf runs/dsv3-code --out hf/dsv3-code"),
     # README: GPT-OSS (a tiny random GPT-OSS with a window of 4 stands in for gpt-oss-20b)
     C(R, "moecpt import-hf path/to/gpt-oss-20b --out ckpt/gpt-oss",
       setup=hf_folder("path/to/gpt-oss-20b", "gpt_oss")),
