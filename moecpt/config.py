@@ -805,8 +805,12 @@ def read_toml(path: str | Path) -> dict[str, Any]:
             blank lines and comments), which would otherwise silently train a default model.
     """
     p = Path(path)
-    if not p.is_file():
+    if p.is_dir():
+        raise MoecptError(f"recipe {str(p)!r} is a folder; give the path of a .toml file in it")
+    if not p.exists():
         raise MoecptError(f"recipe {str(p)!r} does not exist; give a path to a .toml file")
+    if not p.is_file():
+        raise MoecptError(f"recipe {str(p)!r} is not a regular file; give a path to a .toml file")
     try:
         raw = tomllib.loads(p.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:

@@ -129,8 +129,10 @@ def build_mesh(recipe: Recipe, world: int) -> Mesh:
     if d.expert_parallel > 1:
         check_expert_split(recipe)
         if island % d.expert_parallel:
+            where = "an island" if d.islands > 1 else "the job"
             raise MoecptError(f"distributed.expert_parallel={d.expert_parallel} does not divide the {island} ranks "
-                              f"of {'an island' if d.islands > 1 else 'the job'}; choose a divisor of {island}")
+                              f"of {where}; launch a multiple of {d.expert_parallel} ranks per island, or choose an "
+                              f"expert_parallel that divides both {island} and the model's experts")
         if d.sync in LOCAL_KINDS and d.islands == 1:
             raise MoecptError(f"distributed.expert_parallel={d.expert_parallel} with sync = {d.sync.value!r} needs "
                               "islands > 1 (EP inside an island, the outer step across islands)")

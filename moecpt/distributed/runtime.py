@@ -149,10 +149,16 @@ def _check_expert_parallel(recipe: Recipe, info: DistInfo, simulate_workers: int
                           "version; use expert parallelism (sync = 'ddp') or islands, not both")
     if d.sync != SyncKind.DDP:
         raise MoecptError(f"distributed.expert_parallel={d.expert_parallel} runs with sync = 'ddp' (data parallel "
-                          f"over the non-expert parameters); sync = {d.sync.value!r} is not supported with it")
+                          f"over the non-expert parameters), not sync = {d.sync.value!r}; set distributed.sync = "
+                          "'ddp', or expert_parallel = 1")
     if moe is not None and moe.dispatch == DispatchKind.LOOP:
         raise MoecptError("model.moe.dispatch = 'loop' is the single-process reference path; use 'grouped' with "
                           "distributed.expert_parallel > 1")
-    if simulate_workers is not None or not info.distributed:
-        raise MoecptError(f"distributed.expert_parallel={d.expert_parallel} splits the experts over real ranks; "
-                          f"launch {d.expert_parallel} or more with torchrun (not --simulate-workers)")
+    if simulate_workers is not None:
+        raise MoecptError(f"distributed.expert_parallel={d.expert_parallel} splits the experts over real ranks, "
+                          "which --simulate-workers does not have; launch a multiple of "
+                          f"{d.expert_parallel} ranks with torchrun instead")
+    if not info.distributed:
+        raise MoecptError(f"distributed.expert_parallel={d.expert_parallel} splits the experts over ranks, but this "
+                          f"is one process; launch a multiple of {d.expert_parallel} ranks with torchrun "
+                          "(torchrun --nproc-per-node N -m moecpt ...)")

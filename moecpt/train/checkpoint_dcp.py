@@ -41,6 +41,7 @@ from moecpt.errors import MoecptError
 from moecpt.storage.atomic import dumps_json, fsync_dir, publish_dir, temp_name
 from moecpt.storage.outputs import check_new_output, os_error_line, read_marker, write_marker
 from moecpt.train.checkpoint import (
+    CHECKPOINTS_DIR,
     LAYOUT_DCP,
     MANIFEST_KEY,
     OPTIMIZER_REST_FILE,
@@ -259,7 +260,9 @@ def consolidate_checkpoint(source: str | Path, out: str | Path) -> Path:
     out = Path(out).expanduser()
     if out.is_dir() and _same_consolidation(out, ck):
         return out
-    check_new_output(out, inputs=[ck.path], flag="--out")
+    # the run the checkpoint belongs to is an input too: a folder inside it would be written into a user's run
+    run = ck.path.parent.parent if ck.path.parent.name == CHECKPOINTS_DIR else ck.path
+    check_new_output(out, inputs=[Path(source).expanduser(), ck.path, run], flag="--out")
     staging = out.parent / temp_name(out.name)
     try:
         staging.mkdir()
