@@ -399,15 +399,15 @@ def _meta_train_in(cfg: MetaTrainConfig, out: Path, spec, tasks, pes_cfg, progre
         if plot:
             plot_curve(history, out / CURVE_FILE, f"meta-training {spec.describe()} on {', '.join(cfg.tasks)}")
 
-    if start == 0 and not history["eval"]:
-        evaluate(0)
-    t0 = time.time()
-    bar = tqdm(total=cfg.iterations, initial=start, disable=not progress, desc=f"meta-train {cfg.kind}",
-               unit="it", dynamic_ncols=True)
     it = start
     preempt = PreemptionWatcher()
+    preempt.__enter__()  # before the first evaluation: a SIGTERM during it is honoured after the next iteration
+    bar = tqdm(total=cfg.iterations, initial=start, disable=not progress, desc=f"meta-train {cfg.kind}",
+               unit="it", dynamic_ncols=True)
     try:
-        preempt.__enter__()
+        if start == 0 and not history["eval"]:
+            evaluate(0)
+        t0 = time.time()
         while it < cfg.iterations:
             ts = time.time()
             phi, lr = _meta_step(cfg, spec, tasks, pes_cfg, phi, m, v, pes_states, history, gen, it)
