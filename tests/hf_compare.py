@@ -1,6 +1,6 @@
 """Helpers shared by the interop tests that compare moecpt with transformers (the forwards themselves are in
 :mod:`moecpt.interop.testing`): the tiny-model fixture body (save, optionally re-save in bf16, import) and the
-export -> reload -> re-import check."""
+import comparison (logits, experts, greedy tokens) and the export -> reload -> re-import check."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from moecpt.interop.hf_export import export_hf
 from moecpt.interop.hf_import import import_hf
 from moecpt.interop.testing import VOCAB, hf_forward, ours_forward, same_topk, save_tiny_hf
 from moecpt.train.checkpoint import load_checkpoint, load_model
+from moecpt.train.generate import sample
 
 TOL = 1e-5
 
@@ -58,3 +59,31 @@ def check_export_reload_reimport(root: Path, name: str, family: str, ckpt: Path,
     assert a.meta["model_config"] == b.meta["model_config"]
     sa, sb = a.model_state(), b.model_state()
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def check_import(variant: tuple, sharded: bool, min_shards: int = 3):
+    """The imported ``variant`` (:func:`tiny_imported`) against transformers: the index and more than
+    ``min_shards`` shards when ``sharded``; fp32 logits within :data:`TOL` (bf16 weights computed in fp32; the
+    figure is printed: ``pytest -s -k max_logit``) and the same experts at every MoE layer. Returns
+    ``(hf_model, model)`` for further checks."""
+    name, family, hf, folder, ckpt = variant
+    if sharded:
+        assert (folder / "model.safetensors.index.json").is_file() and len(list(folder.glob("model-*"))) > min_shards
+    hf_model = hf.float() if "bf16" in name else hf
+    model = load_model(ckpt)
+    ids = ids_of()
+    hf_logits, hf_topk = hf_forward(hf_model, ids)
+    logits, topk = ours_forward(model, ids)
+    diff = (hf_logits - logits).abs().max().item()
+    print(f"\n{family} {name}: max |logit difference| = {diff:.2e}")
+    assert diff <= TOL
+    assert same_topk(hf_topk, topk)
+    return hf_model, model
+
+
+def check_greedy(hf_model, model, n: int) -> None:
+    """The same ``n`` greedy tokens after a 6-token prompt as transformers' (cached) ``generate``."""
+    prompt = ids_of(2, 6)[:1]
+    with torch.no_grad():
+        want = hf_model.generate(prompt, max_new_tokens=n, do_sample=False, min_new_tokens=n)[0, 6:]
+    assert sample(model, prompt[0].tolist(), max_new_tokens=n, temperature=0.0) == want.tolist()

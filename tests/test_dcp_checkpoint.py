@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 from test_distributed import finish, launch
 from test_trainer import write_toml
 from tiny_recipes import raw_recipe
@@ -229,3 +230,14 @@ def test_fsdp_writes_dcp_and_resumes_at_world_2_and_1(world4, capsys):
     assert "dcp/__1_0.distcp is missing" in err_c and "resuming from step_00000002" in err_c, err_c
     assert not load_checkpoint(c).sharded  # auto: one process writes the single-file layout
     assert max_diff(c, w4) < 1e-5
+
+
+def test_a_dcp_folder_with_pickled_entries_is_refused_before_they_are_read(tmp_path):
+    """DCP stores a non-tensor value as a pickled bytes entry, which its own reader unpickles without restriction;
+    moecpt never writes one, and refuses a folder that has one instead of loading it."""
+    folder = tmp_path / "dcp"
+    dcp.save({"model": {"w": torch.ones(3)}, "extra": {"note": {"any": "object"}}}, checkpoint_id=str(folder),
+             no_dist=True)
+    with pytest.raises(MoecptError, match="holds pickled values") as e:
+        read_full(str(folder), "model")
+    assert "\n" not in str(e.value)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hf_compare import TOL, check_export_reload_reimport, ids_of, tiny_imported
+from hf_compare import TOL, check_export_reload_reimport, check_greedy, check_import, ids_of, tiny_imported
 
 from moecpt.cli import main
 from moecpt.config import ModelConfig
@@ -26,7 +26,6 @@ from moecpt.interop.testing import VOCAB, hf_forward, ours_forward, same_topk, s
 from moecpt.model.flops import model_stats
 from moecpt.model.transformer import build_model
 from moecpt.train.checkpoint import load_checkpoint, load_model, save_checkpoint
-from moecpt.train.generate import sample
 
 transformers = pytest.importorskip("transformers")
 transformers.utils.logging.disable_progress_bar()
@@ -71,24 +70,10 @@ def variant(request, root):
 def test_import_max_logit_difference_same_experts_and_greedy_tokens(variant):
     """fp32: max |logit difference| <= 1e-5 (V3 measures 0 or < 1e-6, V2 about 2e-6: its complex rotation sums in
     another order); the same experts per MoE layer; the same 24 greedy tokens as transformers' cached generate."""
-    name, family, hf, folder, ckpt = variant
-    if name in SHARDED:
-        assert (folder / "model.safetensors.index.json").is_file() and len(list(folder.glob("model-*"))) > 3
-    hf_model = hf.float() if "bf16" in name else hf  # bf16 weights, both computed in fp32
-    model = load_model(ckpt)
-    ids = ids_of()
-    hf_logits, hf_topk = hf_forward(hf_model, ids)
-    logits, topk = ours_forward(model, ids)
-    diff = (hf_logits - logits).abs().max().item()
-    print(f"\n{family} {name}: max |logit difference| = {diff:.2e}")
-    assert diff <= TOL
-    assert same_topk(hf_topk, topk)
-    if name not in GREEDY:
-        return
-    prompt = ids_of(2, 6)[:1]
-    with torch.no_grad():
-        want = hf_model.generate(prompt, max_new_tokens=24, do_sample=False, min_new_tokens=24)[0, 6:]
-    assert sample(model, prompt[0].tolist(), max_new_tokens=24, temperature=0.0) == want.tolist()
+    name = variant[0]
+    hf_model, model = check_import(variant, name in SHARDED)
+    if name in GREEDY:
+        check_greedy(hf_model, model, 24)
 
 
 def test_imported_config(variant):

@@ -15,7 +15,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from hf_compare import TOL, check_export_reload_reimport, ids_of, tiny_imported
+from hf_compare import TOL, check_export_reload_reimport, check_import, ids_of, tiny_imported
 
 from moecpt.cli import main
 from moecpt.config import ModelConfig
@@ -58,16 +58,7 @@ def variant(request, root):
 
 def test_import_max_logit_difference_and_same_experts(variant):
     name, family, hf, folder, ckpt = variant
-    if name in SHARDED:
-        assert (folder / "model.safetensors.index.json").is_file() and len(list(folder.glob("model-*"))) > 3
-    ids = ids_of()
-    hf_model = hf.float() if name.endswith("bf16") else hf  # bf16 weights, both computed in fp32
-    hf_logits, hf_topk = hf_forward(hf_model, ids)
-    logits, topk = ours_forward(load_model(ckpt), ids)
-    diff = (hf_logits - logits).abs().max().item()
-    print(f"\n{family} {name}: max |logit difference| = {diff:.2e}")
-    assert diff <= TOL
-    assert same_topk(hf_topk, topk)
+    check_import(variant, name in SHARDED)
     cfg = ModelConfig.model_validate(load_checkpoint(ckpt).meta["model_config"])
     r = cfg.moe.router
     assert (r.kind.value, r.score_fn.value) == ("bias", "sigmoid")

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 transformers = pytest.importorskip("transformers")
 
-from hf_compare import TOL, check_export_reload_reimport, ids_of, tiny_imported
+from hf_compare import TOL, check_export_reload_reimport, check_greedy, check_import, ids_of, tiny_imported
 
 from moecpt.config import ModelConfig, recipe_from_dict
 from moecpt.data.shards import prepare
@@ -28,7 +28,6 @@ from moecpt.interop.hf_import import import_hf
 from moecpt.interop.testing import VOCAB, hf_forward, ours_forward, same_topk, save_tiny_hf, synthetic_texts
 from moecpt.model.transformer import build_model
 from moecpt.train.checkpoint import load_checkpoint, load_model, save_checkpoint
-from moecpt.train.generate import sample
 from moecpt.train.trainer import Trainer
 
 transformers.utils.logging.disable_progress_bar()
@@ -62,16 +61,7 @@ def variant(request, root):
 
 def test_import_max_logit_difference_same_experts_and_greedy_text(variant):
     name, family, hf, folder, ckpt = variant
-    if name in SHARDED:
-        assert (folder / "model.safetensors.index.json").is_file() and len(list(folder.glob("model-*"))) > 2
-    ids = ids_of()
-    hf_model = hf.float() if name.endswith("bf16") else hf
-    hf_logits, hf_topk = hf_forward(hf_model, ids)
-    ours = load_model(ckpt)
-    logits, topk = ours_forward(ours, ids)
-    diff = (hf_logits - logits).abs().max().item()
-    print(f"\n{family} {name}: max |logit difference| = {diff:.2e}")
-    assert diff <= TOL and same_topk(hf_topk, topk)
+    hf_model, ours = check_import(variant, name in SHARDED, min_shards=2)
     cfg = ModelConfig.model_validate(load_checkpoint(ckpt).meta["model_config"])
     c = hf.config
     if family.startswith("granite"):
@@ -80,11 +70,7 @@ def test_import_max_logit_difference_same_experts_and_greedy_text(variant):
     else:
         r = cfg.moe.router
         assert (r.kind.value, r.score_fn.value, r.renormalize) == ("bias", "softmax", True)
-    prompt = ids_of(2, 6)[:1]
-    with torch.no_grad():
-        want = hf_model.generate(prompt, max_new_tokens=20, do_sample=False, min_new_tokens=20)[0, 6:]
-    got = sample(ours, prompt[0].tolist(), max_new_tokens=20, temperature=0.0)
-    assert got == want.tolist()
+    check_greedy(hf_model, ours, 20)
 
 
 def test_export_loads_in_transformers_and_reimports(variant, root):

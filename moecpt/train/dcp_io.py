@@ -7,11 +7,14 @@ moments (``get_state_dict`` returns them as DTensors), so no rank ever holds the
 tensor the loading rank's shard covers, so a checkpoint saved at one world size resumes at another (resharding),
 and a process without a process group can read full tensors (:func:`read_full`).
 
-Two safety rules on top of DCP's defaults, because DCP unpickles freely:
+Two safety rules on top of DCP's defaults, because DCP unpickles freely. Nothing in moecpt calls ``torch.load``
+without ``weights_only=True``, and no file a user gives is unpickled unrestricted:
 
-* only tensors go into a DCP folder. DCP would store any other value (optimizer hyper-parameters, ``None``
-  state entries) as a pickle and load it with ``torch.load(weights_only=False)``; those values travel instead in a
-  ``weights_only`` torch file beside it (:func:`split_optimizer_state`);
+* only tensors go into a DCP folder. DCP itself stores any other value (optimizer hyper-parameters, ``None``
+  state entries) as a pickled "bytes" entry that its reader would unpickle without restriction; moecpt never
+  writes one (those values travel in ``optimizer_rest.pt``, loaded with ``weights_only=True``:
+  :func:`split_optimizer_state`), and :class:`SafeReader` refuses a checkpoint whose metadata lists one, before any
+  of its data is read;
 * ``.metadata`` (a pickle) is read by :class:`SafeReader`, whose unpickler admits only DCP's own metadata classes,
   ``torch.Size``, dtypes and paths, so an untrusted checkpoint cannot run code (as ``weights_only`` loading
   guarantees for the single-file format).
@@ -77,7 +80,7 @@ class SafeReader(FileSystemReader):
         if not isinstance(md, Metadata):
             raise MoecptError(f"{path} is not a DCP metadata file (it holds a {type(md).__name__})")
         bytes_keys = [k for k, v in md.state_dict_metadata.items() if isinstance(v, BytesStorageMetadata)]
-        if bytes_keys:  # moecpt writes tensors only; a pickled value would be loaded with weights_only=False
+        if bytes_keys:  # moecpt writes tensors only; DCP would unpickle such an entry without restriction
             raise MoecptError(f"{path} holds pickled values ({bytes_keys[0]!r}, ...); moecpt does not load them")
         if getattr(md, "storage_meta", None) is None:
             md.storage_meta = StorageMeta()
