@@ -231,8 +231,6 @@ class Family:
     shared_name: str = "shared_expert"  # the shared FFN's module name (GLM-4.5 / DeepSeek: shared_experts)
     multipliers: bool = False  # has Granite's embedding / residual / attention / logits multipliers
     gptoss_features: bool = False  # has GPT-OSS's sinks, o-proj / router / expert biases, clamped SwiGLU
-    yarn: bool = True  # reads / writes YaRN rope scaling (moecpt.model.yarn): every family's transformers class
-    # builds its RoPE through transformers' rope utils, whose "yarn" is the one moecpt implements
     mxfp4: bool = False  # dequantises MXFP4 checkpoints (quantization_config.quant_method = "mxfp4")
     attention: AttentionKind = AttentionKind.GQA
 
@@ -321,7 +319,9 @@ class Family:
             raise self._fail(f"hidden_act = {act!r} has no moecpt equivalent; supported: {', '.join(_ACT_TO_FFN)}")
         for rope in (hf.get("rope_parameters"), hf.get("rope_scaling")):  # either may carry the scaling
             rope_type = rope.get("rope_type", rope.get("type")) if isinstance(rope, dict) else None
-            if rope_type not in (None, "default") and not (rope_type == "yarn" and self.yarn):
+            # YaRN is read by every family: each transformers class builds its RoPE through transformers' rope
+            # utils, whose "yarn" is the one moecpt implements (moecpt.model.yarn)
+            if rope_type not in (None, "default", "yarn"):
                 raise self._fail(f"RoPE scaling {rope_type!r} is not supported (moecpt has plain RoPE and YaRN); "
                                  "import a checkpoint without it, or with rope_type 'yarn'")
         ropes = [r for r in (hf.get("rope_parameters"), hf.get("rope_scaling")) if isinstance(r, dict)]
@@ -1342,7 +1342,6 @@ class GptOss(Family):
     reference = "OpenAI 2025, gpt-oss-120b & gpt-oss-20b Model Card (arXiv 2508.10925); openai/gpt-oss-20b"
     num_experts_key = "num_local_experts"
     gptoss_features = True
-    yarn = True
     mxfp4 = True
     #: GptOssConfig's rope_parameters when a config.json has none (YaRN x32 over 4096, untruncated)
     default_rope: ClassVar[dict[str, Any]] = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0,
@@ -1519,7 +1518,6 @@ class _MLA(_DeepSeekRouted):
 
     attention = AttentionKind.MLA
     interleave_key: str | None = None  # the config key saying whether RoPE is interleaved (None: always)
-    yarn = True  # DeepSeek's YaRN with mscale / mscale_all_dim (moecpt.model.yarn; the MLA softmax mscale^2)
 
     def check(self, hf: dict) -> None:
         if int(hf.get("moe_layer_freq") or 1) != 1:
@@ -1729,11 +1727,7 @@ def _family_why_not(family: Family, cfg: ModelConfig) -> str | None:
 
 
 def _gptoss_why_not(family: Family, cfg: ModelConfig) -> str | None:
-    """GPT-OSS's attention sinks, output / router / expert biases and clamped SwiGLU exist in no other family
-    (nor does moecpt export YaRN to another)."""
-    if cfg.rope_yarn is not None and not family.yarn:
-        return ("rope_yarn (YaRN RoPE scaling) is exported to gpt_oss, deepseek_v3 and deepseek_v2 only; export "
-                "with one of those --family")
+    """GPT-OSS's attention sinks, output / router / expert biases and clamped SwiGLU exist in no other family."""
     if family.gptoss_features:
         return None
     moe = cfg.moe
