@@ -349,6 +349,21 @@ def test_config_that_does_not_match_the_weights(key, value, words, root, capsys)
     _fails(folder, root, words, capsys)
 
 
+@pytest.mark.parametrize("key, value, words", [
+    ("num_experts_per_tok", 2.5, "num_experts_per_tok = 2.5 must be a whole number"),  # int() would make it top-2
+    ("num_experts", "eight", "num_experts = 'eight' must be a whole number"),
+    ("rms_norm_eps", [1e-6], "rms_norm_eps = [1e-06] must be a finite number"),
+    ("norm_topk_prob", "yes", "norm_topk_prob = 'yes' must be true or false"),
+    ("rope_scaling", {"rope_type": "yarn", "factor": "4"}, "rope_scaling.factor = '4' must be a finite number"),
+    ("hidden_size", None, "while reading 'hidden_size'"),  # null passes the type check; the family names the key
+])
+def test_wrong_typed_config_value_is_named(key, value, words, root, capsys):
+    folder = _fresh(root, f"typed-{key}")
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, key: value}))
+    _fails(folder, root, words, capsys)
+
+
 def test_missing_tokenizer(root, capsys):
     folder = _fresh(root, "no-tokenizer", tokenizer=False)
     _fails(folder, root, "--allow-missing-tokenizer", capsys)

@@ -274,7 +274,10 @@ def test_biased_clamped_experts_fused_and_loop_dispatch_agree(layout, cf):
         (y * g).sum().backward()
         results.append((y.detach(), xi.grad, {n: p.grad for n, p in layer.named_parameters()}))
     (yf, xf, pf), (yl, xl, pl) = results
-    torch.testing.assert_close(yf, yl, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(xf, xl, rtol=1e-5, atol=1e-5)
+    # N(0, 1) weights make |y| reach ~1e2, and the two paths sum in different orders (and differently with the
+    # thread count): fp32 agreement is to a few ulps of the largest term, not of each (cancelled) element
+    close = lambda a, b: torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-7 * float(b.abs().max()))  # noqa: E731
+    close(yf, yl)
+    close(xf, xl)
     for name in pf:
         torch.testing.assert_close(pf[name], pl[name], rtol=1e-4, atol=1e-4, msg=name)

@@ -37,6 +37,7 @@ from tokenizers import Tokenizer
 
 from moecpt.data.tokenizer import ensure_eod, sha256_bytes, tokenizer_bytes
 from moecpt.errors import MoecptError
+from moecpt.interop.config_types import ReadLog, check_config_types
 from moecpt.interop.families import Family, Piece, PieceOp, family_of, place
 from moecpt.model.transformer import build_model, rope_tables
 from moecpt.storage.atomic import fsync_dir, publish_dir, temp_name, write_bytes_atomic
@@ -146,6 +147,7 @@ def open_hf_folder(path: str | Path) -> HFFolder:
         raise MoecptError(f"{cfg_file} is not valid JSON ({_one_line(exc)})") from None
     if not isinstance(config, dict):
         raise MoecptError(f"{cfg_file} does not hold a JSON object")
+    check_config_types(config, cfg_file)
     family = family_of(config)
 
     index = p / INDEX_FILE
@@ -207,11 +209,13 @@ def plan_import(folder: HFFolder):
             describe, a shape that does not match the config, a non-float dtype.
     """
     fam = folder.family
+    read = ReadLog(folder.config)
     try:
-        cfg, notes = fam.to_model_config(folder.config)
+        cfg, notes = fam.to_model_config(read)
     except (KeyError, TypeError, ValueError) as exc:  # a key missing from config.json, or of the wrong type
+        key = f"while reading {read.last!r}: " if read.last is not None and not isinstance(exc, KeyError) else ""
         raise MoecptError(f"{folder.path / 'config.json'}: missing or invalid {fam.name} setting "
-                          f"({_one_line(exc)})") from None
+                          f"({key}{_one_line(exc)}); fix config.json") from None
     fused = lambda i: f"model.layers.{i}.{fam.moe_block}.experts.gate_up_proj" in folder.headers
     pieces = fam.checkpoint_pieces(folder.config, fam.plan(cfg, fused))
     need = {pc.hf: pc for pc in pieces}
