@@ -31,7 +31,8 @@ Usage::
     PYTHONPATH=. .venv/bin/python benchmarks/lopt_lm.py --quick --out /tmp/lopt_lm_quick --plot docs/lopt_lm.png
     PYTHONPATH=. .venv/bin/python benchmarks/lopt_lm.py --out /tmp/lopt_lm [--lopt-a F.safetensors] [--lagg-a F]
 
-Prints one JSON object (also written to ``OUT/lopt_lm.json``); one progress line per run goes to stderr.
+Prints one JSON object (also written to ``OUT/lopt_lm.json``, and its tables to ``OUT/lopt_lm.md``); one progress
+line per run goes to stderr.
 """
 
 from __future__ import annotations
@@ -349,6 +350,44 @@ def bench_h(bench: Bench, h: int, grid: tuple[float, ...], cap: int,
     }
 
 
+# ------------------------------------------------------------------------------------------------ tables
+def _f(v: float | None, digits: int = 4) -> str:
+    return "—" if v is None else f"{v:.{digits}f}"
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The docs' tables (``OUT/lopt_lm.md``): per H and method the loss at equal rounds, bytes, loss at equal bytes;
+    then DiLoCo's searched grid. Bold: the lowest validation loss of an H, at equal rounds and at equal bytes."""
+    rows = ["| H | rounds | method | outer settings | final val loss (equal rounds) | final train loss | "
+            "MB sent per worker | MB per round | val loss at equal bytes (MB) | val MRI |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    for h, res in result["H"].items():
+        ms = res["methods"]
+        best_r = min((r["final_val_loss"] for r in ms.values() if r["final_val_loss"] is not None), default=None)
+        eq = res["equal_bytes"]
+        eq_vals = [v for v in eq["val_loss"].values() if v is not None]
+        best_b = min(eq_vals, default=None)
+        for m, r in ms.items():
+            setting = (f"Nesterov, LR {r['outer_lr']:g}, μ {r['outer_momentum']:g}" if m == "diloco"
+                       else f"{Path(r['weights']).name} ({r['step_scale']} step)")
+            v, b = r["final_val_loss"], eq["val_loss"].get(m)
+            vs = f"**{_f(v)}**" if v is not None and v == best_r else _f(v)
+            bs = f"**{_f(b)}**" if b is not None and b == best_b else _f(b)
+            mb = r["bytes_sent_per_worker"]
+            per = r["bytes_sent_per_round"]
+            rows.append(f"| {h} | {r['rounds']} | {m} | {setting} | {vs} | {_f(r['final_train_loss'])} | "
+                        f"{_f(mb / 1e6 if mb is not None else None, 1)} | {_f(per / 1e6 if per else None, 2)} | "
+                        f"{bs} ({eq['budget_bytes'] / 1e6:.1f}) | {_f(r['final_val_mri'], 2)} |")
+    rows += ["", "| H | DiLoCo outer LR searched (μ 0.9) | final val loss per LR | chosen | widened | cap hit |",
+             "|---|---|---|---|---|---|"]
+    for h, res in result["H"].items():
+        t = res["diloco_tuning"]
+        per_lr = ", ".join(f"{p['outer_lr']:g}: {_f(p['final_val_loss'])}" for p in t["points"])
+        rows.append(f"| {h} | {', '.join(f'{v:g}' for v in t['grid'])} | {per_lr} | {t['best']['outer_lr']:g} | "
+                    f"{', '.join(t['widened']) or 'no'} | {', '.join(t['open_edges']) if t['cap_hit'] else 'no'} |")
+    return "\n".join(rows) + "\n"
+
+
 # ------------------------------------------------------------------------------------------------ figure
 def plot(result: dict[str, Any], path: Path) -> None:
     """Validation loss vs rounds (top) and vs MB sent per worker (bottom), one column per H."""
@@ -358,7 +397,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     hs = list(result["H"])
-    fig, axes = plt.subplots(2, len(hs), figsize=(4.6 * len(hs), 7), squeeze=False)
+    fig, axes = plt.subplots(2, len(hs), figsize=(max(6.4, 4.6 * len(hs)), 7.4), squeeze=False)
     colours = {"diloco": "C0", "lopt-a": "C1", "lagg-a": "C2"}
     for j, h in enumerate(hs):
         res = result["H"][h]
@@ -379,8 +418,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
             axes[i][j].set_ylabel("validation loss (nats)")
             axes[i][j].grid(alpha=0.3)
         axes[0][j].legend(fontsize=7)
-    fig.suptitle(f"torchrun DiLoCo, K = {result['config']['workers']} workers, {result['config']['steps']} inner "
-                 "steps per worker (grey: the DiLoCo grid)", fontsize=10)
+    fig.suptitle(f"torchrun, K = {result['config']['workers']} workers, {result['config']['steps']} inner steps per "
+                 "worker\n(grey: every DiLoCo outer LR searched)", fontsize=10)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90)
@@ -457,6 +496,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                       "loadavg_start": [round(v, 2) for v in load0],
                       "loadavg_end": [round(v, 2) for v in os.getloadavg()]}
     write_json_atomic(out / "lopt_lm.json", result)
+    write_bytes_atomic(out / "lopt_lm.md", markdown(result).encode())
     if args.plot:
         plot(result, Path(args.plot))
     return result

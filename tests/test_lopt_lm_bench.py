@@ -210,3 +210,52 @@ def test_bad_arguments_are_one_line_errors_before_any_run(tmp_path):
     with pytest.raises(MoecptError, match="positive numbers"):
         lm.main(["--out", str(tmp_path / "o"), "--grid", "0.5,-1"])
     assert not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------------------------------------ one H, end to end
+def _fake_torchrun(calls: list[str]):
+    """Writes what ``moecpt pretrain`` would: DiLoCo's final loss is a bowl in log outer LR with its minimum at
+    0.45, LOpt-A ends at 5.3, LAgg-A at 5.0 but all-gathers 4x the bytes per round."""
+    def launch(spec, workers, logs):
+        calls.append(spec.name)
+        sets = dict(s.split("=", 1) for s in spec.sets)
+        outer = json.loads(sets["distributed.outer_optimizer"])
+        h, steps = int(sets["distributed.local_steps"]), int(sets["train.steps"])
+        if outer == "nesterov":
+            final, per_round = 5.0 + math.log(float(sets["distributed.outer_lr"]) / 0.45) ** 2, 100
+        else:
+            final, per_round = (5.3, 100) if outer == "lopt-a" else (5.0, 400)
+        spec.dir.mkdir(parents=True)
+        (spec.dir / "run.json").write_text(json.dumps({"identity": {"recipe": identity_json(spec.recipe())}}))
+        rounds = steps // h
+        recs = []
+        for r in range(rounds + 1):  # val loss falls linearly from 8 to `final`
+            recs.append({"step": r * h, "split": "val", "loss": 8.0 - (8.0 - final) * r / rounds,
+                         "comm_bytes": 2 * per_round * r, "mri_mean": 0.5})
+            recs += [{"step": r * h + i, "loss": final + 0.5} for i in range(1, h + 1) if r < rounds]
+        recs.append({"step": steps, "event": "comm_summary", "rounds": rounds, "bytes_sent": per_round * rounds})
+        (spec.dir / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in recs))
+    return launch
+
+
+def test_one_h_tunes_compares_and_a_second_pass_reuses_every_run(tmp_path):
+    learned, _ = lm.select_learned(["lopt-a", "lagg-a"], 8)
+    calls: list[str] = []
+    bench = lm.Bench(tmp_path, 8, 32, _fake_torchrun(calls), log=lambda s: None)
+    res = lm.bench_h(bench, 8, (0.5, 0.7, 1.0), 1, learned)
+    t = res["diloco_tuning"]
+    # 0.5 is best on (0.5, 0.7, 1.0): the low edge; one rung lower (0.357) shows it is inside
+    assert t["widened"] == ["outer_lr:low"] and t["best"]["outer_lr"] == 0.5
+    assert not t["cap_hit"] and [p["outer_lr"] for p in t["points"]] == [0.357143, 0.5, 0.7, 1.0]
+    assert res["rounds"] == 4 and set(res["methods"]) == {"diloco", "lopt-a", "lagg-a"}
+    assert res["methods"]["lagg-a"]["bytes_sent_per_round"] == 4 * res["methods"]["diloco"]["bytes_sent_per_round"]
+    eq = res["equal_bytes"]  # LAgg-A has spent DiLoCo's whole budget after one round of four
+    assert eq["budget_bytes"] == 400 and eq["limited_by"] in ("diloco", "lopt-a")
+    assert eq["val_loss"]["lagg-a"] == pytest.approx(8.0 - 3.0 / 4) and eq["val_loss"]["lopt-a"] == pytest.approx(5.3)
+    md = lm.markdown({"H": {8: res}})
+    assert "| 8 | 4 | lagg-a |" in md and "**5.0000**" in md and "0.357143" in md and "LR 0.5," in md
+    assert len(calls) == 6
+    again = lm.Bench(tmp_path, 8, 32, _no_launch, log=lambda s: None)
+    assert lm.bench_h(again, 8, (0.5, 0.7, 1.0), 1, learned) == res and len(again.reused) == 6
+    lm.plot({"H": {8: res}, "config": {"workers": 8, "steps": 32}}, tmp_path / "c.png")
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
