@@ -252,26 +252,31 @@ class Bench:
         self.out, self.workers, self.steps, self.launch, self.base, self.log = out, workers, steps, launch, base, log
         self.launched: list[str] = []
         self.reused: list[str] = []
-        self.run_cpu_s: dict[str, float] = {}
+        self.costs: dict[str, dict[str, float] | None] = {}
 
     def run(self, spec: RunSpec, h: int) -> dict[str, Any]:
-        """The figures of one job, launching it unless its folder already holds it finished."""
+        """The figures of one job, launching it unless its folder already holds it finished. ``cost``: the CPU
+        seconds (all its processes), wall seconds and 1-minute load averages of the launch that finished it, kept
+        in ``OUT/logs/NAME.cost.json`` so that a pass reusing the run still reports them (None if unknown)."""
         state = folder_state(spec, self.steps, self.base)
+        cost_file = self.out / "logs" / f"{spec.name}.cost.json"
         if state == "finished":
             self.reused.append(spec.name)
+            self.log(f"{spec.name}: reused (finished)")
         else:
-            before = _children_cpu_s()
-            t0 = time.time()
+            before, t0, load0 = _children_cpu_s(), time.time(), os.getloadavg()[0]
             self.launch(spec, self.workers, self.out / "logs")
-            self.run_cpu_s[spec.name] = round(_children_cpu_s() - before, 1)
+            cost = {"cpu_s": round(_children_cpu_s() - before, 1), "wall_s": round(time.time() - t0, 1),
+                    "loadavg_1min_start": round(load0, 2), "loadavg_1min_end": round(os.getloadavg()[0], 2)}
             self.launched.append(spec.name)
             if folder_state(spec, self.steps, self.base) != "finished":
                 raise MoecptError(f"run {spec.name} exited without its final record in {spec.dir / METRICS_FILE}")
-            self.log(f"{spec.name}: {time.time() - t0:.0f} s wall, {self.run_cpu_s[spec.name]:.0f} CPU-s")
+            write_json_atomic(cost_file, cost)
+            self.log(f"{spec.name}: {cost['wall_s']:.0f} s wall, {cost['cpu_s']:.0f} CPU-s")
         res = summarise(read_metrics(spec.dir), h, self.steps)
         res["run_dir"] = str(spec.dir)
-        if state == "finished":
-            self.log(f"{spec.name}: reused (finished)")
+        res["cost"] = json.loads(cost_file.read_text(encoding="utf-8")) if cost_file.is_file() else None
+        self.costs[spec.name] = res["cost"]
         return res
 
 
@@ -491,10 +496,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     for h in hs:
         result["H"][h] = bench_h(bench, h, grid, cap, learned)
-    result["cost"] = {"wall_s": round(time.time() - t0, 1), "cpu_s_children": round(_children_cpu_s() - cpu0, 1),
-                      "cpu_s_per_run": bench.run_cpu_s, "launched": bench.launched, "reused": bench.reused,
-                      "loadavg_start": [round(v, 2) for v in load0],
-                      "loadavg_end": [round(v, 2) for v in os.getloadavg()]}
+    known = [c["cpu_s"] for c in bench.costs.values() if c]
+    result["cost"] = {"runs": bench.costs, "runs_cpu_s": round(sum(known), 1),
+                      "runs_cost_unknown": [n for n, c in bench.costs.items() if not c],
+                      "this_pass": {"wall_s": round(time.time() - t0, 1),
+                                    "cpu_s_children": round(_children_cpu_s() - cpu0, 1),
+                                    "launched": bench.launched, "reused": bench.reused,
+                                    "loadavg_start": [round(v, 2) for v in load0],
+                                    "loadavg_end": [round(v, 2) for v in os.getloadavg()]}}
     write_json_atomic(out / "lopt_lm.json", result)
     write_bytes_atomic(out / "lopt_lm.md", markdown(result).encode())
     if args.plot:

@@ -257,5 +257,6 @@ def test_one_h_tunes_compares_and_a_second_pass_reuses_every_run(tmp_path):
     assert len(calls) == 6
     again = lm.Bench(tmp_path, 8, 32, _no_launch, log=lambda s: None)
     assert lm.bench_h(again, 8, (0.5, 0.7, 1.0), 1, learned) == res and len(again.reused) == 6
+    assert all(c is not None and c["cpu_s"] >= 0 for c in again.costs.values())  # measured once, reported again
     lm.plot({"H": {8: res}, "config": {"workers": 8, "steps": 32}}, tmp_path / "c.png")
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
