@@ -44,6 +44,7 @@ import json
 import math
 import os
 import resource
+import signal
 import subprocess
 import sys
 import time
@@ -232,12 +233,19 @@ def torchrun_launcher(timeout_s: float) -> Launcher:
         with log.open("a", encoding="utf-8") as f:
             f.write(f"$ {' '.join(cmd)}\n")
             f.flush()
+            # its own process group: on a timeout or Ctrl-C the workers go with torchrun (killing only the agent
+            # would leave 8 orphaned workers running)
+            proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=REPO,
+                                    start_new_session=True)
             try:
-                rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, timeout=timeout_s,
-                                    cwd=REPO).returncode
+                rc = proc.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:
+                _stop_group(proc)
                 raise MoecptError(f"run {spec.name} ran past --run-timeout {timeout_s:.0f} s; see {log} (re-run "
                                   "the same command to resume it, or raise --run-timeout)") from None
+            except BaseException:
+                _stop_group(proc)
+                raise
         if rc != 0:
             tail = [ln for ln in log.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
             raise MoecptError(f"run {spec.name} failed (exit {rc}): {tail[-1] if tail else ''!s:.300}; see {log}")
@@ -278,6 +286,20 @@ class Bench:
         res["cost"] = json.loads(cost_file.read_text(encoding="utf-8")) if cost_file.is_file() else None
         self.costs[spec.name] = res["cost"]
         return res
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM to the job's process group (torchrun forwards it; moecpt checkpoints on it), SIGKILL after 30 s."""
+    for sig, wait_s in ((signal.SIGTERM, 30.0), (signal.SIGKILL, 10.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def _children_cpu_s() -> float:

@@ -260,3 +260,28 @@ def test_one_h_tunes_compares_and_a_second_pass_reuses_every_run(tmp_path):
     assert all(c is not None and c["cpu_s"] >= 0 for c in again.costs.values())  # measured once, reported again
     lm.plot({"H": {8: res}, "config": {"workers": 8, "steps": 32}}, tmp_path / "c.png")
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_stopping_a_job_takes_its_workers_with_it(tmp_path):
+    """A timed-out torchrun must not leave its workers running: the whole process group is stopped."""
+    import os
+    import subprocess
+    import time
+
+    pids = tmp_path / "pids"
+    proc = subprocess.Popen(["sh", "-c", f"sleep 60 & echo $! > {pids}; wait"], start_new_session=True)
+    for _ in range(100):
+        if pids.exists() and pids.read_text().strip():
+            break
+        time.sleep(0.05)
+    child = int(pids.read_text())
+    lm._stop_group(proc)
+    assert proc.poll() is not None
+    for _ in range(100):  # the orphan is reaped by init a moment later
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError(f"worker {child} survived its job")
