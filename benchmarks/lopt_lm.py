@@ -122,11 +122,13 @@ def tune_outer_lr(grid: tuple[float, ...], cap: int, val_loss: Callable[[float],
 
     Returns:
         :func:`moecpt.lopt.tuning.search`'s record, JSON-ready: ``best`` ({"outer_lr": v}), ``grid`` (the LRs after
-        widening), ``val_loss``, ``points``, ``widened``, ``widening_rounds``, ``cap_hit``, ``open_edges``.
+        widening), ``val_loss`` (None if every point diverged), ``points``, ``widened``, ``widening_rounds``,
+        ``cap_hit``, ``open_edges``.
     """
     res = search({"outer_lr": Axis(tuple(grid))},
                  lambda pts, _rnd: [finite_or_inf(val_loss(p["outer_lr"])) for p in pts], cap)
-    return {**res, "grid": list(res["grid"]["outer_lr"].values)}
+    best = res["val_loss"] if math.isfinite(res["val_loss"]) else None  # every point diverged: JSON has no inf
+    return {**res, "grid": list(res["grid"]["outer_lr"].values), "val_loss": best}
 
 
 # ------------------------------------------------------------------------------------------------ run folders
@@ -138,8 +140,8 @@ class RunSpec:
     dir: Path
     sets: tuple[str, ...]
 
-    def recipe(self, base: Path = RECIPE) -> Recipe:
-        return load_recipe(base, list(self.sets))
+    def recipe(self) -> Recipe:
+        return load_recipe(RECIPE, list(self.sets))
 
 
 def run_sets(h: int, steps: int, outer: dict[str, Any]) -> tuple[str, ...]:
@@ -165,7 +167,7 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     return out
 
 
-def folder_state(spec: RunSpec, steps: int, base: Path = RECIPE) -> str:
+def folder_state(spec: RunSpec, steps: int) -> str:
     """``"new"`` (absent or empty), ``"finished"``, ``"unfinished"`` (same run, not at the last step).
 
     Raises:
@@ -182,7 +184,7 @@ def folder_state(spec: RunSpec, steps: int, base: Path = RECIPE) -> str:
         identity = json.loads(run_file.read_text(encoding="utf-8"))["identity"]["recipe"]
     except (json.JSONDecodeError, KeyError, TypeError):
         raise MoecptError(f"{run_file} is not a moecpt run.json; move {d} away or give another --out") from None
-    if identity != identity_json(spec.recipe(base)):
+    if identity != identity_json(spec.recipe()):
         raise MoecptError(f"{d} holds another run (its recipe differs from this benchmark's); move it away or "
                           "give another --out")
     done = any(r.get("event") == "comm_summary" and r.get("step") == steps for r in read_metrics(d))
@@ -191,7 +193,8 @@ def folder_state(spec: RunSpec, steps: int, base: Path = RECIPE) -> str:
 
 def summarise(records: list[dict[str, Any]], h: int, steps: int) -> dict[str, Any]:
     """A finished run's figures from its ``metrics.jsonl`` records (see the module doc for each)."""
-    vals = sorted((r for r in records if r.get("split") == "val"), key=lambda r: r["step"])
+    vals = sorted((r for r in records if r.get("split") == "val" and r.get("source", "english") == "english"),
+                  key=lambda r: r["step"])
     seen: dict[int, dict[str, Any]] = {}
     for r in vals:  # a resumed run re-evaluates at its checkpoint's step: keep the last record per step
         seen[r["step"]] = r
@@ -255,9 +258,9 @@ def torchrun_launcher(timeout_s: float) -> Launcher:
 class Bench:
     """Runs (or reuses) the benchmark's jobs under ``out`` and collects their figures."""
 
-    def __init__(self, out: Path, workers: int, steps: int, launch: Launcher, base: Path = RECIPE,
+    def __init__(self, out: Path, workers: int, steps: int, launch: Launcher,
                  log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)):
-        self.out, self.workers, self.steps, self.launch, self.base, self.log = out, workers, steps, launch, base, log
+        self.out, self.workers, self.steps, self.launch, self.log = out, workers, steps, launch, log
         self.launched: list[str] = []
         self.reused: list[str] = []
         self.costs: dict[str, dict[str, float] | None] = {}
@@ -266,7 +269,7 @@ class Bench:
         """The figures of one job, launching it unless its folder already holds it finished. ``cost``: the CPU
         seconds (all its processes), wall seconds and 1-minute load averages of the launch that finished it, kept
         in ``OUT/logs/NAME.cost.json`` so that a pass reusing the run still reports them (None if unknown)."""
-        state = folder_state(spec, self.steps, self.base)
+        state = folder_state(spec, self.steps)
         cost_file = self.out / "logs" / f"{spec.name}.cost.json"
         if state == "finished":
             self.reused.append(spec.name)
@@ -277,7 +280,7 @@ class Bench:
             cost = {"cpu_s": round(_children_cpu_s() - before, 1), "wall_s": round(time.time() - t0, 1),
                     "loadavg_1min_start": round(load0, 2), "loadavg_1min_end": round(os.getloadavg()[0], 2)}
             self.launched.append(spec.name)
-            if folder_state(spec, self.steps, self.base) != "finished":
+            if folder_state(spec, self.steps) != "finished":
                 raise MoecptError(f"run {spec.name} exited without its final record in {spec.dir / METRICS_FILE}")
             write_json_atomic(cost_file, cost)
             self.log(f"{spec.name}: {cost['wall_s']:.0f} s wall, {cost['cpu_s']:.0f} CPU-s")

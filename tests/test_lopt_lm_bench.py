@@ -83,6 +83,7 @@ def test_tuning_reports_a_capped_edge_and_treats_divergence_as_worst():
     assert inside["best"]["outer_lr"] == 0.7 and inside["points"] == 3 and not inside["cap_hit"]
     diverged = lm.tune_outer_lr((0.5, 0.7, 1.0), 0, lambda lr: {0.5: 6.0, 0.7: float("nan"), 1.0: None}[lr])
     assert diverged["best"]["outer_lr"] == 0.5 and diverged["cap_hit"]  # chosen, but on the low edge
+    assert lm.tune_outer_lr((0.5, 0.7), 0, lambda lr: float("inf"))["val_loss"] is None
 
 
 # ------------------------------------------------------------------------------------------------ run folders
