@@ -6,9 +6,8 @@ decays the inner LR, the deltas shrink but the outer step does not, and the mode
 training (docs/lopt.md, "Scale-aware step", measures it). Weight files with ``step_scale = "delta-rms"`` scale
 their step with the deltas and are not affected.
 
-The runtime should call :func:`fixed_step_schedule_warning` once, when it builds the outer optimizer
-(``moecpt/distributed/local_sgd.py``, ``LocalSGDSync.__init__``, next to ``self._warn_intervals()``), and print
-the returned line if it is not None.
+The runtime calls :func:`fixed_step_schedule_warning` once, when it builds the outer optimizer
+(:class:`moecpt.distributed.local_sgd.LocalSGDSync`, on the main rank), and issues the returned line as a warning.
 """
 
 from __future__ import annotations
