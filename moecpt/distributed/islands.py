@@ -115,11 +115,22 @@ class IslandSync(LocalSGDSync):
         self.position = mesh.island_group(info.rank).index(info.rank) if not self.simulated else 0
 
     # ------------------------------------------------------------------------------------------------ set-up
-    def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer, make_optimizer: OptimizerFactory,
-              state: dict | None) -> list[Worker]:
-        if state is not None and state.get("islands", 1) != self.M:
+    def check_resume(self, state: dict | None) -> None:
+        """As :meth:`LocalSGDSync.check_resume`, and the same islands with the same ``island_sync`` (a checkpoint
+        without the key is DDP's, written before FSDP2 inside islands existed)."""
+        super().check_resume(state)
+        if state is None:
+            return
+        if state.get("islands", 1) != self.M:
             raise MoecptError(f"the checkpoint was written with distributed.islands={state.get('islands', 1)}, but "
                               f"this run has islands={self.M}; resume with the same islands and number of workers")
+        inside, mine = state.get("island_sync", "ddp"), self.recipe.distributed.island_sync.value
+        if inside != mine:
+            raise MoecptError(f"the checkpoint was written with distributed.island_sync={inside!r}, but this run has "
+                              f"{mine!r}; resume with island_sync = {inside!r}")
+
+    def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer, make_optimizer: OptimizerFactory,
+              state: dict | None) -> list[Worker]:
         workers = super().setup(model, optimizer, make_optimizer, state)
         if self.grad_group is not None:  # after the world broadcast: every island starts from rank 0's weights
             workers[0].module = wrap_ddp(workers[0].model, self)
@@ -252,7 +263,7 @@ class IslandSync(LocalSGDSync):
         """As :meth:`LocalSGDSync.checkpoint_state` (θ, outer state, every rank's inner state), plus ``islands``."""
         model_state, opt_state, rng = super().checkpoint_state(workers)
         if opt_state is not None:
-            opt_state[SYNC_KEY]["islands"] = self.M
+            opt_state[SYNC_KEY] |= {"islands": self.M, "island_sync": self.recipe.distributed.island_sync.value}
         return model_state, opt_state, rng
 
     def meta(self) -> dict[str, Any]:
