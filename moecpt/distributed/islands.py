@@ -37,8 +37,11 @@ are a single commutative addition, so a real 2 × 2 job equals the simulator bit
 with more ranks per group gloo's ring may add in another order (differences at rounding level).
 
 Checkpoints hold ``θ``, the outer state and every rank's inner optimizer state, as for flat local SGD, plus the
-number of islands (a resume with another layout is refused). FSDP2 inside islands (``island_sync = "fsdp"``) is not
-built yet and is refused in one line by :func:`moecpt.distributed.runtime.build_sync`.
+number of islands and ``island_sync`` (a resume with another layout is refused).
+
+FSDP2 inside islands (``island_sync = "fsdp"``) is :class:`moecpt.distributed.islands_fsdp.IslandFSDPSync`, a
+subclass: FSDP2 instead of DDP every step, and the round on each rank's FSDP shard, without the shards and the
+all-gather above (FSDP2 has already cut the model the same way on every island).
 """
 
 from __future__ import annotations
