@@ -26,8 +26,11 @@ from test_trainer import raw_recipe, records, write_toml
 from moecpt.cli import main as cli_main
 from moecpt.config import recipe_from_dict
 from moecpt.distributed.accounting import allreduce_bytes
+from moecpt.distributed.islands_fsdp import IslandFSDPSync
+from moecpt.distributed.mesh import Mesh
 from moecpt.distributed.runtime import build_sync, check_launch
 from moecpt.errors import MoecptError
+from moecpt.lopt import load_pretrained
 from moecpt.train.checkpoint import load_checkpoint, load_model
 from moecpt.train.parallel import DistInfo
 
@@ -163,13 +166,17 @@ def test_one_line_refusals_at_the_cli(tmp_path, capsys, sets, workers, needle):
 @pytest.mark.parametrize("outer", ["lopt-a", "lagg-a"])
 def test_learned_outer_optimizers_are_refused_on_shards(outer):
     """Refused at launch (before ``--out`` is claimed), on every rank of a 4-rank job; a Python-API learned
-    optimizer is refused when the strategy is built (a real job's ranks: not built here)."""
-    recipe = recipe_from_dict(_raw(), [*FSDP, "distributed.islands=2", f"distributed.outer_optimizer={outer}"])
+    optimizer when the strategy is built, before it creates a process group."""
+    recipe = recipe_from_dict(_raw(), [*FSDP, f"distributed.outer_optimizer={outer}"])
     for rank in range(4):
         with pytest.raises(MoecptError, match=f"outer_optimizer='{outer}' with island_sync = 'fsdp' is not "
                                               "supported") as e:
             check_launch(recipe, DistInfo(rank=rank, world_size=4, local_rank=rank))
         assert "\n" not in str(e.value)
+    info = DistInfo(rank=1, world_size=4, local_rank=1)
+    with pytest.raises(MoecptError, match="LearnedOuterOptimizer with island_sync = 'fsdp' is not supported"):
+        IslandFSDPSync(recipe_from_dict(_raw(), FSDP), info, Mesh(world=4, islands=2), torch.device("cpu"),
+                       outer=load_pretrained("lopt-a", workers=2))
 
 
 def test_a_checkpoint_of_another_island_sync_is_refused():

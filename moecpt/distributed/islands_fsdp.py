@@ -72,6 +72,7 @@ from moecpt.distributed.local_sgd import TorchOuter, _to_cpu, persistent_float_b
 from moecpt.distributed.mesh import Mesh
 from moecpt.distributed.strategy import SYNC_KEY, OptimizerFactory, Worker
 from moecpt.errors import MoecptError
+from moecpt.lopt.optimizers import OuterOptimizer
 from moecpt.train.dcp_io import index_keyed
 
 
@@ -105,10 +106,10 @@ class IslandFSDPSync(IslandSync):
             raise MoecptError("distributed.island_sync = 'fsdp' shards each island over real ranks; launch them "
                               "with torchrun (--simulate-workers cannot shard)")
         refuse_learned_outer(recipe.distributed.outer()[0] if outer is None else None)
+        if isinstance(outer, OuterOptimizer) and not isinstance(outer, TorchOuter):  # before any process group
+            raise MoecptError(f"outer optimizer {type(outer).__name__} with island_sync = 'fsdp' is not supported: "
+                              "only torch.optim outer optimizers run on shards; use island_sync = 'ddp'")
         super().__init__(recipe, info, mesh, 1, device, outer=outer)
-        if not isinstance(self.outer, TorchOuter):
-            raise MoecptError(f"outer optimizer {self.outer_name} with island_sync = 'fsdp' is not supported: only "
-                              "torch.optim outer optimizers run on shards; use island_sync = 'ddp'")
         self.island = mesh.coords(info.rank)[0]
         self._params: list[DTensor] = []
         self._n_param_bytes = 0
