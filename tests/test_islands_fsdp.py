@@ -99,7 +99,7 @@ def test_killed_rank_stops_the_others_and_the_same_command_resumes(runs):
 def test_fsdp_inside_islands_equals_ddp_inside_islands(runs):
     a, b = weights(runs["fsdp"]), weights(runs["ddp"])
     assert a.keys() == b.keys()
-    # per tensor, max |difference| over max |value|: observed 2.7e-6 (lm_head.weight; 4.5e-7 absolute)
+    # per tensor, max |difference| over max |value|: observed 2.7e-6 (lm_head.weight; at most 2.6e-7 absolute)
     worst = max(float((a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-12)) for k in a)
     assert worst <= RTOL, f"max relative difference {worst:.3g}"
     assert _losses(runs["fsdp"]) == pytest.approx(_losses(runs["ddp"]), rel=RTOL)
