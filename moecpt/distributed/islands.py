@@ -37,8 +37,11 @@ are a single commutative addition, so a real 2 × 2 job equals the simulator bit
 with more ranks per group gloo's ring may add in another order (differences at rounding level).
 
 Checkpoints hold ``θ``, the outer state and every rank's inner optimizer state, as for flat local SGD, plus the
-number of islands (a resume with another layout is refused). FSDP2 inside islands (``island_sync = "fsdp"``) is not
-built yet and is refused in one line by :func:`moecpt.distributed.runtime.build_sync`.
+number of islands and ``island_sync`` (a resume with another layout is refused).
+
+FSDP2 inside islands (``island_sync = "fsdp"``) is :class:`moecpt.distributed.islands_fsdp.IslandFSDPSync`, a
+subclass: FSDP2 instead of DDP every step, and the round on each rank's FSDP shard, without the shards and the
+all-gather above (FSDP2 has already cut the model the same way on every island).
 """
 
 from __future__ import annotations
@@ -115,11 +118,22 @@ class IslandSync(LocalSGDSync):
         self.position = mesh.island_group(info.rank).index(info.rank) if not self.simulated else 0
 
     # ------------------------------------------------------------------------------------------------ set-up
-    def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer, make_optimizer: OptimizerFactory,
-              state: dict | None) -> list[Worker]:
-        if state is not None and state.get("islands", 1) != self.M:
+    def check_resume(self, state: dict | None) -> None:
+        """As :meth:`LocalSGDSync.check_resume`, and the same islands with the same ``island_sync`` (a checkpoint
+        without the key is DDP's, written before FSDP2 inside islands existed)."""
+        super().check_resume(state)
+        if state is None:
+            return
+        if state.get("islands", 1) != self.M:
             raise MoecptError(f"the checkpoint was written with distributed.islands={state.get('islands', 1)}, but "
                               f"this run has islands={self.M}; resume with the same islands and number of workers")
+        inside, mine = state.get("island_sync", "ddp"), self.recipe.distributed.island_sync.value
+        if inside != mine:
+            raise MoecptError(f"the checkpoint was written with distributed.island_sync={inside!r}, but this run has "
+                              f"{mine!r}; resume with island_sync = {inside!r}")
+
+    def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer, make_optimizer: OptimizerFactory,
+              state: dict | None) -> list[Worker]:
         workers = super().setup(model, optimizer, make_optimizer, state)
         if self.grad_group is not None:  # after the world broadcast: every island starts from rank 0's weights
             workers[0].module = wrap_ddp(workers[0].model, self)
@@ -252,7 +266,7 @@ class IslandSync(LocalSGDSync):
         """As :meth:`LocalSGDSync.checkpoint_state` (θ, outer state, every rank's inner state), plus ``islands``."""
         model_state, opt_state, rng = super().checkpoint_state(workers)
         if opt_state is not None:
-            opt_state[SYNC_KEY]["islands"] = self.M
+            opt_state[SYNC_KEY] |= {"islands": self.M, "island_sync": self.recipe.distributed.island_sync.value}
         return model_state, opt_state, rng
 
     def meta(self) -> dict[str, Any]:

@@ -177,15 +177,24 @@ class LocalSGDSync(SyncStrategy):
                           "multiples of H to keep every round H steps long", stacklevel=3)
 
     # ------------------------------------------------------------------------------------------------ set-up
+    def check_resume(self, state: dict | None) -> None:
+        """Refuse, in one line, a checkpointed strategy state of another layout (``state``: None for a fresh run).
+
+        Raises:
+            MoecptError: another sync or number of workers.
+        """
+        if state is None:
+            return
+        kind, k = state.get("kind"), state.get("workers")
+        if k != self.num_workers or kind != self.kind:
+            raise MoecptError(
+                f"the checkpoint was written by {k} workers of sync={kind!r}, but this run has "
+                f"{self.num_workers} of sync={self.kind!r}; resume with the same number of workers "
+                f"(torchrun --nproc-per-node {k}, or --simulate-workers {k})")
+
     def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer, make_optimizer: OptimizerFactory,
               state: dict | None) -> list[Worker]:
-        if state is not None:
-            kind, k = state.get("kind"), state.get("workers")
-            if k != self.num_workers or kind != self.kind:
-                raise MoecptError(
-                    f"the checkpoint was written by {k} workers of sync={kind!r}, but this run has "
-                    f"{self.num_workers} of sync={self.kind!r}; resume with the same number of workers "
-                    f"(torchrun --nproc-per-node {k}, or --simulate-workers {k})")
+        self.check_resume(state)
         if self.local_workers > 1:
             pairs = make_replicas(model, optimizer, make_optimizer, self.local_workers)
             workers = [Worker(i, m, m, o) for i, (m, o) in enumerate(pairs)]
@@ -200,7 +209,7 @@ class LocalSGDSync(SyncStrategy):
             if w.index != 0 and str(w.index) in inner:
                 w.optimizer.load_state_dict(inner[str(w.index)])
         self.global_params = [nn.Parameter(p.detach().float().clone(), requires_grad=False)
-                              for p in workers[0].model.parameters()]
+                              for p in self.local_params(workers[0])]
         if isinstance(self.outer, TorchOuter):
             self.outer.bind(self.global_params)
         if state is not None and state.get("outer") is not None:
@@ -213,8 +222,13 @@ class LocalSGDSync(SyncStrategy):
             self.sync_round(workers)
         self._end_step()
 
+    def local_params(self, w: Worker) -> list[Tensor]:
+        """The parameter tensors this rank's outer step covers, in ``model.parameters()`` order: the whole
+        parameters here; an FSDP2 rank's local shards (:mod:`moecpt.distributed.islands_fsdp`)."""
+        return list(w.model.parameters())
+
     def _pack(self, w: Worker) -> Tensor:
-        parts = [(p.detach().float() - g).flatten() for p, g in zip(w.model.parameters(), self.global_params)]
+        parts = [(p.detach().float() - g).flatten() for p, g in zip(self.local_params(w), self.global_params)]
         parts += [b.detach().float().flatten() for b in persistent_float_buffers(w.model)]
         return torch.cat(parts)
 
@@ -244,7 +258,7 @@ class LocalSGDSync(SyncStrategy):
             buffers = mean[n_param:]
         self.outer.step(self.global_params, deltas)
         for w in workers:
-            for p, g in zip(w.model.parameters(), self.global_params):
+            for p, g in zip(self.local_params(w), self.global_params):
                 p.copy_(g)
             bufs = persistent_float_buffers(w.model)
             for b, v in zip(bufs, buffers.split([b.numel() for b in bufs])):

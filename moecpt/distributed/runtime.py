@@ -20,6 +20,7 @@ from moecpt.distributed import launch
 from moecpt.distributed.ddp import DDPSync, FSDPSync
 from moecpt.distributed.ep_sync import ExpertParallelSync
 from moecpt.distributed.islands import IslandSync
+from moecpt.distributed.islands_fsdp import IslandFSDPSync, refuse_learned_outer
 from moecpt.distributed.local_sgd import LocalSGDSync
 from moecpt.distributed.mesh import Mesh, build_mesh, check_expert_split
 from moecpt.distributed.simulate import SimulatedDDPSync
@@ -89,10 +90,12 @@ def check_launch(recipe: Recipe, info: DistInfo, simulate_workers: int | None = 
     if recipe.distributed.expert_parallel > 1:
         _check_expert_parallel(recipe, info, simulate_workers)
     mesh = build_mesh(recipe, workers)  # the plan's check, at start: a mesh that does not divide is one line
-    if mesh.islands > 1 and recipe.distributed.island_sync == SyncKind.FSDP:
-        raise MoecptError("distributed.island_sync = 'fsdp' is not built yet in this version; use 'ddp' inside "
-                          "islands")
     name = recipe.distributed.outer()[0] if local and outer_optimizer is None else None
+    if mesh.islands > 1 and recipe.distributed.island_sync == SyncKind.FSDP:
+        if simulate_workers is not None:
+            raise MoecptError("distributed.island_sync = 'fsdp' cannot be simulated (it shards each island over "
+                              "real devices); simulate island_sync = 'ddp', or launch the ranks with torchrun")
+        refuse_learned_outer(name)
     if name in ("lagg-a", "lopt-a") or (name or "").endswith(".safetensors"):
         load_pretrained(name, workers=mesh.islands if mesh.islands > 1 else workers)  # K checked, one line
     return mesh
@@ -111,7 +114,8 @@ def build_sync(recipe: Recipe, info: DistInfo, device: torch.device, simulate_wo
             :class:`moecpt.lopt.OuterOptimizer`, or a factory ``params -> torch.optim.Optimizer``.
 
     Raises:
-        MoecptError: simulation under a multi-process launch or with FSDP; an outer optimizer for a sync that has
+        MoecptError: simulation under a multi-process launch or with FSDP (flat or inside islands); a learned
+            outer optimizer with FSDP inside islands; an outer optimizer for a sync that has
             none; a mesh that does not divide the world, the experts or the batch
             (:func:`moecpt.distributed.mesh.build_mesh`); expert parallelism in one process, with simulated workers,
             with a sync other than DDP, with islands or with the loop dispatch.
@@ -121,8 +125,10 @@ def build_sync(recipe: Recipe, info: DistInfo, device: torch.device, simulate_wo
     kind = recipe.distributed.sync
     workers = simulate_workers or info.world_size
     local_workers = simulate_workers or 1
-    if mesh.islands > 1:
-        sync: SyncStrategy = IslandSync(recipe, info, mesh, local_workers, device, outer=outer_optimizer)
+    if mesh.islands > 1 and recipe.distributed.island_sync == SyncKind.FSDP:
+        sync: SyncStrategy = IslandFSDPSync(recipe, info, mesh, device, outer=outer_optimizer)
+    elif mesh.islands > 1:
+        sync = IslandSync(recipe, info, mesh, local_workers, device, outer=outer_optimizer)
     elif local:
         sync = LocalSGDSync(recipe, info, workers, local_workers, device, outer=outer_optimizer)
     elif simulate_workers is not None:

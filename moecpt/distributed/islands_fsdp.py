@@ -1,0 +1,227 @@
+"""FSDP2 inside islands (``distributed.island_sync = "fsdp"``): ZeRO-3 sharding over each island every step, the
+outer step across islands on the shards.
+
+The layout of :mod:`moecpt.distributed.islands` (``M`` islands of ``S`` ranks), with FSDP2 ``fully_shard`` (every
+decoder block and the root, as :class:`moecpt.distributed.ddp.FSDPSync`) over a 1-D device mesh of the island's
+ranks instead of DDP. This is torchft's and OpenDiLoCo's layout for models that do not fit one device: DiLoCo over
+replica groups, FSDP inside each (Jaghouar et al., OpenDiLoCo, arXiv 2407.07852).
+
+* **Every step, inside the island**: FSDP2's all-gathers (forward, backward) and reduce-scatter of the gradients,
+  and the small all-reduce of the step metrics and router loads of :class:`~moecpt.distributed.islands.IslandSync`.
+  A rank at island position ``j`` holds shard ``j`` of every parameter (FSDP2 cuts dim 0 as ``torch.chunk``
+  does), of its gradient and of the inner AdamW state.
+* **Every round, across islands**: the shards line up, since the rank at position ``j`` of every island holds the
+  same slice of every parameter, and these ``M`` ranks are exactly the cross-island group. Each rank packs the
+  fp32 pseudo-gradient of its local shards (``θ_shard − θ_outer_shard``, ``N_j`` elements, plus the persistent
+  float buffers, which FSDP2 does not shard: each rank sends them whole, a few floats), all-reduces it over its
+  cross-island group (``2 (M−1)/M · 4 N_j`` bytes per rank, ``N_j ≈ N / S``) and steps the outer optimizer on
+  its shard. No intra-island collective is needed for the round: each island's ranks together hold the whole new
+  ``θ``. The outer state (``θ_outer``, the momentum) is kept sharded the same way, as plain fp32 local tensors.
+* **Outer optimizers**: those that act element by element (``sgd``, ``nesterov`` for local SGD, SlowMo, DiLoCo,
+  and a Python ``torch.optim`` factory such as Adam) give on shards exactly what they give on whole tensors. The
+  learned optimizers (``lagg-a``, ``lopt-a``, a ``.safetensors`` file, any :class:`moecpt.lopt.OuterOptimizer`)
+  are **refused in one line**: their features normalise each channel by its RMS over the whole tensor and keep
+  Adafactor row / column accumulators (:mod:`moecpt.lopt.features`), which a shard cannot compute alone. Providing
+  them would take one intra-island all-reduce per statistic and per tensor in the middle of the outer step; the
+  refusal keeps the round a single cross-island collective, and ``island_sync = "ddp"`` runs them. A Python
+  ``torch.optim`` factory whose update is not element-wise (LAMB's trust ratio, Muon) would be computed per shard:
+  that is the caller's choice.
+* **Accounting** (kinds and links as for DDP islands): ``fsdp`` and ``stats`` travel on ``intra_island``,
+  ``sync`` on ``inter_island``. FSDP2 exposes no communication hook, so ``fsdp`` is *estimated* as
+  :class:`~moecpt.distributed.ddp.FSDPSync` estimates it, per optimizer step: ``3 (S−1)/S · 4 N`` bytes sent
+  (two all-gathers and a reduce-scatter of the fp32 parameters; the root's parameters are in fact not re-gathered
+  in the backward, and micro-batches re-gather, so the actual volume differs a little). The ``sync`` bytes are
+  exact, counted from this rank's own shard.
+* **Checkpoints** keep the single-file layout of the local-SGD family (``train.checkpoint_format = "dcp"`` is
+  refused in one line, as for every local-SGD strategy): at a round boundary each island's FSDP2 all-gather
+  assembles the full ``θ`` and that island's full inner optimizer state (every rank of the island holds it for
+  the moment of the save: one full copy in memory, as FSDPSync's ``single`` format), the outer state's shards are
+  gathered inside the island into full tensors, and rank 0 receives island 0's inner state as the ordinary
+  optimizer state (a CPT parent loads it as a plain AdamW state) and island ``i``'s under ``moecpt_sync.inner``
+  keyed ``"i"``, plus ``islands`` and ``island_sync``. On resume every rank loads the full states and keeps its
+  shard (FSDP2's own ``set_optimizer_state_dict``; the outer state sliced as FSDP2 slices the parameters), so the
+  run continues bit for bit. A checkpoint of another number of islands, workers or ``island_sync`` is refused in
+  one line (:meth:`~moecpt.distributed.islands.IslandSync.check_resume`).
+* **Not simulated**: ``--simulate-workers`` with ``island_sync = "fsdp"`` is refused (one process cannot shard).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+
+from moecpt.distributed.accounting import allreduce_bytes
+from moecpt.distributed.ddp import _rank0_rng, _to_fqn
+from moecpt.distributed.islands import LINKS, IslandSync
+from moecpt.distributed.launch import gather_to_main
+from moecpt.distributed.local_sgd import TorchOuter, _to_cpu, persistent_float_buffers
+from moecpt.distributed.mesh import Mesh
+from moecpt.distributed.strategy import SYNC_KEY, OptimizerFactory, Worker
+from moecpt.errors import MoecptError
+from moecpt.lopt.optimizers import OuterOptimizer
+from moecpt.train.dcp_io import index_keyed
+
+
+def refuse_learned_outer(name: str | None) -> None:
+    """One-line refusal of a learned outer optimizer (by recipe name) with FSDP2 inside islands (module doc).
+
+    Raises:
+        MoecptError: ``name`` is ``lagg-a``, ``lopt-a`` or a ``.safetensors`` file.
+    """
+    if name in ("lagg-a", "lopt-a") or (name or "").endswith(".safetensors"):
+        raise MoecptError(f"distributed.outer_optimizer={name!r} with island_sync = 'fsdp' is not supported: a "
+                          "learned optimizer's features need whole tensors (per-tensor RMS, row / column "
+                          "statistics), an FSDP rank holds shards; use island_sync = 'ddp', or outer sgd / nesterov")
+
+
+class IslandFSDPSync(IslandSync):
+    """The local-SGD family across islands with FSDP2 inside each (module doc). Real ranks only.
+
+    Args:
+        recipe, info, mesh, device, outer: as :class:`~moecpt.distributed.islands.IslandSync` (one local worker).
+
+    Raises:
+        MoecptError: a learned outer optimizer, or an :class:`moecpt.lopt.OuterOptimizer` other than a
+            ``torch.optim`` one (they need whole tensors); not a multi-process job.
+    """
+
+    links = {**LINKS, "fsdp": "intra_island"}
+
+    def __init__(self, recipe, info, mesh: Mesh, device: torch.device, outer: Any = None):
+        if not info.distributed:
+            raise MoecptError("distributed.island_sync = 'fsdp' shards each island over real ranks; launch them "
+                              "with torchrun (--simulate-workers cannot shard)")
+        refuse_learned_outer(recipe.distributed.outer()[0] if outer is None else None)
+        if isinstance(outer, OuterOptimizer) and not isinstance(outer, TorchOuter):  # before any process group
+            raise MoecptError(f"outer optimizer {type(outer).__name__} with island_sync = 'fsdp' is not supported: "
+                              "only torch.optim outer optimizers run on shards; use island_sync = 'ddp'")
+        super().__init__(recipe, info, mesh, 1, device, outer=outer)
+        self.island = mesh.coords(info.rank)[0]
+        self._params: list[DTensor] = []
+        self._n_param_bytes = 0
+
+    # ------------------------------------------------------------------------------------------------ set-up
+    def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer, make_optimizer: OptimizerFactory,
+              state: dict | None) -> list[Worker]:
+        """Start every rank from rank 0's weights, shard each island, build the sharded inner optimizer with this
+        island's checkpointed state and the sharded outer state. ``optimizer`` holds island 0's full state on a
+        resume (the trainer loaded the checkpoint's ordinary optimizer state into it)."""
+        self.check_resume(state)
+        with torch.no_grad():  # start-up: not accounted
+            for t in [*model.parameters(), *persistent_float_buffers(model)]:
+                dist.broadcast(t.data, src=0)
+        island_mesh = DeviceMesh.from_group(self.grad_group, self.device.type)
+        for block in model.blocks:
+            fully_shard(block, mesh=island_mesh)
+        fully_shard(model, mesh=island_mesh)
+        sharded = make_optimizer(model)  # fully_shard replaced the parameters
+        full = optimizer.state_dict()
+        if state is not None and self.island > 0:
+            full = state.get("inner", {}).get(str(self.island))
+            if full is None:
+                raise MoecptError(f"the checkpoint has no inner optimizer state for island {self.island}; it was "
+                                  "not written by island_sync = 'fsdp' with this layout: resume with its own layout")
+        if full["state"]:
+            set_optimizer_state_dict(model, sharded, _to_fqn(full, sharded, model),
+                                     options=StateDictOptions(full_state_dict=True))
+        self._params = list(model.parameters())
+        self._n_param_bytes = sum(p.numel() * 4 for p in self._params)  # global numel of the DTensors
+        worker = Worker(self.info.rank, model, model, sharded)
+        self.global_params = [nn.Parameter(p.detach().float().clone(), requires_grad=False)
+                              for p in self.local_params(worker)]
+        self.outer.bind(self.global_params)
+        if state is not None and state.get("outer") is not None:
+            self.outer.load_state_dict(self._outer_to_local(state["outer"]))
+        return [worker]
+
+    def local_params(self, w: Worker) -> list[Tensor]:
+        """This rank's shards (views of FSDP2's sharded storage: writing them writes the parameters)."""
+        return [p.to_local() for p in w.model.parameters()]
+
+    # ------------------------------------------------------------------------------------------------ the step
+    def grad_sync(self, worker: Worker, last: bool):
+        @contextlib.contextmanager
+        def ctx():
+            worker.model.set_requires_gradient_sync(last)
+            try:
+                yield
+            finally:
+                worker.model.set_requires_gradient_sync(True)
+
+        return ctx()
+
+    def after_optimizer_step(self, workers: list[Worker], step: int, boundary: bool) -> None:
+        est = 3 * (self.S - 1) * self._n_param_bytes // self.S  # FSDPSync's estimate, over the island
+        self.acct.record("fsdp", est, est, 0.0)
+        super().after_optimizer_step(workers, step, boundary)
+
+    # ----------------------------------------------------------------------------------------------- a round
+    def mean_delta(self, flats: list[Tensor]) -> Tensor:
+        """``(1/M) Σ_i Δ_i`` of this rank's shards (and the buffers), ``[N_j + B]``: one all-reduce over the
+        cross-island group, whose ranks hold the same shards; nothing inside the island."""
+        (flat,) = flats
+        t0 = time.perf_counter()
+        dist.all_reduce(flat, group=self.cross_group)
+        self._record("sync", allreduce_bytes(flat.numel() * flat.element_size(), self.M), t0)
+        return flat / self.M
+
+    def gather_deltas(self, flats: list[Tensor]) -> Tensor:
+        raise MoecptError("gather mode (a learned aggregator) does not run with island_sync = 'fsdp'; use 'ddp'")
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+    def _outer_to_full(self, outer: dict) -> dict:
+        """The outer optimizer's state with every shard-shaped tensor gathered inside the island to the whole
+        parameter's shape (CPU). A collective over the island."""
+        state = {}
+        for i, per in outer.get("state", {}).items():
+            p, local = self._params[int(i)], self.global_params[int(i)]
+            state[i] = {k: (DTensor.from_local(v, p.device_mesh, p.placements, shape=p.shape, stride=p.stride(),
+                                               run_check=False).full_tensor().cpu()
+                            if isinstance(v, Tensor) and v.shape == local.shape else v)
+                        for k, v in per.items()}
+        return {**outer, "state": state}
+
+    def _outer_to_local(self, outer: dict) -> dict:
+        """Inverse of :meth:`_outer_to_full`: this rank's slice of every whole-parameter-shaped tensor, cut as
+        FSDP2 cuts dim 0 (``torch.chunk``: ``ceil(d0 / S)`` rows per rank, the last ones shorter or empty)."""
+        state = {}
+        for i, per in outer.get("state", {}).items():
+            p, local = self._params[int(i)], self.global_params[int(i)]
+            rows = -(-p.shape[0] // self.S)
+            state[i] = {k: (v.narrow(0, min(self.position * rows, p.shape[0]), local.shape[0]).clone()
+                            if isinstance(v, Tensor) and v.shape == p.shape and v.dim() > 0 else v)
+                        for k, v in per.items()}
+        return {**outer, "state": state}
+
+    def checkpoint_state(self, workers: list[Worker]) -> tuple[dict | None, dict | None, dict | None]:
+        """θ (full, from island 0), island 0's full inner optimizer state as the ordinary one, every other island's
+        under ``moecpt_sync.inner``, the outer state in full (module doc). A collective; rank 0 gets the result."""
+        w = workers[0]
+        full = StateDictOptions(full_state_dict=True)
+        model_state = get_model_state_dict(w.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        inner = index_keyed(get_optimizer_state_dict(w.model, w.optimizer, options=full))
+        inners = gather_to_main(_to_cpu(inner) if self.position == 0 else None)  # one per island, in island order
+        outer = self._outer_to_full(self.outer.state_dict())
+        rng = _rank0_rng(self)
+        if not self.info.is_main:
+            return None, None, None
+        islands = [s for s in inners if s is not None]
+        opt_state = dict(islands[0])
+        opt_state[SYNC_KEY] = {"kind": self.kind, "workers": self.num_workers, "outer_optimizer": self.outer_name,
+                               "outer": outer, "inner": {str(i): s for i, s in enumerate(islands) if i > 0},
+                               "islands": self.M, "island_sync": self.recipe.distributed.island_sync.value}
+        return model_state, opt_state, rng
