@@ -9,7 +9,11 @@ same per-micro-batch losses and differ only in reduction order):
   (resharded EP 4 -> 2, world 4 -> 2) after the newest one lost a shard's tail, (b) its consolidated single-file
   form; (c) EP = 2 on 4 ranks (a 2 x 2 DP x EP mesh: every expert shard on two ranks) from the DCP checkpoint;
   (d) one process without EP from the consolidated form;
-* FSDP2 on 2 ranks with DCP, rank 1 killed after the step-4 checkpoint; the same command resumes and finishes.
+* FSDP2 on 2 ranks with DCP, rank 1 killed after the step-4 checkpoint (side by side with the EP job); the same
+  command resumes and finishes.
+
+The EP degree is no part of a run's identity (a layout, as the world size), which is what lets (a), (c) and (d)
+resume the EP = 4 run; a run.json from before, which still held it, resumes too.
 """
 
 from __future__ import annotations
@@ -35,14 +39,13 @@ from moecpt.train.dcp_io import SafeReader
 from moecpt.train.trainer import Trainer, _fingerprint
 
 STEPS, EXPERTS = 8, 8  # smoke-switch has 8 routed experts
-RAW = raw_recipe("smoke-switch", steps=STEPS, checkpoint_every=4, train={"micro_batch_size": 2})
 TIMEOUT_S = 30
-EP4 = ["distributed.expert_parallel=4", f"distributed.timeout_s={TIMEOUT_S}"]
-EP2 = ["distributed.expert_parallel=2", f"distributed.timeout_s={TIMEOUT_S}"]
-FSDP = ["distributed.sync=fsdp", f"distributed.timeout_s={TIMEOUT_S}"]
+RAW = raw_recipe("smoke-switch", steps=STEPS, checkpoint_every=4, train={"micro_batch_size": 2},
+                 distributed={"timeout_s": TIMEOUT_S})
+EP4, EP2, FSDP = ["distributed.expert_parallel=4"], ["distributed.expert_parallel=2"], ["distributed.sync=fsdp"]
 W_IN = "blocks.0.ffn.experts.w_in"
-#: AdamW on 8 steps amplifies fp32 reduction-order differences where the second moment is still small
-TOL = 1e-4
+#: worlds 4, 2 and 1, EP or FSDP: the same objective, fp32 reduction order apart (measured: at most 3.4e-7)
+TOL = 1e-5
 
 
 def losses(run: Path) -> dict[int, float]:
@@ -60,7 +63,7 @@ def kill_rank1(jobs: list[tuple[list, Path]], step: int) -> None:
     every other rank must stop in bounded time with the one-line message (rank 0's names rank 1) saying to run the
     same command again (``test_distributed``'s check, at any world size)."""
     killed: dict[int, float] = {}
-    deadline = time.time() + 300
+    deadline = time.time() + 600
     while len(killed) < len(jobs) and time.time() < deadline:
         for i, (procs, run) in enumerate(jobs):
             if i not in killed and (logged(run, step) or procs[0].poll() is not None):
@@ -94,7 +97,7 @@ def jobs(tmp_path_factory):
     first = [(e4, EP4, 4), (fsdp, FSDP, 2)]
     kill_rank1([(launch(tmp, recipe, run, sets, world=w), run) for run, sets, w in first], step=5)
     for procs in [launch(tmp, recipe, run, sets, world=w) for run, sets, w in first]:  # the same commands again
-        run_ok(finish(procs, timeout=300))
+        run_ok(finish(procs, timeout=600))
 
     a, b, c, d = (tmp / x for x in ("a-dcp", "b-single", "c-mesh", "d-one"))
     for run in (a, b, c, d):
@@ -105,7 +108,7 @@ def jobs(tmp_path_factory):
         shutil.rmtree(step_dir(run, STEPS))
     for run in (b, d):
         consolidate_into(run, 4, tmp)
-    results = [finish(procs, timeout=300) for procs in [launch(tmp, recipe, a, EP2, world=2),
+    results = [finish(procs, timeout=600) for procs in [launch(tmp, recipe, a, EP2, world=2),
                                                         launch(tmp, recipe, b, EP2, world=2),
                                                         launch(tmp, recipe, c, EP2, world=4)]]
     for r in results:
@@ -132,10 +135,10 @@ def test_ep_writes_dcp_each_expert_once_and_survives_a_killed_rank(jobs):
     assert sorted(n for n in ck.manifest["files"] if n.endswith(".distcp")) == [f"dcp/__{r}_0.distcp" for r in range(4)]
     assert ck.model_state()[W_IN].shape[0] == EXPERTS  # the global tensor, assembled from 4 shards
     chunks = expert_chunks(step_dir(e4, STEPS))
-    assert chunks[W_IN] == 4 and chunks["embed.weight"] == 1
+    assert chunks[W_IN] == 4 and chunks["tok_emb.weight"] == 1
     # the 2 x 2 mesh: every expert shard lives on 2 ranks and is written once (2 chunks), the rest once
     chunks = expert_chunks(step_dir(c, STEPS))
-    assert chunks[W_IN] == 2 and chunks["blocks.0.ffn.experts.w_out"] == 2 and chunks["embed.weight"] == 1
+    assert chunks[W_IN] == 2 and chunks["blocks.0.ffn.experts.w_out"] == 2 and chunks["tok_emb.weight"] == 1
     md = SafeReader(str(step_dir(c, STEPS) / "dcp")).read_metadata()
     moments = [k for k in md.state_dict_metadata if k.startswith("optim.") and W_IN in k and "exp_avg" in k]
     assert moments and all(len(md.state_dict_metadata[k].chunks) == 2 for k in moments)  # AdamW's moments, sharded
