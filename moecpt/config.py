@@ -510,8 +510,8 @@ class CheckpointFormat(StrEnum):
 
     ``single``: one ``model.safetensors`` + ``optimizer.pt``, gathered on rank 0 (needs the full state in one
     rank's CPU memory). ``dcp``: ``torch.distributed.checkpoint`` shards, each rank writing its own part; reshards
-    on load (another world size resumes it). ``auto``: ``dcp`` when the sync strategy shards the state (FSDP2 on
-    several ranks), else ``single``. Either layout resumes, whichever the recipe writes.
+    on load (another world size or EP degree resumes it). ``auto``: ``dcp`` when the sync strategy shards the state
+    (FSDP2 on several ranks, expert parallelism), else ``single``. Either layout resumes, whichever the recipe writes.
     """
 
     AUTO = "auto"
@@ -564,8 +564,9 @@ class TrainConfig(_Strict):
     keep_last: int = Field(2, ge=1, description="recent checkpoints kept (milestones are kept anyway)")
     extra_checkpoints: list[int] = Field(default_factory=list, description="steps always checkpointed and kept")
     checkpoint_format: CheckpointFormat = Field(
-        CheckpointFormat.AUTO, description="auto (dcp under fsdp on several ranks, else single) | single (one file, "
-        "gathered on rank 0) | dcp (torch.distributed.checkpoint shards, resharded on load)")
+        CheckpointFormat.AUTO, description="auto (dcp under fsdp on several ranks or expert_parallel > 1, else "
+        "single) | single (one file, gathered on rank 0) | dcp (torch.distributed.checkpoint shards, resharded on "
+        "load)")
     skip_nonfinite: bool = Field(False, description="skip a batch with NaN/Inf loss instead of stopping")
     max_skips: int = Field(10, ge=0)
     threads: int | None = Field(None, ge=1, description="torch CPU threads of this process; None = torch's default")

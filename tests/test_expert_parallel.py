@@ -9,7 +9,8 @@
 * ``moecpt pretrain`` with EP = 2 (2 micro-batches per rank) launched as torchrun launches it: a rank killed mid-run
   stops the other in bounded time with the one-line message; the same command resumes from the intact checkpoint
   to the weights of one process on the combined batch; the all-to-all bytes are in metrics.jsonl apart from the
-  gradient all-reduce; ``moecpt eval`` reads the single-file checkpoint.
+  gradient all-reduce; ``moecpt eval`` reads the single-file checkpoint (``checkpoint_format = "single"``; DCP under
+  EP: ``tests/test_ep_dcp.py``).
 * The CLI refuses, in one line and before the run folder exists: EP on a dense model, EP that does not divide the
   experts, EP with FSDP, with the loop dispatch, in a single process.
 """
@@ -56,7 +57,9 @@ def test_ep_equals_the_single_process(tmp_path, world, ep_sizes, cases):
         assert len([x for x in out.splitlines() if x.startswith("ok ")]) == cases, out
 
 
-EP_SETS = ["distributed.expert_parallel=2", "distributed.inner_optimizer=sgd", "distributed.timeout_s=30"]
+# the single-file layout (rank 0 gathers the experts); the DCP layout, EP's default, is tests/test_ep_dcp.py's
+EP_SETS = ["distributed.expert_parallel=2", "distributed.inner_optimizer=sgd", "distributed.timeout_s=30",
+           "train.checkpoint_format=single"]
 STEPS = 10
 
 
@@ -72,7 +75,7 @@ def test_pretrain_with_ep_survives_a_killed_rank_resumes_and_evaluates(tmp_path,
     for rank, (rc, _, err) in enumerate(finish(launch(tmp_path, recipe, out, EP_SETS))):
         assert rc == 0, f"resumed rank {rank} failed:\n{err[-3000:]}"
     ck = load_checkpoint(out)
-    assert ck.step == STEPS and ck.meta["expert_parallel"] == 2
+    assert ck.step == STEPS and ck.meta["expert_parallel"] == 2 and not ck.sharded
     assert ck.model_state()["blocks.0.ffn.experts.w_in"].shape[0] == 8  # the single-file format: every expert
     # = one process on the combined batch in the same micro-batches (the aux loss is per micro-batch)
     single = recipe_from_dict(raw, ["distributed.inner_optimizer=sgd"])

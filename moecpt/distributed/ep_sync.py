@@ -10,15 +10,20 @@ torchtitan and Megatron-Core build it: EP borrows from DP, every rank reads its 
   hold the sum over the EP group's tokens, are summed over the expert-DP group (the ``D`` ranks holding the same
   shard) in one bucketed all-reduce after the last micro-batch and divided by ``W``: exactly DDP's averaged gradient
   ``(1/W) sum_r dL_r/dw``. DDP rather than FSDP2 on a 2-D mesh: the experts are the bulk of an MoE and are already
-  split ``N`` ways, DDP keeps the comm hook (bytes and the emulated link counted as for plain DDP) and the
-  checkpoint path stays the single-file one.
+  split ``N`` ways, and DDP keeps the comm hook (bytes and the emulated link counted as for plain DDP).
 * **Semantics** = DDP at world ``W``: the router, its aux / z losses (per rank and micro-batch, averaged through
   the gradients, as DDP), capacity dropping (per rank, on its own ``T``) and the shared expert run on the token's
   rank; bias-router loads and routing metrics are summed over all ``W`` ranks by the same per-step all-reduce as
   DDP (:meth:`~moecpt.distributed.ddp.DataParallelSync.reduce_step`). The gradient norm (and clipping) is the
   global one: non-expert part once, expert part summed over the EP group.
-* **Checkpoints** stay one file with the full model: rank 0 gathers the expert shards (weights and AdamW moments)
-  from its EP group; every rank loads the full file and keeps its slice (the scatter).
+* **Checkpoints** are sharded (DCP) by default (``train.checkpoint_format = "auto"``, :attr:`shards_state`): the
+  point of EP is that the experts need not fit on one rank, so rank 0's gather of every expert (and its AdamW
+  moments) is what to avoid. :meth:`dcp_global_view` presents each rank's ``[E/N, ...]`` expert slices as DTensors
+  of the global ``[E, ...]`` tensors on a ``[dp D, ep N]`` device mesh (``Shard(0)`` over ep, ``Replicate()`` over
+  dp), the non-expert state as the replicated plain tensors it is: DCP writes every expert slice and every
+  non-expert tensor once (its planner drops the replicas), and a load reads into each rank's slice whatever world
+  size and EP degree wrote it (or a process without EP reads full tensors). ``"single"`` keeps the single-file
+  format: rank 0 gathers the expert shards from its EP group; every rank loads the full file and keeps its slice.
 * **Traffic**: ``all_to_all`` (dispatch, combine and their backward, plus the count exchange) apart from ``grads``
   (DDP buckets) and ``expert_grads``; the emulated link delays each exchange.
 """
@@ -32,6 +37,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from moecpt.distributed.accounting import allreduce_bytes
@@ -48,6 +55,8 @@ A2A = "all_to_all"
 class ExpertParallelSync(DDPSync):
     """DDP over the non-expert parameters, experts split over EP groups (module docstring). Every rank builds every
     EP and expert-DP process group (``new_group`` is collective) in :meth:`__init__`."""
+
+    shards_state = True  # the experts are split over the EP group: "auto" writes DCP, gathering nothing
 
     def __init__(self, *args: Any, mesh: Mesh, timeout_s: float, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -71,6 +80,7 @@ class ExpertParallelSync(DDPSync):
         self.expert_params: list[nn.Parameter] = []
         self._a2a_step0 = 0
         self.a2a_bytes_last_step = 0
+        self._dcp_mesh: DeviceMesh | None = None  # built at the first DCP save / load (collective)
 
     # ------------------------------------------------------------------------------------------------ set-up
     def _record_a2a(self, sent: int, received: int, seconds: float) -> None:
@@ -181,6 +191,32 @@ class ExpertParallelSync(DDPSync):
                     st[i] = {k: self._gather(v) if _is_expert_state(v) else v for k, v in st[i].items()}
             opt_state = {**opt_state, "state": st}
         return _rank0_state(self, model_state, opt_state)
+
+    def dcp_global_view(self, model_state: dict, optim_tensors: dict) -> tuple[dict, dict]:
+        """Each expert tensor of this rank (weights ``[E/N, ...]`` and their AdamW moments) as a DTensor of the global
+        ``[E, ...]`` tensor on the ``[dp, ep]`` device mesh, ``Shard(0)`` over ep and ``Replicate()`` over dp,
+        sharing storage with the slice (so a DCP load fills it in place); everything else as it is (identical on
+        every rank: DCP writes it once). A collective the first time (it builds the device mesh's groups).
+
+        Args:
+            model_state: ``{fqn: tensor}`` (``get_state_dict``'s, keyed as :attr:`expert_names`).
+            optim_tensors: ``{"state": {fqn: {name: tensor}}}`` (:func:`~moecpt.train.dcp_io.split_optimizer_state`).
+        """
+        if self._dcp_mesh is None:
+            # rank d * N + e of the [dp, ep] mesh = the Mesh layout (islands = 1 under EP)
+            self._dcp_mesh = init_device_mesh(self.device.type, (self.mesh.dp, self.mesh.ep),
+                                              mesh_dim_names=("dp", "ep"))
+        mesh, placements = self._dcp_mesh, (Replicate(), Shard(0))
+
+        def view(t: torch.Tensor) -> DTensor:
+            # the shards are even (N divides E), so the global shape follows without a collective
+            return DTensor.from_local(t, mesh, placements, run_check=False)
+
+        experts = set(self.expert_names)
+        model_state = {k: view(v) if k in experts else v for k, v in model_state.items()}
+        state = {fqn: {k: view(v) if fqn in experts and _is_expert_state(v) else v for k, v in entry.items()}
+                 for fqn, entry in optim_tensors.get("state", {}).items()}
+        return model_state, {**optim_tensors, "state": state}
 
     def _gather(self, t: torch.Tensor) -> torch.Tensor | None:
         """The full ``[E, ...]`` tensor on rank 0 (on the host: one expert tensor at a time on the device)."""

@@ -17,7 +17,10 @@ midway leaves a temp folder only; a shard damaged later fails its manifest check
 checkpoint aside and resumes from the previous one, exactly as for the single-file layout. ``--out`` must be on a
 file system every rank sees (as for any multi-node checkpoint).
 
-Under expert parallelism the same code applies: ``get_state_dict`` returns whatever shards a rank owns.
+Under FSDP2 ``get_state_dict`` already returns DTensors (each rank's shards of global tensors). A strategy whose
+ranks hold plain tensors that are slices of global ones (expert parallelism: ``E / N`` experts per rank) passes a
+``global_view`` that wraps those slices as DTensors sharing their storage, so DCP writes each slice once, records the
+global shape, and on load reads into each rank's slice whatever layout wrote it.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from __future__ import annotations
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -63,6 +66,15 @@ __all__ = ["CONSOLIDATE_COMMAND", "consolidate_checkpoint", "load_sharded_checkp
 
 CONSOLIDATE_COMMAND = "checkpoint consolidate"
 
+#: ``(model_state, optimizer_tensors) -> (model_state, optimizer_tensors)``: this rank's tensors as DCP must see them
+#: (DTensors over the global shapes where a rank holds a slice), sharing storage with the inputs so that a load fills
+#: the inputs in place (``moecpt.train.parallel.SingleSync.dcp_global_view``)
+GlobalView = Callable[[dict, dict], tuple[dict, dict]]
+
+
+def _as_is(model_state: dict, optim_tensors: dict) -> tuple[dict, dict]:
+    return model_state, optim_tensors
+
 
 def _group() -> tuple[int, int]:
     """``(rank, world size)`` of the default process group (``(0, 1)`` when none)."""
@@ -99,6 +111,7 @@ def save_sharded_checkpoint(
     meta: Mapping[str, Any] | None,
     rng_state: dict | None,
     optimizer_extra: dict | None = None,
+    global_view: GlobalView = _as_is,
 ) -> Path:
     """Write the DCP checkpoint folder ``path`` atomically (module doc). A collective: every rank of the default
     process group calls it (a single process may too: it writes one shard).
@@ -109,6 +122,7 @@ def save_sharded_checkpoint(
         meta: rank 0's meta (as :func:`moecpt.train.checkpoint.save_checkpoint`); ignored on other ranks.
         rng_state: rank 0's RNG record (every rank's states under ``"ranks"``); ignored on other ranks.
         optimizer_extra: extra top-level keys of the optimizer state (the sync strategy's marker), rank 0's.
+        global_view: how this rank's tensors lie in the global ones (:data:`GlobalView`; as they are by default).
 
     Raises:
         MoecptError (on every rank): ``path`` exists, a shard is not visible to rank 0 (``--out`` not on a shared
@@ -145,6 +159,7 @@ def save_sharded_checkpoint(
     try:
         model_state, optim_state = get_state_dict(model, optimizer)
         tensors, rest = split_optimizer_state(optim_state)
+        model_state, tensors = global_view(model_state, tensors)
         save_sharded(str(tmp / DCP_DIR), model_state, tensors)  # a collective; raises on every rank on failure
         del model_state, optim_state, tensors
         mine = {f"{DCP_DIR}/{f.name}": _file_entry(f) for f in sorted((tmp / DCP_DIR).glob(f"__{rank}_*"))}
@@ -209,9 +224,11 @@ def _finish(path: Path, tmp: Path, hashed: list[dict], meta: dict, rest: dict, o
 
 
 # ---------------------------------------------------------------------------------------------------- loading
-def load_sharded_checkpoint(ck: Checkpoint, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
-    """Load a DCP checkpoint into this rank's (already FSDP2-wrapped, or plain) ``model`` and ``optimizer``, at
-    any world size: each rank reads the part of every tensor its shard covers. A collective like
+def load_sharded_checkpoint(ck: Checkpoint, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+                            global_view: GlobalView = _as_is) -> None:
+    """Load a DCP checkpoint into this rank's (already FSDP2-wrapped, expert-sharded, or plain) ``model`` and
+    ``optimizer``, at any world size and layout: each rank reads the part of every tensor its shard covers
+    (``global_view`` says where its plain slices lie, as for :func:`save_sharded_checkpoint`). A collective like
     :func:`save_sharded_checkpoint`. ``optimizer=None`` (or a checkpoint without optimizer state): weights only.
 
     Raises:
@@ -223,12 +240,12 @@ def load_sharded_checkpoint(ck: Checkpoint, model: nn.Module, optimizer: torch.o
     folder = str(ck.path / DCP_DIR)
     if rest is None:
         model_state = get_model_state_dict(model)
-        load_sharded(folder, model_state, {"state": {}})
+        load_sharded(folder, *global_view(model_state, {"state": {}}))  # fills model_state in place
         set_model_state_dict(model, model_state)
         return
     model_state, optim_state = get_state_dict(model, optimizer)  # a fresh optimizer's state is materialised (zeros)
     tensors, _ = split_optimizer_state(optim_state)
-    load_sharded(folder, model_state, tensors)
+    load_sharded(folder, *global_view(model_state, tensors))  # fills model_state and tensors in place
     loaded = {"state": {f: {**rest["state"].get(f, {}), **t} for f, t in tensors["state"].items()},
               "param_groups": rest["param_groups"]}
     set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=loaded)

@@ -128,7 +128,7 @@ class SingleSync:
         reports: whether communication fields appear in metrics, checkpoints and the summary.
         dcp_capable: one model and optimizer per process, so checkpoints may use the sharded (DCP) layout; False
             where a checkpoint holds several workers' states (local-SGD family, simulated workers).
-        shards_state: parameters and optimizer state are sharded over ranks (FSDP2), so
+        shards_state: parameters and optimizer state are sharded over ranks (FSDP2, expert parallelism), so
             ``train.checkpoint_format = "auto"`` writes DCP.
     """
 
@@ -215,6 +215,11 @@ class SingleSync:
         A collective."""
         w = workers[0]
         return w.model, w.optimizer, capture_rng_state(), None
+
+    def dcp_global_view(self, model_state: dict, optim_tensors: dict) -> tuple[dict, dict]:
+        """This rank's state as DCP must see it (:data:`moecpt.train.checkpoint_dcp.GlobalView`): here as it is, a
+        full model, or FSDP2's DTensors; expert parallelism wraps its expert slices."""
+        return model_state, optim_tensors
 
     def select_rng(self, saved: dict) -> dict:
         """This rank's part of a saved RNG state (a checkpoint of a distributed run keeps one per rank)."""

@@ -159,6 +159,29 @@ def _fingerprint(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+#: ``(section, key)`` of the recipe keys that say how a run is laid out over ranks, never what it computes (as the
+#: world size, which no recipe holds): left out of a run's identity, so that the same run resumes at another layout.
+#: Expert parallelism changes where the experts compute, not what (``moecpt.distributed.ep_sync``; equal to one
+#: process to fp32 reduction order), and its DCP checkpoints reshard to any EP degree (tests/test_ep_dcp.py).
+LAYOUT_KEYS = (("distributed", "expert_parallel"),)
+
+
+def _without_layout(recipe_json: dict[str, Any]) -> dict[str, Any]:
+    """``identity_json``'s recipe without :data:`LAYOUT_KEYS`."""
+    out = dict(recipe_json)
+    for section, key in LAYOUT_KEYS:
+        if isinstance(out.get(section), dict):
+            out[section] = {k: v for k, v in out[section].items() if k != key}
+    return out
+
+
+def _legacy_without_layout(identity: Any) -> Any:
+    """A run.json identity written before :data:`LAYOUT_KEYS` left it, as this version writes it."""
+    if not isinstance(identity, dict) or not isinstance(identity.get("recipe"), dict):
+        return identity
+    return {**identity, "recipe": _without_layout(identity["recipe"])}
+
+
 @dataclass
 class Parent:
     """The checkpoint a CPT run starts from."""
@@ -246,13 +269,14 @@ class Trainer:
         self.mode = "cpt" if self.parent else "pretrain"
         self.identity = {
             "mode": self.mode,
-            "recipe": identity_json(recipe),
+            "recipe": _without_layout(identity_json(recipe)),
             # the parent by content (step + weights hash), not by path: a study or run tree that is moved or
             # copied as a whole still resumes; another parent is still refused. run.json's lineage keeps the path.
             "parent": self._parent_identity(),
             "data_tokenizer_sha256": self.data.tokenizer_sha256,
         }
-        self.parallel.check_same_config(self.identity)  # every rank of a job must run the same thing (a no-op otherwise)
+        # every rank of a job must run the same thing, laid out the same way (a no-op in one process)
+        self.parallel.check_same_config({**self.identity, "recipe": identity_json(recipe)})
         self._check_checkpoint_format()
         # before claiming the folder: a recipe that cannot run must not leave a run.json behind
         self.parallel.check_launch(recipe, self.dist, simulate_workers)
@@ -286,7 +310,8 @@ class Trainer:
                               "worker's state); use 'auto' or 'single'")
 
     def _resolve_checkpoint_format(self, sync) -> CheckpointFormat:
-        """``auto`` -> ``dcp`` when the strategy shards the state over ranks (FSDP2), else ``single``."""
+        """``auto`` -> ``dcp`` when the strategy shards the state over ranks (FSDP2, expert parallelism), else
+        ``single``."""
         fmt = self.recipe.train.checkpoint_format
         if fmt == CheckpointFormat.AUTO:
             return CheckpointFormat.DCP if sync.shards_state else CheckpointFormat.SINGLE
@@ -424,7 +449,8 @@ class Trainer:
             existing = json.loads(run_file.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError):
             raise MoecptError(f"{run_file} is unreadable; this folder is damaged — choose a new --out") from None
-        if existing.get("fingerprint") != fp:
+        # runs made before the layout keys left the identity hashed them: the same run without them is this run
+        if existing.get("fingerprint") != fp and _fingerprint(_legacy_without_layout(existing.get("identity"))) != fp:
             diff = _first_difference(existing.get("identity", {}), self.identity)
             raise MoecptError(f"--out {str(self.out_dir)!r} holds another run ({diff}); choose a new --out "
                               "or delete that folder yourself")
@@ -631,7 +657,8 @@ class Trainer:
             if len(state.workers) != 1:
                 raise MoecptError(f"{state.resume_sharded.path} is a sharded (DCP) checkpoint; simulated workers "
                                   "resume single-file checkpoints only: run `moecpt checkpoint consolidate` first")
-            load_sharded_checkpoint(state.resume_sharded, state.workers[0].model, state.workers[0].optimizer)
+            load_sharded_checkpoint(state.resume_sharded, state.workers[0].model, state.workers[0].optimizer,
+                                    global_view=sync.dcp_global_view)
         for w in state.workers:
             w.forward = compile_module(w.module, self.device) if tcfg.compile else w.module
         hooks = [BiasUpdateHook.attach(w.model, w.optimizer) for w in state.workers]
@@ -752,7 +779,8 @@ class Trainer:
         if state.checkpoint_format == CheckpointFormat.DCP:  # every rank writes its shard
             model, optimizer, rng_state, extra = state.sync.sharded_checkpoint_state(state.workers)
             path = save_sharded_checkpoint(self.ckpts.path_for(done), model=model, optimizer=optimizer, meta=meta,
-                                           rng_state=rng_state, optimizer_extra=extra)
+                                           rng_state=rng_state, optimizer_extra=extra,
+                                           global_view=state.sync.dcp_global_view)
             if self.dist.is_main:
                 self.ckpts.prune(protect=done)
         else:
