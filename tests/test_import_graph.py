@@ -204,3 +204,26 @@ def test_lazy_import_checker_sees_nested_imports(tmp_path):
     f.write_text("import os\ndef f():\n    if True:\n        from moecpt.config import Recipe\n    import wandb\n")
     assert sorted(function_level_imports(f)) == [(4, "moecpt.config"), (5, "wandb")]
     assert not _lazy_ok("moecpt.config") and _lazy_ok("wandb") and _lazy_ok("matplotlib.pyplot")
+
+
+#: inside ``moecpt/interop/families/``: each module's allowed imports from the package (the machinery below the
+#: families, a family only from the machinery and the shared DeepSeek-style router base it subclasses)
+FAMILY_MACHINERY = {"pieces", "helpers", "base"}
+FAMILY_ALLOWED = {"pieces": set(), "helpers": {"pieces"}, "base": {"pieces", "helpers"},
+                  "deepseek_routed": FAMILY_MACHINERY}
+
+
+def test_family_modules_import_only_the_machinery_below_them():
+    folder = PACKAGE / "interop" / "families"
+    names = {p.stem for p in folder.glob("*.py")} - {"__init__"}
+    bad = []
+    for path in sorted(folder.glob("*.py")):
+        if path.stem == "__init__":
+            continue
+        allowed = FAMILY_ALLOWED.get(path.stem, FAMILY_MACHINERY | {"deepseek_routed"})
+        for line, parts in module_imports(path):
+            if parts[:3] == ["moecpt", "interop", "families"]:
+                target = parts[3] if len(parts) > 3 and parts[3] in names else "__init__"
+                if target not in allowed:
+                    bad.append(f"{path.name}:{line} imports families.{target}")
+    assert not bad, "\n".join(bad)
