@@ -25,10 +25,11 @@ from test_trainer import raw_recipe, records, write_toml
 from moecpt.cli import main as cli_main
 from moecpt.config import recipe_from_dict
 from moecpt.distributed.accounting import allgather_bytes, allreduce_bytes
-from moecpt.distributed.runtime import build_sync, check_launch
+from moecpt.distributed.runtime import Distributed, build_sync, check_launch
 from moecpt.errors import MoecptError
 from moecpt.train.checkpoint import load_checkpoint, load_model
 from moecpt.train.parallel import DistInfo
+from moecpt.train.trainer import Trainer
 
 STEPS, H, S, EXPERTS = 4, 2, 2, 4
 SETS = ["distributed.sync=diloco", f"distributed.local_steps={H}", "distributed.islands=2", "distributed.timeout_s=30",
@@ -102,23 +103,25 @@ def test_killed_rank_stops_the_others_and_the_same_command_resumes(runs):
 def test_ep_inside_islands_equals_ddp_inside_islands(runs):
     a, b = weights(runs["ep"]), weights(runs["ddp"])
     assert a.keys() == b.keys()
+    # per tensor, max |difference| over max |value|: measured 2.3e-6 (blocks.0.ffn.experts.w_out; 1.2e-7 absolute);
+    # the logged losses were equal
     worst = max(_rel(a[k], b[k]) for k in a)
     assert worst <= RTOL, f"max relative difference {worst:.3g}"
     assert _losses(runs["ep"]) == pytest.approx(_losses(runs["ddp"]), rel=RTOL)
     sa, sb = (load_checkpoint(r).optimizer_state()["moecpt_sync"] for r in (runs["ep"], runs["ddp"]))
     # the outer (Nesterov) momentum, gathered to whole tensors: it sums pseudo-gradients, differences of nearby
-    # weights, so its relative error is larger
+    # weights, so its relative error is larger (measured 1.4e-5; island 1's exp_avg 6.3e-7)
     ma, mb = sa["outer"]["state"], sb["outer"]["state"]
     assert ma.keys() == mb.keys()
     for i in ma:
         x, y = ma[i]["momentum_buffer"], mb[i]["momentum_buffer"]
-        assert x.shape == y.shape and _rel(x, y) <= 100 * RTOL, i
+        assert x.shape == y.shape and _rel(x, y) <= 10 * RTOL, i
     # island 1's inner AdamW state (the DDP checkpoint keys it by worker: worker 2 is island 1's first rank)
     ia, ib = sa["inner"]["1"]["state"], sb["inner"]["2"]["state"]
     assert ia.keys() == ib.keys()
     for i in ia:
         assert ia[i]["exp_avg"].shape == ib[i]["exp_avg"].shape
-        assert _rel(ia[i]["exp_avg"], ib[i]["exp_avg"]) <= 100 * RTOL, i
+        assert _rel(ia[i]["exp_avg"], ib[i]["exp_avg"]) <= 10 * RTOL, i
 
 
 def test_byte_counters_per_link_equal_their_analytic_values(runs):
@@ -149,7 +152,6 @@ def test_byte_counters_per_link_equal_their_analytic_values(runs):
     (["distributed.island_sync=fsdp"], None, "inside islands runs with island_sync = 'ddp'"),
     ([], 4, "which --simulate-workers does not have"),
     (["model.moe.dispatch=loop"], None, "use 'grouped' with distributed.expert_parallel"),
-    (["train.checkpoint_format=dcp"], None, "checkpoint_format = 'dcp' does not apply to distributed.sync = 'diloco'"),
 ])
 def test_one_line_refusals_at_the_cli(tmp_path, capsys, sets, workers, needle):
     recipe = write_toml(tmp_path / "r.toml", _raw())
@@ -168,6 +170,14 @@ def test_learned_outer_optimizers_are_refused_on_expert_shards(outer):
                                               "islands is not supported") as e:
             check_launch(recipe, DistInfo(rank=rank, world_size=4, local_rank=rank))
         assert "\n" not in str(e.value)
+
+
+def test_dcp_is_refused_in_one_line(tmp_path):
+    recipe = recipe_from_dict(_raw(), [*EP, "train.checkpoint_format=dcp"])
+    with pytest.raises(MoecptError, match="checkpoint_format = 'dcp' does not apply to distributed.sync = 'diloco'"
+                       ) as e:
+        Trainer(recipe, tmp_path / "run", show_progress=False, parallel=Distributed())
+    assert "\n" not in str(e.value) and not (tmp_path / "run").exists()
 
 
 def test_a_checkpoint_of_another_expert_parallel_is_refused():

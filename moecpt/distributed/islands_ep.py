@@ -215,13 +215,12 @@ class IslandEPSync(IslandSync):
     # ------------------------------------------------------------------------------------------ checkpoints
     def _outer_slice(self, outer: dict) -> dict:
         """This rank's slice of every full-expert-shaped outer state tensor (the resume's scatter)."""
-        n = self.expert_params[0].shape[0] if self.expert_params else 0
-        lo = self.ep_index * n
         state = {}
         for i, per in outer.get("state", {}).items():
             expert = int(i) in self._outer_expert_index
-            state[i] = {k: v[lo:lo + n].clone() if expert and isinstance(v, Tensor) and v.dim() >= 3 else v
-                        for k, v in per.items()}
+            n = self.global_params[int(i)].shape[0]  # this rank's experts of that layer
+            state[i] = {k: v[self.ep_index * n:(self.ep_index + 1) * n].clone()
+                        if expert and isinstance(v, Tensor) and v.dim() >= 3 else v for k, v in per.items()}
         return {**outer, "state": state}
 
     def _assemble(self, shards: list[dict], indices: list[int]) -> dict:
