@@ -152,7 +152,8 @@ def test_plan_divides_the_state_by_the_island_size(runs, capsys):
 
 @pytest.mark.parametrize("sets, workers, needle", [
     (["distributed.island_sync=fsdp"], 4, "island_sync = 'fsdp' cannot be simulated"),
-    (["distributed.island_sync=fsdp", "distributed.expert_parallel=2"], 4, "inside islands is not built yet"),
+    (["distributed.island_sync=fsdp", "distributed.expert_parallel=2"], 4,
+     "inside islands runs with island_sync = 'ddp'"),
 ])
 def test_one_line_refusals_at_the_cli(tmp_path, capsys, sets, workers, needle):
     recipe = write_toml(tmp_path / "r.toml", _raw())

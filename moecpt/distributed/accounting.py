@@ -15,7 +15,8 @@ Kinds: ``grads`` (DDP gradient buckets), ``sync`` (local-SGD-family rounds), ``s
 all-reduce of losses and router loads in every-step modes), ``fsdp`` (FSDP2's all-gathers and reduce-scatters,
 *estimated*, as FSDP2 exposes no hook). Hierarchical runs (``distributed.islands > 1``) add ``island_gather`` (the
 all-gather that re-assembles the outer step's shards inside an island) and give every kind a *link*: ``grads``,
-``stats``, ``island_gather`` and (FSDP2 inside islands) ``fsdp`` travel on the fast ``intra_island`` link, ``sync``
+``stats``, ``island_gather``, (FSDP2 inside islands) ``fsdp`` and (EP inside islands) ``all_to_all``,
+``expert_grads`` and ``expert_gather`` travel on the fast ``intra_island`` link, ``sync``
 on the slow ``inter_island`` one; each link's cumulative bytes appear as ``bytes_<link>`` in metrics and the summary.
 
 :class:`LinkEmulator` turns a fast local link into a slow one: after every collective the calling worker sleeps

@@ -92,26 +92,9 @@ class ExpertParallelSync(DDPSync):
               state: dict | None) -> list[Worker]:
         """Cut every MoE layer's experts to this rank's shard, move the (loaded, full) optimizer state to a new
         optimizer over the shards, and wrap the rest in DDP."""
-        full_state = optimizer.state_dict()
-        index = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
-        sliced: dict[int, slice] = {}
-        for fqn, layer in routed_experts_of(model):
-            full = layer.experts
-            ep = ExpertParallelExperts(full, self.ep_group, self.mesh.ep, self.ep_index, self._record_a2a)
-            lo = self.ep_index * ep.local_experts
-            for name in ("w_in", "w_out"):
-                sliced[index[id(getattr(full, name))]] = slice(lo, lo + ep.local_experts)
-                self.expert_names.append(f"{fqn}.experts.{name}")
-            layer.replace_experts(ep)
-            self.expert_params += [ep.w_in, ep.w_out]
-        sharded = make_optimizer(model)
-        if full_state["state"]:
-            st = dict(full_state["state"])
-            for i, sl in sliced.items():
-                if i in st:
-                    st[i] = {k: v[sl].clone() if _is_expert_state(v) else v for k, v in st[i].items()}
-            sharded.load_state_dict({**full_state, "state": st})
-        self._expert_index = sorted(sliced)
+        sharded, self.expert_names, self.expert_params, self._expert_index = shard_experts(
+            model, optimizer, optimizer.state_dict(), make_optimizer, self.ep_group, self.mesh.ep, self.ep_index,
+            self._record_a2a)
         DDP._set_params_and_buffers_to_ignore_for_model(model, self.expert_names)
         return super().setup(model, sharded, make_optimizer, state)
 
@@ -127,40 +110,12 @@ class ExpertParallelSync(DDPSync):
     def after_backward(self, workers: list[Worker]) -> None:
         """Expert gradients: sum over the expert-DP group, divide by ``W`` (= DDP's mean). An expert shard that got no
         token on any rank gets a zero gradient, as in one process (AdamW then steps it like every other)."""
-        for p in self.expert_params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        grads = [p.grad for p in self.expert_params]
-        W, D = self.num_workers, self.mesh.dp
-        for bucket in _buckets(grads, BUCKET_BYTES):
-            flat = torch.cat([g.reshape(-1) for g in bucket]).div_(W)
-            if D > 1:
-                t0 = time.perf_counter()
-                dist.all_reduce(flat, group=self.expert_dp_group)
-                sent = allreduce_bytes(flat.numel() * flat.element_size(), D)
-                self.acct.link.delay(sent)
-                self.acct.record("expert_grads", sent, sent, time.perf_counter() - t0)
-            off = 0
-            for g in bucket:
-                g.copy_(flat[off:off + g.numel()].view_as(g))
-                off += g.numel()
+        average_expert_grads(self.expert_params, self.num_workers, self.mesh.dp, self.expert_dp_group, self.acct)
 
     def grad_norm(self, model: nn.Module, clip: float | None) -> float:
         """The global gradient norm ``sqrt(|non-expert|^2 + sum over the EP group of |expert shard|^2)``, clipped
         as ``torch.nn.utils.clip_grad_norm_`` clips (``clip / (norm + 1e-6)``, at most 1) when ``clip`` is set."""
-        experts = {id(p) for p in self.expert_params}
-        params = [p for p in model.parameters() if p.grad is not None]
-        exp_sq = _sum_sq([p for p in params if id(p) in experts], self.device).reshape(1)
-        t0 = time.perf_counter()
-        dist.all_reduce(exp_sq, group=self.ep_group)
-        self.acct.record("stats", allreduce_bytes(4, self.mesh.ep), allreduce_bytes(4, self.mesh.ep),
-                         time.perf_counter() - t0)
-        total = torch.sqrt(_sum_sq([p for p in params if id(p) not in experts], self.device) + exp_sq[0])
-        if clip is not None:
-            coef = torch.clamp(clip / (total + 1e-6), max=1.0)
-            for p in params:
-                p.grad.mul_(coef.to(p.grad.dtype))
-        return float(total)
+        return ep_grad_norm(model, self.expert_params, self.ep_group, self.mesh.ep, self.device, self.acct, clip)
 
     def after_optimizer_step(self, workers: list[Worker], step: int, boundary: bool) -> None:
         self.a2a_bytes_last_step = self._a2a_total() - self._a2a_step0
@@ -224,6 +179,78 @@ class ExpertParallelSync(DDPSync):
         full = t.new_empty(self.mesh.ep * t.shape[0], *t.shape[1:]) if self.info.is_main else None
         dist.gather(t, list(full.chunk(self.mesh.ep)) if full is not None else None, dst=0, group=self.ep_group0)
         return full.cpu() if full is not None else None
+
+
+def shard_experts(model: nn.Module, optimizer: torch.optim.Optimizer, full_state: dict,
+                  make_optimizer: OptimizerFactory, group, ep: int, ep_index: int, record
+                  ) -> tuple[torch.optim.Optimizer, list[str], list[nn.Parameter], list[int]]:
+    """Replace every MoE layer's experts by this rank's ``E / ep`` (:class:`ExpertParallelExperts` over ``group``)
+    and build a new optimizer over the model, loaded with ``full_state`` (an index-keyed state of ``optimizer``,
+    the full model's) with every expert moment sliced to the shard.
+
+    Returns:
+        ``(optimizer over the shards, expert parameter names, expert parameters, optimizer indices of the experts)``.
+    """
+    index = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
+    sliced: dict[int, slice] = {}
+    names: list[str] = []
+    params: list[nn.Parameter] = []
+    for fqn, layer in routed_experts_of(model):
+        full = layer.experts
+        shard = ExpertParallelExperts(full, group, ep, ep_index, record)
+        lo = ep_index * shard.local_experts
+        for name in ("w_in", "w_out"):
+            sliced[index[id(getattr(full, name))]] = slice(lo, lo + shard.local_experts)
+            names.append(f"{fqn}.experts.{name}")
+        layer.replace_experts(shard)
+        params += [shard.w_in, shard.w_out]
+    sharded = make_optimizer(model)
+    if full_state["state"]:
+        st = {int(k): v for k, v in full_state["state"].items()}
+        for i, sl in sliced.items():
+            if i in st:
+                st[i] = {k: v[sl].clone() if _is_expert_state(v) else v for k, v in st[i].items()}
+        sharded.load_state_dict({**full_state, "state": st})
+    return sharded, names, params, sorted(sliced)
+
+
+def average_expert_grads(params: list[nn.Parameter], divisor: int, dp: int, group, acct) -> None:
+    """Expert gradients (each the sum over its EP group's tokens) summed over the ``dp`` ranks of ``group`` holding
+    the same shard, in flat buckets, and divided by ``divisor`` (the ranks DDP averages over). A shard that got no
+    token on any rank gets a zero gradient, as in one process."""
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    for bucket in _buckets([p.grad for p in params], BUCKET_BYTES):
+        flat = torch.cat([g.reshape(-1) for g in bucket]).div_(divisor)
+        if dp > 1:
+            t0 = time.perf_counter()
+            dist.all_reduce(flat, group=group)
+            sent = allreduce_bytes(flat.numel() * flat.element_size(), dp)
+            acct.delay("expert_grads", sent)
+            acct.record("expert_grads", sent, sent, time.perf_counter() - t0)
+        off = 0
+        for g in bucket:
+            g.copy_(flat[off:off + g.numel()].view_as(g))
+            off += g.numel()
+
+
+def ep_grad_norm(model: nn.Module, expert_params: list[nn.Parameter], ep_group, ep: int, device: torch.device,
+                 acct, clip: float | None) -> float:
+    """The global gradient norm of an EP rank's model (:meth:`ExpertParallelSync.grad_norm`): the non-expert part
+    once, the expert shards' squares summed over ``ep_group`` (``ep`` ranks); clipped when ``clip`` is set."""
+    experts = {id(p) for p in expert_params}
+    params = [p for p in model.parameters() if p.grad is not None]
+    exp_sq = _sum_sq([p for p in params if id(p) in experts], device).reshape(1)
+    t0 = time.perf_counter()
+    dist.all_reduce(exp_sq, group=ep_group)
+    acct.record("stats", allreduce_bytes(4, ep), allreduce_bytes(4, ep), time.perf_counter() - t0)
+    total = torch.sqrt(_sum_sq([p for p in params if id(p) not in experts], device) + exp_sq[0])
+    if clip is not None:
+        coef = torch.clamp(clip / (total + 1e-6), max=1.0)
+        for p in params:
+            p.grad.mul_(coef.to(p.grad.dtype))
+    return float(total)
 
 
 def _sum_sq(params: list[nn.Parameter], device: torch.device) -> torch.Tensor:

@@ -42,6 +42,10 @@ number of islands and ``island_sync`` (a resume with another layout is refused).
 FSDP2 inside islands (``island_sync = "fsdp"``) is :class:`moecpt.distributed.islands_fsdp.IslandFSDPSync`, a
 subclass: FSDP2 instead of DDP every step, and the round on each rank's FSDP shard, without the shards and the
 all-gather above (FSDP2 has already cut the model the same way on every island).
+
+Expert parallelism inside islands (``expert_parallel = N > 1``, ``island_sync = "ddp"``) is
+:class:`moecpt.distributed.islands_ep.IslandEPSync`, a subclass: the experts split over each island's EP groups
+every step, their pseudo-gradient reduced across islands with the ranks holding the same experts.
 """
 
 from __future__ import annotations
@@ -119,14 +123,18 @@ class IslandSync(LocalSGDSync):
 
     # ------------------------------------------------------------------------------------------------ set-up
     def check_resume(self, state: dict | None) -> None:
-        """As :meth:`LocalSGDSync.check_resume`, and the same islands with the same ``island_sync`` (a checkpoint
-        without the key is DDP's, written before FSDP2 inside islands existed)."""
+        """As :meth:`LocalSGDSync.check_resume`, and the same islands with the same ``island_sync`` and
+        ``expert_parallel`` (a checkpoint without these keys is DDP's without EP, written before they existed)."""
         super().check_resume(state)
         if state is None:
             return
         if state.get("islands", 1) != self.M:
             raise MoecptError(f"the checkpoint was written with distributed.islands={state.get('islands', 1)}, but "
                               f"this run has islands={self.M}; resume with the same islands and number of workers")
+        if state.get("expert_parallel", 1) != self.mesh.ep:  # EP inside islands: expert shards, another layout
+            raise MoecptError(f"the checkpoint was written with distributed.expert_parallel="
+                              f"{state.get('expert_parallel', 1)}, but this run has expert_parallel={self.mesh.ep}; "
+                              f"resume with expert_parallel = {state.get('expert_parallel', 1)}")
         inside, mine = state.get("island_sync", "ddp"), self.recipe.distributed.island_sync.value
         if inside != mine:
             raise MoecptError(f"the checkpoint was written with distributed.island_sync={inside!r}, but this run has "

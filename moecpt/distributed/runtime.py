@@ -20,6 +20,7 @@ from moecpt.distributed import launch
 from moecpt.distributed.ddp import DDPSync, FSDPSync
 from moecpt.distributed.ep_sync import ExpertParallelSync
 from moecpt.distributed.islands import IslandSync
+from moecpt.distributed.islands_ep import IslandEPSync, refuse_learned_outer_ep
 from moecpt.distributed.islands_fsdp import IslandFSDPSync, refuse_learned_outer
 from moecpt.distributed.local_sgd import LocalSGDSync
 from moecpt.distributed.mesh import Mesh, build_mesh, check_expert_split
@@ -96,6 +97,8 @@ def check_launch(recipe: Recipe, info: DistInfo, simulate_workers: int | None = 
             raise MoecptError("distributed.island_sync = 'fsdp' cannot be simulated (it shards each island over "
                               "real devices); simulate island_sync = 'ddp', or launch the ranks with torchrun")
         refuse_learned_outer(name)
+    if mesh.islands > 1 and mesh.ep > 1:
+        refuse_learned_outer_ep(name, mesh.ep)
     if name in ("lagg-a", "lopt-a") or (name or "").endswith(".safetensors"):
         load_pretrained(name, workers=mesh.islands if mesh.islands > 1 else workers)  # K checked, one line
     return mesh
@@ -118,7 +121,8 @@ def build_sync(recipe: Recipe, info: DistInfo, device: torch.device, simulate_wo
             outer optimizer with FSDP inside islands; an outer optimizer for a sync that has
             none; a mesh that does not divide the world, the experts or the batch
             (:func:`moecpt.distributed.mesh.build_mesh`); expert parallelism in one process, with simulated workers,
-            with a sync other than DDP, with islands or with the loop dispatch.
+            with a sync other than DDP (or a local-SGD family one with islands), with FSDP2 inside islands, with a
+            learned outer optimizer inside islands, or with the loop dispatch.
     """
     mesh = check_launch(recipe, info, simulate_workers, outer_optimizer)
     local = recipe.distributed.sync in LOCAL_SYNCS
@@ -127,6 +131,8 @@ def build_sync(recipe: Recipe, info: DistInfo, device: torch.device, simulate_wo
     local_workers = simulate_workers or 1
     if mesh.islands > 1 and recipe.distributed.island_sync == SyncKind.FSDP:
         sync: SyncStrategy = IslandFSDPSync(recipe, info, mesh, device, outer=outer_optimizer)
+    elif mesh.islands > 1 and mesh.ep > 1:
+        sync = IslandEPSync(recipe, info, mesh, device, outer=outer_optimizer)
     elif mesh.islands > 1:
         sync = IslandSync(recipe, info, mesh, local_workers, device, outer=outer_optimizer)
     elif local:
@@ -146,14 +152,16 @@ def build_sync(recipe: Recipe, info: DistInfo, device: torch.device, simulate_wo
 
 
 def _check_expert_parallel(recipe: Recipe, info: DistInfo, simulate_workers: int | None) -> None:
-    """One-line refusals of what EP does not run: a dense model or experts it does not divide, a sync other than DDP,
-    the loop dispatch, a single process or simulated workers (the world is checked by ``build_mesh``)."""
+    """One-line refusals of what EP does not run: a dense model or experts it does not divide, a sync other than DDP
+    (without islands), FSDP2 inside islands, the loop dispatch, a single process or simulated workers (the world is
+    checked by ``build_mesh``). With islands the sync is a local-SGD family one (the config checks it)."""
     d, moe = recipe.distributed, recipe.model.moe
     check_expert_split(recipe)
-    if d.islands > 1:
-        raise MoecptError(f"distributed.expert_parallel={d.expert_parallel} inside islands is not built yet in this "
-                          "version; use expert parallelism (sync = 'ddp') or islands, not both")
-    if d.sync != SyncKind.DDP:
+    if d.islands > 1 and d.island_sync != SyncKind.DDP:
+        raise MoecptError(f"distributed.expert_parallel={d.expert_parallel} inside islands runs with island_sync = "
+                          f"'ddp' (DDP over the non-expert parameters), not {d.island_sync.value!r}; set "
+                          "distributed.island_sync = 'ddp', or expert_parallel = 1")
+    if d.islands == 1 and d.sync != SyncKind.DDP:
         raise MoecptError(f"distributed.expert_parallel={d.expert_parallel} runs with sync = 'ddp' (data parallel "
                           f"over the non-expert parameters), not sync = {d.sync.value!r}; set distributed.sync = "
                           "'ddp', or expert_parallel = 1")

@@ -9,8 +9,9 @@ rule A2).
 
 Strategies: :class:`SyncStrategy` (one process, no communication), ``ddp.DDPSync`` / ``ddp.FSDPSync``,
 ``ep_sync.ExpertParallelSync`` (EP x DP), ``simulate.SimulatedDDPSync``, ``local_sgd.LocalSGDSync`` (local SGD,
-SlowMo, DiLoCo, learned outer optimizers), ``islands.IslandSync`` / ``islands_fsdp.IslandFSDPSync`` (the local-SGD
-family across islands, DDP or FSDP2 inside each); :func:`moecpt.distributed.runtime.build_sync` picks one.
+SlowMo, DiLoCo, learned outer optimizers), ``islands.IslandSync`` / ``islands_fsdp.IslandFSDPSync`` /
+``islands_ep.IslandEPSync`` (the local-SGD family across islands, DDP, FSDP2 or EP x DP inside each);
+:func:`moecpt.distributed.runtime.build_sync` picks one.
 """
 
 from __future__ import annotations
