@@ -350,6 +350,12 @@ COMMANDS: list[C] = [
     C(D, "torchrun --nproc-per-node 4 -m moecpt pretrain --recipe moecpt/recipes/smoke.toml --out runs/islands "
          "--set distributed.sync=diloco --set distributed.local_steps=10 --set distributed.islands=2",
       append=RUN, shell=True),
+    C(D, "torchrun --nproc-per-node 4 -m moecpt pretrain --recipe moecpt/recipes/smoke.toml --out runs/islands-fsdp "
+         "--set distributed.sync=diloco --set distributed.local_steps=10 --set distributed.islands=2 "
+         "--set distributed.island_sync=fsdp", append=RUN, shell=True),
+    C(D, "torchrun --nproc-per-node 4 -m moecpt pretrain --recipe moecpt/recipes/smoke.toml --out runs/islands-ep "
+         "--set model.preset=smoke-switch --set distributed.sync=diloco --set distributed.local_steps=10 "
+         "--set distributed.islands=2 --set distributed.expert_parallel=2", append=RUN, shell=True),
     C(D, "srun torchrun --nnodes '$SLURM_NNODES' --nproc-per-node 8 --rdzv-id '$SLURM_JOB_ID' --rdzv-backend "
          "c10d --rdzv-endpoint '$head:29500' --max-restarts 3 -m moecpt pretrain --recipe recipes/paper-diloco.toml "
          "--out /shared/runs/paper-diloco",
