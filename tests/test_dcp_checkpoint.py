@@ -120,12 +120,16 @@ def test_dcp_layout_holds_the_single_file_state_and_consolidates(local_runs, cap
         ([str(tmp / "single"), "--out", str(tmp / "o2")], "is already a single-file checkpoint"),
         ([str(tmp / "dcp"), "--out", str(tmp / "dcp" / "sub")], "inside the input"),  # never into the user's run
         ([str(step_dir(tmp / "dcp", 4)), "--out", str(tmp / "dcp" / "checkpoints" / "x")], "inside the input"),
+        # another run's checkpoints/ folder: that run would resume from the consolidation as its own
+        ([str(tmp / "dcp"), "--out", str(tmp / "single" / "checkpoints" / "step_00000099")],
+         "inside the checkpoints folder of the run"),
     ):
         assert cli_main(["checkpoint", "consolidate", *argv]) == 2
         err = capsys.readouterr().err
         assert words in err and err.count("\n") == 1, err
     assert (tmp / "mine" / "notes.txt").read_text() == "user data" and not (tmp / "o1").exists()
     assert not (tmp / "dcp" / "sub").exists() and not (tmp / "dcp" / "checkpoints" / "x").exists()
+    assert not (tmp / "single" / "checkpoints" / "step_00000099").exists()
     # the same consolidation again is left as it is; another checkpoint into it is refused
     assert cli_main(["checkpoint", "consolidate", str(tmp / "dcp" / "checkpoints" / "step_00000004" / "dcp"),
                      "--out", str(out)]) == 0

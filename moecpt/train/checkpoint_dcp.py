@@ -280,6 +280,7 @@ def consolidate_checkpoint(source: str | Path, out: str | Path) -> Path:
     # the run the checkpoint belongs to is an input too: a folder inside it would be written into a user's run
     run = ck.path.parent.parent if ck.path.parent.name == CHECKPOINTS_DIR else ck.path
     check_new_output(out, inputs=[Path(source).expanduser(), ck.path, run], flag="--out")
+    _refuse_inside_a_run(out)
     staging = out.parent / temp_name(out.name)
     try:
         staging.mkdir()
@@ -305,6 +306,16 @@ def consolidate_checkpoint(source: str | Path, out: str | Path) -> Path:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out
+
+
+def _refuse_inside_a_run(out: Path) -> None:
+    """Refuse an ``out`` inside any run's checkpoints folder: that run would resume from the consolidation as if it
+    were its own newest checkpoint (another sync, world or model), with nothing to say it is not."""
+    for folder in out.resolve().parents:
+        if folder.name == CHECKPOINTS_DIR and (folder.parent / "run.json").is_file():
+            raise MoecptError(f"--out {str(out)!r} is inside the checkpoints folder of the run {str(folder.parent)!r}, "
+                              "which would resume from it as its own checkpoint; put the consolidation outside any "
+                              "run's checkpoints/ folder")
 
 
 def _same_consolidation(out: Path, ck: Checkpoint) -> bool:
