@@ -191,15 +191,7 @@ class FSDPSync(DataParallelSync):
         return [Worker(self.info.rank, model, model, sharded)]
 
     def grad_sync(self, worker: Worker, last: bool):
-        @contextlib.contextmanager
-        def ctx():
-            worker.model.set_requires_gradient_sync(last)
-            try:
-                yield
-            finally:
-                worker.model.set_requires_gradient_sync(True)
-
-        return ctx()
+        return fsdp_grad_sync(worker.model, last)
 
     def after_optimizer_step(self, workers: list[Worker], step: int, boundary: bool) -> None:
         est = 3 * (self.num_workers - 1) * self._n_param_bytes // self.num_workers
@@ -213,6 +205,17 @@ class FSDPSync(DataParallelSync):
         opt = get_optimizer_state_dict(w.model, w.optimizer, options=opts)
         opt = index_keyed(opt) if self.info.is_main else None
         return _rank0_state(self, model_state, opt)
+
+
+@contextlib.contextmanager
+def fsdp_grad_sync(model: nn.Module, last: bool):
+    """FSDP2's no-sync for gradient accumulation: reduce-scatter the gradients only on the ``last`` micro-batch
+    (``set_requires_gradient_sync``), and leave the module syncing again afterwards."""
+    model.set_requires_gradient_sync(last)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
 
 
 def _fqn_order(optimizer: torch.optim.Optimizer, model: nn.Module) -> list[str]:

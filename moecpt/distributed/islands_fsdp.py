@@ -47,7 +47,6 @@ replica groups, FSDP inside each (Jaghouar et al., OpenDiLoCo, arXiv 2407.07852)
 
 from __future__ import annotations
 
-import contextlib
 import time
 from typing import Any
 
@@ -65,7 +64,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 from moecpt.distributed.accounting import allreduce_bytes
-from moecpt.distributed.ddp import _rank0_rng, _to_fqn
+from moecpt.distributed.ddp import _rank0_rng, _to_fqn, fsdp_grad_sync
 from moecpt.distributed.islands import LINKS, IslandSync
 from moecpt.distributed.launch import gather_to_main
 from moecpt.distributed.local_sgd import TorchOuter, _to_cpu, persistent_float_buffers
@@ -154,15 +153,7 @@ class IslandFSDPSync(IslandSync):
 
     # ------------------------------------------------------------------------------------------------ the step
     def grad_sync(self, worker: Worker, last: bool):
-        @contextlib.contextmanager
-        def ctx():
-            worker.model.set_requires_gradient_sync(last)
-            try:
-                yield
-            finally:
-                worker.model.set_requires_gradient_sync(True)
-
-        return ctx()
+        return fsdp_grad_sync(worker.model, last)
 
     def after_optimizer_step(self, workers: list[Worker], step: int, boundary: bool) -> None:
         est = 3 * (self.S - 1) * self._n_param_bytes // self.S  # FSDPSync's estimate, over the island
