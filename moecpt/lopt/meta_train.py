@@ -277,9 +277,13 @@ def meta_train(cfg: MetaTrainConfig, out: str | Path, progress: bool = True, max
         raise MoecptError("--iterations must be >= 1")
     pes_cfg = cfg.pes()
     # runs written before output markers existed are proven by their config.json + state file
-    claim_folder(out, "lopt meta-train", legacy=lambda d: (d / CONFIG_FILE).is_file() and (d / STATE_FILE).is_file())
-    with FolderLock(out, "lopt meta-train"):
-        return _meta_train_in(cfg, out, spec, tasks, pes_cfg, progress, max_seconds)
+    # watching from before the first write: a SIGTERM while the run starts (claim, config.json, the first
+    # evaluation) is honoured after the first iteration, never by dying half-written
+    with PreemptionWatcher() as preempt:
+        claim_folder(out, "lopt meta-train",
+                     legacy=lambda d: (d / CONFIG_FILE).is_file() and (d / STATE_FILE).is_file())
+        with FolderLock(out, "lopt meta-train"):
+            return _meta_train_in(cfg, out, spec, tasks, pes_cfg, progress, max_seconds, preempt)
 
 
 def _check_saved_config(out: Path, cfg_json: dict) -> None:
@@ -376,8 +380,8 @@ def _summary(cfg: MetaTrainConfig, out: Path, spec: LOptSpec, history: dict, it:
 
 
 def _meta_train_in(cfg: MetaTrainConfig, out: Path, spec, tasks, pes_cfg, progress: bool,
-                   max_seconds: float | None) -> dict:
-    """The body of :func:`meta_train`, run while this process owns ``out``."""
+                   max_seconds: float | None, preempt: PreemptionWatcher) -> dict:
+    """The body of :func:`meta_train`, run while this process owns ``out`` and ``preempt`` records signals."""
     gen, phi, m, v, start, pes_states, history = _resume_or_start(cfg, out, spec, tasks, pes_cfg)
 
     def evaluate(it: int) -> None:
@@ -400,8 +404,6 @@ def _meta_train_in(cfg: MetaTrainConfig, out: Path, spec, tasks, pes_cfg, progre
             plot_curve(history, out / CURVE_FILE, f"meta-training {spec.describe()} on {', '.join(cfg.tasks)}")
 
     it = start
-    preempt = PreemptionWatcher()
-    preempt.__enter__()  # before the first evaluation: a SIGTERM during it is honoured after the next iteration
     bar = tqdm(total=cfg.iterations, initial=start, disable=not progress, desc=f"meta-train {cfg.kind}",
                unit="it", dynamic_ncols=True)
     try:
@@ -430,6 +432,5 @@ def _meta_train_in(cfg: MetaTrainConfig, out: Path, spec, tasks, pes_cfg, progre
             if stop:
                 break
     finally:
-        preempt.__exit__()
         bar.close()
     return _summary(cfg, out, spec, history, it)
