@@ -281,4 +281,9 @@ class IslandSync(LocalSGDSync):
         return {**super().meta(), "islands": self.M}
 
     def summary(self, tokens: int) -> dict[str, Any] | None:
-        return {**super().summary(tokens), "islands": self.M, "island_size": self.S}
+        """The local-SGD summary with the worker count said both ways: ``ranks`` (``W`` processes, the
+        accounting's ``workers``, renamed: its per-token figures are per rank) and ``outer_workers`` (``K = M``, the
+        deltas the outer optimizer combines), plus ``islands`` and ``island_size``."""
+        summary = super().summary(tokens)
+        ranks = summary.pop("workers")
+        return {**summary, "ranks": ranks, "outer_workers": self.M, "islands": self.M, "island_size": self.S}

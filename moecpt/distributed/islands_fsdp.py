@@ -29,9 +29,8 @@ replica groups, FSDP inside each (Jaghouar et al., OpenDiLoCo, arXiv 2407.07852)
 * **Accounting** (kinds and links as for DDP islands): ``fsdp`` and ``stats`` travel on ``intra_island``,
   ``sync`` on ``inter_island``. FSDP2 exposes no communication hook, so ``fsdp`` is *estimated* as
   :class:`~moecpt.distributed.ddp.FSDPSync` estimates it, per optimizer step: ``3 (S−1)/S · 4 N`` bytes sent
-  (two all-gathers and a reduce-scatter of the fp32 parameters; the root's parameters are in fact not re-gathered
-  in the backward, and micro-batches re-gather, so the actual volume differs a little). The ``sync`` bytes are
-  exact, counted from this rank's own shard.
+  (:func:`~moecpt.distributed.ddp.fsdp_step_bytes`: two all-gathers and a reduce-scatter of the fp32
+  parameters). The ``sync`` bytes are exact, counted from this rank's own shard.
 * **Checkpoints** keep the single-file layout of the local-SGD family (``train.checkpoint_format = "dcp"`` is
   refused in one line, as for every local-SGD strategy): at a round boundary each island's FSDP2 all-gather
   assembles the full ``θ`` and that island's full inner optimizer state (every rank of the island holds it for
@@ -64,7 +63,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 from moecpt.distributed.accounting import allreduce_bytes
-from moecpt.distributed.ddp import _rank0_rng, _to_fqn, fsdp_grad_sync
+from moecpt.distributed.ddp import _rank0_rng, _to_fqn, fsdp_grad_sync, fsdp_step_bytes
 from moecpt.distributed.islands import LINKS, IslandSync
 from moecpt.distributed.launch import gather_to_main
 from moecpt.distributed.local_sgd import TorchOuter, _to_cpu, persistent_float_buffers
@@ -156,7 +155,7 @@ class IslandFSDPSync(IslandSync):
         return fsdp_grad_sync(worker.model, last)
 
     def after_optimizer_step(self, workers: list[Worker], step: int, boundary: bool) -> None:
-        est = 3 * (self.S - 1) * self._n_param_bytes // self.S  # FSDPSync's estimate, over the island
+        est = fsdp_step_bytes(self._n_param_bytes, self.S)  # FSDPSync's estimate, over the island
         self.acct.record("fsdp", est, est, 0.0)
         super().after_optimizer_step(workers, step, boundary)
 
