@@ -26,9 +26,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from island_helpers import logged
+from island_helpers import losses_by_step as losses
 from test_dcp_checkpoint import assert_same_state, consolidate_into, max_diff, run_ok, step_dir
 from test_distributed import finish, launch
-from test_trainer import records, write_toml
+from test_trainer import write_toml
 from tiny_recipes import raw_recipe
 
 from moecpt.cli import main as cli_main
@@ -46,16 +48,6 @@ EP4, EP2, FSDP = ["distributed.expert_parallel=4"], ["distributed.expert_paralle
 W_IN = "blocks.0.ffn.experts.w_in"
 #: worlds 4, 2 and 1, EP or FSDP: the same objective, fp32 reduction order apart (measured: at most 3.4e-7)
 TOL = 1e-5
-
-
-def losses(run: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in records(run) if "lr" in r}
-
-
-def logged(run: Path, step: int) -> bool:
-    metrics = run / "metrics.jsonl"
-    return metrics.exists() and any(json.loads(x).get("step", 0) >= step for x in metrics.read_text().splitlines()
-                                    if x.strip())
 
 
 def kill_rank1(jobs: list[tuple[list, Path]], step: int) -> None:

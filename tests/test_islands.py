@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import signal
 import time
-from pathlib import Path
 
 import pytest
 import torch
+from island_helpers import pretrain_argv, single_thread, train_losses
 from test_distributed import assert_close, comm_summary, finish, launch, n_params, wait_until_logged, weights
 from test_trainer import raw_recipe, records, write_toml
 
@@ -39,22 +39,10 @@ def _raw(**train) -> dict:
     return raw_recipe("smoke-switch", train={"steps": STEPS, "checkpoint_every": 4, "log_every": 1, **train})
 
 
-def _argv(recipe: Path, out: Path, sets: list[str], workers: int | None = None) -> list[str]:
-    sim = ["--simulate-workers", str(workers)] if workers else []
-    return ["pretrain", "--recipe", str(recipe), "--out", str(out), "--no-progress", *sim,
-            *[a for s in sets for a in ("--set", s)]]
-
-
-def _losses(run: Path) -> list[float]:
-    return [r["loss"] for r in records(run) if "lr" in r]
-
-
 @pytest.fixture(scope="module")
 def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the launched ranks (OMP_NUM_THREADS=1): the same kernels
-    yield
-    torch.set_num_threads(n)
+    with single_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +50,7 @@ def runs(tmp_path_factory, one_thread):
     """The simulator, and the real job killed at step >= 5 then resumed by the same command."""
     tmp = tmp_path_factory.mktemp("islands")
     recipe = write_toml(tmp / "r.toml", _raw())
-    assert cli_main(_argv(recipe, tmp / "sim", [*SETS, *SLOW], workers=4)) == 0
+    assert cli_main(pretrain_argv(recipe, tmp / "sim", [*SETS, *SLOW], workers=4)) == 0
 
     out = tmp / "real"
     procs = launch(tmp, recipe, out, SETS, world=4)
@@ -92,7 +80,7 @@ def test_killed_rank_stops_the_others_and_the_same_command_resumes(runs):
 def test_two_islands_of_two_ranks_equal_the_simulator_bit_for_bit(runs):
     real, sim = runs["real"], runs["sim"]
     assert_close(weights(real), weights(sim), atol=0.0)
-    assert _losses(real) == _losses(sim)  # island 0's mean loss, every step
+    assert train_losses(real) == train_losses(sim)  # island 0's mean loss, every step
     a, b = comm_summary(real), comm_summary(sim)
     for key in ("rounds", "bytes_intra_island", "bytes_inter_island", "bytes_inter_island_per_round"):
         assert a[key] == b[key], key
@@ -154,7 +142,7 @@ def test_learned_aggregator_runs_with_k_equal_to_the_islands(runs, one_thread):
 def test_one_line_refusals_at_the_cli(tmp_path, capsys, sets, workers, needle):
     recipe = write_toml(tmp_path / "r.toml", _raw())
     out = tmp_path / "run"
-    assert cli_main(_argv(recipe, out, ["distributed.sync=diloco", "distributed.local_steps=2", *sets],
+    assert cli_main(pretrain_argv(recipe, out, ["distributed.sync=diloco", "distributed.local_steps=2", *sets],
                           workers)) == 2
     err = capsys.readouterr().err.strip()
     assert needle in err and "\n" not in err, err

@@ -194,7 +194,7 @@ class FSDPSync(DataParallelSync):
         return fsdp_grad_sync(worker.model, last)
 
     def after_optimizer_step(self, workers: list[Worker], step: int, boundary: bool) -> None:
-        est = 3 * (self.num_workers - 1) * self._n_param_bytes // self.num_workers
+        est = fsdp_step_bytes(self._n_param_bytes, self.num_workers)
         self.acct.record("fsdp", est, est, 0.0)
         super().after_optimizer_step(workers, step, boundary)
 
@@ -205,6 +205,20 @@ class FSDPSync(DataParallelSync):
         opt = get_optimizer_state_dict(w.model, w.optimizer, options=opts)
         opt = index_keyed(opt) if self.info.is_main else None
         return _rank0_state(self, model_state, opt)
+
+
+def fsdp_step_bytes(param_bytes: int, shards: int) -> int:
+    """FSDP2's estimated bytes sent by one rank per optimizer step, ``3 (S−1)/S · param_bytes``: the all-gathers of
+    the forward and the backward and the reduce-scatter of the gradients, each a ring over the ``S = shards`` ranks
+    of the mesh (FSDP2 exposes no communication hook to count them). The root's parameters are in fact not
+    re-gathered in the backward and micro-batches re-gather, so the actual volume differs a little.
+
+    Args:
+        param_bytes: the fp32 bytes of the whole (unsharded) model's parameters, ``4 N``.
+        shards: the ranks the parameters are sharded over (the world for :class:`FSDPSync`, an island for
+            :class:`moecpt.distributed.islands_fsdp.IslandFSDPSync`).
+    """
+    return 3 * (shards - 1) * param_bytes // shards
 
 
 @contextlib.contextmanager

@@ -41,7 +41,9 @@ number of islands and ``island_sync`` (a resume with another layout is refused).
 
 FSDP2 inside islands (``island_sync = "fsdp"``) is :class:`moecpt.distributed.islands_fsdp.IslandFSDPSync`, a
 subclass: FSDP2 instead of DDP every step, and the round on each rank's FSDP shard, without the shards and the
-all-gather above (FSDP2 has already cut the model the same way on every island).
+all-gather above (FSDP2 has already cut the model the same way on every island). A learned outer optimizer there
+(and under EP inside islands) gathers each tensor whole inside the island for its step
+(:mod:`moecpt.distributed.lopt_shards`), so it computes what it computes here.
 
 Expert parallelism inside islands (``expert_parallel = N > 1``, ``island_sync = "ddp"``) is
 :class:`moecpt.distributed.islands_ep.IslandEPSync`, a subclass: the experts split over each island's EP groups
@@ -281,4 +283,9 @@ class IslandSync(LocalSGDSync):
         return {**super().meta(), "islands": self.M}
 
     def summary(self, tokens: int) -> dict[str, Any] | None:
-        return {**super().summary(tokens), "islands": self.M, "island_size": self.S}
+        """The local-SGD summary with the worker count said both ways: ``ranks`` (``W`` processes, the
+        accounting's ``workers``, renamed: its per-token figures are per rank) and ``outer_workers`` (``K = M``, the
+        deltas the outer optimizer combines), plus ``islands`` and ``island_size``."""
+        summary = super().summary(tokens)
+        ranks = summary.pop("workers")
+        return {**summary, "ranks": ranks, "outer_workers": self.M, "islands": self.M, "island_size": self.S}

@@ -24,10 +24,17 @@ al., arXiv 2311.08105; OpenDiLoCo, Jaghouar et al., arXiv 2407.07852):
 
   where ``N_ex`` is the rank's expert-shard elements. Both use the mesh's cross-island groups (``d``, ``e`` fixed):
   the ranks holding the same expert shard at the same place. Every rank then applies the same outer step.
-* **Outer optimizers**: element-wise only (``sgd``, ``nesterov``; local SGD, SlowMo, DiLoCo; a Python
-  ``torch.optim`` factory). The learned optimizers are refused in one line: their per-tensor statistics (RMS,
-  row / column accumulators) would span the EP shards (as with FSDP2 inside islands,
-  :mod:`moecpt.distributed.islands_fsdp`).
+* **Outer optimizers**: the element-wise ones (``sgd``, ``nesterov``; local SGD, SlowMo, DiLoCo; a Python
+  ``torch.optim`` factory) on each rank's slices, and the learned ones (``lagg-a``, ``lopt-a``, a weight file, a
+  Python :class:`moecpt.lopt.LearnedOuterOptimizer`). A learned optimizer's "tensor" is the whole ``[E, ...]``
+  expert tensor, as DDP inside islands steps it on the unsharded model (its per-tensor RMS and row / column
+  statistics span the experts): :class:`moecpt.distributed.lopt_shards.ShardedLearnedOuter` all-gathers each expert
+  tensor's ``θ``, ``Δ`` and accumulators over the EP group, one tensor at a time, runs the unchanged learned step
+  and keeps this rank's experts (kind ``outer_gather``, ``intra_island``); the non-expert tensors are whole on every
+  rank and gather nothing. Gather mode (LAgg-A) gathers every island's ``Δ``: the non-expert part as
+  :meth:`IslandSync.gather_deltas <moecpt.distributed.islands.IslandSync.gather_deltas>`, the expert piece ``d``
+  over the cross-island group, then over the expert-DP group. Another :class:`moecpt.lopt.OuterOptimizer` is
+  refused in one line.
 * **Accounting**: ``grads`` (DDP), ``all_to_all`` (dispatch, combine, their backward, the count exchange),
   ``expert_grads``, ``expert_gather``, ``stats`` and ``island_gather`` on ``intra_island``; ``sync`` on
   ``inter_island``. The emulated link delays the inter-island collectives only.
@@ -35,9 +42,10 @@ al., arXiv 2311.08105; OpenDiLoCo, Jaghouar et al., arXiv 2407.07852):
   every local-SGD strategy). Rank 0 gathers the expert shards (d = 0 of each island) to full ``[E, ...]`` tensors:
   ``θ`` from island 0, island 0's full inner optimizer state as the ordinary optimizer state (a CPT parent reads a
   plain AdamW state), island ``i``'s under ``moecpt_sync.inner["i"]``, the outer state (identical on all islands)
-  in full, plus ``islands``, ``island_sync`` and ``expert_parallel``. A resume loads the full states and keeps its
-  slices (the scatter); a checkpoint of another number of islands, workers, EP size or ``island_sync`` is refused
-  in one line (:meth:`~moecpt.distributed.islands.IslandSync.check_resume`).
+  in full (a learned optimizer's gathered over each EP group first: the whole model's state), plus ``islands``,
+  ``island_sync`` and ``expert_parallel``. A resume loads the full states and keeps its slices (the scatter); a
+  checkpoint of another number of islands, workers, EP size or ``island_sync`` is refused in one line
+  (:meth:`~moecpt.distributed.islands.IslandSync.check_resume`).
 * **Real ranks only**: ``--simulate-workers`` is refused (the experts are split over processes).
 """
 
@@ -58,24 +66,13 @@ from moecpt.distributed.ep_sync import A2A, average_expert_grads, ep_grad_norm, 
 from moecpt.distributed.islands import LINKS, IslandSync
 from moecpt.distributed.launch import gather_to_main
 from moecpt.distributed.local_sgd import TorchOuter, _to_cpu, persistent_float_buffers
+from moecpt.distributed.lopt_shards import OUTER_GATHER, Dim0Cut, ShardedLearnedOuter
 from moecpt.distributed.mesh import Mesh
 from moecpt.distributed.strategy import SYNC_KEY, OptimizerFactory, Worker
 from moecpt.errors import MoecptError
-from moecpt.lopt.optimizers import OuterOptimizer
+from moecpt.lopt.optimizers import LearnedOuterOptimizer, OuterOptimizer
 
 INTRA = "intra_island"
-
-
-def refuse_learned_outer_ep(name: str | None, ep: int) -> None:
-    """One-line refusal of a learned outer optimizer (by recipe name) with expert parallelism inside islands.
-
-    Raises:
-        MoecptError: ``name`` is ``lagg-a``, ``lopt-a`` or a ``.safetensors`` file.
-    """
-    if name in ("lagg-a", "lopt-a") or (name or "").endswith(".safetensors"):
-        raise MoecptError(f"distributed.outer_optimizer={name!r} with distributed.expert_parallel={ep} inside islands "
-                          "is not supported: a learned optimizer's per-tensor statistics span the EP shards; use "
-                          "outer sgd / nesterov (local-sgd, slowmo, diloco), or expert_parallel = 1")
 
 
 class IslandEPSync(IslandSync):
@@ -86,20 +83,20 @@ class IslandEPSync(IslandSync):
             ``mesh.ep > 1``.
 
     Raises:
-        MoecptError: not a multi-process job; a learned outer optimizer, or an :class:`moecpt.lopt.OuterOptimizer`
-            other than a ``torch.optim`` one.
+        MoecptError: not a multi-process job; an :class:`moecpt.lopt.OuterOptimizer` other than a ``torch.optim``
+            or a learned one.
     """
 
-    links = {**LINKS, A2A: INTRA, "expert_grads": INTRA, "expert_gather": INTRA}
+    links = {**LINKS, A2A: INTRA, "expert_grads": INTRA, "expert_gather": INTRA, OUTER_GATHER: INTRA}
 
     def __init__(self, recipe, info, mesh: Mesh, device: torch.device, outer: Any = None):
         if not info.distributed:
             raise MoecptError(f"distributed.expert_parallel={mesh.ep} inside islands splits the experts over real "
                               "ranks; launch them with torchrun (--simulate-workers cannot split them)")
-        refuse_learned_outer_ep(recipe.distributed.outer()[0] if outer is None else None, mesh.ep)
-        if isinstance(outer, OuterOptimizer) and not isinstance(outer, TorchOuter):  # before any process group
+        if isinstance(outer, OuterOptimizer) and not isinstance(outer, (TorchOuter, LearnedOuterOptimizer)):
             raise MoecptError(f"outer optimizer {type(outer).__name__} with expert parallelism inside islands is not "
-                              "supported: only torch.optim outer optimizers run on expert shards")
+                              "supported: only torch.optim and learned (LAgg / LOpt) outer optimizers run on expert "
+                              "shards")  # before any process group
         super().__init__(recipe, info, mesh, 1, device, outer=outer)
         rank = info.rank
         timeout = datetime.timedelta(seconds=recipe.distributed.timeout_s)
@@ -153,9 +150,16 @@ class IslandEPSync(IslandSync):
         mask += [torch.zeros(b.numel(), dtype=torch.bool) for b in persistent_float_buffers(model)]
         self._expert_mask = torch.cat(mask).to(self.device)
         self.global_params = [nn.Parameter(p.detach().float().clone(), requires_grad=False) for p in params]
+        if isinstance(self.outer, LearnedOuterOptimizer):  # whole [E, ...] tensors: gathered over the EP group
+            cuts = [Dim0Cut.even(self.ep_group, self.mesh.ep, self.ep_index, tuple(p.shape)) if id(p) in experts
+                    else None for p in params]
+            self.outer = ShardedLearnedOuter(self.outer, cuts, self._record)
         self.outer.bind(self.global_params)
         if state is not None and state.get("outer") is not None:
-            self.outer.load_state_dict(self._outer_slice(state["outer"]))
+            if isinstance(self.outer, ShardedLearnedOuter):
+                self.outer.load_full_state_dict(state["outer"])
+            else:
+                self.outer.load_state_dict(self._outer_slice(state["outer"]))
         return [worker]
 
     # ------------------------------------------------------------------------------------------------ the step
@@ -210,7 +214,34 @@ class IslandEPSync(IslandSync):
         return torch.cat(parts)[:flat.numel()]
 
     def gather_deltas(self, flats: list[Tensor]) -> Tensor:
-        raise MoecptError("gather mode (a learned aggregator) does not run with expert parallelism inside islands")
+        """Every island's ``Δ_i``, ``[M, N + B]`` in island order (gather mode: LAgg-A): the non-expert elements by
+        IslandSync's gather, the expert elements from the ranks holding the same experts (module doc)."""
+        (flat,) = flats
+        mask = self._expert_mask
+        out = flat.new_empty(self.M, flat.numel())
+        out[:, ~mask] = super().gather_deltas([flat[~mask]])
+        out[:, mask] = self._expert_gather(flat[mask])
+        return out
+
+    def _expert_gather(self, flat: Tensor) -> Tensor:
+        """The expert part of every island, ``[M, n]``: shard ``d`` of ``D`` all-gathered across islands, then the
+        ``[M, n / D]`` pieces all-gathered over the expert-DP group."""
+        D = self.mesh.dp
+        n = -(-flat.numel() // D)
+        shard = torch.nn.functional.pad(flat, (0, n * D - flat.numel()))[self.dp_index * n:(self.dp_index + 1) * n]
+        shard = shard.contiguous()
+        t0 = time.perf_counter()
+        parts = [torch.empty_like(shard) for _ in range(self.M)]
+        dist.all_gather(parts, shard, group=self.cross_group)
+        self._record("sync", allgather_bytes(shard.numel() * shard.element_size(), self.M), t0)
+        every = torch.stack(parts)  # [M, n]
+        if D > 1:
+            t0 = time.perf_counter()
+            pieces = [torch.empty_like(every) for _ in range(D)]
+            dist.all_gather(pieces, every, group=self.expert_dp_group)
+            self._record("expert_gather", allgather_bytes(every.numel() * every.element_size(), D), t0)
+            every = torch.cat(pieces, dim=1)
+        return every[:, :flat.numel()]
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def _outer_slice(self, outer: dict) -> dict:
@@ -238,11 +269,13 @@ class IslandEPSync(IslandSync):
         """θ with full experts, every island's full inner state and the full outer state, assembled on rank 0 from
         the ``d = 0`` ranks of every island (module doc). A collective; None elsewhere."""
         w = workers[0]
+        learned = isinstance(self.outer, ShardedLearnedOuter)
+        outer = self.outer.full_state_dict() if learned else self.outer.state_dict()  # learned: a collective
         mine = None
         if self.dp_index == 0:
             model_state = w.model.state_dict()
             mine = _to_cpu({"experts": {n: model_state[n] for n in self.expert_names},
-                            "inner": w.optimizer.state_dict(), "outer": self.outer.state_dict()})
+                            "inner": w.optimizer.state_dict(), "outer": outer})
         every = gather_to_main(mine)
         rng = _rank0_rng(self)
         if not self.info.is_main:
@@ -253,7 +286,8 @@ class IslandEPSync(IslandSync):
         for name in self.expert_names:
             model_state[name] = torch.cat([s["experts"][name] for s in by_island[0]])
         inners = [self._assemble([s["inner"] for s in isl], self._expert_index) for isl in by_island]
-        outer = self._assemble([s["outer"] for s in by_island[0]], self._outer_expert_index)
+        outer = by_island[0][0]["outer"] if learned else self._assemble([s["outer"] for s in by_island[0]],
+                                                                        self._outer_expert_index)
         opt_state = dict(inners[0])
         opt_state[SYNC_KEY] = {"kind": self.kind, "workers": self.num_workers, "outer_optimizer": self.outer_name,
                                "outer": outer, "inner": {str(i): s for i, s in enumerate(inners) if i > 0},

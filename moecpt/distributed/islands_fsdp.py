@@ -18,29 +18,31 @@ replica groups, FSDP inside each (Jaghouar et al., OpenDiLoCo, arXiv 2407.07852)
   its shard. No intra-island collective is needed for the round: each island's ranks together hold the whole new
   ``θ``. The outer state (``θ_outer``, the momentum) is kept sharded the same way, as plain fp32 local tensors.
 * **Outer optimizers**: those that act element by element (``sgd``, ``nesterov`` for local SGD, SlowMo, DiLoCo,
-  and a Python ``torch.optim`` factory such as Adam) give on shards exactly what they give on whole tensors. The
-  learned optimizers (``lagg-a``, ``lopt-a``, a ``.safetensors`` file, any :class:`moecpt.lopt.OuterOptimizer`)
-  are **refused in one line**: their features normalise each channel by its RMS over the whole tensor and keep
-  Adafactor row / column accumulators (:mod:`moecpt.lopt.features`), which a shard cannot compute alone. Providing
-  them would take one intra-island all-reduce per statistic and per tensor in the middle of the outer step; the
-  refusal keeps the round a single cross-island collective, and ``island_sync = "ddp"`` runs them. A Python
-  ``torch.optim`` factory whose update is not element-wise (LAMB's trust ratio, Muon) would be computed per shard:
-  that is the caller's choice.
+  and a Python ``torch.optim`` factory such as Adam) give on shards exactly what they give on whole tensors. A
+  Python ``torch.optim`` factory whose update is not element-wise (LAMB's trust ratio, Muon) would be computed per
+  shard: that is the caller's choice. The learned optimizers (``lagg-a``, ``lopt-a``, a ``.safetensors`` file, a
+  Python :class:`moecpt.lopt.LearnedOuterOptimizer`) need whole-tensor statistics (per-channel RMS, Adafactor row /
+  column accumulators): :class:`moecpt.distributed.lopt_shards.ShardedLearnedOuter` all-gathers each tensor's
+  ``θ``, ``Δ`` and accumulators inside the island, one tensor at a time, runs the unchanged learned step on it on
+  every rank of the island and keeps this rank's rows (that module's doc gives the choice and its costs: kind
+  ``outer_gather`` on ``intra_island``); the accumulators stay sharded as the parameters. LAgg-A's gather mode is
+  one all-gather of the shard's ``Δ`` over the cross-island group (``(M−1) · 4 N_j`` bytes per rank). Another
+  :class:`moecpt.lopt.OuterOptimizer` is refused in one line (its update on a shard is unknown).
 * **Accounting** (kinds and links as for DDP islands): ``fsdp`` and ``stats`` travel on ``intra_island``,
   ``sync`` on ``inter_island``. FSDP2 exposes no communication hook, so ``fsdp`` is *estimated* as
   :class:`~moecpt.distributed.ddp.FSDPSync` estimates it, per optimizer step: ``3 (S−1)/S · 4 N`` bytes sent
-  (two all-gathers and a reduce-scatter of the fp32 parameters; the root's parameters are in fact not re-gathered
-  in the backward, and micro-batches re-gather, so the actual volume differs a little). The ``sync`` bytes are
-  exact, counted from this rank's own shard.
+  (:func:`~moecpt.distributed.ddp.fsdp_step_bytes`: two all-gathers and a reduce-scatter of the fp32
+  parameters). The ``sync`` bytes are exact, counted from this rank's own shard.
 * **Checkpoints** keep the single-file layout of the local-SGD family (``train.checkpoint_format = "dcp"`` is
   refused in one line, as for every local-SGD strategy): at a round boundary each island's FSDP2 all-gather
   assembles the full ``θ`` and that island's full inner optimizer state (every rank of the island holds it for
   the moment of the save: one full copy in memory, as FSDPSync's ``single`` format), the outer state's shards are
   gathered inside the island into full tensors, and rank 0 receives island 0's inner state as the ordinary
   optimizer state (a CPT parent loads it as a plain AdamW state) and island ``i``'s under ``moecpt_sync.inner``
-  keyed ``"i"``, plus ``islands`` and ``island_sync``. On resume every rank loads the full states and keeps its
-  shard (FSDP2's own ``set_optimizer_state_dict``; the outer state sliced as FSDP2 slices the parameters), so the
-  run continues bit for bit. A checkpoint of another number of islands, workers or ``island_sync`` is refused in
+  keyed ``"i"``, plus ``islands`` and ``island_sync``; a learned outer optimizer's accumulators are gathered to the
+  whole model's state, the very one DDP inside islands saves. On resume every rank loads the full states and keeps
+  its shard (FSDP2's own ``set_optimizer_state_dict``; the outer state sliced as FSDP2 slices the parameters), so
+  the run continues bit for bit. A checkpoint of another number of islands, workers or ``island_sync`` is refused in
   one line (:meth:`~moecpt.distributed.islands.IslandSync.check_resume`).
 * **Not simulated**: ``--simulate-workers`` with ``island_sync = "fsdp"`` is refused (one process cannot shard).
 """
@@ -63,28 +65,17 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
-from moecpt.distributed.accounting import allreduce_bytes
-from moecpt.distributed.ddp import _rank0_rng, _to_fqn, fsdp_grad_sync
+from moecpt.distributed.accounting import allgather_bytes, allreduce_bytes
+from moecpt.distributed.ddp import _rank0_rng, _to_fqn, fsdp_grad_sync, fsdp_step_bytes
 from moecpt.distributed.islands import LINKS, IslandSync
 from moecpt.distributed.launch import gather_to_main
 from moecpt.distributed.local_sgd import TorchOuter, _to_cpu, persistent_float_buffers
+from moecpt.distributed.lopt_shards import OUTER_GATHER, Dim0Cut, ShardedLearnedOuter
 from moecpt.distributed.mesh import Mesh
 from moecpt.distributed.strategy import SYNC_KEY, OptimizerFactory, Worker
 from moecpt.errors import MoecptError
-from moecpt.lopt.optimizers import OuterOptimizer
+from moecpt.lopt.optimizers import LearnedOuterOptimizer, OuterOptimizer
 from moecpt.train.dcp_io import index_keyed
-
-
-def refuse_learned_outer(name: str | None) -> None:
-    """One-line refusal of a learned outer optimizer (by recipe name) with FSDP2 inside islands (module doc).
-
-    Raises:
-        MoecptError: ``name`` is ``lagg-a``, ``lopt-a`` or a ``.safetensors`` file.
-    """
-    if name in ("lagg-a", "lopt-a") or (name or "").endswith(".safetensors"):
-        raise MoecptError(f"distributed.outer_optimizer={name!r} with island_sync = 'fsdp' is not supported: a "
-                          "learned optimizer's features need whole tensors (per-tensor RMS, row / column "
-                          "statistics), an FSDP rank holds shards; use island_sync = 'ddp', or outer sgd / nesterov")
 
 
 class IslandFSDPSync(IslandSync):
@@ -94,20 +85,20 @@ class IslandFSDPSync(IslandSync):
         recipe, info, mesh, device, outer: as :class:`~moecpt.distributed.islands.IslandSync` (one local worker).
 
     Raises:
-        MoecptError: a learned outer optimizer, or an :class:`moecpt.lopt.OuterOptimizer` other than a
-            ``torch.optim`` one (they need whole tensors); not a multi-process job.
+        MoecptError: an :class:`moecpt.lopt.OuterOptimizer` other than a ``torch.optim`` or a learned one (its
+            update on a shard is unknown); not a multi-process job.
     """
 
-    links = {**LINKS, "fsdp": "intra_island"}
+    links = {**LINKS, "fsdp": "intra_island", OUTER_GATHER: "intra_island"}
 
     def __init__(self, recipe, info, mesh: Mesh, device: torch.device, outer: Any = None):
         if not info.distributed:
             raise MoecptError("distributed.island_sync = 'fsdp' shards each island over real ranks; launch them "
                               "with torchrun (--simulate-workers cannot shard)")
-        refuse_learned_outer(recipe.distributed.outer()[0] if outer is None else None)
-        if isinstance(outer, OuterOptimizer) and not isinstance(outer, TorchOuter):  # before any process group
+        if isinstance(outer, OuterOptimizer) and not isinstance(outer, (TorchOuter, LearnedOuterOptimizer)):
             raise MoecptError(f"outer optimizer {type(outer).__name__} with island_sync = 'fsdp' is not supported: "
-                              "only torch.optim outer optimizers run on shards; use island_sync = 'ddp'")
+                              "only torch.optim and learned (LAgg / LOpt) outer optimizers run on shards; use "
+                              "island_sync = 'ddp'")  # before any process group
         super().__init__(recipe, info, mesh, 1, device, outer=outer)
         self.island = mesh.coords(info.rank)[0]
         self._params: list[DTensor] = []
@@ -142,9 +133,15 @@ class IslandFSDPSync(IslandSync):
         worker = Worker(self.info.rank, model, model, sharded)
         self.global_params = [nn.Parameter(p.detach().float().clone(), requires_grad=False)
                               for p in self.local_params(worker)]
+        if isinstance(self.outer, LearnedOuterOptimizer):  # whole-tensor features: gathered a tensor at a time
+            cuts = [Dim0Cut.chunked(self.grad_group, self.S, self.position, tuple(p.shape)) for p in self._params]
+            self.outer = ShardedLearnedOuter(self.outer, cuts, self._record)
         self.outer.bind(self.global_params)
         if state is not None and state.get("outer") is not None:
-            self.outer.load_state_dict(self._outer_to_local(state["outer"]))
+            if isinstance(self.outer, ShardedLearnedOuter):
+                self.outer.load_full_state_dict(state["outer"])
+            else:
+                self.outer.load_state_dict(self._outer_to_local(state["outer"]))
         return [worker]
 
     def local_params(self, w: Worker) -> list[Tensor]:
@@ -156,7 +153,7 @@ class IslandFSDPSync(IslandSync):
         return fsdp_grad_sync(worker.model, last)
 
     def after_optimizer_step(self, workers: list[Worker], step: int, boundary: bool) -> None:
-        est = 3 * (self.S - 1) * self._n_param_bytes // self.S  # FSDPSync's estimate, over the island
+        est = fsdp_step_bytes(self._n_param_bytes, self.S)  # FSDPSync's estimate, over the island
         self.acct.record("fsdp", est, est, 0.0)
         super().after_optimizer_step(workers, step, boundary)
 
@@ -171,7 +168,14 @@ class IslandFSDPSync(IslandSync):
         return flat / self.M
 
     def gather_deltas(self, flats: list[Tensor]) -> Tensor:
-        raise MoecptError("gather mode (a learned aggregator) does not run with island_sync = 'fsdp'; use 'ddp'")
+        """Every island's ``Δ_i`` of this rank's shards (and the buffers), ``[M, N_j + B]`` in island order (gather
+        mode: LAgg-A): one all-gather over the cross-island group."""
+        (flat,) = flats
+        t0 = time.perf_counter()
+        parts = [torch.empty_like(flat) for _ in range(self.M)]
+        dist.all_gather(parts, flat, group=self.cross_group)
+        self._record("sync", allgather_bytes(flat.numel() * flat.element_size(), self.M), t0)
+        return torch.stack(parts)
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def _outer_to_full(self, outer: dict) -> dict:
@@ -206,7 +210,8 @@ class IslandFSDPSync(IslandSync):
         model_state = get_model_state_dict(w.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         inner = index_keyed(get_optimizer_state_dict(w.model, w.optimizer, options=full))
         inners = gather_to_main(_to_cpu(inner) if self.position == 0 else None)  # one per island, in island order
-        outer = self._outer_to_full(self.outer.state_dict())
+        outer = (self.outer.full_state_dict() if isinstance(self.outer, ShardedLearnedOuter)
+                 else self._outer_to_full(self.outer.state_dict()))
         rng = _rank0_rng(self)
         if not self.info.is_main:
             return None, None, None

@@ -20,8 +20,8 @@ from moecpt.distributed import launch
 from moecpt.distributed.ddp import DDPSync, FSDPSync
 from moecpt.distributed.ep_sync import ExpertParallelSync
 from moecpt.distributed.islands import IslandSync
-from moecpt.distributed.islands_ep import IslandEPSync, refuse_learned_outer_ep
-from moecpt.distributed.islands_fsdp import IslandFSDPSync, refuse_learned_outer
+from moecpt.distributed.islands_ep import IslandEPSync
+from moecpt.distributed.islands_fsdp import IslandFSDPSync
 from moecpt.distributed.local_sgd import LocalSGDSync
 from moecpt.distributed.mesh import Mesh, build_mesh, check_expert_split
 from moecpt.distributed.simulate import SimulatedDDPSync
@@ -96,9 +96,6 @@ def check_launch(recipe: Recipe, info: DistInfo, simulate_workers: int | None = 
         if simulate_workers is not None:
             raise MoecptError("distributed.island_sync = 'fsdp' cannot be simulated (it shards each island over "
                               "real devices); simulate island_sync = 'ddp', or launch the ranks with torchrun")
-        refuse_learned_outer(name)
-    if mesh.islands > 1 and mesh.ep > 1:
-        refuse_learned_outer_ep(name, mesh.ep)
     if name in ("lagg-a", "lopt-a") or (name or "").endswith(".safetensors"):
         load_pretrained(name, workers=mesh.islands if mesh.islands > 1 else workers)  # K checked, one line
     return mesh
@@ -117,12 +114,11 @@ def build_sync(recipe: Recipe, info: DistInfo, device: torch.device, simulate_wo
             :class:`moecpt.lopt.OuterOptimizer`, or a factory ``params -> torch.optim.Optimizer``.
 
     Raises:
-        MoecptError: simulation under a multi-process launch or with FSDP (flat or inside islands); a learned
-            outer optimizer with FSDP inside islands; an outer optimizer for a sync that has
-            none; a mesh that does not divide the world, the experts or the batch
+        MoecptError: simulation under a multi-process launch or with FSDP (flat or inside islands); an outer
+            optimizer for a sync that has none; a mesh that does not divide the world, the experts or the batch
             (:func:`moecpt.distributed.mesh.build_mesh`); expert parallelism in one process, with simulated workers,
-            with a sync other than DDP (or a local-SGD family one with islands), with FSDP2 inside islands, with a
-            learned outer optimizer inside islands, or with the loop dispatch.
+            with a sync other than DDP (or a local-SGD family one with islands), with FSDP2 inside islands, or with
+            the loop dispatch.
     """
     mesh = check_launch(recipe, info, simulate_workers, outer_optimizer)
     local = recipe.distributed.sync in LOCAL_SYNCS

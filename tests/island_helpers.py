@@ -1,0 +1,124 @@
+"""Helpers shared by the island and multi-process tests (tests/test_islands*.py, tests/test_ep_dcp.py): the
+``moecpt pretrain`` argv, a run's logged losses, "has rank 0 logged step s yet", one-thread kernels, the per-tensor
+relative difference the fp32 comparisons use, and the launch of tests/island_lopt_worker.py."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import torch
+from test_trainer import records, write_toml
+
+from moecpt.cli import main as cli_main
+from moecpt.distributed.accounting import allgather_bytes
+from moecpt.lopt.features import factored_dims
+from moecpt.lopt.mlp import LOptSpec, init_meta_params
+from moecpt.lopt.pretrained import save_weights
+
+
+def pretrain_argv(recipe: Path, out: Path, sets: list[str], workers: int | None = None) -> list[str]:
+    """``moecpt pretrain`` arguments for :func:`moecpt.cli.main` (``workers``: ``--simulate-workers``)."""
+    sim = ["--simulate-workers", str(workers)] if workers else []
+    return ["pretrain", "--recipe", str(recipe), "--out", str(out), "--no-progress", *sim,
+            *[a for s in sets for a in ("--set", s)]]
+
+
+def train_losses(run: Path) -> list[float]:
+    """Every train record's loss, in log order (a resumed run continues the list)."""
+    return [r["loss"] for r in records(run) if "lr" in r]
+
+
+def losses_by_step(run: Path) -> dict[int, float]:
+    """The train losses keyed by step (a step logged twice keeps its last record)."""
+    return {r["step"]: r["loss"] for r in records(run) if "lr" in r}
+
+
+def logged(run: Path, step: int) -> bool:
+    """True once ``run/metrics.jsonl`` holds a record of ``step`` or later."""
+    metrics = run / "metrics.jsonl"
+    return metrics.exists() and any(json.loads(x).get("step", 0) >= step for x in metrics.read_text().splitlines()
+                                    if x.strip())
+
+
+@contextlib.contextmanager
+def single_thread():
+    """Run in-process jobs on one thread, as the launched ranks (``OMP_NUM_THREADS=1``): the same kernels."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``max |a − b| / max |b|`` in fp32 (a tensor's difference relative to its scale)."""
+    return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12))
+
+
+WORKER = Path(__file__).resolve().parent / "island_lopt_worker.py"
+
+
+def launch_worker(tmp: Path, spec: dict, world: int = 4) -> list[subprocess.Popen]:
+    """Start ``world`` ranks of tests/island_lopt_worker.py with ``spec`` as torchrun would (RANK / WORLD_SIZE /
+    LOCAL_RANK, a FileStore rendezvous, one thread each); :func:`test_distributed.finish` collects them."""
+    store = tmp / f"store-{uuid.uuid4().hex[:8]}"
+    procs = []
+    for rank in range(world):
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
+               "LOCAL_WORLD_SIZE": str(world), "MOECPT_INIT_METHOD": f"file://{store}", "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen([sys.executable, str(WORKER), json.dumps(spec)], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                      cwd=WORKER.parent.parent))
+    return procs
+
+
+#: the learned outer optimizers of the island tests: LAgg-A for K = 2 (its initial meta-parameters) and LOpt-A
+LEARNED = ("lagg", "lopt")
+#: resumed at a round boundary: LAgg-A (gather mode and the accumulators); the worker's unit check round-trips
+#: LOpt-A's state too
+RESUMED = ("lagg",)
+
+
+def learned_jobs(tmp: Path, raw: dict, ref_sets: list[str], sets: list[str], layout: str, steps: int) -> dict:
+    """The learned-outer part of an island test: writes LAgg-A's K = 2 weights and a ``steps``-step recipe under
+    ``tmp``, runs the references ``ddp-{lagg,lopt}`` (DDP inside islands, ``--simulate-workers 4``, in this
+    process) and returns the worker's ``jobs`` / ``resume`` entries for ``{layout}-{name}`` (with ``sets``) and
+    ``resumed-{name}`` (the job again from its second-to-last checkpoint)."""
+    spec = LOptSpec("lagg-a", 2)
+    save_weights(tmp / "lagg2.safetensors", spec, init_meta_params(spec, torch.Generator().manual_seed(0)))
+    recipe = write_toml(tmp / "r-lopt.toml", raw)
+    outer = {"lagg": [f"distributed.outer_optimizer={tmp / 'lagg2.safetensors'}"],
+             "lopt": ["distributed.outer_optimizer=lopt-a"]}
+    with single_thread():
+        for name in LEARNED:
+            assert cli_main(pretrain_argv(recipe, tmp / f"ddp-{name}", [*ref_sets, *outer[name]], workers=4)) == 0
+    return {"jobs": [[str(recipe), str(tmp / f"{layout}-{n}"), [*sets, *outer[n]]] for n in LEARNED],
+            "resume": [[str(recipe), str(tmp / f"{layout}-{n}"), str(tmp / f"resumed-{n}"), steps, [*sets, *outer[n]]]
+                       for n in RESUMED]}
+
+
+def outer_gather_bytes(shapes: list[tuple[int, ...]], channels: int, ranks: int) -> int:
+    """What one rank sends per round gathering whole tensors for a learned outer step on dim-0 pieces
+    (:mod:`moecpt.distributed.lopt_shards`): per tensor of ``shape`` (cut over ``ranks``), its rows of θ, Δ
+    (``channels``: 1, or K for LAgg-A), momentum x3, second moment and Adafactor's diag x3, or its row / column
+    vectors x3 unless the dim they reduce is dim 0, padded to ``ceil(d0 / ranks)`` rows."""
+    total = 0
+    for shape in shapes:
+        rest = math.prod(shape[1:])
+        cols = rest * (1 + channels + 3 + 1)
+        fd = factored_dims(shape)
+        if fd is None:
+            cols += 3 * rest
+        for reduced in fd or ():
+            if reduced != 0:
+                cols += 3 * math.prod(1 if d == reduced else n for d, n in enumerate(shape) if d > 0)
+        total += allgather_bytes(4 * -(-shape[0] // ranks) * cols, ranks)
+    return total
