@@ -15,6 +15,20 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture(scope="session")
+def smoke_study(tmp_path_factory):
+    """``(out, study, results)``: the bundled smoke study, run once per session (the slowest set-up there is);
+    tests that change its folder work on a copy."""
+    from moecpt.config import find_bundled_recipe
+    from moecpt.study.config import load_study_recipe
+    from moecpt.study.runner import run_study
+
+    out = tmp_path_factory.mktemp("study") / "smoke"
+    study = load_study_recipe(find_bundled_recipe("study/smoke"))
+    results = run_study(study, out, jobs=2, log=lambda *_: None)
+    return out, study, results
+
+
 def _mount_tmpfs(path, options: str) -> bool:
     import subprocess
 

@@ -315,17 +315,18 @@ def test_preempted_study_saves_its_running_stages(tmp_path):
     assert all(str(r.relative_to(out / "runs").parent) in err for r in runs)
 
 
-def test_study_never_replaces_a_users_report(tmp_path):
+def test_study_never_replaces_a_users_report(smoke_study, tmp_path):
     """A report.md that moecpt did not write (or that was edited since) is refused, not overwritten; moecpt's own
-    unedited report is replaced as usual."""
-    from moecpt.study.cli import register  # noqa: F401  (the CLI is what a user runs)
+    unedited report is replaced as usual. (A study from scratch through the CLI is README's command, run by
+    test_docs_commands.)"""
+    import shutil
 
     out = tmp_path / "study"
+    shutil.copytree(smoke_study[0], out)
     recipe = ROOT / "recipes" / "study" / "smoke.toml"
-    res = moecpt_run("study", recipe, "--out", out, timeout=900)
-    assert res.returncode == 0, res.stderr[-3000:]
     again = moecpt_run("study", recipe, "--out", out, timeout=900)  # moecpt's own report: replaced fine
     assert again.returncode == 0, again.stderr[-3000:]
+    assert (out / "report.md").is_file()
     (out / "report.md").write_text("my own notes\n")
     res = moecpt_run("study", recipe, "--out", out, timeout=900)
     msg = assert_user_error(res, "report.md exists and is not the file moecpt wrote")

@@ -20,14 +20,6 @@ from moecpt.errors import MoecptError
 SMOKE = find_bundled_recipe("study/smoke")
 
 
-@pytest.fixture(scope="module")
-def smoke_study(tmp_path_factory):
-    out = tmp_path_factory.mktemp("study") / "smoke"
-    study = load_study_recipe(SMOKE)
-    results = run_study(study, out, jobs=2, log=lambda *_: None)
-    return out, study, results
-
-
 def test_smoke_study_writes_report_matching_study_json(smoke_study):
     out, study, results = smoke_study
     for name in ("report.md", "report.html", "study.json"):
