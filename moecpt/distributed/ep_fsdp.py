@@ -153,8 +153,8 @@ class ExpertParallelFSDPSync(ExpertParallelParts, FSDPSync):
         opt_state = get_optimizer_state_dict(w.model, w.optimizer, options=opts)  # FQN-keyed
         if self.ep_group0 is not None:
             names = dict(zip(self.expert_names, self.expert_params))
-            gathered = {n: self._gather(p) for n, p in names.items()}
-            moments = {n: {k: self._gather(v) if _is_expert_state(v) else v
+            gathered = {n: self._gather(local_tensor(p)) for n, p in names.items()}
+            moments = {n: {k: self._gather(local_tensor(v)) if _is_expert_state(v) else local_tensor(v)
                            for k, v in sorted(w.optimizer.state[p].items())}
                        for n, p in names.items() if p in w.optimizer.state}  # the same set on every rank
             if self.info.is_main:
