@@ -8,7 +8,9 @@ consecutive ranks), every rank reading its own rows of the batch, as under
 * **Experts**: exactly ExpertParallelSync's: each rank keeps its ``E / N`` experts of every MoE layer
   (:func:`~moecpt.distributed.ep_sync.shard_experts`), tokens travel by all-to-all, the expert gradients (the sum
   over the EP group's tokens) are summed over the ``D`` ranks holding the same shard and divided by ``W``
-  (:func:`~moecpt.distributed.ep_sync.average_expert_grads`).
+  (:func:`~moecpt.distributed.ep_sync.average_expert_grads`). The shards are held as DTensors of a one-rank mesh
+  (:meth:`ExpertParallelFSDPSync._as_own_dtensors` says why), read through
+  :func:`~moecpt.distributed.expert_parallel.local_tensor`.
 * **Non-expert parameters** (attention, norms, routers, shared experts, embedding, head): FSDP2 ``fully_shard`` on
   every decoder block and on the root over a 1-D mesh of **all** ``W`` ranks, the expert parameters passed as
   ``ignored_params`` (FSDP2 neither shards nor reduces them). This is torchtitan's choice for the dense part of an
@@ -89,7 +91,7 @@ class ExpertParallelFSDPSync(ExpertParallelParts, FSDPSync):
         fully_shard(model, mesh=world, ignored_params=ignored)
         sharded = make_optimizer(model)  # fully_shard replaced the non-expert parameters
         if loaded is not None:
-            # a plain (ignored) parameter's entry is taken as it is: the expert slices already are this rank's
+            # an expert entry is already this rank's slice: "distributed" over its one-rank mesh, it stays as it is
             set_optimizer_state_dict(model, sharded, loaded, options=StateDictOptions(full_state_dict=True))
         experts = {id(p) for p in self.expert_params}
         # FSDPSync's traffic estimate covers what FSDP2 moves: the non-expert parameters (global numel of the DTensors)
