@@ -27,7 +27,8 @@ consecutive ranks), every rank reading its own rows of the batch, as under
 * **Checkpoints**: sharded (DCP) by default (``train.checkpoint_format = "auto"``): FSDP2's DTensors for the
   non-expert state, the expert slices as DTensors of the global ``[E, ...]`` tensors
   (:meth:`~moecpt.distributed.ep_sync.ExpertParallelParts.dcp_global_view`); nothing is gathered, and another
-  world, EP degree or sync (EP × DDP, FSDP2, one process) resumes it. ``"single"``: rank 0 gathers the non-expert
+  world or EP degree resumes it (the sync is part of a run's identity: another sync refuses the folder in one line,
+  ``moecpt cpt --from`` and ``checkpoint consolidate`` read it). ``"single"``: rank 0 gathers the non-expert
   state (FSDP2's full state dict) and the expert shards of its EP group, the very file ExpertParallelSync writes.
 * **Traffic**: ``all_to_all`` and ``expert_grads`` counted as under ExpertParallelSync; FSDP2 exposes no
   communication hook, so its ``fsdp`` bytes are estimated as :class:`~moecpt.distributed.ddp.FSDPSync` estimates
