@@ -21,9 +21,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from island_helpers import logged
+from island_helpers import losses_by_step as losses
 from test_dcp_checkpoint import max_diff, run_ok, step_dir
 from test_distributed import finish, launch
-from test_ep_dcp import logged, losses
 from test_trainer import records, write_toml
 from tiny_recipes import raw_recipe
 
