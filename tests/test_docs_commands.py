@@ -347,6 +347,9 @@ COMMANDS: list[C] = [
     C(D, SMOKE_DILOCO.replace("recipes/", "moecpt/recipes/"), append=RUN),
     C(D, "torchrun --nproc-per-node 2 -m moecpt pretrain --recipe moecpt/recipes/smoke.toml --out runs/smoke-ep "
          "--set model.preset=smoke-switch --set distributed.expert_parallel=2", append=RUN, shell=True),
+    C(D, "torchrun --nproc-per-node 4 -m moecpt pretrain --recipe moecpt/recipes/smoke.toml --out runs/smoke-ep-fsdp "
+         "--set model.preset=smoke-switch --set distributed.expert_parallel=2 --set distributed.sync=fsdp",
+      append=RUN, shell=True),
     C(D, "torchrun --nproc-per-node 4 -m moecpt pretrain --recipe moecpt/recipes/smoke.toml --out runs/islands "
          "--set distributed.sync=diloco --set distributed.local_steps=10 --set distributed.islands=2",
       append=RUN, shell=True),

@@ -95,7 +95,7 @@ def test_pretrain_with_ep_survives_a_killed_rank_resumes_and_evaluates(tmp_path,
 @pytest.mark.parametrize("sets, message", [
     (["distributed.expert_parallel=2"], "but this is one process; launch a multiple of 2 ranks with torchrun"),
     (["distributed.expert_parallel=3"], "distributed.expert_parallel=3 does not divide the model's 8 routed experts"),
-    (["distributed.expert_parallel=2", "distributed.sync=fsdp"], "runs with sync = 'ddp'"),
+    (["distributed.expert_parallel=2", "distributed.sync=local-sgd"], "runs with sync = 'ddp' or 'fsdp'"),
     (["distributed.expert_parallel=2", "model.moe.dispatch=loop"], "use 'grouped' with distributed.expert_parallel"),
     (["distributed.expert_parallel=2", "model.preset=smoke-dense"], "needs an MoE model"),
 ])

@@ -94,10 +94,11 @@ def test_ep_4_alone_and_under_fsdp():
     assert mem["resident"] == {"expert": 200, "non_expert": 200, "total": 400}
     assert comm["per_step"]["island"] == 2 * 3 * 800 // 4 == 1200
     assert comm["per_step"]["ep"] == 4 * 2 * 64 * 64 * 2 * 3 // 4 == 49_152
-    mem, comm = _plan(MOE, 8, sync="fsdp", expert_parallel=4)  # S = 8 = D 2 x E 4
-    assert mem["resident"] == {"expert": 100, "non_expert": 25, "total": 125}
-    assert mem["fsdp_gathered"] == 8 * (50 + 100)  # the block's expert part is 1/E of it
-    assert comm["per_step"]["island"] == 3 * (7 * 100 + 1 * 400) == 3300
+    mem, comm = _plan(MOE, 8, sync="fsdp", expert_parallel=4)  # S = 8 = D 2 x E 4 (moecpt.distributed.ep_fsdp)
+    assert mem["resident"] == {"expert": 200, "non_expert": 25, "total": 225}  # the expert shard whole on its D
+    assert mem["fsdp_gathered"] == 8 * 100  # the root; a block's expert shard is not gathered (50 non-expert)
+    # FSDP2 over the 8 ranks for the non-expert part, the expert shards all-reduced over their D = 2 as under DDP
+    assert comm["per_step"]["island"] == 3 * 7 * 100 + 2 * 1 * 800 // 2 == 2900
     assert comm["per_step"]["ep"] == 4 * 2 * (1 * 32) * 64 * 2 * 3 // 4
 
 

@@ -43,7 +43,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from moecpt.distributed.accounting import allreduce_bytes
 from moecpt.distributed.ddp import DDPSync, _rank0_state
-from moecpt.distributed.expert_parallel import ExpertParallelExperts, routed_experts_of
+from moecpt.distributed.expert_parallel import ExpertParallelExperts, local_tensor, routed_experts_of
 from moecpt.distributed.mesh import Mesh
 from moecpt.distributed.strategy import OptimizerFactory, Worker
 
@@ -52,11 +52,14 @@ BUCKET_BYTES = 25 * 2**20
 A2A = "all_to_all"
 
 
-class ExpertParallelSync(DDPSync):
-    """DDP over the non-expert parameters, experts split over EP groups (module docstring). Every rank builds every
-    EP and expert-DP process group (``new_group`` is collective) in :meth:`__init__`."""
-
-    shards_state = True  # the experts are split over the EP group: "auto" writes DCP, gathering nothing
+class ExpertParallelParts:
+    """What expert parallelism shares whatever synchronises the non-expert parameters (DDP here, FSDP2 in
+    :class:`moecpt.distributed.ep_fsdp.ExpertParallelFSDPSync`): the EP and expert-DP process groups, the
+    all-to-all accounting, the expert gradients' average, the DCP view of the expert slices, the gather of the
+    single-file format and the reports. A mixin before a :class:`~moecpt.distributed.ddp.DataParallelSync`
+    subclass; every rank builds every EP and expert-DP process group (``new_group`` is collective) in
+    :meth:`__init__`. The subclass's ``setup`` sets :attr:`expert_names`, :attr:`expert_params` and
+    ``_expert_index`` (:func:`shard_experts`)."""
 
     def __init__(self, *args: Any, mesh: Mesh, timeout_s: float, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -75,28 +78,18 @@ class ExpertParallelSync(DDPSync):
             g = dist.new_group(ranks, timeout=timeout)
             if rank in ranks:
                 self.expert_dp_group = g
-        self.ep_index = mesh.coords(rank)[2]
+        self.dp_index, self.ep_index = mesh.coords(rank)[1:]
         self.expert_names: list[str] = []
         self.expert_params: list[nn.Parameter] = []
+        self._expert_index: list[int] = []
         self._a2a_step0 = 0
         self.a2a_bytes_last_step = 0
         self._dcp_mesh: DeviceMesh | None = None  # built at the first DCP save / load (collective)
 
-    # ------------------------------------------------------------------------------------------------ set-up
     def _record_a2a(self, sent: int, received: int, seconds: float) -> None:
         t0 = time.perf_counter()
         self.acct.link.delay(sent)
         self.acct.record(A2A, sent, received, seconds + time.perf_counter() - t0)
-
-    def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer, make_optimizer: OptimizerFactory,
-              state: dict | None) -> list[Worker]:
-        """Cut every MoE layer's experts to this rank's shard, move the (loaded, full) optimizer state to a new
-        optimizer over the shards, and wrap the rest in DDP."""
-        sharded, self.expert_names, self.expert_params, self._expert_index = shard_experts(
-            model, optimizer, optimizer.state_dict(), make_optimizer, self.ep_group, self.mesh.ep, self.ep_index,
-            self._record_a2a)
-        DDP._set_params_and_buffers_to_ignore_for_model(model, self.expert_names)
-        return super().setup(model, sharded, make_optimizer, state)
 
     # ------------------------------------------------------------------------------------------------ the step
     def begin_step(self) -> None:
@@ -112,17 +105,13 @@ class ExpertParallelSync(DDPSync):
         token on any rank gets a zero gradient, as in one process (AdamW then steps it like every other)."""
         average_expert_grads(self.expert_params, self.num_workers, self.mesh.dp, self.expert_dp_group, self.acct)
 
-    def grad_norm(self, model: nn.Module, clip: float | None) -> float:
-        """The global gradient norm ``sqrt(|non-expert|^2 + sum over the EP group of |expert shard|^2)``, clipped
-        as ``torch.nn.utils.clip_grad_norm_`` clips (``clip / (norm + 1e-6)``, at most 1) when ``clip`` is set."""
-        return ep_grad_norm(model, self.expert_params, self.ep_group, self.mesh.ep, self.device, self.acct, clip)
-
     def after_optimizer_step(self, workers: list[Worker], step: int, boundary: bool) -> None:
         self.a2a_bytes_last_step = self._a2a_total() - self._a2a_step0
         super().after_optimizer_step(workers, step, boundary)
 
     def record_fields(self) -> dict[str, Any]:
-        """DDP's cumulative fields, plus the all-to-all's: cumulative bytes (sent + received) and the last step's."""
+        """The base's cumulative fields, plus the all-to-all's: cumulative bytes (sent + received) and the last
+        step's."""
         return {**super().record_fields(), "a2a_bytes": self._a2a_total(), "a2a_bytes_step": self.a2a_bytes_last_step}
 
     def meta(self) -> dict[str, Any]:
@@ -130,6 +119,65 @@ class ExpertParallelSync(DDPSync):
 
     def summary(self, tokens: int) -> dict[str, Any] | None:
         return {**super().summary(tokens), "expert_parallel": self.mesh.ep}
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+    def dcp_global_view(self, model_state: dict, optim_tensors: dict) -> tuple[dict, dict]:
+        """Each expert tensor of this rank (weights ``[E/N, ...]`` and their AdamW moments) as a DTensor of the global
+        ``[E, ...]`` tensor on the ``[dp, ep]`` device mesh, ``Shard(0)`` over ep and ``Replicate()`` over dp,
+        sharing storage with the slice (so a DCP load fills it in place); everything else as it is (identical on
+        every rank, or FSDP2's own DTensors: DCP writes it once). A collective the first time (it builds the device
+        mesh's groups).
+
+        Args:
+            model_state: ``{fqn: tensor}`` (``get_state_dict``'s, keyed as :attr:`expert_names`).
+            optim_tensors: ``{"state": {fqn: {name: tensor}}}`` (:func:`~moecpt.train.dcp_io.split_optimizer_state`).
+        """
+        if self._dcp_mesh is None:
+            # rank d * N + e of the [dp, ep] mesh = the Mesh layout (islands = 1 under EP)
+            self._dcp_mesh = init_device_mesh(self.device.type, (self.mesh.dp, self.mesh.ep),
+                                              mesh_dim_names=("dp", "ep"))
+        mesh, placements = self._dcp_mesh, (Replicate(), Shard(0))
+
+        def view(t: torch.Tensor) -> DTensor:
+            # the shards are even (N divides E), so the global shape follows without a collective; under FSDP2 the
+            # slice is a DTensor of one rank (local_tensor)
+            return DTensor.from_local(local_tensor(t), mesh, placements, run_check=False)
+
+        experts = set(self.expert_names)
+        model_state = {k: view(v) if k in experts else v for k, v in model_state.items()}
+        state = {fqn: {k: view(v) if fqn in experts and _is_expert_state(v) else v for k, v in entry.items()}
+                 for fqn, entry in optim_tensors.get("state", {}).items()}
+        return model_state, {**optim_tensors, "state": state}
+
+    def _gather(self, t: torch.Tensor) -> torch.Tensor | None:
+        """The full ``[E, ...]`` tensor on rank 0 (on the host: one expert tensor at a time on the device)."""
+        t = t.detach().contiguous()
+        full = t.new_empty(self.mesh.ep * t.shape[0], *t.shape[1:]) if self.info.is_main else None
+        dist.gather(t, list(full.chunk(self.mesh.ep)) if full is not None else None, dst=0, group=self.ep_group0)
+        return full.cpu() if full is not None else None
+
+
+class ExpertParallelSync(ExpertParallelParts, DDPSync):
+    """DDP over the non-expert parameters, experts split over EP groups (module docstring)."""
+
+    shards_state = True  # the experts are split over the EP group: "auto" writes DCP, gathering nothing
+
+    # ------------------------------------------------------------------------------------------------ set-up
+    def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer, make_optimizer: OptimizerFactory,
+              state: dict | None) -> list[Worker]:
+        """Cut every MoE layer's experts to this rank's shard, move the (loaded, full) optimizer state to a new
+        optimizer over the shards, and wrap the rest in DDP."""
+        sharded, self.expert_names, self.expert_params, self._expert_index = shard_experts(
+            model, optimizer, optimizer.state_dict(), make_optimizer, self.ep_group, self.mesh.ep, self.ep_index,
+            self._record_a2a)
+        DDP._set_params_and_buffers_to_ignore_for_model(model, self.expert_names)
+        return super().setup(model, sharded, make_optimizer, state)
+
+    # ------------------------------------------------------------------------------------------------ the step
+    def grad_norm(self, model: nn.Module, clip: float | None) -> float:
+        """The global gradient norm ``sqrt(|non-expert|^2 + sum over the EP group of |expert shard|^2)``, clipped
+        as ``torch.nn.utils.clip_grad_norm_`` clips (``clip / (norm + 1e-6)``, at most 1) when ``clip`` is set."""
+        return ep_grad_norm(model, self.expert_params, self.ep_group, self.mesh.ep, self.device, self.acct, clip)
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def checkpoint_state(self, workers: list[Worker]) -> tuple[dict | None, dict | None, dict | None]:
@@ -146,39 +194,6 @@ class ExpertParallelSync(DDPSync):
                     st[i] = {k: self._gather(v) if _is_expert_state(v) else v for k, v in st[i].items()}
             opt_state = {**opt_state, "state": st}
         return _rank0_state(self, model_state, opt_state)
-
-    def dcp_global_view(self, model_state: dict, optim_tensors: dict) -> tuple[dict, dict]:
-        """Each expert tensor of this rank (weights ``[E/N, ...]`` and their AdamW moments) as a DTensor of the global
-        ``[E, ...]`` tensor on the ``[dp, ep]`` device mesh, ``Shard(0)`` over ep and ``Replicate()`` over dp,
-        sharing storage with the slice (so a DCP load fills it in place); everything else as it is (identical on
-        every rank: DCP writes it once). A collective the first time (it builds the device mesh's groups).
-
-        Args:
-            model_state: ``{fqn: tensor}`` (``get_state_dict``'s, keyed as :attr:`expert_names`).
-            optim_tensors: ``{"state": {fqn: {name: tensor}}}`` (:func:`~moecpt.train.dcp_io.split_optimizer_state`).
-        """
-        if self._dcp_mesh is None:
-            # rank d * N + e of the [dp, ep] mesh = the Mesh layout (islands = 1 under EP)
-            self._dcp_mesh = init_device_mesh(self.device.type, (self.mesh.dp, self.mesh.ep),
-                                              mesh_dim_names=("dp", "ep"))
-        mesh, placements = self._dcp_mesh, (Replicate(), Shard(0))
-
-        def view(t: torch.Tensor) -> DTensor:
-            # the shards are even (N divides E), so the global shape follows without a collective
-            return DTensor.from_local(t, mesh, placements, run_check=False)
-
-        experts = set(self.expert_names)
-        model_state = {k: view(v) if k in experts else v for k, v in model_state.items()}
-        state = {fqn: {k: view(v) if fqn in experts and _is_expert_state(v) else v for k, v in entry.items()}
-                 for fqn, entry in optim_tensors.get("state", {}).items()}
-        return model_state, {**optim_tensors, "state": state}
-
-    def _gather(self, t: torch.Tensor) -> torch.Tensor | None:
-        """The full ``[E, ...]`` tensor on rank 0 (on the host: one expert tensor at a time on the device)."""
-        t = t.detach().contiguous()
-        full = t.new_empty(self.mesh.ep * t.shape[0], *t.shape[1:]) if self.info.is_main else None
-        dist.gather(t, list(full.chunk(self.mesh.ep)) if full is not None else None, dst=0, group=self.ep_group0)
-        return full.cpu() if full is not None else None
 
 
 def shard_experts(model: nn.Module, optimizer: torch.optim.Optimizer, full_state: dict,
@@ -221,7 +236,7 @@ def average_expert_grads(params: list[nn.Parameter], divisor: int, dp: int, grou
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-    for bucket in _buckets([p.grad for p in params], BUCKET_BYTES):
+    for bucket in _buckets([local_tensor(p.grad) for p in params], BUCKET_BYTES):  # views: written in place
         flat = torch.cat([g.reshape(-1) for g in bucket]).div_(divisor)
         if dp > 1:
             t0 = time.perf_counter()

@@ -30,6 +30,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from moecpt.model.expert_dispatch import build_dispatch_plan, grouped_experts, grouped_mm_usable
 
@@ -65,6 +66,13 @@ class _AllToAll(torch.autograd.Function):
         out_splits, in_splits, group, me, record = ctx.args
         gx = _exchange(g.new_empty(sum(in_splits), *g.shape[1:]), g, in_splits, out_splits, group, me, record)
         return gx, None, None, None, None, None
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself, or a DTensor's local tensor (differentiable; a view: writing it writes ``t``). Under EP × FSDP2
+    (:mod:`moecpt.distributed.ep_fsdp`) the expert weights are DTensors of one rank, so that a fused optimizer step
+    takes them in one list with FSDP2's parameters; everywhere else they are plain tensors."""
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -142,8 +150,8 @@ class ExpertParallelExperts(nn.Module):
             ones_M1 = xr_MD.new_ones(M, 1)
             with torch.autocast(device_type=dev.type, enabled=False):
                 # gate 1: the outputs in the compute dtype exactly (the gate is applied at home)
-                h_MD = grouped_experts(xr_MD, ones_M1, self.w_in.to(dtype), self.w_out.to(dtype), plan,
-                                       self.kind).to(dtype)
+                h_MD = grouped_experts(xr_MD, ones_M1, local_tensor(self.w_in).to(dtype),
+                                       local_tensor(self.w_out).to(dtype), plan, self.kind).to(dtype)
         # 4. combine at home, as the single-process path sums: fixed order over k, fp32 for 16-bit
         o_ND = _AllToAll.apply(h_MD, send_splits, recv_splits, self.group, self.index, record)
         o_TKD = o_ND.new_zeros(T * K, self.d_model).index_copy(0, order_N, o_ND).view(T, K, self.d_model)

@@ -13,9 +13,10 @@ Notation: ``P`` parameters, of which ``P_e`` are routed-expert weights (:func:`m
 **Parameters resident on one rank** (what its weights, gradients and optimizer moments cover):
 
 * DDP (or a worker of its own): ``P_n + P_e / E`` (experts split over the EP group, the rest replicated);
-* FSDP: ``P_n / S + P_e / (E · D) = P / S``: ZeRO-3 sharding (Rajbhandari et al., arXiv 1910.02054, Sec. 5.3) of
-  the non-expert part over the island and of each expert shard over its ``D`` expert-data-parallel ranks (as
-  torchtitan shards routed experts over ``dp_shard_mod_ep``); with ``E = 1`` plain FSDP, ``P / S``.
+* FSDP with ``E > 1``: ``P_n / S + P_e / E``: ZeRO-3 sharding (Rajbhandari et al., arXiv 1910.02054, Sec. 5.3) of the
+  non-expert part over the island (as torchtitan shards the dense part over ``dp_shard_cp``, EP ranks included),
+  each expert shard whole on its ``D`` expert-data-parallel ranks (:mod:`moecpt.distributed.ep_fsdp`; torchtitan
+  also shards it over ``dp_shard_mod_ep``, which moecpt does not); with ``E = 1`` plain FSDP, ``P / S``.
 
 **Bytes per rank** (:mod:`moecpt.train.plan`, the formulas ``--dry-run`` uses too): weights and gradients fp32
 (4 + 4 bytes per resident parameter), AdamW's two fp32 moments (8; none for ``inner_optimizer = "sgd"``); ZeRO's
@@ -24,7 +25,8 @@ the fp32 anchor ``θ`` (4), the outer momentum (4 for ``sgd`` with momentum > 0 
 ``lagg-a`` / ``lopt-a``: three momenta and a second moment, their small factored accumulators not counted) and the
 flat fp32 delta of the round (4; ``K × 4`` in gather mode, LAgg-A). FSDP also holds the largest unit (a decoder
 block, or the root: embedding, final norm, head) unsharded while it computes: its fp32 weights and gradients, ``8 ×``
-its parameters (its expert part ``/ E``); the prefetched next unit is not counted. Activations of one micro-batch:
+its parameters (with ``E > 1`` its non-expert part only: the expert shard is resident, never gathered); the
+prefetched next unit is not counted. Activations of one micro-batch:
 Korthikanti et al. (arXiv 2205.05198, eq. 1) ``34 s b h`` per layer at 16 bits, without the attention scores SDPA
 does not keep, plus the fp32 logits, less what activation checkpointing recomputes
 (:func:`moecpt.train.plan.activation_bytes`); ``b`` is the per-rank micro-batch (every rank reads
@@ -40,7 +42,9 @@ as bf16 unless ``train.device = "cpu"`` (the plan is of a GPU job).
 * DDP, per step: gradients all-reduced, ``2 (S − 1) / S · 4 P_n`` over the island plus ``2 (D − 1) / D · 4 P_e / E``
   over the expert-data-parallel group;
 * FSDP, per step: an all-gather in the forward, another in the backward and a reduce-scatter of the gradients
-  (ZeRO-3's ``3 Psi``, Sec. 7.2.2): ``3 (S − 1) / S · 4 P_n`` plus ``3 (D − 1) / D · 4 P_e / E``;
+  (ZeRO-3's ``3 Psi``, Sec. 7.2.2): with ``E = 1`` ``3 (S − 1) / S · 4 P``; with ``E > 1`` that of the non-expert
+  part, ``3 (S − 1) / S · 4 P_n``, plus the expert gradients all-reduced over the expert-data-parallel group as
+  under DDP, ``2 (D − 1) / D · 4 P_e / E``;
 * EP all-to-all, per step: each MoE layer dispatches every token's ``top_k`` slots to their experts and combines
   them back, in the forward and again (their gradients) in the backward; with uniform routing a share
   ``(E − 1) / E`` leaves the rank::
@@ -100,7 +104,9 @@ def resident_params(stats: dict[str, Any], mesh: Mesh, layout: StepLayout) -> di
     p_e, p_n = int(stats["expert_params"]), int(stats["total_params"]) - int(stats["expert_params"])
     expert = -(-p_e // mesh.ep)
     if layout.step == SyncKind.FSDP:
-        expert, non_expert = -(-expert // mesh.dp), -(-p_n // layout.group)
+        non_expert = -(-p_n // layout.group)
+        if mesh.ep == 1:  # plain FSDP shards the experts too; with EP the shard stays whole (ep_fsdp)
+            expert = -(-expert // mesh.dp)
     else:
         non_expert = p_n
     return {"expert": expert, "non_expert": non_expert, "total": expert + non_expert}
@@ -141,9 +147,11 @@ def outer_state_bytes(recipe: Recipe, resident: int, layout: StepLayout) -> dict
 
 
 def fsdp_gathered_bytes(stats: dict[str, Any], mesh: Mesh) -> int:
-    """FSDP's largest unit held unsharded (fp32 weights and gradients; module doc)."""
-    block = int(stats["max_block_params"]) - int(stats["max_block_expert_params"]) \
-        + -(-int(stats["max_block_expert_params"]) // mesh.ep)
+    """FSDP's largest unit held unsharded (fp32 weights and gradients; module doc): with EP the block's expert
+    shard is FSDP2-ignored (resident, counted there), so only its non-expert part is gathered."""
+    block = int(stats["max_block_params"])
+    if mesh.ep > 1:
+        block -= int(stats["max_block_expert_params"])
     return (WEIGHT_BYTES + GRAD_BYTES) * max(block, int(stats["non_block_params"]))
 
 
@@ -186,8 +194,10 @@ def grad_sync_bytes(stats: dict[str, Any], mesh: Mesh, layout: StepLayout) -> in
     if layout.step == SyncKind.DDP:
         return allreduce_bytes(GRAD_BYTES * p_n, layout.group) + allreduce_bytes(GRAD_BYTES * p_e, mesh.dp)
     # all-gather / reduce-scatter of a tensor split over G ranks: (G - 1) / G of it, i.e. (G - 1) shards
-    return 3 * (allgather_bytes(GRAD_BYTES * p_n // layout.group, layout.group)
-                + allgather_bytes(GRAD_BYTES * p_e // mesh.dp, mesh.dp))
+    non_expert = 3 * allgather_bytes(GRAD_BYTES * p_n // layout.group, layout.group)
+    if mesh.ep == 1:  # plain FSDP: the experts are parameters like the others
+        return non_expert + 3 * allgather_bytes(GRAD_BYTES * p_e // mesh.dp, mesh.dp)
+    return non_expert + allreduce_bytes(GRAD_BYTES * p_e, mesh.dp)  # EP shards averaged as under DDP (ep_fsdp)
 
 
 def comm_per_rank(recipe: Recipe, model_cfg: ModelConfig, stats: dict[str, Any], mesh: Mesh) -> dict[str, Any]:

@@ -18,6 +18,7 @@ import torch
 from moecpt.config import DispatchKind, Recipe, SyncKind
 from moecpt.distributed import launch
 from moecpt.distributed.ddp import DDPSync, FSDPSync
+from moecpt.distributed.ep_fsdp import ExpertParallelFSDPSync
 from moecpt.distributed.ep_sync import ExpertParallelSync
 from moecpt.distributed.islands import IslandSync
 from moecpt.distributed.islands_ep import IslandEPSync
@@ -117,8 +118,8 @@ def build_sync(recipe: Recipe, info: DistInfo, device: torch.device, simulate_wo
         MoecptError: simulation under a multi-process launch or with FSDP (flat or inside islands); an outer
             optimizer for a sync that has none; a mesh that does not divide the world, the experts or the batch
             (:func:`moecpt.distributed.mesh.build_mesh`); expert parallelism in one process, with simulated workers,
-            with a sync other than DDP (or a local-SGD family one with islands), with FSDP2 inside islands, or with
-            the loop dispatch.
+            with a sync other than DDP or FSDP2 (or a local-SGD family one with islands), with FSDP2 inside islands,
+            or with the loop dispatch.
     """
     mesh = check_launch(recipe, info, simulate_workers, outer_optimizer)
     local = recipe.distributed.sync in LOCAL_SYNCS
@@ -135,6 +136,9 @@ def build_sync(recipe: Recipe, info: DistInfo, device: torch.device, simulate_wo
         sync = LocalSGDSync(recipe, info, workers, local_workers, device, outer=outer_optimizer)
     elif simulate_workers is not None:
         sync = SimulatedDDPSync(recipe, info, workers, local_workers, device)
+    elif mesh.ep > 1 and kind == SyncKind.FSDP:
+        sync = ExpertParallelFSDPSync(recipe, info, workers, 1, device, mesh=mesh,
+                                      timeout_s=recipe.distributed.timeout_s)
     elif mesh.ep > 1:
         sync = ExpertParallelSync(recipe, info, workers, 1, device, mesh=mesh, timeout_s=recipe.distributed.timeout_s)
     elif info.distributed and kind == SyncKind.DDP:
@@ -149,18 +153,18 @@ def build_sync(recipe: Recipe, info: DistInfo, device: torch.device, simulate_wo
 
 def _check_expert_parallel(recipe: Recipe, info: DistInfo, simulate_workers: int | None) -> None:
     """One-line refusals of what EP does not run: a dense model or experts it does not divide, a sync other than DDP
-    (without islands), FSDP2 inside islands, the loop dispatch, a single process or simulated workers (the world is
-    checked by ``build_mesh``). With islands the sync is a local-SGD family one (the config checks it)."""
+    or FSDP2 (without islands), FSDP2 inside islands, the loop dispatch, a single process or simulated workers (the
+    world is checked by ``build_mesh``). With islands the sync is a local-SGD family one (the config checks it)."""
     d, moe = recipe.distributed, recipe.model.moe
     check_expert_split(recipe)
     if d.islands > 1 and d.island_sync != SyncKind.DDP:
         raise MoecptError(f"distributed.expert_parallel={d.expert_parallel} inside islands runs with island_sync = "
                           f"'ddp' (DDP over the non-expert parameters), not {d.island_sync.value!r}; set "
                           "distributed.island_sync = 'ddp', or expert_parallel = 1")
-    if d.islands == 1 and d.sync != SyncKind.DDP:
-        raise MoecptError(f"distributed.expert_parallel={d.expert_parallel} runs with sync = 'ddp' (data parallel "
-                          f"over the non-expert parameters), not sync = {d.sync.value!r}; set distributed.sync = "
-                          "'ddp', or expert_parallel = 1")
+    if d.islands == 1 and d.sync not in (SyncKind.DDP, SyncKind.FSDP):
+        raise MoecptError(f"distributed.expert_parallel={d.expert_parallel} runs with sync = 'ddp' or 'fsdp' (DDP or "
+                          f"FSDP2 over the non-expert parameters), not sync = {d.sync.value!r}; set distributed.sync "
+                          "= 'ddp' or 'fsdp', or expert_parallel = 1")
     if moe is not None and moe.dispatch == DispatchKind.LOOP:
         raise MoecptError("model.moe.dispatch = 'loop' is the single-process reference path; use 'grouped' with "
                           "distributed.expert_parallel > 1")
