@@ -122,3 +122,24 @@ def outer_gather_bytes(shapes: list[tuple[int, ...]], channels: int, ranks: int)
                 cols += 3 * math.prod(1 if d == reduced else n for d, n in enumerate(shape) if d > 0)
         total += allgather_bytes(4 * -(-shape[0] // ranks) * cols, ranks)
     return total
+
+
+def outer_state(run: Path) -> dict[str, torch.Tensor]:
+    """The outer optimizer's state in ``run``'s newest checkpoint (the learned accumulators as ``acc.*``)."""
+    from moecpt.train.checkpoint import load_checkpoint
+
+    return load_checkpoint(run).optimizer_state()["moecpt_sync"]["outer"]
+
+
+def assert_resumed_identically(run: Path, resumed: Path, steps: int) -> None:
+    """``resumed`` (a resume of ``run``'s job from an earlier checkpoint) ends where ``run`` did, bit for bit: every
+    step logged once with the same loss, the same weights and the same outer-optimizer state."""
+    from moecpt.train.checkpoint import load_checkpoint
+
+    assert load_checkpoint(resumed).step == steps
+    assert sorted(losses_by_step(resumed)) == list(range(1, steps + 1))
+    assert losses_by_step(resumed) == losses_by_step(run)
+    wa, wb = load_checkpoint(resumed).model_state(), load_checkpoint(run).model_state()
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    sa, sb = outer_state(resumed), outer_state(run)
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)

@@ -19,23 +19,23 @@ from __future__ import annotations
 
 import signal
 import time
-from pathlib import Path
 
 import pytest
 import torch
 from island_helpers import (
     LEARNED,
     RESUMED,
+    assert_resumed_identically,
     launch_worker,
     learned_jobs,
-    losses_by_step,
     outer_gather_bytes,
+    outer_state,
     pretrain_argv,
     rel_diff,
     single_thread,
     train_losses,
 )
-from test_distributed import assert_close, comm_summary, finish, launch, wait_until_logged, weights
+from test_distributed import comm_summary, finish, launch, wait_until_logged, weights
 from test_trainer import raw_recipe, records, write_toml
 
 from moecpt.cli import main as cli_main
@@ -184,10 +184,6 @@ def learned(runs):
     return runs["tmp"]
 
 
-def _outer_state(run: Path) -> dict:
-    return load_checkpoint(run).optimizer_state()["moecpt_sync"]["outer"]
-
-
 @pytest.mark.parametrize("name", LEARNED)
 def test_learned_outer_ep_inside_islands_equals_ddp_inside_islands(learned, name):
     """The learned step with the experts split over EP = 2 (each expert tensor gathered whole over the EP group) =
@@ -199,7 +195,7 @@ def test_learned_outer_ep_inside_islands_equals_ddp_inside_islands(learned, name
     worst = max(rel_diff(a[k], b[k]) for k in a)
     assert worst <= LEARNED_RTOL, f"max relative difference {worst:.3g}"
     assert train_losses(ep) == pytest.approx(train_losses(ddp), rel=RTOL)
-    sa, sb = _outer_state(ep), _outer_state(ddp)
+    sa, sb = outer_state(ep), outer_state(ddp)
     assert sa.keys() == sb.keys() and int(sa["t"]) == int(sb["t"]) == STEPS // H
     assert len([k for k in sa if k.startswith("acc.")]) > 0
     for k in sa:
@@ -216,12 +212,7 @@ def test_learned_outer_resumed_at_a_round_boundary_continues_identically(learned
     """From the step-2 checkpoint (the expert accumulators saved whole, cut again on load) to the same weights,
     losses and learned state as the uninterrupted EP job, bit for bit."""
     run, resumed = learned / f"ep-{name}", learned / f"resumed-{name}"
-    assert load_checkpoint(resumed).step == STEPS
-    assert sorted(losses_by_step(resumed)) == list(range(1, STEPS + 1))
-    assert losses_by_step(resumed) == losses_by_step(run)
-    assert_close(weights(resumed), weights(run), atol=0.0)
-    sa, sb = _outer_state(resumed), _outer_state(run)
-    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert_resumed_identically(run, resumed, STEPS)
 
 
 def test_learned_outer_optimizers_pass_the_launch_checks_and_others_are_refused():

@@ -21,23 +21,23 @@ from __future__ import annotations
 import json
 import signal
 import time
-from pathlib import Path
 
 import pytest
 import torch
 from island_helpers import (
     LEARNED,
     RESUMED,
+    assert_resumed_identically,
     launch_worker,
     learned_jobs,
-    losses_by_step,
     outer_gather_bytes,
+    outer_state,
     pretrain_argv,
     rel_diff,
     single_thread,
     train_losses,
 )
-from test_distributed import assert_close, comm_summary, finish, launch, wait_until_logged, weights
+from test_distributed import comm_summary, finish, launch, wait_until_logged, weights
 from test_trainer import raw_recipe, records, write_toml
 
 from moecpt.cli import main as cli_main
@@ -191,10 +191,6 @@ def learned(runs):
     return runs["tmp"]
 
 
-def _outer_state(run: Path) -> dict:
-    return load_checkpoint(run).optimizer_state()["moecpt_sync"]["outer"]
-
-
 @pytest.mark.parametrize("name", LEARNED)
 def test_learned_outer_fsdp_inside_islands_equals_ddp_inside_islands(learned, name):
     """The learned step on FSDP2 shards (each tensor gathered inside the island) = on DDP islands' whole tensors."""
@@ -206,7 +202,7 @@ def test_learned_outer_fsdp_inside_islands_equals_ddp_inside_islands(learned, na
     assert worst <= LEARNED_RTOL, f"max relative difference {worst:.3g}"
     assert train_losses(fsdp) == pytest.approx(train_losses(ddp), rel=RTOL)
     # the accumulators, gathered from the shards to whole tensors: the same keys, shapes and round as DDP's
-    sa, sb = _outer_state(fsdp), _outer_state(ddp)
+    sa, sb = outer_state(fsdp), outer_state(ddp)
     assert sa.keys() == sb.keys() and int(sa["t"]) == int(sb["t"]) == LOPT_STEPS // H
     assert len([k for k in sa if k.startswith("acc.")]) > 0
     for k in sa:
@@ -223,12 +219,7 @@ def test_learned_outer_resumed_at_a_round_boundary_continues_identically(learned
     """From the step-2 checkpoint (the sharded accumulators saved whole, cut again on load) to the same weights,
     losses and learned state as the uninterrupted FSDP job, bit for bit."""
     run, resumed = learned / f"fsdp-{name}", learned / f"resumed-{name}"
-    assert load_checkpoint(resumed).step == LOPT_STEPS
-    assert sorted(losses_by_step(resumed)) == list(range(1, LOPT_STEPS + 1))
-    assert losses_by_step(resumed) == losses_by_step(run)
-    assert_close(weights(resumed), weights(run), atol=0.0)
-    sa, sb = _outer_state(resumed), _outer_state(run)
-    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert_resumed_identically(run, resumed, LOPT_STEPS)
 
 
 def test_learned_outer_optimizers_run_on_shards_and_others_are_refused():
