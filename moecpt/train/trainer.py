@@ -56,7 +56,7 @@ from moecpt.train.compile import check_compile_backend, compile_module
 from moecpt.train.host_memory import retain_freed_memory
 from moecpt.train.loss import cross_entropy
 from moecpt.train.metrics import JsonlSink, RoutingAccumulator, TensorBoardSink, WandbSink, check_sink_packages
-from moecpt.train.parallel import LOCAL_SYNCS, SYNC_KEY, SingleProcess, StepStats, build_worker_optimizer
+from moecpt.train.parallel import SYNC_KEY, SingleProcess, StepStats, build_worker_optimizer
 from moecpt.train.perf import device_peak_flops, mfu, step_memory_metrics
 from moecpt.train.plan import memory_plan, run_plan
 from moecpt.train.preemption import Preempted, PreemptionWatcher, signal_name
@@ -277,9 +277,9 @@ class Trainer:
         }
         # every rank of a job must run the same thing, laid out the same way (a no-op in one process)
         self.parallel.check_same_config({**self.identity, "recipe": identity_json(recipe)})
-        self._check_checkpoint_format()
-        # before claiming the folder: a recipe that cannot run must not leave a run.json behind
-        self.parallel.check_launch(recipe, self.dist, simulate_workers)
+        # before claiming the folder: a recipe that cannot run must not leave a run.json behind (the checks
+        # `moecpt plan` runs too: one function, the runtime's)
+        self.parallel.check_launch(recipe, self.dist, simulate_workers, outer_optimizer)
         self._check_data()
         self._preflight()
         self._lock: FolderLock | None = None
@@ -297,17 +297,6 @@ class Trainer:
             return None
         return {"step": self.parent.step, "run_name": self.parent.meta.get("run_name"),
                 "model_sha256": self._parent_ckpt.content_sha256}
-
-    def _check_checkpoint_format(self) -> None:
-        """Refuse, before the folder is claimed, ``train.checkpoint_format = "dcp"`` for a run whose checkpoints hold
-        several workers' states (local-SGD family, simulated workers): those are single-file only."""
-        if self.recipe.train.checkpoint_format != CheckpointFormat.DCP:
-            return
-        sync = self.recipe.distributed.sync
-        if sync in LOCAL_SYNCS or self.simulate_workers is not None:
-            what = "--simulate-workers" if self.simulate_workers is not None else f"distributed.sync = {sync.value!r}"
-            raise MoecptError(f"train.checkpoint_format = 'dcp' does not apply to {what} (its checkpoints hold every "
-                              "worker's state); use 'auto' or 'single'")
 
     def _resolve_checkpoint_format(self, sync) -> CheckpointFormat:
         """``auto`` -> ``dcp`` when the strategy shards the state over ranks (FSDP2, expert parallelism), else

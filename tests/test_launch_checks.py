@@ -1,0 +1,92 @@
+"""One set of launch checks (moecpt/distributed/runtime.py::check_launch): ``moecpt plan --world W`` refuses every
+layout that ``moecpt pretrain`` refuses on W ranks, with the same one-line message, and a refused resume leaves the
+run folder byte for byte as it was."""
+
+from __future__ import annotations
+
+import pytest
+
+from moecpt.cli import main
+from moecpt.config import recipe_from_dict
+from moecpt.distributed.runtime import Distributed
+from moecpt.errors import MoecptError
+from moecpt.train.parallel import DistInfo
+from moecpt.train.trainer import Trainer
+
+from test_cli_train import assert_user_error, moecpt_run
+from test_trainer import write_toml
+from tiny_recipes import raw_recipe
+
+WORLD = 4
+DILOCO = ["distributed.sync=diloco", "distributed.local_steps=2"]
+ISLANDS_FSDP = [*DILOCO, "distributed.islands=2", "distributed.island_sync=fsdp"]
+
+# every layout a run refuses at its start that `plan` used to accept (a fresh-user pass, issue 14)
+REFUSED = {
+    "ep-with-fsdp": (["distributed.expert_parallel=2", "distributed.sync=fsdp"],
+                     "expert_parallel=2 runs with sync = 'ddp'"),
+    "ep-inside-fsdp-islands": ([*ISLANDS_FSDP, "distributed.expert_parallel=2"],
+                               "inside islands runs with island_sync = 'ddp'"),
+    "lopt-a-inside-fsdp-islands": ([*ISLANDS_FSDP, "distributed.outer_optimizer=lopt-a"],
+                                   "'lopt-a' with island_sync = 'fsdp' is not supported"),
+    "lagg-a-inside-fsdp-islands": ([*ISLANDS_FSDP, "distributed.outer_optimizer=lagg-a"],
+                                   "'lagg-a' with island_sync = 'fsdp' is not supported"),
+    "lagg-a-at-4-workers": ([*DILOCO, "distributed.outer_optimizer=lagg-a"], "meta-trained for K=8 workers, not K=4"),
+    "lagg-a-at-2-islands": ([*DILOCO, "distributed.islands=2", "distributed.outer_optimizer=lagg-a"],
+                            "meta-trained for K=8 workers, not K=2"),
+    "dcp-with-diloco": ([*DILOCO, "train.checkpoint_format=dcp"],
+                        "train.checkpoint_format = 'dcp' does not apply to distributed.sync = 'diloco'"),
+    "dcp-with-local-sgd": (["distributed.sync=local-sgd", "train.checkpoint_format=dcp"],
+                           "does not apply to distributed.sync = 'local-sgd'"),
+}
+
+
+class RankZeroOf(Distributed):
+    """The runtime of rank 0 of a ``world``-rank job, as the trainer sees it, without starting one (the refusals
+    come before any collective)."""
+
+    def __init__(self, world: int):
+        self.world = world
+
+    def info(self) -> DistInfo:
+        return DistInfo(rank=0, world_size=self.world)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return write_toml(tmp_path_factory.mktemp("launch") / "r.toml", raw_recipe("smoke-switch"))
+
+
+@pytest.mark.parametrize("name", sorted(REFUSED))
+def test_plan_refuses_what_pretrain_refuses_with_the_same_line(name, base, tmp_path, capsys):
+    sets, fragment = REFUSED[name]
+    argv = ["plan", "--recipe", str(base), "--world", str(WORLD)]
+    for s in sets:
+        argv += ["--set", s]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("moecpt: error: ") and fragment in err, err
+    # the trainer's start on rank 0 of the same world (what `moecpt pretrain` runs under torchrun)
+    recipe = recipe_from_dict(raw_recipe("smoke-switch"), sets)
+    out = tmp_path / "run"
+    with pytest.raises(MoecptError) as exc:
+        Trainer(recipe, out, show_progress=False, parallel=RankZeroOf(WORLD))
+    assert f"moecpt: error: {exc.value}" == err
+    assert not out.exists()  # refused before the run folder was made
+
+
+def test_plan_accepts_the_neighbouring_layouts(base, capsys):
+    for sets in (["distributed.expert_parallel=2"], [*ISLANDS_FSDP],
+                 [*DILOCO, "distributed.islands=2", "distributed.outer_optimizer=lopt-a"],
+                 [*DILOCO, "train.checkpoint_format=single"], ["distributed.sync=fsdp", "train.checkpoint_format=dcp"]):
+        argv = ["plan", "--recipe", str(base), "--world", str(WORLD), "--json"]
+        for s in sets:
+            argv += ["--set", s]
+        assert main(argv) == 0, (sets, capsys.readouterr().err)
+        capsys.readouterr()
+
+
+def test_plan_refusal_from_the_command_line_is_one_line(base):
+    sets, fragment = REFUSED["ep-with-fsdp"]
+    res = moecpt_run("plan", "--recipe", base, "--world", WORLD, *[a for s in sets for a in ("--set", s)])
+    assert_user_error(res, fragment)
