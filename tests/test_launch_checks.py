@@ -4,10 +4,15 @@ run folder byte for byte as it was."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
 import pytest
 
 from moecpt.cli import main
-from moecpt.config import recipe_from_dict
+from moecpt.config import load_recipe, recipe_from_dict
 from moecpt.distributed.runtime import Distributed
 from moecpt.errors import MoecptError
 from moecpt.train.parallel import DistInfo
@@ -90,3 +95,42 @@ def test_plan_refusal_from_the_command_line_is_one_line(base):
     sets, fragment = REFUSED["ep-with-fsdp"]
     res = moecpt_run("plan", "--recipe", base, "--world", WORLD, *[a for s in sets for a in ("--set", s)])
     assert_user_error(res, fragment)
+
+
+# ------------------------------------------------------------------------------------------- refused resumes
+def _state(folder: Path) -> dict[str, tuple[str, int]]:
+    """Every file under ``folder`` (the lock note included): its sha256 and its mtime in ns; and every folder's
+    mtime (a file made and removed again shows there)."""
+    out = {}
+    for p in sorted([folder, *folder.rglob("*")]):
+        st = p.stat()
+        digest = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+        out[str(p.relative_to(folder))] = (digest, st.st_mtime_ns)
+    return out
+
+
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory):
+    """A 2-worker simulated DiLoCo run that stopped after step 4's records but before its checkpoint (the one at
+    step 2 is left): a resume truncates its metrics.jsonl and re-runs steps 3-4."""
+    tmp = tmp_path_factory.mktemp("resume")
+    recipe = write_toml(tmp / "r.toml", raw_recipe("smoke-switch", steps=4, checkpoint_every=2,
+                                                   distributed={"sync": "diloco", "local_steps": 2}))
+    run = tmp / "run"
+    Trainer(load_recipe(recipe), run, show_progress=False, simulate_workers=2, parallel=Distributed()).run()
+    shutil.rmtree(run / "checkpoints" / "step_00000004")  # the kill: its records are in metrics.jsonl, its save not
+    return recipe, run
+
+
+@pytest.mark.parametrize("workers", [4, None])
+def test_a_refused_resume_changes_nothing_in_the_run_folder(interrupted, tmp_path, workers):
+    recipe, src = interrupted
+    run = shutil.copytree(src, tmp_path / "run", copy_function=shutil.copy2)
+    before = _state(run)
+    assert any(json.loads(line).get("step") == 4 for line in (run / "metrics.jsonl").read_text().splitlines())
+    with pytest.raises(MoecptError) as exc:  # what `moecpt pretrain [--simulate-workers 4]` does first
+        Trainer(load_recipe(recipe), run, show_progress=False, simulate_workers=workers, parallel=Distributed())
+    msg = str(exc.value)
+    assert "\n" not in msg and f"written by 2 workers of sync='diloco', but this run has {workers or 1}" in msg, msg
+    assert "resume with the same number of workers" in msg
+    assert _state(run) == before  # every byte and every mtime, the folder's own included

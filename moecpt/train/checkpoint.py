@@ -226,16 +226,27 @@ class Checkpoint:
         strategy's marker); ``None`` for a single-file checkpoint or one without optimizer state."""
         return self._torch_file(OPTIMIZER_REST_FILE) if self.sharded else None
 
+    def optimizer_entry(self, key: str) -> Any:
+        """One top-level entry of the optimizer state (e.g. the sync strategy's own state), or ``None``, read
+        without loading the state's tensors: ``optimizer.pt`` is memory-mapped, and of a DCP checkpoint only
+        ``optimizer_rest.pt`` is read. Cheap enough to check a resume before the run folder is touched.
+
+        Raises:
+            MoecptError: unreadable file, or one holding objects ``weights_only`` loading refuses.
+        """
+        state = self.optimizer_rest() if self.sharded else self._torch_file(OPTIMIZER_FILE, mmap=True)
+        return state.get(key) if isinstance(state, dict) else None
+
     def rng_state(self) -> dict | None:
         """The RNG state as captured by :func:`capture_rng_state`, or ``None`` if the checkpoint holds none."""
         return self._torch_file(RNG_FILE)
 
-    def _torch_file(self, name: str) -> Any:
+    def _torch_file(self, name: str, mmap: bool = False) -> Any:
         f = self.path / name
         if not f.is_file():
             return None
         try:
-            return torch.load(f, map_location="cpu", weights_only=True)
+            return torch.load(f, map_location="cpu", weights_only=True, mmap=mmap)
         except Exception as exc:
             raise MoecptError(
                 f"checkpoint {self.path}: {name} cannot be loaded safely ({_one_line(exc)}); it is corrupted or "

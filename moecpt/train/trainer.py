@@ -166,6 +166,10 @@ def _fingerprint(obj: Any) -> str:
 LAYOUT_KEYS = (("distributed", "expert_parallel"),)
 
 
+_SHARDED_SIMULATED = ("{path} is a sharded (DCP) checkpoint; simulated workers resume single-file checkpoints "
+                      "only: run `moecpt checkpoint consolidate` first")
+
+
 def _without_layout(recipe_json: dict[str, Any]) -> dict[str, Any]:
     """``identity_json``'s recipe without :data:`LAYOUT_KEYS`."""
     out = dict(recipe_json)
@@ -284,12 +288,16 @@ class Trainer:
         self._preflight()
         self._lock: FolderLock | None = None
         self.dry_run = dry_run
+        self.ckpts = CheckpointManager(self.out_dir, keep_last=recipe.train.keep_last,
+                                       keep_steps=self._milestones())
+        # the strategy, built before the folder is claimed: a resume it refuses (another number of workers, islands,
+        # island_sync, EP degree) must be refused before anything in the run folder changes
+        self._sync = self.parallel.build_sync(recipe, self.dist, self.device, simulate_workers, outer_optimizer)
+        self.parallel.run_on_main(self._check_resume)
         if dry_run:  # the folder's checks, writing nothing: --out is neither created nor locked
             self.parallel.run_on_main(self._check_claimable)
         else:
             self.parallel.run_on_main(self._claim_run_folder)  # rank 0 writes and locks; refusals raise on every rank
-        self.ckpts = CheckpointManager(self.out_dir, keep_last=recipe.train.keep_last,
-                                       keep_steps=self._milestones())
 
     # -------------------------------------------------------------------------------------------- set-up helpers
     def _parent_identity(self) -> dict[str, Any] | None:
@@ -404,6 +412,29 @@ class Trainer:
         except BaseException:
             self.release()
             raise
+
+    def _check_resume(self) -> None:
+        """Rank 0, before anything is written into the run folder: refuse in one line a resume of this run that
+        would be refused once the folder is claimed (``config.json`` rewritten, ``metrics.jsonl`` truncated): a
+        strategy state of another layout (the strategy's own ``check_resume``, which :meth:`setup` calls again), a
+        sharded checkpoint for simulated workers, a sampler state of other data. Reads the newest complete
+        checkpoint's meta and its strategy state only (tensors memory-mapped); a damaged checkpoint is left to the
+        resume, which moves it aside (:meth:`_intact_latest`). Another run's folder is refused first, as
+        :meth:`_claim_run_folder` would."""
+        if not self._check_identity(self.out_dir / RUN_FILE, _fingerprint(self.identity)):
+            return  # no run here yet: nothing to resume
+        found = self.ckpts.all()  # look only: temp folders are cleaned once the folder is ours
+        if not found:
+            return
+        try:
+            ck = load_checkpoint(found[-1], verify=False)
+            state = ck.optimizer_entry(SYNC_KEY)
+        except MoecptError:
+            return
+        if ck.sharded and self._sync.local_workers != 1:
+            raise MoecptError(_SHARDED_SIMULATED.format(path=ck.path))
+        self._sync.check_resume(state)
+        self._make_sampler().load_state_dict(ck.meta["sampler"])
 
     def _check_claimable(self) -> None:
         """:meth:`_claim_run_folder`'s refusals, writing nothing (a dry run)."""
@@ -585,7 +616,7 @@ class Trainer:
         model = build_model(self.model_cfg, device=self.device)
         model.set_activation_checkpointing(tcfg.activation_checkpointing)  # before any compile / FSDP wrapping
         optimizer = build_worker_optimizer(model, r, self.device)
-        sync = self.parallel.build_sync(r, self.dist, self.device, self.simulate_workers, self.outer_optimizer)
+        sync = self._sync  # built (and the resume checked against it) before the folder was claimed
         state = TrainState(model=model, optimizer=optimizer, sync=sync, sampler=self._make_sampler(),
                            end_step=run_end_step(r.schedule, tcfg.steps),
                            checkpoint_format=self._resolve_checkpoint_format(sync))
@@ -644,8 +675,7 @@ class Trainer:
                                    lambda m: build_worker_optimizer(m, self.recipe, self.device), state.sync_state)
         if state.resume_sharded is not None:  # a collective: resharded to this run's world size
             if len(state.workers) != 1:
-                raise MoecptError(f"{state.resume_sharded.path} is a sharded (DCP) checkpoint; simulated workers "
-                                  "resume single-file checkpoints only: run `moecpt checkpoint consolidate` first")
+                raise MoecptError(_SHARDED_SIMULATED.format(path=state.resume_sharded.path))
             load_sharded_checkpoint(state.resume_sharded, state.workers[0].model, state.workers[0].optimizer,
                                     global_view=sync.dcp_global_view)
         for w in state.workers:
