@@ -10,6 +10,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+from test_cli_train import assert_user_error, moecpt_run
+from test_trainer import write_toml
+from tiny_recipes import raw_recipe
 
 from moecpt.cli import main
 from moecpt.config import load_recipe, recipe_from_dict
@@ -17,10 +20,6 @@ from moecpt.distributed.runtime import Distributed
 from moecpt.errors import MoecptError
 from moecpt.train.parallel import DistInfo
 from moecpt.train.trainer import Trainer
-
-from test_cli_train import assert_user_error, moecpt_run
-from test_trainer import write_toml
-from tiny_recipes import raw_recipe
 
 WORLD = 4
 DILOCO = ["distributed.sync=diloco", "distributed.local_steps=2"]
