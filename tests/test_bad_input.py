@@ -218,6 +218,27 @@ def test_eval_seq_len_beyond_the_model(capsys, tiny_run):
                "--seq-len 100000", f"max_seq_len={max_len}")
 
 
+def test_a_deleted_dcp_shard_says_how_to_go_on(capsys, tmp_path):
+    """eval, export-hf and consolidate of a DCP checkpoint whose shard is gone: what is wrong, and the fix (restore
+    it, or the other complete checkpoints of the run, newest first)."""
+    from moecpt.train.trainer import Trainer
+
+    run = tmp_path / "run"
+    Trainer(recipe_from_dict(raw_recipe("smoke-switch", steps=2, checkpoint_every=1,
+                                        train={"checkpoint_format": "dcp", "keep_last": 2})),
+            run, show_progress=False).run()
+    ck = run / "checkpoints" / "step_00000002"
+    (ck / "dcp" / "__0_0.distcp").unlink()
+    fix = f"restore the file from a copy, or point at another checkpoint: {run / 'checkpoints' / 'step_00000001'}"
+    for argv in (["eval", "--checkpoint", ck, "--batches", "1"], ["eval", "--checkpoint", ck / "dcp"],
+                 ["export-hf", ck, "--out", tmp_path / "hf"],
+                 ["checkpoint", "consolidate", ck, "--out", tmp_path / "single"]):
+        user_error(capsys, argv, "dcp/__0_0.distcp is missing", fix)
+    assert not (tmp_path / "hf").exists() and not (tmp_path / "single").exists()
+    (run / "checkpoints" / "step_00000001" / "meta.json").unlink()  # no other complete one is left
+    user_error(capsys, ["eval", "--checkpoint", ck], "restore the file from a copy (no other complete checkpoint")
+
+
 # ------------------------------------------------------------------------------------------- 6. data readers
 def _docs(n: int = 60) -> bytes:
     return b"".join(json.dumps({"text": f"document {i} has a few words in it " * 4}).encode() + b"\n"

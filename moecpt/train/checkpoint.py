@@ -572,16 +572,18 @@ def _step_dirs(ckpt_root: Path) -> list[tuple[int, Path]]:
     return sorted(out)
 
 
-def load_checkpoint(path: str | Path, *, verify: bool = True) -> Checkpoint:
+def load_checkpoint(path: str | Path, *, verify: bool = True, hint: bool = True) -> Checkpoint:
     """Open a checkpoint folder, or a run folder (its latest complete checkpoint), and verify it.
 
     Args:
         path: ``RUN/checkpoints/step_X``, ``RUN/checkpoints`` or ``RUN``.
         verify: also check every file's sha256 (reads each file once); sizes are always checked.
+        hint: a damaged checkpoint folder's error says how to go on: restore the file, or the other complete
+            checkpoints beside it (False: the trainer, which moves it aside itself).
 
     Raises:
         MoecptError: nothing there; an interrupted save's temp folder; not a moecpt checkpoint; a file missing,
-            truncated or corrupted; a run folder without a complete checkpoint.
+            truncated or corrupted (e.g. a deleted DCP shard); a run folder without a complete checkpoint.
     """
     p = Path(path)
     if not p.exists():
@@ -620,14 +622,27 @@ def load_checkpoint(path: str | Path, *, verify: bool = True) -> Checkpoint:
     try:
         _check_files(p, manifest, hashes=verify)
     except MoecptError as exc:
-        if p == Path(path) or not _STEP_RE.match(p.name):
+        if not _STEP_RE.match(p.name):
             raise
+        if p == Path(path) or p == Path(path).parent:  # the folder itself (or its dcp/ shard folder) was given
+            if not hint:
+                raise
+            raise MoecptError(f"{exc}{_how_to_go_on(p)}") from None
         raise MoecptError(f"{exc}; re-run the training command to repair the run (it moves the damaged "
                           "checkpoint aside and resumes), or give an older checkpoint folder explicitly") from None
     step = meta.get("step")
     if not isinstance(step, int):
         raise MoecptError(f"checkpoint {p}: {META_FILE} has no integer 'step'; it is not a moecpt checkpoint")
     return Checkpoint(path=p, step=step, meta=meta, manifest=manifest)
+
+
+def _how_to_go_on(ckpt_dir: Path) -> str:
+    """The end of a damaged checkpoint's error: restore the file, or load one of the (newest three) complete
+    checkpoints beside it (sizes checked, not hashes)."""
+    others = [d for _, d in _step_dirs(ckpt_dir.parent) if d != ckpt_dir and _is_complete(d)]
+    if not others:
+        return "; restore the file from a copy (no other complete checkpoint is beside it)"
+    return f"; restore the file from a copy, or point at another checkpoint: {', '.join(map(str, others[-3:][::-1]))}"
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:

@@ -937,7 +937,7 @@ class Trainer:
         moved = []
         for path in reversed(self.ckpts.step_folders()):
             try:
-                ck = load_checkpoint(path, verify=True)
+                ck = load_checkpoint(path, verify=True, hint=False)
             except MoecptError as exc:
                 aside = self.ckpts.move_aside(path)
                 moved.append(path.name)
