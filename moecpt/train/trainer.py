@@ -434,7 +434,8 @@ class Trainer:
         if ck.sharded and self._sync.local_workers != 1:
             raise MoecptError(_SHARDED_SIMULATED.format(path=ck.path))
         self._sync.check_resume(state)
-        self._make_sampler().load_state_dict(ck.meta["sampler"])
+        if ck.meta.get("sampler") is not None:
+            self._make_sampler().load_state_dict(ck.meta["sampler"])
 
     def _check_claimable(self) -> None:
         """:meth:`_claim_run_folder`'s refusals, writing nothing (a dry run)."""
