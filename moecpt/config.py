@@ -18,11 +18,18 @@ import re
 import tomllib
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator, model_validator
 
 from moecpt.errors import MoecptError
+
+#: the field types of every config section. Pydantic's lax mode would turn ``--set train.steps=true`` into 1,
+#: ``train.compile = "yes"`` or ``2`` into True and ``"3"`` into 3; strict types refuse them in one line naming the
+#: key. An integer still fills a float field (TOML ``lr = 1``): pydantic's strict float takes ints.
+Int = Annotated[int, Strict()]
+Float = Annotated[float, Strict()]
+Bool = Annotated[bool, Strict()]
 
 
 class _Strict(BaseModel):
@@ -69,22 +76,22 @@ class RouterConfig(_Strict):
     """
 
     kind: RouterKind = RouterKind.PENALTY
-    aux_loss_weight: float = Field(0.01, ge=0.0)
-    z_loss_weight: float = Field(0.001, ge=0.0)
-    renormalize: bool = Field(
+    aux_loss_weight: Float = Field(0.01, ge=0.0)
+    z_loss_weight: Float = Field(0.001, ge=0.0)
+    renormalize: Bool = Field(
         False, description="renormalise the top-k gates to sum to one (Mixtral, Qwen3-MoE, GLM-4.5); OLMoE: False"
     )
-    sinkhorn_tol: float = Field(0.01, gt=0.0)
-    sinkhorn_max_iter: int = Field(100, ge=1)
-    bias_update_rate: float = Field(1e-3, ge=0.0, description="DeepSeek-V3 gamma: bias step per optimizer step")
+    sinkhorn_tol: Float = Field(0.01, gt=0.0)
+    sinkhorn_max_iter: Int = Field(100, ge=1)
+    bias_update_rate: Float = Field(1e-3, ge=0.0, description="DeepSeek-V3 gamma: bias step per optimizer step")
     score_fn: ScoreFn = Field(ScoreFn.SOFTMAX, description="softmax | sigmoid (DeepSeek-V3 / GLM-4.5 scores)")
-    n_group: int = Field(1, ge=1, description="expert groups for group-limited top-k (DeepSeek-V2/V3); 1 = none")
-    topk_group: int | None = Field(None, ge=1, description="groups a token may route to; None = all n_group")
+    n_group: Int = Field(1, ge=1, description="expert groups for group-limited top-k (DeepSeek-V2/V3); 1 = none")
+    topk_group: Int | None = Field(None, ge=1, description="groups a token may route to; None = all n_group")
     group_score: GroupScore = Field(GroupScore.TOP2_SUM, description="group score: top2_sum (V3) | max (V2)")
-    routed_scale: float = Field(1.0, gt=0.0, description="routed gates x this (DeepSeek-V3 routed_scaling_factor)")
-    seq_aux_loss_weight: float = Field(
+    routed_scale: Float = Field(1.0, gt=0.0, description="routed gates x this (DeepSeek-V3 routed_scaling_factor)")
+    seq_aux_loss_weight: Float = Field(
         0.0, ge=0.0, description="weight of DeepSeek-V3's sequence-wise balance loss (paper: 1e-4); 0 = off")
-    logit_bias: bool = Field(False, description="a learned bias on the router logits (GPT-OSS mlp.router.bias)")
+    logit_bias: Bool = Field(False, description="a learned bias on the router logits (GPT-OSS mlp.router.bias)")
 
     @model_validator(mode="after")
     def _check(self) -> "RouterConfig":
@@ -113,23 +120,23 @@ class DispatchKind(StrEnum):
 
 
 class MoEConfig(_Strict):
-    num_experts: int = Field(8, ge=1, description="routed experts")
-    top_k: int = Field(1, ge=1)
-    expert_width: int | None = Field(
+    num_experts: Int = Field(8, ge=1, description="routed experts")
+    top_k: Int = Field(1, ge=1)
+    expert_width: Int | None = Field(
         None, ge=1, description="hidden width of each routed expert; default ffn_width // granularity"
     )
-    granularity: int = Field(1, ge=1, description="expert width = dense FFN width / granularity")
-    num_shared_experts: int = Field(0, ge=0, description="always-on shared experts, each of expert_width")
-    shared_expert_width: int | None = Field(
+    granularity: Int = Field(1, ge=1, description="expert width = dense FFN width / granularity")
+    num_shared_experts: Int = Field(0, ge=0, description="always-on shared experts, each of expert_width")
+    shared_expert_width: Int | None = Field(
         None, ge=1, description="total shared FFN width; default n_shared * expert_width")
-    shared_expert_gate: bool = Field(False, description="sigmoid gate on the shared expert output (Qwen2-MoE)")
-    expert_bias: bool = Field(False, description="biases on the routed experts' in / out projections (GPT-OSS)")
-    capacity_factor: float | None = Field(
+    shared_expert_gate: Bool = Field(False, description="sigmoid gate on the shared expert output (Qwen2-MoE)")
+    expert_bias: Bool = Field(False, description="biases on the routed experts' in / out projections (GPT-OSS)")
+    capacity_factor: Float | None = Field(
         None, gt=0.0, description="Switch capacity factor with token dropping; None = dropless"
     )
     layout: MoELayout = MoELayout.EVERY
-    every_n: int = Field(1, ge=1)
-    first_dense: int = Field(0, ge=0)
+    every_n: Int = Field(1, ge=1)
+    first_dense: Int = Field(0, ge=0)
     dispatch: DispatchKind = DispatchKind.GROUPED
     router: RouterConfig = Field(default_factory=RouterConfig)
 
@@ -172,14 +179,14 @@ class MLAConfig(_Strict):
     The defaults are demo-sized (``d_model`` 128); DeepSeek-V2-Lite has ``q_lora_rank`` None, ``kv_lora_rank``
     512 and head dims 128 (nope) / 64 (rope) / 128 (v); DeepSeek-V3 ``q_lora_rank`` 1536 with the same others."""
 
-    q_lora_rank: int | None = Field(None, ge=1, description="query latent rank; None = a full q projection (V2-Lite)")
-    kv_lora_rank: int = Field(64, ge=1, description="key/value latent rank (the cached per-token latent)")
-    qk_nope_head_dim: int = Field(32, ge=1, description="per-head query/key dims without RoPE")
-    qk_rope_head_dim: int = Field(16, ge=2, description="per-head query dims (and the shared key's) with RoPE")
-    v_head_dim: int = Field(32, ge=1, description="per-head value dims")
-    rope_interleave: bool = Field(True, description="RoPE rotates pairs (0,1),(2,3),... as DeepSeek's weights "
+    q_lora_rank: Int | None = Field(None, ge=1, description="query latent rank; None = a full q projection (V2-Lite)")
+    kv_lora_rank: Int = Field(64, ge=1, description="key/value latent rank (the cached per-token latent)")
+    qk_nope_head_dim: Int = Field(32, ge=1, description="per-head query/key dims without RoPE")
+    qk_rope_head_dim: Int = Field(16, ge=2, description="per-head query dims (and the shared key's) with RoPE")
+    v_head_dim: Int = Field(32, ge=1, description="per-head value dims")
+    rope_interleave: Bool = Field(True, description="RoPE rotates pairs (0,1),(2,3),... as DeepSeek's weights "
                                   "expect; false: the half-rotation layout (Llama)")
-    latent_norm_eps: float = Field(1e-6, gt=0, description="eps of the q / kv latent RMSNorms (DeepSeek: 1e-6)")
+    latent_norm_eps: Float = Field(1e-6, gt=0, description="eps of the q / kv latent RMSNorms (DeepSeek: 1e-6)")
 
     @model_validator(mode="after")
     def _check(self) -> "MLAConfig":
@@ -211,14 +218,14 @@ class YarnConfig(_Strict):
     """YaRN RoPE scaling (Peng et al. 2024, arXiv 2309.00071; transformers ``rope_type = "yarn"``); see
     :mod:`moecpt.model.yarn`."""
 
-    factor: float = Field(gt=0, description="context extension factor (GPT-OSS: 32)")
-    original_max_position_embeddings: int = Field(ge=1, description="the pre-extension context (GPT-OSS: 4096)")
-    beta_fast: float = Field(32.0, gt=0, description="dims turning more often than this keep their frequency")
-    beta_slow: float = Field(1.0, gt=0, description="dims turning less often than this are interpolated")
-    truncate: bool = Field(True, description="floor / ceil the correction range (GPT-OSS: false)")
-    attention_factor: float | None = Field(None, gt=0, description="cos / sin multiplier; None = 0.1 ln(factor) + 1")
-    mscale: float | None = Field(None, ge=0, description="DeepSeek-V2/V3: numerator scalar of the attention factor")
-    mscale_all_dim: float | None = Field(
+    factor: Float = Field(gt=0, description="context extension factor (GPT-OSS: 32)")
+    original_max_position_embeddings: Int = Field(ge=1, description="the pre-extension context (GPT-OSS: 4096)")
+    beta_fast: Float = Field(32.0, gt=0, description="dims turning more often than this keep their frequency")
+    beta_slow: Float = Field(1.0, gt=0, description="dims turning less often than this are interpolated")
+    truncate: Bool = Field(True, description="floor / ceil the correction range (GPT-OSS: false)")
+    attention_factor: Float | None = Field(None, gt=0, description="cos / sin multiplier; None = 0.1 ln(factor) + 1")
+    mscale: Float | None = Field(None, ge=0, description="DeepSeek-V2/V3: numerator scalar of the attention factor")
+    mscale_all_dim: Float | None = Field(
         None, ge=0, description="DeepSeek-V2/V3: denominator scalar of the attention factor; MLA also multiplies its "
         "softmax scale by (0.1 mscale_all_dim ln(factor) + 1)^2")
 
@@ -227,38 +234,38 @@ class ModelConfig(_Strict):
     """Decoder-only transformer; ``moe=None`` gives the dense model."""
 
     preset: str | None = Field(None, description="name of a preset that fills the fields not given")
-    vocab_size: int | None = Field(None, ge=2, description="None: taken from the prepared data's tokenizer")
-    d_model: int = Field(128, ge=8)
-    n_layers: int = Field(4, ge=1)
-    n_heads: int = Field(4, ge=1)
-    n_kv_heads: int | None = Field(None, ge=1, description="grouped-query attention; None = n_heads")
-    head_dim: int | None = Field(None, ge=2, description="None = d_model // n_heads")
-    ffn_width: int = Field(352, ge=1, description="dense FFN hidden width")
+    vocab_size: Int | None = Field(None, ge=2, description="None: taken from the prepared data's tokenizer")
+    d_model: Int = Field(128, ge=8)
+    n_layers: Int = Field(4, ge=1)
+    n_heads: Int = Field(4, ge=1)
+    n_kv_heads: Int | None = Field(None, ge=1, description="grouped-query attention; None = n_heads")
+    head_dim: Int | None = Field(None, ge=2, description="None = d_model // n_heads")
+    ffn_width: Int = Field(352, ge=1, description="dense FFN hidden width")
     ffn_kind: FFNKind = FFNKind.GEGLU
-    max_seq_len: int = Field(128, ge=1)
-    rope_theta: float = Field(500_000.0, gt=0)
-    rotary_fraction: float = Field(1.0, gt=0.0, le=1.0, description="share of each head's dims that RoPE rotates")
+    max_seq_len: Int = Field(128, ge=1)
+    rope_theta: Float = Field(500_000.0, gt=0)
+    rotary_fraction: Float = Field(1.0, gt=0.0, le=1.0, description="share of each head's dims that RoPE rotates")
     rope_yarn: YarnConfig | None = Field(None, description="YaRN RoPE scaling (GPT-OSS); None = plain RoPE")
     qk_norm: QKNorm = Field(QKNorm.NONE, description="RMSNorm on queries/keys: per head (Qwen3-MoE) or full (OLMoE)")
-    attn_bias: bool = Field(False, description="bias on q/k/v projections (Qwen2-MoE)")
-    attn_out_bias: bool = Field(False, description="bias on the attention output projection (GPT-OSS)")
-    attn_sinks: bool = Field(False, description="a learned per-head logit in the softmax denominator (GPT-OSS)")
-    sliding_window: int | None = Field(
+    attn_bias: Bool = Field(False, description="bias on q/k/v projections (Qwen2-MoE)")
+    attn_out_bias: Bool = Field(False, description="bias on the attention output projection (GPT-OSS)")
+    attn_sinks: Bool = Field(False, description="a learned per-head logit in the softmax denominator (GPT-OSS)")
+    sliding_window: Int | None = Field(
         None, ge=1, description="window W of the sliding layers: token t attends to keys (t - W, t]; None = none")
     layer_types: list[AttnKind] | None = Field(
         None, description="per-layer full | sliding; None = every layer sliding if sliding_window is set, else full")
-    tie_embeddings: bool = False
-    norm_eps: float = Field(1e-5, gt=0)
-    init_std: float = Field(0.02, gt=0)
+    tie_embeddings: Bool = False
+    norm_eps: Float = Field(1e-5, gt=0)
+    init_std: Float = Field(0.02, gt=0)
     attention: AttentionKind = Field(AttentionKind.GQA, description="gqa | mla (multi-head latent, model.mla)")
     mla: MLAConfig | None = Field(None, description="MLA shapes; required with attention = 'mla'")
     # muP-style multipliers of Granite-MoE (IBM Granite 3.0 language models, 2024); 1 / None = the usual model
-    embedding_multiplier: float = Field(1.0, gt=0, allow_inf_nan=False, description="token embeddings × this")
-    residual_multiplier: float = Field(
+    embedding_multiplier: Float = Field(1.0, gt=0, allow_inf_nan=False, description="token embeddings × this")
+    residual_multiplier: Float = Field(
         1.0, gt=0, allow_inf_nan=False, description="attention and FFN outputs × this before each residual add")
-    attention_multiplier: float | None = Field(
+    attention_multiplier: Float | None = Field(
         None, gt=0, allow_inf_nan=False, description="softmax scale of q·k; None = 1 / sqrt(head_dim)")
-    logits_scaling: float = Field(1.0, gt=0, allow_inf_nan=False, description="logits ÷ this")
+    logits_scaling: Float = Field(1.0, gt=0, allow_inf_nan=False, description="logits ÷ this")
     moe: MoEConfig | None = None
 
     @model_validator(mode="after")
@@ -418,9 +425,9 @@ class DataConfig(_Strict):
     """
 
     path: str = Field("demo", description="prepared data folder, or 'demo' for the bundled demo data")
-    mixture: dict[str, float] = Field(default_factory=lambda: {"english": 1.0})
-    seq_len: int = Field(128, ge=2, description="tokens per training sequence")
-    allow_repeat: bool = Field(False, description="allow more than one epoch over a source (reported)")
+    mixture: dict[str, Float] = Field(default_factory=lambda: {"english": 1.0})
+    seq_len: Int = Field(128, ge=2, description="tokens per training sequence")
+    allow_repeat: Bool = Field(False, description="allow more than one epoch over a source (reported)")
     eval_sources: list[str] | None = Field(None, description="sources evaluated on held-out data; None = all")
 
     @model_validator(mode="after")
@@ -439,13 +446,13 @@ class DataConfig(_Strict):
 class OptimConfig(_Strict):
     """AdamW (Loshchilov & Hutter); defaults of Thérien et al. 2025 / Ibrahim et al. 2024."""
 
-    lr: float = Field(3e-4, gt=0, description="peak learning rate")
-    min_lr: float = Field(3e-5, ge=0)
-    beta1: float = Field(0.9, ge=0, lt=1)
-    beta2: float = Field(0.95, ge=0, lt=1)
-    eps: float = Field(1e-8, gt=0)
-    weight_decay: float = Field(0.1, ge=0)
-    grad_clip: float | None = Field(1.0, gt=0)
+    lr: Float = Field(3e-4, gt=0, description="peak learning rate")
+    min_lr: Float = Field(3e-5, ge=0)
+    beta1: Float = Field(0.9, ge=0, lt=1)
+    beta2: Float = Field(0.95, ge=0, lt=1)
+    eps: Float = Field(1e-8, gt=0)
+    weight_decay: Float = Field(0.1, ge=0)
+    grad_clip: Float | None = Field(1.0, gt=0)
 
     @model_validator(mode="after")
     def _check(self) -> "OptimConfig":
@@ -471,16 +478,16 @@ class ScheduleConfig(_Strict):
     """
 
     kind: ScheduleKind = ScheduleKind.COSINE
-    warmup_fraction: float = Field(0.01, ge=0, le=1)
-    warmup_start_lr: float = Field(0.0, ge=0)
-    decay_fraction: float = Field(0.2, ge=0, le=1, description="wsd: share of steps in the final decay")
-    const_lr: float | None = Field(
+    warmup_fraction: Float = Field(0.01, ge=0, le=1)
+    warmup_start_lr: Float = Field(0.0, ge=0)
+    decay_fraction: Float = Field(0.2, ge=0, le=1, description="wsd: share of steps in the final decay")
+    const_lr: Float | None = Field(
         None, gt=0, description="infinite schedules: the constant LR; None = 0.55 * optim.lr (1.65e-4 / 3e-4)"
     )
-    cooldown_fraction: float = Field(0.69, ge=0, le=1, description="inf: cool-down ends at warmup+cooldown")
-    constant_fraction: float = Field(0.1, ge=0, le=1, description="inf: constant phase after the cool-down")
-    invsqrt_alpha: float = Field(10.0, gt=0, description="invsqrt-inf: a in h(x) = 1/sqrt(1 + a x) - 1")
-    stop_before_anneal: bool = Field(
+    cooldown_fraction: Float = Field(0.69, ge=0, le=1, description="inf: cool-down ends at warmup+cooldown")
+    constant_fraction: Float = Field(0.1, ge=0, le=1, description="inf: constant phase after the cool-down")
+    invsqrt_alpha: Float = Field(10.0, gt=0, description="invsqrt-inf: a in h(x) = 1/sqrt(1 + a x) - 1")
+    stop_before_anneal: Bool = Field(
         False, description="inf: end the run at the start of the anneal (keeps the pre-anneal checkpoint)"
     )
 
@@ -546,34 +553,34 @@ OBSERVATION_KEYS = frozenset({"threads", "log_lines_every", "wandb_project", "wa
 
 
 class TrainConfig(_Strict):
-    steps: int = Field(100, ge=1, description="optimizer steps")
-    batch_size: int = Field(16, ge=1, description="sequences per optimizer step (global, all ranks)")
-    micro_batch_size: int | None = Field(None, ge=1, description="sequences per forward; None = batch_size")
-    seed: int = Field(0, ge=0, lt=2**63, description="model init and data order seed")
+    steps: Int = Field(100, ge=1, description="optimizer steps")
+    batch_size: Int = Field(16, ge=1, description="sequences per optimizer step (global, all ranks)")
+    micro_batch_size: Int | None = Field(None, ge=1, description="sequences per forward; None = batch_size")
+    seed: Int = Field(0, ge=0, lt=2**63, description="model init and data order seed")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps")
     dtype: DType = Field(DType.AUTO, description="auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16")
-    compile: bool = False
+    compile: Bool = False
     activation_checkpointing: ActivationCheckpointing = Field(
         ActivationCheckpointing.NONE, description="none | full (each block) | moe-only (each MoE FFN): recompute "
         "those activations in the backward; same results, less memory")
-    log_every: int = Field(1, ge=1)
-    eval_every: int = Field(50, ge=1)
-    eval_batches: int = Field(4, ge=1, description="held-out batches of train.batch_size sequences per source per "
+    log_every: Int = Field(1, ge=1)
+    eval_every: Int = Field(50, ge=1)
+    eval_batches: Int = Field(4, ge=1, description="held-out batches of train.batch_size sequences per source per "
                                                    "evaluation (micro-batching does not change them)")
-    checkpoint_every: int = Field(50, ge=1)
-    keep_last: int = Field(2, ge=1, description="recent checkpoints kept (milestones are kept anyway)")
-    extra_checkpoints: list[int] = Field(default_factory=list, description="steps always checkpointed and kept")
+    checkpoint_every: Int = Field(50, ge=1)
+    keep_last: Int = Field(2, ge=1, description="recent checkpoints kept (milestones are kept anyway)")
+    extra_checkpoints: list[Int] = Field(default_factory=list, description="steps always checkpointed and kept")
     checkpoint_format: CheckpointFormat = Field(
         CheckpointFormat.AUTO, description="auto (dcp under fsdp on several ranks or expert_parallel > 1, else "
         "single) | single (one file, gathered on rank 0) | dcp (torch.distributed.checkpoint shards, resharded on "
         "load)")
-    skip_nonfinite: bool = Field(False, description="skip a batch with NaN/Inf loss instead of stopping")
-    max_skips: int = Field(10, ge=0)
-    threads: int | None = Field(None, ge=1, description="torch CPU threads of this process; None = torch's default")
-    log_lines_every: int | None = Field(
+    skip_nonfinite: Bool = Field(False, description="skip a batch with NaN/Inf loss instead of stopping")
+    max_skips: Int = Field(10, ge=0)
+    threads: Int | None = Field(None, ge=1, description="torch CPU threads of this process; None = torch's default")
+    log_lines_every: Int | None = Field(
         None, ge=1, description="steps between plain progress lines (no terminal / --progress lines); None = ~20 a run")
-    tensorboard: bool = Field(False, description="TensorBoard event files in RUN/tensorboard (moecpt[tensorboard])")
-    wandb: bool = Field(False, description="Weights & Biases logging into RUN/wandb (moecpt[wandb])")
+    tensorboard: Bool = Field(False, description="TensorBoard event files in RUN/tensorboard (moecpt[tensorboard])")
+    wandb: Bool = Field(False, description="Weights & Biases logging into RUN/wandb (moecpt[wandb])")
     wandb_project: str = Field("moecpt", min_length=1, description="W&B project name")
     wandb_mode: WandbMode = Field(WandbMode.OFFLINE, description="offline (default; `wandb sync` later) | online | "
                                                                    "disabled")
@@ -594,7 +601,7 @@ class CPTConfig(_Strict):
     """Continual pre-training from a parent checkpoint (Ibrahim et al. 2024, arXiv 2403.08763; docs/design.md,
     rule C2)."""
 
-    load_optimizer: bool = Field(False, description="carry the parent's AdamW moments (never its LR)")
+    load_optimizer: Bool = Field(False, description="carry the parent's AdamW moments (never its LR)")
 
 
 class SyncKind(StrEnum):
@@ -639,31 +646,38 @@ class DistributedConfig(_Strict):
     """
 
     sync: SyncKind = SyncKind.DDP
-    local_steps: int = Field(1, ge=1, description="H: inner steps per communication round (local-SGD family)")
+    local_steps: Int = Field(1, ge=1, description="H: inner steps per communication round (local-SGD family)")
     outer_optimizer: str | None = Field(
         None, description="sgd | nesterov | lagg-a | lopt-a | PATH.safetensors; None = the sync's default")
-    outer_lr: float | None = Field(None, gt=0, description="None = the sync's default (1.0; diloco 0.7)")
-    outer_momentum: float | None = Field(None, ge=0, lt=1, description="None = the sync's default")
+    outer_lr: Float | None = Field(None, gt=0, description="None = the sync's default (1.0; diloco 0.7)")
+    outer_momentum: Float | None = Field(None, ge=0, lt=1, description="None = the sync's default")
     inner_optimizer: InnerOptimizer = Field(
         InnerOptimizer.ADAMW, description="adamw (the [optim] recipe) | sgd (plain SGD, no momentum)")
     backend: Backend = Field(Backend.AUTO, description="auto (nccl on CUDA, gloo on CPU) | gloo | nccl")
-    timeout_s: float = Field(600.0, gt=0, description="collective / rendezvous timeout: a lost peer stops the rest")
-    emulate_bandwidth_gbit: float | None = Field(
+    timeout_s: Float = Field(600.0, gt=0, description="collective / rendezvous timeout: a lost peer stops the rest")
+    emulate_bandwidth_gbit: Float | None = Field(
         None, gt=0, description="emulated link: sleep latency + bytes / bandwidth after every collective")
-    emulate_latency_ms: float = Field(0.0, ge=0, description="emulated link latency per collective")
-    expert_parallel: int = Field(
+    emulate_latency_ms: Float = Field(0.0, ge=0, description="emulated link latency per collective")
+    expert_parallel: Int = Field(
         1, ge=1, description="EP: ranks the routed experts of every MoE layer are split over (all-to-all dispatch)")
-    islands: int = Field(
+    islands: Int = Field(
         1, ge=1, description="M: groups of ranks; data parallel inside each, the outer step (H steps) across them")
     island_sync: SyncKind = Field(
         SyncKind.DDP, description="data parallelism inside an island when islands > 1: ddp | fsdp")
 
+    @field_validator("island_sync", mode="before")
+    @classmethod
+    def _island_sync_choices(cls, value: Any) -> Any:
+        """Before the SyncKind check, whose error would list ``sync``'s five choices: an island has two."""
+        if str(value) not in (SyncKind.DDP.value, SyncKind.FSDP.value):
+            raise ValueError(f"distributed.island_sync={str(value)!r} is not allowed: inside an island ranks "
+                             "synchronise every step; choose 'ddp' or 'fsdp' (the local-SGD family is "
+                             "distributed.sync, across the islands)")
+        return value
+
     @model_validator(mode="after")
     def _check(self) -> "DistributedConfig":
         local = self.sync in (SyncKind.LOCAL_SGD, SyncKind.SLOWMO, SyncKind.DILOCO)
-        if self.island_sync not in (SyncKind.DDP, SyncKind.FSDP):
-            raise ValueError(f"distributed.island_sync={self.island_sync.value!r}: inside an island ranks "
-                             "synchronise every step; choose 'ddp' or 'fsdp'")
         if self.islands > 1 and not local:
             raise ValueError(f"distributed.islands={self.islands} needs sync = local-sgd, slowmo or diloco (the "
                              f"outer step across islands); sync = {self.sync.value!r} has none")
@@ -734,8 +748,11 @@ def format_validation_error(exc: ValidationError, prefix: str = "") -> str:
     if err["type"] == "finite_number":
         return f"{loc}={err.get('input')!r} is not a finite number; give a finite value (inf and nan are not allowed)"
     kind, ctx, got = err["type"], err.get("ctx", {}), err.get("input")
+    if kind == "int_type" and isinstance(got, float):  # strict ints: 4.0 is refused as 2.5 is
+        return f"{loc}={got!r} is not an integer; give a whole number without a decimal point"
     if kind in _TYPE_WANTED:
-        return f"{loc}={got!r} is not {_TYPE_WANTED[kind]}; give {_TYPE_WANTED[kind]}"
+        shown = ("true" if got else "false") if isinstance(got, bool) else repr(got)  # as written in TOML / --set
+        return f"{loc}={shown} is not {_TYPE_WANTED[kind]}; give {_TYPE_WANTED[kind]}"
     if kind in _BOUNDS:
         op, key = _BOUNDS[kind]
         return f"{loc}={got!r} is out of range; give a value {op} {ctx.get(key)}"

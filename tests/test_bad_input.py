@@ -55,7 +55,6 @@ def moecpt_run(*args, env: dict | None = None) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("override, key", [
     ("optim.lr=inf", "optim.lr=inf"),
     ("optim.lr=nan", "optim.lr=nan"),
-    ('optim.lr="inf"', "optim.lr='inf'"),  # a string that pydantic would parse as a float
     ("optim.grad_clip=-inf", "optim.grad_clip=-inf"),
     ("data.mixture.english=nan", "data.mixture.english=nan"),
     ("model.moe.router.aux_loss_weight=inf", "model.moe.router.aux_loss_weight=inf"),
@@ -67,6 +66,14 @@ def test_non_finite_override_is_refused(capsys, tmp_path, override, key):
     out = tmp_path / "run"
     user_error(capsys, ["pretrain", "--recipe", SMOKE, "--out", out, "--set", override, "--no-progress"],
                key, "not a finite number")
+    assert not out.exists()
+
+
+def test_a_string_for_a_float_is_refused_as_no_number(capsys, tmp_path):
+    # lax pydantic parsed the string "inf" as a float (then refused it as infinite); strict floats take no strings
+    out = tmp_path / "run"
+    user_error(capsys, ["pretrain", "--recipe", SMOKE, "--out", out, "--set", 'optim.lr="inf"', "--no-progress"],
+               "optim.lr='inf' is not a number; give a number")
     assert not out.exists()
 
 
@@ -216,6 +223,27 @@ def test_eval_seq_len_beyond_the_model(capsys, tiny_run):
                f"--seq-len {max_len + 1}", f"max_seq_len={max_len}")
     user_error(capsys, ["compare", run, run, "--seq-len", 100_000, "--batches", "1"],
                "--seq-len 100000", f"max_seq_len={max_len}")
+
+
+def test_a_deleted_dcp_shard_says_how_to_go_on(capsys, tmp_path):
+    """eval, export-hf and consolidate of a DCP checkpoint whose shard is gone: what is wrong, and the fix (restore
+    it, or the other complete checkpoints of the run, newest first)."""
+    from moecpt.train.trainer import Trainer
+
+    run = tmp_path / "run"
+    Trainer(recipe_from_dict(raw_recipe("smoke-switch", steps=2, checkpoint_every=1,
+                                        train={"checkpoint_format": "dcp", "keep_last": 2})),
+            run, show_progress=False).run()
+    ck = run / "checkpoints" / "step_00000002"
+    (ck / "dcp" / "__0_0.distcp").unlink()
+    fix = f"restore the file from a copy, or point at another checkpoint: {run / 'checkpoints' / 'step_00000001'}"
+    for argv in (["eval", "--checkpoint", ck, "--batches", "1"], ["eval", "--checkpoint", ck / "dcp"],
+                 ["export-hf", ck, "--out", tmp_path / "hf"],
+                 ["checkpoint", "consolidate", ck, "--out", tmp_path / "single"]):
+        user_error(capsys, argv, "dcp/__0_0.distcp is missing", fix)
+    assert not (tmp_path / "hf").exists() and not (tmp_path / "single").exists()
+    (run / "checkpoints" / "step_00000001" / "meta.json").unlink()  # no other complete one is left
+    user_error(capsys, ["eval", "--checkpoint", ck], "restore the file from a copy (no other complete checkpoint")
 
 
 # ------------------------------------------------------------------------------------------- 6. data readers

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from moecpt.config import load_recipe, model_preset, recipe_from_dict
+from moecpt.config import SyncKind, load_recipe, model_preset, recipe_from_dict
 from moecpt.errors import MoecptError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,7 +120,21 @@ def test_cli_inspect_paper_granular_json_on_meta_device():
 
 @pytest.mark.parametrize("override, line", [
     ("train.batch_size=abc", "train.batch_size='abc' is not an integer; give an integer"),
-    ("train.batch_size=2.5", "train.batch_size=2.5 is not a whole number; give a whole number"),
+    ("train.batch_size=2.5", "train.batch_size=2.5 is not an integer; give a whole number without a decimal point"),
+    ("train.batch_size=4.0", "train.batch_size=4.0 is not an integer; give a whole number without a decimal point"),
+    # pydantic's lax mode took these as 1, 1.0, True, True and 3 (a fresh-user pass, issue 14)
+    ("train.steps=true", "train.steps=true is not an integer; give an integer"),
+    ("optim.lr=true", "optim.lr=true is not a number; give a number"),
+    ("train.compile=2", "train.compile=2 is not true or false; give true or false"),
+    ("train.compile=yes", "train.compile='yes' is not true or false; give true or false"),
+    ("train.steps='3'", "train.steps='3' is not an integer; give an integer"),
+    ("model.moe.top_k=false", "model.moe.top_k=false is not an integer; give an integer"),
+    ("data.mixture={english=true}", "data.mixture.english=true is not a number; give a number"),
+    ("train.extra_checkpoints=[true]", "train.extra_checkpoints[0]=true is not an integer; give an integer"),
+    ("distributed.outer_lr=false", "distributed.outer_lr=false is not a number; give a number"),
+    # island_sync's own two choices, not sync's five
+    ("distributed.island_sync=zero", "distributed.island_sync='zero' is not allowed: inside an island ranks "
+     "synchronise every step; choose 'ddp' or 'fsdp'"),
     ("model.moe.top_k=0", "model.moe.top_k=0 is out of range; give a value >= 1"),
     ("optim.lr=-1", "optim.lr=-1 is out of range; give a value > 0"),
     ("train.device=gpu", "train.device='gpu' is not allowed; allowed: auto, cpu, cuda, cuda:N, mps"),
@@ -129,3 +143,17 @@ def test_validation_errors_say_what_to_give(override, line):
     with pytest.raises(MoecptError) as e:
         recipe_from_dict({"model": {"moe": {}}}, [override])
     assert str(e.value).startswith(line) and "\n" not in str(e.value)
+
+
+def test_toml_integers_still_fill_float_fields_and_booleans_bool_fields(tmp_path):
+    toml = tmp_path / "r.toml"
+    toml.write_text("[optim]\nlr = 1\nweight_decay = 0\n[train]\ncompile = false\nsteps = 7\n"
+                    "[data]\nmixture = { english = 1 }\n", encoding="utf-8")
+    r = load_recipe(toml, ["schedule.warmup_fraction=0", "train.tensorboard=true"])
+    assert (r.optim.lr, r.optim.weight_decay, r.schedule.warmup_fraction) == (1.0, 0.0, 0.0)
+    assert isinstance(r.optim.lr, float) and r.data.mixture == {"english": 1.0} and r.train.steps == 7
+    assert r.train.compile is False and r.train.tensorboard is True
+    assert load_recipe(ROOT / "recipes/smoke.toml", ["distributed.sync=diloco", "distributed.local_steps=2",
+                                                     "distributed.islands=2", "distributed.island_sync=fsdp"]
+                       ).distributed.island_sync == SyncKind.FSDP
+

@@ -1,6 +1,8 @@
 """``moecpt plan``: the memory and communication plan of a recipe on ``--world`` ranks, before anything runs (the
 arithmetic and its sources: :mod:`moecpt.distributed.plan`). Nothing is trained, allocated or written: the model is
-built on the meta device, and the data folder is opened only when the model's vocabulary comes from it."""
+built on the meta device, and the data folder is opened only when the model's vocabulary comes from it. The layout is
+checked by :func:`moecpt.distributed.runtime.check_launch`, the function a run calls at its start, so a layout that
+``plan`` accepts is one ``pretrain`` accepts on ``W`` ranks."""
 
 from __future__ import annotations
 
@@ -12,12 +14,13 @@ from typing import Any
 from moecpt.config import ModelConfig, Recipe, load_recipe
 from moecpt.data.prepared import PreparedData
 from moecpt.distributed.cli import check_diloco_rounds
-from moecpt.distributed.mesh import build_mesh
 from moecpt.distributed.plan import job_plan
+from moecpt.distributed.runtime import check_launch
 from moecpt.errors import MoecptError
 from moecpt.model.flops import model_stats
 from moecpt.storage.preflight import human_bytes
 from moecpt.train.checkpoint import load_checkpoint
+from moecpt.train.parallel import DistInfo
 from moecpt.train.trainer import cpt_model_config
 
 GIB = 1024**3
@@ -71,7 +74,10 @@ def run(args: argparse.Namespace) -> int:
     check_diloco_rounds(recipe)
     if args.gpu_memory_gib is not None and not args.gpu_memory_gib > 0:
         raise MoecptError(f"--gpu-memory-gib {args.gpu_memory_gib} must be a positive number of GiB")
-    mesh = build_mesh(recipe, args.world)
+    if args.world < 1:
+        raise MoecptError(f"--world {args.world}: a world of {args.world} ranks cannot run; give at least 1")
+    # rank 0 of a W-rank job: the very checks `moecpt pretrain` runs at its start, so plan refuses what it refuses
+    mesh = check_launch(recipe, DistInfo(rank=0, world_size=args.world))
     cfg = resolve_model(recipe, args.parent)
     stats = model_stats(cfg, recipe.data.seq_len)
     gpu = None if args.gpu_memory_gib is None else int(args.gpu_memory_gib * GIB)

@@ -29,7 +29,7 @@ from moecpt.distributed.simulate import SimulatedDDPSync
 from moecpt.distributed.strategy import LOCAL_SYNCS, SyncStrategy
 from moecpt.errors import MoecptError
 from moecpt.lopt import load_pretrained
-from moecpt.train.parallel import DistInfo, SingleProcess
+from moecpt.train.parallel import DistInfo, SingleProcess, check_checkpoint_format
 
 
 class Distributed(SingleProcess):
@@ -49,8 +49,9 @@ class Distributed(SingleProcess):
     def broadcast_object(self, obj: Any) -> Any:
         return launch.broadcast_object(obj)
 
-    def check_launch(self, recipe: Recipe, info: DistInfo, simulate_workers: int | None = None) -> None:
-        check_launch(recipe, info, simulate_workers)
+    def check_launch(self, recipe: Recipe, info: DistInfo, simulate_workers: int | None = None,
+                     outer_optimizer: Any = None) -> None:
+        check_launch(recipe, info, simulate_workers, outer_optimizer)
 
     def build_sync(self, recipe: Recipe, info: DistInfo, device: torch.device, simulate_workers: int | None = None,
                    outer_optimizer: Any = None) -> SyncStrategy:
@@ -68,13 +69,17 @@ class Distributed(SingleProcess):
 
 def check_launch(recipe: Recipe, info: DistInfo, simulate_workers: int | None = None,
                  outer_optimizer: Any = None) -> Mesh:
-    """The checks of :func:`build_sync` that need no model, as one-line errors: ``moecpt pretrain`` / ``cpt`` run
-    them before the run folder is claimed, so a refused layout writes nothing. Returns the job's mesh.
+    """Every check of a launch that needs no model, as one-line errors; returns the job's mesh. The one function
+    behind ``moecpt pretrain`` / ``cpt`` (before the run folder is claimed, so a refused layout writes nothing),
+    :func:`build_sync` and ``moecpt plan`` (with ``DistInfo(world_size=W)``, the rank 0 of a ``W``-rank job), so
+    that ``plan`` accepts exactly what a run accepts.
 
     Raises:
-        MoecptError: see :func:`build_sync`; also a learned outer optimizer meta-trained for another K than the
-            outer step's workers (the islands, or every worker).
+        MoecptError: see :func:`build_sync`; ``train.checkpoint_format = "dcp"`` for checkpoints that hold several
+            workers (:func:`moecpt.train.parallel.check_checkpoint_format`); a learned outer optimizer meta-trained
+            for another K than the outer step's workers (the islands, or every worker).
     """
+    check_checkpoint_format(recipe, simulate_workers)
     kind = recipe.distributed.sync
     local = kind in LOCAL_SYNCS
     if outer_optimizer is not None and not local:

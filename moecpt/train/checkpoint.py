@@ -226,16 +226,27 @@ class Checkpoint:
         strategy's marker); ``None`` for a single-file checkpoint or one without optimizer state."""
         return self._torch_file(OPTIMIZER_REST_FILE) if self.sharded else None
 
+    def optimizer_entry(self, key: str) -> Any:
+        """One top-level entry of the optimizer state (e.g. the sync strategy's own state), or ``None``, read
+        without loading the state's tensors: ``optimizer.pt`` is memory-mapped, and of a DCP checkpoint only
+        ``optimizer_rest.pt`` is read. Cheap enough to check a resume before the run folder is touched.
+
+        Raises:
+            MoecptError: unreadable file, or one holding objects ``weights_only`` loading refuses.
+        """
+        state = self.optimizer_rest() if self.sharded else self._torch_file(OPTIMIZER_FILE, mmap=True)
+        return state.get(key) if isinstance(state, dict) else None
+
     def rng_state(self) -> dict | None:
         """The RNG state as captured by :func:`capture_rng_state`, or ``None`` if the checkpoint holds none."""
         return self._torch_file(RNG_FILE)
 
-    def _torch_file(self, name: str) -> Any:
+    def _torch_file(self, name: str, mmap: bool = False) -> Any:
         f = self.path / name
         if not f.is_file():
             return None
         try:
-            return torch.load(f, map_location="cpu", weights_only=True)
+            return torch.load(f, map_location="cpu", weights_only=True, mmap=mmap)
         except Exception as exc:
             raise MoecptError(
                 f"checkpoint {self.path}: {name} cannot be loaded safely ({_one_line(exc)}); it is corrupted or "
@@ -561,16 +572,18 @@ def _step_dirs(ckpt_root: Path) -> list[tuple[int, Path]]:
     return sorted(out)
 
 
-def load_checkpoint(path: str | Path, *, verify: bool = True) -> Checkpoint:
+def load_checkpoint(path: str | Path, *, verify: bool = True, hint: bool = True) -> Checkpoint:
     """Open a checkpoint folder, or a run folder (its latest complete checkpoint), and verify it.
 
     Args:
         path: ``RUN/checkpoints/step_X``, ``RUN/checkpoints`` or ``RUN``.
         verify: also check every file's sha256 (reads each file once); sizes are always checked.
+        hint: a damaged checkpoint folder's error says how to go on: restore the file, or the other complete
+            checkpoints beside it (False: the trainer, which moves it aside itself).
 
     Raises:
         MoecptError: nothing there; an interrupted save's temp folder; not a moecpt checkpoint; a file missing,
-            truncated or corrupted; a run folder without a complete checkpoint.
+            truncated or corrupted (e.g. a deleted DCP shard); a run folder without a complete checkpoint.
     """
     p = Path(path)
     if not p.exists():
@@ -609,14 +622,27 @@ def load_checkpoint(path: str | Path, *, verify: bool = True) -> Checkpoint:
     try:
         _check_files(p, manifest, hashes=verify)
     except MoecptError as exc:
-        if p == Path(path) or not _STEP_RE.match(p.name):
+        if not _STEP_RE.match(p.name):
             raise
+        if p == Path(path) or p == Path(path).parent:  # the folder itself (or its dcp/ shard folder) was given
+            if not hint:
+                raise
+            raise MoecptError(f"{exc}{_how_to_go_on(p)}") from None
         raise MoecptError(f"{exc}; re-run the training command to repair the run (it moves the damaged "
                           "checkpoint aside and resumes), or give an older checkpoint folder explicitly") from None
     step = meta.get("step")
     if not isinstance(step, int):
         raise MoecptError(f"checkpoint {p}: {META_FILE} has no integer 'step'; it is not a moecpt checkpoint")
     return Checkpoint(path=p, step=step, meta=meta, manifest=manifest)
+
+
+def _how_to_go_on(ckpt_dir: Path) -> str:
+    """The end of a damaged checkpoint's error: restore the file, or load one of the (newest three) complete
+    checkpoints beside it (sizes checked, not hashes)."""
+    others = [d for _, d in _step_dirs(ckpt_dir.parent) if d != ckpt_dir and _is_complete(d)]
+    if not others:
+        return "; restore the file from a copy (no other complete checkpoint is beside it)"
+    return f"; restore the file from a copy, or point at another checkpoint: {', '.join(map(str, others[-3:][::-1]))}"
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from moecpt.config import Recipe, SyncKind
+from moecpt.config import CheckpointFormat, Recipe, SyncKind
 from moecpt.errors import MoecptError
 from moecpt.train.checkpoint import capture_rng_state
 from moecpt.train.optim import build_optimizer, param_groups
@@ -155,6 +155,12 @@ class SingleSync:
         """
         return [Worker(self.info.rank, model, model, optimizer)]
 
+    def check_resume(self, state: dict | None) -> None:
+        """Refuse, in one line, a checkpointed strategy state (``optimizer_state[SYNC_KEY]``; None: none saved)
+        that this strategy cannot resume. The trainer calls it before it writes anything into the run folder, and
+        :meth:`setup` again with the state it loads. Strategies without a state of their own resume any checkpoint;
+        the local-SGD family refuses another number of workers, islands or ``island_sync``."""
+
     def local_batch_rows(self, batch_size: int) -> int:
         """Rows of the global batch one worker trains on per step."""
         if batch_size % self.num_workers:
@@ -248,6 +254,23 @@ def _scalar(t: Any) -> float:
     return float(t.full_tensor() if hasattr(t, "full_tensor") else t)
 
 
+def check_checkpoint_format(recipe: Recipe, simulate_workers: int | None = None) -> None:
+    """Refuse ``train.checkpoint_format = "dcp"`` for a run whose checkpoints hold several workers' states
+    (local-SGD family, simulated workers): those are single-file only. Part of every runtime's ``check_launch``, so
+    ``moecpt plan`` refuses it as ``moecpt pretrain`` does.
+
+    Raises:
+        MoecptError: ``dcp`` with a local-SGD family sync or with ``simulate_workers``.
+    """
+    if recipe.train.checkpoint_format != CheckpointFormat.DCP:
+        return
+    sync = recipe.distributed.sync
+    if sync in LOCAL_SYNCS or simulate_workers is not None:
+        what = "--simulate-workers" if simulate_workers is not None else f"distributed.sync = {sync.value!r}"
+        raise MoecptError(f"train.checkpoint_format = 'dcp' does not apply to {what} (its checkpoints hold every "
+                          "worker's state); use 'auto' or 'single'")
+
+
 class SingleProcess:
     """The trainer's runtime for one process with one worker (the default): every collective is the identity.
 
@@ -274,18 +297,17 @@ class SingleProcess:
         """Rank 0's ``obj`` on every rank (here: ``obj``)."""
         return obj
 
-    def check_launch(self, recipe: Recipe, info: DistInfo, simulate_workers: int | None = None) -> None:
-        """Refuse, before the run folder is claimed, a layout this launch cannot run (the distributed runtime checks
-        its device mesh here; :meth:`build_sync` refuses the rest)."""
-
-    def build_sync(self, recipe: Recipe, info: DistInfo, device: torch.device, simulate_workers: int | None = None,
-                   outer_optimizer: Any = None) -> SingleSync:
-        """The sync strategy for this recipe and launch: :class:`SingleSync`.
+    def check_launch(self, recipe: Recipe, info: DistInfo, simulate_workers: int | None = None,
+                     outer_optimizer: Any = None) -> None:
+        """Refuse, before the run folder is claimed, a layout this launch cannot run: a checkpoint format its
+        checkpoints cannot have (:func:`check_checkpoint_format`), and what :meth:`build_sync` refuses (the
+        distributed runtime checks its device mesh here too: :func:`moecpt.distributed.runtime.check_launch`).
 
         Raises:
-            MoecptError: the run needs :mod:`moecpt.distributed` (simulated workers, a local-SGD family sync); an
-                outer optimizer for a sync that has none; a batch the workers cannot share.
+            MoecptError: see :func:`check_checkpoint_format`; the run needs :mod:`moecpt.distributed` (simulated
+                workers, a local-SGD family sync); an outer optimizer for a sync that has none.
         """
+        check_checkpoint_format(recipe, simulate_workers)
         local = recipe.distributed.sync in LOCAL_SYNCS
         if outer_optimizer is not None and not local:
             raise MoecptError("an outer optimizer applies to sync = local-sgd, slowmo or diloco, not "
@@ -295,6 +317,15 @@ class SingleProcess:
         if wants is not None:
             raise MoecptError(f"{wants} needs the distributed runtime; pass "
                               "Trainer(..., parallel=moecpt.distributed.runtime.Distributed())")
+
+    def build_sync(self, recipe: Recipe, info: DistInfo, device: torch.device, simulate_workers: int | None = None,
+                   outer_optimizer: Any = None) -> SingleSync:
+        """The sync strategy for this recipe and launch: :class:`SingleSync`.
+
+        Raises:
+            MoecptError: what :meth:`check_launch` refuses; a batch the workers cannot share.
+        """
+        self.check_launch(recipe, info, simulate_workers, outer_optimizer)
         sync = SingleSync(recipe, info, 1, 1, device)
         sync.local_batch_rows(recipe.train.batch_size)
         return sync

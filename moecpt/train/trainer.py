@@ -56,7 +56,7 @@ from moecpt.train.compile import check_compile_backend, compile_module
 from moecpt.train.host_memory import retain_freed_memory
 from moecpt.train.loss import cross_entropy
 from moecpt.train.metrics import JsonlSink, RoutingAccumulator, TensorBoardSink, WandbSink, check_sink_packages
-from moecpt.train.parallel import LOCAL_SYNCS, SYNC_KEY, SingleProcess, StepStats, build_worker_optimizer
+from moecpt.train.parallel import SYNC_KEY, SingleProcess, StepStats, build_worker_optimizer
 from moecpt.train.perf import device_peak_flops, mfu, step_memory_metrics
 from moecpt.train.plan import memory_plan, run_plan
 from moecpt.train.preemption import Preempted, PreemptionWatcher, signal_name
@@ -164,6 +164,10 @@ def _fingerprint(obj: Any) -> str:
 #: Expert parallelism changes where the experts compute, not what (``moecpt.distributed.ep_sync``; equal to one
 #: process to fp32 reduction order), and its DCP checkpoints reshard to any EP degree (tests/test_ep_dcp.py).
 LAYOUT_KEYS = (("distributed", "expert_parallel"),)
+
+
+_SHARDED_SIMULATED = ("{path} is a sharded (DCP) checkpoint; simulated workers resume single-file checkpoints "
+                      "only: run `moecpt checkpoint consolidate` first")
 
 
 def _without_layout(recipe_json: dict[str, Any]) -> dict[str, Any]:
@@ -277,19 +281,23 @@ class Trainer:
         }
         # every rank of a job must run the same thing, laid out the same way (a no-op in one process)
         self.parallel.check_same_config({**self.identity, "recipe": identity_json(recipe)})
-        self._check_checkpoint_format()
-        # before claiming the folder: a recipe that cannot run must not leave a run.json behind
-        self.parallel.check_launch(recipe, self.dist, simulate_workers)
+        # before claiming the folder: a recipe that cannot run must not leave a run.json behind (the checks
+        # `moecpt plan` runs too: one function, the runtime's)
+        self.parallel.check_launch(recipe, self.dist, simulate_workers, outer_optimizer)
         self._check_data()
         self._preflight()
         self._lock: FolderLock | None = None
         self.dry_run = dry_run
+        self.ckpts = CheckpointManager(self.out_dir, keep_last=recipe.train.keep_last,
+                                       keep_steps=self._milestones())
+        # the strategy, built before the folder is claimed: a resume it refuses (another number of workers, islands,
+        # island_sync, EP degree) must be refused before anything in the run folder changes
+        self._sync = self.parallel.build_sync(recipe, self.dist, self.device, simulate_workers, outer_optimizer)
+        self.parallel.run_on_main(self._check_resume)
         if dry_run:  # the folder's checks, writing nothing: --out is neither created nor locked
             self.parallel.run_on_main(self._check_claimable)
         else:
             self.parallel.run_on_main(self._claim_run_folder)  # rank 0 writes and locks; refusals raise on every rank
-        self.ckpts = CheckpointManager(self.out_dir, keep_last=recipe.train.keep_last,
-                                       keep_steps=self._milestones())
 
     # -------------------------------------------------------------------------------------------- set-up helpers
     def _parent_identity(self) -> dict[str, Any] | None:
@@ -297,17 +305,6 @@ class Trainer:
             return None
         return {"step": self.parent.step, "run_name": self.parent.meta.get("run_name"),
                 "model_sha256": self._parent_ckpt.content_sha256}
-
-    def _check_checkpoint_format(self) -> None:
-        """Refuse, before the folder is claimed, ``train.checkpoint_format = "dcp"`` for a run whose checkpoints hold
-        several workers' states (local-SGD family, simulated workers): those are single-file only."""
-        if self.recipe.train.checkpoint_format != CheckpointFormat.DCP:
-            return
-        sync = self.recipe.distributed.sync
-        if sync in LOCAL_SYNCS or self.simulate_workers is not None:
-            what = "--simulate-workers" if self.simulate_workers is not None else f"distributed.sync = {sync.value!r}"
-            raise MoecptError(f"train.checkpoint_format = 'dcp' does not apply to {what} (its checkpoints hold every "
-                              "worker's state); use 'auto' or 'single'")
 
     def _resolve_checkpoint_format(self, sync) -> CheckpointFormat:
         """``auto`` -> ``dcp`` when the strategy shards the state over ranks (FSDP2, expert parallelism), else
@@ -415,6 +412,30 @@ class Trainer:
         except BaseException:
             self.release()
             raise
+
+    def _check_resume(self) -> None:
+        """Rank 0, before anything is written into the run folder: refuse in one line a resume of this run that
+        would be refused once the folder is claimed (``config.json`` rewritten, ``metrics.jsonl`` truncated): a
+        strategy state of another layout (the strategy's own ``check_resume``, which :meth:`setup` calls again), a
+        sharded checkpoint for simulated workers, a sampler state of other data. Reads the newest complete
+        checkpoint's meta and its strategy state only (tensors memory-mapped); a damaged checkpoint is left to the
+        resume, which moves it aside (:meth:`_intact_latest`). Another run's folder is refused first, as
+        :meth:`_claim_run_folder` would."""
+        if not self._check_identity(self.out_dir / RUN_FILE, _fingerprint(self.identity)):
+            return  # no run here yet: nothing to resume
+        found = self.ckpts.all()  # look only: temp folders are cleaned once the folder is ours
+        if not found:
+            return
+        try:
+            ck = load_checkpoint(found[-1], verify=False)
+            state = ck.optimizer_entry(SYNC_KEY)
+        except MoecptError:
+            return
+        if ck.sharded and self._sync.local_workers != 1:
+            raise MoecptError(_SHARDED_SIMULATED.format(path=ck.path))
+        self._sync.check_resume(state)
+        if ck.meta.get("sampler") is not None:
+            self._make_sampler().load_state_dict(ck.meta["sampler"])
 
     def _check_claimable(self) -> None:
         """:meth:`_claim_run_folder`'s refusals, writing nothing (a dry run)."""
@@ -596,7 +617,7 @@ class Trainer:
         model = build_model(self.model_cfg, device=self.device)
         model.set_activation_checkpointing(tcfg.activation_checkpointing)  # before any compile / FSDP wrapping
         optimizer = build_worker_optimizer(model, r, self.device)
-        sync = self.parallel.build_sync(r, self.dist, self.device, self.simulate_workers, self.outer_optimizer)
+        sync = self._sync  # built (and the resume checked against it) before the folder was claimed
         state = TrainState(model=model, optimizer=optimizer, sync=sync, sampler=self._make_sampler(),
                            end_step=run_end_step(r.schedule, tcfg.steps),
                            checkpoint_format=self._resolve_checkpoint_format(sync))
@@ -655,8 +676,7 @@ class Trainer:
                                    lambda m: build_worker_optimizer(m, self.recipe, self.device), state.sync_state)
         if state.resume_sharded is not None:  # a collective: resharded to this run's world size
             if len(state.workers) != 1:
-                raise MoecptError(f"{state.resume_sharded.path} is a sharded (DCP) checkpoint; simulated workers "
-                                  "resume single-file checkpoints only: run `moecpt checkpoint consolidate` first")
+                raise MoecptError(_SHARDED_SIMULATED.format(path=state.resume_sharded.path))
             load_sharded_checkpoint(state.resume_sharded, state.workers[0].model, state.workers[0].optimizer,
                                     global_view=sync.dcp_global_view)
         for w in state.workers:
@@ -918,7 +938,7 @@ class Trainer:
         moved = []
         for path in reversed(self.ckpts.step_folders()):
             try:
-                ck = load_checkpoint(path, verify=True)
+                ck = load_checkpoint(path, verify=True, hint=False)
             except MoecptError as exc:
                 aside = self.ckpts.move_aside(path)
                 moved.append(path.name)
