@@ -27,14 +27,12 @@ ISLANDS_FSDP = [*DILOCO, "distributed.islands=2", "distributed.island_sync=fsdp"
 
 # every layout a run refuses at its start that `plan` used to accept (a fresh-user pass, issue 14)
 REFUSED = {
-    "ep-with-fsdp": (["distributed.expert_parallel=2", "distributed.sync=fsdp"],
-                     "expert_parallel=2 runs with sync = 'ddp'"),
+    "ep-with-local-sgd": (["distributed.expert_parallel=2", "distributed.sync=local-sgd"],
+                          "expert_parallel=2 runs with sync = 'ddp' or 'fsdp'"),
     "ep-inside-fsdp-islands": ([*ISLANDS_FSDP, "distributed.expert_parallel=2"],
                                "inside islands runs with island_sync = 'ddp'"),
-    "lopt-a-inside-fsdp-islands": ([*ISLANDS_FSDP, "distributed.outer_optimizer=lopt-a"],
-                                   "'lopt-a' with island_sync = 'fsdp' is not supported"),
     "lagg-a-inside-fsdp-islands": ([*ISLANDS_FSDP, "distributed.outer_optimizer=lagg-a"],
-                                   "'lagg-a' with island_sync = 'fsdp' is not supported"),
+                                   "meta-trained for K=8 workers, not K=2"),
     "lagg-a-at-4-workers": ([*DILOCO, "distributed.outer_optimizer=lagg-a"], "meta-trained for K=8 workers, not K=4"),
     "lagg-a-at-2-islands": ([*DILOCO, "distributed.islands=2", "distributed.outer_optimizer=lagg-a"],
                             "meta-trained for K=8 workers, not K=2"),
@@ -80,7 +78,10 @@ def test_plan_refuses_what_pretrain_refuses_with_the_same_line(name, base, tmp_p
 
 
 def test_plan_accepts_the_neighbouring_layouts(base, capsys):
-    for sets in (["distributed.expert_parallel=2"], [*ISLANDS_FSDP],
+    for sets in (["distributed.expert_parallel=2"], ["distributed.expert_parallel=2", "distributed.sync=fsdp"],
+                 [*ISLANDS_FSDP], [*ISLANDS_FSDP, "distributed.outer_optimizer=lopt-a"],
+                 [*DILOCO, "distributed.islands=2", "distributed.expert_parallel=2",
+                  "distributed.outer_optimizer=lopt-a"],
                  [*DILOCO, "distributed.islands=2", "distributed.outer_optimizer=lopt-a"],
                  [*DILOCO, "train.checkpoint_format=single"], ["distributed.sync=fsdp", "train.checkpoint_format=dcp"]):
         argv = ["plan", "--recipe", str(base), "--world", str(WORLD), "--json"]
