@@ -276,3 +276,17 @@ def test_bundled_study_recipes_validate_and_plan(name):
     # every MoE CPT run of the infinite schedule has its no-shift control
     moe = {m.name for m in study.models if m.arch != "dense"}
     assert all(s.control for s in stages if s.kind == "cpt" and s.model in moe and s.schedule == "inf")
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("pretrain.steps=true", "pretrain.steps=true is not an integer"),
+    ("eval_points=2.0", "eval_points=2.0 is not an integer"),
+    ("cpt.replay=[0, true]", "cpt.replay[1]=true is not a number"),
+    ("data.allow_repeat=1", "data.allow_repeat=1 is not true or false"),
+])
+def test_study_set_values_are_strictly_typed(override, needle):
+    """A study's --set is as strict as a recipe's: pydantic's lax mode took `true` as 1 and `1` as true."""
+    with pytest.raises(MoecptError, match=re.escape(needle)) as e:
+        load_study_recipe(SMOKE, [override])
+    assert "\n" not in str(e.value)
+    assert load_study_recipe(SMOKE, ["cpt.replay=[0, 0.5]"]).cpt.replay == [0.0, 0.5]  # a TOML int fills a float

@@ -32,6 +32,9 @@ from pydantic import Field, StrictInt, model_validator
 
 from moecpt.config import (
     MODEL_PRESETS,
+    Bool,
+    Float,
+    Int,
     OptimConfig,
     RouterKind,
     TrainConfig,
@@ -99,13 +102,13 @@ class StudyData(_Strict):
                            description="pre-training sources (equal weights)")
     shifts: list[str] = Field(default_factory=lambda: ["code"], min_length=1,
                               description="new sources, one CPT target each")
-    seq_len: int = Field(128, ge=2)
-    allow_repeat: bool = False
+    seq_len: Int = Field(128, ge=2)
+    allow_repeat: Bool = False
 
 
 class StudyPhase(_Strict):
-    steps: int = Field(ge=1)
-    warmup_fraction: float = Field(0.01, ge=0, le=1)
+    steps: Int = Field(ge=1)
+    warmup_fraction: Float = Field(0.01, ge=0, le=1)
 
 
 class CPTCells(_Strict):
@@ -114,7 +117,7 @@ class CPTCells(_Strict):
     models: list[str] | None = Field(None, min_length=1)
     shifts: list[str] | None = Field(None, min_length=1)
     schedules: list[CPTSchedule] | None = Field(None, min_length=1)
-    replay: list[float] | None = Field(None, min_length=1)
+    replay: list[Float] | None = Field(None, min_length=1)
 
     @model_validator(mode="after")
     def _check(self) -> "CPTCells":
@@ -129,17 +132,17 @@ def _check_replays(values: list[float], where: str) -> None:
 
 
 class StudyCPT(_Strict):
-    steps: int = Field(ge=1)
-    replay: list[float] = Field(default_factory=lambda: [0.0, 0.3], min_length=1)
+    steps: Int = Field(ge=1)
+    replay: list[Float] = Field(default_factory=lambda: [0.0, 0.3], min_length=1)
     schedules: list[CPTSchedule] = Field(default_factory=lambda: [CPTSchedule.INF, CPTSchedule.REWARM], min_length=1)
-    rewarm_warmup_fraction: float = Field(0.01, ge=0, le=1)
+    rewarm_warmup_fraction: Float = Field(0.01, ge=0, le=1)
     models: list[str] | None = Field(None, min_length=1, description="models to continue; None = all")
     cells: list[CPTCells] | None = Field(
         None, min_length=1, description="the CPT runs as a union of sub-grids; None = the full grid models x shifts x schedules x "
                           "replay")
     inf_optimizer: OptimizerState = Field(OptimizerState.CARRY, description="inf CPT: the parent's AdamW moments")
     rewarm_optimizer: OptimizerState = Field(OptimizerState.FRESH, description="rewarm CPT: the parent's moments")
-    fresh_warmup_fraction: float = Field(
+    fresh_warmup_fraction: Float = Field(
         0.02, ge=0, le=1, description="inf CPT with a fresh optimizer state: linear warm-up to the constant LR")
 
     @model_validator(mode="after")
@@ -165,8 +168,8 @@ class StudyRetrain(_Strict):
 
 
 class StudyEval(_Strict):
-    batches: int = Field(8, ge=1, description="held-out batches per source for the final evaluations")
-    batch_size: int = Field(16, ge=1)
+    batches: Int = Field(8, ge=1, description="held-out batches per source for the final evaluations")
+    batch_size: Int = Field(16, ge=1)
 
 
 class StudyRecipe(_Strict):
@@ -184,8 +187,8 @@ class StudyRecipe(_Strict):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig, description="passed to every run (steps ignored)")
     eval: StudyEval = Field(default_factory=StudyEval)
-    eval_points: int = Field(10, ge=1, description="validation evaluations per run (eval_every = steps // this)")
-    const_lr_fraction: float = Field(0.55, gt=0, le=1, description="CosineInf constant LR / peak (1.65e-4/3e-4)")
+    eval_points: Int = Field(10, ge=1, description="validation evaluations per run (eval_every = steps // this)")
+    const_lr_fraction: Float = Field(0.55, gt=0, le=1, description="CosineInf constant LR / peak (1.65e-4/3e-4)")
 
     @model_validator(mode="after")
     def _check(self) -> "StudyRecipe":
