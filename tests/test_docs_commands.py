@@ -592,3 +592,20 @@ def test_diloco_without_local_steps_is_refused_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "needs distributed.local_steps" in err and "--set distributed.local_steps=" in err and "\n" not in err
     assert not out.exists()  # refused before anything is written
+    # the hint is one a reader can follow: its H divides the recipe's intervals (a fresh user was told 16 for
+    # smoke.toml's 20 / 10, which then printed the interval warning)
+    from moecpt.config import load_recipe
+
+    h = int(err.split("--set distributed.local_steps=")[1].split(",")[0])
+    t = load_recipe(ROOT / "recipes/smoke.toml").train
+    assert h > 1 and t.eval_every % h == 0 and t.checkpoint_every % h == 0, (h, t.eval_every, t.checkpoint_every)
+
+
+def test_suggested_local_steps_is_the_largest_common_divisor_up_to_64():
+    from moecpt.distributed.cli import suggested_local_steps
+
+    assert suggested_local_steps(20, 10) == 10
+    assert suggested_local_steps(500, 1000) == 50  # 500's divisors up to 64: the largest is 50
+    assert suggested_local_steps(50, 50) == 50
+    assert suggested_local_steps(7, 5) == 1
+    assert suggested_local_steps(128, 256) == 64

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 from moecpt.argtypes import positive_int
@@ -60,11 +61,21 @@ def check_diloco_rounds(recipe) -> None:
     Raises:
         MoecptError: DiLoCo with ``local_steps`` unset, naming the ``--set`` that fixes it.
     """
-    d = recipe.distributed
+    d, t = recipe.distributed, recipe.train
     if d.sync == SyncKind.DILOCO and "local_steps" not in d.model_fields_set:
+        h = suggested_local_steps(t.eval_every, t.checkpoint_every)
         raise MoecptError("distributed.sync = 'diloco' needs distributed.local_steps (H, inner steps per round; "
                           "unset it is 1, an outer step after every inner step, which is not DiLoCo): add e.g. "
-                          "--set distributed.local_steps=16, a divisor of train.eval_every and checkpoint_every")
+                          f"--set distributed.local_steps={h}, a divisor of train.eval_every={t.eval_every} and "
+                          f"train.checkpoint_every={t.checkpoint_every}, so that evaluations and checkpoints fall on "
+                          "round boundaries")
+
+
+def suggested_local_steps(eval_every: int, checkpoint_every: int, most: int = 64) -> int:
+    """The largest H <= ``most`` that divides both intervals (steps), so that every evaluation and checkpoint falls
+    on a round boundary; 1 only when they share no other divisor."""
+    g = math.gcd(eval_every, checkpoint_every)
+    return max(h for h in range(1, min(g, most) + 1) if g % h == 0)
 
 
 def _train(args: argparse.Namespace, parent) -> int:
