@@ -854,8 +854,18 @@ def recipe_from_dict(raw: dict[str, Any], overrides: list[str] | None = None) ->
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Read and validate a TOML recipe; see :func:`recipe_from_dict`."""
-    return recipe_from_dict(read_toml(path), overrides)
+    """Read and validate a TOML recipe; see :func:`recipe_from_dict`.
+
+    Raises:
+        MoecptError: as :func:`recipe_from_dict`; also a study recipe (``[[models]]`` / ``[pretrain]``), which
+            ``moecpt study`` runs.
+    """
+    raw = read_toml(path)
+    if "models" in raw or "pretrain" in raw:  # "unknown key 'data.old'" would send the reader the wrong way
+        raise MoecptError(f"{path} is a study recipe (it has [[models]] / [pretrain]), not a training recipe; run "
+                          f"it with `moecpt study {path} --out DIR`, or give --recipe a training recipe such as "
+                          "recipes/smoke.toml")
+    return recipe_from_dict(raw, overrides)
 
 
 def find_bundled_recipe(name: str) -> Path:

@@ -157,3 +157,22 @@ def test_toml_integers_still_fill_float_fields_and_booleans_bool_fields(tmp_path
                                                      "distributed.islands=2", "distributed.island_sync=fsdp"]
                        ).distributed.island_sync == SyncKind.FSDP
 
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["plan", "--recipe", "{study}", "--world", "2"], "is a study recipe"),
+    (["pretrain", "--recipe", "{study}", "--out", "{out}"], "run it with `moecpt study"),
+    (["study", "{train}", "--out", "{out}"], "is a training recipe"),
+])
+def test_a_recipe_of_the_other_kind_names_the_command_that_runs_it(argv, needle, tmp_path, capsys):
+    """A study recipe given to pretrain / plan (and a training recipe to study) says which command runs it; it
+    used to say "unknown key 'data.old'; remove it", which sends the reader the wrong way (fresh-user pass)."""
+    from moecpt.cli import main
+    from moecpt.config import find_bundled_recipe
+
+    subs = {"{study}": str(find_bundled_recipe("study/demo")), "{train}": str(find_bundled_recipe("smoke")),
+            "{out}": str(tmp_path / "out")}
+    assert main([subs.get(a, a) for a in argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and "\n" not in err and "unknown key" not in err, err
+    assert not (tmp_path / "out").exists()

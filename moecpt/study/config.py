@@ -256,7 +256,13 @@ def load_study_recipe(path, overrides: list[str] | None = None) -> StudyRecipe:
     """Read and validate a study TOML (``--set`` overrides allowed).
 
     Raises:
-        MoecptError: one line naming the bad key.
+        MoecptError: one line naming the bad key; a training recipe (``[model]`` and no ``[[models]]``), which
+            ``moecpt pretrain`` runs.
     """
-    raw = apply_overrides(read_toml(path), overrides or [])
+    raw = read_toml(path)
+    if "models" not in raw and any(k in raw for k in ("model", "schedule", "distributed")):
+        raise MoecptError(f"{path} is a training recipe (it has [model] and no [[models]]), not a study recipe; run "
+                          f"it with `moecpt pretrain --recipe {path} --out DIR`, or give `moecpt study` a study "
+                          "recipe such as recipes/study/smoke.toml")
+    raw = apply_overrides(raw, overrides or [])
     return build_section(StudyRecipe, raw)
