@@ -290,3 +290,20 @@ def test_study_set_values_are_strictly_typed(override, needle):
         load_study_recipe(SMOKE, [override])
     assert "\n" not in str(e.value)
     assert load_study_recipe(SMOKE, ["cpt.replay=[0, 0.5]"]).cpt.replay == [0.0, 0.5]  # a TOML int fills a float
+
+
+def test_eval_on_a_study_folder_names_its_runs(smoke_study, tmp_path, capsys):
+    """`moecpt eval --checkpoint STUDY` says it is a study folder and names run folders inside that load; an
+    empty folder is told what to give (fresh-user pass: both only said what was wrong)."""
+    from moecpt.cli import main
+    from moecpt.train.checkpoint import load_checkpoint
+
+    out = smoke_study[0]
+    assert main(["eval", "--checkpoint", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "it is a study folder; give one of its runs, e.g. " in err and "\n" not in err, err
+    first = err.split("e.g. ")[1].split(", ")[0]
+    assert load_checkpoint(first).step > 0  # the named run is one that loads
+    (tmp_path / "empty").mkdir()
+    assert main(["eval", "--checkpoint", str(tmp_path / "empty")]) == 2
+    assert "give a run folder (the --out of pretrain / cpt)" in capsys.readouterr().err

@@ -572,6 +572,17 @@ def _step_dirs(ckpt_root: Path) -> list[tuple[int, Path]]:
     return sorted(out)
 
 
+def _where_the_runs_are(folder: Path) -> str:
+    """How to go on from a folder that holds no checkpoint: a study folder's first run folders (only a folder with
+    a ``study.json`` is searched, so a stray path such as ``~`` is never walked), else what to give."""
+    if folder.is_dir() and (folder / "study.json").is_file():
+        runs = sorted(d.parent for d in (folder / "runs").rglob(CHECKPOINTS_DIR) if d.is_dir())[:3]
+        if runs:
+            more = ", ..." if len(runs) == 3 else ""
+            return f"it is a study folder; give one of its runs, e.g. {', '.join(map(str, runs))}{more}"
+    return "give a run folder (the --out of pretrain / cpt) or one of its checkpoints/step_N folders"
+
+
 def load_checkpoint(path: str | Path, *, verify: bool = True, hint: bool = True) -> Checkpoint:
     """Open a checkpoint folder, or a run folder (its latest complete checkpoint), and verify it.
 
@@ -615,9 +626,8 @@ def load_checkpoint(path: str | Path, *, verify: bool = True, hint: bool = True)
         elif _STEP_RE.match(p.name):
             raise MoecptError(f"checkpoint {p} has no {META_FILE}; it is incomplete")
         else:
-            raise MoecptError(
-                f"{p} is not a moecpt checkpoint or run folder (no {META_FILE}, no {CHECKPOINTS_DIR}/step_N inside)"
-            )
+            raise MoecptError(f"{p} is not a moecpt checkpoint or run folder (no {META_FILE}, no "
+                              f"{CHECKPOINTS_DIR}/step_N inside); {_where_the_runs_are(p)}")
     meta, manifest = _read_meta(p)
     try:
         _check_files(p, manifest, hashes=verify)
