@@ -143,3 +143,24 @@ def assert_resumed_identically(run: Path, resumed: Path, steps: int) -> None:
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     sa, sb = outer_state(resumed), outer_state(run)
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def assert_learned_outer_matches(run: Path, ref: Path, rounds: int, rtol: float, loss_rtol: float) -> None:
+    """``run`` (a learned outer optimizer on sharded islands) ends where ``ref`` (the same on DDP islands) did: every
+    tensor within ``rtol`` (per tensor, max |difference| over max |value|), the losses within ``loss_rtol``, and the
+    learned accumulators gathered back whole: the same keys, shapes and round, within 10 ``rtol``."""
+    import pytest
+
+    from moecpt.train.checkpoint import load_checkpoint
+
+    a, b = load_checkpoint(run).model_state(), load_checkpoint(ref).model_state()
+    assert a.keys() == b.keys()
+    worst = max(rel_diff(a[k], b[k]) for k in a)
+    assert worst <= rtol, f"max relative difference {worst:.3g}"
+    assert train_losses(run) == pytest.approx(train_losses(ref), rel=loss_rtol)
+    sa, sb = outer_state(run), outer_state(ref)
+    assert sa.keys() == sb.keys() and int(sa["t"]) == int(sb["t"]) == rounds
+    acc = [k for k in sa if k.startswith("acc.")]
+    assert acc
+    for k in acc:
+        assert sa[k].shape == sb[k].shape and rel_diff(sa[k], sb[k]) <= 10 * rtol, k

@@ -25,11 +25,11 @@ import torch
 from island_helpers import (
     LEARNED,
     RESUMED,
+    assert_learned_outer_matches,
     assert_resumed_identically,
     launch_worker,
     learned_jobs,
     outer_gather_bytes,
-    outer_state,
     pretrain_argv,
     rel_diff,
     single_thread,
@@ -189,18 +189,7 @@ def test_learned_outer_ep_inside_islands_equals_ddp_inside_islands(learned, name
     """The learned step with the experts split over EP = 2 (each expert tensor gathered whole over the EP group) =
     on DDP islands' whole tensors."""
     ep, ddp = learned / f"ep-{name}", learned / f"ddp-{name}"
-    a, b = weights(ep), weights(ddp)
-    assert a.keys() == b.keys()
-    # per tensor, max |difference| over max |value| after 2 rounds (LEARNED_RTOL's comment)
-    worst = max(rel_diff(a[k], b[k]) for k in a)
-    assert worst <= LEARNED_RTOL, f"max relative difference {worst:.3g}"
-    assert train_losses(ep) == pytest.approx(train_losses(ddp), rel=RTOL)
-    sa, sb = outer_state(ep), outer_state(ddp)
-    assert sa.keys() == sb.keys() and int(sa["t"]) == int(sb["t"]) == STEPS // H
-    assert len([k for k in sa if k.startswith("acc.")]) > 0
-    for k in sa:
-        if k.startswith("acc."):
-            assert sa[k].shape == sb[k].shape and rel_diff(sa[k], sb[k]) <= 10 * LEARNED_RTOL, k
+    assert_learned_outer_matches(ep, ddp, STEPS // H, LEARNED_RTOL, RTOL)
     # only the expert tensors are cut (over the EP group); the rest is whole on every rank and gathers nothing
     shapes = [tuple(p.shape) for n, p in load_model(ep).named_parameters() if ".experts." in n]
     per_round = outer_gather_bytes(shapes, 2 if name == "lagg" else 1, 2)

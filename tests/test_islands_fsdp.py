@@ -27,13 +27,12 @@ import torch
 from island_helpers import (
     LEARNED,
     RESUMED,
+    assert_learned_outer_matches,
     assert_resumed_identically,
     launch_worker,
     learned_jobs,
     outer_gather_bytes,
-    outer_state,
     pretrain_argv,
-    rel_diff,
     single_thread,
     train_losses,
 )
@@ -195,19 +194,7 @@ def learned(runs):
 def test_learned_outer_fsdp_inside_islands_equals_ddp_inside_islands(learned, name):
     """The learned step on FSDP2 shards (each tensor gathered inside the island) = on DDP islands' whole tensors."""
     fsdp, ddp = learned / f"fsdp-{name}", learned / f"ddp-{name}"
-    a, b = weights(fsdp), weights(ddp)
-    assert a.keys() == b.keys()
-    # per tensor, max |difference| over max |value| after 2 rounds (LEARNED_RTOL's comment)
-    worst = max(rel_diff(a[k], b[k]) for k in a)
-    assert worst <= LEARNED_RTOL, f"max relative difference {worst:.3g}"
-    assert train_losses(fsdp) == pytest.approx(train_losses(ddp), rel=RTOL)
-    # the accumulators, gathered from the shards to whole tensors: the same keys, shapes and round as DDP's
-    sa, sb = outer_state(fsdp), outer_state(ddp)
-    assert sa.keys() == sb.keys() and int(sa["t"]) == int(sb["t"]) == LOPT_STEPS // H
-    assert len([k for k in sa if k.startswith("acc.")]) > 0
-    for k in sa:
-        if k.startswith("acc."):
-            assert sa[k].shape == sb[k].shape and rel_diff(sa[k], sb[k]) <= 10 * LEARNED_RTOL, k
+    assert_learned_outer_matches(fsdp, ddp, LOPT_STEPS // H, LEARNED_RTOL, RTOL)
     k = comm_summary(fsdp)["by_kind"]
     shapes = [tuple(p.shape) for p in load_model(fsdp).parameters()]  # every tensor cut over the island
     per_round = outer_gather_bytes(shapes, 2 if name == "lagg" else 1, S)
