@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import re
 import tomllib
+import typing
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
@@ -731,8 +732,27 @@ def dotted_keys(raw: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------- loading helpers
-def format_validation_error(exc: ValidationError, prefix: str = "") -> str:
-    """One line naming the first offending field and what is allowed."""
+def _close_key(model: type[BaseModel] | None, loc: tuple, prefix: str) -> str:
+    """``; did you mean 'train.steps'?`` for an unknown key one typo away from a field of its section, else ''."""
+    import difflib
+
+    for part in loc[:-1]:  # down to the unknown key's section, through plain nested sections only
+        field = model.model_fields.get(str(part)) if model is not None else None
+        ann = field.annotation if field is not None else None
+        options = typing.get_args(ann) or (ann,)  # `MoEConfig | None` as well as `MoEConfig`
+        model = next((a for a in options if isinstance(a, type) and issubclass(a, BaseModel)), None)
+    if model is None or not loc:
+        return ""
+    match = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1, cutoff=0.6)
+    if not match:
+        return ""
+    parts = [prefix] if prefix else []
+    return f"; did you mean {'.'.join([*parts, *map(str, loc[:-1]), match[0]])!r}?"
+
+
+def format_validation_error(exc: ValidationError, prefix: str = "", model: type[BaseModel] | None = None) -> str:
+    """One line naming the first offending field and what is allowed (for an unknown key of ``model``, the field
+    its spelling is closest to)."""
     err = exc.errors()[0]
     loc = ""
     for part in err["loc"]:
@@ -742,7 +762,7 @@ def format_validation_error(exc: ValidationError, prefix: str = "") -> str:
     loc = f"{prefix}.{loc}" if prefix and loc else (prefix or loc)
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
-        return f"unknown key {loc!r}; remove it or check its spelling"
+        return f"unknown key {loc!r}; remove it or check its spelling{_close_key(model, err['loc'], prefix)}"
     if err["type"] == "enum" and "expected" in err.get("ctx", {}):
         return f"{loc}={err.get('input')!r} is not allowed; allowed: {err['ctx']['expected']}"
     if err["type"] == "finite_number":
@@ -784,7 +804,7 @@ def build_section(cls: type[BaseModel], raw: dict[str, Any], prefix: str = "") -
     try:
         return cls.model_validate(raw)
     except ValidationError as exc:
-        raise MoecptError(format_validation_error(exc, prefix)) from None
+        raise MoecptError(format_validation_error(exc, prefix, cls)) from None
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

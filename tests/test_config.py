@@ -176,3 +176,17 @@ def test_a_recipe_of_the_other_kind_names_the_command_that_runs_it(argv, needle,
     err = capsys.readouterr().err.strip()
     assert needle in err and "\n" not in err and "unknown key" not in err, err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("override, suggestion", [
+    ("train.stpes=3", "did you mean 'train.steps'?"),
+    ("model.moe.topkk=2", "did you mean 'model.moe.top_k'?"),  # through an optional section
+    ("distributed.islnds=2", "did you mean 'distributed.islands'?"),
+    ("train.bogus_thing=1", None),  # nothing close: no guess
+])
+def test_an_unknown_key_names_the_field_it_is_a_typo_of(override, suggestion):
+    with pytest.raises(MoecptError) as e:
+        recipe_from_dict({"model": {"preset": "smoke-switch"}}, [override])
+    msg = str(e.value)
+    assert "unknown key" in msg and "\n" not in msg
+    assert (suggestion in msg) if suggestion else ("did you mean" not in msg), msg
