@@ -14,6 +14,7 @@ one size are FLOP-matched (same active FFN width per token).
 from __future__ import annotations
 
 import copy
+import difflib
 import re
 import tomllib
 import typing
@@ -734,8 +735,6 @@ def dotted_keys(raw: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------- loading helpers
 def _close_key(model: type[BaseModel] | None, loc: tuple, prefix: str) -> str:
     """``; did you mean 'train.steps'?`` for an unknown key one typo away from a field of its section, else ''."""
-    import difflib
-
     for part in loc[:-1]:  # down to the unknown key's section, through plain nested sections only
         field = model.model_fields.get(str(part)) if model is not None else None
         ann = field.annotation if field is not None else None
