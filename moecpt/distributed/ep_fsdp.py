@@ -54,7 +54,7 @@ from torch.distributed.tensor import DTensor, Replicate
 
 from moecpt.distributed.accounting import allreduce_bytes
 from moecpt.distributed.ddp import FSDPSync, _rank0_state, _to_fqn
-from moecpt.distributed.ep_sync import ExpertParallelParts, _is_expert_state, shard_experts
+from moecpt.distributed.ep_sync import ExpertParallelParts, _is_expert_state, clip_to, shard_experts, sum_sq
 from moecpt.distributed.expert_parallel import local_tensor, routed_experts_of
 from moecpt.distributed.strategy import OptimizerFactory, Worker
 from moecpt.train.dcp_io import index_keyed
@@ -131,18 +131,13 @@ class ExpertParallelFSDPSync(ExpertParallelParts, FSDPSync):
         own = [local_tensor(p.grad) for p in params if id(p) not in experts]
         if self.dp_index == 0:  # the expert shards of one EP group: each expert counted once
             own += [local_tensor(p.grad) for p in params if id(p) in experts]
-        sq = (torch.stack([torch.linalg.vector_norm(g.float()) for g in own]).square().sum() if own
-              else torch.zeros((), device=self.device)).reshape(1)
+        sq = sum_sq(own, self.device).reshape(1)
         t0 = time.perf_counter()
         dist.all_reduce(sq)
         n = self.num_workers
         self.acct.record("stats", allreduce_bytes(4, n), allreduce_bytes(4, n), time.perf_counter() - t0)
         total = torch.sqrt(sq[0])
-        if clip is not None:
-            coef = torch.clamp(clip / (total + 1e-6), max=1.0)
-            for p in params:
-                g = local_tensor(p.grad)
-                g.mul_(coef.to(g.dtype))
+        clip_to([local_tensor(p.grad) for p in params], total, clip)
         return float(total)
 
     # ------------------------------------------------------------------------------------------ checkpoints

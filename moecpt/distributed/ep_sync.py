@@ -256,23 +256,31 @@ def ep_grad_norm(model: nn.Module, expert_params: list[nn.Parameter], ep_group, 
     once, the expert shards' squares summed over ``ep_group`` (``ep`` ranks); clipped when ``clip`` is set."""
     experts = {id(p) for p in expert_params}
     params = [p for p in model.parameters() if p.grad is not None]
-    exp_sq = _sum_sq([p for p in params if id(p) in experts], device).reshape(1)
+    exp_sq = sum_sq([p.grad for p in params if id(p) in experts], device).reshape(1)
     t0 = time.perf_counter()
     dist.all_reduce(exp_sq, group=ep_group)
     acct.record("stats", allreduce_bytes(4, ep), allreduce_bytes(4, ep), time.perf_counter() - t0)
-    total = torch.sqrt(_sum_sq([p for p in params if id(p) not in experts], device) + exp_sq[0])
-    if clip is not None:
-        coef = torch.clamp(clip / (total + 1e-6), max=1.0)
-        for p in params:
-            p.grad.mul_(coef.to(p.grad.dtype))
+    total = torch.sqrt(sum_sq([p.grad for p in params if id(p) not in experts], device) + exp_sq[0])
+    clip_to([p.grad for p in params], total, clip)
     return float(total)
 
 
-def _sum_sq(params: list[nn.Parameter], device: torch.device) -> torch.Tensor:
-    """``sum |grad|^2`` over ``params`` in fp32 (per-tensor norms first, as ``clip_grad_norm_``); 0 for none."""
-    if not params:
+def sum_sq(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """``sum |g|^2`` over the (local) gradient tensors ``grads``, a 0-d fp32 tensor (per-tensor norms first, as
+    ``clip_grad_norm_``); 0 for none."""
+    if not grads:
         return torch.zeros((), device=device)
-    return torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in params]).square().sum()
+    return torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]).square().sum()
+
+
+def clip_to(grads: list[torch.Tensor], total: torch.Tensor, clip: float | None) -> None:
+    """Scale ``grads`` in place as ``torch.nn.utils.clip_grad_norm_`` does for a global norm ``total``:
+    by ``min(1, clip / (total + 1e-6))``; nothing when ``clip`` is None."""
+    if clip is None:
+        return
+    coef = torch.clamp(clip / (total + 1e-6), max=1.0)
+    for g in grads:
+        g.mul_(coef.to(g.dtype))
 
 
 def _is_expert_state(v: Any) -> bool:
