@@ -43,8 +43,8 @@ def losses_by_step(run: Path) -> dict[int, float]:
 def logged(run: Path, step: int) -> bool:
     """True once ``run/metrics.jsonl`` holds a record of ``step`` or later."""
     metrics = run / "metrics.jsonl"
-    return metrics.exists() and any(json.loads(x).get("step", 0) >= step for x in metrics.read_text().splitlines()
-                                    if x.strip())
+    lines = metrics.read_text().split("\n")[:-1] if metrics.exists() else []  # whole lines: the last may be mid-write
+    return any(json.loads(x).get("step", 0) >= step for x in lines if x.strip())
 
 
 @contextlib.contextmanager

@@ -12,7 +12,6 @@ one process and the in-process simulator. Tiny models (smoke presets, seq 32, ba
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from island_helpers import logged
 from test_trainer import raw_recipe, records, write_toml
 
 from moecpt.cli import main as cli_main
@@ -73,11 +73,9 @@ def finish(procs: list[subprocess.Popen], timeout: float = 120) -> list[tuple[in
 
 def wait_until_logged(rank0: subprocess.Popen, run: Path, step: int, timeout: float = 120) -> None:
     """Wait until rank 0 has logged ``step`` in ``run/metrics.jsonl`` (or exited, or ``timeout`` passed)."""
-    metrics = run / "metrics.jsonl"
     deadline = time.time() + timeout
     while time.time() < deadline and rank0.poll() is None:
-        if metrics.exists() and any(json.loads(x).get("step", 0) >= step for x in metrics.read_text().splitlines()
-                                    if x.strip()):
+        if logged(run, step):
             return
         time.sleep(0.02)
 

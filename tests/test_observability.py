@@ -192,3 +192,35 @@ def test_declared_reductions_on_two_gloo_processes(tmp_path):
         assert p.returncode == 0, err[-2000:]
     for so, _ in outs:  # every rank gets the same reduced values, in two collectives
         assert json.loads(so) == {**EXPECTED, "collectives": 2}
+
+
+def test_a_long_metrics_record_reaches_the_file_in_one_write(tmp_path):
+    """A record longer than a text buffer (per-layer vectors of a deep MoE) goes out in one write, so a reader
+    polling ``metrics.jsonl`` never sees half of it; a resume drops a line torn by a kill."""
+    from moecpt.train.metrics import JsonlSink
+
+    sink = JsonlSink(tmp_path / "metrics.jsonl")
+    sink.write({"step": 0, "loss": 1.0})
+    sizes: list[int] = []
+
+    class Spy:  # the sink's file, counting its writes
+        def __init__(self, fh):
+            self.fh = fh
+
+        def write(self, b):
+            sizes.append(len(b))
+            return self.fh.write(b)
+
+        def close(self):
+            self.fh.close()
+
+    sink._fh = Spy(sink._fh)
+    rec = {"step": 1, "tokens_per_expert_layers": [[float(i)] * 64 for i in range(64)]}
+    sink.write(rec)
+    sink.close()
+    assert len(sizes) == 1 and sizes[0] > 2 * 8192
+    with open(tmp_path / "metrics.jsonl", "a") as fh:
+        fh.write('{"step": 2, "loss": 0.')  # torn by a kill
+    sink.truncate_after(5)
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [0, 1] and json.loads(lines[1]) == rec

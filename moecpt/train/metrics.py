@@ -187,9 +187,12 @@ class JsonlSink(CallbackBase):
 
     def write(self, record: dict[str, Any]) -> None:
         if self._fh is None:
-            self._fh = open(self.path, "a", encoding="utf-8")
-        self._fh.write(json.dumps(record, allow_nan=True) + "\n")
-        self._fh.flush()
+            self._fh = open(self.path, "ab", buffering=0)
+        # One unbuffered write per record: a text buffer splits a long record (per-layer vectors) into 8 KiB
+        # writes, and a reader polling the file (a dashboard, a test) could see half a line.
+        line = memoryview((json.dumps(record, allow_nan=True) + "\n").encode("utf-8"))
+        while line:
+            line = line[self._fh.write(line):]  # a raw write may be short (a full disk, a signal)
 
     on_record = write
 
