@@ -11,6 +11,7 @@ import errno
 import importlib
 import os
 import sys
+from typing import NoReturn
 
 from moecpt._version import __version__
 from moecpt.argtypes import int_at_least, positive_int  # noqa: F401  (re-exported for older imports)
@@ -36,8 +37,17 @@ _COMMAND_MODULES = (
 )
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with moecpt's error style: one line that says what is wrong and where the usage is, instead of
+    the usage block followed by the error (every subcommand's parser is of this class: argparse builds
+    subparsers with the class of their parent)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="moecpt",
         description="Continual pre-training of Mixture-of-Experts language models and router diagnostics.",
     )

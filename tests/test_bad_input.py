@@ -383,3 +383,17 @@ def test_pretrain_compile_without_cpp_compiler(tmp_path):
                      "--set", "train.steps=1", "--set", "train.batch_size=4", "--set", "train.eval_batches=1",
                      "--set", "train.device=cpu", "--no-progress", env={**os.environ, "CXX": "no-such-cxx-compiler"})
     _check(res.returncode, res.stderr, ["train.compile", "C++ compiler", "no-such-cxx-compiler"])
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["pretrain", "--recipe"], "argument --recipe: expected one argument"),
+    (["prtrain"], "invalid choice: 'prtrain'"),
+    (["data", "prepare"], "the following arguments are required"),
+    (["lopt", "meta-train", "--kind", "lopt-b"], "invalid choice: 'lopt-b'"),
+])
+def test_argument_errors_are_one_line_that_names_the_help(capsys, argv, words):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1 and words in err, err
+    assert err.rstrip().endswith("--help`") and "usage:" not in err
