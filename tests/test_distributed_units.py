@@ -211,7 +211,7 @@ def test_configuration_rules():
         recipe_from_dict(raw_recipe(), ["distributed.local_steps=4"])
     with pytest.raises(MoecptError, match="cannot be simulated"):
         build_sync(recipe_from_dict(raw_recipe(), ["distributed.sync=fsdp"]), DistInfo(), torch.device("cpu"), 2)
-    with pytest.raises(MoecptError, match="not divisible by the 3 workers"):
+    with pytest.raises(MoecptError, match="does not split over 3 workers"):
         build_sync(r, DistInfo(), torch.device("cpu"), 3)
 
 

@@ -165,7 +165,7 @@ def test_cli_plans_a_cpt_run_from_its_parent(tmp_path, capsys):
     (["--world", "6", "--set", "distributed.sync=diloco", "--set", "distributed.local_steps=2", "--set",
       "distributed.islands=4"], "does not divide the 6 ranks"),
     (["--world", "3", "--set", "distributed.expert_parallel=1"],
-     "train.batch_size=1024 is not divisible by the 3 workers"),
+     "train.batch_size=1024 does not split over 3 workers"),
     (["--world", "0"], "a world of 0 ranks"),
     (["--world", "-2"], "a world of -2 ranks"),
     (["--world", "8", "--set", "model.preset=paper-granular"], "does not divide the model's 31 routed experts"),

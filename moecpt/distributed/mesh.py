@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 from moecpt.config import Recipe, SyncKind
 from moecpt.errors import MoecptError
+from moecpt.train.parallel import check_batch_split
 
 LOCAL_KINDS = (SyncKind.LOCAL_SGD, SyncKind.SLOWMO, SyncKind.DILOCO)
 
@@ -136,7 +137,5 @@ def build_mesh(recipe: Recipe, world: int) -> Mesh:
         if d.sync in LOCAL_KINDS and d.islands == 1:
             raise MoecptError(f"distributed.expert_parallel={d.expert_parallel} with sync = {d.sync.value!r} needs "
                               "islands > 1 (EP inside an island, the outer step across islands)")
-    if recipe.train.batch_size % world:
-        raise MoecptError(f"train.batch_size={recipe.train.batch_size} is not divisible by the {world} workers "
-                          "(every rank reads its own rows); choose a multiple of the number of workers")
+    check_batch_split(recipe.train.batch_size, world)
     return Mesh(world=world, islands=d.islands, ep=d.expert_parallel)

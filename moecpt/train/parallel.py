@@ -163,9 +163,7 @@ class SingleSync:
 
     def local_batch_rows(self, batch_size: int) -> int:
         """Rows of the global batch one worker trains on per step."""
-        if batch_size % self.num_workers:
-            raise MoecptError(f"train.batch_size={batch_size} is not divisible by the {self.num_workers} workers; "
-                              "choose a multiple of the number of workers")
+        check_batch_split(batch_size, self.num_workers)
         return batch_size // self.num_workers
 
     # ------------------------------------------------------------------------------------------------ the step
@@ -252,6 +250,23 @@ class SingleSync:
 
 def _scalar(t: Any) -> float:
     return float(t.full_tensor() if hasattr(t, "full_tensor") else t)
+
+
+def check_batch_split(batch_size: int, workers: int) -> None:
+    """Refuse a global batch that ``workers`` ranks cannot split into equal rows, naming both ways out: the nearest
+    batch sizes that divide and the worker counts that divide this batch.
+
+    Raises:
+        MoecptError: ``batch_size % workers != 0``.
+    """
+    if batch_size % workers == 0:
+        return
+    lower, upper = batch_size - batch_size % workers, batch_size - batch_size % workers + workers
+    sizes = f"{lower} or {upper}" if lower > 0 else f"{upper}"
+    counts = ", ".join(str(n) for n in range(1, min(batch_size, 64) + 1) if batch_size % n == 0)
+    raise MoecptError(f"train.batch_size={batch_size} does not split over {workers} workers (every rank reads its "
+                      f"own rows); set train.batch_size to {sizes} (`--set train.batch_size={upper}`), or launch a "
+                      f"number of workers that divides {batch_size}: {counts}")
 
 
 def check_checkpoint_format(recipe: Recipe, simulate_workers: int | None = None) -> None:
