@@ -56,8 +56,8 @@ def load_weights(path: str | Path) -> tuple[LOptSpec, Tensor, dict[str, str]]:
     """
     p = Path(path)
     if not p.is_file():
-        raise MoecptError(f"learned-optimizer weights {p} not found; pass an existing .safetensors file or a "
-                          f"shipped name ({', '.join(PRETRAINED)}) to load_pretrained")
+        raise MoecptError(f"learned-optimizer weights {p} not found; name an existing .safetensors file (one "
+                          f"`moecpt lopt meta-train` wrote) or a shipped optimizer: {', '.join(PRETRAINED)}")
     try:
         with safe_open(str(p), framework="pt") as f:
             meta = dict(f.metadata() or {})
