@@ -8,7 +8,6 @@ import random
 import shutil
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -47,6 +46,30 @@ device = "cpu"
 def moecpt_run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "moecpt", *map(str, args)], capture_output=True, text=True,
                           timeout=timeout)
+
+
+def moecpt_call(*args: str) -> subprocess.CompletedProcess:
+    """``moecpt ARGS`` in this process (the ``moecpt`` entry point is :func:`moecpt.cli.main`), as
+    :func:`moecpt_run` reports it: exit code, stdout, stderr; an escaping exception is printed as its traceback,
+    which is what the user would see. No torch import to pay: for commands whose process is not the point."""
+    import contextlib
+    import io
+    import traceback
+
+    from moecpt.cli import main
+
+    out, err, threads = io.StringIO(), io.StringIO(), torch.get_num_threads()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            rc = main([str(a) for a in args])
+        except SystemExit as exc:  # argparse
+            rc = exc.code if isinstance(exc.code, int) else 2
+        except Exception:
+            traceback.print_exc()
+            rc = 1
+        finally:
+            torch.set_num_threads(threads)  # train.threads must not leak into the rest of the suite
+    return subprocess.CompletedProcess(list(args), rc, out.getvalue(), err.getvalue())
 
 
 def assert_user_error(res: subprocess.CompletedProcess, *fragments: str) -> str:
@@ -119,8 +142,9 @@ def _tiny_data(root: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def cli(env):
-    """Every command of this file, run as ``python -m moecpt ...`` subprocesses, four at a time (each mostly pays
-    for importing torch). Returns (name -> CompletedProcess, paths, snapshot of the finished run before)."""
+    """Every command of this file: the first as a ``python -m moecpt ...`` subprocess (the real entry point), the
+    others in this process (:func:`moecpt_call`; a subprocess each would mostly pay for importing torch). Returns
+    (name -> CompletedProcess, paths, snapshot of the finished run before)."""
     root, recipe, run = env
     work = root / "work"
     work.mkdir()
@@ -145,9 +169,7 @@ def cli(env):
     for d, ck in damaged.items():
         cmds[f"damaged-{d}"] = ["cpt", "--recipe", recipe, "--out", out(f"damaged-{d}"), "--from", ck]
     before = snapshot(run)
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        futures = {name: pool.submit(moecpt_run, *args) for name, args in cmds.items()}
-        results = {name: f.result() for name, f in futures.items()}
+    results = {name: (moecpt_run if name == "unknown-key" else moecpt_call)(*args) for name, args in cmds.items()}
     return results, {"work": work, "run": run, "damaged": damaged, "out": out}, before
 
 

@@ -249,6 +249,14 @@ def prints(*lines: str) -> Callable[[str, Path], None]:
     return check
 
 
+def lm_eval_scored(output: str, ws: Path) -> None:
+    """docs/eval.md's ``moecpt-lm-eval``: lm-eval's own table (bits per byte of the local task) and its results
+    file under ``--output_path``."""
+    assert "bits_per_byte" in output and "demo_ppl" in output, output
+    (written,) = (ws / "lmeval_out").rglob("results_*.json")
+    assert "demo_ppl" in json.loads(written.read_text())["results"]
+
+
 def plans_fsdp(output: str, ws: Path) -> None:
     """docs/distributed.md's ``--json`` plan of the smoke recipe under FSDP2: JSON, sharded over the 4 ranks."""
     plan = json.loads(output)
@@ -287,7 +295,9 @@ SMOKE_DILOCO = ("moecpt pretrain --recipe recipes/smoke.toml --out runs/sim --si
 COMMANDS: list[C] = [
     # README: set-up scripts (a stand-in .venv: nothing is installed)
     C(R, "./scripts/demo", env_append=study(None), shell=True),
-    C(R, "./scripts/test", append=("tests/test_import_graph.py", "-q", "-p", "no:cacheprovider"), shell=True),
+    # one fast file stands for the suite: what is checked is that the script finds the venv and passes pytest's
+    # arguments through (the whole suite is this very run)
+    C(R, "./scripts/test", append=("tests/test_mesh.py", "-q", "-p", "no:cacheprovider"), shell=True),
     # README: studies (the demo's folder is the one ./scripts/demo made: every stage is reused)
     C(R, "moecpt study --out runs/study-demo", append=study(None)),
     C(R, "moecpt study recipes/study/cpu.toml --out runs/cpu", append=study("recipes/study/cpu.toml")),
@@ -376,7 +386,7 @@ COMMANDS: list[C] = [
       setup=local_tasks, env=OFFLINE, append=("--limit", "4", "--batch-size", "4")),
     C(E, "moecpt-lm-eval --model moecpt --model_args checkpoint=runs/smoke --tasks demo_ppl --include_path tasks "
          "--device cpu --batch_size 16 --output_path lmeval_out", env=OFFLINE,
-      append=("--limit", "4", "--batch_size", "4"), shell=True),
+      append=("--limit", "4", "--batch_size", "4"), shell=True, check=lm_eval_scored),
     C(E, f"{PAPER_EVAL}en.json --harness hellaswag arc_easy arc_challenge piqa lambada_openai", cannot_run=HUB),
     C(E, f"{PAPER_EVAL}de.json --harness hellaswag_de arc_de m_mmlu_de lambada_openai_mt_de", cannot_run=HUB),
     C(E, "HF_ALLOW_CODE_EVAL=1 moecpt eval --checkpoint runs/olmoe-code --device cuda --out scores-code.json "

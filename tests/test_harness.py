@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -230,13 +228,17 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(REPO), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
 
 
-@pytest.mark.slow  # a fresh interpreter imports lm-eval and datasets: tens of seconds on 2 cores
-def test_moecpt_eval_harness_cli_writes_results_and_keeps_foreign_files(bench, tmp_path):
+def test_moecpt_eval_harness_cli_writes_results_and_keeps_foreign_files(bench, tmp_path, monkeypatch):
+    """``moecpt eval --harness`` run through the CLI (in this process, which has lm-eval imported already; the
+    installed lm-eval command line runs as a fresh process in tests/test_docs_commands.py, docs/eval.md)."""
+    from test_cli_train import moecpt_call
+
+    for k, v in _env().items():
+        monkeypatch.setenv(k, v)
     out = tmp_path / "scores.json"
-    cmd = [sys.executable, "-m", "moecpt", "eval", "--checkpoint", str(bench["run"]), "--harness",
-           "moecpt_demo_mc", "--include-path", str(bench["tasks"]), "--limit", "4", "--device", "cpu", "--out",
-           str(out)]
-    res = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
+    cmd = ["eval", "--checkpoint", str(bench["run"]), "--harness", "moecpt_demo_mc", "--include-path",
+           str(bench["tasks"]), "--limit", "4", "--device", "cpu", "--out", str(out)]
+    res = moecpt_call(*cmd)
     assert res.returncode == 0, res.stderr[-2000:]
     report = json.loads(out.read_text())
     assert report["written_by"] == "moecpt eval --harness" and report["n_samples"]["moecpt_demo_mc"]["effective"] == 4
@@ -244,25 +246,11 @@ def test_moecpt_eval_harness_cli_writes_results_and_keeps_foreign_files(bench, t
     assert check_results_path(out, [str(bench["run"])]) == out  # its own file may be replaced by a re-run
     foreign = tmp_path / "mine.json"
     foreign.write_text("{}")
-    bad = subprocess.run(cmd[:-1] + [str(foreign)], capture_output=True, text=True, env=_env(), timeout=300)
+    bad = moecpt_call(*cmd[:-1], str(foreign))
     assert bad.returncode == 2 and "not written by moecpt" in bad.stderr and foreign.read_text() == "{}"
-    unknown = subprocess.run(cmd[:7] + ["no_such_task"] + cmd[8:-2], capture_output=True, text=True, env=_env(),
-                             timeout=300)
+    unknown = moecpt_call(*cmd[:4], "no_such_task", *cmd[5:-2])
     assert unknown.returncode == 2 and "unknown harness task(s) no_such_task" in unknown.stderr
     assert "Traceback" not in bad.stderr + unknown.stderr
-
-
-@pytest.mark.slow  # a fresh interpreter imports lm-eval and datasets: tens of seconds on 2 cores
-def test_lm_eval_command_line_with_moecpt_registered(bench, tmp_path):
-    """lm-eval's own CLI (the ``moecpt-lm-eval`` script's code) scores the demo checkpoint on the local task."""
-    cmd = [sys.executable, "-m", "moecpt.analysis.harness_run", "--model", "moecpt", "--model_args",
-           f"checkpoint={bench['run']}", "--tasks", "moecpt_demo_ppl", "--include_path", str(bench["tasks"]),
-           "--device", "cpu", "--batch_size", "4", "--output_path", str(tmp_path / "out")]
-    res = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert "bits_per_byte" in res.stdout and "moecpt_demo_ppl" in res.stdout
-    (written,) = (tmp_path / "out").rglob("results_*.json")
-    assert "moecpt_demo_ppl" in json.loads(written.read_text())["results"]
 
 
 def test_unsafe_tasks_need_the_confirmation_flag(bench):

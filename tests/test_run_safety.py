@@ -22,7 +22,7 @@ import pytest
 from moecpt.storage.lock import LOCK_FILE, FolderLock
 from moecpt.train.checkpoint import load_checkpoint
 
-from test_cli_train import assert_user_error, moecpt_run
+from test_cli_train import assert_user_error, moecpt_call, moecpt_run
 from test_trainer import raw_recipe, write_toml
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -84,7 +84,7 @@ def test_damaged_final_checkpoint_is_moved_aside_and_the_run_repaired(finished, 
                 ["generate", "--checkpoint", run, "--prompt", "a", "--max-tokens", "2"],
                 ["export-hf", run, "--out", tmp_path / "hf"],
                 ["cpt", "--recipe", recipe, "--from", run, "--out", tmp_path / "cpt", "--no-progress"]):
-        res = moecpt_run(*cmd)
+        res = moecpt_call(*cmd)  # in this process: the refusal is the point, not the entry point
         assert_user_error(res, "step_00000006")
         assert not (tmp_path / "hf").exists() and not (tmp_path / "cpt").exists()
 
