@@ -210,7 +210,7 @@ class ShardedLearnedOuter(OuterOptimizer):
         self._check(params, deltas)
         if self._t is None:
             self.bind(params)
-        meta = self.inner._meta(params[0].device)
+        meta = self.inner.meta_tensors(params[0].device)
         for i, (p, d) in enumerate(zip(params, deltas)):
             wp, wd, wacc = self._whole_inputs(i, p.detach(), d.detach())
             (new,), st = lopt_step(self.spec, meta, [wp], [wd], {"t": self._t, "acc": [wacc] if wacc else []})

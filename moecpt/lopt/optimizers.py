@@ -179,7 +179,10 @@ class LearnedOuterOptimizer(OuterOptimizer):
     def __repr__(self) -> str:
         return f"LearnedOuterOptimizer({self.spec.describe()})"
 
-    def _meta(self, device: torch.device) -> dict[str, Tensor]:
+    def meta_tensors(self, device: torch.device) -> dict[str, Tensor]:
+        """The meta-parameters unflattened into the MLP's named tensors (:meth:`LOptSpec.unflatten`) on
+        ``device``, cached per device: what :func:`lopt_step` takes, for callers that run the step themselves
+        (:class:`moecpt.distributed.lopt_shards.ShardedLearnedOuter`, on whole tensors gathered from shards)."""
         if self._meta_cache is None or self._meta_cache[0] != device:
             self._meta_cache = (device, self.spec.unflatten(self.meta_params.to(device)))
         return self._meta_cache[1]
@@ -194,7 +197,8 @@ class LearnedOuterOptimizer(OuterOptimizer):
             if self._pending is not None:
                 self._restore(self._pending, batched_p)
                 self._pending = None
-        new_p, self._state = lopt_step(self.spec, self._meta(params[0].device), batched_p, batched_d, self._state)
+        meta = self.meta_tensors(params[0].device)
+        new_p, self._state = lopt_step(self.spec, meta, batched_p, batched_d, self._state)
         for p, q in zip(params, new_p):
             p.copy_(q[0].to(p.dtype))
 
