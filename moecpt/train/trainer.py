@@ -553,7 +553,10 @@ class Trainer:
         optimizer = build_worker_optimizer(model, r, self.device)
         if self.parent is not None:
             self._load_parent(model, optimizer)
-        sync = self.parallel.build_sync(r, self.dist, self.device, self.simulate_workers, self.outer_optimizer)
+        # a dry-run Trainer never trains, so its strategy (built at start-up, with its process groups) serves the
+        # throwaway steps; any other Trainer keeps its own for run()
+        sync = self._sync if self.dry_run else self.parallel.build_sync(r, self.dist, self.device,
+                                                                        self.simulate_workers, self.outer_optimizer)
         state = TrainState(model=model, optimizer=optimizer, sync=sync, sampler=self._make_sampler(),
                            end_step=run_end_step(r.schedule, tcfg.steps))
         self._prepare_workers(state)
