@@ -47,6 +47,20 @@ def allgather_bytes(nbytes: int, workers: int) -> int:
     return 0 if workers <= 1 else (workers - 1) * nbytes
 
 
+def fsdp_step_bytes(param_bytes: int, shards: int) -> int:
+    """FSDP2's estimated bytes sent by one rank per optimizer step, ``3 (S−1)/S · param_bytes``: the all-gathers of
+    the forward and the backward and the reduce-scatter of the gradients, each a ring over the ``S = shards`` ranks
+    of the mesh (FSDP2 exposes no communication hook to count them). The root's parameters are in fact not
+    re-gathered in the backward and micro-batches re-gather, so the actual volume differs a little.
+
+    Args:
+        param_bytes: the fp32 bytes of the whole (unsharded) model's parameters, ``4 N``.
+        shards: the ranks the parameters are sharded over (the world for :class:`moecpt.distributed.ddp.FSDPSync`,
+            an island for :class:`moecpt.distributed.islands_fsdp.IslandFSDPSync`); also ``moecpt plan``'s figure.
+    """
+    return 3 * (shards - 1) * param_bytes // shards
+
+
 @dataclass(frozen=True)
 class LinkEmulator:
     """A link of ``bandwidth_gbit`` Gbit/s and ``latency_ms`` per collective (``None`` bandwidth: infinite)."""

@@ -40,7 +40,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from moecpt.distributed.accounting import ProcessComm, allreduce_bytes
+from moecpt.distributed.accounting import ProcessComm, allreduce_bytes, fsdp_step_bytes
 from moecpt.distributed.launch import gather_to_main
 from moecpt.distributed.strategy import SYNC_KEY, OptimizerFactory, SyncStrategy, Worker
 from moecpt.train.checkpoint import capture_rng_state
@@ -205,20 +205,6 @@ class FSDPSync(DataParallelSync):
         opt = get_optimizer_state_dict(w.model, w.optimizer, options=opts)
         opt = index_keyed(opt) if self.info.is_main else None
         return _rank0_state(self, model_state, opt)
-
-
-def fsdp_step_bytes(param_bytes: int, shards: int) -> int:
-    """FSDP2's estimated bytes sent by one rank per optimizer step, ``3 (S−1)/S · param_bytes``: the all-gathers of
-    the forward and the backward and the reduce-scatter of the gradients, each a ring over the ``S = shards`` ranks
-    of the mesh (FSDP2 exposes no communication hook to count them). The root's parameters are in fact not
-    re-gathered in the backward and micro-batches re-gather, so the actual volume differs a little.
-
-    Args:
-        param_bytes: the fp32 bytes of the whole (unsharded) model's parameters, ``4 N``.
-        shards: the ranks the parameters are sharded over (the world for :class:`FSDPSync`, an island for
-            :class:`moecpt.distributed.islands_fsdp.IslandFSDPSync`).
-    """
-    return 3 * (shards - 1) * param_bytes // shards
 
 
 @contextlib.contextmanager

@@ -31,7 +31,7 @@ replica groups, FSDP inside each (Jaghouar et al., OpenDiLoCo, arXiv 2407.07852)
 * **Accounting** (kinds and links as for DDP islands): ``fsdp`` and ``stats`` travel on ``intra_island``,
   ``sync`` on ``inter_island``. FSDP2 exposes no communication hook, so ``fsdp`` is *estimated* as
   :class:`~moecpt.distributed.ddp.FSDPSync` estimates it, per optimizer step: ``3 (S−1)/S · 4 N`` bytes sent
-  (:func:`~moecpt.distributed.ddp.fsdp_step_bytes`: two all-gathers and a reduce-scatter of the fp32
+  (:func:`~moecpt.distributed.accounting.fsdp_step_bytes`: two all-gathers and a reduce-scatter of the fp32
   parameters). The ``sync`` bytes are exact, counted from this rank's own shard.
 * **Checkpoints** keep the single-file layout of the local-SGD family (``train.checkpoint_format = "dcp"`` is
   refused in one line, as for every local-SGD strategy): at a round boundary each island's FSDP2 all-gather
@@ -65,8 +65,8 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
-from moecpt.distributed.accounting import allgather_bytes, allreduce_bytes
-from moecpt.distributed.ddp import _rank0_rng, _to_fqn, fsdp_grad_sync, fsdp_step_bytes
+from moecpt.distributed.accounting import allgather_bytes, allreduce_bytes, fsdp_step_bytes
+from moecpt.distributed.ddp import _rank0_rng, _to_fqn, fsdp_grad_sync
 from moecpt.distributed.islands import LINKS, IslandSync
 from moecpt.distributed.launch import gather_to_main
 from moecpt.distributed.local_sgd import TorchOuter, _to_cpu, persistent_float_buffers

@@ -66,7 +66,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from moecpt.config import ActivationCheckpointing, DType, InnerOptimizer, ModelConfig, Recipe, SyncKind
-from moecpt.distributed.accounting import allgather_bytes, allreduce_bytes
+from moecpt.distributed.accounting import allgather_bytes, allreduce_bytes, fsdp_step_bytes
 from moecpt.distributed.mesh import LOCAL_KINDS, Mesh
 from moecpt.errors import MoecptError
 from moecpt.train.plan import GRAD_BYTES, WEIGHT_BYTES, activation_bytes, state_bytes
@@ -193,11 +193,10 @@ def grad_sync_bytes(stats: dict[str, Any], mesh: Mesh, layout: StepLayout) -> in
     p_n = int(stats["total_params"]) - int(stats["expert_params"])
     if layout.step == SyncKind.DDP:
         return allreduce_bytes(GRAD_BYTES * p_n, layout.group) + allreduce_bytes(GRAD_BYTES * p_e, mesh.dp)
-    # all-gather / reduce-scatter of a tensor split over G ranks: (G - 1) / G of it, i.e. (G - 1) shards
-    non_expert = 3 * allgather_bytes(GRAD_BYTES * p_n // layout.group, layout.group)
-    if mesh.ep == 1:  # plain FSDP: the experts are parameters like the others
-        return non_expert + 3 * allgather_bytes(GRAD_BYTES * p_e // mesh.dp, mesh.dp)
-    return non_expert + allreduce_bytes(GRAD_BYTES * p_e, mesh.dp)  # EP shards averaged as under DDP (ep_fsdp)
+    if mesh.ep == 1:  # plain FSDP: the experts are parameters like the others, the estimate the run records
+        return fsdp_step_bytes(GRAD_BYTES * (p_n + p_e), layout.group)
+    # EP x FSDP2 (ep_fsdp): the non-experts sharded over the group, the EP shards averaged as under DDP
+    return fsdp_step_bytes(GRAD_BYTES * p_n, layout.group) + allreduce_bytes(GRAD_BYTES * p_e, mesh.dp)
 
 
 def comm_per_rank(recipe: Recipe, model_cfg: ModelConfig, stats: dict[str, Any], mesh: Mesh) -> dict[str, Any]:
