@@ -293,7 +293,9 @@ def _cell_tables_blocks(tables: Mapping) -> list[dict]:
     return _table_sections(tables, 2, (
         ("final_losses_by_cell", "Final losses over seeds",
          "Held-out loss (nats per token) of the final checkpoints, per study cell: the mean over seeds per source, "
-         "and the mean over the old sources and the shift with its min and max over seeds."),
+         "and the mean over the old sources and the cell's shift with its min and max over seeds. Any other "
+         "source's column (another cell's shift, or evaluated data that no run trains on) is for reference: it "
+         "enters no mean and no verdict."),
         ("forgetting_by_cell", "Forgetting over seeds",
          "Forgetting = the old sources' mean loss rise from the CPT start checkpoint to the end of the run; "
          "adaptation = the fall of the shift's loss. Controls see no shift: their forgetting is what continued "
