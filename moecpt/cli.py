@@ -7,9 +7,11 @@ file stays a thin dispatcher. Modules are listed here explicitly: no import-time
 from __future__ import annotations
 
 import argparse
+import difflib
 import errno
 import importlib
 import os
+import re
 import sys
 from typing import NoReturn
 
@@ -43,7 +45,17 @@ class OneLineParser(argparse.ArgumentParser):
     subparsers with the class of their parent)."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
+        self.exit(2, f"{self.prog}: error: {message}{_did_you_mean(message)}; see `{self.prog} --help`\n")
+
+
+def _did_you_mean(message: str) -> str:
+    """``; did you mean 'pretrain'?`` for argparse's "invalid choice: 'pretian' (choose from ...)" one typo away from
+    a choice, else ''."""
+    found = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+    if found is None:
+        return ""
+    match = difflib.get_close_matches(found[1], re.findall(r"'([^']*)'", found[2]), n=1, cutoff=0.6)
+    return f"; did you mean {match[0]!r}?" if match else ""
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -387,9 +387,11 @@ def test_pretrain_compile_without_cpp_compiler(tmp_path):
 
 @pytest.mark.parametrize("argv, words", [
     (["pretrain", "--recipe"], "argument --recipe: expected one argument"),
-    (["prtrain"], "invalid choice: 'prtrain'"),
+    (["zzz"], "invalid choice: 'zzz' (choose from 'inspect', "),
+    (["pretian"], "; did you mean 'pretrain'?; see `moecpt --help`"),
+    (["checkpoint", "consolidat"], "did you mean 'consolidate'?"),
     (["data", "prepare"], "the following arguments are required"),
-    (["lopt", "meta-train", "--kind", "lopt-b"], "invalid choice: 'lopt-b'"),
+    (["lopt", "meta-train", "--kind", "adam"], "invalid choice: 'adam'"),
 ])
 def test_argument_errors_are_one_line_that_names_the_help(capsys, argv, words):
     with pytest.raises(SystemExit) as exc:
@@ -397,3 +399,4 @@ def test_argument_errors_are_one_line_that_names_the_help(capsys, argv, words):
     err = capsys.readouterr().err
     assert exc.value.code == 2 and err.count("\n") == 1 and words in err, err
     assert err.rstrip().endswith("--help`") and "usage:" not in err
+    assert ("did you mean" in err) == ("did you mean" in words)  # only for a near miss
