@@ -33,7 +33,6 @@ run in a shell.
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 import re
@@ -458,24 +457,15 @@ def _run_shell(c: C, ws: Path) -> tuple[int, str]:
 
 
 def _run_in_process(c: C, ws: Path) -> tuple[int, str]:
-    import torch
-
-    from moecpt.cli import main
+    from test_cli_train import moecpt_call
 
     env, words = split_env(shlex.split(c.command))
     words = [os.path.join(str(ws / "home"), w[2:]) if w.startswith("~/") else w for w in words]
     argv = words[3:] if words[0] == "python" else words[1:]
-    out, threads = io.StringIO(), torch.get_num_threads()
     # the page's `export` and the command's NAME=value words, for this command only
-    with (contextlib.chdir(ws), mock.patch.dict(os.environ, {**c.env, **env}), contextlib.redirect_stdout(out),
-          contextlib.redirect_stderr(out)):
-        try:
-            rc = main([*argv, *c.args(ws, "append")])
-        except SystemExit as exc:  # argparse
-            rc = exc.code if isinstance(exc.code, int) else 2
-        finally:
-            torch.set_num_threads(threads)  # train.threads must not leak into the rest of the suite
-    return rc, out.getvalue()
+    with contextlib.chdir(ws), mock.patch.dict(os.environ, {**c.env, **env}):
+        res = moecpt_call(*argv, *c.args(ws, "append"))
+    return res.returncode, res.stdout + res.stderr
 
 
 def _parse_only(c: C, ws: Path) -> None:
