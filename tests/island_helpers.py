@@ -164,3 +164,22 @@ def assert_learned_outer_matches(run: Path, ref: Path, rounds: int, rtol: float,
     assert acc
     for k in acc:
         assert sa[k].shape == sb[k].shape and rel_diff(sa[k], sb[k]) <= 10 * rtol, k
+
+
+def assert_same_state(a, b, path: str = "") -> None:
+    """Two nested checkpoint states (dicts, lists, tensors, numbers) are equal: the same keys (``int`` and ``str``
+    keys alike), the same values, every tensor bit for bit."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict), path
+        sa, sb = {str(k): v for k, v in a.items()}, {str(k): v for k, v in b.items()}
+        assert sa.keys() == sb.keys(), f"{path}: {sorted(sa.keys() ^ sb.keys())[:5]}"
+        for k in sa:
+            assert_same_state(sa[k], sb[k], f"{path}.{k}")
+    elif isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b), path
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_state(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, f"{path}: {a!r} != {b!r}"

@@ -31,7 +31,7 @@ from moecpt.config import recipe_from_dict
 from moecpt.distributed.runtime import Distributed
 from moecpt.errors import MoecptError
 from moecpt.train.checkpoint import load_checkpoint
-from moecpt.train.dcp_io import read_full
+from moecpt.train.dcp_io import fill_tensors, has_refs, lookup_in, read_full, ref_dtype, split_tensors
 from moecpt.train.trainer import Trainer
 
 STEPS = 4
@@ -245,3 +245,26 @@ def test_a_dcp_folder_with_pickled_entries_is_refused_before_they_are_read(tmp_p
     with pytest.raises(MoecptError, match="holds pickled values") as e:
         read_full(str(folder), "model")
     assert "\n" not in str(e.value)
+
+
+def test_tensors_beside_the_optimizer_state_round_trip_through_a_skeleton():
+    """split_tensors / fill_tensors: the skeleton keeps int keys, lists and non-tensor values and refers to each
+    tensor by its DCP path; a reference the DCP part does not hold is a one-line error naming it."""
+    state = {"state": {0: {"momentum_buffer": torch.arange(6.0).reshape(2, 3), "none": None}},
+             "param_groups": [{"lr": 0.7, "params": [0]}], "t": torch.tensor(3)}
+    skeleton, tensors = split_tensors(state, ("moecpt_sync", "outer"))
+    assert has_refs(skeleton) and not has_refs({"state": {}, "param_groups": [{"lr": 0.7}]})
+    ref = skeleton["state"][0]["momentum_buffer"]
+    assert ref == {"dcp_ref": ["moecpt_sync", "outer", "state", "0", "momentum_buffer"], "shape": [2, 3],
+                   "dtype": "float32"}
+    assert skeleton["param_groups"] == state["param_groups"] and skeleton["state"][0]["none"] is None
+    assert set(tensors) == {"state", "t"} and tensors["state"]["0"]["momentum_buffer"] is state["state"][0][
+        "momentum_buffer"]
+    back = fill_tensors(skeleton, lookup_in({"moecpt_sync": {"outer": tensors}}))
+    assert back["state"][0]["momentum_buffer"] is state["state"][0]["momentum_buffer"] and back["t"] is state["t"]
+    assert back["param_groups"] == state["param_groups"]
+    with pytest.raises(MoecptError, match=r"holds no tensor optim\.moecpt_sync\.outer\.t that its optimizer_rest") as e:
+        fill_tensors(skeleton, lookup_in({"moecpt_sync": {"outer": {"state": tensors["state"]}}}))
+    assert "\n" not in str(e.value)
+    with pytest.raises(MoecptError, match="names no torch dtype"):
+        ref_dtype({**ref, "dtype": "os.system"})

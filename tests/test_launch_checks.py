@@ -40,6 +40,8 @@ REFUSED = {
                         "train.checkpoint_format = 'dcp' does not apply to distributed.sync = 'diloco'"),
     "dcp-with-local-sgd": (["distributed.sync=local-sgd", "train.checkpoint_format=dcp"],
                            "does not apply to distributed.sync = 'local-sgd'"),
+    "dcp-with-ddp-islands": ([*DILOCO, "distributed.islands=2", "train.checkpoint_format=dcp"],
+                             "it applies across islands with FSDP2 inside each"),
 }
 
 
@@ -83,7 +85,8 @@ def test_plan_accepts_the_neighbouring_layouts(base, capsys):
                  [*DILOCO, "distributed.islands=2", "distributed.expert_parallel=2",
                   "distributed.outer_optimizer=lopt-a"],
                  [*DILOCO, "distributed.islands=2", "distributed.outer_optimizer=lopt-a"],
-                 [*DILOCO, "train.checkpoint_format=single"], ["distributed.sync=fsdp", "train.checkpoint_format=dcp"]):
+                 [*DILOCO, "train.checkpoint_format=single"], ["distributed.sync=fsdp", "train.checkpoint_format=dcp"],
+                 [*ISLANDS_FSDP, "train.checkpoint_format=dcp"]):
         argv = ["plan", "--recipe", str(base), "--world", str(WORLD), "--json"]
         for s in sets:
             argv += ["--set", s]

@@ -56,6 +56,7 @@ from moecpt.lopt import load_pretrained
 from moecpt.lopt.optimizers import OuterOptimizer
 from moecpt.lopt.schedule_check import fixed_step_schedule_warning
 from moecpt.train.checkpoint import capture_rng_state
+from moecpt.train.dcp_io import has_refs
 
 TorchOptimizerFactory = Callable[[list[Tensor]], torch.optim.Optimizer]
 
@@ -185,6 +186,9 @@ class LocalSGDSync(SyncStrategy):
         """
         if state is None:
             return
+        if not self.dcp_capable and has_refs(state):
+            raise MoecptError(f"the checkpoint is sharded (DCP), written by {state.get('islands')} islands with "
+                              f"island_sync = {state.get('island_sync')!r}; resume it with that layout")
         kind, k = state.get("kind"), state.get("workers")
         if k != self.num_workers or kind != self.kind:
             raise MoecptError(

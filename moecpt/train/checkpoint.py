@@ -63,7 +63,16 @@ from moecpt.storage.atomic import (
     write_json_atomic,
 )
 from moecpt.storage.outputs import os_error_line
-from moecpt.train.dcp_io import DCP_DIR, MODEL_PREFIX, OPTIM_PREFIX, index_keyed, join_optimizer_state, read_full
+from moecpt.train.dcp_io import (
+    DCP_DIR,
+    MODEL_PREFIX,
+    OPTIM_PREFIX,
+    fill_tensors,
+    index_keyed,
+    join_optimizer_state,
+    lookup_in,
+    read_full,
+)
 
 __all__ = [
     "Checkpoint",
@@ -218,8 +227,13 @@ class Checkpoint:
         rest = self.optimizer_rest()
         if rest is None:
             return None
-        state = index_keyed(join_optimizer_state(read_full(str(self.path / DCP_DIR), OPTIM_PREFIX), rest))
-        return {**state, **{k: v for k, v in rest.items() if k not in ("state", "param_groups")}}
+        tensors = read_full(str(self.path / DCP_DIR), OPTIM_PREFIX)
+        state = index_keyed(join_optimizer_state(tensors, rest))
+        # the sync strategy's tensors (islands' outer and inner states) lie in the DCP folder, referred to by its
+        # marker: put back, this is the very state the single-file layout holds
+        extra = fill_tensors({k: v for k, v in rest.items() if k not in ("state", "param_groups")},
+                             lookup_in(tensors))
+        return {**state, **extra}
 
     def optimizer_rest(self) -> dict | None:
         """A DCP checkpoint's non-tensor optimizer state (FQN-keyed param groups, non-tensor entries, the sync

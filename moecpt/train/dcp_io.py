@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import pickle
 import warnings
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -131,6 +131,91 @@ def index_keyed(state: dict) -> dict:
     index = {fqn: i for i, fqn in enumerate(order)}
     return {"state": {index[f]: s for f, s in state["state"].items()},
             "param_groups": [{**g, "params": [index[f] for f in g["params"]]} for g in state["param_groups"]]}
+
+
+# --------------------------------------------------------------------- tensors stored beside the optimizer state
+#: the key of a reference to a DCP tensor in a non-tensor skeleton (:func:`split_tensors`)
+DCP_REF = "dcp_ref"
+
+
+def split_tensors(obj: Any, at: tuple[str, ...]) -> tuple[Any, Any]:
+    """Nested dicts / lists holding tensors -> ``(skeleton, tensors)``, for state a sync strategy keeps in the DCP
+    ``optim`` part beside the optimizer's own (the outer state and other islands' inner states of hierarchical
+    DiLoCo, :mod:`moecpt.distributed.islands_fsdp`).
+
+    ``tensors`` holds the tensors alone, nested under the same keys (made ``str``, as DCP's paths are); it goes
+    into the DCP folder at path ``at`` of the ``optim`` part. ``skeleton`` is ``obj`` with each tensor replaced by
+    ``{"dcp_ref": [*at, *path], "shape": [...], "dtype": "float32"}`` (its global shape for a DTensor); it goes into
+    ``optimizer_rest.pt`` (``weights_only``-loadable), and :func:`fill_tensors` puts the tensors back.
+    """
+    if isinstance(obj, torch.Tensor):
+        return {DCP_REF: list(at), "shape": list(obj.shape), "dtype": str(obj.dtype).removeprefix("torch.")}, obj
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else None
+    if items is None:
+        return obj, None
+    skeleton: dict | list = {} if isinstance(obj, dict) else []
+    tensors: dict = {}
+    for key, value in items:
+        skel, found = split_tensors(value, (*at, str(key)))
+        if isinstance(skeleton, dict):
+            skeleton[key] = skel
+        else:
+            skeleton.append(skel)
+        if found is not None:
+            tensors[str(key)] = found
+    return (type(obj)(skeleton) if isinstance(obj, tuple) else skeleton), (tensors or None)
+
+
+def is_ref(obj: Any) -> bool:
+    """Whether ``obj`` is a tensor reference of a :func:`split_tensors` skeleton."""
+    return isinstance(obj, dict) and DCP_REF in obj
+
+
+def fill_tensors(skeleton: Any, lookup: Callable[[dict], torch.Tensor]) -> Any:
+    """Inverse of :func:`split_tensors`: ``skeleton`` with each reference ``ref`` replaced by ``lookup(ref)``."""
+    if is_ref(skeleton):
+        return lookup(skeleton)
+    if isinstance(skeleton, dict):
+        return {k: fill_tensors(v, lookup) for k, v in skeleton.items()}
+    if isinstance(skeleton, (list, tuple)):
+        return type(skeleton)(fill_tensors(v, lookup) for v in skeleton)
+    return skeleton
+
+
+def has_refs(obj: Any) -> bool:
+    """Whether ``obj`` holds any :func:`split_tensors` reference (a DCP checkpoint's sync marker that keeps tensors
+    in the DCP folder)."""
+    if is_ref(obj):
+        return True
+    if isinstance(obj, dict):
+        return any(has_refs(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return any(has_refs(v) for v in obj)
+    return False
+
+
+def ref_dtype(ref: dict) -> torch.dtype:
+    """The dtype a reference records (a name of ``torch``'s dtypes only: nothing else is looked up)."""
+    dtype = getattr(torch, str(ref.get("dtype")), None)
+    if not isinstance(dtype, torch.dtype):
+        raise MoecptError(f"checkpoint tensor reference {ref.get(DCP_REF)} names no torch dtype ({ref.get('dtype')!r})")
+    return dtype
+
+
+def lookup_in(tree: dict, prefix: str = OPTIM_PREFIX) -> Callable[[dict], torch.Tensor]:
+    """A :func:`fill_tensors` lookup into ``tree`` (what :func:`read_full` returned for ``prefix``).
+
+    Raises:
+        MoecptError: a reference the tree does not hold (a damaged or hand-edited checkpoint)."""
+    def lookup(ref: dict) -> torch.Tensor:
+        node: Any = tree
+        for part in ref[DCP_REF]:
+            if not isinstance(node, dict) or part not in node:
+                raise MoecptError(f"the sharded checkpoint holds no tensor {prefix}.{'.'.join(ref[DCP_REF])} that its "
+                                  "optimizer_rest.pt refers to; it is damaged, use another checkpoint")
+            node = node[part]
+        return node
+    return lookup
 
 
 # -------------------------------------------------------------------------------------------- save / load

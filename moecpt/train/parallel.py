@@ -225,6 +225,10 @@ class SingleSync:
         full model, or FSDP2's DTensors; expert parallelism wraps its expert slices."""
         return model_state, optim_tensors
 
+    def after_sharded_load(self) -> None:
+        """A DCP checkpoint has just been loaded into this rank's model and optimizer (after :meth:`setup`, through
+        :meth:`dcp_global_view`): the strategy takes up the state it keeps itself (islands: the outer state)."""
+
     def select_rng(self, saved: dict) -> dict:
         """This rank's part of a saved RNG state (a checkpoint of a distributed run keeps one per rank)."""
         ranks = saved.get("ranks")
@@ -270,20 +274,27 @@ def check_batch_split(batch_size: int, workers: int) -> None:
 
 
 def check_checkpoint_format(recipe: Recipe, simulate_workers: int | None = None) -> None:
-    """Refuse ``train.checkpoint_format = "dcp"`` for a run whose checkpoints hold several workers' states
-    (local-SGD family, simulated workers): those are single-file only. Part of every runtime's ``check_launch``, so
+    """Refuse ``train.checkpoint_format = "dcp"`` for a run whose checkpoints hold several workers' states in one
+    file (simulated workers; the local-SGD family, except across islands with FSDP2 inside each, whose islands
+    write their shards: :mod:`moecpt.distributed.islands_fsdp`). Part of every runtime's ``check_launch``, so
     ``moecpt plan`` refuses it as ``moecpt pretrain`` does.
 
     Raises:
-        MoecptError: ``dcp`` with a local-SGD family sync or with ``simulate_workers``.
+        MoecptError: ``dcp`` with ``simulate_workers``, or with a local-SGD family sync other than islands with
+            ``island_sync = "fsdp"`` and no expert parallelism.
     """
     if recipe.train.checkpoint_format != CheckpointFormat.DCP:
         return
-    sync = recipe.distributed.sync
-    if sync in LOCAL_SYNCS or simulate_workers is not None:
-        what = "--simulate-workers" if simulate_workers is not None else f"distributed.sync = {sync.value!r}"
-        raise MoecptError(f"train.checkpoint_format = 'dcp' does not apply to {what} (its checkpoints hold every "
-                          "worker's state); use 'auto' or 'single'")
+    d = recipe.distributed
+    if simulate_workers is not None:
+        raise MoecptError("train.checkpoint_format = 'dcp' does not apply to --simulate-workers (one process holds "
+                          "every worker's state); use 'auto' or 'single'")
+    fsdp_islands = d.islands > 1 and d.island_sync == SyncKind.FSDP and d.expert_parallel == 1
+    if d.sync in LOCAL_SYNCS and not fsdp_islands:
+        raise MoecptError(f"train.checkpoint_format = 'dcp' does not apply to distributed.sync = {d.sync.value!r} "
+                          "here (its checkpoints hold every worker's state in one file); it applies across islands "
+                          "with FSDP2 inside each (distributed.islands > 1, island_sync = 'fsdp'); use 'auto' or "
+                          "'single'")
 
 
 class SingleProcess:
