@@ -141,8 +141,7 @@ def assert_resumed_identically(run: Path, resumed: Path, steps: int) -> None:
     assert losses_by_step(resumed) == losses_by_step(run)
     wa, wb = load_checkpoint(resumed).model_state(), load_checkpoint(run).model_state()
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
-    sa, sb = outer_state(resumed), outer_state(run)
-    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert_same_state(outer_state(resumed), outer_state(run))
 
 
 def assert_learned_outer_matches(run: Path, ref: Path, rounds: int, rtol: float, loss_rtol: float) -> None:

@@ -2,17 +2,20 @@
 4-expert Switch model, launched as torchrun launches ``python -m moecpt pretrain``, against DDP inside islands
 (``--simulate-workers 4`` with ``islands = 2``, which equals a real 2 × 2 DDP job bit for bit: tests/test_islands.py).
 
-* rank 3 is killed mid-run: the others stop naming it; the same command resumes from the gathered checkpoint (the
-  resume scatters θ, the inner and the outer states); the resumed job equals DDP inside islands within fp32
-  rounding (losses, final weights, the outer momentum, island 1's inner AdamW moments);
+* rank 3 is killed mid-run: the others stop naming it; the same command resumes from the sharded checkpoint (each
+  rank reads its experts, its island's inner state and the outer state); the resumed job equals DDP inside islands
+  within fp32 rounding (losses, final weights, the outer momentum, island 1's inner AdamW moments);
 * the byte counters per link equal their analytic values (the experts' pseudo-gradient crosses between islands
   once per shard, the non-expert one in S shards);
 * LAgg-A (K = 2) and LOpt-A with EP = 2 inside islands (each expert tensor gathered whole over the EP group for the
   learned step) equal them with DDP inside: losses, weights and the learned accumulators after 2 rounds; the
   ``outer_gather`` bytes equal their analytic value; each job resumed from its step-2 checkpoint continues bit for
   bit (one launch of 4 ranks runs all four);
-* the one-line refusals: FSDP2 inside islands, simulation, the loop dispatch, DCP, a Python outer optimizer that is
-  neither torch.optim nor learned, another layout's state.
+* checkpoints are sharded (DCP, the default here): the killed and resumed job equals its single-file twin bit for
+  bit (weights, losses, the whole checkpointed state), and the twin resumed from its step-2 checkpoint continues
+  bit for bit;
+* the one-line refusals: FSDP2 inside islands, simulation, the loop dispatch, DCP for DDP islands without experts,
+  a Python outer optimizer that is neither torch.optim nor learned, another layout's state.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from island_helpers import (
     RESUMED,
     assert_learned_outer_matches,
     assert_resumed_identically,
+    assert_same_state,
     launch_worker,
     learned_jobs,
     outer_gather_bytes,
@@ -81,8 +85,13 @@ def runs(tmp_path_factory):
     killed = finish(procs, timeout=60)
     stopped_after = time.time() - t_kill
     killed_at = load_checkpoint(out).step
-    # the same command again, in the worker's launch, which then runs the learned-outer jobs (one start-up of 4 ranks)
-    worker = {"unit": True, "jobs": [[str(recipe), str(out), EP], *learned["jobs"]], "resume": learned["resume"]}
+    # the same command again, in the worker's launch, which then runs the single-file twin (and resumes it from its
+    # step-2 checkpoint) and the learned-outer jobs (one start-up of 4 ranks)
+    single = [*EP, "train.checkpoint_format=single"]
+    worker = {"unit": True, "jobs": [[str(recipe), str(out), EP], [str(recipe), str(tmp / "single"), single],
+                                     *learned["jobs"]],
+              "resume": [[str(recipe), str(tmp / "single"), str(tmp / "single-resumed"), STEPS, single],
+                         *learned["resume"]]}
     resumed = finish(launch_worker(tmp, worker), timeout=400)
     return {"tmp": tmp, "recipe": recipe, "ddp": tmp / "ddp", "ep": out, "killed": killed,
             "stopped_after": stopped_after, "killed_at": killed_at, "resumed": resumed}
@@ -102,7 +111,19 @@ def test_killed_rank_stops_the_others_and_the_same_command_resumes(runs):
     sync = ck.optimizer_state()["moecpt_sync"]
     assert ck.step == STEPS and ck.meta["expert_parallel"] == 2
     assert sync["islands"] == 2 and sync["expert_parallel"] == 2 and set(sync["inner"]) == {"1"}
-    assert ck.model_state()["blocks.0.ffn.experts.w_in"].shape[0] == EXPERTS  # gathered: every expert
+    assert ck.model_state()["blocks.0.ffn.experts.w_in"].shape[0] == EXPERTS  # assembled: every expert
+
+
+def test_sharded_checkpoints_hold_what_the_single_file_layout_holds(runs):
+    """The killed and resumed job (DCP: the experts as DTensors on the [islands, dp, ep] mesh) = its single-file
+    twin, bit for bit: losses, weights and the whole checkpointed state; the twin resumed from its step-2
+    checkpoint (the gather / scatter layout) continues bit for bit too."""
+    dcp, single = load_checkpoint(runs["ep"]), load_checkpoint(runs["tmp"] / "single")
+    assert dcp.sharded and not single.sharded
+    assert train_losses(runs["ep"]) == train_losses(runs["tmp"] / "single")
+    assert_same_state(dcp.model_state(), single.model_state())
+    assert_same_state(dcp.optimizer_state(), single.optimizer_state())
+    assert_resumed_identically(runs["tmp"] / "single", runs["tmp"] / "single-resumed", STEPS)
 
 
 def test_ep_inside_islands_equals_ddp_inside_islands(runs):
@@ -217,8 +238,9 @@ def test_learned_outer_optimizers_pass_the_launch_checks_and_others_are_refused(
                      outer=DiLoCo())
 
 
-def test_dcp_is_refused_in_one_line(tmp_path):
-    recipe = recipe_from_dict(_raw(), [*EP, "train.checkpoint_format=dcp"])
+def test_dcp_is_refused_for_ddp_islands_without_experts_in_one_line(tmp_path):
+    check_launch(recipe_from_dict(_raw(), [*EP, "train.checkpoint_format=dcp"]), DistInfo(rank=0, world_size=4))
+    recipe = recipe_from_dict(_raw(), [*SETS, "train.checkpoint_format=dcp"])
     with pytest.raises(MoecptError, match="checkpoint_format = 'dcp' does not apply to distributed.sync = 'diloco'"
                        ) as e:
         Trainer(recipe, tmp_path / "run", show_progress=False, parallel=Distributed())

@@ -94,10 +94,11 @@ def runs(tmp_path_factory):
     # learned-outer jobs (one start-up of 4 ranks)
     dense = write_toml(tmp / "r-dense.toml", raw_recipe("smoke-dense", train={
         "steps": DENSE_STEPS, "checkpoint_every": 2, "log_every": 1}))
-    worker = {"unit": True, "jobs": [[str(recipe), str(out), FSDP],
-                                     [str(recipe), str(tmp / "single"), [*FSDP, "train.checkpoint_format=single"]],
+    single = [*FSDP, "train.checkpoint_format=single"]
+    worker = {"unit": True, "jobs": [[str(recipe), str(out), FSDP], [str(recipe), str(tmp / "single"), single],
                                      [str(dense), str(tmp / "dense"), FSDP], *learned["jobs"]],
-              "resume": learned["resume"]}
+              "resume": [[str(recipe), str(tmp / "single"), str(tmp / "single-resumed"), STEPS, single],
+                         *learned["resume"]]}
     resumed = finish(launch_worker(tmp, worker), timeout=400)
     # the dense job again from its step-2 checkpoint on 2 ranks: 2 islands of 1 rank read the shards of 2
     again = {"resume": [[str(dense), str(tmp / "dense"), str(tmp / "dense-s1"), DENSE_STEPS, FSDP]]}
@@ -141,6 +142,8 @@ def test_sharded_checkpoints_hold_what_the_single_file_layout_holds(runs, tmp_pa
     assert not flat.sharded
     assert_same_state(flat.model_state(), single.model_state())
     assert_same_state(flat.optimizer_state(), single.optimizer_state())
+    # the single-file layout resumes too (from step 4: the gathered states cut again)
+    assert_resumed_identically(runs["tmp"] / "single", runs["tmp"] / "single-resumed", STEPS)
 
 
 def _leaves(tree):

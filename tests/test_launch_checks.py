@@ -41,7 +41,7 @@ REFUSED = {
     "dcp-with-local-sgd": (["distributed.sync=local-sgd", "train.checkpoint_format=dcp"],
                            "does not apply to distributed.sync = 'local-sgd'"),
     "dcp-with-ddp-islands": ([*DILOCO, "distributed.islands=2", "train.checkpoint_format=dcp"],
-                             "it applies across islands with FSDP2 inside each"),
+                             "it applies across islands whose ranks hold slices"),
 }
 
 

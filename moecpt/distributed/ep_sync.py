@@ -136,18 +136,7 @@ class ExpertParallelParts:
             # rank d * N + e of the [dp, ep] mesh = the Mesh layout (islands = 1 under EP)
             self._dcp_mesh = init_device_mesh(self.device.type, (self.mesh.dp, self.mesh.ep),
                                               mesh_dim_names=("dp", "ep"))
-        mesh, placements = self._dcp_mesh, (Replicate(), Shard(0))
-
-        def view(t: torch.Tensor) -> DTensor:
-            # the shards are even (N divides E), so the global shape follows without a collective; under FSDP2 the
-            # slice is a DTensor of one rank (local_tensor)
-            return DTensor.from_local(local_tensor(t), mesh, placements, run_check=False)
-
-        experts = set(self.expert_names)
-        model_state = {k: view(v) if k in experts else v for k, v in model_state.items()}
-        state = {fqn: {k: view(v) if fqn in experts and _is_expert_state(v) else v for k, v in entry.items()}
-                 for fqn, entry in optim_tensors.get("state", {}).items()}
-        return model_state, {**optim_tensors, "state": state}
+        return expert_dcp_view(model_state, optim_tensors, self.expert_names, self._dcp_mesh, (Replicate(), Shard(0)))
 
     def _gather(self, t: torch.Tensor) -> torch.Tensor | None:
         """The full ``[E, ...]`` tensor on rank 0 (on the host: one expert tensor at a time on the device)."""
@@ -281,6 +270,25 @@ def clip_to(grads: list[torch.Tensor], total: torch.Tensor, clip: float | None) 
     coef = torch.clamp(clip / (total + 1e-6), max=1.0)
     for g in grads:
         g.mul_(coef.to(g.dtype))
+
+
+def expert_dcp_view(model_state: dict, optim_tensors: dict, expert_names: list[str], mesh: DeviceMesh,
+                    placements: tuple) -> tuple[dict, dict]:
+    """Each expert tensor of this rank (weights ``[E/N, ...]`` and their AdamW moments) as a DTensor of the global
+    ``[E, ...]`` tensor on ``mesh`` (``Shard(0)`` over its ep dim, ``Replicate()`` over the others), sharing storage
+    with the slice so that a DCP load fills it in place; everything else as it is (a
+    :data:`moecpt.train.checkpoint_dcp.GlobalView` for :class:`ExpertParallelSync` and
+    :class:`moecpt.distributed.islands_ep.IslandEPSync`)."""
+    def view(t: torch.Tensor) -> DTensor:
+        # the shards are even (N divides E), so the global shape follows without a collective; under FSDP2 the
+        # slice is a DTensor of one rank (local_tensor)
+        return DTensor.from_local(local_tensor(t), mesh, placements, run_check=False)
+
+    experts = set(expert_names)
+    model_state = {k: view(v) if k in experts else v for k, v in model_state.items()}
+    state = {fqn: {k: view(v) if fqn in experts and _is_expert_state(v) else v for k, v in entry.items()}
+             for fqn, entry in optim_tensors.get("state", {}).items()}
+    return model_state, {**optim_tensors, "state": state}
 
 
 def _is_expert_state(v: Any) -> bool:

@@ -38,14 +38,20 @@ al., arXiv 2311.08105; OpenDiLoCo, Jaghouar et al., arXiv 2407.07852):
 * **Accounting**: ``grads`` (DDP), ``all_to_all`` (dispatch, combine, their backward, the count exchange),
   ``expert_grads``, ``expert_gather``, ``stats`` and ``island_gather`` on ``intra_island``; ``sync`` on
   ``inter_island``. The emulated link delays the inter-island collectives only.
-* **Checkpoints**: the local-SGD family's single file (``checkpoint_format = "dcp"`` is refused in one line, as for
-  every local-SGD strategy). Rank 0 gathers the expert shards (d = 0 of each island) to full ``[E, ...]`` tensors:
-  ``θ`` from island 0, island 0's full inner optimizer state as the ordinary optimizer state (a CPT parent reads a
-  plain AdamW state), island ``i``'s under ``moecpt_sync.inner["i"]``, the outer state (identical on all islands)
-  in full (a learned optimizer's gathered over each EP group first: the whole model's state), plus ``islands``,
-  ``island_sync`` and ``expert_parallel``. A resume loads the full states and keeps its slices (the scatter); a
-  checkpoint of another number of islands, workers, EP size or ``island_sync`` is refused in one line
-  (:meth:`~moecpt.distributed.islands.IslandSync.check_resume`).
+* **Checkpoints** are sharded (DCP, ``train.checkpoint_format = "auto"`` or ``"dcp"``;
+  :mod:`moecpt.distributed.islands_dcp`): every rank hands DCP its experts as DTensors of the global ``[E, ...]``
+  tensors on the ``[islands, dp, ep]`` device mesh, replicated over the islands and the expert-DP ranks (equal at a
+  round boundary: each slice is written once), the non-expert tensors as they are; island 0's inner state is the
+  ordinary optimizer state, island ``i``'s lies under ``optim.moecpt_sync.inner.i``, the outer state (equal on
+  every island) under ``optim.moecpt_sync.outer``. ``Checkpoint.optimizer_state()`` gives exactly the single-file
+  state below, and a resume may use another number of expert-DP ranks (the same islands and EP degree).
+  ``"single"``: the local-SGD family's single file. Rank 0 gathers the expert shards (d = 0 of each island) to full
+  ``[E, ...]`` tensors: ``θ`` from island 0, island 0's full inner optimizer state as the ordinary optimizer state
+  (a CPT parent reads a plain AdamW state), island ``i``'s under ``moecpt_sync.inner["i"]``, the outer state
+  (identical on all islands) in full (a learned optimizer's gathered over each EP group first: the whole model's
+  state), plus ``islands``, ``island_sync`` and ``expert_parallel``; a resume loads the full states and keeps its
+  slices (the scatter). A checkpoint of another number of islands, EP size or ``island_sync`` (single-file: of
+  another number of workers) is refused in one line (:meth:`~moecpt.distributed.islands.IslandSync.check_resume`).
 * **Real ranks only**: ``--simulate-workers`` is refused (the experts are split over processes).
 """
 
@@ -58,15 +64,18 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from moecpt.distributed.accounting import allgather_bytes, allreduce_bytes
 from moecpt.distributed.ddp import _rank0_rng, wrap_ddp
-from moecpt.distributed.ep_sync import A2A, average_expert_grads, ep_grad_norm, shard_experts
+from moecpt.distributed.ep_sync import A2A, average_expert_grads, ep_grad_norm, expert_dcp_view, shard_experts
 from moecpt.distributed.islands import LINKS, IslandSync
+from moecpt.distributed.islands_dcp import ShardedIslandCheckpoints, is_sharded_state
 from moecpt.distributed.launch import gather_to_main
 from moecpt.distributed.local_sgd import TorchOuter, _to_cpu, persistent_float_buffers
-from moecpt.distributed.lopt_shards import OUTER_GATHER, Dim0Cut, ShardedLearnedOuter
+from moecpt.distributed.lopt_shards import OUTER_GATHER, Dim0Cut, ShardedLearnedOuter, cut_keys
 from moecpt.distributed.mesh import Mesh
 from moecpt.distributed.strategy import SYNC_KEY, OptimizerFactory, Worker
 from moecpt.errors import MoecptError
@@ -75,7 +84,7 @@ from moecpt.lopt.optimizers import LearnedOuterOptimizer, OuterOptimizer
 INTRA = "intra_island"
 
 
-class IslandEPSync(IslandSync):
+class IslandEPSync(ShardedIslandCheckpoints, IslandSync):
     """The local-SGD family across islands with EP × DP inside each (module doc). Real ranks only.
 
     Args:
@@ -114,6 +123,7 @@ class IslandEPSync(IslandSync):
         self._expert_mask: Tensor | None = None  # [N + B] bool over the flat delta: True on expert elements
         self._a2a_step0 = 0
         self.a2a_bytes_last_step = 0
+        self._dcp_mesh: DeviceMesh | None = None  # [islands, dp, ep], built at the first DCP save / load
 
     # ------------------------------------------------------------------------------------------------ set-up
     def check_resume(self, state: dict | None) -> None:
@@ -133,11 +143,12 @@ class IslandEPSync(IslandSync):
         (full) inner optimizer state, wrap the rest in DDP over the island, and slice the outer state. ``optimizer``
         holds island 0's full state on a resume (the trainer loaded the ordinary optimizer state into it)."""
         self.check_resume(state)
+        from_dcp = is_sharded_state(state)  # its tensors come in the DCP load (dcp_global_view)
         with torch.no_grad():  # start-up: not accounted
             for t in [*model.parameters(), *persistent_float_buffers(model)]:
                 dist.broadcast(t.data, src=0)
         full = optimizer.state_dict()
-        if state is not None and self.island > 0:
+        if state is not None and self.island > 0 and not from_dcp:
             full = state["inner"][str(self.island)]
         sharded, self.expert_names, self.expert_params, self._expert_index = shard_experts(
             model, optimizer, full, make_optimizer, self.ep_group, self.mesh.ep, self.ep_index, self._record_a2a)
@@ -155,7 +166,9 @@ class IslandEPSync(IslandSync):
                     else None for p in params]
             self.outer = ShardedLearnedOuter(self.outer, cuts, self._record)
         self.outer.bind(self.global_params)
-        if state is not None and state.get("outer") is not None:
+        if from_dcp:
+            self.begin_sharded_resume(state)
+        elif state is not None and state.get("outer") is not None:
             if isinstance(self.outer, ShardedLearnedOuter):
                 self.outer.load_full_state_dict(state["outer"])
             else:
@@ -294,6 +307,52 @@ class IslandEPSync(IslandSync):
                                "islands": self.M, "island_sync": self.recipe.distributed.island_sync.value,
                                "expert_parallel": ep}
         return model_state, opt_state, rng
+
+    # --------------------------------------------------------------------------------- sharded checkpoints
+    def _mesh3(self) -> tuple[DeviceMesh, tuple]:
+        """The ``[islands, dp, ep]`` device mesh (the Mesh layout: rank ``i S + d N + e``) and the placements of an
+        expert slice on it: replicated over the islands (equal at a round boundary) and the expert-DP ranks, cut
+        over ep. A collective the first time (it builds the mesh's groups)."""
+        if self._dcp_mesh is None:
+            self._dcp_mesh = init_device_mesh(self.device.type, (self.M, self.mesh.dp, self.mesh.ep),
+                                              mesh_dim_names=("islands", "dp", "ep"))
+        return self._dcp_mesh, (Replicate(), Replicate(), Shard(0))
+
+    def _expert_outer(self, path: tuple[str, ...], ndim: int) -> bool:
+        """Whether the outer-state tensor at ``path`` is an expert slice (``[E/N, ...]``, cut over ep): a
+        ``torch.optim`` state entry of an expert parameter, or a learned accumulator cut with it."""
+        if isinstance(self.outer, ShardedLearnedOuter):
+            parts = path[0].split(".", 2) if len(path) == 1 else []
+            if len(parts) == 3 and parts[0] == "acc":
+                cut = self.outer.cuts[int(parts[1])]
+                return cut is not None and parts[2] in cut_keys(cut.shape)
+            return False
+        return len(path) == 3 and path[0] == "state" and int(path[1]) in self._outer_expert_index and ndim >= 3
+
+    def _outer_view(self, path: tuple[str, ...], v: Tensor) -> Tensor:
+        if not self._expert_outer(path, v.dim()):
+            return v
+        mesh, placements = self._mesh3()
+        return DTensor.from_local(v, mesh, placements, run_check=False)  # even shards: N divides E
+
+    def _outer_local_shape(self, path: tuple[str, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
+        if not self._expert_outer(path, len(shape)):
+            return shape
+        return (shape[0] // self.mesh.ep, *shape[1:])
+
+    def _state_view(self, model_state: dict, optim_tensors: dict) -> tuple[dict, dict]:
+        """This rank's experts (weights and AdamW moments) as DTensors of the global ``[E, ...]`` tensors on the
+        ``[islands, dp, ep]`` mesh; the non-expert tensors, equal on every rank, as they are."""
+        mesh, placements = self._mesh3()
+        return expert_dcp_view(model_state, optim_tensors, self.expert_names, mesh, placements)
+
+    def _local_params(self, worker: Worker) -> list[Tensor]:
+        return self.local_params(worker)
+
+    def _dcp_marker(self, workers: list[Worker]) -> dict:
+        return {"kind": self.kind, "workers": self.num_workers, "outer_optimizer": self.outer_name,
+                "islands": self.M, "island_sync": self.recipe.distributed.island_sync.value,
+                "expert_parallel": self.mesh.ep}
 
     # ------------------------------------------------------------------------------------------------ reports
     def record_fields(self) -> dict[str, Any]:

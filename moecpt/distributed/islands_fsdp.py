@@ -71,7 +71,6 @@ from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
-    get_state_dict,
     set_optimizer_state_dict,
 )
 from torch.distributed.device_mesh import DeviceMesh
@@ -81,6 +80,7 @@ from torch.distributed.tensor import DTensor
 from moecpt.distributed.accounting import allgather_bytes, allreduce_bytes, fsdp_step_bytes
 from moecpt.distributed.ddp import _rank0_rng, _to_fqn, fsdp_grad_sync
 from moecpt.distributed.islands import LINKS, IslandSync
+from moecpt.distributed.islands_dcp import ShardedIslandCheckpoints, is_sharded_state
 from moecpt.distributed.launch import gather_to_main
 from moecpt.distributed.local_sgd import TorchOuter, _to_cpu, persistent_float_buffers
 from moecpt.distributed.lopt_shards import OUTER_GATHER, Dim0Cut, ShardedLearnedOuter, cut_keys
@@ -88,10 +88,10 @@ from moecpt.distributed.mesh import Mesh
 from moecpt.distributed.strategy import SYNC_KEY, OptimizerFactory, Worker
 from moecpt.errors import MoecptError
 from moecpt.lopt.optimizers import LearnedOuterOptimizer, OuterOptimizer
-from moecpt.train.dcp_io import fill_tensors, has_refs, index_keyed, ref_dtype, split_tensors
+from moecpt.train.dcp_io import index_keyed
 
 
-class IslandFSDPSync(IslandSync):
+class IslandFSDPSync(ShardedIslandCheckpoints, IslandSync):
     """The local-SGD family across islands with FSDP2 inside each (module doc). Real ranks only.
 
     Args:
@@ -103,8 +103,6 @@ class IslandFSDPSync(IslandSync):
     """
 
     links = {**LINKS, "fsdp": "intra_island", OUTER_GATHER: "intra_island"}
-    dcp_capable = True  # every island writes its shards (module doc, "Checkpoints")
-    shards_state = True  # "auto" writes DCP, as FSDPSync: no rank gathers the model
 
     def __init__(self, recipe, info, mesh: Mesh, device: torch.device, outer: Any = None):
         if not info.distributed:
@@ -118,16 +116,6 @@ class IslandFSDPSync(IslandSync):
         self.island = mesh.coords(info.rank)[0]
         self._params: list[DTensor] = []
         self._n_param_bytes = 0
-        #: the outer state of a DCP save or load in progress: this rank's local tensors, and the same wrapped as
-        #: DCP sees them (DTensors over the parameters' global shapes, sharing storage)
-        self._dcp_outer: tuple[dict, dict] | None = None
-
-    def check_resume(self, state: dict | None) -> None:
-        """As :meth:`IslandSync.check_resume`; a sharded (DCP) checkpoint resumes at any number of ranks per island
-        (each island reshards on load): only the number of islands must match."""
-        if state is not None and has_refs(state):
-            state = {**state, "workers": self.num_workers}
-        super().check_resume(state)
 
     # ------------------------------------------------------------------------------------------------ set-up
     def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer, make_optimizer: OptimizerFactory,
@@ -136,7 +124,7 @@ class IslandFSDPSync(IslandSync):
         island's checkpointed state and the sharded outer state. ``optimizer`` holds island 0's full state on a
         resume (the trainer loaded the checkpoint's ordinary optimizer state into it)."""
         self.check_resume(state)
-        sharded = state is not None and has_refs(state)  # a DCP checkpoint: its tensors come in dcp_global_view
+        from_dcp = is_sharded_state(state)  # its tensors come in the DCP load (dcp_global_view)
         with torch.no_grad():  # start-up: not accounted
             for t in [*model.parameters(), *persistent_float_buffers(model)]:
                 dist.broadcast(t.data, src=0)
@@ -146,7 +134,7 @@ class IslandFSDPSync(IslandSync):
         fully_shard(model, mesh=island_mesh)
         sharded = make_optimizer(model)  # fully_shard replaced the parameters
         full = optimizer.state_dict()
-        if state is not None and self.island > 0 and not sharded:
+        if state is not None and self.island > 0 and not from_dcp:
             full = state.get("inner", {}).get(str(self.island))
             if full is None:
                 raise MoecptError(f"the checkpoint has no inner optimizer state for island {self.island}; it was "
@@ -163,11 +151,10 @@ class IslandFSDPSync(IslandSync):
             cuts = [Dim0Cut.chunked(self.grad_group, self.S, self.position, tuple(p.shape)) for p in self._params]
             self.outer = ShardedLearnedOuter(self.outer, cuts, self._record)
         self.outer.bind(self.global_params)
-        if state is not None and state.get("outer") is not None:
-            if sharded:  # zeros in this rank's shapes, filled in place by the DCP load (dcp_global_view)
-                local = fill_tensors(state["outer"], self._placeholder)
-                self._dcp_outer = (local, self._wrap_outer(local))
-            elif isinstance(self.outer, ShardedLearnedOuter):
+        if from_dcp:
+            self.begin_sharded_resume(state)
+        elif state is not None and state.get("outer") is not None:
+            if isinstance(self.outer, ShardedLearnedOuter):
                 self.outer.load_full_state_dict(state["outer"])
             else:
                 self.outer.load_state_dict(self._outer_to_local(state["outer"]))
@@ -232,98 +219,45 @@ class IslandFSDPSync(IslandSync):
         return {**outer, "state": state}
 
     # --------------------------------------------------------------------------------- sharded checkpoints
-    def _cut_param(self, path: tuple[str, ...], global_shape: tuple[int, ...]) -> int | None:
+    def _cut_param(self, path: tuple[str, ...], shape: tuple[int, ...], local: bool) -> int | None:
         """The parameter an outer-state tensor is cut like (dim 0 over the island, as FSDP2 cuts it), or None for
-        one every rank holds whole. ``path``: the tensor's keys in the outer state dict (``("state", i, name)`` of a
-        ``torch.optim`` state, ``("acc.i.name",)`` of a learned one)."""
-        if isinstance(self.outer, ShardedLearnedOuter):
+        one every rank holds whole. ``path``: its keys in the outer state dict (``("state", i, name)`` of a
+        ``torch.optim`` state, ``("acc.i.name",)`` of a learned one); ``shape``: this rank's (``local``) or the
+        checkpoint's global one."""
+        if isinstance(self.outer, ShardedLearnedOuter):  # its state says which accumulators are cut
             parts = path[0].split(".", 2) if len(path) == 1 else []
             if len(parts) == 3 and parts[0] == "acc":
                 cut = self.outer.cuts[int(parts[1])]
                 return int(parts[1]) if cut is not None and parts[2] in cut_keys(cut.shape) else None
             return None
-        if len(path) == 3 and path[0] == "state":
+        if len(path) == 3 and path[0] == "state" and len(shape) > 0:  # torch.optim: shaped like the parameter
             i = int(path[1])
-            return i if len(global_shape) > 0 and tuple(global_shape) == tuple(self._params[i].shape) else None
+            like = self.global_params[i].shape if local else self._params[i].shape
+            return i if tuple(shape) == tuple(like) else None
         return None
 
-    def _wrap_outer(self, outer: dict) -> dict:
-        """The outer state as DCP must see it: each tensor cut like parameter ``i`` as a DTensor over the global
-        shape (``Shard(0)`` on the island mesh, sharing storage with the local rows), the others as they are (equal
-        on every rank: DCP writes them once)."""
-        def wrap(path: tuple[str, ...], v: Any) -> Any:
-            if isinstance(v, dict):
-                return {k: wrap((*path, str(k)), x) for k, x in v.items()}
-            if not isinstance(v, Tensor) or v.dim() == 0:
-                return v
-            i = self._local_cut(path, v)
-            if i is None:
-                return v
-            p = self._params[i]
-            shape = (p.shape[0], *v.shape[1:])
-            return DTensor.from_local(v, p.device_mesh, p.placements, shape=torch.Size(shape),
-                                      stride=torch.empty(shape, device="meta").stride(), run_check=False)
-        return wrap((), outer)
+    def _outer_view(self, path: tuple[str, ...], v: Tensor) -> Tensor:
+        """A tensor cut like parameter ``i`` as a DTensor over the global shape (``Shard(0)`` on the island mesh,
+        sharing storage with the local rows); the others as they are (equal on every rank: written once)."""
+        i = self._cut_param(path, tuple(v.shape), local=True)
+        if i is None:
+            return v
+        p = self._params[i]
+        shape = (p.shape[0], *v.shape[1:])
+        return DTensor.from_local(v, p.device_mesh, p.placements, shape=torch.Size(shape),
+                                  stride=torch.empty(shape, device="meta").stride(), run_check=False)
 
-    def _local_cut(self, path: tuple[str, ...], v: Tensor) -> int | None:
-        """:meth:`_cut_param` of this rank's local tensor ``v`` (its rows of the parameter's)."""
-        if isinstance(self.outer, ShardedLearnedOuter):
-            return self._cut_param(path, ())
-        if len(path) == 3 and path[0] == "state" and v.shape == self.global_params[int(path[1])].shape:
-            return int(path[1])
-        return None
+    def _outer_local_shape(self, path: tuple[str, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
+        """This rank's rows of a cut tensor (the island size may differ from the writer's)."""
+        i = self._cut_param(path, shape, local=False)
+        return shape if i is None else (self.global_params[i].shape[0], *shape[1:])
 
-    def _placeholder(self, ref: dict) -> Tensor:
-        """Zeros for the tensor a checkpoint's reference describes, in this rank's shape (its rows of a cut
-        tensor: the island size may differ from the writer's)."""
-        path, shape = tuple(ref["dcp_ref"][2:]), tuple(ref["shape"])  # after (SYNC_KEY, "outer")
-        i = self._cut_param(path, shape)
-        if i is not None:
-            shape = (self.global_params[i].shape[0], *shape[1:])
-        return torch.zeros(shape, dtype=ref_dtype(ref), device=self.device)
+    def _local_params(self, worker: Worker) -> list[Tensor]:
+        return [p.to_local() for p in self._params]
 
-    def sharded_checkpoint_state(self, workers: list[Worker]
-                                 ) -> tuple[nn.Module, torch.optim.Optimizer, dict | None, dict | None]:
-        """This rank's model and inner optimizer (its island's shards), and on rank 0 the RNG record and the
-        strategy marker: the layout, and skeletons of the outer state and of every other island's inner state
-        whose tensors :meth:`dcp_global_view` puts into the DCP folder (module doc). A collective."""
-        w = workers[0]
-        rng = _rank0_rng(self)
-        local = self.outer.state_dict()
-        self._dcp_outer = (local, self._wrap_outer(local))
-        # the model's state dict first: FSDP2 reshards the root's parameters in its pre-hook (an evaluation's forward
-        # leaves them gathered), so that the optimizer's parameters are the module's again
-        mine = get_state_dict(w.model, w.optimizer)[1]  # this rank's shards, FQN-keyed: the structure
-        if not self.info.is_main:
-            return w.model, w.optimizer, None, None
-        inner = {str(i): index_keyed(split_tensors(mine, (SYNC_KEY, "inner", str(i)))[0]) for i in range(1, self.M)}
-        marker = {"kind": self.kind, "workers": self.num_workers, "outer_optimizer": self.outer_name,
-                  "outer": split_tensors(self._dcp_outer[1], (SYNC_KEY, "outer"))[0], "inner": inner,
-                  "islands": self.M, "island_sync": self.recipe.distributed.island_sync.value}
-        return w.model, w.optimizer, rng, {SYNC_KEY: marker}
-
-    def dcp_global_view(self, model_state: dict, optim_tensors: dict) -> tuple[dict, dict]:
-        """θ as FSDP2 gives it (every island holds the same θ at a round boundary: DCP writes each shard once),
-        island 0's inner state as the ordinary optimizer state (a CPT parent reads it as a plain AdamW state),
-        island ``i``'s under ``moecpt_sync.inner.i``, and the outer state under ``moecpt_sync.outer`` (the same
-        on every island: written once). For a save and for a load alike (the tensors are filled in place)."""
-        if self._dcp_outer is None:
-            raise MoecptError("IslandFSDPSync.dcp_global_view outside a sharded save or load")
-        part: dict[str, Any] = {"outer": split_tensors(self._dcp_outer[1], ())[1] or {}}
-        if self.island > 0:
-            part["inner"] = {str(self.island): optim_tensors}
-            optim_tensors = {}
-        return model_state, {**optim_tensors, SYNC_KEY: part}
-
-    def after_sharded_load(self) -> None:
-        """Take up the loaded outer state, and restart ``θ_outer`` from the loaded weights (set-up copied the
-        weights before the load)."""
-        if self._dcp_outer is not None:
-            self.outer.load_state_dict(self._dcp_outer[0])
-        self._dcp_outer = None
-        with torch.no_grad():
-            for g, p in zip(self.global_params, self._params):
-                g.copy_(p.to_local())
+    def _dcp_marker(self, workers: list[Worker]) -> dict:
+        return {"kind": self.kind, "workers": self.num_workers, "outer_optimizer": self.outer_name,
+                "islands": self.M, "island_sync": self.recipe.distributed.island_sync.value}
 
     def checkpoint_state(self, workers: list[Worker]) -> tuple[dict | None, dict | None, dict | None]:
         """θ (full, from island 0), island 0's full inner optimizer state as the ordinary one, every other island's

@@ -225,7 +225,7 @@ class SingleSync:
         full model, or FSDP2's DTensors; expert parallelism wraps its expert slices."""
         return model_state, optim_tensors
 
-    def after_sharded_load(self) -> None:
+    def after_sharded_load(self, workers: list[Worker]) -> None:
         """A DCP checkpoint has just been loaded into this rank's model and optimizer (after :meth:`setup`, through
         :meth:`dcp_global_view`): the strategy takes up the state it keeps itself (islands: the outer state)."""
 
@@ -275,13 +275,13 @@ def check_batch_split(batch_size: int, workers: int) -> None:
 
 def check_checkpoint_format(recipe: Recipe, simulate_workers: int | None = None) -> None:
     """Refuse ``train.checkpoint_format = "dcp"`` for a run whose checkpoints hold several workers' states in one
-    file (simulated workers; the local-SGD family, except across islands with FSDP2 inside each, whose islands
-    write their shards: :mod:`moecpt.distributed.islands_fsdp`). Part of every runtime's ``check_launch``, so
-    ``moecpt plan`` refuses it as ``moecpt pretrain`` does.
+    file (simulated workers; the local-SGD family, except across islands whose ranks hold slices, FSDP2 or expert
+    parallelism inside each, which write their slices: :mod:`moecpt.distributed.islands_dcp`). Part of every
+    runtime's ``check_launch``, so ``moecpt plan`` refuses it as ``moecpt pretrain`` does.
 
     Raises:
         MoecptError: ``dcp`` with ``simulate_workers``, or with a local-SGD family sync other than islands with
-            ``island_sync = "fsdp"`` and no expert parallelism.
+            ``island_sync = "fsdp"`` or ``expert_parallel > 1``.
     """
     if recipe.train.checkpoint_format != CheckpointFormat.DCP:
         return
@@ -289,12 +289,12 @@ def check_checkpoint_format(recipe: Recipe, simulate_workers: int | None = None)
     if simulate_workers is not None:
         raise MoecptError("train.checkpoint_format = 'dcp' does not apply to --simulate-workers (one process holds "
                           "every worker's state); use 'auto' or 'single'")
-    fsdp_islands = d.islands > 1 and d.island_sync == SyncKind.FSDP and d.expert_parallel == 1
-    if d.sync in LOCAL_SYNCS and not fsdp_islands:
+    sliced_islands = d.islands > 1 and (d.island_sync == SyncKind.FSDP or d.expert_parallel > 1)
+    if d.sync in LOCAL_SYNCS and not sliced_islands:
         raise MoecptError(f"train.checkpoint_format = 'dcp' does not apply to distributed.sync = {d.sync.value!r} "
                           "here (its checkpoints hold every worker's state in one file); it applies across islands "
-                          "with FSDP2 inside each (distributed.islands > 1, island_sync = 'fsdp'); use 'auto' or "
-                          "'single'")
+                          "whose ranks hold slices (distributed.islands > 1 with island_sync = 'fsdp' or "
+                          "expert_parallel > 1); use 'auto' or 'single'")
 
 
 class SingleProcess:

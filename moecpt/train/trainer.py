@@ -682,7 +682,7 @@ class Trainer:
                 raise MoecptError(_SHARDED_SIMULATED.format(path=state.resume_sharded.path))
             load_sharded_checkpoint(state.resume_sharded, state.workers[0].model, state.workers[0].optimizer,
                                     global_view=sync.dcp_global_view)
-            sync.after_sharded_load()
+            sync.after_sharded_load(state.workers)
         for w in state.workers:
             w.forward = compile_module(w.module, self.device) if tcfg.compile else w.module
         hooks = [BiasUpdateHook.attach(w.model, w.optimizer) for w in state.workers]
