@@ -409,8 +409,8 @@ def _save_failure(exc: BaseException, path: Path, tmp: Path) -> MoecptError | No
     if full and (isinstance(exc, (RuntimeError, ValueError)) or "SafetensorError" in type(exc).__name__):
         # torch.save / safetensors report a full disk as "unexpected pos ..." or an I/O error of their own
         return MoecptError(f"cannot write checkpoint {path}: the disk is full ({_one_line(exc)}); free some "
-                           "space and run the same command again (nothing of this save is left; earlier checkpoints are "
-                           "intact)")
+                           "space and run the same command again (nothing of this save is left; earlier checkpoints "
+                           "are intact)")
     return None
 
 

@@ -706,7 +706,8 @@ class Trainer:
             for group in w.optimizer.param_groups:
                 group["lr"] = lr
         batch = state.sampler.next_batch().to(self.device, non_blocking=True)
-        local = [self._forward_backward(w, part, state.micro, sync) for w, part in zip(workers, sync.split_batch(batch))]
+        parts = sync.split_batch(batch)
+        local = [self._forward_backward(w, part, state.micro, sync) for w, part in zip(workers, parts)]
         sync.after_backward(workers)
         done = state.step + 1  # steps are numbered 1.. in metrics.jsonl, checkpoints and messages
         log = done % tcfg.log_every == 0 or done == state.end_step
