@@ -148,3 +148,17 @@ def test_the_same_layout_resumes_that_run(interrupted, tmp_path):
     steps = [r["step"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
              if "lr" in r]
     assert steps == [1, 2]  # step 2's first record was dropped with the lost checkpoint, then logged again
+
+
+def test_another_run_names_every_changed_key_up_to_three():
+    """A changed layout moves several identity keys at once (islands with island_sync): the refusal names them all,
+    not only the first, and counts the rest."""
+    from moecpt.train.trainer import _describe_differences
+
+    there = {"recipe": {"distributed": {"islands": 2, "island_sync": "fsdp"}, "train": {"steps": 4}}}
+    now = {"recipe": {"distributed": {"islands": 1, "island_sync": "ddp"}, "train": {"steps": 4}}}
+    assert _describe_differences(there, now) == ("recipe.distributed.island_sync differs: 'fsdp' there, 'ddp' now; "
+                                                 "recipe.distributed.islands differs: 2 there, 1 now")
+    many = {"recipe": {k: i for i, k in enumerate("abcde")}}
+    line = _describe_differences(many, {"recipe": {}})
+    assert line.count("differs") == 3 and line.endswith("; and 2 more")

@@ -51,6 +51,7 @@ class ShardedIslandCheckpoints:
 
     dcp_capable = True  # every island writes its slices
     shards_state = True  # "auto" writes DCP: no rank gathers the model
+    simulable = False  # the slices live on real ranks: --simulate-workers is refused
 
     # attributes of IslandSync the mixin reads
     M: int

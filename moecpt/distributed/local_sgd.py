@@ -145,6 +145,7 @@ class LocalSGDSync(SyncStrategy):
     every_step = False
     reports = True
     dcp_capable = False  # a checkpoint holds the outer state and every worker's inner state: single-file layout
+    simulable = True  # --simulate-workers can run this layout (a resume hint names it)
 
     def __init__(self, recipe, info, num_workers: int, local_workers: int, device: torch.device,
                  outer: Any = None, outer_workers: int | None = None):
@@ -191,10 +192,10 @@ class LocalSGDSync(SyncStrategy):
                               f"island_sync = {state.get('island_sync')!r}; resume it with that layout")
         kind, k = state.get("kind"), state.get("workers")
         if k != self.num_workers or kind != self.kind:
+            how = f"torchrun --nproc-per-node {k}" + (f", or --simulate-workers {k}" if self.simulable else "")
             raise MoecptError(
                 f"the checkpoint was written by {k} workers of sync={kind!r}, but this run has "
-                f"{self.num_workers} of sync={self.kind!r}; resume with the same number of workers "
-                f"(torchrun --nproc-per-node {k}, or --simulate-workers {k})")
+                f"{self.num_workers} of sync={self.kind!r}; resume with the same number of workers ({how})")
 
     def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer, make_optimizer: OptimizerFactory,
               state: dict | None) -> list[Worker]:

@@ -472,7 +472,7 @@ class Trainer:
             raise MoecptError(f"{run_file} is unreadable; this folder is damaged — choose a new --out") from None
         # runs made before the layout keys left the identity hashed them: the same run without them is this run
         if existing.get("fingerprint") != fp and _fingerprint(_legacy_without_layout(existing.get("identity"))) != fp:
-            diff = _first_difference(existing.get("identity", {}), self.identity)
+            diff = _describe_differences(existing.get("identity", {}), self.identity)
             raise MoecptError(f"--out {str(self.out_dir)!r} holds another run ({diff}); choose a new --out "
                               "or delete that folder yourself")
         return True
@@ -991,9 +991,17 @@ def cpt_architecture_conflicts(recipe_model: Any, parent_model: Any) -> list[str
     return out
 
 
-def _first_difference(a: Any, b: Any, path: str = "") -> str:
+def _differences(a: Any, b: Any, path: str = "") -> list[str]:
+    """Every leaf where two run identities differ, as ``"KEY differs: A there, B now"`` (sorted by key)."""
     if isinstance(a, dict) and isinstance(b, dict):
-        for key in sorted(set(a) | set(b)):
-            if a.get(key) != b.get(key):
-                return _first_difference(a.get(key), b.get(key), f"{path}.{key}" if path else key)
-    return f"{path or 'identity'} differs: {a!r} there, {b!r} now"
+        return [d for key in sorted(set(a) | set(b)) if a.get(key) != b.get(key)
+                for d in _differences(a.get(key), b.get(key), f"{path}.{key}" if path else key)]
+    return [f"{path or 'identity'} differs: {a!r} there, {b!r} now"]
+
+
+def _describe_differences(a: Any, b: Any, most: int = 3) -> str:
+    """The first ``most`` differences of :func:`_differences`, and how many more (a changed layout usually moves
+    several keys at once: ``islands`` with ``island_sync``, say)."""
+    every = _differences(a, b)
+    more = f"; and {len(every) - most} more" if len(every) > most else ""
+    return "; ".join(every[:most]) + more
