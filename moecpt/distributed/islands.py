@@ -276,8 +276,15 @@ class IslandSync(LocalSGDSync):
         """As :meth:`LocalSGDSync.checkpoint_state` (θ, outer state, every rank's inner state), plus ``islands``."""
         model_state, opt_state, rng = super().checkpoint_state(workers)
         if opt_state is not None:
-            opt_state[SYNC_KEY] |= {"islands": self.M, "island_sync": self.recipe.distributed.island_sync.value}
+            opt_state[SYNC_KEY] |= self.layout_marker()
         return model_state, opt_state, rng
+
+    def layout_marker(self) -> dict[str, Any]:
+        """What a checkpoint's ``moecpt_sync`` records of the layout, so that :meth:`check_resume` can refuse
+        another one: the sync, workers (ranks), outer optimizer, islands and ``island_sync`` (subclasses add
+        ``expert_parallel``)."""
+        return {"kind": self.kind, "workers": self.num_workers, "outer_optimizer": self.outer_name,
+                "islands": self.M, "island_sync": self.recipe.distributed.island_sync.value}
 
     def meta(self) -> dict[str, Any]:
         return {**super().meta(), "islands": self.M}

@@ -45,9 +45,10 @@ def is_sharded_state(state: dict | None) -> bool:
 
 class ShardedIslandCheckpoints:
     """The DCP layout of an island strategy whose ranks hold slices (module doc). A mixin of
-    :class:`~moecpt.distributed.islands.IslandSync` subclasses, which give the hooks :meth:`_outer_view` (how a
-    local outer-state tensor lies in the global one), :meth:`_outer_local_shape` (its inverse, for a resume) and
-    :meth:`_state_view` (the same for the weights and the inner optimizer state)."""
+    :class:`~moecpt.distributed.islands.IslandSync` subclasses (it uses their ``local_params`` and
+    ``layout_marker``), which give the hooks :meth:`_outer_view` (how a local outer-state tensor lies in the global
+    one), :meth:`_outer_local_shape` (its inverse, for a resume) and :meth:`_state_view` (the same for the weights
+    and the inner optimizer state)."""
 
     dcp_capable = True  # every island writes its slices
     shards_state = True  # "auto" writes DCP: no rank gathers the model
@@ -59,6 +60,8 @@ class ShardedIslandCheckpoints:
     island: int
     outer: Any
     global_params: list[Tensor]
+    local_params: Any  # (worker) -> this rank's parameter tensors, as the outer step covers them
+    layout_marker: Any  # () -> the checkpointed layout keys (IslandSync.layout_marker)
     device: torch.device
     _dcp_outer: tuple[dict, dict] | None = None  # this rank's outer state, and the same as DCP sees it
 
@@ -84,9 +87,6 @@ class ShardedIslandCheckpoints:
         """DCP's view of this rank's weights and inner optimizer tensors (as they are where they already are
         DTensors: FSDP2)."""
         return model_state, optim_tensors
-
-    def _local_params(self, worker: Worker) -> list[Tensor]:
-        raise NotImplementedError
 
     # ------------------------------------------------------------------------------------------------ views
     def _wrap_outer(self, outer: dict) -> dict:
@@ -117,15 +117,11 @@ class ShardedIslandCheckpoints:
             self.outer.load_state_dict(self._dcp_outer[0])
         self._dcp_outer = None
         with torch.no_grad():
-            for g, p in zip(self.global_params, self._local_params(workers[0])):
+            # local_params after the load's get_state_dict, whose FSDP2 pre-hook left the module's parameters sharded
+            for g, p in zip(self.global_params, self.local_params(workers[0])):
                 g.copy_(p)
 
     # ------------------------------------------------------------------------------------------------ save
-    def _dcp_marker(self, workers: list[Worker]) -> dict:
-        """What :meth:`sharded_checkpoint_state` puts in rank 0's marker beside the skeletons (``kind``, ``islands``,
-        ...)."""
-        raise NotImplementedError
-
     def sharded_checkpoint_state(self, workers: list[Worker]
                                  ) -> tuple[nn.Module, torch.optim.Optimizer, dict | None, dict | None]:
         """This rank's model and inner optimizer (its slices), and on rank 0 the RNG record and the strategy
@@ -141,7 +137,7 @@ class ShardedIslandCheckpoints:
         if not self.info.is_main:
             return w.model, w.optimizer, None, None
         inner = {str(i): index_keyed(split_tensors(mine, (SYNC_KEY, "inner", str(i)))[0]) for i in range(1, self.M)}
-        marker = {**self._dcp_marker(workers), "outer": split_tensors(self._dcp_outer[1], OUTER_AT)[0],
+        marker = {**self.layout_marker(), "outer": split_tensors(self._dcp_outer[1], OUTER_AT)[0],
                   "inner": inner}
         return w.model, w.optimizer, rng, {SYNC_KEY: marker}
 

@@ -75,7 +75,7 @@ from moecpt.distributed.islands import LINKS, IslandSync
 from moecpt.distributed.islands_dcp import ShardedIslandCheckpoints, is_sharded_state
 from moecpt.distributed.launch import gather_to_main
 from moecpt.distributed.local_sgd import TorchOuter, _to_cpu, persistent_float_buffers
-from moecpt.distributed.lopt_shards import OUTER_GATHER, Dim0Cut, ShardedLearnedOuter, cut_keys
+from moecpt.distributed.lopt_shards import OUTER_GATHER, Dim0Cut, ShardedLearnedOuter
 from moecpt.distributed.mesh import Mesh
 from moecpt.distributed.strategy import SYNC_KEY, OptimizerFactory, Worker
 from moecpt.errors import MoecptError
@@ -302,10 +302,8 @@ class IslandEPSync(ShardedIslandCheckpoints, IslandSync):
         outer = by_island[0][0]["outer"] if learned else self._assemble([s["outer"] for s in by_island[0]],
                                                                         self._outer_expert_index)
         opt_state = dict(inners[0])
-        opt_state[SYNC_KEY] = {"kind": self.kind, "workers": self.num_workers, "outer_optimizer": self.outer_name,
-                               "outer": outer, "inner": {str(i): s for i, s in enumerate(inners) if i > 0},
-                               "islands": self.M, "island_sync": self.recipe.distributed.island_sync.value,
-                               "expert_parallel": ep}
+        opt_state[SYNC_KEY] = {**self.layout_marker(), "outer": outer,
+                               "inner": {str(i): s for i, s in enumerate(inners) if i > 0}}
         return model_state, opt_state, rng
 
     # --------------------------------------------------------------------------------- sharded checkpoints
@@ -322,11 +320,7 @@ class IslandEPSync(ShardedIslandCheckpoints, IslandSync):
         """Whether the outer-state tensor at ``path`` is an expert slice (``[E/N, ...]``, cut over ep): a
         ``torch.optim`` state entry of an expert parameter, or a learned accumulator cut with it."""
         if isinstance(self.outer, ShardedLearnedOuter):
-            parts = path[0].split(".", 2) if len(path) == 1 else []
-            if len(parts) == 3 and parts[0] == "acc":
-                cut = self.outer.cuts[int(parts[1])]
-                return cut is not None and parts[2] in cut_keys(cut.shape)
-            return False
+            return len(path) == 1 and self.outer.cut_param(path[0]) is not None
         return len(path) == 3 and path[0] == "state" and int(path[1]) in self._outer_expert_index and ndim >= 3
 
     def _outer_view(self, path: tuple[str, ...], v: Tensor) -> Tensor:
@@ -346,13 +340,8 @@ class IslandEPSync(ShardedIslandCheckpoints, IslandSync):
         mesh, placements = self._mesh3()
         return expert_dcp_view(model_state, optim_tensors, self.expert_names, mesh, placements)
 
-    def _local_params(self, worker: Worker) -> list[Tensor]:
-        return self.local_params(worker)
-
-    def _dcp_marker(self, workers: list[Worker]) -> dict:
-        return {"kind": self.kind, "workers": self.num_workers, "outer_optimizer": self.outer_name,
-                "islands": self.M, "island_sync": self.recipe.distributed.island_sync.value,
-                "expert_parallel": self.mesh.ep}
+    def layout_marker(self) -> dict[str, Any]:
+        return {**super().layout_marker(), "expert_parallel": self.mesh.ep}
 
     # ------------------------------------------------------------------------------------------------ reports
     def record_fields(self) -> dict[str, Any]:

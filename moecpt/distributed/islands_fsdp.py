@@ -45,7 +45,7 @@ replica groups, FSDP inside each (Jaghouar et al., OpenDiLoCo, arXiv 2407.07852)
   (:func:`moecpt.train.dcp_io.split_tensors`), so ``Checkpoint.optimizer_state()`` (and ``moecpt checkpoint
   consolidate``) gives exactly the state of the single-file layout below. A resume may use another number of ranks
   per island (the same number of islands): each island reshards its DTensors on load, the outer state is read into
-  this rank's rows (:meth:`IslandFSDPSync.after_sharded_load`), and ``θ_outer`` restarts from the loaded weights.
+  this rank's rows (:mod:`moecpt.distributed.islands_dcp`), and ``θ_outer`` restarts from the loaded weights.
   ``train.checkpoint_format = "single"`` keeps the single-file layout of the local-SGD family: at a round boundary
   each island's FSDP2 all-gather assembles the full ``θ`` and that island's full inner optimizer state (one full
   copy in memory for the moment of the save, as FSDPSync's ``single`` format), the outer state's shards are
@@ -83,7 +83,7 @@ from moecpt.distributed.islands import LINKS, IslandSync
 from moecpt.distributed.islands_dcp import ShardedIslandCheckpoints, is_sharded_state
 from moecpt.distributed.launch import gather_to_main
 from moecpt.distributed.local_sgd import TorchOuter, _to_cpu, persistent_float_buffers
-from moecpt.distributed.lopt_shards import OUTER_GATHER, Dim0Cut, ShardedLearnedOuter, cut_keys
+from moecpt.distributed.lopt_shards import OUTER_GATHER, Dim0Cut, ShardedLearnedOuter
 from moecpt.distributed.mesh import Mesh
 from moecpt.distributed.strategy import SYNC_KEY, OptimizerFactory, Worker
 from moecpt.errors import MoecptError
@@ -225,11 +225,7 @@ class IslandFSDPSync(ShardedIslandCheckpoints, IslandSync):
         ``torch.optim`` state, ``("acc.i.name",)`` of a learned one); ``shape``: this rank's (``local``) or the
         checkpoint's global one."""
         if isinstance(self.outer, ShardedLearnedOuter):  # its state says which accumulators are cut
-            parts = path[0].split(".", 2) if len(path) == 1 else []
-            if len(parts) == 3 and parts[0] == "acc":
-                cut = self.outer.cuts[int(parts[1])]
-                return int(parts[1]) if cut is not None and parts[2] in cut_keys(cut.shape) else None
-            return None
+            return self.outer.cut_param(path[0]) if len(path) == 1 else None
         if len(path) == 3 and path[0] == "state" and len(shape) > 0:  # torch.optim: shaped like the parameter
             i = int(path[1])
             like = self.global_params[i].shape if local else self._params[i].shape
@@ -252,13 +248,6 @@ class IslandFSDPSync(ShardedIslandCheckpoints, IslandSync):
         i = self._cut_param(path, shape, local=False)
         return shape if i is None else (self.global_params[i].shape[0], *shape[1:])
 
-    def _local_params(self, worker: Worker) -> list[Tensor]:
-        return [p.to_local() for p in self._params]
-
-    def _dcp_marker(self, workers: list[Worker]) -> dict:
-        return {"kind": self.kind, "workers": self.num_workers, "outer_optimizer": self.outer_name,
-                "islands": self.M, "island_sync": self.recipe.distributed.island_sync.value}
-
     def checkpoint_state(self, workers: list[Worker]) -> tuple[dict | None, dict | None, dict | None]:
         """θ (full, from island 0), island 0's full inner optimizer state as the ordinary one, every other island's
         under ``moecpt_sync.inner``, the outer state in full (module doc). A collective; rank 0 gets the result."""
@@ -274,7 +263,6 @@ class IslandFSDPSync(ShardedIslandCheckpoints, IslandSync):
             return None, None, None
         islands = [s for s in inners if s is not None]
         opt_state = dict(islands[0])
-        opt_state[SYNC_KEY] = {"kind": self.kind, "workers": self.num_workers, "outer_optimizer": self.outer_name,
-                               "outer": outer, "inner": {str(i): s for i, s in enumerate(islands) if i > 0},
-                               "islands": self.M, "island_sync": self.recipe.distributed.island_sync.value}
+        opt_state[SYNC_KEY] = {**self.layout_marker(), "outer": outer,
+                               "inner": {str(i): s for i, s in enumerate(islands) if i > 0}}
         return model_state, opt_state, rng

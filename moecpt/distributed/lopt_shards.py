@@ -243,6 +243,16 @@ class ShardedLearnedOuter(OuterOptimizer):
         """Restore :meth:`state_dict` (this rank's rows, of the same cut)."""
         self._load(state, lambda i, k, v: v)
 
+    def cut_param(self, key: str) -> int | None:
+        """The parameter whose dim-0 cut the state entry ``key`` (of :meth:`state_dict`) shares, or None for an
+        entry every rank of the group holds whole (``t``, ``num_tensors``, an uncut tensor's accumulators, an
+        Adafactor vector reduced over dim 0)."""
+        parts = key.split(".", 2)
+        if len(parts) != 3 or parts[0] != "acc":
+            return None
+        cut = self.cuts[int(parts[1])]
+        return int(parts[1]) if cut is not None and parts[2] in cut_keys(cut.shape) else None
+
     def full_state_dict(self) -> dict[str, Tensor]:
         """The whole model's state, as :class:`LearnedOuterOptimizer` saves it (CPU): a collective of every cut
         tensor's group (one all-gather per tensor; checkpoint traffic, not accounted, as the inner state's)."""
